@@ -1,0 +1,21 @@
+"""The errors the library raises for bad input; the CLI prints them as one line and exits with 2."""
+
+
+class W2WError(ValueError):
+    """Bad input: the message names the file or value and what was expected."""
+
+
+class LayoutError(W2WError):
+    """A LoRA layout does not match what it is applied to."""
+
+
+class SpaceError(W2WError):
+    """A space, or a model or value used with it, is not what was expected."""
+
+
+class FileFormatError(W2WError):
+    """A file is missing, truncated, corrupt or of another kind than expected."""
+
+
+class PickleRefusedError(W2WError):
+    """A file needs unpickling (which can run arbitrary code) and the user did not allow it."""

@@ -1,0 +1,72 @@
+"""`w2w info`: say what a file or folder is without loading more than its headers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import FileFormatError, LayoutError
+from .formats import KOHYA_PREFIX, PEFT_WEIGHTS
+from .layout import LoraLayout
+from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_safetensors_header,
+                      read_space_description)
+
+
+def _layout_lines(layout: LoraLayout) -> list[str]:
+    return [f"  LoRA layers  {len(layout)} ({', '.join(layout.target_modules)}), rank {layout.rank}, "
+            f"alpha {layout.alpha:g}",
+            f"  N            {layout.numel:,} numbers per model"]
+
+
+def describe_space(directory: Path) -> str:
+    description = read_space_description(directory)
+    layout = LoraLayout.from_dict(description["layout"])
+    lines = [f"w2w space {directory}",
+             f"  id           {description['id']}",
+             f"  base model   {description.get('base_model') or '(not recorded)'}",
+             f"  prompt       {description.get('prompt')!r}",
+             *_layout_lines(layout),
+             f"  K            {description['num_components']:,} components",
+             f"  M            {description['num_models']:,} dataset models"]
+    if (directory / ATTRIBUTES_CSV).is_file():
+        header = (directory / ATTRIBUTES_CSV).open().readline().strip().split(",")[1:]
+        lines.append(f"  attributes   {len(header)}: {', '.join(header)}")
+    return "\n".join(lines)
+
+
+def _lora_layout(shapes: dict[str, list[int]]) -> LoraLayout:
+    return LoraLayout.from_weight_dimensions({key: (shape[0] * shape[1], shape) for key, shape in sorted(shapes.items())})
+
+
+def describe(path: Path) -> str:
+    """A few lines describing a space, a w2w model, a PEFT LoRA folder or a kohya LoRA file."""
+    if path.is_dir():
+        if (path / SPACE_JSON).is_file():
+            return describe_space(path)
+        folder = path / "unet" if (path / "unet" / PEFT_WEIGHTS).is_file() else path
+        if (folder / PEFT_WEIGHTS).is_file():
+            header, _ = read_safetensors_header(folder / PEFT_WEIGHTS)
+            shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+            return "\n".join([f"PEFT/diffusers LoRA {folder}", *_layout_lines(_lora_layout(shapes))])
+        raise FileFormatError(f"{path}: neither a w2w space (no {SPACE_JSON}) nor a PEFT LoRA folder (no {PEFT_WEIGHTS})")
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file or folder")
+    if path.suffix == ".pt":
+        model = load_model(path)
+        return f"original w2w model {path}\n  K            {len(model.coefficients):,} coefficients"
+    header, _ = read_safetensors_header(path)
+    metadata = header.get("__metadata__", {})
+    if metadata.get("format") == MODEL_FORMAT:
+        model = load_model(path)
+        return "\n".join([f"w2w model {path}", f"  K            {len(model.coefficients):,} coefficients",
+                          f"  space id     {model.space_id or '(not recorded)'}"])
+    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    if shapes and all(k.startswith(KOHYA_PREFIX) for k in shapes):
+        layers = {k.split(".")[0] for k in shapes}
+        down = [v for k, v in shapes.items() if k.endswith("lora_down.weight")]
+        rank = down[0][0] if down else "?"
+        return "\n".join([f"kohya LoRA {path}", f"  LoRA layers  {len(layers)}, rank {rank}, "
+                          f"alpha {metadata.get('ss_network_alpha', '?')}"])
+    try:
+        layout = _lora_layout(shapes)
+    except LayoutError:
+        raise FileFormatError(f"{path}: a safetensors file, but neither a w2w model nor a LoRA") from None
+    return "\n".join([f"PEFT/diffusers LoRA {path}", *_layout_lines(layout)])

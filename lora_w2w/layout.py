@@ -1,0 +1,247 @@
+"""The LoRA layout: which layers of a UNet carry a LoRA, in which order, and how a flat weight vector
+of N numbers is cut into their `lora_A` (r x in) and `lora_B` (out x r) matrices.
+
+The order is the one of the released w2w files: PEFT state-dict keys sorted as strings
+(down_blocks, mid_block, up_blocks; attn1 before attn2; to_q before to_v), and per layer
+`lora_A.weight` then `lora_B.weight`, each flattened row-major.
+
+    layout = LoraLayout.from_unet(unet)                # a real UNet or one on the meta device
+    parts = layout.split(weights)                      # weights (N,) or (B, N)
+    weights = layout.join(parts)
+
+Letters: B batch, N flattened LoRA numbers, r the rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import LayoutError
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGET_MODULES = ("to_q", "to_v")
+DEFAULT_RANK = 1
+DEFAULT_ALPHA = 27.0  # the released w2w LoRAs: rank 1, lora_alpha 27, so scaling alpha / r = 27
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One Linear layer carrying a LoRA: `name` is its module path in the UNet."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    def numel(self, rank: int) -> int:
+        return rank * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """The ordered LoRA layers of a UNet, with rank, alpha and target modules."""
+
+    layers: tuple[LoraLayer, ...]
+    rank: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise LayoutError(f"rank must be >= 1, got {self.rank}")
+        if not self.layers:
+            raise LayoutError(f"no LoRA layers: no Linear module named {list(self.target_modules)}")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise LayoutError("a LoRA layout names the same layer twice")
+        offsets = [0]
+        for layer in self.layers:
+            offsets.append(offsets[-1] + layer.numel(self.rank))
+        object.__setattr__(self, "_offsets", tuple(offsets))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
+                  rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA) -> "LoraLayout":
+        """The layout of every `nn.Linear` whose last name part is in `target_modules` (what PEFT's
+        `target_modules` matches), sorted like PEFT's state-dict keys. Works on the meta device.
+        Modules already wrapped by PEFT count by their base layer."""
+        targets = tuple(target_modules)
+        layers = []
+        for name, module in unet.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in targets:
+                continue
+            linear = getattr(module, "base_layer", module)
+            if not isinstance(linear, nn.Linear):
+                continue
+            layers.append(LoraLayer(name, linear.in_features, linear.out_features))
+        return cls(tuple(sorted(layers, key=lambda layer: layer.name)), rank, alpha, targets)
+
+    @classmethod
+    def from_weight_dimensions(cls, weight_dimensions: Mapping[str, tuple], alpha: float = DEFAULT_ALPHA
+                               ) -> "LoraLayout":
+        """The layout of the released `weight_dimensions.pt`: PEFT key -> (numel, shape), in the
+        order the released vectors were flattened (the dict's order)."""
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, value in weight_dimensions.items():
+            name, part = parse_peft_key(key)
+            numel, shape = value[0], tuple(int(s) for s in value[1])
+            if len(shape) != 2 or _prod(shape) != int(numel):
+                raise LayoutError(f"weight_dimensions[{key!r}] = {value!r}: expected (numel, 2-d shape)")
+            shapes.setdefault(name, {})[part] = shape
+        layers, ranks = [], set()
+        for name, parts in shapes.items():
+            if set(parts) != {"lora_A", "lora_B"}:
+                raise LayoutError(f"weight_dimensions: layer {name!r} has {sorted(parts)}, expected lora_A and lora_B")
+            (rank, in_features), (out_features, rank_b) = parts["lora_A"], parts["lora_B"]
+            if rank != rank_b:
+                raise LayoutError(f"weight_dimensions: layer {name!r} has lora_A rank {rank} but lora_B rank {rank_b}")
+            ranks.add(rank)
+            layers.append(LoraLayer(name, in_features, out_features))
+        if len(ranks) != 1:
+            raise LayoutError(f"weight_dimensions: expected one rank for all layers, got {sorted(ranks)}")
+        targets = tuple(sorted({layer.name.rsplit(".", 1)[-1] for layer in layers}))
+        return cls(tuple(layers), ranks.pop(), alpha, targets)
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "layers": [[layer.name, layer.in_features, layer.out_features] for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LoraLayout":
+        try:
+            layers = tuple(LoraLayer(str(n), int(i), int(o)) for n, i, o in data["layers"])
+            return cls(layers, int(data["rank"]), float(data["alpha"]), tuple(data["target_modules"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise LayoutError(f"malformed layout description: {error}") from error
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def numel(self) -> int:
+        """N, the length of a flat weight vector."""
+        return self._offsets[-1]
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's LoRA scaling alpha / r: delta W = scaling * B @ A."""
+        return self.alpha / self.rank
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def peft_keys(self) -> list[str]:
+        """The PEFT state-dict keys in flat order."""
+        return [f"{PEFT_PREFIX}{layer.name}.{part}.weight" for layer in self.layers for part in ("lora_A", "lora_B")]
+
+    def describe_mismatch(self, other: "LoraLayout") -> str | None:
+        """None when the two layouts flatten the same way, else a sentence saying how they differ."""
+        if self.rank != other.rank:
+            return f"rank {self.rank} vs {other.rank}"
+        if len(self) != len(other):
+            return f"{len(self)} LoRA layers vs {len(other)}"
+        for mine, theirs in zip(self.layers, other.layers):
+            if mine != theirs:
+                return (f"layer {mine.name} ({mine.in_features}->{mine.out_features}) vs "
+                        f"{theirs.name} ({theirs.in_features}->{theirs.out_features})")
+        return None
+
+    # ------------------------------------------------------------------ flat <-> per-layer
+
+    def split(self, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """weights (..., N) -> {layer name: (lora_A (..., r, in), lora_B (..., out, r))}, views."""
+        if weights.shape[-1] != self.numel:
+            raise LayoutError(f"weight vector has {weights.shape[-1]} numbers, the layout expects N = {self.numel}")
+        batch, r = weights.shape[:-1], self.rank
+        parts = {}
+        for layer, start in zip(self.layers, self._offsets):
+            mid = start + r * layer.in_features
+            end = mid + r * layer.out_features
+            lora_a = weights[..., start:mid].reshape(*batch, r, layer.in_features)  # (..., r, in)
+            lora_b = weights[..., mid:end].reshape(*batch, layer.out_features, r)   # (..., out, r)
+            parts[layer.name] = (lora_a, lora_b)
+        return parts
+
+    def join(self, parts: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """{layer name: (lora_A (..., r, in), lora_B (..., out, r))} -> weights (..., N)."""
+        missing = [layer.name for layer in self.layers if layer.name not in parts]
+        if missing:
+            raise LayoutError(f"{len(missing)} LoRA layers missing, e.g. {missing[0]!r}")
+        extra = sorted(set(parts) - {layer.name for layer in self.layers})
+        if extra:
+            raise LayoutError(f"{len(extra)} LoRA layers not in the layout, e.g. {extra[0]!r}")
+        flat = []
+        for layer in self.layers:
+            lora_a, lora_b = parts[layer.name]
+            expected_a, expected_b = (self.rank, layer.in_features), (layer.out_features, self.rank)
+            if tuple(lora_a.shape[-2:]) != expected_a or tuple(lora_b.shape[-2:]) != expected_b:
+                raise LayoutError(f"layer {layer.name}: lora_A {tuple(lora_a.shape)} and lora_B "
+                                  f"{tuple(lora_b.shape)}, expected {expected_a} and {expected_b}")
+            flat += [lora_a.flatten(-2), lora_b.flatten(-2)]
+        return torch.cat(flat, dim=-1)
+
+    def to_peft_state_dict(self, weights: torch.Tensor, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
+        """weights (N,) -> {prefix + name + '.lora_A.weight': (r, in), ...} (contiguous copies)."""
+        state = {}
+        for name, (lora_a, lora_b) in self.split(weights).items():
+            state[f"{prefix}{name}.lora_A.weight"] = lora_a.contiguous()
+            state[f"{prefix}{name}.lora_B.weight"] = lora_b.contiguous()
+        return state
+
+    def from_peft_state_dict(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A PEFT/diffusers LoRA state dict (any prefix, with or without adapter name) -> weights (N,)."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            name, part = parse_peft_key(key)
+            parts.setdefault(name, {})[part] = tensor
+        incomplete = [name for name, p in parts.items() if set(p) != {"lora_A", "lora_B"}]
+        if incomplete:
+            raise LayoutError(f"LoRA layer {incomplete[0]!r} lacks lora_A or lora_B")
+        return self.join({name: (p["lora_A"], p["lora_B"]) for name, p in parts.items()})
+
+
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """'base_model.model.X.lora_A.weight', 'unet.X.lora_B.default.weight', 'X.lora_A.weight'
+    -> ('X', 'lora_A')."""
+    for part in ("lora_A", "lora_B"):
+        for marker in (f".{part}.weight", f".{part}.default.weight"):
+            if key.endswith(marker):
+                name = key[: -len(marker)]
+                for prefix in (PEFT_PREFIX, "unet."):
+                    name = name.removeprefix(prefix)
+                return name, part
+    raise LayoutError(f"not a LoRA weight key: {key!r} (expected '<module>.lora_A.weight' or '.lora_B.weight')")
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out
+
+
+def sd15_layout(target_modules: Iterable[str] = DEFAULT_TARGET_MODULES, rank: int = DEFAULT_RANK,
+                alpha: float = DEFAULT_ALPHA) -> LoraLayout:
+    """The layout of Stable Diffusion 1.5's UNet, built on the meta device from its shipped config
+    (no download): 64 layers and N = 99,648 for the defaults."""
+    import json
+    from importlib.resources import files
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads(files("lora_w2w").joinpath("data/sd15_unet_config.json").read_text())
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    return LoraLayout.from_unet(unet, target_modules, rank, alpha)

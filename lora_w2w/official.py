@@ -1,0 +1,88 @@
+"""Importing the released w2w files (torch.save pickles) into the project's safe space format.
+
+    import_official("downloads/weights2weights", "files/official", trust_pickle=True)
+
+Files read, where present (DESIGN.md, "Facts of the released format"):
+    mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt
+    (PEFT key -> (numel, shape)), identity_df.pt (pandas DataFrame), adapter_config.json.
+`pinverse_1000pc.pt` is the pseudo-inverse of the coefficients and is derived when needed.
+Tensors load with `weights_only=True`; a file that needs real unpickling (identity_df.pt, maybe
+weight_dimensions.pt) is refused unless `trust_pickle`. V.pt is memory-mapped and copied block by
+block into the new file, so it is never held twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .errors import FileFormatError
+from .layout import DEFAULT_ALPHA, LoraLayout, sd15_layout
+from .space import Space, check_finite
+from .storage import load_space, save_space, torch_load
+
+OFFICIAL_BASE_MODEL = "stablediffusionapi/realistic-vision-v51"
+REQUIRED = ("mean.pt", "std.pt", "V.pt")
+
+
+def _tensor(path: Path, shape_hint: str, mmap: bool = False) -> torch.Tensor:
+    value = torch_load(path, mmap=mmap)
+    if not isinstance(value, torch.Tensor):
+        raise FileFormatError(f"{path}: expected a tensor {shape_hint}, got {type(value).__name__}")
+    return value
+
+
+def _layout(src: Path, trust_pickle: bool) -> LoraLayout:
+    """From weight_dimensions.pt when present, else Stable Diffusion 1.5's; alpha from adapter_config.json."""
+    alpha, rank, targets = DEFAULT_ALPHA, None, None
+    config_path = src / "adapter_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        alpha, rank, targets = float(config.get("lora_alpha", alpha)), config.get("r"), config.get("target_modules")
+    dimensions_path = src / "weight_dimensions.pt"
+    if dimensions_path.is_file():
+        dimensions = torch_load(dimensions_path, trust_pickle)
+        if not isinstance(dimensions, dict):
+            raise FileFormatError(f"{dimensions_path}: expected a dict PEFT key -> (numel, shape), "
+                                  f"got {type(dimensions).__name__}")
+        return LoraLayout.from_weight_dimensions(dimensions, alpha)
+    return sd15_layout(targets or ("to_q", "to_v"), int(rank or 1), alpha)
+
+
+def import_official(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False,
+                    base_model: str = OFFICIAL_BASE_MODEL) -> Space:
+    """Convert the released files in `src` into a space directory `dst`; returns the space (memory-mapped)."""
+    src = Path(src)
+    missing = [name for name in REQUIRED if not (src / name).is_file()]
+    if missing:
+        raise FileFormatError(f"{src}: missing {', '.join(missing)} (the released w2w files: "
+                              f"{', '.join(REQUIRED)}, proj_1000pc.pt, weight_dimensions.pt, identity_df.pt)")
+    attributes = None
+    if (src / "identity_df.pt").is_file():  # checked first: refusing it must not come after a 4 GB copy
+        attributes = torch_load(src / "identity_df.pt", trust_pickle)
+        if not isinstance(attributes, pd.DataFrame):
+            raise FileFormatError(f"{src / 'identity_df.pt'}: expected a pandas DataFrame, got {type(attributes).__name__}")
+    layout = _layout(src, trust_pickle)
+    n = layout.numel
+    mean = _tensor(src / "mean.pt", f"({n},)").float().reshape(-1)
+    std = _tensor(src / "std.pt", f"({n},)").float().reshape(-1)
+    basis = _tensor(src / "V.pt", f"({n}, K)", mmap=True)  # (N, K): columns are the components
+    if basis.ndim != 2 or basis.shape[0] != n or basis.dtype != torch.float32:
+        raise FileFormatError(f"{src / 'V.pt'}: shape {tuple(basis.shape)} {basis.dtype}, expected ({n}, K) float32")
+    coefficients = None
+    if (src / "proj_1000pc.pt").is_file():
+        coefficients = _tensor(src / "proj_1000pc.pt", "(M, 1000)").float()
+        check_finite(coefficients, str(src / "proj_1000pc.pt"))
+    for name, tensor in (("mean.pt", mean), ("std.pt", std)):
+        if tensor.shape != (n,):
+            raise FileFormatError(f"{src / name}: {tensor.numel()} numbers, the layout has N = {n}")
+        check_finite(tensor, str(src / name))
+    if attributes is not None and coefficients is not None and len(attributes) != len(coefficients):
+        raise FileFormatError(f"{src / 'identity_df.pt'}: {len(attributes)} rows but proj_1000pc.pt has "
+                              f"{len(coefficients)} models")
+    space = Space(mean, std, basis.T, layout, coefficients, attributes, base_model=base_model)
+    save_space(space, dst)
+    return load_space(dst)

@@ -1,0 +1,162 @@
+"""The w2w space: PCA over standardized LoRA weights (Dravid et al. 2024, Sec. 3).
+
+A model's weights w (N,) are standardized column-wise, z = (w - mean) / std, and projected onto the
+first K principal components: coefficients c = z Vᵀ with V = components[:K] (K x N, orthonormal
+rows). Back: w = (c V) * std + mean. Pure tensor math; reading and writing lives in `storage`.
+
+Letters: M dataset models, N flattened LoRA numbers, K components, B batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from .errors import SpaceError
+from .layout import LoraLayout
+
+TRIGGER_PROMPT = "sks person"
+
+
+def standardize(weights: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """z = (w - mean) / std; columns of zero variance map to 0 instead of dividing by zero."""
+    return (weights - mean) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def project(weights: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """weights (..., N) -> coefficients (..., K) for components (K, N)."""
+    return standardize(weights, mean, std) @ components.T
+
+
+def unproject(coefficients: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, components: torch.Tensor
+              ) -> torch.Tensor:
+    """coefficients (..., K) -> weights (..., N) for components (K, N)."""
+    return (coefficients @ components) * std + mean
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise SpaceError naming `what` when `values` holds NaN or inf."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise SpaceError(f"{what} holds {int(bad.sum())} NaN/inf values, first at index {index}")
+
+
+@dataclass
+class Space:
+    """A w2w space. `coefficients` (M, K_c <= K) are the dataset models' coordinates; `attributes`
+    has one row per dataset model (CelebA columns, +1/-1)."""
+
+    mean: torch.Tensor          # (N,)
+    std: torch.Tensor           # (N,)
+    components: torch.Tensor    # (K, N), orthonormal rows, ordered by explained variance
+    layout: LoraLayout
+    coefficients: torch.Tensor | None = None   # (M, K_c)
+    attributes: pd.DataFrame | None = None     # M rows
+    explained_variance: torch.Tensor | None = None  # (K,) variance of the standardized data along each component
+    base_model: str = ""
+    prompt: str = TRIGGER_PROMPT
+    id: str = field(default="")
+
+    def __post_init__(self):
+        n = self.layout.numel
+        if self.mean.shape != (n,) or self.std.shape != (n,):
+            raise SpaceError(f"mean {tuple(self.mean.shape)} and std {tuple(self.std.shape)} must both be "
+                             f"(N,) = ({n},) for the layout")
+        if self.components.ndim != 2 or self.components.shape[1] != n:
+            raise SpaceError(f"components {tuple(self.components.shape)} must be (K, N) with N = {n}")
+        if self.coefficients is not None:
+            if self.coefficients.ndim != 2 or self.coefficients.shape[1] > self.num_components:
+                raise SpaceError(f"dataset coefficients {tuple(self.coefficients.shape)} must be (M, K_c) "
+                                 f"with K_c <= K = {self.num_components}")
+            if self.attributes is not None and len(self.attributes) != self.coefficients.shape[0]:
+                raise SpaceError(f"attribute table has {len(self.attributes)} rows but the space has "
+                                 f"{self.coefficients.shape[0]} dataset models")
+        if not self.id:
+            self.id = space_id(self.mean, self.std, self.components)
+
+    @property
+    def num_weights(self) -> int:
+        """N."""
+        return self.layout.numel
+
+    @property
+    def num_components(self) -> int:
+        """K."""
+        return self.components.shape[0]
+
+    @property
+    def num_models(self) -> int:
+        """M (0 when the space has no dataset coefficients)."""
+        return 0 if self.coefficients is None else self.coefficients.shape[0]
+
+    def check_k(self, k: int | None) -> int:
+        """k, or K when None; SpaceError when it is not in 1..K."""
+        if k is None:
+            return self.num_components
+        if not 1 <= k <= self.num_components:
+            raise SpaceError(f"{k} components asked for, the space has K = {self.num_components}")
+        return k
+
+    def project(self, weights: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """weights (..., N) -> coefficients (..., k) on the first k components."""
+        k = self.check_k(k)
+        weights = weights.to(self.mean)
+        return project(weights, self.mean, self.std, self.components[:k])
+
+    def unproject(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """coefficients (..., k), k <= K -> weights (..., N); differentiable in the coefficients."""
+        k = self.check_k(coefficients.shape[-1])
+        return unproject(coefficients, self.mean, self.std, self.components[:k])
+
+    def truncate(self, k: int) -> "Space":
+        """The same space with its first k components (its id stays: models remain valid)."""
+        k = self.check_k(k)
+        coefficients = None if self.coefficients is None else self.coefficients[:, :k]
+        variance = None if self.explained_variance is None else self.explained_variance[:k]
+        return Space(self.mean, self.std, self.components[:k], self.layout, coefficients, self.attributes,
+                     variance, self.base_model, self.prompt, self.id)
+
+    def to(self, device=None, dtype=None) -> "Space":
+        """The tensors moved to a device/dtype (the dataset coefficients too)."""
+        def move(t):
+            return None if t is None else t.to(device=device, dtype=dtype)
+        return Space(move(self.mean), move(self.std), move(self.components), self.layout, move(self.coefficients),
+                     self.attributes, move(self.explained_variance), self.base_model, self.prompt, self.id)
+
+
+def space_id(mean: torch.Tensor, std: torch.Tensor, components: torch.Tensor) -> str:
+    """A short fingerprint of a space that does not change when components are truncated: hash of
+    N, mean, std and the first component (whose sign a rebuild may flip)."""
+    digest = hashlib.sha256(str(mean.numel()).encode())
+    for tensor in (mean, std, components[0]):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class W2WModel:
+    """A point in a w2w space: coefficients (k,) on the first k components of the space `space_id`
+    (None for a model without provenance, such as the original `w2wmodel.pt`)."""
+
+    coefficients: torch.Tensor  # (k,)
+    space_id: str | None = None
+
+    def __post_init__(self):
+        if self.coefficients.ndim == 2 and self.coefficients.shape[0] == 1:
+            self.coefficients = self.coefficients[0]  # the original saves (1, k)
+        if self.coefficients.ndim != 1:
+            raise SpaceError(f"model coefficients must be (k,) or (1, k), got {tuple(self.coefficients.shape)}")
+        check_finite(self.coefficients, "model coefficients")
+
+    def weights(self, space: Space) -> torch.Tensor:
+        """The model's flat LoRA weights (N,) in `space`."""
+        self.check_space(space)
+        return space.unproject(self.coefficients.to(space.mean))
+
+    def check_space(self, space: Space) -> None:
+        if self.space_id is not None and self.space_id != space.id:
+            raise SpaceError(f"the model belongs to space {self.space_id}, not to this space ({space.id})")
+        space.check_k(len(self.coefficients))

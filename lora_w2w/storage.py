@@ -1,0 +1,284 @@
+"""Reading and writing spaces and models in the project's safe format.
+
+A space is a directory:
+    space.safetensors   mean (N,), std (N,), components (K, N), [coefficients (M, K_c)], [explained_variance (K,)]
+    space.json          format version, layout, base model, trigger prompt, space id
+    attributes.csv      optional, one row per dataset model
+The safetensors file is written and read through memory maps, so a 4 GB components matrix never
+sits twice in memory and loading the first K' components reads only those K' rows.
+A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
+
+Every output is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import FileFormatError, PickleRefusedError
+from .layout import LoraLayout
+from .space import Space, W2WModel
+
+SPACE_FORMAT = "w2w-space"
+MODEL_FORMAT = "w2w-model"
+FORMAT_VERSION = 1
+SPACE_TENSORS = "space.safetensors"
+SPACE_JSON = "space.json"
+ATTRIBUTES_CSV = "attributes.csv"
+
+_HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
+_BLOCK_BYTES = 64 * 2**20     # copy large matrices in blocks of about this size
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` (file or directory) to write; it replaces `path` only when
+    the block ends without error, and is deleted otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- safetensors by memory map
+
+def create_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None
+                       ) -> dict[str, np.memmap]:
+    """Write a float32 safetensors header for `shapes` and return writable memory maps of each tensor's
+    data, to be filled block by block (nothing is held in memory)."""
+    header: dict = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    start = 8 + len(encoded)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        f.truncate(start + offset)
+    return {name: np.memmap(path, np.float32, "r+", start + header[name]["data_offsets"][0], tuple(shape))
+            for name, shape in shapes.items()}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, data start) of a safetensors file, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 0 < length <= min(_HEADER_LIMIT, size - 8):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: no such file") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{path}: not a valid safetensors file ({error})") from None
+    start = 8 + length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = start + info["data_offsets"][1]
+        if end > size:
+            raise FileFormatError(f"{path}: truncated: tensor {name!r} ends at byte {end}, the file has {size}")
+    return header, start
+
+
+def mmap_tensor(path: Path, header: dict, start: int, name: str, rows: int | None = None) -> torch.Tensor:
+    """Tensor `name` (its first `rows` rows) as a copy-on-write memory map: only what is used is read."""
+    if name not in header:
+        raise FileFormatError(f"{path}: no tensor {name!r} (has {sorted(k for k in header if k != '__metadata__')})")
+    info = header[name]
+    if info["dtype"] != "F32":
+        raise FileFormatError(f"{path}: tensor {name!r} is {info['dtype']}, expected F32")
+    shape = list(info["shape"])
+    if rows is not None:
+        shape[0] = min(rows, shape[0])
+    if int(np.prod(shape)) == 0:
+        return torch.zeros(shape)
+    array = np.memmap(path, np.float32, "c", start + info["data_offsets"][0], tuple(shape))
+    return torch.from_numpy(array)
+
+
+def _copy_blocks(dst: np.memmap, src: torch.Tensor) -> None:
+    """dst[...] = src for a 2-d src, block by block along src's contiguous dimension (a transposed,
+    memory-mapped matrix is read in its own row order)."""
+    src = src.detach().to("cpu", torch.float32)
+    if src.ndim != 2:
+        dst[...] = src.numpy()
+        return
+    by_columns = src.stride(0) == 1 and src.stride(1) != 1
+    length = src.shape[1] if by_columns else src.shape[0]
+    other = src.shape[0] if by_columns else src.shape[1]
+    step = max(1, _BLOCK_BYTES // (4 * max(other, 1)))
+    for i in range(0, length, step):
+        if by_columns:
+            dst[:, i:i + step] = src[:, i:i + step].numpy()
+        else:
+            dst[i:i + step] = src[i:i + step].numpy()
+
+
+# ----------------------------------------------------------------------------- spaces
+
+def save_space(space: Space, directory: str | os.PathLike) -> Path:
+    """Write `space` to `directory` (replaced only once complete)."""
+    directory = Path(directory)
+    tensors = {"mean": space.mean, "std": space.std, "components": space.components}
+    if space.coefficients is not None:
+        tensors["coefficients"] = space.coefficients
+    if space.explained_variance is not None:
+        tensors["explained_variance"] = space.explained_variance
+    with atomic_output(directory) as tmp:
+        tmp.mkdir()
+        arrays = create_safetensors(tmp / SPACE_TENSORS, {k: tuple(v.shape) for k, v in tensors.items()},
+                                    {"format": SPACE_FORMAT, "space_id": space.id})
+        for name, tensor in tensors.items():
+            _copy_blocks(arrays[name], tensor)
+            arrays[name].flush()
+        del arrays
+        description = {
+            "format": SPACE_FORMAT,
+            "version": FORMAT_VERSION,
+            "id": space.id,
+            "base_model": space.base_model,
+            "prompt": space.prompt,
+            "num_weights": space.num_weights,
+            "num_components": space.num_components,
+            "num_models": space.num_models,
+            "layout": space.layout.to_dict(),
+        }
+        (tmp / SPACE_JSON).write_text(json.dumps(description, indent=1))
+        if space.attributes is not None:
+            space.attributes.to_csv(tmp / ATTRIBUTES_CSV)
+    return directory
+
+
+def read_space_description(directory: str | os.PathLike) -> dict:
+    """The parsed `space.json` of a space directory, checked."""
+    path = Path(directory) / SPACE_JSON
+    if not path.is_file():
+        raise FileFormatError(f"{directory}: not a w2w space (no {SPACE_JSON}); "
+                              f"convert the released files with `w2w import-official`")
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{path}: invalid JSON ({error})") from None
+    if description.get("format") != SPACE_FORMAT:
+        raise FileFormatError(f"{path}: format {description.get('format')!r}, expected {SPACE_FORMAT!r}")
+    if description.get("version", 0) > FORMAT_VERSION:
+        raise FileFormatError(f"{path}: format version {description['version']} is newer than this "
+                              f"lora_w2w understands ({FORMAT_VERSION}); upgrade lora_w2w")
+    return description
+
+
+def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
+    """Load a space, memory-mapped; with `k`, only the first k components (and coefficients) are read."""
+    directory = Path(directory)
+    description = read_space_description(directory)
+    tensors_path = directory / SPACE_TENSORS
+    header, start = read_safetensors_header(tensors_path)
+    total = header.get("components", {}).get("shape", [0])[0]
+    if k is not None and not 1 <= k <= total:
+        raise FileFormatError(f"{k} components asked for, the space {directory} has K = {total}")
+
+    def tensor(name, rows=None):
+        return mmap_tensor(tensors_path, header, start, name, rows) if name in header else None
+
+    coefficients = tensor("coefficients")
+    if coefficients is not None and k is not None:
+        coefficients = coefficients[:, :k]
+    attributes = None
+    if (directory / ATTRIBUTES_CSV).is_file():
+        attributes = pd.read_csv(directory / ATTRIBUTES_CSV, index_col=0, converters={0: str})  # names stay strings
+    return Space(
+        mean=tensor("mean"), std=tensor("std"), components=tensor("components", k),
+        layout=LoraLayout.from_dict(description["layout"]), coefficients=coefficients, attributes=attributes,
+        explained_variance=None if tensor("explained_variance") is None else tensor("explained_variance", k),
+        base_model=description.get("base_model", ""), prompt=description.get("prompt", ""), id=description["id"])
+
+
+# ----------------------------------------------------------------------------- models
+
+def save_model(model: W2WModel, path: str | os.PathLike) -> Path:
+    """Write a model as `path` (a .safetensors file)."""
+    path = Path(path)
+    metadata = {"format": MODEL_FORMAT, "version": str(FORMAT_VERSION)}
+    if model.space_id:
+        metadata["space_id"] = model.space_id
+    with atomic_output(path) as tmp:
+        save_file({"coefficients": model.coefficients.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> W2WModel:
+    """A model from the project's .safetensors file or from the original `w2wmodel.pt` (1 x k)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such model file")
+    if path.suffix == ".pt":
+        coefficients = torch_load(path)
+        if not isinstance(coefficients, torch.Tensor):
+            raise FileFormatError(f"{path}: expected a tensor of coefficients (1 x k), got {type(coefficients).__name__}")
+        return W2WModel(coefficients.float())
+    header, _ = read_safetensors_header(path)
+    metadata = header.get("__metadata__", {})
+    if metadata.get("format") != MODEL_FORMAT:
+        raise FileFormatError(f"{path}: not a w2w model (format {metadata.get('format')!r}, expected {MODEL_FORMAT!r})")
+    try:
+        coefficients = load_file(path)["coefficients"]
+    except (SafetensorError, KeyError) as error:
+        raise FileFormatError(f"{path}: unreadable model ({error})") from None
+    return W2WModel(coefficients, metadata.get("space_id"))
+
+
+def torch_load(path: Path, trust_pickle: bool = False, mmap: bool = False):
+    """torch.load with `weights_only=True` (tensors, dicts, tuples: no code runs). A file that needs
+    full unpickling is refused unless `trust_pickle`."""
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise PickleRefusedError(
+                f"{path} needs unpickling, which can run arbitrary code; pass --trust-pickle "
+                f"(trust_pickle=True) only if you trust where it came from") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        if mmap:  # a file of the old (non-zip) format cannot be memory-mapped
+            return torch_load(path, trust_pickle)
+        raise FileFormatError(f"{path}: not a readable torch file ({error})") from None
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)

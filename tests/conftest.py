@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random UNet (built from a config here, no download) and a random space."""
+import pandas as pd
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from lora_w2w.layout import LoraLayout
+from lora_w2w.space import Space
+
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+
+
+def make_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**TINY_UNET, **overrides}).eval()
+
+
+@pytest.fixture
+def unet():
+    return make_unet()
+
+
+@pytest.fixture
+def unet_inputs():
+    """sample (B, 4, 8, 8), timesteps (B,), text embeddings (B, 5, 16)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 16, generator=g)
+
+
+def make_space(layout: LoraLayout, k: int, m: int = 12, seed: int = 0, dtype=torch.float32) -> Space:
+    """A random space: orthonormal components (k, N), positive std, m dataset models with attributes."""
+    g = torch.Generator().manual_seed(seed)
+    n = layout.numel
+    components = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0].T.to(dtype)  # (k, N)
+    mean = (0.01 * torch.randn(n, generator=g)).to(dtype)
+    std = (0.02 + 0.01 * torch.rand(n, generator=g)).to(dtype)
+    coefficients = torch.randn(m, k, generator=g).to(dtype)
+    attributes = pd.DataFrame({"Male": [1, -1] * (m // 2), "Bald": [-1] * m},
+                              index=pd.Index([f"{i:06d}" for i in range(m)], name="name"))
+    return Space(mean, std, components, layout, coefficients, attributes, base_model="tiny-test")
+
+
+@pytest.fixture
+def layout(unet):
+    return LoraLayout.from_unet(unet)
+
+
+@pytest.fixture
+def space(layout):
+    return make_space(layout, k=6)

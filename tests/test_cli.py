@@ -1,0 +1,80 @@
+"""The w2w CLI: info and export, and one-line errors with exit code 2."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_w2w.cli import main
+from lora_w2w.formats import load_kohya, load_peft, save_kohya, save_peft
+from lora_w2w.space import W2WModel
+from lora_w2w.storage import save_model, save_space
+
+
+@pytest.fixture
+def saved(space, tmp_path):
+    save_space(space, tmp_path / "space")
+    model = W2WModel(torch.randn(4), space.id)
+    save_model(model, tmp_path / "model.safetensors")
+    return tmp_path, space, model
+
+
+def test_export_peft_and_kohya(saved):
+    tmp_path, space, model = saved
+    expected = space.unproject(model.coefficients)
+    for fmt, out, load in (("peft", "lora", load_peft), ("kohya", "lora.safetensors", load_kohya)):
+        assert main(["export", "--space", str(tmp_path / "space"), "--model", str(tmp_path / "model.safetensors"),
+                     "--format", fmt, "--out", str(tmp_path / out)]) == 0
+        torch.testing.assert_close(load(space.layout, tmp_path / out), expected)
+
+
+def test_info_describes_each_kind(saved, capsys):
+    tmp_path, space, model = saved
+    save_peft(space.layout, torch.zeros(space.num_weights), tmp_path / "peft")
+    save_kohya(space.layout, torch.zeros(space.num_weights), tmp_path / "k.safetensors")
+    expectations = {
+        "space": [f"id           {space.id}", "K            6 components", "M            12 dataset models",
+                  f"N            {space.num_weights:,}", "attributes   2: Male, Bald", "base model   tiny-test"],
+        "model.safetensors": ["w2w model", "K            4 coefficients", f"space id     {space.id}"],
+        "peft": ["PEFT/diffusers LoRA", f"LoRA layers  {len(space.layout)} (to_q, to_v), rank 1, alpha 27"],
+        "peft/pytorch_lora_weights.safetensors": ["PEFT/diffusers LoRA", f"N            {space.num_weights:,}"],
+        "k.safetensors": ["kohya LoRA", f"LoRA layers  {len(space.layout)}, rank 1, alpha 27"],
+    }
+    for name, lines in expectations.items():
+        assert main(["info", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        for line in lines:
+            assert line in out, (name, line, out)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "lora_w2w.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved):
+    tmp_path, space, model = saved
+    save_model(W2WModel(torch.randn(9), space.id), tmp_path / "big.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x01" * 40)
+    cases = [
+        (["info", tmp_path / "nothing"], "no such file or folder"),
+        (["export", "--space", tmp_path / "space", "--model", tmp_path / "big.safetensors", "--out", tmp_path / "o"],
+         "9 components asked for, the space"),
+        (["export", "--space", tmp_path / "space", "--model", tmp_path / "corrupt.safetensors", "--out", tmp_path / "o"],
+         "corrupt.safetensors: not a valid safetensors file"),
+        (["export", "--space", tmp_path, "--model", tmp_path / "model.safetensors", "--out", tmp_path / "o"],
+         "not a w2w space"),
+    ]
+    for args, message in cases:
+        result = _run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_explains_every_command():
+    result = _run("--help")
+    assert result.returncode == 0
+    for command in ("info", "export", "import-official"):
+        assert command in result.stdout
+    assert "--trust-pickle" in _run("import-official", "--help").stdout
