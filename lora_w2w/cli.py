@@ -85,10 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument("--space-id", default=None,
                           help="with --model: id of the imported space the model belongs to (see `w2w info`)")
     official.set_defaults(run=cmd_import_official)
+
+    # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
+    commands.add_parser("train-identities", add_help=False,
+                        help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-identities"]:
+        from .train_identities import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

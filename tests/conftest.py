@@ -51,3 +51,18 @@ def layout(unet):
 @pytest.fixture
 def space(layout):
     return make_space(layout, k=6)
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """A randomly initialised tiny pipeline (32 px, the tiny world's architecture at toy width) saved as a
+    diffusers folder, and 3 identities of 4 faces each."""
+    from lora_w2w.tiny.faces import write_dataset
+    from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, save_pipeline
+
+    root = tmp_path_factory.mktemp("toy_world")
+    config = TinyPipelineConfig(image_size=32, text_hidden=32, text_layers=1, text_heads=2, vae_channels=(16, 16, 16),
+                                unet_channels=(32, 32, 32), norm_num_groups=8)
+    save_pipeline(build_pipeline(config, seed=0), root / "base")
+    write_dataset(root / "faces", 3, first_seed=0, images_per_identity=4, size=32, progress=False)
+    return root

@@ -1,0 +1,390 @@
+"""Dreambooth LoRA training of identities (Ruiz et al. 2023; the w2w paper's Sec. 3.1 recipe):
+"sks person" on an identity's images, prior preservation with "person" images of the base model,
+rank-1 LoRA on to_q/to_v, 800 steps at lr 1e-4.
+
+The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
+(many identities in one pass): reading an instance folder, generating class images once, caching
+latent distributions and text embeddings, and a per-identity random stream (`StepSampler`) so that
+an identity trained among many sees exactly the batches, noise and timesteps of a solo run.
+
+Letters: I images, b batch per identity, C latent channels, h x w latent size.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .errors import W2WError
+from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
+from .storage import atomic_output
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def add_dreambooth_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hyper-parameter flags of the original train_dreambooth.py, with the paper's values as defaults."""
+    group = parser.add_argument_group("Dreambooth")
+    group.add_argument("--pretrained_model_name_or_path", "--base", default="files/tiny/base",
+                       help="base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)")
+    group.add_argument("--instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
+    group.add_argument("--class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")
+    group.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
+                       help="add the prior-preservation loss on class images (default: on)")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (default: %(default)s)")
+    group.add_argument("--class_data_dir", default=None,
+                       help="folder of class images; missing ones are generated once with the base model "
+                            "(default: <output_dir>/class_images)")
+    group.add_argument("--num_class_images", type=int, default=200, help="class images used (default: %(default)s)")
+    group.add_argument("--class_inference_steps", type=int, default=50,
+                       help="denoising steps when generating class images (default: %(default)s)")
+    group.add_argument("--resolution", type=int, default=None,
+                       help="training resolution in pixels (default: the base model's, 512 for SD1.5)")
+    group.add_argument("--train_batch_size", type=int, default=1,
+                       help="instance images per step, plus as many class images (default: %(default)s)")
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    group.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default="constant",
+                       help="learning-rate schedule (default: %(default)s)")
+    group.add_argument("--max_train_steps", type=int, default=800, help="optimizer steps (default: %(default)s)")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="batches averaged per optimizer step (default: %(default)s)")
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=True,
+                       help="train a LoRA (the only mode; kept for the original's command lines)")
+    group.add_argument("--lora_r", type=int, default=DEFAULT_RANK, help="LoRA rank (default: %(default)s)")
+    group.add_argument("--lora_alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
+    group.add_argument("--lora_target_modules", nargs="+", default=["to_q", "to_v"],
+                       help="Linear layers that get a LoRA (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                       help="autocast of the frozen model's forward on GPUs (default: %(default)s)")
+
+
+def check_dreambooth_arguments(args: argparse.Namespace) -> None:
+    """Reject impossible values right after parsing."""
+    checks = [
+        (args.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {args.max_train_steps}"),
+        (args.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {args.train_batch_size}"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+        (args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}"),
+        (args.lora_r >= 1, f"--lora_r must be >= 1, got {args.lora_r}"),
+        (args.use_lora, "only LoRA training is supported: drop --no-use_lora"),
+        (not args.with_prior_preservation or args.num_class_images >= 1,
+         "--with_prior_preservation needs --num_class_images >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise W2WError(message)
+
+
+# ----------------------------------------------------------------------------- images
+
+def prepare_image(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Any mode and size -> RGB, shorter side resized to `resolution`, centre-cropped; (3, R, R) in [-1, 1]."""
+    image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "RGBA") else image.convert("RGB")
+    scale = resolution / min(image.size)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - resolution) // 2, (height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
+    """The images of a folder (sorted by name) as (I, 3, R, R) in [-1, 1]. Other files are skipped with a
+    warning; a corrupt image or a folder without images is an error naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise W2WError(f"{folder}: no such image folder")
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(path.name)
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(prepare_image(image, resolution))
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise W2WError(f"{path}: not a readable image ({error})") from None
+    if skipped:
+        warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)
+    if not images:
+        raise W2WError(f"{folder}: no images (expected {', '.join(IMAGE_SUFFIXES[:3])} ... files)")
+    return torch.stack(images)
+
+
+def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, resolution: int, steps: int,
+                        seed: int, device: torch.device, batch_size: int = 16) -> None:
+    """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards)."""
+    class_dir.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(count) if not (class_dir / f"{i:05d}.png").is_file()]
+    if not missing:
+        return
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for start in tqdm(range(0, len(missing), batch_size), desc=f"class images of {prompt!r}", unit="batch"):
+        indices = missing[start:start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(seed * 100_003 + i) for i in indices]
+        images = pipe([prompt] * len(indices), num_inference_steps=steps, generator=generators,
+                      height=resolution, width=resolution).images
+        for i, image in zip(indices, images):
+            with atomic_output(class_dir / f"{i:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
+    del pipe
+
+
+# ----------------------------------------------------------------------------- cached inputs
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled."""
+    means, stds = [], []
+    for chunk in images.split(batch_size):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+    """prompt -> text embedding (1, L, D), as the pipeline computes it."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
+@dataclass
+class Batch:
+    """One step's randomness for one identity: b instance then b class samples."""
+
+    instance: torch.Tensor   # (b,) indices into the instance images
+    prior: torch.Tensor      # (b,) indices into the class images (empty without prior preservation)
+    latent_noise: torch.Tensor  # (n, C, h, w) draws from N(0, 1) for sampling the latent distributions
+    noise: torch.Tensor      # (n, C, h, w) the diffusion noise
+    timesteps: torch.Tensor  # (n,)
+
+
+class StepSampler:
+    """The random stream of one identity's run, from its seed alone: a run among many identities sees
+    the batches, latents, noise and timesteps of a solo run with the same seed."""
+
+    def __init__(self, seed: int, num_instance: int, num_class: int, batch_size: int, latent_shape: tuple[int, ...],
+                 num_train_timesteps: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_instance, self.num_class, self.batch_size = num_instance, num_class, batch_size
+        self.latent_shape, self.num_train_timesteps = latent_shape, num_train_timesteps
+
+    def next(self) -> Batch:
+        g, b = self.generator, self.batch_size
+        instance = torch.randint(self.num_instance, (b,), generator=g)
+        prior = torch.randint(self.num_class, (b,), generator=g) if self.num_class else torch.zeros(0, dtype=torch.long)
+        n = b + len(prior)
+        return Batch(instance, prior, torch.randn(n, *self.latent_shape, generator=g),
+                     torch.randn(n, *self.latent_shape, generator=g),
+                     torch.randint(self.num_train_timesteps, (n,), generator=g))
+
+
+@dataclass
+class IdentityData:
+    """An identity's cached inputs: instance latent distributions (I, C, h, w) and the step sampler."""
+
+    name: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    sampler: StepSampler
+
+
+@dataclass
+class SharedData:
+    """What all identities share: class latent distributions, text embeddings, the noise schedule."""
+
+    class_mean: torch.Tensor     # (I_c, C, h, w)
+    class_std: torch.Tensor      # (I_c, C, h, w)
+    instance_embedding: torch.Tensor  # (1, L, D)
+    class_embedding: torch.Tensor     # (1, L, D)
+    scaling_factor: float
+    scheduler: object            # a diffusers DDPMScheduler
+
+
+def noisy_inputs(identity: IdentityData, shared: SharedData, batch: Batch):
+    """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w))."""
+    mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])
+    std = torch.cat([identity.std[batch.instance], shared.class_std[batch.prior]])
+    latents = (mean + std * batch.latent_noise) * shared.scaling_factor
+    noisy = shared.scheduler.add_noise(latents, batch.noise, batch.timesteps)
+    b, n = len(batch.instance), len(batch.timesteps)
+    text = torch.cat([shared.instance_embedding.expand(b, -1, -1), shared.class_embedding.expand(n - b, -1, -1)])
+    if shared.scheduler.config.prediction_type == "v_prediction":
+        target = shared.scheduler.get_velocity(latents, batch.noise, batch.timesteps)
+    else:
+        target = batch.noise
+    return noisy, batch.timesteps, text, target
+
+
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> torch.Tensor:
+    """Instance MSE + prior_weight * class MSE for one identity's (n, C, h, w) prediction."""
+    loss = F.mse_loss(prediction[:num_instance].float(), target[:num_instance].float())
+    if len(prediction) > num_instance:
+        loss = loss + prior_weight * F.mse_loss(prediction[num_instance:].float(), target[num_instance:].float())
+    return loss
+
+
+def initial_lora_weights(layout: LoraLayout, seed: int) -> torch.Tensor:
+    """PEFT's default start, drawn from `seed`: lora_A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform,
+    a = sqrt(5)), lora_B = 0; flat (N,)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    parts = {}
+    for layer in layout.layers:
+        bound = 1 / math.sqrt(layer.in_features)
+        lora_a = (torch.rand(layout.rank, layer.in_features, generator=g) * 2 - 1) * bound  # (r, in)
+        parts[layer.name] = (lora_a, torch.zeros(layer.out_features, layout.rank))           # (out, r)
+    return layout.join(parts)
+
+
+def lr_lambda(kind: str, total_steps: int):
+    """Multiplier of the learning rate at each optimizer step."""
+    if kind == "constant":
+        return lambda step: 1.0
+    if kind == "linear":
+        return lambda step: max(0.0, 1 - step / total_steps)
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+# ----------------------------------------------------------------------------- the frozen base
+
+@dataclass
+class Base:
+    """The frozen parts of the base pipeline used for training."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object  # DDPMScheduler
+
+    @property
+    def resolution(self) -> int:
+        """The base model's native image size (512 for SD1.5)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_base(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Base:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from a diffusers pipeline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    if not Path(path).is_dir() and Path(path).exists():
+        raise W2WError(f"{path}: expected a diffusers pipeline folder or a hub id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError) as error:
+        raise W2WError(f"{path}: cannot load the base pipeline ({str(error).splitlines()[0]})") from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False).eval().to(device)
+    return Base(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def prepare_shared(base: Base, args: argparse.Namespace, resolution: int, class_dir: Path) -> SharedData:
+    """Generate missing class images, then cache their latent distributions and both prompts' embeddings."""
+    device = base.unet.device
+    if args.with_prior_preservation:
+        ensure_class_images(args.pretrained_model_name_or_path, class_dir, args.class_prompt, args.num_class_images,
+                            resolution, args.class_inference_steps, args.seed, device)
+        class_images = load_image_folder(class_dir, resolution)[: args.num_class_images]
+        class_mean, class_std = encode_images(base.vae, class_images)
+    else:
+        class_mean = class_std = torch.zeros(0)
+    return SharedData(class_mean.to(device), class_std.to(device),
+                      encode_prompt(base.tokenizer, base.text_encoder, args.instance_prompt),
+                      encode_prompt(base.tokenizer, base.text_encoder, args.class_prompt),
+                      float(base.vae.config.scaling_factor), base.scheduler)
+
+
+def prepare_identity(name: str, folder: Path, base: Base, shared: SharedData, args: argparse.Namespace,
+                     resolution: int) -> IdentityData:
+    """An identity's cached latent distributions and its random stream (seeded by --seed, like a solo run)."""
+    mean, std = encode_images(base.vae, load_image_folder(folder, resolution))
+    sampler = StepSampler(args.seed, len(mean), len(shared.class_mean), args.train_batch_size, tuple(mean.shape[1:]),
+                          shared.scheduler.config.num_train_timesteps)
+    return IdentityData(name, mean.to(base.unet.device), std.to(base.unet.device), sampler)
+
+
+def lora_layout(base: Base, args: argparse.Namespace) -> LoraLayout:
+    """The LoRA layout for the flags; an error before training when the UNet lacks the target modules."""
+    try:
+        return LoraLayout.from_unet(base.unet, args.lora_target_modules, args.lora_r, args.lora_alpha)
+    except W2WError:
+        raise W2WError(f"{args.pretrained_model_name_or_path}: the UNet has no Linear layer named "
+                       f"{args.lora_target_modules} to put a LoRA on") from None
+
+
+# ----------------------------------------------------------------------------- one identity (train_dreambooth.py)
+
+def train_one(args: argparse.Namespace) -> torch.Tensor:
+    """Train one identity's LoRA (a PEFT adapter); returns its flat weights (N,) and writes <output_dir>/unet/."""
+    from accelerate import Accelerator
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from .formats import save_peft
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision)
+    base = load_base(args.pretrained_model_name_or_path, accelerator.device)
+    layout = lora_layout(base, args)
+    resolution = args.resolution or base.resolution
+    output_dir = Path(args.output_dir)
+    class_dir = Path(args.class_data_dir or output_dir / "class_images")
+    shared = prepare_shared(base, args, resolution, class_dir)
+    identity = prepare_identity(output_dir.name, Path(args.instance_data_dir), base, shared, args, resolution)
+
+    unet = base.unet
+    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
+                                init_lora_weights=True))
+    set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.max_train_steps))
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    progress = tqdm(range(args.max_train_steps), desc=f"dreambooth {identity.name}", disable=not accelerator.is_main_process)
+    for _ in progress:
+        for _ in range(args.gradient_accumulation_steps):
+            with accelerator.accumulate(unet):
+                noisy, timesteps, text, target = noisy_inputs(identity, shared, identity.sampler.next())
+                with accelerator.autocast():
+                    prediction = unet(noisy, timesteps, text).sample
+                loss = dreambooth_loss(prediction, target, args.train_batch_size, args.prior_loss_weight)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+
+    state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
+    weights = layout.from_peft_state_dict(state)
+    if accelerator.is_main_process:
+        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path)
+    return weights

@@ -1,0 +1,180 @@
+"""Train many identity LoRAs in one pass over the frozen base model.
+
+    w2w train-identities --instance_root data/faces/celeba_generated --output_root loras --identities_per_batch 16
+    accelerate launch --num_processes 8 -m lora_w2w.train_identities --instance_root ... --output_root ...
+
+Each sub-folder of --instance_root is one identity. K identities share every forward pass: each
+LoRA layer holds K rank-r LoRAs (`LoraBank`, lora_A (K, r, in), lora_B (K, out, r)) and sample k of
+the batch goes through LoRA k (a batched matmul, the batch ordered identity-major). The loss is the
+sum of the identities' Dreambooth losses, so each identity's gradients and AdamW state are those of
+its solo `train_dreambooth.py` run with the same seed; its batches, latents, noise and timesteps
+come from its own `StepSampler`. Instance latents, text embeddings and class latents are cached once.
+
+Each finished identity is written as `<output_root>/<name>/unet/` (the format of train_dreambooth.py)
+atomically; on restart finished identities are skipped, so a killed job loses only the K in flight.
+Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, check_dreambooth_arguments,
+                         dreambooth_loss, initial_lora_weights, load_base, lora_layout, lr_lambda, noisy_inputs,
+                         prepare_identity, prepare_shared)
+from .errors import W2WError
+from .formats import PEFT_WEIGHTS, save_peft
+from .layout import LoraLayout
+
+
+class LoraBank(nn.Module):
+    """K LoRAs on one Linear layer: y_k = W x_k + scaling * B_k A_k x_k for the k-th block of the batch."""
+
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(lora_a)  # (K, r, in)
+        self.lora_B = nn.Parameter(lora_b)  # (K, out, r)
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.lora_A.shape[0]
+        shape = x.shape                                                  # (K * n, L, in)
+        x_k = x.reshape(k, -1, shape[-1])                                # (K, n * L, in)
+        h = torch.bmm(x_k, self.lora_A.transpose(1, 2).to(x.dtype))      # (K, n * L, r)
+        delta = torch.bmm(h, self.lora_B.transpose(1, 2).to(x.dtype))    # (K, n * L, out)
+        return self.base(x) + self.scaling * delta.reshape(*shape[:-1], -1)
+
+
+def install_banks(unet: nn.Module, layout: LoraLayout, initial: torch.Tensor) -> dict[str, LoraBank]:
+    """Put a LoraBank on every layer of the layout, started from initial (K, N); returns them by name."""
+    banks = {}
+    for name, (lora_a, lora_b) in layout.split(initial).items():  # (K, r, in), (K, out, r)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = unet.get_submodule(parent_name)
+        current = getattr(parent, leaf)
+        base = current.base if isinstance(current, LoraBank) else current
+        banks[name] = LoraBank(base, lora_a.clone().to(base.weight.device), lora_b.clone().to(base.weight.device),
+                               layout.scaling)
+        setattr(parent, leaf, banks[name])
+    return banks
+
+
+def remove_banks(unet: nn.Module, banks: dict[str, LoraBank]) -> None:
+    """Put the original Linear layers back."""
+    for name, bank in banks.items():
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), leaf, bank.base)
+
+
+def train_group(unet: nn.Module, layout: LoraLayout, identities: list[IdentityData], shared: SharedData,
+                args: argparse.Namespace, accelerator: Accelerator) -> torch.Tensor:
+    """Train the LoRAs of `identities` together; returns their flat weights (K, N)."""
+    k = len(identities)
+    initial = initial_lora_weights(layout, args.seed).expand(k, -1)  # every run starts as a solo run does
+    banks = install_banks(unet, layout, initial)
+    try:
+        params = [p for bank in banks.values() for p in (bank.lora_A, bank.lora_B)]
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.max_train_steps))
+        names = ", ".join(i.name for i in identities[:3]) + (" ..." if k > 3 else "")
+        progress = tqdm(range(args.max_train_steps), desc=f"{k} identities ({names})", leave=False,
+                        disable=not accelerator.is_local_main_process)
+        for _ in progress:
+            for _ in range(args.gradient_accumulation_steps):
+                inputs = [noisy_inputs(identity, shared, identity.sampler.next()) for identity in identities]
+                noisy, timesteps, text, target = (torch.cat(parts) for parts in zip(*inputs))  # (K * n, ...)
+                with accelerator.autocast():
+                    prediction = unet(noisy, timesteps, text).sample
+                n = len(prediction) // k
+                loss = sum(dreambooth_loss(prediction[i * n:(i + 1) * n], target[i * n:(i + 1) * n],
+                                           args.train_batch_size, args.prior_loss_weight) for i in range(k))
+                (loss / args.gradient_accumulation_steps).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            schedule.step()
+            progress.set_postfix(loss=f"{loss.item() / k:.4f}")
+        return layout.join({name: (bank.lora_A.detach().cpu(), bank.lora_B.detach().cpu())
+                            for name, bank in banks.items()})
+    finally:
+        remove_banks(unet, banks)
+
+
+def identity_folders(root: Path) -> list[Path]:
+    """The identity folders under `root`, in alphanumeric order of their names."""
+    if not root.is_dir():
+        raise W2WError(f"{root}: no such folder of identities")
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    if not folders:
+        raise W2WError(f"{root}: no identity folders (expected one sub-folder of images per identity)")
+    return folders
+
+
+def is_finished(output_root: Path, name: str) -> bool:
+    return (output_root / name / "unet" / PEFT_WEIGHTS).is_file()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instance_root", required=True, help="folder with one sub-folder of images per identity")
+    parser.add_argument("--output_root", required=True, help="<output_root>/<identity>/unet/ is written per identity")
+    parser.add_argument("--identities_per_batch", type=int, default=16,
+                        help="K, identities trained together in one pass (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="train only the first LIMIT identities")
+    add_dreambooth_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_dreambooth_arguments(args)
+        if args.identities_per_batch < 1:
+            raise W2WError(f"--identities_per_batch must be >= 1, got {args.identities_per_batch}")
+    except W2WError as error:
+        parser.error(str(error))
+    return args
+
+
+def train_identities(args: argparse.Namespace) -> list[str]:
+    """Train every unfinished identity of this process's share; returns the names trained."""
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    output_root = Path(args.output_root)
+    folders = identity_folders(Path(args.instance_root))[: args.limit]
+    todo = [f for f in folders[accelerator.process_index::accelerator.num_processes]
+            if not is_finished(output_root, f.name)]
+    base = load_base(args.pretrained_model_name_or_path, accelerator.device)
+    layout = lora_layout(base, args)
+    resolution = args.resolution or base.resolution
+    class_dir = Path(args.class_data_dir or output_root / "class_images")
+    with accelerator.main_process_first():  # the main process generates the shared class images once
+        shared = prepare_shared(base, args, resolution, class_dir)
+    trained = []
+    groups = range(0, len(todo), args.identities_per_batch)
+    for start in tqdm(groups, desc=f"identity groups (process {accelerator.process_index})", unit="group",
+                      disable=not accelerator.is_local_main_process):
+        group = todo[start:start + args.identities_per_batch]
+        identities = [prepare_identity(f.name, f, base, shared, args, resolution) for f in group]
+        weights = train_group(base.unet, layout, identities, shared, args, accelerator)  # (K, N)
+        for identity, w in zip(identities, weights):
+            save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path)
+            trained.append(identity.name)
+    return trained
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        trained = train_identities(args)
+    except W2WError as error:
+        print(f"w2w train-identities: error: {error}", file=sys.stderr)
+        return 2
+    print(f"trained {len(trained)} identities into {args.output_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Dreambooth LoRA training: the solo script (PEFT adapter) and the many-identities trainer agree."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_w2w import train_identities
+from lora_w2w.dreambooth import load_image_folder, train_one
+from lora_w2w.errors import W2WError
+from lora_w2w.formats import PEFT_CONFIG, PEFT_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_dreambooth_script", ROOT / "train_dreambooth.py")
+script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)
+
+
+def _common(world, steps=4):
+    return ["--pretrained_model_name_or_path", str(world / "base"), "--max_train_steps", str(steps),
+            "--num_class_images", "4", "--class_inference_steps", "2", "--class_data_dir", str(world / "class"),
+            "--train_batch_size", "2", "--learning_rate", "1e-2"]
+
+
+def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
+    faces = toy_world / "faces" / "celeba_generated"
+    solo = {}
+    for name in ("000000", "000001"):
+        args = script.parse_args(["--instance_data_dir", str(faces / name), "--output_dir", str(tmp_path / "solo" / name),
+                                  *_common(toy_world)])
+        solo[name] = train_one(args)
+    args = train_identities.parse_args(["--instance_root", str(faces), "--output_root", str(tmp_path / "multi"),
+                                        "--identities_per_batch", "2", "--limit", "2", *_common(toy_world)])
+    assert train_identities.train_identities(args) == ["000000", "000001"]
+    for name, weights in solo.items():
+        assert weights.abs().max() > 1e-3  # training moved the weights
+        multi, single = (load_file(tmp_path / kind / name / "unet" / PEFT_WEIGHTS) for kind in ("multi", "solo"))
+        assert multi.keys() == single.keys()
+        for key in single:
+            torch.testing.assert_close(multi[key], single[key], rtol=1e-3, atol=1e-4)
+        assert (tmp_path / "multi" / name / "unet" / PEFT_CONFIG).read_text() == \
+               (tmp_path / "solo" / name / "unet" / PEFT_CONFIG).read_text()
+    # the two identities differ from each other
+    a, b = (load_file(tmp_path / "multi" / n / "unet" / PEFT_WEIGHTS) for n in ("000000", "000001"))
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_path):
+    faces = toy_world / "faces" / "celeba_generated"
+    argv = ["--instance_root", str(faces), "--output_root", str(tmp_path), "--identities_per_batch", "2",
+            *_common(toy_world, steps=1)]
+    assert train_identities.train_identities(train_identities.parse_args(argv + ["--limit", "1"])) == ["000000"]
+    before = (tmp_path / "000000" / "unet" / PEFT_WEIGHTS).stat().st_mtime_ns
+    assert train_identities.train_identities(train_identities.parse_args(argv)) == ["000001", "000002"]
+    assert (tmp_path / "000000" / "unet" / PEFT_WEIGHTS).stat().st_mtime_ns == before
+    assert train_identities.train_identities(train_identities.parse_args(argv)) == []
+    assert not list(tmp_path.glob("**/.*partial*"))
+
+
+def test_instance_folders_are_read_forgivingly_and_refused_clearly(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "id"
+    folder.mkdir()
+    Image.new("RGBA", (50, 30), (255, 0, 0, 128)).save(folder / "a.png")
+    Image.new("L", (20, 40), 128).save(folder / "b.jpg")
+    Image.new("P", (64, 64)).save(folder / "c.gif")
+    (folder / "caption.txt").write_text("a person")
+    with pytest.warns(UserWarning, match="skipped 1 non-image files"):
+        images = load_image_folder(folder, 32)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    (folder / "d.png").write_bytes(b"not a png")
+    with pytest.raises(W2WError, match="d.png: not a readable image"):
+        load_image_folder(folder, 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(W2WError, match="empty: no images"):
+        load_image_folder(tmp_path / "empty", 32)
+
+
+def test_script_errors_before_training(toy_world, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *args, *_common(toy_world)],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    (tmp_path / "empty").mkdir()
+    result = run("--instance_data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no images" in result.stderr and "Traceback" not in result.stderr
+    result = run("--instance_data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"),
+                 "--lora_target_modules", "to_x")
+    assert result.returncode == 2 and "no Linear layer named ['to_x']" in result.stderr
+    assert not (tmp_path / "out" / "unet").exists()
+    assert "--max_train_steps" in subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), "--help"],
+                                                 capture_output=True, text=True).stdout

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Dreambooth LoRA of one identity, as in the w2w paper (Sec. 3.1 and App. A).
+#   bash train.sh                      the tiny world (CPU, minutes): identity 000000 of data/faces
+#   bash train.sh sd15 IMAGES OUT      Stable Diffusion 1.5 (realistic-vision), the paper's command (GPU)
+# Many identities at once: w2w train-identities --help
+set -euo pipefail
+
+if [[ "${1:-tiny}" == "sd15" ]]; then
+  instance_dir=${2:?usage: bash train.sh sd15 INSTANCE_IMAGES_DIR OUTPUT_DIR}
+  output_dir=${3:?usage: bash train.sh sd15 INSTANCE_IMAGES_DIR OUTPUT_DIR}
+  accelerate launch train_dreambooth.py \
+    --pretrained_model_name_or_path stablediffusionapi/realistic-vision-v51 \
+    --instance_data_dir "$instance_dir" \
+    --output_dir "$output_dir" \
+    --instance_prompt "sks person" \
+    --class_prompt "person" \
+    --with_prior_preservation --prior_loss_weight 1.0 \
+    --class_data_dir class_images/person --num_class_images 200 \
+    --resolution 512 --train_batch_size 1 \
+    --learning_rate 1e-4 --lr_scheduler constant --max_train_steps 800 \
+    --use_lora --lora_r 1 --lora_alpha 27 \
+    --gradient_accumulation_steps 1 --mixed_precision fp16 \
+    --seed 0
+else
+  [[ -d data/faces/celeba_generated/000000 ]] || python -m lora_w2w.tiny.faces --out data/faces --num 4
+  accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    train_dreambooth.py \
+    --pretrained_model_name_or_path files/tiny/base \
+    --instance_data_dir data/faces/celeba_generated/000000 \
+    --output_dir outputs/loras/000000 \
+    --class_data_dir outputs/class_images \
+    --max_train_steps 800 --seed 0
+fi
