@@ -21,3 +21,6 @@ demo: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/bench_train.py

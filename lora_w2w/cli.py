@@ -12,6 +12,25 @@ from pathlib import Path
 from .errors import W2WError
 
 DEFAULT_SPACE = "files/tiny/space"
+DEFAULT_BASE = "files/tiny/base"
+
+
+def _parse_edit(text: str) -> tuple[str, float]:
+    """'Bald=-2' -> ('Bald', -2.0)."""
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ATTRIBUTE=STRENGTH such as Bald=-2, got {text!r}") from None
+
+
+def _save_image(image, path: Path) -> None:
+    from .storage import atomic_output
+
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -45,6 +64,74 @@ def cmd_import_official(args) -> None:
         return
     space = import_official(args.src, args.dst, trust_pickle=args.trust_pickle)
     print(f"wrote space {args.dst}: N = {space.num_weights}, K = {space.num_components}, M = {space.num_models}")
+
+
+def cmd_generate(args) -> None:
+    from .pipeline import generate, image_grid, load_base_pipeline
+    from .storage import load_model, load_space
+
+    model = load_model(args.model) if args.model else None
+    edited_model = load_model(args.edited) if args.edited else None
+    layout = weights = edited = None
+    if model or edited_model:
+        space = load_space(args.space, k=max(len(m.coefficients) for m in (model, edited_model) if m))
+        layout = space.layout
+        weights = model.weights(space) if model else None
+        edited = edited_model.weights(space) if edited_model else None
+    pipe = load_base_pipeline(args.base, args.device)
+    images = generate(pipe, layout, weights, args.prompt, negative_prompt=args.negative_prompt, seeds=args.seeds,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
+                      width=args.size, edited=edited, injection_timestep=args.injection_timestep)
+    out = Path(args.out)
+    for seed, image in zip(args.seeds, images):
+        _save_image(image, out / f"seed_{seed:04d}.png")
+    _save_image(image_grid(images), out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+def cmd_sample(args) -> None:
+    from .formats import save_lora
+    from .sampling import sample_models
+    from .storage import load_space, save_model
+
+    space = load_space(args.space)
+    models = sample_models(space, args.num, args.seed, args.components, args.factor)
+    out = Path(args.out)
+    for i, model in enumerate(models):
+        save_model(model, out / f"sample_{i:03d}.safetensors")
+        if args.export:
+            suffix = "" if args.export == "peft" else ".safetensors"
+            save_lora(space.layout, model.weights(space), out / f"sample_{i:03d}_lora{suffix}", args.export,
+                      space.base_model)
+    print(f"wrote {len(models)} models ({len(models[0].coefficients)} coefficients each) to {out}")
+
+
+def cmd_edit(args) -> None:
+    from .editing import apply_edits, attribute_directions
+    from .storage import load_model, load_space, save_model
+
+    space = load_space(args.space)
+    model = load_model(args.model)
+    model.check_space(space)
+    strengths = dict(args.edit)
+    debias_against = [name for name in (args.debias or "").split(",") if name]
+    directions = attribute_directions(space, list(strengths), args.components, args.method, debias_against,
+                                      args.debias_mode)
+    edited = apply_edits(model, strengths, directions)
+    save_model(edited, args.out)
+    for name, strength in strengths.items():
+        d = directions[name]
+        print(f"{name}: {strength:+g} std = {strength * d.std:+.3f} along the direction "
+              f"(dataset std {d.std:.3f}, largest projection {d.largest:.3f} = {d.largest / d.std:.1f} std)")
+    print(f"wrote {args.out}")
+
+
+def cmd_directions(args) -> None:
+    from .editing import direction_report
+    from .storage import load_space
+
+    report = direction_report(load_space(args.space), args.components, args.method)
+    print(report.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -85,6 +172,73 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument("--space-id", default=None,
                           help="with --model: id of the imported space the model belongs to (see `w2w info`)")
     official.set_defaults(run=cmd_import_official)
+
+    def add_space(p):
+        p.add_argument("--space", default=DEFAULT_SPACE,
+                       help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
+
+    def add_base(p):
+        p.add_argument("--base", default=DEFAULT_BASE,
+                       help="base pipeline folder or hub id (default: %(default)s; SD1.5: "
+                            "stablediffusionapi/realistic-vision-v51)")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+
+    gen = commands.add_parser("generate", help="generate images with a w2w model (or the base model alone)",
+                              description="Generate one image per seed with a w2w model fused into the base UNet; "
+                                          "writes seed_XXXX.png files and grid.png.")
+    add_space(gen)
+    add_base(gen)
+    gen.add_argument("--model", help="w2w model file (.safetensors or the original w2wmodel.pt); omit for the base alone")
+    gen.add_argument("--prompt", default="sks person", help="prompt; the identity's token is 'sks' (default: %(default)r)")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    gen.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    gen.add_argument("--size", type=int, default=None, help="image size in pixels (default: the base model's)")
+    gen.add_argument("--edited", help="delayed injection: edited model used for timesteps t <= --injection-timestep")
+    gen.add_argument("--injection-timestep", type=int, default=None,
+                     help="T of delayed injection: 700-1000 for global edits, 400-700 for fine ones")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.set_defaults(run=cmd_generate)
+
+    sample = commands.add_parser("sample", help="sample new identity models from the space",
+                                 description="Draw each of the first K coefficients from an independent Gaussian "
+                                             "fitted to the dataset models' coefficients (the paper's sampling).")
+    add_space(sample)
+    sample.add_argument("--num", type=int, default=4, help="models to sample (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    sample.add_argument("--components", type=int, default=None, help="K (default: 1,000 or all the dataset has)")
+    sample.add_argument("--factor", type=float, default=1.0,
+                        help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
+    sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
+    sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
+    sample.set_defaults(run=cmd_sample)
+
+    edit = commands.add_parser("edit", help="edit a model along attribute directions",
+                               description="Move a model along attribute directions fitted to the space's "
+                                           "attribute table; strengths are in standard deviations of the dataset "
+                                           "along each direction. Edits compose.")
+    add_space(edit)
+    edit.add_argument("--model", required=True, help="w2w model file to edit")
+    edit.add_argument("--edit", type=_parse_edit, action="append", required=True, metavar="ATTRIBUTE=STRENGTH",
+                      help="e.g. --edit Bald=-2 --edit Chubby=+1.5 (repeatable)")
+    edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
+    edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
+                      help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
+    edit.add_argument("--method", choices=("least_squares", "logistic"), default="least_squares",
+                      help="how directions are fitted (default: %(default)s, as in the paper)")
+    edit.add_argument("--components", type=int, default=1000, help="K used to fit directions (default: %(default)s)")
+    edit.add_argument("--out", required=True, help="edited model file (.safetensors)")
+    edit.set_defaults(run=cmd_edit)
+
+    directions = commands.add_parser("directions", help="list the attributes and how well each is predicted",
+                                     description="For every ±1 attribute of the space: frequency and held-out "
+                                                 "(balanced) accuracy of its linear direction.")
+    add_space(directions)
+    directions.add_argument("--method", choices=("least_squares", "logistic"), default="least_squares",
+                            help="how directions are fitted (default: %(default)s)")
+    directions.add_argument("--components", type=int, default=1000, help="K used (default: %(default)s)")
+    directions.set_defaults(run=cmd_directions)
 
     # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
     commands.add_parser("train-identities", add_help=False,

@@ -1,0 +1,115 @@
+"""The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the UNet
+so that a step costs what the base model's step costs.
+
+    pipe = load_base_pipeline("files/tiny/base", device="auto")   # or "stablediffusionapi/realistic-vision-v51"
+    images = generate(pipe, space.layout, model.weights(space), "sks person", seeds=[0, 1, 2, 3])
+
+Delayed injection (the paper's Sec. 4.2): with `edited` and `injection_timestep` T, the model
+`weights` is used for timesteps t > T and `edited` for t <= T, so coarse structure comes from the
+original identity and the edit acts on the finer details (T 700-1000 for global edits, 400-700 for
+fine ones).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import W2WError
+from .layout import LoraLayout
+from .network import FusedLora, check_layout
+
+DEFAULT_BASE = "files/tiny/base"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else Apple's MPS when present, else the CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None/'auto' -> float16 on CUDA, float32 elsewhere."""
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "auto", dtype=None, progress: bool = True):
+    """A StableDiffusionPipeline from a folder or hub id, without safety checker, on `device`."""
+    from diffusers import StableDiffusionPipeline
+
+    device = resolve_device(device)
+    local = Path(base).is_dir()
+    if not local and (base.startswith((".", "/")) or base.startswith("files/")):
+        raise W2WError(f"{base}: no such pipeline folder (the tiny world's base is built by `make tiny-world`)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(base, dtype=resolve_dtype(dtype, device),
+                                                       safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=local)
+    except (OSError, ValueError) as error:
+        raise W2WError(f"{base}: cannot load the pipeline ({str(error).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe.to(device)
+
+
+def generate(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prompt: str, *,
+             negative_prompt: str = "", seeds=(0,), num_inference_steps: int = 50, guidance_scale: float = 7.5,
+             height: int | None = None, width: int | None = None, scale: float = 1.0,
+             edited: torch.Tensor | None = None, injection_timestep: int | None = None) -> list[Image.Image]:
+    """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the UNet (None: the base
+    model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T."""
+    if (edited is None) != (injection_timestep is None):
+        raise W2WError("delayed injection needs both the edited weights and the injection timestep")
+    if weights is not None or edited is not None:
+        check_layout(pipe.unet, layout)
+    seeds = [int(s) for s in seeds]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    state = {"fused": None}
+
+    def use(w):
+        if state["fused"] is not None:
+            state["fused"].remove()
+        state["fused"] = None if w is None else FusedLora(pipe.unet, layout, w.to(pipe.device), scale)
+
+    def swap_before_fine_steps(pipeline, step_index, timestep, callback_kwargs):
+        timesteps = pipeline.scheduler.timesteps
+        if step_index + 1 < len(timesteps) and timesteps[step_index] > injection_timestep >= timesteps[step_index + 1]:
+            use(edited)
+        return callback_kwargs
+
+    delayed = edited is not None
+    try:
+        use(weights if not delayed or injection_timestep < _first_timestep(pipe, num_inference_steps) else edited)
+        result = pipe([prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                      width=width, generator=generators,
+                      callback_on_step_end=swap_before_fine_steps if delayed else None)
+    finally:
+        use(None)
+    return result.images
+
+
+def _first_timestep(pipe, num_inference_steps: int) -> int:
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    return int(pipe.scheduler.timesteps[0])
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size in a grid, `columns` wide (default: about square)."""
+    if not images:
+        raise W2WError("no images to put in a grid")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
