@@ -295,9 +295,9 @@ def load_base(path: str, device: torch.device, dtype: torch.dtype = torch.float3
         raise W2WError(f"{path}: expected a diffusers pipeline folder or a hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     except (OSError, ValueError) as error:
         raise W2WError(f"{path}: cannot load the base pipeline ({str(error).splitlines()[0]})") from None
