@@ -24,3 +24,14 @@ clean:
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/bench_train.py
+
+bench-invert: $(STAMP)
+	$(PY) benchmarks/bench_invert.py
+
+tiny-world: $(STAMP)
+	$(PY) -m lora_w2w.tiny.build --out files/tiny --work data/tiny
+
+# PCA: the streamed build against scikit-learn and torch.svd_lowrank (M = 8,000 x N = 99,648, K = 1,000;
+# 3.2 GB of data in outputs/bench_pca). BENCH_PCA_ARGS="--threads 1" on a shared machine.
+bench-pca: $(STAMP)
+	$(PY) benchmarks/bench_pca.py $(BENCH_PCA_ARGS)

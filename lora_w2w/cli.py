@@ -15,6 +15,10 @@ DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 
 
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _parse_edit(text: str) -> tuple[str, float]:
     """'Bald=-2' -> ('Bald', -2.0)."""
     name, sep, value = text.partition("=")
@@ -45,11 +49,66 @@ def cmd_export(args) -> None:
     from .formats import save_lora
     from .storage import load_model, load_space
 
-    model = load_model(args.model)
-    space = load_space(args.space, k=len(model.coefficients))
-    weights = model.weights(space)
-    out = save_lora(space.layout, weights, args.out, args.format, space.base_model)
-    print(f"wrote {args.format} LoRA {out}")
+    if (args.model is None) == (args.dataset is None):
+        raise W2WError("export needs either --model (a w2w model) or --dataset with --dataset-model")
+    if (args.dataset is None) != (args.dataset_model is None):
+        raise W2WError("--dataset and --dataset-model go together")
+    if args.dataset:
+        from .dataset import WeightsDataset
+
+        dataset = WeightsDataset(args.dataset)
+        key = args.dataset_model
+        row = dataset.row(int(key) if key not in dataset.names and key.lstrip("-").isdigit() else key)
+        layout, weights, base_model = dataset.layout, dataset[row], dataset.base_model
+        what = f"dataset model {dataset.names[row]!r}"
+    else:
+        model = load_model(args.model)
+        space = load_space(args.space, k=len(model.coefficients))
+        layout, weights, base_model = space.layout, model.weights(space), space.base_model
+        what = "w2w model"
+    out = save_lora(layout, weights, args.out, args.format, base_model)
+    print(f"wrote {what} as {args.format} LoRA {out}")
+
+
+def cmd_collect(args) -> None:
+    from .dataset import collect_all_weights, collect_folders, layout_of_lora, layout_of_space, read_names
+
+    if (args.root is None) == (args.from_all_weights is None):
+        raise W2WError("collect needs either LORA_ROOT OUT or --from-all-weights all_weights.pt OUT")
+    if args.from_all_weights is None and (args.names or args.trust_pickle):
+        raise W2WError("--names and --trust-pickle go with --from-all-weights")
+    layout, base_model = None, ""
+    if args.space:
+        layout, base_model = layout_of_space(args.space)
+    elif args.layout_from:
+        layout, base_model = layout_of_lora(args.layout_from)
+    if args.from_all_weights:
+        names = read_names(args.names) if args.names else None
+        report = collect_all_weights(args.from_all_weights, args.out, layout, names, args.trust_pickle, base_model,
+                                     args.shard_size, _progress)
+    else:
+        report = collect_folders(args.root, args.out, layout, base_model, args.shard_size, _progress)
+    print(report)
+
+
+def cmd_build(args) -> None:
+    import time
+
+    from .dataset import WeightsDataset
+    from .pca import build_space
+    from .storage import save_space
+
+    if args.scheduler and args.backend != "dask":
+        raise W2WError("--scheduler goes with --backend dask")
+    start = time.perf_counter()
+    dataset = WeightsDataset(args.dataset)
+    space = build_space(dataset, args.components, args.memory, args.backend, args.method, args.oversamples,
+                        args.power_iterations, args.attributes, args.scheduler, args.base_model, args.seed, _progress)
+    save_space(space, args.out)
+    variance = space.explained_variance
+    print(f"wrote space {args.out}: N = {space.num_weights:,}, K = {space.num_components:,}, M = {space.num_models:,}; "
+          f"the components explain {float(variance.sum()) / float((space.std > 0).sum()):.1%} of the variance "
+          f"(first {float(variance[0]):.4g}, last {float(variance[-1]):.4g}); {time.perf_counter() - start:.1f} s")
 
 
 def cmd_import_official(args) -> None:
@@ -134,6 +193,38 @@ def cmd_directions(args) -> None:
     print(report.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
+def export_path(out: Path, fmt: str) -> Path:
+    """Where `--export` writes the LoRA beside the model OUT.safetensors: OUT_lora/ (peft) or
+    OUT_lora.safetensors (kohya), as `w2w sample` does."""
+    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
+    return stem.with_name(f"{stem.name}_lora" + (".safetensors" if fmt == "kohya" else ""))
+
+
+def cmd_invert(args) -> None:
+    import torch
+
+    from .formats import save_lora
+    from .inversion import invert_file, preset
+    from .storage import load_space, read_space_description, save_model
+
+    config = preset(args.preset, components=args.components, steps=args.steps, lr=args.lr,
+                    weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every)
+    available = read_space_description(args.space)["num_components"]
+    if config.components > available:
+        raise W2WError(f"{config.components} components asked for (--components, or the {args.preset} preset's), "
+                       f"the space {args.space} has K = {available}: pass --components {available} or fewer")
+    space = load_space(args.space, k=config.components)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = invert_file(args.base, space, args.image, args.mask, config, args.seed, args.device, dtype,
+                        args.checkpoint)
+    save_model(model, args.out)
+    print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
+    if args.export:
+        path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
+                         space.base_model)
+        print(f"wrote {args.export} LoRA {path}")
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Turn a w2w model (coefficients) into LoRA weights and write them in a "
                                              "format other tools load.")
     export.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
-    export.add_argument("--model", required=True, help="model file: the project's .safetensors or the original w2wmodel.pt")
+    export.add_argument("--model", help="model file: the project's .safetensors or the original w2wmodel.pt")
+    export.add_argument("--dataset", help="instead of --model: a weights dataset (made by `w2w collect`)")
+    export.add_argument("--dataset-model", metavar="NAME_OR_INDEX",
+                        help="with --dataset: the model to export, by name or row index")
     export.add_argument("--format", choices=("peft", "kohya"), default="peft",
                         help="peft: a folder for pipe.load_lora_weights / PeftModel.from_pretrained; "
                              "kohya: one .safetensors for A1111, ComfyUI and diffusers (default: %(default)s)")
@@ -240,10 +334,116 @@ def build_parser() -> argparse.ArgumentParser:
     directions.add_argument("--components", type=int, default=1000, help="K used (default: %(default)s)")
     directions.set_defaults(run=cmd_directions)
 
+    add_invert_parser(commands)
+    add_dataset_parsers(commands)
+
     # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
     commands.add_parser("train-identities", add_help=False,
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     return parser
+
+
+def add_invert_parser(commands) -> None:
+    from .inversion import PRESETS, InversionConfig
+
+    presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
+                        for name, c in PRESETS.items())
+    invert = commands.add_parser(
+        "invert", help="invert one image into a w2w model (the paper's Sec. 4.3)",
+        description="Find the model of the space that reproduces IMAGE: Adam on its first K coefficients, from "
+                    f"zero, on the diffusion loss of the image (inside MASK). Presets: {presets}. Defaults: the "
+                    "tiny world; for Stable Diffusion 1.5: --base stablediffusionapi/realistic-vision-v51 "
+                    "--space files/official.")
+    invert.add_argument("--image", required=True, help="the image to invert: any size and mode (resized and centre-cropped)")
+    invert.add_argument("--mask", default=None,
+                        help="binary mask image, white where the image is fitted (the image's size or aspect ratio)")
+    invert.add_argument("--preset", choices=tuple(PRESETS), default="real",
+                        help="real: photographs of faces; ood: paintings and other out-of-distribution images "
+                             "(default: %(default)s)")
+    invert.add_argument("--components", type=int, default=None,
+                        help="K, coefficients optimised; at most the space's K (default: the preset's)")
+    invert.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
+    invert.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)")
+    invert.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default: the preset's)")
+    invert.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise (default: %(default)s)")
+    invert.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
+    invert.add_argument("--base", default=DEFAULT_BASE,
+                        help="base diffusers pipeline the space was built for: folder or hub id (default: %(default)s)")
+    invert.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... "
+                                                         "(default: %(default)s)")
+    invert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="dtype of the base model: auto = bfloat16 on CUDA (as the original), float32 elsewhere")
+    invert.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    invert.add_argument("--export", choices=("peft", "kohya"), default=None,
+                        help="also write the model as a LoRA beside OUT.safetensors: OUT_lora/ (diffusers, PEFT) "
+                             "or OUT_lora.safetensors (kohya: A1111, ComfyUI)")
+    invert.add_argument("--checkpoint", default=None,
+                        help="file to save the run's state in every --checkpoint-every steps; a run that finds "
+                             "it resumes from it")
+    invert.add_argument("--checkpoint-every", type=int, default=None,
+                        help=f"steps between checkpoints (default: {InversionConfig.checkpoint_every})")
+    invert.set_defaults(run=cmd_invert)
+
+
+def add_dataset_parsers(commands) -> None:
+    """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
+    collect = commands.add_parser(
+        "collect", help="gather LoRAs (or the released all_weights.pt) into a weights dataset on disk",
+        usage="w2w collect [-h] (LORA_ROOT | --from-all-weights ALL_WEIGHTS) OUT [options]",
+        description="Flatten every LoRA under LORA_ROOT (<name>/unet/adapter_model.safetensors, "
+                    "<name>/adapter_model.safetensors or <name>.safetensors) into the weights dataset OUT, rows in "
+                    "string order of the names; or copy the released all_weights.pt. Rerunning adds only new models.")
+    collect.add_argument("root", nargs="?", metavar="LORA_ROOT", help="folder of LoRA folders or files")
+    collect.add_argument("out", metavar="OUT", help="weights dataset directory (created, or added to)")
+    layout = collect.add_mutually_exclusive_group()
+    layout.add_argument("--layout-from", metavar="LORA",
+                        help="take the LoRA layout from this PEFT LoRA folder (default: an existing OUT's, else the "
+                             "first LoRA's; with --from-all-weights, Stable Diffusion 1.5's)")
+    layout.add_argument("--space", metavar="DIR", help="take the LoRA layout and base model from this space")
+    collect.add_argument("--shard-size", type=int, default=1024,
+                         help="models per shard file of a new dataset (default: %(default)s; about 400 MB for "
+                              "Stable Diffusion 1.5)")
+    collect.add_argument("--from-all-weights", metavar="ALL_WEIGHTS",
+                         help="instead of LORA_ROOT: the released all_weights.pt (M x N), read memory-mapped")
+    collect.add_argument("--names", metavar="NAMES_TXT",
+                         help="with --from-all-weights: model names, one per line, in row order (default: row numbers)")
+    collect.add_argument("--trust-pickle", action="store_true",
+                         help="with --from-all-weights: allow full unpickling if the file needs it (runs code from "
+                              "the file: only for files from a source you trust)")
+    collect.set_defaults(run=cmd_collect)
+
+    build = commands.add_parser(
+        "build", help="PCA of a weights dataset into a w2w space, in bounded memory",
+        description="Standardize the columns of the dataset (M x N) and write the top K principal components, "
+                    "every model's coefficients and the explained variance as a space. The matrix is streamed "
+                    "from disk: peak memory follows --memory, not M x N.")
+    build.add_argument("dataset", metavar="DATASET", help="weights dataset directory (made by `w2w collect`)")
+    build.add_argument("out", metavar="OUT", help="space directory to write (replaced only once complete)")
+    build.add_argument("--components", "-k", type=int, required=True, help="K, the number of principal components")
+    build.add_argument("--backend", choices=("torch", "dask"), default="torch",
+                       help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
+                            "(default: %(default)s)")
+    build.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto",
+                       help="torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized "
+                            "(subspace iteration); auto: exact when it fits --memory and costs at most 1.25x the "
+                            "randomized route (default: %(default)s)")
+    build.add_argument("--memory", default="4GB",
+                       help="memory budget of the torch backend, the interpreter included (per worker for a dask "
+                            "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
+    build.add_argument("--oversamples", type=int, default=10,
+                       help="randomized: extra trial vectors beyond K (default: %(default)s)")
+    build.add_argument("--power-iterations", type=int, default=4,
+                       help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
+                            "decays slowly (default: %(default)s)")
+    build.add_argument("--seed", type=int, default=0,
+                       help="randomized: seed of the trial vectors (default: %(default)s)")
+    build.add_argument("--attributes", metavar="TABLE_CSV",
+                       help="attribute table: CSV, first column the model names, one row per dataset model")
+    build.add_argument("--scheduler", metavar="ADDRESS",
+                       help="dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); "
+                            "its workers must see DATASET at the same path")
+    build.add_argument("--base-model", metavar="ID", help="base model id to record (default: the dataset's)")
+    build.set_defaults(run=cmd_build)
 
 
 def main(argv: list[str] | None = None) -> int:

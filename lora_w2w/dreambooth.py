@@ -322,10 +322,11 @@ def prepare_shared(base: Base, args: argparse.Namespace, resolution: int, class_
                       float(base.vae.config.scaling_factor), base.scheduler)
 
 
-def prepare_identity(name: str, folder: Path, base: Base, shared: SharedData, args: argparse.Namespace,
-                     resolution: int) -> IdentityData:
-    """An identity's cached latent distributions and its random stream (seeded by --seed, like a solo run)."""
-    mean, std = encode_images(base.vae, load_image_folder(folder, resolution))
+def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: SharedData, args: argparse.Namespace
+                     ) -> IdentityData:
+    """An identity's cached latent distributions of its images (I, 3, R, R) and its random stream
+    (seeded by --seed, like a solo run)."""
+    mean, std = encode_images(base.vae, images)
     sampler = StepSampler(args.seed, len(mean), len(shared.class_mean), args.train_batch_size, tuple(mean.shape[1:]),
                           shared.scheduler.config.num_train_timesteps)
     return IdentityData(name, mean.to(base.unet.device), std.to(base.unet.device), sampler)
@@ -356,9 +357,10 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     layout = lora_layout(base, args)
     resolution = args.resolution or base.resolution
     output_dir = Path(args.output_dir)
+    images = load_image_folder(args.instance_data_dir, resolution)  # bad input fails before any long work
     class_dir = Path(args.class_data_dir or output_dir / "class_images")
     shared = prepare_shared(base, args, resolution, class_dir)
-    identity = prepare_identity(output_dir.name, Path(args.instance_data_dir), base, shared, args, resolution)
+    identity = prepare_identity(output_dir.name, images, base, shared, args)
 
     unet = base.unet
     unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,

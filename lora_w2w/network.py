@@ -54,6 +54,7 @@ class LoraUNet(nn.Module):
         unet.set_adapter(ADAPTER_NAME)
         self.unet = unet
         self.layout = layout
+        self.dtype = unet.dtype  # looked up once: the property walks every parameter
 
     def lora_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """weights (N,) -> the adapter's parameter names and their values."""
@@ -65,9 +66,8 @@ class LoraUNet(nn.Module):
 
     def forward(self, weights: torch.Tensor, *args, **kwargs):
         """The UNet's output with the LoRA `weights` (N,); differentiable in `weights`."""
-        dtype = self.unet.dtype
-        params = self.lora_parameters(weights.to(dtype))
-        return functional_call(self.unet, params, args, kwargs, strict=False)
+        params = self.lora_parameters(weights.to(self.dtype))
+        return functional_call(self.unet, params, args, kwargs, strict=False, tie_weights=False)
 
 
 class FusedLora:

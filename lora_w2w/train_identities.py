@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, check_dreambooth_arguments,
-                         dreambooth_loss, initial_lora_weights, load_base, lora_layout, lr_lambda, noisy_inputs,
-                         prepare_identity, prepare_shared)
+                         dreambooth_loss, initial_lora_weights, load_base, load_image_folder, lora_layout, lr_lambda,
+                         noisy_inputs, prepare_identity, prepare_shared)
 from .errors import W2WError
 from .formats import PEFT_WEIGHTS, save_peft
 from .layout import LoraLayout
@@ -139,8 +140,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def train_identities(args: argparse.Namespace) -> list[str]:
-    """Train every unfinished identity of this process's share; returns the names trained."""
+def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Train every unfinished identity of this process's share; returns the names trained and the names
+    of the identities whose folders were refused (no images, a corrupt image), which are skipped."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     output_root = Path(args.output_root)
     folders = identity_folders(Path(args.instance_root))[: args.limit]
@@ -152,27 +154,40 @@ def train_identities(args: argparse.Namespace) -> list[str]:
     class_dir = Path(args.class_data_dir or output_root / "class_images")
     with accelerator.main_process_first():  # the main process generates the shared class images once
         shared = prepare_shared(base, args, resolution, class_dir)
-    trained = []
+    trained, refused = [], []
     groups = range(0, len(todo), args.identities_per_batch)
     for start in tqdm(groups, desc=f"identity groups (process {accelerator.process_index})", unit="group",
                       disable=not accelerator.is_local_main_process):
-        group = todo[start:start + args.identities_per_batch]
-        identities = [prepare_identity(f.name, f, base, shared, args, resolution) for f in group]
+        identities = []
+        for folder in todo[start:start + args.identities_per_batch]:
+            try:
+                images = load_image_folder(folder, resolution)
+            except W2WError as error:  # one bad folder must not stop hours of training
+                warnings.warn(f"identity {folder.name} skipped: {error}", stacklevel=2)
+                refused.append(folder.name)
+                continue
+            identities.append(prepare_identity(folder.name, images, base, shared, args))
+        if not identities:
+            continue
         weights = train_group(base.unet, layout, identities, shared, args, accelerator)  # (K, N)
         for identity, w in zip(identities, weights):
             save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path)
             trained.append(identity.name)
-    return trained
+    return trained, refused
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        trained = train_identities(args)
+        trained, refused = train_identities(args)
     except W2WError as error:
         print(f"w2w train-identities: error: {error}", file=sys.stderr)
         return 2
     print(f"trained {len(trained)} identities into {args.output_root}")
+    if refused:
+        print(f"w2w train-identities: error: {len(refused)} identity folders refused: {', '.join(refused)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,9 @@ from diffusers import UNet2DConditionModel
 from lora_w2w.layout import LoraLayout
 from lora_w2w.space import Space
 
+# The toy models are so small that handing work between threads costs more than it saves.
+torch.set_num_threads(1)
+
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

@@ -51,7 +51,7 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "lora_w2w.cli", *map(str, args)], capture_output=True, text=True)
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved, capsys):
     tmp_path, space, model = saved
     save_model(W2WModel(torch.randn(9), space.id), tmp_path / "big.safetensors")
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x01" * 40)
@@ -65,16 +65,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved):
          "not a w2w space"),
     ]
     for args, message in cases:
-        result = _run(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, (args, stderr)
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "o").exists()
+    result = _run(*cases[1][0])  # as a process: one line on stderr, no traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and cases[1][1] in result.stderr
 
 
-def test_help_explains_every_command():
-    result = _run("--help")
-    assert result.returncode == 0
-    for command in ("info", "export", "import-official"):
-        assert command in result.stdout
-    assert "--trust-pickle" in _run("import-official", "--help").stdout
+def test_help_explains_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for command in ("info", "export", "import-official", "sample", "edit", "directions", "generate", "invert",
+                    "collect", "build", "train-identities"):
+        assert command in out, command
+    with pytest.raises(SystemExit):
+        main(["import-official", "--help"])
+    assert "--trust-pickle" in capsys.readouterr().out

@@ -1,7 +1,5 @@
 """Dreambooth LoRA training: the solo script (PEFT adapter) and the many-identities trainer agree."""
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,7 @@ def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
         solo[name] = train_one(args)
     args = train_identities.parse_args(["--instance_root", str(faces), "--output_root", str(tmp_path / "multi"),
                                         "--identities_per_batch", "2", "--limit", "2", *_common(toy_world)])
-    assert train_identities.train_identities(args) == ["000000", "000001"]
+    assert train_identities.train_identities(args) == (["000000", "000001"], [])
     for name, weights in solo.items():
         assert weights.abs().max() > 1e-3  # training moved the weights
         multi, single = (load_file(tmp_path / kind / name / "unet" / PEFT_WEIGHTS) for kind in ("multi", "solo"))
@@ -52,11 +50,11 @@ def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_
     faces = toy_world / "faces" / "celeba_generated"
     argv = ["--instance_root", str(faces), "--output_root", str(tmp_path), "--identities_per_batch", "2",
             *_common(toy_world, steps=1)]
-    assert train_identities.train_identities(train_identities.parse_args(argv + ["--limit", "1"])) == ["000000"]
+    assert train_identities.train_identities(train_identities.parse_args(argv + ["--limit", "1"])) == (["000000"], [])
     before = (tmp_path / "000000" / "unet" / PEFT_WEIGHTS).stat().st_mtime_ns
-    assert train_identities.train_identities(train_identities.parse_args(argv)) == ["000001", "000002"]
+    assert train_identities.train_identities(train_identities.parse_args(argv)) == (["000001", "000002"], [])
     assert (tmp_path / "000000" / "unet" / PEFT_WEIGHTS).stat().st_mtime_ns == before
-    assert train_identities.train_identities(train_identities.parse_args(argv)) == []
+    assert train_identities.train_identities(train_identities.parse_args(argv)) == ([], [])
     assert not list(tmp_path.glob("**/.*partial*"))
 
 
@@ -80,17 +78,29 @@ def test_instance_folders_are_read_forgivingly_and_refused_clearly(tmp_path):
         load_image_folder(tmp_path / "empty", 32)
 
 
-def test_script_errors_before_training(toy_world, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *args, *_common(toy_world)],
-                              capture_output=True, text=True, cwd=tmp_path)
-
+def test_script_errors_before_training(toy_world, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    result = run("--instance_data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"))
-    assert result.returncode == 2 and "no images" in result.stderr and "Traceback" not in result.stderr
-    result = run("--instance_data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"),
-                 "--lora_target_modules", "to_x")
-    assert result.returncode == 2 and "no Linear layer named ['to_x']" in result.stderr
+    argv = ["--instance_data_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"), *_common(toy_world)]
+    assert script.main(argv + ["--class_data_dir", str(tmp_path / "no_class_images_yet")]) == 2
+    assert "empty: no images" in capsys.readouterr().err
+    assert not (tmp_path / "no_class_images_yet").exists()  # refused before generating class images
+    assert script.main(argv + ["--lora_target_modules", "to_x"]) == 2
+    assert "no Linear layer named ['to_x']" in capsys.readouterr().err
     assert not (tmp_path / "out" / "unet").exists()
-    assert "--max_train_steps" in subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), "--help"],
-                                                 capture_output=True, text=True).stdout
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    assert "--max_train_steps" in capsys.readouterr().out
+
+
+def test_a_bad_identity_folder_is_skipped_not_fatal(toy_world, tmp_path, capsys):
+    faces = tmp_path / "faces"
+    for name in ("000000", "000001"):
+        (faces / name).mkdir(parents=True)
+        for image in (toy_world / "faces" / "celeba_generated" / name).iterdir():
+            (faces / name / image.name).write_bytes(image.read_bytes())
+    (faces / "000000" / "broken.png").write_bytes(b"not an image")
+    code = train_identities.main(["--instance_root", str(faces), "--output_root", str(tmp_path / "out"),
+                                  *_common(toy_world, steps=1)])
+    assert code == 2 and "1 identity folders refused: 000000" in capsys.readouterr().err
+    assert (tmp_path / "out" / "000001" / "unet" / PEFT_WEIGHTS).is_file()
+    assert not (tmp_path / "out" / "000000").exists()

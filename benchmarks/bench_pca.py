@@ -1,0 +1,229 @@
+"""Benchmark: the project's streamed PCA against in-memory randomized PCA (scikit-learn, torch).
+
+    make bench-pca                                         # M = 8,000, N = 99,648, K = 1,000
+    python benchmarks/bench_pca.py --threads 1             # the same, one BLAS thread for every method
+    python benchmarks/bench_pca.py --models 2000 --components 250 --work /tmp/bench_pca   # a quick look
+
+A synthetic low-rank-plus-noise matrix W (M x N) is written to disk as a weights dataset (kept in
+--work and reused). Its standardized spectrum decays slowly like a real weight space: a signal of
+rank 1.5 K with variances proportional to 1/i, plus Gaussian noise whose largest sample eigenvalue
+lies a few times below the K-th signal one. Each method runs in its own subprocess, which reports
+its wall time and its peak resident memory (resource.getrusage in the child; the parent stays a bare
+interpreter, since a child's ru_maxrss starts from its parent's size at the fork), so peaks do not
+mix:
+- project:            `build_space(dataset, K, memory=--memory)`, streamed from disk (the route its
+                      cost model picks);
+- project-randomized: the same with method="randomized" (the route of larger matrices);
+- sklearn:            W read into memory, standardized, PCA(svd_solver="randomized").fit;
+- torch:              W read into memory, standardized, torch.svd_lowrank(Z, q=K + 10, niter=4).
+Every time includes reading the data and computing mean and std. Accuracy is measured against the
+project's exact route (itself checked against torch.linalg.svd in tests/test_pca.py): relative error
+of each explained variance, the fraction of the exact top-K subspace captured (mean cos² of the
+principal angles) and the largest principal angle among the top K/2 components.
+
+The last line printed is one JSON object: {"benchmark": "pca", "memory_ratio": project peak /
+sklearn peak, "time_ratio": project time / sklearn time, ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("project", "project-randomized", "sklearn", "torch")
+REFERENCE = "project"
+
+
+# ----------------------------------------------------------------------------- the synthetic matrix
+
+class LowRankPlusNoise:
+    """W (M, N) = (G diag(s)) B + noise, scaled and shifted per column; rows made block by block from
+    a seed, so any row range is reproducible. s_i = i^(-1/2) for i <= rank; B (rank, N) has unit rows."""
+
+    def __init__(self, m: int, n: int, rank: int, noise: float, block: int, seed: int = 0):
+        import torch
+
+        self.shape = (m, n)
+        self.rank, self.noise, self.block, self.seed = rank, noise, block, seed
+        g = torch.Generator().manual_seed(seed)
+        self.basis = torch.randn(rank, n, generator=g) / n ** 0.5                        # (rank, N)
+        self.scales = torch.arange(1, rank + 1, dtype=torch.float32) ** -0.5            # (rank,)
+        self.column_scale = 0.005 + 0.02 * torch.rand(n, generator=g)                   # (N,) like LoRA weights
+        self.column_mean = 0.01 * torch.randn(n, generator=g)                           # (N,)
+
+    def __getitem__(self, rows: slice) -> "torch.Tensor":
+        import torch
+
+        start, stop, _ = rows.indices(self.shape[0])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + start + 1)
+        z = (torch.randn(stop - start, self.rank, generator=g) * self.scales) @ self.basis   # (r, N)
+        z += self.noise * torch.randn(stop - start, self.shape[1], generator=g)
+        return z * self.column_scale + self.column_mean
+
+
+def make_dataset(work: Path, m: int, n: int, k: int) -> Path:
+    """The benchmark's weights dataset in work/data (made once; reused while the parameters match)."""
+    from lora_w2w.dataset import WeightsDataset, add_models, matrix_source
+    from lora_w2w.layout import sd15_layout
+
+    path, stamp = work / "data", work / "data.json"
+    rank = (3 * k) // 2
+    noise = (k ** -0.5) / 3 / (n / m) ** 0.5 / (1 + (m / n) ** 0.5)  # noise edge ~ 1/9 of the K-th variance
+    parameters = {"models": m, "weights": n, "rank": rank, "noise": noise}
+    if stamp.is_file() and json.loads(stamp.read_text()) == parameters and (path / "index.json").is_file():
+        return path
+    layout = sd15_layout()
+    if layout.numel != n:
+        raise SystemExit(f"N must be Stable Diffusion 1.5's {layout.numel} (got {n})")
+    started = time.perf_counter()
+    matrix = LowRankPlusNoise(m, n, rank, noise, block=1024)
+    add_models(path, matrix_source(matrix, [f"{i:06d}" for i in range(m)], 1024, "synthetic"), layout,
+               shard_size=1024)
+    stamp.write_text(json.dumps(parameters))
+    print(f"wrote the dataset {path} ({m} x {n}) in {time.perf_counter() - started:.0f} s", flush=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- one method, in a child process
+
+def load_standardized(dataset) -> "torch.Tensor":
+    """The whole matrix in memory, standardized in place like the project does (float64 statistics)."""
+    from lora_w2w.pca import Moments, safe_scale
+
+    weights = dataset.read_rows(0, len(dataset))                   # (M, N), the one big allocation
+    moments = Moments(weights.shape[1])
+    moments.update(weights)
+    weights -= moments.mean.float()
+    weights /= safe_scale(moments.std()).float()
+    return weights
+
+
+def run_child(method: str, data: Path, k: int, memory: str, out: Path) -> None:
+    """Run one method, then write its timing, its peak memory and its result."""
+    import sklearn.decomposition  # every child loads the same libraries, so baselines compare
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_w2w.dataset import WeightsDataset
+    from lora_w2w.pca import build_space
+
+    dataset = WeightsDataset(data)
+    m = len(dataset)
+    started = time.perf_counter()
+    if method.startswith("project"):
+        route = "randomized" if method == "project-randomized" else "auto"
+        space = build_space(dataset, k, memory=memory, method=route,
+                            log=lambda message: print(f"  [{method} {time.perf_counter() - started:6.0f} s] {message}",
+                                                      flush=True))
+        components, variance = space.components, space.explained_variance
+    elif method == "sklearn":
+        z = load_standardized(dataset)
+        fit_start = time.perf_counter()
+        pca = sklearn.decomposition.PCA(n_components=k, svd_solver="randomized", random_state=0).fit(z.numpy())
+        components, variance = torch.from_numpy(pca.components_), torch.from_numpy(pca.explained_variance_)
+    else:
+        z = load_standardized(dataset)
+        fit_start = time.perf_counter()
+        torch.manual_seed(0)
+        _, s, v = torch.svd_lowrank(z, q=k + 10, niter=4)       # v (N, K + 10)
+        components, variance = v[:, :k].T.contiguous(), s[:k] ** 2 / (m - 1)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    high_water = [int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
+    result = {"method": method, "seconds": seconds, "peak_bytes": peak, "vm_hwm_bytes": (high_water or [None])[0]}
+    if not method.startswith("project"):
+        result["fit_seconds"] = seconds - (fit_start - started)   # without reading and standardizing
+    (out / f"{method}.json").write_text(json.dumps(result))
+    save_file({"components": components.float().contiguous(), "explained_variance": variance.float().contiguous()},
+              out / f"{method}.safetensors")
+
+
+# ----------------------------------------------------------------------------- comparing
+
+def accuracy(result: dict, reference: dict) -> dict:
+    """Explained-variance errors and principal angles of `result` against `reference` (dicts of tensors)."""
+    import torch
+
+    k = reference["components"].shape[0]
+    error = (result["explained_variance"].double() - reference["explained_variance"].double()).abs()
+    relative = error / reference["explained_variance"].double()
+    cosines = torch.linalg.svdvals(result["components"] @ reference["components"].T).clamp(max=1).double()  # (K,)
+    half = torch.linalg.svdvals(result["components"][: k // 2] @ reference["components"][: k // 2].T).clamp(max=1)
+    return {"variance_max_relative_error": float(relative.max()),
+            "variance_median_relative_error": float(relative.median()),
+            "variance_relative_error_at_K": float(relative[-1]),
+            "subspace_captured": float((cosines ** 2).mean()),
+            "largest_angle_top_half_degrees": float(torch.rad2deg(torch.arccos(half.min().double())))}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=int, default=8000, help="M, rows of the matrix (default: %(default)s)")
+    parser.add_argument("--components", type=int, default=1000, help="K (default: %(default)s)")
+    parser.add_argument("--memory", default="2GB", help="the project's --memory budget (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="BLAS/OpenMP threads of every method (default: all cores, %(default)s)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help=f"methods to run (default: all; {REFERENCE} is the accuracy reference)")
+    parser.add_argument("--work", default="outputs/bench_pca", help="folder for the dataset and results "
+                                                                    "(default: %(default)s)")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--make-data", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if REFERENCE not in args.methods:
+        parser.error(f"--methods must include {REFERENCE}, the accuracy reference")
+    return args
+
+
+def main(args) -> dict:
+    work = Path(args.work)
+    n = 99_648
+    if args.child:
+        run_child(args.child, work / "data", args.components, args.memory, work)
+        return {}
+    if args.make_data:
+        make_dataset(work, args.models, n, args.components)
+        return {}
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads))
+    common = ["--models", str(args.models), "--components", str(args.components), "--memory", args.memory,
+              "--work", str(work)]
+    subprocess.run([sys.executable, __file__, "--make-data", *common], env=env, check=True)
+    results = {}
+    for method in args.methods:
+        print(f"running {method} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--child", method, *common], env=env, check=True)
+        results[method] = json.loads((work / f"{method}.json").read_text())
+        print(f"  {method}: {results[method]['seconds']:.1f} s, peak {results[method]['peak_bytes'] / 1e9:.2f} GB",
+              flush=True)
+
+    from safetensors.torch import load_file
+    reference = load_file(work / f"{REFERENCE}.safetensors")
+    print(f"\nM = {args.models:,}, N = {n:,}, K = {args.components:,}, {args.threads} threads, project --memory "
+          f"{args.memory}; data {args.models * n * 4 / 1e9:.2f} GB float32")
+    print(f"{'method':20s} {'time s':>8s} {'peak GB':>8s} {'EV max rel err':>15s} {'EV err at K':>12s} "
+          f"{'captured':>9s} {'angle top K/2':>14s}")
+    for method, result in results.items():
+        result |= accuracy(load_file(work / f"{method}.safetensors"), reference)
+        print(f"{method:20s} {result['seconds']:8.1f} {result['peak_bytes'] / 1e9:8.2f} "
+              f"{result['variance_max_relative_error']:15.2e} {result['variance_relative_error_at_K']:12.2e} "
+              f"{result['subspace_captured']:9.5f} {result['largest_angle_top_half_degrees']:13.3f}°")
+    summary = {"benchmark": "pca", "models": args.models, "weights": n, "components": args.components,
+               "threads": args.threads, "memory_budget": args.memory}
+    if "sklearn" in results:
+        summary["memory_ratio"] = results["project"]["peak_bytes"] / results["sklearn"]["peak_bytes"]
+        summary["time_ratio"] = results["project"]["seconds"] / results["sklearn"]["seconds"]
+    summary["results"] = results
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

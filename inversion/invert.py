@@ -1,0 +1,120 @@
+"""Invert one image into a w2w model, with the original inversion/invert.py's flags.
+
+    # the tiny world (the defaults: --space files/tiny/space --base files/tiny/base)
+    python inversion/invert.py --image inversion/images/face.png --dim 1000 --save_name outputs/face
+
+    # Stable Diffusion 1.5 with the released files, converted on the fly (the .pt files are pickles:
+    # --trust_pickle only for files from a source you trust)
+    python inversion/invert.py --base stablediffusionapi/realistic-vision-v51 --mean_path files/mean.pt \\
+        --std_path files/std.pt --v_path files/V.pt --dim_path files/weight_dimensions.pt --trust_pickle \\
+        --imfolder inversion/images/real --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 10000 \\
+        --diffusers_format --save_name outputs/inversion1
+
+Writes SAVE_NAME/w2wmodel.safetensors (the coefficients and the id of their space; `w2w export`
+turns it into a LoRA) and, with --diffusers_format, SAVE_NAME/unet/, a PEFT/diffusers LoRA folder
+that `pipe.load_lora_weights(SAVE_NAME + "/unet")` loads.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_w2w.dreambooth import IMAGE_SUFFIXES
+from lora_w2w.errors import W2WError
+from lora_w2w.formats import save_peft
+from lora_w2w.inversion import PRESETS, InversionConfig, invert_file
+from lora_w2w.layout import LoraLayout, sd15_layout
+from lora_w2w.official import OFFICIAL_BASE_MODEL
+from lora_w2w.space import Space
+from lora_w2w.storage import load_space, save_model, torch_load
+
+REAL = PRESETS["real"]  # the original's defaults
+
+
+def released_space(args: argparse.Namespace) -> Space:
+    """The space of the released mean.pt, std.pt, V.pt (N x K, memory-mapped: only its first --dim columns
+    are read) and weight_dimensions.pt, in memory; its id is the one `w2w import-official` gives."""
+    mean, std, basis = (torch_load(Path(p), args.trust_pickle, mmap=True)
+                        for p in (args.mean_path, args.std_path, args.v_path))
+    if args.dim_path:
+        layout = LoraLayout.from_weight_dimensions(torch_load(Path(args.dim_path), args.trust_pickle))
+    else:
+        layout = sd15_layout()
+    if basis.ndim != 2 or basis.shape[0] != layout.numel:
+        raise W2WError(f"{args.v_path}: shape {tuple(basis.shape)}, expected (N, K) with N = {layout.numel}")
+    return Space(mean.float().reshape(-1), std.float().reshape(-1), basis.T, layout, base_model=OFFICIAL_BASE_MODEL)
+
+
+def first_image(folder: Path) -> Path:
+    """The first image of a folder by name, looking into sub-folders too (the original's ImageFolder layout)."""
+    if not folder.is_dir():
+        raise W2WError(f"{folder}: no such image folder")
+    images = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise W2WError(f"{folder}: no image ({', '.join(IMAGE_SUFFIXES[:3])} ...) in the folder")
+    return images[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    space = parser.add_argument_group("space: --space, or the released files")
+    space.add_argument("--space", default=None, help="w2w space directory (default: files/tiny/space)")
+    space.add_argument("--mean_path", default=None, help="released mean.pt: the weights' means (N)")
+    space.add_argument("--std_path", default=None, help="released std.pt: the weights' standard deviations (N)")
+    space.add_argument("--v_path", default=None, help="released V.pt: the principal components (N x K)")
+    space.add_argument("--dim_path", default=None,
+                       help="released weight_dimensions.pt: the LoRA layers (default: Stable Diffusion 1.5's)")
+    space.add_argument("--trust_pickle", action="store_true",
+                       help="allow unpickling the released files when they need it (runs code from the file)")
+    parser.add_argument("--base", default=None,
+                        help=f"base diffusers pipeline: folder or hub id (default: files/tiny/base, or "
+                             f"{OFFICIAL_BASE_MODEL} with the released files)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--imfolder", default=None, help="folder whose first image (by name) is inverted")
+    source.add_argument("--image", default=None, help="the image to invert (default: inversion/images/face.png)")
+    parser.add_argument("--mask_path", default=None, help="binary mask, white where the image is fitted")
+    parser.add_argument("--epochs", type=int, default=REAL.steps, help="optimiser steps (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=REAL.lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--weight_decay", type=float, default=REAL.weight_decay,
+                        help="Adam weight decay (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=REAL.components,
+                        help="K, principal-component coefficients optimised (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise (default: %(default)s)")
+    parser.add_argument("--diffusers_format", action="store_true",
+                        help="also write SAVE_NAME/unet/, a PEFT/diffusers LoRA folder")
+    parser.add_argument("--save_name", default="outputs/inversion1",
+                        help="output folder: SAVE_NAME/w2wmodel.safetensors (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ... (default: %(default)s)")
+    args = parser.parse_args(argv)
+    released = [args.mean_path, args.std_path, args.v_path]
+    if any(released) and not all(released):
+        parser.error("the released files need all three of --mean_path, --std_path and --v_path")
+    if all(released) and args.space:
+        parser.error("give either --space or the released files (--mean_path ...), not both")
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    config = InversionConfig(components=args.dim, lr=args.lr, weight_decay=args.weight_decay, steps=args.epochs)
+    if args.mean_path:
+        space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
+    else:
+        space, base = load_space(args.space or "files/tiny/space", k=args.dim), args.base or "files/tiny/base"
+    image = first_image(Path(args.imfolder)) if args.imfolder else Path(args.image or "inversion/images/face.png")
+    model = invert_file(base, space, image, args.mask_path, config, args.seed, args.device)
+    out = Path(args.save_name)
+    save_model(model, out / "w2wmodel.safetensors")
+    print(f"wrote {out / 'w2wmodel.safetensors'}")
+    if args.diffusers_format:
+        save_peft(space.layout, model.weights(space), out / "unet", space.base_model)
+        print(f"wrote {out / 'unet'}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except W2WError as error:  # bad input: one line, exit code 2, like `w2w`
+        print(f"invert.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Invert the shipped example images with the tiny world (run from the repository root, after `make tiny-world`
+# or with files/tiny/ in place). Writes outputs/inversion/{face,drawing}/w2wmodel.safetensors and unet/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+
+# a face of the tiny world ("real" preset: lr 0.1, weight decay 1e-10, 400 steps; K at most the tiny space's)
+$PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
+    --image inversion/images/face.png --mask_path inversion/images/face_mask.png \
+    --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 1000 \
+    --diffusers_format --save_name outputs/inversion/face
+
+# an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps)
+$PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
+    --image inversion/images/drawing.png --mask_path inversion/images/drawing_mask.png \
+    --epochs 800 --lr 1 --weight_decay 0 --dim 1000 \
+    --diffusers_format --save_name outputs/inversion/drawing
+
+# Stable Diffusion 1.5 with the released w2w files (downloaded into files/; they are pickles, so
+# --trust_pickle only if you trust their source; or convert once with `w2w import-official` and pass --space):
+# $PY inversion/invert.py --base stablediffusionapi/realistic-vision-v51 \
+#     --mean_path files/mean.pt --std_path files/std.pt --v_path files/V.pt \
+#     --dim_path files/weight_dimensions.pt --trust_pickle \
+#     --image my_photo.jpg --mask_path my_photo_mask.png \
+#     --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 10000 --device cuda:0 \
+#     --diffusers_format --save_name outputs/inversion/real1

@@ -1,0 +1,557 @@
+"""PCA of a weights dataset larger than memory: the w2w space (Dravid et al. 2024, Sec. 3).
+
+    dataset = WeightsDataset("data/weights")
+    space = build_space(dataset, k=1000, memory="4GB")      # streamed from disk, in bounded memory
+    save_space(space, "files/my_space")
+
+    w2w build data/weights files/my_space --components 1000 --memory 4GB [--backend dask]
+
+The standardized matrix Z = (W - mean) / std (M, N) is never formed: chunks of W are read and
+standardized on the fly (mean and std from a first pass, accumulated in float64; a column of zero
+variance keeps std 0 and standardizes to 0, as in `space.standardize`). The top K right singular
+vectors of Z are the components (K, N); the models' coefficients are Z Vᵀ (M, K); explained_variance
+is s² / (M - 1), the variance of the standardized data along each component.
+
+Routes of the torch backend (`plan` takes the exact one while it fits `memory` and costs at most
+1.25 times the randomized one by a cost model measured in benchmarks/README.md, else the randomized):
+- exact: eigendecomposition, in float64, of the smaller Gram matrix: Z Zᵀ (M, M) accumulated over
+  column slabs of Z, or Zᵀ Z (N, N) over row chunks, then one pass for the other side. Exact up to
+  rounding; needs that matrix in memory; costs ~ min(M, N)² max(M, N) + min(M, N)³.
+- randomized: subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4, on Zᵀ Z): rows P (L, N),
+  L = K + oversamples, start Gaussian; each of `power_iterations` passes over the data makes
+  P <- orth(P Zᵀ Z) (one read: Σ over chunks of (Z_c Pᵀ)ᵀ Z_c); a last pass gives Y = Z Pᵀ (M, L), and
+  Rayleigh-Ritz, YᵀY = W S² Wᵀ, gives components Wᵀ P and coefficients Y W. Memory ~ (2 N + M) L
+  numbers, whatever M x N is.
+The `dask` backend runs `dask.array.linalg.svd_compressed` (same randomized algorithm, QR between
+iterations) on a dask.distributed cluster: a LocalCluster in this process, or `scheduler`'s cluster,
+whose workers must see the dataset's path.
+Each component's largest-|.| entry is made positive, so rebuilds give the same space.
+
+Letters: M models, N flattened LoRA numbers, K components, L = K + oversamples, r rows of a chunk,
+b columns of a slab.
+"""
+from __future__ import annotations
+
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+import torch
+
+from .dataset import WeightsDataset
+from .errors import FileFormatError, SpaceError, W2WError
+from .space import Space
+
+BACKENDS = ("torch", "dask")
+METHODS = ("auto", "exact", "randomized")
+DEFAULT_MEMORY = "4GB"
+DEFAULT_OVERSAMPLES = 10
+DEFAULT_POWER_ITERATIONS = 4
+OVERHEAD_BYTES = 600 * 2**20    # the interpreter with torch, scipy and pandas loaded, outside the budget
+RANK_TOLERANCE = 1e-6           # a component whose variance is below this fraction of the first's is noise
+
+# Cost model, in float32 matmul flops (only ratios matter), measured on this project's machine (AMD
+# EPYC, one thread per method; benchmarks/README.md): the k largest eigenpairs of an n x n float64
+# matrix (LAPACK syevr) cost EIGH_N3 n³ + EIGH_N2K n² k, the QR of an N x L matrix QR_NL2 N L². The
+# exact route is preferred while it costs at most EXACT_PREFERENCE times the randomized one.
+EIGH_N3, EIGH_N2K = 9.0, 40.0
+QR_NL2 = 6.0
+EXACT_PREFERENCE = 1.25
+SMALL_FLOPS = 1e11         # an exact route cheaper than this (seconds) is taken whatever the ratio
+MAX_CHUNK_ROWS = 2048      # larger chunks do not make the matmuls faster, only the process bigger
+MAX_SLAB_COLUMNS = 16384
+
+_COLUMN_BLOCK = 4096    # columns of a chunk converted to float64 at a time by the moments
+_GRAM_BLOCK = 1024      # rows per block of the Gram's lower triangle
+
+
+# ----------------------------------------------------------------------------- pure math
+
+class Moments:
+    """Column means and variances of rows seen chunk by chunk, in float64 (Chan, Golub & LeVeque 1979)."""
+
+    def __init__(self, n: int):
+        self.count = 0
+        self.mean = torch.zeros(n, dtype=torch.float64)  # (N,)
+        self.m2 = torch.zeros(n, dtype=torch.float64)    # (N,) sum of squared deviations
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """Add the rows of chunk (r, N)."""
+        r = chunk.shape[0]
+        total = self.count + r
+        for c0 in range(0, chunk.shape[1], _COLUMN_BLOCK):
+            x = chunk[:, c0:c0 + _COLUMN_BLOCK].double()     # (r, b)
+            mean = x.mean(0)                                   # (b,)
+            m2 = (x - mean).square_().sum(0)                   # (b,)
+            delta = mean - self.mean[c0:c0 + _COLUMN_BLOCK]
+            self.mean[c0:c0 + _COLUMN_BLOCK] += delta * (r / total)
+            self.m2[c0:c0 + _COLUMN_BLOCK] += m2 + delta.square_() * (self.count * r / total)
+        self.count = total
+
+    def std(self) -> torch.Tensor:
+        """The unbiased standard deviation (N,), float64."""
+        return (self.m2 / max(self.count - 1, 1)).sqrt()
+
+
+def safe_scale(std: torch.Tensor) -> torch.Tensor:
+    """The divisor of `space.standardize`: std, or 1 where std is 0."""
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+def add_gram_lower(gram: torch.Tensor, slab: torch.Tensor, block: int = _GRAM_BLOCK) -> None:
+    """gram (M, M) float64 += slab slabᵀ for slab (M, b), lower triangle only (about half the flops)."""
+    m = slab.shape[0]
+    for i in range(0, m, block):
+        for j in range(0, i + 1, block):
+            product = slab[i:i + block] @ slab[j:j + block].T          # (block, block)
+            gram[i:i + block, j:j + block] += product  # diagonal blocks fill a little of the upper triangle, unread
+
+
+def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues (k,) and eigenvectors (n, k), largest first, of a symmetric float64
+    matrix (n, n) of which only the lower triangle is read. The matrix is overwritten."""
+    n = matrix.shape[0]
+    # matrix.T is the same memory in Fortran order, which LAPACK overwrites without a copy; its
+    # upper triangle is the matrix's lower one
+    values, vectors = scipy.linalg.eigh(matrix.numpy().T, lower=False, subset_by_index=[n - k, n - 1],
+                                        overwrite_a=True, check_finite=False, driver="evr")
+    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+
+
+def orthonormalize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (L, N) of the row space of rows (L, N) float32, L <= N, by a Householder QR
+    done in the memory of `rows` (which it overwrites)."""
+    q, _ = scipy.linalg.qr(rows.numpy().T, overwrite_a=True, mode="economic", check_finite=False)  # (N, L)
+    return torch.from_numpy(q.T)
+
+
+def fix_signs(components: torch.Tensor, coefficients: torch.Tensor) -> None:
+    """Flip components (K, N) and coefficients (M, K) in place so that each component's largest-|.|
+    entry is positive: the sign of a singular vector is otherwise arbitrary."""
+    largest = torch.cat([block.abs().argmax(dim=1) for block in components.split(64)])   # (K,), 64 rows at a time
+    signs = torch.sign(components.gather(1, largest[:, None])[:, 0])                       # (K,)
+    signs[signs == 0] = 1
+    components.mul_(signs[:, None])
+    coefficients.mul_(signs.to(coefficients.dtype))
+
+
+def check_rank(values: torch.Tensor, k: int) -> None:
+    """SpaceError when fewer than k of the eigenvalues (largest first) carry variance."""
+    rank = int((values > RANK_TOLERANCE * values[0]).sum()) if values[0] > 0 else 0
+    if rank < k:
+        raise SpaceError(f"only {rank} components carry variance (the data has rank {rank} after centering); "
+                         f"ask for at most --components {rank}")
+
+
+# ----------------------------------------------------------------------------- planning
+
+def parse_memory(text: str | int) -> int:
+    """'4GB', '512MB', '8GiB', '2e9' or a number of bytes -> bytes (GB = 10⁹, GiB = 2³⁰)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
+    try:
+        unit = (match.group(2) or "").lower()
+        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** " kmgt".index(unit[:1] or " "))
+    except (AttributeError, ValueError, KeyError):
+        raise W2WError(f"memory {text!r}: expected a size such as 4GB, 512MB or 8GiB") from None
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the torch backend computes a PCA within a memory budget."""
+
+    method: str             # "exact" or "randomized"
+    side: str               # exact: "models" (Gram Z Zᵀ, M x M) or "weights" (Zᵀ Z, N x N); randomized: ""
+    width: int              # randomized: L = K + oversamples; exact: K
+    power_iterations: int   # randomized passes before the last one
+    rows: int               # rows per streamed chunk
+    columns: int            # columns per slab (exact, side "models")
+    peak_bytes: int         # the largest estimated working set, without the interpreter
+    flops: float            # estimated cost in float32 matmul flops
+
+    def describe(self) -> str:
+        route = (f"exact ({'M x M Gram' if self.side == 'models' else 'N x N covariance'})" if self.method == "exact"
+                 else f"randomized (L = {self.width}, {self.power_iterations} power iterations)")
+        return (f"{route}, chunks of {self.rows} rows" + (f", slabs of {self.columns} columns" if self.columns else "")
+                + f", about {self.peak_bytes / 1e9:.2f} GB of arrays, {self.flops / 1e12:.1f} Tflop")
+
+
+def _eigh_flops(n: int, k: int) -> float:
+    return EIGH_N3 * n**3 + EIGH_N2K * n**2 * k
+
+
+def _chunk_row_bytes(n: int) -> int:
+    """Bytes per chunk row: the float32 row and the moments' float64 temporaries."""
+    return 4 * n + 16 * min(n, _COLUMN_BLOCK)
+
+
+def _fit(budget: int, phases: list[tuple[int, int]], m: int) -> tuple[int, int] | None:
+    """(rows per chunk, peak bytes) for phases of (fixed bytes, bytes per chunk row), or None when one
+    does not fit `budget`."""
+    rows = min(m, MAX_CHUNK_ROWS)
+    for fixed, per_row in phases:
+        if fixed + per_row > budget:
+            return None
+        if per_row:
+            rows = min(rows, (budget - fixed) // per_row)
+    return rows, max(fixed + rows * per_row for fixed, per_row in phases)
+
+
+def _output_bytes(m: int, n: int, k: int) -> int:
+    """The pages of the space file being written through a memory map by `save_space`: page cache the
+    kernel can reclaim, but resident in the process meanwhile."""
+    return 4 * (k * n + m * k)
+
+
+def _plan_exact(m: int, n: int, k: int, budget: int) -> Plan | None:
+    row = _chunk_row_bytes(n)
+    small = min(m, n)
+    eig = (8 * small * small + 16 * small * k + 320 * small, 0)    # the matrix, vectors, LAPACK workspace
+    if m <= n:
+        block = min(m, _GRAM_BLOCK)
+        columns = min(n, MAX_SLAB_COLUMNS, (budget - 8 * m * m - 12 * block * block) // (8 * m))
+        if columns < min(n, 256):
+            return None
+        phases = [(16 * n, row), (8 * m * m + 8 * m * columns + 12 * block * block, 0), eig,
+                  (4 * k * n + 12 * m * k, row + 4 * k), (4 * k * n + 4 * m * k + _output_bytes(m, n, k), 0)]
+        flops = m * m * n * (1 + block / m) + _eigh_flops(m, k) + 2 * m * n * k
+    else:
+        columns = 0
+        phases = [(16 * n, row), (12 * n * n, row), eig, (4 * n * k + 4 * m * k, row + 4 * k),
+                  (4 * k * n + 4 * m * k + _output_bytes(m, n, k), 0)]
+        flops = 2 * m * n * n + _eigh_flops(n, k) + 2 * m * n * k
+    fit = _fit(budget, phases, m)
+    if fit is None:
+        return None
+    return Plan("exact", "models" if m <= n else "weights", k, 0, fit[0], columns, fit[1], flops)
+
+
+def _randomized_phases(m: int, n: int, k: int, width: int) -> list[tuple[int, int]]:
+    row = _chunk_row_bytes(n) + 4 * width
+    return [(16 * n, row),                                              # moments
+            (8 * n * width, row),                                       # P and the next P
+            (4 * n * width + 4 * m * width + 8 * width * width, row),   # P, Y and YᵀY
+            (4 * n * width + 4 * m * width + 4 * m * k + 8 * width * (width + 2 * k), 0),  # + coefficients, eig
+            (4 * n * width + 4 * m * k + _output_bytes(m, n, k), 0)]    # the components live in P's memory
+
+
+def _plan_randomized(m: int, n: int, k: int, budget: int, oversamples: int, power_iterations: int) -> Plan | None:
+    width = min(k + oversamples, m, n)
+    fit = _fit(budget, _randomized_phases(m, n, k, width), m)
+    if fit is None:
+        return None
+    flops = ((4 * power_iterations + 2) * m * n * width + QR_NL2 * n * width**2 * max(power_iterations, 1)
+             + _eigh_flops(width, k) + 2 * m * width**2 + 2 * k * width * n)
+    return Plan("randomized", "", width, power_iterations, fit[0], 0, fit[1], flops)
+
+
+def plan(m: int, n: int, k: int, memory: int, method: str = "auto", oversamples: int = DEFAULT_OVERSAMPLES,
+         power_iterations: int = DEFAULT_POWER_ITERATIONS) -> Plan:
+    """The route of `method` for K of M x N within `memory` bytes (the interpreter's OVERHEAD_BYTES
+    counted in). 'auto' takes the exact route when it fits and either costs at most EXACT_PREFERENCE
+    times the randomized route or is small (SMALL_FLOPS), else the randomized route."""
+    check_components(m, n, k)
+    if method not in METHODS:
+        raise W2WError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    if oversamples < 0 or power_iterations < 0:
+        raise W2WError(f"oversamples ({oversamples}) and power iterations ({power_iterations}) must be >= 0")
+    budget = memory - OVERHEAD_BYTES
+    exact = _plan_exact(m, n, k, budget) if method in ("auto", "exact") else None
+    randomized = (_plan_randomized(m, n, k, budget, oversamples, power_iterations)
+                  if method in ("auto", "randomized") else None)
+    if exact and randomized:
+        cheap = exact.flops <= max(EXACT_PREFERENCE * randomized.flops, SMALL_FLOPS)
+        return exact if cheap else randomized
+    if exact or randomized:
+        return exact or randomized
+    width = min(k + oversamples, m, n)
+    floor = OVERHEAD_BYTES + max(fixed + per_row for fixed, per_row in _randomized_phases(m, n, k, width))
+    raise W2WError(f"--memory {memory / 1e9:.3g} GB is too small for K = {k} of M = {m} x N = {n} with the "
+                   f"{method} method; the randomized method needs at least {floor / 1e9:.3g} GB")
+
+
+def check_components(m: int, n: int, k: int) -> None:
+    """SpaceError unless 1 <= K <= min(M - 1, N): centered data of M models has rank at most M - 1."""
+    if k < 1:
+        raise SpaceError(f"--components must be >= 1, got {k}")
+    if k > m - 1:
+        raise SpaceError(f"K = {k} components need at least K + 1 = {k + 1} models (the centered data of M models "
+                         f"has rank at most M - 1), but the dataset has M = {m}")
+    if k > n:
+        raise SpaceError(f"K = {k} components, but a model has only N = {n} numbers")
+
+
+# ----------------------------------------------------------------------------- streamed passes (torch)
+
+class _Chunks:
+    """The dataset read chunk by chunk into one buffer of `rows` rows, allocated when first needed:
+    a chunk is valid until the next one is read."""
+
+    def __init__(self, dataset: WeightsDataset, rows: int):
+        self.dataset, self.rows = dataset, min(rows, len(dataset))
+        self.buffer: torch.Tensor | None = None
+
+    def raw(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, chunk (r, N)) over the whole dataset."""
+        m = len(self.dataset)
+        if self.buffer is None:
+            self.buffer = torch.empty(self.rows, self.dataset.layout.numel)   # (r, N)
+        for start in range(0, m, self.rows):
+            stop = min(start + self.rows, m)
+            yield start, self.dataset.read_rows(start, stop, out=self.buffer[:stop - start])
+
+    def standardized(self, mean: torch.Tensor, scale: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, Z_c (r, N)): chunks standardized in place."""
+        for start, chunk in self.raw():
+            yield start, chunk.sub_(mean).div_(scale)
+
+    def release(self) -> None:
+        self.buffer = None
+
+
+def _column_moments(chunks: _Chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: mean (N,) and std (N,) as float64; NaN/inf refused naming the model."""
+    dataset = chunks.dataset
+    moments = Moments(dataset.layout.numel)
+    for start, chunk in chunks.raw():
+        # NaN/inf make the row's sum so; torch.isfinite(chunk) would take 1.7 chunks of memory
+        suspects = (~torch.isfinite(chunk.sum(dim=1))).nonzero()[:, 0]
+        for i in suspects.tolist():
+            if not torch.isfinite(chunk[i]).all():
+                row = start + i
+                raise SpaceError(f"{dataset.path}: model {dataset.names[row]!r} (row {row}) holds NaN/inf weights")
+        moments.update(chunk)
+    return moments.mean, moments.std()
+
+
+# One pass each; the loops live in functions so that no chunk or slab outlives its pass.
+
+def _models_gram(dataset: WeightsDataset, mean, scale, columns: int, log) -> torch.Tensor:
+    """Z Zᵀ (M, M) float64 (lower triangle), accumulated over column slabs Z[:, b] (M, b)."""
+    m, n = len(dataset), dataset.layout.numel
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for c0 in range(0, n, columns):
+        c1 = min(c0 + columns, n)
+        add_gram_lower(gram, dataset.read_columns(c0, c1).sub_(mean[c0:c1]).div_(scale[c0:c1]))
+        log(f"Gram: columns {c1:,} of {n:,}")
+    return gram
+
+
+def _weights_gram(chunks: _Chunks, mean, scale, log) -> torch.Tensor:
+    """Zᵀ Z (N, N) float64, accumulated over row chunks."""
+    n = chunks.dataset.layout.numel
+    covariance = torch.zeros(n, n, dtype=torch.float64)
+    for start, z in chunks.standardized(mean, scale):
+        covariance += z.T @ z                                   # (N, N)
+        log(f"covariance: rows {start + len(z):,} of {len(chunks.dataset):,}")
+    return covariance
+
+
+def _left_product(chunks: _Chunks, mean, scale, left: torch.Tensor) -> torch.Tensor:
+    """leftᵀ Z (K, N) for left (M, K), accumulated over row chunks: Σ left_cᵀ Z_c."""
+    out = torch.zeros(left.shape[1], chunks.dataset.layout.numel)
+    for start, z in chunks.standardized(mean, scale):
+        out.addmm_(left[start:start + len(z)].T, z)
+    return out
+
+
+def _right_product(chunks: _Chunks, mean, scale, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Z rightᵀ (M, K), its Gram (Z rightᵀ)ᵀ (Z rightᵀ) (K, K) float64) for right (K, N)."""
+    out = torch.empty(len(chunks.dataset), right.shape[0])
+    gram = torch.zeros(right.shape[0], right.shape[0], dtype=torch.float64)
+    for start, z in chunks.standardized(mean, scale):
+        y = torch.mm(z, right.T, out=out[start:start + len(z)])   # (r, K)
+        gram += y.T @ y
+    return out, gram
+
+
+def _power_product(chunks: _Chunks, mean, scale, basis: torch.Tensor) -> torch.Tensor:
+    """P Zᵀ Z (L, N) for P (L, N) in one pass: Σ (Z_c Pᵀ)ᵀ Z_c."""
+    out = torch.zeros_like(basis)
+    for _, z in chunks.standardized(mean, scale):
+        out.addmm_((z @ basis.T).T, z)
+    return out
+
+
+def _exact_models(chunks: _Chunks, mean, scale, k, p: Plan, log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Z Zᵀ (M, M) over column slabs, its top K eigenpairs U Λ Uᵀ, then V = Λ^(-1/2) Uᵀ Z by one pass."""
+    chunks.release()                                          # the slabs and the Gram need the room
+    values, vectors = top_eigenpairs(_models_gram(chunks.dataset, mean, scale, p.columns, log), k)  # (K,), (M, K)
+    check_rank(values, k)
+    root = values.sqrt()
+    components = _left_product(chunks, mean, scale, vectors.float())       # Uᵀ Z (K, N)
+    chunks.release()
+    components /= root.float()[:, None]                                    # V = Λ^(-1/2) Uᵀ Z
+    return components, (vectors * root).float(), values                    # coefficients Z Vᵀ = U Λ^(1/2)
+
+
+def _exact_weights(chunks: _Chunks, mean, scale, k, p: Plan, log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zᵀ Z (N, N) over row chunks, whose top K eigenvectors are the components; coefficients by one pass."""
+    covariance = _weights_gram(chunks, mean, scale, log)
+    chunks.release()
+    values, vectors = top_eigenpairs(covariance, k)           # (K,), (N, K)
+    del covariance
+    check_rank(values, k)
+    components = vectors.T.float().contiguous()               # (K, N)
+    coefficients, _ = _right_product(chunks, mean, scale, components)      # Z Vᵀ (M, K)
+    chunks.release()
+    return components, coefficients, values
+
+
+def _randomized(chunks: _Chunks, mean, scale, k, p: Plan, seed: int, log
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Subspace iteration on Zᵀ Z with Rayleigh-Ritz (Halko et al. 2011, Alg. 4.4 and 5.1)."""
+    n = chunks.dataset.layout.numel
+    basis = torch.randn(p.width, n, generator=torch.Generator().manual_seed(seed))  # P (L, N)
+    if p.power_iterations == 0:
+        basis = orthonormalize_rows(basis)
+    for iteration in range(p.power_iterations):
+        basis = orthonormalize_rows(_power_product(chunks, mean, scale, basis))     # P = orth(P Zᵀ Z)
+        log(f"power iteration {iteration + 1} of {p.power_iterations}")
+    sketch, small = _right_product(chunks, mean, scale, basis)                     # Y = Z Pᵀ (M, L), YᵀY
+    chunks.release()
+    values, rotation = top_eigenpairs(small, k)                                     # (K,), W (L, K)
+    del small
+    check_rank(values, k)
+    rotation = rotation.float()
+    coefficients = sketch @ rotation                                                # Y W (M, K)
+    del sketch
+    for c0 in range(0, n, MAX_SLAB_COLUMNS):                                        # Wᵀ P, in P's memory
+        basis[:k, c0:c0 + MAX_SLAB_COLUMNS] = rotation.T @ basis[:, c0:c0 + MAX_SLAB_COLUMNS]
+    return basis[:k], coefficients, values                                          # (K, N), (M, K), (K,)
+
+
+# ----------------------------------------------------------------------------- dask backend
+
+class _ShardArray:
+    """The dataset matrix as an array-like for `dask.array.from_array`: picklable (it keeps the path),
+    reopening the dataset where a block is read."""
+
+    def __init__(self, dataset: WeightsDataset):
+        self.path = str(dataset.path)
+        self.shape = (len(dataset), dataset.layout.numel)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+        self._dataset = dataset
+
+    def __getstate__(self):
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "ndim": self.ndim, "_dataset": None}
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self._dataset is None:
+            self._dataset = WeightsDataset(self.path)
+        rows, columns = key
+        return self._dataset.read_block(*rows.indices(self.shape[0])[:2], *columns.indices(self.shape[1])[:2]).numpy()
+
+
+def _dask(dataset, k, memory: int, oversamples: int, power_iterations: int, seed: int, scheduler: str | None,
+          log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, components, coefficients, squared singular values) with dask.array."""
+    try:
+        import dask
+        import dask.array as da
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise W2WError("the dask backend needs dask[array] and distributed: pip install 'lora_w2w[dask]'") from None
+    m, n = len(dataset), dataset.layout.numel
+    row_chunks = tuple(s.rows for s in dataset.shards)
+    column_chunk = max(1, min(n, 32 * 2**20 // (4 * max(row_chunks))))  # blocks of ~32 MB at most
+    with ExitStack() as stack:
+        if scheduler:
+            stack.enter_context(Client(scheduler))
+        else:
+            cluster = stack.enter_context(LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1,
+                                                       processes=False, memory_limit=memory, dashboard_address=None))
+            stack.enter_context(Client(cluster))
+        weights = da.from_array(_ShardArray(dataset), chunks=(row_chunks, column_chunk), asarray=True, lock=False,
+                                fancy=False)
+        finite = da.isfinite(weights).all(axis=1)
+        mean, std, finite = dask.compute(weights.mean(axis=0, dtype=np.float64),
+                                         weights.std(axis=0, ddof=1, dtype=np.float64), finite)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            raise SpaceError(f"{dataset.path}: model {dataset.names[row]!r} (row {row}) holds NaN/inf weights")
+        log("dask: mean and std done")
+        scale = np.where(std > 0, std, 1.0)
+        z = (weights - mean.astype(np.float32)) / scale.astype(np.float32)
+        u, s, v = da.linalg.svd_compressed(z, k, iterator="QR", n_power_iter=power_iterations,
+                                           n_oversamples=oversamples, seed=seed, compute=True, coerce_signs=False)
+        u, s, v = dask.compute(u, s, v)
+    values = torch.from_numpy(s.astype(np.float64)) ** 2
+    check_rank(values, k)
+    components = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))               # (K, N)
+    coefficients = torch.from_numpy(np.ascontiguousarray(u * s, dtype=np.float32))         # U S (M, K)
+    return torch.from_numpy(mean), torch.from_numpy(std), components, coefficients, values
+
+
+# ----------------------------------------------------------------------------- attributes and the space
+
+def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataFrame:
+    """The attribute table (CSV, first column the model names) with its rows in the dataset's order;
+    a dataset model without a row, or a row naming no dataset model, is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such attribute table (expected a CSV file, first column the model names)")
+    try:
+        table = pd.read_csv(path, index_col=0, converters={0: str})
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{path}: not a readable CSV table ({error})") from None
+    table.index = table.index.astype(str)
+    repeated = table.index[table.index.duplicated()]
+    if len(repeated):
+        raise FileFormatError(f"{path}: model {repeated[0]!r} has {int((table.index == repeated[0]).sum())} rows")
+    known = set(table.index)
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise FileFormatError(f"{path}: {len(missing)} dataset models have no row, e.g. {missing[0]!r}")
+    extra = sorted(known - set(names))
+    if extra:
+        raise FileFormatError(f"{path}: {len(extra)} rows name no dataset model, e.g. {extra[0]!r}")
+    table = table.loc[list(names)]
+    table.index.name = table.index.name or "name"
+    return table
+
+
+def build_space(dataset: WeightsDataset, k: int, memory: int | str = DEFAULT_MEMORY, backend: str = "torch",
+                method: str = "auto", oversamples: int = DEFAULT_OVERSAMPLES,
+                power_iterations: int = DEFAULT_POWER_ITERATIONS, attributes: str | os.PathLike | None = None,
+                scheduler: str | None = None, base_model: str | None = None, seed: int = 0,
+                log: Callable[[str], None] | None = None) -> Space:
+    """The w2w space of the top `k` components of `dataset`, with every model's coefficients (M, K)
+    and explained variance (K,). See the module docstring for backends and methods."""
+    log = log or (lambda message: None)
+    memory = parse_memory(memory)
+    m, n = len(dataset), dataset.layout.numel
+    check_components(m, n, k)
+    table = read_attributes(attributes, dataset.names) if attributes is not None else None
+    if backend == "torch":
+        p = plan(m, n, k, memory, method, oversamples, power_iterations)
+        log(f"plan: {p.describe()}")
+        chunks = _Chunks(dataset, p.rows)
+        mean, std = _column_moments(chunks)
+        log("mean and std done")
+        args = (chunks, mean.float(), safe_scale(std).float(), k, p)
+        if p.method == "randomized":
+            components, coefficients, values = _randomized(*args, seed, log)
+        elif p.side == "models":
+            components, coefficients, values = _exact_models(*args, log)
+        else:
+            components, coefficients, values = _exact_weights(*args, log)
+    elif backend == "dask":
+        if method == "exact":
+            raise W2WError("the dask backend computes randomized PCA only; use --backend torch for --method exact")
+        mean, std, components, coefficients, values = _dask(dataset, k, memory, oversamples, power_iterations,
+                                                            seed, scheduler, log)
+    else:
+        raise W2WError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    fix_signs(components, coefficients)
+    return Space(mean.float(), std.float(), components, dataset.layout, coefficients, table,
+                 (values / (m - 1)).float(), base_model if base_model is not None else dataset.base_model)

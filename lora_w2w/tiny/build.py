@@ -1,0 +1,103 @@
+"""`make tiny-world`: rebuild everything in files/tiny/ from seeds, each stage skipped when its output
+exists (so an interrupted build resumes):
+
+    1. base/                    the tiny SD pipeline (train_base.py; identities from seed 1,000,000)
+    2. evaluator.safetensors    the attribute and trait reader (evaluator.py; seeds 2,000,000+)
+    3. <work>/faces             the weights dataset's identities (seeds 0 .. M-1), 10 images each
+    4. <work>/loras             one Dreambooth LoRA per identity (w2w train-identities)
+    5. <work>/weights           the flattened LoRAs (w2w collect)
+    6. space/                   PCA of the LoRAs with the identities' attribute table (w2w build)
+
+    python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import W2WError
+from ..storage import atomic_output, save_space
+
+# The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
+LORA_FLAGS = ["--lora_r", "1", "--lora_alpha", "27", "--lora_target_modules", "to_q", "to_v",
+              "--max_train_steps", "800", "--learning_rate", "1e-4", "--train_batch_size", "1",
+              "--num_class_images", "200", "--class_inference_steps", "25"]
+
+
+def stage_base(out: Path, work: Path) -> None:
+    from . import train_base
+
+    train_base.main(train_base.parse_args(["--out", str(out / "base"), "--work-dir", str(work / "base_checkpoints")]))
+
+
+def stage_evaluator(out: Path, work: Path) -> None:
+    from . import evaluator
+
+    evaluator.main(evaluator.parse_args(["--out", str(out / "evaluator.safetensors"), "--vae", str(out / "base" / "vae")]))
+
+
+def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: int) -> None:
+    from .. import train_identities
+    from .faces import write_dataset
+
+    write_dataset(work / "faces", identities, first_seed=0)
+    code = train_identities.main(["--pretrained_model_name_or_path", str(out / "base"),
+                                  "--instance_root", str(work / "faces" / "celeba_generated"),
+                                  "--output_root", str(work / "loras"), "--class_data_dir", str(work / "class_images"),
+                                  "--identities_per_batch", str(identities_per_batch), *LORA_FLAGS])
+    if code:
+        raise W2WError("training the identity LoRAs failed")
+
+
+def stage_space(out: Path, work: Path, components: int) -> None:
+    from ..dataset import WeightsDataset, collect_folders
+    from ..pca import build_space
+
+    collect_folders(work / "loras", work / "weights", base_model=str(out / "base"))
+    dataset = WeightsDataset(work / "weights")
+    table = pd.read_csv(work / "faces" / "attributes.csv", index_col=0, converters={0: str})
+    table = table.loc[list(dataset.names)]
+    with atomic_output(work / "attributes.csv") as tmp:
+        table.to_csv(tmp)
+    space = build_space(dataset, min(components, len(dataset)), attributes=work / "attributes.csv",
+                        base_model="files/tiny/base", log=print)
+    save_space(space, out / "space")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="files/tiny", help="where the committed artifacts go (default: %(default)s)")
+    parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
+    parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
+    parser.add_argument("--components", type=int, default=1000, help="K kept in the space (default: %(default)s)")
+    parser.add_argument("--identities_per_batch", type=int, default=32,
+                        help="identities trained together (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    out, work = Path(args.out), Path(args.work)
+    stages = [
+        ("base model", out / "base" / "model_index.json", lambda: stage_base(out, work)),
+        ("evaluator", out / "evaluator.safetensors", lambda: stage_evaluator(out, work)),
+        ("identity LoRAs", None, lambda: stage_loras(out, work, args.identities, args.identities_per_batch)),
+        ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.components)),
+    ]
+    for name, done, run in stages:
+        if done is not None and done.exists():
+            print(f"{name}: {done} exists, skipped")
+            continue
+        print(f"{name}: building")
+        run()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(parse_args()))
+    except W2WError as error:
+        sys.exit(f"lora_w2w.tiny.build: error: {error}")

@@ -1,0 +1,109 @@
+"""Does a LoRA carry an identity? Train Dreambooth LoRAs of held-out tiny-world identities with one
+configuration, generate "sks person" with each, and let the evaluator read the images: attribute
+agreement with the identity and identity similarity to its renders, against the base model without
+a LoRA as baseline. One row of the ablation table in files/tiny/README.md.
+
+    python -m lora_w2w.tiny.identity_study --identities 16 --lora_r 1 --max_train_steps 800 --out outputs/study
+
+The last line printed is one JSON object with the configuration and the scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..formats import load_peft
+from ..layout import LoraLayout
+from ..pipeline import generate, image_grid, load_base_pipeline
+from ..storage import atomic_output
+from .. import train_identities
+from .evaluator import Evaluator, attribute_agreement, identity_similarity
+from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
+
+STUDY_SEEDS = 4_000_000  # identities of no training set
+
+
+def score_images(evaluator: Evaluator, images, identity, references) -> dict:
+    """Attribute agreement of `images` with `identity`, identity similarity to its `references`
+    (pairs image j / reference j mod R), per-attribute agreement and face confidence."""
+    pred = evaluator.predict(images)
+    ref = evaluator.predict(references)
+    pairs = ref.select(np.arange(len(pred)) % len(ref))
+    return {"agreement": attribute_agreement(pred, identity.attributes),
+            "per_attribute": {a: attribute_agreement(pred, identity.attributes, [a]) for a in ATTRIBUTES},
+            "similarity": float(identity_similarity(pred, pairs).mean()),
+            "face_confidence": float(pred.face_confidence.mean())}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--identities", type=int, default=16, help="held-out identities trained (default: %(default)s)")
+    parser.add_argument("--images_per_identity", type=int, default=10, help="instance images each (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=8, help="'sks person' images scored per identity (default: %(default)s)")
+    parser.add_argument("--inference_steps", type=int, default=25, help="denoising steps of the samples (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the samples (default: %(default)s)")
+    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator file")
+    parser.add_argument("--out", required=True, help="work folder: faces, LoRAs, a picture, the JSON row")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    args, rest = parser.parse_known_args(argv)
+    out = Path(args.out)
+    args.train = train_identities.parse_args([
+        "--instance_root", str(out / "faces" / "celeba_generated"), "--output_root", str(out / "loras"),
+        "--identities_per_batch", str(args.identities), "--class_data_dir", str(out.parent / "class_images"), *rest])
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    out, train = Path(args.out), args.train
+    write_dataset(out / "faces", args.identities, first_seed=STUDY_SEEDS, images_per_identity=args.images_per_identity,
+                  progress=False)
+    start = time.perf_counter()
+    train_identities.train_identities(train)
+    train_seconds = time.perf_counter() - start
+
+    pipe = load_base_pipeline(train.pretrained_model_name_or_path, "cpu", progress=False)
+    layout = LoraLayout.from_unet(pipe.unet, train.lora_target_modules, train.lora_r, train.lora_alpha)
+    evaluator = Evaluator.load(args.evaluator)
+    seeds = range(args.samples)
+    settings = dict(seeds=seeds, num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
+    baseline_images = generate(pipe, None, None, train.instance_prompt, **settings)
+    rows, picture = [], []
+    for i in range(args.identities):
+        seed = STUDY_SEEDS + i
+        identity = sample_identity(seed)
+        references = [render(identity, dataset_view_seed(seed, k)) for k in range(args.images_per_identity)]
+        weights = load_peft(layout, out / "loras" / identity.name)
+        images = generate(pipe, layout, weights, train.instance_prompt, **settings)
+        rows.append({"name": identity.name, "lora": score_images(evaluator, images, identity, references),
+                     "base": score_images(evaluator, baseline_images, identity, references)})
+        picture += references[:4] + images[:4]
+    with atomic_output(out / "study.png") as tmp:
+        image_grid(picture, columns=8).save(tmp, format="PNG")
+
+    def mean(kind, key):
+        return float(np.mean([row[kind][key] for row in rows]))
+
+    result = {
+        "config": {"rank": train.lora_r, "alpha": train.lora_alpha, "targets": train.lora_target_modules,
+                   "steps": train.max_train_steps, "lr": train.learning_rate, "batch": train.train_batch_size,
+                   "prior": train.with_prior_preservation, "num_weights": layout.numel},
+        "identities": args.identities, "train_seconds": round(train_seconds, 1),
+        "agreement": mean("lora", "agreement"), "base_agreement": mean("base", "agreement"),
+        "similarity": mean("lora", "similarity"), "base_similarity": mean("base", "similarity"),
+        "face_confidence": mean("lora", "face_confidence"),
+        "per_attribute": {a: float(np.mean([r["lora"]["per_attribute"][a] for r in rows])) for a in ATTRIBUTES},
+        "base_per_attribute": {a: float(np.mean([r["base"]["per_attribute"][a] for r in rows])) for a in ATTRIBUTES},
+    }
+    (out / "study.json").write_text(json.dumps({**result, "rows": rows}, indent=1))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,279 @@
+"""Inversion on the toy world: the loss goes down, gradients reach only the coefficients, the image and
+prompt are encoded once, masks are checked and respected, a resumed run ends where an uninterrupted
+one does, and the CLI and inversion/invert.py report bad input in one line."""
+import importlib.util
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_space
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from lora_w2w.cli import main as w2w
+from lora_w2w.dreambooth import StepSampler
+from lora_w2w.errors import SpaceError, W2WError
+from lora_w2w.formats import load_peft
+from lora_w2w.inversion import (InversionConfig, differentiable_unet, encode_target, invert, inversion_loss,
+                                load_target, masked_mse, preset, target_sizes)
+from lora_w2w.layout import LoraLayout
+from lora_w2w.pipeline import load_base_pipeline
+from lora_w2w.space import Space
+from lora_w2w.storage import load_model, save_space
+
+ROOT = Path(__file__).resolve().parents[1]
+FACE = ROOT / "inversion" / "images" / "face.png"
+FACE_MASK = ROOT / "inversion" / "images" / "face_mask.png"
+K = 8
+TOY = InversionConfig(components=K, lr=1.0, weight_decay=0.0, steps=4, checkpoint_every=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a few shared cores these toy models spend more time in thread hand-offs than computing with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(toy_world):
+    return load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy_space(pipe):
+    """A random space whose std is large enough for K = 8 components to move the toy UNet visibly."""
+    space = make_space(LoraLayout.from_unet(pipe.unet), k=K)
+    return Space(space.mean, 10 * space.std, space.components, space.layout, prompt=space.prompt)
+
+
+@pytest.fixture(scope="module")
+def target(pipe):
+    return load_target(FACE, FACE_MASK, *target_sizes(pipe))
+
+
+def mean_loss(pipe, space, image, coefficients, mask=None, draws=16):
+    """The loss of a model averaged over fixed draws (seed 123), without gradients."""
+    cached = encode_target(pipe, image, mask, space.prompt)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    sampler = StepSampler(123, 1, 0, 1, tuple(cached.latent_mean.shape[1:]), 1000)
+    basis = (space.mean, space.std, space.components[:len(coefficients)])
+    with torch.no_grad(), differentiable_unet(pipe.unet, space.layout) as lora_unet:
+        return sum(inversion_loss(lora_unet, basis, coefficients, cached, scheduler, sampler.next()).item()
+                   for _ in range(draws)) / draws
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def test_loss_goes_down_and_the_unet_is_left_as_it_was(pipe, toy_space, target):
+    image, _ = target
+    sample = (torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 24, 32))
+    with torch.no_grad():
+        before = pipe.unet(*sample).sample
+    model = invert(pipe, toy_space, image, None, preset("ood", components=K, steps=10), progress=False)
+    assert model.coefficients.shape == (K,) and model.space_id == toy_space.id
+    start = mean_loss(pipe, toy_space, image, torch.zeros(K), draws=8)
+    end = mean_loss(pipe, toy_space, image, model.coefficients, draws=8)
+    assert end < 0.97 * start, (start, end)
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(*sample).sample, before)  # the adapter is gone, the weights untouched
+    assert not hasattr(pipe.unet, "peft_config")
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # flags as loaded
+
+
+def test_only_the_coefficients_get_gradients(pipe, toy_space, target):
+    image, mask = target
+    cached = encode_target(pipe, image, mask, toy_space.prompt)
+    coefficients = torch.zeros(K, requires_grad=True)
+    batch = StepSampler(0, 1, 0, 1, (4, 8, 8), 1000).next()
+    with differentiable_unet(pipe.unet, toy_space.layout) as lora_unet:
+        basis = (toy_space.mean, toy_space.std, toy_space.components)
+        inversion_loss(lora_unet, basis, coefficients, cached, DDPMScheduler(), batch).backward()
+        assert all(p.grad is None for p in pipe.unet.parameters())
+    assert coefficients.grad is not None and coefficients.grad.abs().sum() > 0
+
+
+def test_image_and_prompt_are_encoded_once(pipe, toy_space, target):
+    image, mask = target
+    with mock.patch.object(pipe.vae, "encode", wraps=pipe.vae.encode) as encode, \
+         mock.patch.object(pipe.text_encoder, "forward", wraps=pipe.text_encoder.forward) as text, \
+         mock.patch.object(pipe.unet, "forward", wraps=pipe.unet.forward) as unet:
+        invert(pipe, toy_space, image, mask, TOY, progress=False)
+    assert (encode.call_count, text.call_count, unet.call_count) == (1, 1, TOY.steps)
+
+
+def test_k_larger_than_the_space_is_refused_naming_both(pipe, toy_space, target):
+    with pytest.raises(SpaceError, match=f"9 components asked for, the space has K = {K}"):
+        invert(pipe, toy_space, target[0], None, preset("ood", components=9), progress=False)
+
+
+# ----------------------------------------------------------------------------- masks
+
+def test_masks_are_cropped_like_the_image_and_pooled_to_the_latent_grid(tmp_path):
+    half = np.zeros((40, 60), np.uint8)
+    half[:, :30] = 255  # left half of a 60 x 40 image; the centre crop keeps x 10..50
+    image = Image.new("RGB", (60, 40), "gray")
+    _, mask = load_target(image, Image.fromarray(half), 32, 8)
+    assert mask.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(mask[0, 0, :, :4], torch.ones(8, 4), atol=0.02, rtol=0)  # bicubic resizing
+    torch.testing.assert_close(mask[0, 0, :, 4:], torch.zeros(8, 4), atol=0.02, rtol=0)
+    _, scaled = load_target(image, Image.fromarray(half).resize((120, 80), Image.LANCZOS), 32, 8)  # soft edges
+    torch.testing.assert_close(scaled, mask, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (Image.fromarray(np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8)), "not a binary mask: 87% of"),
+    (Image.new("L", (64, 32), 255), "the mask is 64x32 but the image is 64x64"),
+    (Image.new("L", (64, 64), 0), "black everywhere"),
+    (Image.new("RGB", (64, 64), (255, 0, 0)), "not a binary mask"),  # red is grey in L
+])
+def test_bad_masks_are_refused_with_a_clear_message(mask, message):
+    with pytest.raises(W2WError, match=message):
+        load_target(Image.new("RGB", (64, 64)), mask, 32, 8)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(W2WError, match="bad.png: not a readable image"):
+        load_target(tmp_path / "bad.png", None, 32, 8)
+    with pytest.raises(W2WError, match="missing.png: no such mask file"):
+        load_target(FACE, tmp_path / "missing.png", 32, 8)
+
+
+def test_the_loss_ignores_everything_outside_the_mask(pipe, toy_space, target):
+    image, _ = target
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 3:7] = 1
+    outside = (1 - mask).bool().expand(1, 4, 8, 8)
+    prediction, noise = torch.randn(2, 1, 4, 8, 8)
+    assert masked_mse(prediction, noise, mask) == masked_mse(prediction + 5 * outside, noise, mask)
+
+    def garble_outside(module, args, output):  # the UNet's prediction outside the mask becomes noise
+        output.sample = output.sample + 10 * torch.randn_like(output.sample) * outside
+        return output
+
+    coefficients = torch.randn(K)
+    clean = mean_loss(pipe, toy_space, image, coefficients, mask, draws=2)
+    hook = pipe.unet.register_forward_hook(garble_outside)
+    try:
+        garbled = mean_loss(pipe, toy_space, image, coefficients, mask, draws=2)
+    finally:
+        hook.remove()
+    assert garbled == pytest.approx(clean, rel=1e-6)
+    assert mean_loss(pipe, toy_space, image, coefficients, None, draws=2) != pytest.approx(clean, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(pipe, toy_space, target, tmp_path):
+    image, mask = target
+    config = InversionConfig(components=K, lr=1.0, weight_decay=0.0, steps=6, checkpoint_every=2)
+    uninterrupted = invert(pipe, toy_space, image, mask, config, seed=3, progress=False)
+
+    calls = {"n": 0}
+
+    def interrupt_at_step_5(module, args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    hook = pipe.unet.register_forward_pre_hook(interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        invert(pipe, toy_space, image, mask, config, seed=3, progress=False, checkpoint=tmp_path / "run.ckpt")
+    hook.remove()
+    assert torch.load(tmp_path / "run.ckpt", weights_only=True)["step"] == 4
+    resumed = invert(pipe, toy_space, image, mask, config, seed=3, progress=False, checkpoint=tmp_path / "run.ckpt")
+    assert torch.equal(resumed.coefficients, uninterrupted.coefficients)
+    assert not hasattr(pipe.unet, "peft_config")  # the interrupted run cleaned up too
+
+    with pytest.raises(W2WError, match="a checkpoint of another run \\(lr 1.0 there, 0.5 here\\)"):
+        invert(pipe, toy_space, image, mask, InversionConfig(components=K, lr=0.5, steps=6), seed=3,
+               progress=False, checkpoint=tmp_path / "run.ckpt")
+
+
+# ----------------------------------------------------------------------------- command lines
+
+@pytest.fixture(scope="module")
+def space_dir(toy_space, tmp_path_factory):
+    return save_space(toy_space, tmp_path_factory.mktemp("inversion") / "space")
+
+
+def run_cli(capsys, *args):
+    """(exit code, stdout, stderr) of `w2w ARGS` run in this process."""
+    try:
+        code = w2w([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_inverts_and_exports(toy_world, space_dir, toy_space, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "invert", "--image", FACE, "--mask", FACE_MASK, "--preset", "ood", "--components",
+                             K, "--steps", 2, "--space", space_dir, "--base", toy_world / "base", "--device", "cpu",
+                             "--out", tmp_path / "face.safetensors", "--export", "peft")
+    assert code == 0, err
+    model = load_model(tmp_path / "face.safetensors")
+    assert model.coefficients.shape == (K,) and model.space_id == toy_space.id
+    torch.testing.assert_close(load_peft(toy_space.layout, tmp_path / "face_lora"), model.weights(toy_space))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--image": "bad.png"}, "bad.png: not a readable image"),
+    ({"--components": "9"}, "9 components asked for (--components, or the real preset's), the space"),
+    ({"--steps": "0"}, "inversion steps must be >= 1, got 0"),
+])
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(toy_world, space_dir, tmp_path, capsys, change, message):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    flags = {"--image": FACE, "--components": K, "--steps": 1, "--space": space_dir, "--base": toy_world / "base",
+             "--device": "cpu", "--out": tmp_path / "out.safetensors"}
+    flags.update({k: tmp_path / v if k == "--image" else v for k, v in change.items()})
+    code, _, err = run_cli(capsys, "invert", *[x for item in flags.items() for x in item])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == [tmp_path / "bad.png"]
+
+
+def load_invert_script():
+    spec = importlib.util.spec_from_file_location("invert_script", ROOT / "inversion" / "invert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_invert_script_help_and_tiny_run(toy_world, space_dir, toy_space, tmp_path, capsys):
+    script = load_invert_script()
+    with pytest.raises(SystemExit) as exit:
+        script.parse_args(["--help"])
+    assert exit.value.code == 0 and "--mean_path" in capsys.readouterr().out
+    folder = tmp_path / "images" / "real"  # the original's ImageFolder layout
+    folder.mkdir(parents=True)
+    Image.open(FACE).save(folder / "a.jpg")
+    script.main(script.parse_args(["--space", str(space_dir), "--base", str(toy_world / "base"), "--imfolder",
+                                   str(tmp_path / "images"), "--mask_path", str(FACE_MASK), "--epochs", "2",
+                                   "--dim", str(K), "--lr", "1", "--device", "cpu", "--diffusers_format",
+                                   "--save_name", str(tmp_path / "out")]))
+    model = load_model(tmp_path / "out" / "w2wmodel.safetensors")
+    assert model.coefficients.shape == (K,) and model.space_id == toy_space.id
+    torch.testing.assert_close(load_peft(toy_space.layout, tmp_path / "out" / "unet"), model.weights(toy_space))
+
+
+def test_invert_script_reads_the_released_files(toy_world, toy_space, tmp_path):
+    """--mean_path --std_path --v_path --dim_path: converted on the fly into the same space (same id)."""
+    script = load_invert_script()
+    torch.save(toy_space.mean, tmp_path / "mean.pt")
+    torch.save(toy_space.std, tmp_path / "std.pt")
+    torch.save(toy_space.components.T.contiguous(), tmp_path / "V.pt")  # (N, K) as released
+    torch.save({f"base_model.model.{layer.name}.lora_{part}.weight": (numel, shape)
+                for layer in toy_space.layout.layers
+                for part, numel, shape in (("A", layer.in_features, torch.Size([1, layer.in_features])),
+                                           ("B", layer.out_features, torch.Size([layer.out_features, 1])))},
+               tmp_path / "weight_dimensions.pt")
+    files = ["--mean_path", tmp_path / "mean.pt", "--std_path", tmp_path / "std.pt", "--v_path", tmp_path / "V.pt",
+             "--dim_path", tmp_path / "weight_dimensions.pt"]
+    script.main(script.parse_args([*map(str, files), "--base", str(toy_world / "base"), "--image", str(FACE), "--epochs", "1",
+                                   "--dim", str(K), "--device", "cpu", "--save_name", str(tmp_path / "out")]))
+    assert load_model(tmp_path / "out" / "w2wmodel.safetensors").space_id == toy_space.id
