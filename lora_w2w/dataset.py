@@ -45,7 +45,7 @@ from .errors import FileFormatError, LayoutError, W2WError
 from .formats import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
 from .layout import LoraLayout
 from .space import check_finite
-from .storage import atomic_output, create_safetensors, read_safetensors_header, read_space_description, torch_load
+from .storage import SafetensorsWriter, atomic_output, read_safetensors_header, read_space_description, torch_load
 
 DATASET_FORMAT = "w2w-weights"
 FORMAT_VERSION = 1
@@ -344,13 +344,11 @@ def _write_shard(path: Path, rows: Iterator[tuple[str, torch.Tensor]], count: in
     """Write the next `count` (name, weights (N,)) of `rows` as a shard; returns their names."""
     names = []
     with atomic_output(path) as tmp:
-        matrix = create_safetensors(tmp, {SHARD_TENSOR: (count, n)}, {"format": DATASET_FORMAT})[SHARD_TENSOR]
-        for i in range(count):
-            name, weights = next(rows)
-            matrix[i] = weights.numpy()
-            names.append(name)
-        matrix.flush()
-        del matrix
+        with SafetensorsWriter(tmp, {SHARD_TENSOR: (count, n)}, {"format": DATASET_FORMAT}) as writer:
+            for i in range(count):
+                name, weights = next(rows)
+                writer.write_rows(SHARD_TENSOR, i, weights.numpy()[None])
+                names.append(name)
     return names
 
 

@@ -4,8 +4,8 @@ A space is a directory:
     space.safetensors   mean (N,), std (N,), components (K, N), [coefficients (M, K_c)], [explained_variance (K,)]
     space.json          format version, layout, base model, trigger prompt, space id
     attributes.csv      optional, one row per dataset model
-The safetensors file is written and read through memory maps, so a 4 GB components matrix never
-sits twice in memory and loading the first K' components reads only those K' rows.
+The safetensors file is written block by block and read through memory maps, so a 4 GB components
+matrix never sits twice in memory and loading the first K' components reads only those K' rows.
 A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
 
 Every output is written under a temporary name and renamed when complete.
@@ -51,12 +51,26 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: str) -> bool:
+    """Whether a process `pid` runs on this machine (unknown: assume it does)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # not a pid, or a process of another user
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (file or directory) to write; it replaces `path` only when
     the block ends without error, and is deleted otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):  # left by a process that was killed
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            _remove(stale)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     _remove(tmp)
     try:
@@ -75,24 +89,47 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 # ----------------------------------------------------------------------------- safetensors by memory map
 
-def create_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None
-                       ) -> dict[str, np.memmap]:
-    """Write a float32 safetensors header for `shapes` and return writable memory maps of each tensor's
-    data, to be filled block by block (nothing is held in memory)."""
-    header: dict = {"__metadata__": dict(metadata or {})}
-    offset = 0
-    for name, shape in shapes.items():
-        size = 4 * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    start = 8 + len(encoded)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        f.truncate(start + offset)
-    return {name: np.memmap(path, np.float32, "r+", start + header[name]["data_offsets"][0], tuple(shape))
-            for name, shape in shapes.items()}
+class SafetensorsWriter:
+    """A float32 safetensors file of the given tensor shapes, filled block by block with plain file
+    writes: nothing is held whole in memory and no written page stays mapped into the process."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata or {})}
+        offset = 0
+        for name, shape in shapes.items():
+            size = 4 * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        start = 8 + len(encoded)
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.starts = {name: start + header[name]["data_offsets"][0] for name in shapes}
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self.file.truncate(start + offset)
+
+    def write_rows(self, name: str, row: int, block: np.ndarray) -> None:
+        """Rows row .. row + len(block) of tensor `name` (the tensor's trailing dimensions per row)."""
+        row_bytes = 4 * int(np.prod(self.shapes[name][1:], dtype=np.int64))
+        self.file.seek(self.starts[name] + row * row_bytes)
+        self.file.write(np.ascontiguousarray(block, np.float32).tobytes())
+
+    def write_columns(self, name: str, column: int, block: np.ndarray) -> None:
+        """Columns column .. column + block.shape[1] of the 2-d tensor `name`, one row at a time."""
+        columns = self.shapes[name][1]
+        for i, row in enumerate(np.asarray(block, np.float32)):
+            self.file.seek(self.starts[name] + 4 * (i * columns + column))
+            self.file.write(row.tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -134,22 +171,22 @@ def mmap_tensor(path: Path, header: dict, start: int, name: str, rows: int | Non
     return torch.from_numpy(array)
 
 
-def _copy_blocks(dst: np.memmap, src: torch.Tensor) -> None:
-    """dst[...] = src for a 2-d src, block by block along src's contiguous dimension (a transposed,
-    memory-mapped matrix is read in its own row order)."""
+def _copy_blocks(writer: SafetensorsWriter, name: str, src: torch.Tensor) -> None:
+    """Write tensor `name` from `src` in blocks of about _BLOCK_BYTES, along src's contiguous dimension:
+    a transposed memory-mapped matrix (a view of V.pt, say) is read in its own row order."""
     src = src.detach().to("cpu", torch.float32)
     if src.ndim != 2:
-        dst[...] = src.numpy()
+        writer.write_rows(name, 0, src.numpy())
         return
-    by_columns = src.stride(0) == 1 and src.stride(1) != 1
-    length = src.shape[1] if by_columns else src.shape[0]
-    other = src.shape[0] if by_columns else src.shape[1]
-    step = max(1, _BLOCK_BYTES // (4 * max(other, 1)))
-    for i in range(0, length, step):
-        if by_columns:
-            dst[:, i:i + step] = src[:, i:i + step].numpy()
-        else:
-            dst[i:i + step] = src[i:i + step].numpy()
+    rows, columns = src.shape
+    if src.stride(0) == 1 and src.stride(1) != 1:  # transposed: read the underlying rows, write columns
+        step = max(1, _BLOCK_BYTES // (4 * max(rows, 1)))
+        for j in range(0, columns, step):
+            writer.write_columns(name, j, src[:, j:j + step].numpy())
+    else:
+        step = max(1, _BLOCK_BYTES // (4 * max(columns, 1)))
+        for i in range(0, rows, step):
+            writer.write_rows(name, i, src[i:i + step].numpy())
 
 
 # ----------------------------------------------------------------------------- spaces
@@ -164,12 +201,10 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
         tensors["explained_variance"] = space.explained_variance
     with atomic_output(directory) as tmp:
         tmp.mkdir()
-        arrays = create_safetensors(tmp / SPACE_TENSORS, {k: tuple(v.shape) for k, v in tensors.items()},
-                                    {"format": SPACE_FORMAT, "space_id": space.id})
-        for name, tensor in tensors.items():
-            _copy_blocks(arrays[name], tensor)
-            arrays[name].flush()
-        del arrays
+        with SafetensorsWriter(tmp / SPACE_TENSORS, {k: tuple(v.shape) for k, v in tensors.items()},
+                               {"format": SPACE_FORMAT, "space_id": space.id}) as writer:
+            for name, tensor in tensors.items():
+                _copy_blocks(writer, name, tensor)
         description = {
             "format": SPACE_FORMAT,
             "version": FORMAT_VERSION,

@@ -166,11 +166,11 @@ def test_a_build_killed_midway_leaves_nothing_and_the_rerun_gives_the_same_space
         import lora_w2w.storage as storage
         copy = storage._copy_blocks
         calls = []
-        def copy_then_die(dst, src):
+        def copy_then_die(*args):
             calls.append(1)
             if len(calls) == 3:          # mean and std written, the components half-way: killed
                 os.kill(os.getpid(), signal.SIGKILL)
-            copy(dst, src)
+            copy(*args)
         storage._copy_blocks = copy_then_die
         from lora_w2w.cli import main
         main({args!r})
@@ -178,7 +178,9 @@ def test_a_build_killed_midway_leaves_nothing_and_the_rerun_gives_the_same_space
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "space").exists()                                      # only a hidden partial folder
+    assert list(tmp_path.glob(".space.partial-*"))
     assert main(args) == 0
+    assert not list(tmp_path.glob(".space.partial-*"))                          # the rerun removed it
     rebuilt = load_space(tmp_path / "space")
     reference = build_space(WeightsDataset(tmp_path / "data"), K)
     for name in ("mean", "std", "components", "coefficients", "explained_variance"):
