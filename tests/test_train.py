@@ -99,8 +99,9 @@ def test_a_bad_identity_folder_is_skipped_not_fatal(toy_world, tmp_path, capsys)
         for image in (toy_world / "faces" / "celeba_generated" / name).iterdir():
             (faces / name / image.name).write_bytes(image.read_bytes())
     (faces / "000000" / "broken.png").write_bytes(b"not an image")
-    code = train_identities.main(["--instance_root", str(faces), "--output_root", str(tmp_path / "out"),
-                                  *_common(toy_world, steps=1)])
+    with pytest.warns(UserWarning, match="identity 000000 skipped: .*broken.png: not a readable image"):
+        code = train_identities.main(["--instance_root", str(faces), "--output_root", str(tmp_path / "out"),
+                                      *_common(toy_world, steps=1)])
     assert code == 2 and "1 identity folders refused: 000000" in capsys.readouterr().err
     assert (tmp_path / "out" / "000001" / "unet" / PEFT_WEIGHTS).is_file()
     assert not (tmp_path / "out" / "000000").exists()
