@@ -68,7 +68,7 @@ class LowRankPlusNoise:
 
 def make_dataset(work: Path, m: int, n: int, k: int) -> Path:
     """The benchmark's weights dataset in work/data (made once; reused while the parameters match)."""
-    from lora_w2w.dataset import WeightsDataset, add_models, matrix_source
+    from lora_w2w.dataset import add_models, matrix_source
     from lora_w2w.layout import sd15_layout
 
     path, stamp = work / "data", work / "data.json"

@@ -45,7 +45,7 @@ from .errors import FileFormatError, LayoutError, W2WError
 from .formats import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
 from .layout import LoraLayout
 from .space import check_finite
-from .storage import SafetensorsWriter, atomic_output, read_safetensors_header, read_space_description, torch_load
+from .storage import SafetensorsWriter, atomic_output, read_description, read_safetensors_header, read_space_description, torch_load
 
 DATASET_FORMAT = "w2w-weights"
 FORMAT_VERSION = 1
@@ -174,17 +174,8 @@ class WeightsDataset:
 def read_index(path: Path) -> dict:
     """The checked `index.json` of a dataset directory."""
     file = path / INDEX_JSON
-    if not file.is_file():
-        raise FileFormatError(f"{path}: not a weights dataset (no {INDEX_JSON}); make one with `w2w collect`")
-    try:
-        index = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FileFormatError(f"{file}: invalid JSON ({error})") from None
-    if index.get("format") != DATASET_FORMAT:
-        raise FileFormatError(f"{file}: format {index.get('format')!r}, expected {DATASET_FORMAT!r}")
-    if index.get("version", 0) > FORMAT_VERSION:
-        raise FileFormatError(f"{file}: format version {index['version']} is newer than this lora_w2w "
-                              f"understands ({FORMAT_VERSION}); upgrade lora_w2w")
+    index = read_description(file, DATASET_FORMAT,
+                             f"{path}: not a weights dataset (no {INDEX_JSON}); make one with `w2w collect`")
     missing = [key for key in ("layout", "names", "shards", "shard_size") if key not in index]
     if missing:
         raise FileFormatError(f"{file}: missing {', '.join(missing)}")

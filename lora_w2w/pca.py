@@ -461,7 +461,7 @@ def _dask(dataset, k, memory: int, oversamples: int, power_iterations: int, seed
         from distributed import Client, LocalCluster
     except ImportError:
         raise W2WError("the dask backend needs dask[array] and distributed: pip install 'lora_w2w[dask]'") from None
-    m, n = len(dataset), dataset.layout.numel
+    n = dataset.layout.numel
     row_chunks = tuple(s.rows for s in dataset.shards)
     column_chunk = max(1, min(n, 32 * 2**20 // (4 * max(row_chunks))))  # blocks of ~32 MB at most
     with ExitStack() as stack:

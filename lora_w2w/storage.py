@@ -222,22 +222,28 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def read_space_description(directory: str | os.PathLike) -> dict:
-    """The parsed `space.json` of a space directory, checked."""
-    path = Path(directory) / SPACE_JSON
+def read_description(path: Path, expected_format: str, when_missing: str) -> dict:
+    """The parsed JSON file `path` describing a folder in the project's format `expected_format`,
+    checked for format and version; `when_missing` is the error when there is no such file."""
     if not path.is_file():
-        raise FileFormatError(f"{directory}: not a w2w space (no {SPACE_JSON}); "
-                              f"convert the released files with `w2w import-official`")
+        raise FileFormatError(when_missing)
     try:
         description = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FileFormatError(f"{path}: invalid JSON ({error})") from None
-    if description.get("format") != SPACE_FORMAT:
-        raise FileFormatError(f"{path}: format {description.get('format')!r}, expected {SPACE_FORMAT!r}")
+    if description.get("format") != expected_format:
+        raise FileFormatError(f"{path}: format {description.get('format')!r}, expected {expected_format!r}")
     if description.get("version", 0) > FORMAT_VERSION:
         raise FileFormatError(f"{path}: format version {description['version']} is newer than this "
                               f"lora_w2w understands ({FORMAT_VERSION}); upgrade lora_w2w")
     return description
+
+
+def read_space_description(directory: str | os.PathLike) -> dict:
+    """The parsed `space.json` of a space directory, checked."""
+    return read_description(Path(directory) / SPACE_JSON, SPACE_FORMAT,
+                            f"{directory}: not a w2w space (no {SPACE_JSON}); "
+                            f"convert the released files with `w2w import-official`")
 
 
 def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from lora_w2w.errors import FileFormatError
 from lora_w2w.tiny import evaluator as ev

@@ -11,7 +11,7 @@ from lora_w2w.errors import PickleRefusedError
 from lora_w2w.formats import load_peft
 from lora_w2w.layout import sd15_layout
 from lora_w2w.official import import_official
-from lora_w2w.storage import load_model, load_space
+from lora_w2w.storage import load_model
 
 K, M = 8, 10
 
