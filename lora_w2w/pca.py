@@ -47,6 +47,7 @@ import torch
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
+from .storage import WRITE_BLOCK_BYTES
 
 BACKENDS = ("torch", "dask")
 METHODS = ("auto", "exact", "randomized")
@@ -206,9 +207,8 @@ def _fit(budget: int, phases: list[tuple[int, int]], m: int) -> tuple[int, int] 
 
 
 def _output_bytes(m: int, n: int, k: int) -> int:
-    """The pages of the space file being written through a memory map by `save_space`: page cache the
-    kernel can reclaim, but resident in the process meanwhile."""
-    return 4 * (k * n + m * k)
+    """What `save_space` holds while it writes the space: a block of a matrix and its bytes."""
+    return 2 * min(WRITE_BLOCK_BYTES, 4 * max(k * n, m * k))
 
 
 def _plan_exact(m: int, n: int, k: int, budget: int) -> Plan | None:

@@ -39,7 +39,7 @@ SPACE_JSON = "space.json"
 ATTRIBUTES_CSV = "attributes.csv"
 
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
-_BLOCK_BYTES = 64 * 2**20     # copy large matrices in blocks of about this size
+WRITE_BLOCK_BYTES = 64 * 2**20  # large matrices are written in blocks of about this size
 
 
 # ----------------------------------------------------------------------------- atomic output
@@ -172,7 +172,7 @@ def mmap_tensor(path: Path, header: dict, start: int, name: str, rows: int | Non
 
 
 def _copy_blocks(writer: SafetensorsWriter, name: str, src: torch.Tensor) -> None:
-    """Write tensor `name` from `src` in blocks of about _BLOCK_BYTES, along src's contiguous dimension:
+    """Write tensor `name` from `src` in blocks of about WRITE_BLOCK_BYTES, along src's contiguous dimension:
     a transposed memory-mapped matrix (a view of V.pt, say) is read in its own row order."""
     src = src.detach().to("cpu", torch.float32)
     if src.ndim != 2:
@@ -180,11 +180,11 @@ def _copy_blocks(writer: SafetensorsWriter, name: str, src: torch.Tensor) -> Non
         return
     rows, columns = src.shape
     if src.stride(0) == 1 and src.stride(1) != 1:  # transposed: read the underlying rows, write columns
-        step = max(1, _BLOCK_BYTES // (4 * max(rows, 1)))
+        step = max(1, WRITE_BLOCK_BYTES // (4 * max(rows, 1)))
         for j in range(0, columns, step):
             writer.write_columns(name, j, src[:, j:j + step].numpy())
     else:
-        step = max(1, _BLOCK_BYTES // (4 * max(columns, 1)))
+        step = max(1, WRITE_BLOCK_BYTES // (4 * max(columns, 1)))
         for i in range(0, rows, step):
             writer.write_rows(name, i, src[i:i + step].numpy())
 
