@@ -72,9 +72,9 @@ def main() -> None:
         start = time.perf_counter()
         multi = train_identities.parse_args(["--instance_root", str(faces), "--output_root", str(work / "multi"),
                                              "--identities_per_batch", str(args.identities), *common])
-        trained = train_identities.train_identities(multi)
+        trained, refused = train_identities.train_identities(multi)
         multi_seconds = time.perf_counter() - start
-        assert len(trained) == args.identities, trained
+        assert len(trained) == args.identities and not refused, (trained, refused)
 
     solo_rate = 3600 * args.identities / solo_seconds
     multi_rate = 3600 * args.identities / multi_seconds
