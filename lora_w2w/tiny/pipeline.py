@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..storage import atomic_output
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"  # also CLIP's pad and unknown token
@@ -237,33 +238,18 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | os.PathLike, extra_files: dict | None = None) -> None:
-    """Write `pipe` as a diffusers folder (float32 safetensors) atomically: into a temporary sibling
-    folder, renamed over `out_dir` at the end. The tokenizer folder also gets CLIP's `vocab.json` and
-    `merges.txt` (transformers 5 writes only `tokenizer.json`; transformers 4 needs them).
-    `extra_files` maps file names to bytes written beside `model_index.json`.
+    """Write `pipe` as a diffusers folder (float32 safetensors), replacing `out_dir` only once complete.
+    The tokenizer folder also gets CLIP's `vocab.json` and `merges.txt` (transformers 5 writes only
+    `tokenizer.json`; transformers 4 needs them). `extra_files` maps file names to bytes written
+    beside `model_index.json`.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
+    with atomic_output(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         backend = json.loads(pipe.tokenizer.backend_tokenizer.to_str())["model"]
         merges = [m.split(" ") if isinstance(m, str) else m for m in backend["merges"]]
         _write_vocab_and_merges(tmp / "tokenizer", backend["vocab"], merges)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_pipeline(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
