@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
     commands.add_parser("train-identities", add_help=False,
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
+    commands.add_parser("evaluate", add_help=False,
+                        help="score sampling, editing and inversion on the tiny world (see `w2w evaluate --help`)")
     return parser
 
 
@@ -452,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         from .train_identities import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from .tiny import evaluate
+
+        try:
+            evaluate.main(evaluate.parse_args(argv[1:]))
+        except W2WError as error:
+            print(f"w2w evaluate: error: {error}", file=sys.stderr)
+            return 2
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,35 @@
+"""The tiny world's evaluation of sampling, editing and inversion runs end to end (on the toy world
+here: the figures themselves come from `python -m lora_w2w.tiny.evaluate` on the tiny world)."""
+import json
+
+import pandas as pd
+import torch
+from conftest import make_space
+from diffusers import UNet2DConditionModel
+
+from lora_w2w.layout import LoraLayout
+from lora_w2w.storage import save_space
+from lora_w2w.tiny import evaluate
+from lora_w2w.tiny.faces import ATTRIBUTES
+
+
+def test_evaluation_report(toy_world, tmp_path):
+    unet = UNet2DConditionModel.from_pretrained(toy_world / "base", subfolder="unet")
+    space = make_space(LoraLayout.from_unet(unet), k=8, m=40, seed=0)
+    signs = torch.randint(0, 2, (40, len(ATTRIBUTES)), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    space.attributes = pd.DataFrame(signs.numpy(), columns=list(ATTRIBUTES), index=[f"{i:06d}" for i in range(40)])
+    save_space(space, tmp_path / "space")
+    args = evaluate.parse_args(["--base", str(toy_world / "base"), "--space", str(tmp_path / "space"),
+                                "--out", str(tmp_path / "report.json"), "--work", str(tmp_path / "work"),
+                                "--samples", "2", "--seeds", "2", "--steps", "2", "--inversions", "1",
+                                "--inversion-steps", "2", "--dreambooth-steps", "1"])
+    report = evaluate.main(args)
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    sampling = report["sampling"]
+    assert 0.5 <= sampling["attribute_consistency_across_seeds"] <= 1  # a majority vote agrees with itself
+    assert sampling["nearest_dataset_distance_over_dataset_spacing"] > 0
+    assert set(report["editing"]) == {"Eyeglasses", "Bald", "No_Beard", "Blond_Hair", "targets", "strength_std"}
+    assert all(0 <= report["editing"][a]["changed"] <= 1 for a in evaluate.EDITED)
+    methods = ["w2w, 1 image", "Dreambooth-LoRA, 1 image", "Dreambooth-LoRA, many images"]
+    assert all(-1 <= report["inversion"][m]["identity_similarity"] <= 1 for m in methods)
+    assert report["inversion"]["paper_id_score"]["w2w, 1 image"] == 0.64
