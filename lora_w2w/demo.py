@@ -1,9 +1,11 @@
 """`make demo`: the tiny world end to end on the CPU, written to outputs/demo/ with a report.
 
-    python -m lora_w2w.demo --out outputs/demo
+    python -m lora_w2w.demo --out outputs/demo [--base files/tiny/base --space files/tiny/space]
 
-Each stage runs when the tiny world's artifacts it needs are in files/tiny/ and says so in the
-report when they are not.
+Stages: the synthetic identities; the base model's samples; sampling new identities; editing one
+along several attributes; inverting a held-out face and an out-of-distribution drawing; exporting
+LoRAs; and the evaluator's scores next to the paper's claims (report.md, report.json). A stage
+whose artifacts are not built yet (`make tiny-world`) is reported as skipped.
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import json
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline
 from .storage import atomic_output
 
 FACE_SEEDS = range(3_000_000, 3_000_016)  # identities of no training set
+EXAMPLES = Path(__file__).resolve().parents[1] / "inversion" / "images"
 
 
 def save_png(image, path: Path) -> None:
@@ -23,23 +28,115 @@ def save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def stage_faces(out: Path) -> dict:
-    """Synthetic identities of the tiny world, 4 views each."""
-    from .tiny.faces import render_grid
+class Demo:
+    """The demo's shared state: the pipeline, the space and the evaluator, loaded once."""
 
-    save_png(render_grid(list(FACE_SEEDS), views=4), out / "faces.png")
-    return {"images": "faces.png", "identities": len(FACE_SEEDS)}
+    def __init__(self, args: argparse.Namespace):
+        self.out, self.args = Path(args.out), args
+        self._pipe = self._space = self._evaluator = None
 
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = load_base_pipeline(self.args.base, self.args.device, progress=False)
+        return self._pipe
 
-def stage_base(out: Path, base: str, device: str) -> dict:
-    """The tiny base model's samples for a few prompts."""
-    pipe = load_base_pipeline(base, device, progress=False)
-    prompts = ["a photo of a person", "a photo of a young woman with blond hair",
-               "a photo of an old man with a bald head and glasses", "a photo of a man with black hair and a beard"]
-    images = [image for prompt in prompts for image in generate(pipe, None, None, prompt, seeds=range(4),
-                                                                  num_inference_steps=25)]
-    save_png(image_grid(images, columns=4), out / "base_samples.png")
-    return {"images": "base_samples.png", "prompts": prompts}
+    @property
+    def space(self):
+        if self._space is None:
+            from .storage import load_space
+
+            self._space = load_space(self.args.space)
+        return self._space
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from .tiny.evaluator import Evaluator
+
+            self._evaluator = Evaluator.load(self.args.evaluator)
+        return self._evaluator
+
+    def images(self, weights, prompt: str = "sks person", seeds=range(4)):
+        return generate(self.pipe, self.space.layout if weights is not None else None, weights, prompt, seeds=seeds,
+                        num_inference_steps=self.args.steps, guidance_scale=self.args.guidance)
+
+    # ------------------------------------------------------------------------- stages
+
+    def faces(self) -> dict:
+        """Synthetic identities of the tiny world, 4 views each."""
+        from .tiny.faces import render_grid
+
+        save_png(render_grid(list(FACE_SEEDS), views=4), self.out / "faces.png")
+        return {"images": "faces.png"}
+
+    def base(self) -> dict:
+        """The base model's samples for a few prompts."""
+        prompts = ["a photo of a person", "a photo of a young woman with blond hair",
+                   "a photo of an old man with a bald head and glasses", "a photo of a man with black hair and a beard"]
+        images = [im for prompt in prompts for im in self.images(None, prompt)]
+        save_png(image_grid(images, columns=4), self.out / "base_samples.png")
+        return {"images": "base_samples.png", "prompts": prompts}
+
+    def sampling(self) -> dict:
+        """New identities sampled from the space: a row per identity, a column per seed."""
+        from .sampling import sample_models
+        from .storage import save_model
+
+        models = sample_models(self.space, num=6, seed=0)
+        for i, model in enumerate(models):
+            save_model(model, self.out / "models" / f"sample_{i}.safetensors")
+        images = [im for m in models for im in self.images(m.weights(self.space))]
+        save_png(image_grid(images, columns=4), self.out / "sampling.png")
+        return {"images": "sampling.png", "models": len(models)}
+
+    def editing(self) -> dict:
+        """One sampled identity edited along several attributes (+-3 dataset standard deviations)."""
+        from .editing import apply_edits, attribute_directions
+        from .sampling import sample_models
+
+        model = sample_models(self.space, num=1, seed=3)[0]
+        edits = {"Eyeglasses": 3.0, "No_Beard": -3.0, "Blond_Hair": 3.0, "Young": -3.0}
+        directions = attribute_directions(self.space, list(edits), debias_against=["Male"])
+        rows = [model] + [apply_edits(model, {a: s}, directions) for a, s in edits.items()]
+        rows.append(apply_edits(model, edits, directions))  # all at once: edits compose
+        images = [im for m in rows for im in self.images(m.weights(self.space), seeds=range(3))]
+        save_png(image_grid(images, columns=3), self.out / "editing.png")
+        return {"images": "editing.png", "rows": ["original", *edits, "all four"]}
+
+    def inversion(self) -> dict:
+        """A held-out face (with its mask) and a drawing inverted into the space, then generated."""
+        from .formats import save_lora
+        from .inversion import invert, load_target, preset, target_sizes
+        from .storage import save_model
+
+        results, images = {}, []
+        for name, kind in (("face", "real"), ("drawing", "ood")):
+            image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *target_sizes(self.pipe))
+            config = preset(kind, components=min(preset(kind).components, self.space.num_components),
+                            steps=self.args.inversion_steps)
+            start = time.perf_counter()
+            model = invert(self.pipe, self.space, image, mask, config, seed=0, progress=False)
+            results[name] = {"preset": kind, "components": config.components, "steps": config.steps,
+                             "seconds": round(time.perf_counter() - start, 1)}
+            save_model(model, self.out / "models" / f"inverted_{name}.safetensors")
+            save_lora(self.space.layout, model.weights(self.space), self.out / "loras" / f"inverted_{name}", "peft",
+                      self.space.base_model)
+            save_lora(self.space.layout, model.weights(self.space),
+                      self.out / "loras" / f"inverted_{name}_kohya.safetensors", "kohya", self.space.base_model)
+            resolution = target_sizes(self.pipe)[0]
+            images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
+            images += self.images(model.weights(self.space), seeds=range(3))
+        save_png(image_grid(images, columns=4), self.out / "inversion.png")
+        return {"images": "inversion.png", **results, "loras": "loras/"}
+
+    def evaluation(self) -> dict:
+        """The evaluator's scores of sampling and editing (w2w evaluate has the full protocol)."""
+        from .tiny.evaluate import Settings, evaluate_editing, evaluate_sampling
+
+        settings = Settings(samples=4, seeds=3, steps=self.args.steps, guidance=self.args.guidance)
+        return {"sampling": evaluate_sampling(self.pipe, self.space, self.evaluator, settings),
+                "editing": evaluate_editing(self.pipe, self.space, self.evaluator, settings)}
 
 
 def write_report(out: Path, stages: dict) -> None:
@@ -49,36 +146,65 @@ def write_report(out: Path, stages: dict) -> None:
         lines.append(f"## {name}")
         if "skipped" in result:
             lines.append(f"Skipped: {result['skipped']}")
-        else:
-            lines += [f"![{name}]({result['images']})", "", f"{result['seconds']:.1f} s"]
+        elif "images" in result:
+            lines += [f"![{name}]({result['images']})", ""]
+        if name == "evaluation" and "skipped" not in result:
+            lines += _evaluation_table(result)
+        if "seconds" in result:
+            lines.append(f"{result['seconds']:.1f} s")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _evaluation_table(result: dict) -> list[str]:
+    sampling, editing = result["sampling"], result["editing"]
+    rows = ["| claim | paper | tiny world | target met |", "| --- | --- | --- | --- |",
+            f"| a sampled identity keeps its attributes across seeds | qualitative (Fig. 4) | "
+            f"{sampling['attribute_consistency_across_seeds']:.0%} | "
+            f"{'yes' if sampling['attribute_consistency_across_seeds'] >= 0.85 else 'no'} (>= 85%) |"]
+    for attribute in ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair"):
+        e = editing[attribute]
+        met = e["changed"] >= 0.8 and e["others_kept"] >= 0.9
+        rows.append(f"| editing {attribute}: changed / others kept / identity similarity | qualitative (Fig. 5) | "
+                    f"{e['changed']:.0%} / {e['others_kept']:.0%} / {e['identity_similarity']:.2f} | "
+                    f"{'yes' if met else 'no'} (>= 80% / >= 90%) |")
+    return rows + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the tiny world end to end and write a report.")
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline (default: %(default)s)")
+    parser.add_argument("--space", default="files/tiny/space", help="space (default: %(default)s)")
+    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps per image (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--inversion-steps", type=int, default=200,
+                        help="Adam steps of each inversion (the paper's presets: 400 and 800; default: %(default)s)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base_ready = (Path(args.base) / "model_index.json").is_file() or not args.base.startswith("files/")
-    plan = [
-        ("synthetic identities", lambda: stage_faces(out), None),
-        ("tiny base model", lambda: stage_base(out, args.base, args.device),
-         None if base_ready else f"{args.base} is not built yet (make tiny-world)"),
-    ]
+    demo = Demo(args)
+    demo.out.mkdir(parents=True, exist_ok=True)
+    have_base = (Path(args.base) / "model_index.json").is_file() or not args.base.startswith(("files/", ".", "/"))
+    have_space = (Path(args.space) / "space.json").is_file()
+    missing = "not built yet: run `make tiny-world`"
+    plan = [("synthetic identities", demo.faces, None),
+            ("base model", demo.base, None if have_base else f"{args.base} {missing}"),
+            ("sampling", demo.sampling, None if have_base and have_space else f"{args.space} {missing}"),
+            ("editing", demo.editing, None if have_base and have_space else f"{args.space} {missing}"),
+            ("inversion and export", demo.inversion, None if have_base and have_space else f"{args.space} {missing}"),
+            ("evaluation", demo.evaluation, None if have_base and have_space else f"{args.space} {missing}")]
     stages = {}
     for name, run, skipped in plan:
         if skipped:
             stages[name] = {"skipped": skipped}
+            print(f"{name}: skipped ({skipped})")
             continue
         start = time.perf_counter()
         stages[name] = {**run(), "seconds": time.perf_counter() - start}
         print(f"{name}: {stages[name]['seconds']:.1f} s")
-    write_report(out, stages)
-    print(f"wrote {out / 'report.md'}")
+    write_report(demo.out, stages)
+    print(f"wrote {demo.out / 'report.md'}")
     return 0
 
 
