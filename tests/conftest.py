@@ -69,3 +69,21 @@ def toy_world(tmp_path_factory):
     save_pipeline(build_pipeline(config, seed=0), root / "base")
     write_dataset(root / "faces", 3, first_seed=0, images_per_identity=4, size=32, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def toy_space(toy_world, tmp_path_factory):
+    """A random space (K = 16, M = 60 with every attribute of the tiny world) for the toy pipeline's
+    UNet; its std is scaled so that its models visibly change the toy UNet."""
+    from lora_w2w.storage import save_space
+    from lora_w2w.tiny.faces import ATTRIBUTES
+
+    unet = UNet2DConditionModel.from_pretrained(toy_world / "base", subfolder="unet")
+    space = make_space(LoraLayout.from_unet(unet), k=16, m=60, seed=0)
+    space.std *= 20
+    signs = torch.randint(0, 2, (60, len(ATTRIBUTES)), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    space.attributes = pd.DataFrame(signs.numpy(), columns=list(ATTRIBUTES),
+                                    index=pd.Index([f"{i:06d}" for i in range(60)], name="name"))
+    path = tmp_path_factory.mktemp("toy_space") / "space"
+    save_space(space, path)
+    return path

@@ -1,25 +1,12 @@
 """`make demo` runs every stage and writes the report (here on the toy world, with few steps)."""
 import json
 
-import pandas as pd
-import torch
-from conftest import make_space
-from diffusers import UNet2DConditionModel
-
 from lora_w2w import demo
-from lora_w2w.layout import LoraLayout
-from lora_w2w.storage import save_space
-from lora_w2w.tiny.faces import ATTRIBUTES
 
 
-def test_demo_writes_every_stage_and_the_report(toy_world, tmp_path):
-    unet = UNet2DConditionModel.from_pretrained(toy_world / "base", subfolder="unet")
-    space = make_space(LoraLayout.from_unet(unet), k=8, m=40, seed=0)
-    signs = torch.randint(0, 2, (40, len(ATTRIBUTES)), generator=torch.Generator().manual_seed(1)) * 2 - 1
-    space.attributes = pd.DataFrame(signs.numpy(), columns=list(ATTRIBUTES), index=[f"{i:06d}" for i in range(40)])
-    save_space(space, tmp_path / "space")
+def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(tmp_path / "space"),
+    assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(toy_space),
                       "--device", "cpu", "--steps", "2", "--inversion-steps", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["synthetic identities", "base model", "sampling", "editing", "inversion and export",

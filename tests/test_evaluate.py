@@ -2,24 +2,11 @@
 here: the figures themselves come from `python -m lora_w2w.tiny.evaluate` on the tiny world)."""
 import json
 
-import pandas as pd
-import torch
-from conftest import make_space
-from diffusers import UNet2DConditionModel
-
-from lora_w2w.layout import LoraLayout
-from lora_w2w.storage import save_space
 from lora_w2w.tiny import evaluate
-from lora_w2w.tiny.faces import ATTRIBUTES
 
 
-def test_evaluation_report(toy_world, tmp_path):
-    unet = UNet2DConditionModel.from_pretrained(toy_world / "base", subfolder="unet")
-    space = make_space(LoraLayout.from_unet(unet), k=8, m=40, seed=0)
-    signs = torch.randint(0, 2, (40, len(ATTRIBUTES)), generator=torch.Generator().manual_seed(0)) * 2 - 1
-    space.attributes = pd.DataFrame(signs.numpy(), columns=list(ATTRIBUTES), index=[f"{i:06d}" for i in range(40)])
-    save_space(space, tmp_path / "space")
-    args = evaluate.parse_args(["--base", str(toy_world / "base"), "--space", str(tmp_path / "space"),
+def test_evaluation_report(toy_world, toy_space, tmp_path):
+    args = evaluate.parse_args(["--base", str(toy_world / "base"), "--space", str(toy_space),
                                 "--out", str(tmp_path / "report.json"), "--work", str(tmp_path / "work"),
                                 "--samples", "2", "--seeds", "2", "--steps", "2", "--inversions", "1",
                                 "--inversion-steps", "2", "--dreambooth-steps", "1"])

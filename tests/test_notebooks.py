@@ -4,15 +4,8 @@ built, at a toy world) with few steps."""
 from pathlib import Path
 
 import nbformat
-import pandas as pd
 import pytest
-import torch
-from conftest import make_space
 from nbclient import NotebookClient
-
-from lora_w2w.layout import LoraLayout
-from lora_w2w.storage import save_space
-from lora_w2w.tiny.faces import ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.relative_to(ROOT) for p in ROOT.glob("*/*.ipynb"))
@@ -20,22 +13,11 @@ TINY = ROOT / "files" / "tiny"
 
 
 @pytest.fixture(scope="module")
-def world(toy_world, tmp_path_factory):
+def world(toy_world, toy_space):
     """(base, space) of the tiny world when it is built, else the toy pipeline with a random space."""
     if (TINY / "space" / "space.json").is_file() and (TINY / "base" / "model_index.json").is_file():
         return TINY / "base", TINY / "space"
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(toy_world / "base", subfolder="unet")
-    space = make_space(LoraLayout.from_unet(unet), k=16, m=60, seed=0)
-    space.std *= 20  # so that the toy models visibly change the toy UNet
-    g = torch.Generator().manual_seed(0)
-    signs = torch.randint(0, 2, (60, len(ATTRIBUTES)), generator=g) * 2 - 1
-    space.attributes = pd.DataFrame(signs.numpy(), columns=list(ATTRIBUTES),
-                                    index=pd.Index([f"{i:06d}" for i in range(60)], name="name"))
-    path = tmp_path_factory.mktemp("notebook_world") / "space"
-    save_space(space, path)
-    return toy_world / "base", path
+    return toy_world / "base", toy_space
 
 
 def test_every_notebook_is_committed_without_outputs():
