@@ -87,3 +87,29 @@ def test_help_explains_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["import-official", "--help"])
     assert "--trust-pickle" in capsys.readouterr().out
+
+
+def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys):
+    from lora_w2w.storage import load_model
+
+    assert main(["sample", "--space", str(toy_space), "--num", "2", "--seed", "1", "--out", str(tmp_path / "s"),
+                 "--export", "kohya"]) == 0
+    assert (tmp_path / "s" / "sample_001_lora.safetensors").is_file()
+    assert main(["edit", "--space", str(toy_space), "--model", str(tmp_path / "s" / "sample_000.safetensors"),
+                 "--edit", "Eyeglasses=2", "--edit", "Young=-1", "--debias", "Male", "--out",
+                 str(tmp_path / "edited.safetensors")]) == 0
+    assert "Eyeglasses: +2 std" in capsys.readouterr().out
+    before, after = (load_model(tmp_path / p) for p in ("s/sample_000.safetensors", "edited.safetensors"))
+    assert not torch.equal(before.coefficients, after.coefficients) and after.space_id == before.space_id
+    assert main(["generate", "--base", str(toy_world / "base"), "--space", str(toy_space), "--model",
+                 str(tmp_path / "edited.safetensors"), "--seeds", "0", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["grid.png", "seed_0000.png", "seed_0001.png"]
+    assert main(["directions", "--space", str(toy_space)]) == 0
+    assert "balanced_accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--space", str(toy_space), "--model", str(tmp_path / "edited.safetensors"),
+              "--edit", "Wings=1", "--out", str(tmp_path / "x.safetensors")])
+    assert exit_info.value.code == 2
+    assert "no attribute 'Wings'; the space has: Male, Young" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
