@@ -315,7 +315,7 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Random degradations of generated images: flip, blur, down-up sampling, colour jitter, JPEG."""
     size = image.size[0]
     if rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.5:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.3)))
     if rng.random() < 0.3:
