@@ -166,3 +166,25 @@ def test_toy_training_resumes_from_its_checkpoints(toy_run):
 def test_bad_flags_are_rejected(flags):
     with pytest.raises(SystemExit):
         parse_args(["--out", "unused", *flags])
+
+
+def test_committed_base_loads_offline_and_generates_faces_fast():
+    """files/tiny/base loads like realistic-vision would, and its samples are faces the evaluator reads."""
+    import time
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from lora_w2w.tiny.evaluator import Evaluator
+
+    root = Path(__file__).resolve().parents[1] / "files" / "tiny"
+    pipe = StableDiffusionPipeline.from_pretrained(root / "base", local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    images = pipe(["a photo of a young woman with blond hair and glasses"] * 4, num_inference_steps=10,
+                  guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+    assert (time.perf_counter() - start) / 10 < 1.0  # seconds per denoising step, batch 4 with guidance
+    pred = Evaluator.load(root / "evaluator.safetensors").predict(images)
+    assert (pred.face_confidence > 0.5).all()
+    assert (pred.attributes["Blond_Hair"] > 0).mean() >= 0.75 and (pred.attributes["Eyeglasses"] > 0).mean() >= 0.75

@@ -108,7 +108,7 @@ def _write_vocab_and_merges(out_dir: Path, vocab: dict[str, int], merges) -> Non
 @dataclass
 class TinyPipelineConfig:
     """Sizes of the tiny pipeline. Defaults: UNet 2.14 M, text encoder 0.19 M, VAE 0.95 M parameters
-    (13 MB of float32 safetensors); a training step of UNet + text encoder, batch 32, ~0.45 s on 2 cores."""
+    (13 MB of float32 safetensors); a training step of UNet + text encoder, batch 32, ~0.55 s on 2 cores."""
 
     image_size: int = 64
     # text encoder (CLIP): tiny width, but a real transformer trained jointly with the UNet

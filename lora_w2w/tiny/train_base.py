@@ -429,9 +429,9 @@ def main(args: argparse.Namespace) -> dict:
                                     config.image_size, args.progress)  # (M, 3, H, W) uint8, (M,)
     render_seconds = time.time() - t0
     tokenizer = build_tokenizer(faces.CAPTION_WORDS, work / "tokenizer", max_length=config.max_length)
-    tokens = tokenizer(captions, padding="max_length", max_length=config.max_length, return_tensors="pt")
-    longest = int(tokens.attention_mask.sum(1).max())
+    longest = max(len(ids) for ids in tokenizer(captions).input_ids)
     assert longest <= config.max_length, f"a caption has {longest} tokens > max_length {config.max_length}"
+    tokens = tokenizer(captions, padding="max_length", max_length=config.max_length, return_tensors="pt")
     empty_ids = tokenizer("", padding="max_length", max_length=config.max_length, return_tensors="pt").input_ids[0]
     pipe = build_pipeline(config, seed=args.seed, tokenizer=tokenizer)
 
