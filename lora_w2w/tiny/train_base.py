@@ -133,6 +133,22 @@ class Stage:
     def __post_init__(self):
         self.losses = [] if self.losses is None else self.losses
 
+    def end_step(self, value: float, running: list, bar, total: int, args, started: float, label: str) -> bool:
+        """Count one step of value `value`: progress bar, a logged mean every `log_every` steps; True when
+        a checkpoint is due (its elapsed time is then recorded)."""
+        self.step += 1
+        running.append(value)
+        bar.update()
+        bar.set_postfix({label: f"{np.mean(running[-50:]):.4f}"})
+        last = self.step == total
+        if self.step % args.log_every == 0 or last:
+            self.losses.append(float(np.mean(running)))
+            running.clear()
+        if self.step % args.checkpoint_every == 0 or last:
+            self.seconds = time.time() - started
+            return True
+        return False
+
 
 # -----------------------------------------------------------------------------
 # (a) VAE
@@ -181,15 +197,7 @@ def train_vae(vae, images: torch.Tensor, args, path: Path, fingerprint: dict) ->
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         lr_schedule.step()
-        stage.step += 1
-        running.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
-        if stage.step % args.log_every == 0 or stage.step == args.vae_steps:
-            stage.losses.append(float(np.mean(running)))
-            running = []
-        if stage.step % args.checkpoint_every == 0 or stage.step == args.vae_steps:
-            stage.seconds = time.time() - started
+        if stage.end_step(loss.item(), running, bar, args.vae_steps, args, started, "loss"):
             save_checkpoint(path, dict(fingerprint=fingerprint, vae=vae.state_dict(), optimizer=optimizer.state_dict(),
                                        lr_schedule=lr_schedule.state_dict(), generator=generator.get_state(),
                                        stage=asdict(stage)))
@@ -304,15 +312,8 @@ def train_unet(pipe, posteriors: torch.Tensor, input_ids: torch.Tensor, empty_id
         optimizer.step()
         lr_schedule.step()
         ema.update(stage.step)
-        stage.step += 1
-        running.append(per_sample.mean().item())  # the plain epsilon MSE, comparable across runs
-        bar.update()
-        bar.set_postfix(mse=f"{np.mean(running[-50:]):.4f}")
-        if stage.step % args.log_every == 0 or stage.step == args.unet_steps:
-            stage.losses.append(float(np.mean(running)))
-            running = []
-        if stage.step % args.checkpoint_every == 0 or stage.step == args.unet_steps:
-            stage.seconds = time.time() - started
+        mse = per_sample.mean().item()  # the plain epsilon MSE, comparable across runs
+        if stage.end_step(mse, running, bar, args.unet_steps, args, started, "mse"):
             save_checkpoint(path, dict(fingerprint=fingerprint, unet=unet.state_dict(),
                                        text_encoder=text_encoder.state_dict(), ema=ema.shadow,
                                        optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(),
