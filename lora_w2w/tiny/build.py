@@ -22,9 +22,16 @@ from ..errors import W2WError
 from ..storage import atomic_output, save_space
 
 # The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
-LORA_FLAGS = ["--lora_r", "1", "--lora_alpha", "27", "--lora_target_modules", "to_q", "to_v",
-              "--max_train_steps", "800", "--learning_rate", "1e-4", "--train_batch_size", "1",
-              "--num_class_images", "200", "--class_inference_steps", "25"]
+LORA_RECIPE = {"lora_r": 1, "lora_alpha": 27, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
+               "learning_rate": 3e-3, "train_batch_size": 1, "num_class_images": 200, "class_inference_steps": 25}
+
+
+def recipe_flags(recipe: dict) -> list[str]:
+    """The recipe as train_dreambooth.py / w2w train-identities flags."""
+    flags = []
+    for key, value in recipe.items():
+        flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return flags
 
 
 def stage_base(out: Path, work: Path) -> None:
@@ -47,7 +54,7 @@ def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: in
     code = train_identities.main(["--pretrained_model_name_or_path", str(out / "base"),
                                   "--instance_root", str(work / "faces" / "celeba_generated"),
                                   "--output_root", str(work / "loras"), "--class_data_dir", str(work / "class_images"),
-                                  "--identities_per_batch", str(identities_per_batch), *LORA_FLAGS])
+                                  "--identities_per_batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)])
     if code:
         raise W2WError("training the identity LoRAs failed")
 
@@ -63,7 +70,7 @@ def stage_space(out: Path, work: Path, components: int) -> None:
     with atomic_output(work / "attributes.csv") as tmp:
         table.to_csv(tmp)
     space = build_space(dataset, min(components, len(dataset)), attributes=work / "attributes.csv",
-                        base_model="files/tiny/base", log=print)
+                        base_model=str(out / "base"), log=print)
     save_space(space, out / "space")
 
 

@@ -24,6 +24,7 @@ from ..pipeline import generate, load_base_pipeline
 from ..sampling import nearest_models, sample_models
 from ..space import Space
 from ..storage import atomic_output, load_space
+from .build import LORA_RECIPE
 from .evaluator import Evaluator, Prediction, attribute_agreement, identity_similarity
 from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity
 
@@ -40,6 +41,7 @@ SETTINGS_HELP = {
     "inversions": "held-out identities inverted", "inversion_components": "K of the inversions",
     "inversion_steps": "Adam steps of an inversion", "inversion_lr": "Adam learning rate of an inversion",
     "dreambooth_steps": "steps of the Dreambooth-LoRA baselines",
+    "dreambooth_lr": "learning rate of the Dreambooth-LoRA baselines",
 }
 
 
@@ -54,7 +56,8 @@ class Settings:
     inversion_components: int = 1000
     inversion_steps: int = 400
     inversion_lr: float = 0.1
-    dreambooth_steps: int = 800
+    dreambooth_steps: int = LORA_RECIPE["max_train_steps"]
+    dreambooth_lr: float = LORA_RECIPE["learning_rate"]
 
 
 def _images(pipe, space: Space, model, settings: Settings, seed0: int = 0):
@@ -112,36 +115,43 @@ def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Setting
 
 def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings, work: Path) -> dict:
     from .. import train_identities
+    from ..dreambooth import prepare_image
     from ..formats import load_peft
     from ..inversion import InversionConfig, invert
-    from ..dreambooth import prepare_image
 
-    scores = {"w2w, 1 image": [], "Dreambooth-LoRA, 1 image": [], "Dreambooth-LoRA, many images": []}
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = InversionConfig(components=min(settings.inversion_components, space.num_components),
                              lr=settings.inversion_lr, steps=settings.inversion_steps)
-    for i in range(settings.inversions):
-        seed = HELD_OUT_SEEDS + i
-        identity = sample_identity(seed)
-        renders = [render(identity, dataset_view_seed(seed, k)) for k in range(10)]
-        truth = evaluator.predict(renders)
-        for name, images in (("one", renders[:1]), ("many", renders)):
-            folder = work / name / identity.name
+    identities = [sample_identity(HELD_OUT_SEEDS + i) for i in range(settings.inversions)]
+    renders = {identity.name: [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(10)]
+               for i, identity in enumerate(identities)}
+    candidates = {name: {} for name in PAPER["inversion_id_score"]}
+    for identity in identities:
+        for kind, images in (("one", renders[identity.name][:1]), ("many", renders[identity.name])):
+            folder = work / kind / identity.name
             folder.mkdir(parents=True, exist_ok=True)
             for k, image in enumerate(images):
                 image.save(folder / f"{k}.png")
-        model = invert(pipe, space, prepare_image(renders[0], resolution)[None], None, config, progress=False)
-        candidates = {"w2w, 1 image": model.weights(space)}
-        for name, kind in (("Dreambooth-LoRA, 1 image", "one"), ("Dreambooth-LoRA, many images", "many")):
-            train_identities.train_identities(train_identities.parse_args([
-                "--pretrained_model_name_or_path", pipe.name_or_path, "--instance_root", str(work / kind),
-                "--output_root", str(work / f"loras_{kind}"), "--class_data_dir", str(work / "class_images"),
-                "--max_train_steps", str(settings.dreambooth_steps), "--num_class_images", "50",
-                "--class_inference_steps", str(settings.steps), "--lora_r", str(space.layout.rank),
-                "--lora_alpha", str(space.layout.alpha), "--lora_target_modules", *space.layout.target_modules]))
-            candidates[name] = load_peft(space.layout, work / f"loras_{kind}" / identity.name)
-        for name, weights in candidates.items():
-            images = generate(pipe, space.layout, weights, space.prompt, seeds=range(settings.seeds),
+        target = prepare_image(renders[identity.name][0], resolution)[None]
+        candidates["w2w, 1 image"][identity.name] = invert(pipe, space, target, None, config,
+                                                           progress=False).weights(space)
+    # the baselines: every identity of a kind trained together in one pass, with the space's LoRA recipe
+    for name, kind in (("Dreambooth-LoRA, 1 image", "one"), ("Dreambooth-LoRA, many images", "many")):
+        train_identities.train_identities(train_identities.parse_args([
+            "--pretrained_model_name_or_path", pipe.name_or_path, "--instance_root", str(work / kind),
+            "--output_root", str(work / f"loras_{kind}"), "--class_data_dir", str(work / "class_images"),
+            "--identities_per_batch", str(len(identities)),
+            "--max_train_steps", str(settings.dreambooth_steps), "--learning_rate", str(settings.dreambooth_lr),
+            "--num_class_images", "50", "--class_inference_steps", str(settings.steps),
+            "--lora_r", str(space.layout.rank), "--lora_alpha", str(space.layout.alpha),
+            "--lora_target_modules", *space.layout.target_modules]))
+        candidates[name] = {i.name: load_peft(space.layout, work / f"loras_{kind}" / i.name) for i in identities}
+
+    scores = {name: [] for name in candidates}
+    for identity in identities:
+        truth = evaluator.predict(renders[identity.name])
+        for name, models in candidates.items():
+            images = generate(pipe, space.layout, models[identity.name], space.prompt, seeds=range(settings.seeds),
                               num_inference_steps=settings.steps, guidance_scale=settings.guidance)
             pred = evaluator.predict(images)
             scores[name].append({"identity_similarity": _pairwise_similarity(pred, truth),

@@ -1,0 +1,47 @@
+"""`make tiny-world` (lora_w2w.tiny.build) at toy size: the base and evaluator stages are skipped because
+their outputs exist, the LoRA and space stages run for real on the toy pipeline, and a rerun skips or
+resumes everything."""
+import shutil
+
+import pandas as pd
+import pytest
+
+from lora_w2w.storage import load_space
+from lora_w2w.tiny import build
+
+
+@pytest.fixture
+def toy_recipe(monkeypatch):
+    for key, value in {"max_train_steps": 2, "num_class_images": 2, "class_inference_steps": 2}.items():
+        monkeypatch.setitem(build.LORA_RECIPE, key, value)
+
+
+def test_recipe_flags_are_the_training_flags():
+    from lora_w2w import train_identities
+
+    args = train_identities.parse_args(["--instance_root", "i", "--output_root", "o", *build.recipe_flags(build.LORA_RECIPE)])
+    for key, value in build.LORA_RECIPE.items():
+        assert getattr(args, key) == value
+
+
+def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_path, capsys):
+    out, work = tmp_path / "files", tmp_path / "work"
+    shutil.copytree(toy_world / "base", out / "base")
+    (out / "evaluator.safetensors").write_bytes(b"exists, so the stage is skipped")
+    args = build.parse_args(["--out", str(out), "--work", str(work), "--identities", "3", "--components", "2",
+                             "--identities_per_batch", "2"])
+    assert build.main(args) == 0
+    space = load_space(out / "space")
+    assert list(space.attributes.index) == ["000000", "000001", "000002"]
+    assert space.num_components == 2 and space.coefficients.shape == (3, 2)
+    assert space.base_model == str(out / "base")
+    truth = pd.read_csv(work / "faces" / "attributes.csv", index_col=0, dtype={"name": str})
+    assert (space.attributes["Male"].to_numpy() == truth.loc[list(space.attributes.index), "Male"].to_numpy()).all()
+    for name in list(space.attributes.index):
+        assert (work / "loras" / name / "unet" / "adapter_model.safetensors").exists()
+
+    capsys.readouterr()
+    assert build.main(args) == 0  # a rerun: everything exists
+    log = capsys.readouterr().out
+    assert "base model: " in log and "space: " in log and log.count("skipped") == 3
+    assert "trained 0 identities" in log
