@@ -111,6 +111,13 @@ class Space:
         k = self.check_k(coefficients.shape[-1])
         return unproject(coefficients, self.mean, self.std, self.components[:k])
 
+    def explained_variance_ratio(self) -> torch.Tensor:
+        """(K,) the fraction of the standardized dataset's total variance along each component: every
+        column of nonzero std has variance 1 after standardizing, so the total is their count."""
+        if self.explained_variance is None:
+            raise SpaceError("the space has no explained variance (it was not built by w2w build)")
+        return self.explained_variance / (self.std > 0).sum()
+
     def truncate(self, k: int) -> "Space":
         """The same space with its first k components (its id stays: models remain valid)."""
         k = self.check_k(k)

@@ -2,11 +2,12 @@
 exists (so an interrupted build resumes):
 
     1. base/                    the tiny SD pipeline (train_base.py; identities from seed 1,000,000)
-    2. evaluator.safetensors    the attribute and trait reader (evaluator.py; seeds 2,000,000+)
+    2. evaluator.safetensors    the attribute and trait reader (evaluator.py; seeds 20,000,000+)
     3. <work>/faces             the weights dataset's identities (seeds 0 .. M-1), 10 images each
     4. <work>/loras             one Dreambooth LoRA per identity (w2w train-identities)
     5. <work>/weights           the flattened LoRAs (w2w collect)
     6. space/                   PCA of the LoRAs with the identities' attribute table (w2w build)
+    7. --plot                   the space's explained-variance curve (assets/tiny_explained_variance.png)
 
     python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000]
 """
@@ -22,7 +23,7 @@ from ..errors import W2WError
 from ..storage import atomic_output, save_space
 
 # The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
-LORA_RECIPE = {"lora_r": 1, "lora_alpha": 27, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
+LORA_RECIPE = {"lora_r": 1, "lora_alpha": 27, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 200,
                "learning_rate": 3e-3, "train_batch_size": 1, "num_class_images": 200, "class_inference_steps": 25}
 
 
@@ -69,9 +70,36 @@ def stage_space(out: Path, work: Path, components: int) -> None:
     table = table.loc[list(dataset.names)]
     with atomic_output(work / "attributes.csv") as tmp:
         table.to_csv(tmp)
-    space = build_space(dataset, min(components, len(dataset)), attributes=work / "attributes.csv",
+    space = build_space(dataset, min(components, len(dataset) - 1), attributes=work / "attributes.csv",
                         base_model=str(out / "base"), log=print)
     save_space(space, out / "space")
+
+
+def stage_plot(out: Path, picture: Path) -> None:
+    """The cumulative explained variance of the space, against the fraction of its models."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..storage import load_space
+
+    space = load_space(out / "space")
+    cumulative = space.explained_variance_ratio().cumsum(0).numpy()
+    k = range(1, len(cumulative) + 1)
+    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    axis.plot(k, cumulative)
+    for level in (0.5, 0.9, 0.99):
+        needed = int((cumulative < level).sum()) + 1
+        axis.annotate(f"{level:.0%}: {needed} components", (needed, level), xytext=(needed + len(k) * 0.08, level - 0.1),
+                      arrowprops={"arrowstyle": "->"})
+    axis.set(xlabel=f"principal components (of M = {space.num_models} identity LoRAs, N = {space.num_weights})",
+             ylabel="cumulative explained variance", ylim=(0, 1.02), xlim=(0, len(k)))
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(picture) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
     parser.add_argument("--components", type=int, default=1000, help="K kept in the space (default: %(default)s)")
+    parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
+                        help="the explained-variance plot of the space (default: %(default)s)")
     parser.add_argument("--identities_per_batch", type=int, default=32,
                         help="identities trained together (default: %(default)s)")
     return parser.parse_args(argv)
@@ -93,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
         ("evaluator", out / "evaluator.safetensors", lambda: stage_evaluator(out, work)),
         ("identity LoRAs", None, lambda: stage_loras(out, work, args.identities, args.identities_per_batch)),
         ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.components)),
+        ("explained-variance plot", Path(args.plot), lambda: stage_plot(out, Path(args.plot))),
     ]
     for name, done, run in stages:
         if done is not None and done.exists():
