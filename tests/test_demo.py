@@ -2,12 +2,18 @@
 import json
 
 from lora_w2w import demo
+from lora_w2w.storage import load_space
 
 
 def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
     out = tmp_path / "demo"
+    scores = {"w2w, 1 image": {"identity_similarity": 0.5, "attribute_agreement": 0.9},
+              "Dreambooth-LoRA, 1 image": {"identity_similarity": 0.6, "attribute_agreement": 0.8},
+              "Dreambooth-LoRA, many images": {"identity_similarity": 0.7, "attribute_agreement": 0.95}}
+    evaluation = tmp_path / "evaluation.json"  # w2w evaluate's report of the same space
+    evaluation.write_text(json.dumps({"space_id": load_space(toy_space).id, "inversion": scores}))
     assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(toy_space),
-                      "--device", "cpu", "--steps", "2", "--inversion-steps", "2"]) == 0
+                      "--device", "cpu", "--steps", "2", "--inversion-steps", "2", "--evaluation", str(evaluation)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["synthetic identities", "base model", "sampling", "editing", "inversion and export",
                             "evaluation"]
@@ -19,6 +25,9 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| a sampled identity keeps its attributes across seeds |" in markdown
     assert "editing Eyeglasses" in markdown and "target met" in markdown
+    inversion = next(line for line in markdown.splitlines() if line.startswith("| inversion of one image"))
+    assert "0.50 / 0.60 / 0.70" in inversion and "**no** (w2w > 1-image Dreambooth)" in inversion
+    assert "90% / 80% / 95%" in markdown
 
 
 def test_demo_says_which_stages_wait_for_the_tiny_world(tmp_path):

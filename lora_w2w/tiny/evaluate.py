@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> dict:
     pipe = load_base_pipeline(args.base, "auto", progress=False)
     space = load_space(args.space)
     evaluator = Evaluator.load(args.evaluator)
-    report = {"settings": asdict(settings)}
+    report = {"space_id": space.id, "settings": asdict(settings)}
     if "sampling" in args.only:
         report["sampling"] = evaluate_sampling(pipe, space, evaluator, settings)
     if "editing" in args.only:
