@@ -128,17 +128,28 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+def class_image_batch_size(resolution: int) -> int:
+    """Class images generated at once: 16 at 64 px, 1 at 512 px."""
+    return max(1, 2**16 // resolution**2)
+
+
+def encode_batch_size(resolution: int) -> int:
+    """Images VAE-encoded at once: 32 at 64 px, 1 at 512 px."""
+    return max(1, 2**17 // resolution**2)
+
+
 def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, resolution: int, steps: int,
-                        seed: int, device: torch.device, batch_size: int = 16) -> None:
-    """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards)."""
+                        seed: int, device: torch.device) -> None:
+    """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards),
+    float16 on CUDA; batches of 16 at 64 px, 1 at 512 px (4 GB on SD1.5 rather than 20 GB)."""
     class_dir.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (class_dir / f"{i:05d}.png").is_file()]
     if not missing:
         return
-    from diffusers import StableDiffusionPipeline
+    from .pipeline import load_base_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_base_pipeline(base, device, progress=False)
+    batch_size = class_image_batch_size(resolution)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"class images of {prompt!r}", unit="batch"):
         indices = missing[start:start + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(seed * 100_003 + i) for i in indices]
@@ -153,10 +164,11 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
 # ----------------------------------------------------------------------------- cached inputs
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled."""
+def encode_images(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled; batches of 32 at
+    64 px, 1 at 512 px (a float32 SD1.5 VAE encoding 32 images at 512 px would take 24 GB)."""
     means, stds = [], []
-    for chunk in images.split(batch_size):
+    for chunk in images.split(encode_batch_size(images.shape[-1])):
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
@@ -225,18 +237,20 @@ class SharedData:
 
 
 def noisy_inputs(identity: IdentityData, shared: SharedData, batch: Batch):
-    """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w))."""
+    """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w)), on
+    the device of the cached latents (the sampler draws on the CPU, so runs agree across devices)."""
     mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])
     std = torch.cat([identity.std[batch.instance], shared.class_std[batch.prior]])
-    latents = (mean + std * batch.latent_noise) * shared.scaling_factor
-    noisy = shared.scheduler.add_noise(latents, batch.noise, batch.timesteps)
-    b, n = len(batch.instance), len(batch.timesteps)
+    latent_noise, noise, timesteps = (t.to(mean.device) for t in (batch.latent_noise, batch.noise, batch.timesteps))
+    latents = (mean + std * latent_noise) * shared.scaling_factor
+    noisy = shared.scheduler.add_noise(latents, noise, timesteps)
+    b, n = len(batch.instance), len(timesteps)
     text = torch.cat([shared.instance_embedding.expand(b, -1, -1), shared.class_embedding.expand(n - b, -1, -1)])
     if shared.scheduler.config.prediction_type == "v_prediction":
-        target = shared.scheduler.get_velocity(latents, batch.noise, batch.timesteps)
+        target = shared.scheduler.get_velocity(latents, noise, timesteps)
     else:
-        target = batch.noise
-    return noisy, batch.timesteps, text, target
+        target = noise
+    return noisy, timesteps, text, target
 
 
 def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> torch.Tensor:

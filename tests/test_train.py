@@ -105,3 +105,20 @@ def test_a_bad_identity_folder_is_skipped_not_fatal(toy_world, tmp_path, capsys)
     assert code == 2 and "1 identity folders refused: 000000" in capsys.readouterr().err
     assert (tmp_path / "out" / "000001" / "unet" / PEFT_WEIGHTS).is_file()
     assert not (tmp_path / "out" / "000000").exists()
+
+
+def test_noisy_inputs_follow_the_cached_latents_device():
+    """The sampler draws on the CPU (runs agree across devices); the step's inputs go where the cached
+    latents are (CUDA in practice; the meta device stands in for it here)."""
+    from diffusers import DDPMScheduler
+
+    from lora_w2w.dreambooth import IdentityData, SharedData, StepSampler, noisy_inputs
+
+    latents = torch.zeros(3, 4, 8, 8, device="meta")
+    text = torch.zeros(1, 7, 16, device="meta")
+    shared = SharedData(latents, latents, text, text, 0.18215, DDPMScheduler())
+    sampler = StepSampler(0, 3, 3, 1, (4, 8, 8), 1000)
+    noisy, timesteps, embeddings, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
+                                                        sampler.next())
+    assert {t.device.type for t in (noisy, timesteps, embeddings, target)} == {"meta"}
+    assert noisy.shape == target.shape == (2, 4, 8, 8) and embeddings.shape == (2, 7, 16)
