@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from lora_w2w.dataset import WeightsDataset
+from lora_w2w.pca import build_space
 from lora_w2w.storage import load_space
 from lora_w2w.tiny import build
 
@@ -29,14 +31,16 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     out, work = tmp_path / "files", tmp_path / "work"
     shutil.copytree(toy_world / "base", out / "base")
     (out / "evaluator.safetensors").write_bytes(b"exists, so the stage is skipped")
-    args = build.parse_args(["--out", str(out), "--work", str(work), "--identities", "3", "--components", "2",
+    args = build.parse_args(["--out", str(out), "--work", str(work), "--identities", "3", "--components", "1",
                              "--identities_per_batch", "2",
                              "--plot", str(tmp_path / "variance.png")])
     assert build.main(args) == 0
     space = load_space(out / "space")
     assert list(space.attributes.index) == ["000000", "000001", "000002"]
-    assert space.num_components == 2 and space.coefficients.shape == (3, 2)  # K = M - 1: all the variance
-    assert torch.allclose(space.explained_variance_ratio().sum(), torch.tensor(1.0), atol=1e-3)
+    assert space.num_components == 1 and space.coefficients.shape == (3, 1)  # the first of M - 1 = 2
+    full = build_space(WeightsDataset(work / "weights"), 2)  # all of the variance
+    assert torch.allclose(full.explained_variance_ratio().sum(), torch.tensor(1.0), atol=1e-3)
+    assert torch.allclose(space.explained_variance_ratio(), full.explained_variance_ratio()[:1], rtol=1e-4)
     assert (tmp_path / "variance.png").read_bytes()[:4] == b"\x89PNG"
     assert space.base_model == str(out / "base")
     truth = pd.read_csv(work / "faces" / "attributes.csv", index_col=0, dtype={"name": str})
@@ -47,5 +51,5 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     capsys.readouterr()
     assert build.main(args) == 0  # a rerun: everything exists
     log = capsys.readouterr().out
-    assert "base model: " in log and "space: " in log and log.count("skipped") == 4
+    assert "base model: " in log and "space: " in log and log.count("skipped") == 3
     assert "trained 0 identities" in log

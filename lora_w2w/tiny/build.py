@@ -6,8 +6,8 @@ exists (so an interrupted build resumes):
     3. <work>/faces             the weights dataset's identities (seeds 0 .. M-1), 10 images each
     4. <work>/loras             one Dreambooth LoRA per identity (w2w train-identities)
     5. <work>/weights           the flattened LoRAs (w2w collect)
-    6. space/                   PCA of the LoRAs with the identities' attribute table (w2w build)
-    7. --plot                   the space's explained-variance curve (assets/tiny_explained_variance.png)
+    6. space/                   PCA of the LoRAs with the identities' attribute table (w2w build), and
+                                its explained-variance curve (--plot, assets/tiny_explained_variance.png)
 
     python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000]
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import W2WError
+from ..space import Space
 from ..storage import atomic_output, save_space
 
 # The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
@@ -60,7 +61,9 @@ def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: in
         raise W2WError("training the identity LoRAs failed")
 
 
-def stage_space(out: Path, work: Path, components: int) -> None:
+def stage_space(out: Path, work: Path, components: int, picture: Path) -> None:
+    """PCA of the LoRAs with all M - 1 components, its explained-variance plot, and the space with the
+    first `components` of them written to out/space."""
     from ..dataset import WeightsDataset, collect_folders
     from ..pca import build_space
 
@@ -70,30 +73,31 @@ def stage_space(out: Path, work: Path, components: int) -> None:
     table = table.loc[list(dataset.names)]
     with atomic_output(work / "attributes.csv") as tmp:
         table.to_csv(tmp)
-    space = build_space(dataset, min(components, len(dataset) - 1), attributes=work / "attributes.csv",
-                        base_model=str(out / "base"), log=print)
-    save_space(space, out / "space")
+    space = build_space(dataset, len(dataset) - 1, attributes=work / "attributes.csv", base_model=str(out / "base"),
+                        log=print)
+    kept = min(components, space.num_components)
+    plot_explained_variance(space, kept, picture)
+    save_space(space.truncate(kept), out / "space")
 
 
-def stage_plot(out: Path, picture: Path) -> None:
-    """The cumulative explained variance of the space, against the fraction of its models."""
+def plot_explained_variance(space: Space, kept: int, picture: Path) -> None:
+    """The cumulative explained variance of all of the space's components, marking the `kept` ones."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..storage import load_space
-
-    space = load_space(out / "space")
     cumulative = space.explained_variance_ratio().cumsum(0).numpy()
-    k = range(1, len(cumulative) + 1)
-    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=120)
-    axis.plot(k, cumulative)
-    for level in (0.5, 0.9, 0.99):
+    k = len(cumulative)
+    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    axis.plot(range(1, k + 1), cumulative)
+    for level, label_at in ((0.5, 0.35), (0.9, 0.62), (0.99, 0.78)):  # labels stacked below the curve
         needed = int((cumulative < level).sum()) + 1
-        axis.annotate(f"{level:.0%}: {needed} components", (needed, level), xytext=(needed + len(k) * 0.08, level - 0.1),
-                      arrowprops={"arrowstyle": "->"})
-    axis.set(xlabel=f"principal components (of M = {space.num_models} identity LoRAs, N = {space.num_weights})",
-             ylabel="cumulative explained variance", ylim=(0, 1.02), xlim=(0, len(k)))
+        axis.annotate(f"{level:.0%}: {needed} components", (needed, level), xytext=(0.6 * k if level > 0.5
+                      else needed + 0.1 * k, label_at), arrowprops={"arrowstyle": "->"})
+    axis.axvline(kept, color="gray", linestyle="--")
+    axis.annotate(f"kept: K = {kept} ({cumulative[kept - 1]:.0%})", (kept, 0.05), xytext=(kept + 0.02 * k, 0.05))
+    axis.set(xlabel=f"principal components (M = {space.num_models} identity LoRAs, N = {space.num_weights})",
+             ylabel="cumulative explained variance", ylim=(0, 1.02), xlim=(0, k))
     axis.grid(alpha=0.3)
     figure.tight_layout()
     picture.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="files/tiny", help="where the committed artifacts go (default: %(default)s)")
     parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
-    parser.add_argument("--components", type=int, default=1000, help="K kept in the space (default: %(default)s)")
+    parser.add_argument("--components", type=int, default=500,
+                        help="K kept in the space, at most M - 1 (default: %(default)s: 90%% of the variance of "
+                             "1,000 LoRAs in 9 MB)")
     parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
                         help="the explained-variance plot of the space (default: %(default)s)")
     parser.add_argument("--identities_per_batch", type=int, default=32,
@@ -122,8 +128,7 @@ def main(args: argparse.Namespace) -> int:
         ("base model", out / "base" / "model_index.json", lambda: stage_base(out, work)),
         ("evaluator", out / "evaluator.safetensors", lambda: stage_evaluator(out, work)),
         ("identity LoRAs", None, lambda: stage_loras(out, work, args.identities, args.identities_per_batch)),
-        ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.components)),
-        ("explained-variance plot", Path(args.plot), lambda: stage_plot(out, Path(args.plot))),
+        ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.components, Path(args.plot))),
     ]
     for name, done, run in stages:
         if done is not None and done.exists():
