@@ -321,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
     edit.add_argument("--method", choices=("least_squares", "logistic"), default="least_squares",
                       help="how directions are fitted (default: %(default)s, as in the paper)")
-    edit.add_argument("--components", type=int, default=1000, help="K used to fit directions (default: %(default)s)")
+    edit.add_argument("--components", type=int, default=None,
+                      help="K used to fit directions (default: 1,000 as in the paper, at most M/10 of the space's "
+                           "M dataset models)")
     edit.add_argument("--out", required=True, help="edited model file (.safetensors)")
     edit.set_defaults(run=cmd_edit)
 
@@ -331,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_space(directions)
     directions.add_argument("--method", choices=("least_squares", "logistic"), default="least_squares",
                             help="how directions are fitted (default: %(default)s)")
-    directions.add_argument("--components", type=int, default=1000, help="K used (default: %(default)s)")
+    directions.add_argument("--components", type=int, default=None,
+                            help="K used (default: 1,000 as in the paper, at most M/10 of the space's M dataset models)")
     directions.set_defaults(run=cmd_directions)
 
     add_invert_parser(commands)

@@ -23,7 +23,8 @@ import torch
 from .errors import SpaceError
 from .space import Space, W2WModel
 
-DEFAULT_EDIT_COMPONENTS = 1000
+DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
+MODELS_PER_COMPONENT = 10  # least squares on fewer models per unknown overfits (the tiny world: K 100 beats 500)
 METHODS = ("least_squares", "logistic")
 DEBIAS_MODES = ("project", "orthogonalize")
 
@@ -93,7 +94,7 @@ class Direction:
         return strength * self.std * self.vector
 
 
-def fit_direction(space: Space, attribute: str, k: int = DEFAULT_EDIT_COMPONENTS, method: str = "least_squares",
+def fit_direction(space: Space, attribute: str, k: int | None = None, method: str = "least_squares",
                   rows: np.ndarray | None = None) -> torch.Tensor:
     """The raw direction (k,) of `attribute` fitted on the dataset models `rows` (default: all)."""
     if method not in METHODS:
@@ -108,7 +109,7 @@ def fit_direction(space: Space, attribute: str, k: int = DEFAULT_EDIT_COMPONENTS
     return fit(coefficients, labels)
 
 
-def attribute_directions(space: Space, attributes: list[str], k: int = DEFAULT_EDIT_COMPONENTS,
+def attribute_directions(space: Space, attributes: list[str], k: int | None = None,
                          method: str = "least_squares", debias_against: list[str] | None = None,
                          debias_mode: str = "project") -> dict[str, Direction]:
     """Unit directions of `attributes`, each debiased against `debias_against` (minus itself)."""
@@ -138,7 +139,7 @@ def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[s
     return W2WModel(coefficients, model.space_id)
 
 
-def direction_report(space: Space, k: int = DEFAULT_EDIT_COMPONENTS, method: str = "least_squares",
+def direction_report(space: Space, k: int | None = None, method: str = "least_squares",
                      held_out: float = 0.2, seed: int = 0) -> pd.DataFrame:
     """For each ±1 attribute: positives, and held-out accuracy / balanced accuracy of sign(C d + b)
     with d fitted on the other models (b = the training labels' mean, the intercept of a least-squares
@@ -164,7 +165,14 @@ def direction_report(space: Space, k: int = DEFAULT_EDIT_COMPONENTS, method: str
     return pd.DataFrame(rows).set_index("attribute")
 
 
-def _coefficients(space: Space, k: int) -> torch.Tensor:
+def edit_components(space: Space) -> int:
+    """The default K of directions: the paper's 1,000, at most M / 10 so that the fit does not overfit."""
+    return max(1, min(DEFAULT_EDIT_COMPONENTS, space.num_models // MODELS_PER_COMPONENT))
+
+
+def _coefficients(space: Space, k: int | None) -> torch.Tensor:
+    """The dataset's coefficients (M, k) on the first k components (default: edit_components)."""
     if space.coefficients is None:
         raise SpaceError("the space has no dataset coefficients: directions cannot be fitted")
+    k = edit_components(space) if k is None else k
     return space.coefficients[:, : min(k, space.coefficients.shape[1])].float()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_space
 
-from lora_w2w.editing import (apply_edits, attribute_directions, debias, direction_report, least_squares_direction,
-                              spread_along)
+from lora_w2w.editing import (apply_edits, attribute_directions, debias, direction_report, edit_components,
+                              least_squares_direction, spread_along)
 from lora_w2w.errors import SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
 from lora_w2w.sampling import fit_gaussian, nearest_models, sample_models
@@ -104,6 +104,19 @@ def test_direction_report_scores_held_out_models(labelled_space):
     assert report.loc["Bald", "accuracy"] > 0.9 and report.loc["Male", "balanced_accuracy"] > 0.9
     logistic = direction_report(labelled_space, k=8, method="logistic")
     assert logistic.loc["Bald", "accuracy"] > 0.9
+
+
+def test_directions_default_to_at_most_m_over_10_components(labelled_space):
+    """The paper's K = 1,000 for its 65k models; at most M/10 for smaller datasets, where least squares
+    on more unknowns overfits (M = 60 models on 8 components: 6 of them)."""
+    assert edit_components(labelled_space) == 200  # min(1000, 2000 // 10); directions take the space's 8 of them
+    assert attribute_directions(labelled_space, ["Bald"])["Bald"].vector.shape == (8,)
+    small = labelled_space.truncate(8)
+    small.coefficients, small.attributes = small.coefficients[:60], small.attributes.iloc[:60]
+    assert edit_components(small) == 6
+    assert attribute_directions(small, ["Bald"])["Bald"].vector.shape == (6,)
+    big = make_space(SMALL, k=8, m=20_000, seed=0)
+    assert edit_components(big) == 1000
 
 
 def test_generation_fuses_the_model_and_delays_injection(toy_world):
