@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test tiny-world bench-train bench-pca bench-invert clean
+.PHONY: demo test tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench-train: $(STAMP)
 
 bench-invert: $(STAMP)
 	$(PY) benchmarks/bench_invert.py
+
+# Peak GPU memory of each job on SD1.5 at 512 px, estimated on the CPU on fake tensors (no GPU, no download;
+# ~2.5 minutes on one thread).
+bench-gpu-memory: $(STAMP)
+	$(PY) benchmarks/bench_gpu_memory.py
 
 tiny-world: $(STAMP)
 	$(PY) -m lora_w2w.tiny.build --out files/tiny --work data/tiny
