@@ -65,8 +65,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_w2w.dreambooth import (IdentityData, SharedData, StepSampler, add_dreambooth_arguments,
-                                 class_image_batch_size, dreambooth_loss, encode_batch_size, encode_images,
-                                 encode_prompt, initial_lora_weights, load_base, lora_layout, noisy_inputs)
+                                 class_image_batch_size, encode_batch_size, encode_images, encode_prompt,
+                                 identities_loss, initial_lora_weights, load_base, lora_layout)
 from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss, target_sizes
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
@@ -335,10 +335,7 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     for _ in range(2):
         with tracker.phase("step", peaks):  # train_one's loop body
-            noisy, timesteps, text, target = noisy_inputs(identity, shared, identity.sampler.next())  # (2b, C, h, w) ..
-            prediction = unet(noisy, timesteps, text).sample                                         # (2b, C, h, w)
-            loss = dreambooth_loss(prediction, target, args.train_batch_size, args.prior_loss_weight)
-            loss.backward()
+            identities_loss(unet, [identity], shared, args).backward()
             optimizer.step()
             optimizer.zero_grad()
     return peaks
@@ -358,13 +355,7 @@ def train_identities_job(build, tracker: LiveTensorBytes, identities: int) -> di
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     for _ in range(2):
         with tracker.phase("step", peaks):  # train_group's loop body
-            inputs = [noisy_inputs(identity, shared, identity.sampler.next()) for identity in data]
-            noisy, timesteps, text, target = (torch.cat(parts) for parts in zip(*inputs))  # (K * 2b, ...)
-            prediction = pipe.unet(noisy, timesteps, text).sample                          # (K * 2b, C, h, w)
-            n = len(prediction) // identities
-            loss = sum(dreambooth_loss(prediction[i * n:(i + 1) * n], target[i * n:(i + 1) * n],
-                                       args.train_batch_size, args.prior_loss_weight) for i in range(identities))
-            (loss / args.gradient_accumulation_steps).backward()
+            (identities_loss(pipe.unet, data, shared, args) / args.gradient_accumulation_steps).backward()
             optimizer.step()
             optimizer.zero_grad()
     remove_banks(pipe.unet, banks)

@@ -12,6 +12,7 @@ Letters: I images, b batch per identity, C latent channels, h x w latent size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -261,6 +262,20 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
     return loss
 
 
+def identities_loss(unet, identities: list[IdentityData], shared: SharedData, args: argparse.Namespace,
+                    autocast=contextlib.nullcontext) -> torch.Tensor:
+    """One step's loss of K identities in one UNet call: each identity's samples (its instance and class
+    latents, noise and timesteps from its own sampler) pass through the UNet together, and the loss is
+    the sum of each identity's Dreambooth loss, so each identity's gradient is that of a solo run."""
+    inputs = [noisy_inputs(identity, shared, identity.sampler.next()) for identity in identities]
+    noisy, timesteps, text, target = (torch.cat(parts) for parts in zip(*inputs))  # (K n, C, h, w), (K n,) ...
+    with autocast():
+        prediction = unet(noisy, timesteps, text).sample                           # (K n, C, h, w)
+    n = len(prediction) // len(identities)
+    return sum(dreambooth_loss(prediction[i * n:(i + 1) * n], target[i * n:(i + 1) * n], args.train_batch_size,
+                               args.prior_loss_weight) for i in range(len(identities)))
+
+
 def initial_lora_weights(layout: LoraLayout, seed: int) -> torch.Tensor:
     """PEFT's default start, drawn from `seed`: lora_A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform,
     a = sqrt(5)), lora_B = 0; flat (N,)."""
@@ -389,10 +404,7 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     for _ in progress:
         for _ in range(args.gradient_accumulation_steps):
             with accelerator.accumulate(unet):
-                noisy, timesteps, text, target = noisy_inputs(identity, shared, identity.sampler.next())
-                with accelerator.autocast():
-                    prediction = unet(noisy, timesteps, text).sample
-                loss = dreambooth_loss(prediction, target, args.train_batch_size, args.prior_loss_weight)
+                loss = identities_loss(unet, [identity], shared, args, accelerator.autocast)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, check_dreambooth_arguments,
-                         dreambooth_loss, initial_lora_weights, load_base, load_image_folder, lora_layout, lr_lambda,
-                         noisy_inputs, prepare_identity, prepare_shared)
+                         identities_loss, initial_lora_weights, load_base, load_image_folder, lora_layout, lr_lambda,
+                         prepare_identity, prepare_shared)
 from .errors import W2WError
 from .formats import PEFT_WEIGHTS, save_peft
 from .layout import LoraLayout
@@ -89,13 +89,7 @@ def train_group(unet: nn.Module, layout: LoraLayout, identities: list[IdentityDa
                         disable=not accelerator.is_local_main_process)
         for _ in progress:
             for _ in range(args.gradient_accumulation_steps):
-                inputs = [noisy_inputs(identity, shared, identity.sampler.next()) for identity in identities]
-                noisy, timesteps, text, target = (torch.cat(parts) for parts in zip(*inputs))  # (K * n, ...)
-                with accelerator.autocast():
-                    prediction = unet(noisy, timesteps, text).sample
-                n = len(prediction) // k
-                loss = sum(dreambooth_loss(prediction[i * n:(i + 1) * n], target[i * n:(i + 1) * n],
-                                           args.train_batch_size, args.prior_loss_weight) for i in range(k))
+                loss = identities_loss(unet, identities, shared, args, accelerator.autocast)
                 (loss / args.gradient_accumulation_steps).backward()
             optimizer.step()
             optimizer.zero_grad()
