@@ -55,8 +55,6 @@ from importlib.resources import files
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import set_peft_model_state_dict
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,7 +62,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lora_w2w.dreambooth import (IdentityData, SharedData, StepSampler, add_dreambooth_arguments,
+from lora_w2w.dreambooth import (IdentityData, SharedData, StepSampler, add_dreambooth_arguments, add_identity_lora,
                                  class_image_batch_size, encode_batch_size, encode_images, encode_prompt,
                                  identities_loss, initial_lora_weights, load_base, lora_layout)
 from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss, target_sizes
@@ -328,11 +326,7 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
         encode_images(pipe.vae, torch.rand(batch, 3, resolution, resolution) * 2 - 1)  # (B, 3, R, R)
     (identity,), shared = training_inputs(pipe, 1)
     unet = pipe.unet
-    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
-                                init_lora_weights=True))
-    set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    optimizer = add_identity_lora(unet, layout, args)
     for _ in range(2):
         with tracker.phase("step", peaks):  # train_one's loop body
             identities_loss(unet, [identity], shared, args).backward()

@@ -262,6 +262,19 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
     return loss
 
 
+def add_identity_lora(unet, layout: LoraLayout, args: argparse.Namespace) -> torch.optim.AdamW:
+    """A PEFT LoRA adapter (args' rank, alpha and targets) added to the UNet, started from
+    initial_lora_weights(args.seed); returns the AdamW optimizer of its weights."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
+                                init_lora_weights=True))
+    set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+
+
 def identities_loss(unet, identities: list[IdentityData], shared: SharedData, args: argparse.Namespace,
                     autocast=contextlib.nullcontext) -> torch.Tensor:
     """One step's loss of K identities in one UNet call: each identity's samples (its instance and class
@@ -375,8 +388,7 @@ def lora_layout(base: Base, args: argparse.Namespace) -> LoraLayout:
 def train_one(args: argparse.Namespace) -> torch.Tensor:
     """Train one identity's LoRA (a PEFT adapter); returns its flat weights (N,) and writes <output_dir>/unet/."""
     from accelerate import Accelerator
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
 
     from .formats import save_peft
 
@@ -392,11 +404,7 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     identity = prepare_identity(output_dir.name, images, base, shared, args)
 
     unet = base.unet
-    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
-                                init_lora_weights=True))
-    set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    optimizer = add_identity_lora(unet, layout, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.max_train_steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
