@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..editing import apply_edits, attribute_directions
 from ..pipeline import generate, load_base_pipeline
@@ -77,7 +78,7 @@ def _pairwise_similarity(a: Prediction, b: Prediction) -> float:
 
 def evaluate_sampling(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
     models = sample_models(space, settings.samples, seed=0)
-    preds = [evaluator.predict(_images(pipe, space, m, settings)) for m in models]
+    preds = [evaluator.predict(_images(pipe, space, m, settings)) for m in tqdm(models, desc="sampling: models")]
     consistency = [attribute_agreement(p, _majority(p)) for p in preds]
     within = [_pairwise_similarity(p, p) for p in preds]
     between = [_pairwise_similarity(preds[i], preds[j]) for i in range(len(preds)) for j in range(i + 1, len(preds))]
@@ -96,7 +97,7 @@ def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Setting
     directions = attribute_directions(space, list(EDITED), debias_against=["Male"])
     models = sample_models(space, settings.samples, seed=1)
     results = {a: {"changed": [], "kept": [], "similarity": []} for a in EDITED}
-    for model in models:
+    for model in tqdm(models, desc="editing: models"):
         before = evaluator.predict(_images(pipe, space, model, settings))
         read = _majority(before)
         for attribute in EDITED:
@@ -126,7 +127,7 @@ def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Setti
     renders = {identity.name: [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(10)]
                for i, identity in enumerate(identities)}
     candidates = {name: {} for name in PAPER["inversion_id_score"]}
-    for identity in identities:
+    for identity in tqdm(identities, desc="inversion: w2w"):
         for kind, images in (("one", renders[identity.name][:1]), ("many", renders[identity.name])):
             folder = work / kind / identity.name
             folder.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,7 @@ def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Setti
         candidates[name] = {i.name: load_peft(space.layout, work / f"loras_{kind}" / i.name) for i in identities}
 
     scores = {name: [] for name in candidates}
-    for identity in identities:
+    for identity in tqdm(identities, desc="inversion: scoring"):
         truth = evaluator.predict(renders[identity.name])
         for name, models in candidates.items():
             images = generate(pipe, space.layout, models[identity.name], space.prompt, seeds=range(settings.seeds),
