@@ -142,7 +142,8 @@ def encode_batch_size(resolution: int) -> int:
 def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, resolution: int, steps: int,
                         seed: int, device: torch.device) -> None:
     """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards),
-    float16 on CUDA; batches of 16 at 64 px, 1 at 512 px (4 GB on SD1.5 rather than 20 GB)."""
+    float16 on CUDA; batches of 16 at 64 px, 1 at 512 px (on SD1.5 the phase peaks at 6.3 GiB with the
+    base held, rather than 20 GiB: benchmarks/README.md)."""
     class_dir.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (class_dir / f"{i:05d}.png").is_file()]
     if not missing:

@@ -146,7 +146,7 @@ def test_write_dataset_matches_folders_and_resumes(tmp_path, monkeypatch):
     calls.clear()  # a later range adds rows and keeps the earlier ones
     table = write_dataset(tmp_path, 2, first_seed=12, **options)
     assert list(table.index) == names + ["000013"] and calls == ["000013", "000013"]
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob(".*.partial-*"))  # no temporary file is left behind
 
 
 def test_render_speed():

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_w2w.errors import FileFormatError
+from lora_w2w.storage import atomic_output
 from lora_w2w.tiny import faces
 from lora_w2w.tiny.faces import ATTRIBUTES, IMAGE_ATTRIBUTES, TRAITS
 
@@ -173,12 +174,9 @@ class Evaluator(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Weights and config in one safetensors file, written to a temporary name then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, tmp, metadata={"format": FORMAT, "config": json.dumps(asdict(self.config))})
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file(state, tmp, metadata={"format": FORMAT, "config": json.dumps(asdict(self.config))})
 
     @classmethod
     def load(cls, path: str | os.PathLike = DEFAULT_PATH) -> "Evaluator":
@@ -624,9 +622,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.vae and args.samples and (Path(args.vae) / "model_index.json").is_file():
         metrics["samples"] = measure_samples(model, args.vae, args.samples, args.sample_steps)
     report = {"format": FORMAT, "config": asdict(model.config), "training": training, "metrics": metrics}
-    tmp = report_path.with_name(f".{report_path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, report_path)
+    with atomic_output(report_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
     print(format_report(metrics))
     print(f"wrote {args.out} and {report_path}")
     return report

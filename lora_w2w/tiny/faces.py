@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from ..storage import atomic_output
 
 ATTRIBUTES: tuple[str, ...] = (
     "Male", "Young", "Eyeglasses", "No_Beard", "Mustache", "Bald", "Black_Hair", "Blond_Hair",
@@ -550,9 +551,8 @@ def _write_identity(folder: Path, seed: int, identity: Identity, images: int, si
     """Render all `images` pngs of one identity, each to a temporary name then renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(images):
-        tmp = folder / f".{k}.png.tmp"
-        render(identity, dataset_view_seed(seed, k), size).save(tmp, format="PNG")
-        os.replace(tmp, folder / f"{k}.png")
+        with atomic_output(folder / f"{k}.png") as tmp:
+            render(identity, dataset_view_seed(seed, k), size).save(tmp, format="PNG")
 
 
 def _image_rows(seed: int, identity: Identity, images: int) -> list[dict]:
@@ -568,9 +568,8 @@ def _merge_csv(path: Path, table: pd.DataFrame, keys: list[str]) -> pd.DataFrame
         old = pd.read_csv(path, dtype={"name": str})
         table = pd.concat([old, table]).drop_duplicates(subset=keys, keep="last")
     table = table.sort_values(keys).reset_index(drop=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False)
     return table
 
 

@@ -33,6 +33,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from lora_w2w.storage import atomic_output
 from lora_w2w.tiny import faces
 from lora_w2w.tiny.pipeline import (
     TinyPipelineConfig,
@@ -105,9 +106,8 @@ def random_crop(x: torch.Tensor, crop: int, generator: torch.Generator) -> torch
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
