@@ -71,6 +71,17 @@ def add_dreambooth_arguments(parser: argparse.ArgumentParser) -> None:
                        help="autocast of the frozen model's forward on GPUs (default: %(default)s)")
 
 
+# flags that do not change the weights a run trains: where files go, and a flag with one value
+NOT_TRAINING_SETTINGS = ("class_data_dir", "use_lora")
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    """The Dreambooth flags that decide a LoRA's weights, as recorded with each trained adapter."""
+    parser = argparse.ArgumentParser()
+    add_dreambooth_arguments(parser)
+    return {key: getattr(args, key) for key in vars(parser.parse_args([])) if key not in NOT_TRAINING_SETTINGS}
+
+
 def check_dreambooth_arguments(args: argparse.Namespace) -> None:
     """Reject impossible values right after parsing."""
     checks = [
@@ -423,5 +434,5 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
     weights = layout.from_peft_state_dict(state)
     if accelerator.is_main_process:
-        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path)
+        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path, training_settings(args))
     return weights

@@ -28,6 +28,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads a LoRA's config from
+TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
 
@@ -54,8 +55,10 @@ def _lora_config(layout: LoraLayout, base_model: str) -> dict:
 
 # ----------------------------------------------------------------------------- PEFT / diffusers folder
 
-def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.PathLike, base_model: str = "") -> Path:
-    """Write weights (N,) as a PEFT/diffusers LoRA folder."""
+def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.PathLike, base_model: str = "",
+              training: dict | None = None) -> Path:
+    """Write weights (N,) as a PEFT/diffusers LoRA folder; `training`, the settings it was trained with,
+    goes into the metadata of adapter_model.safetensors (`recorded_training` reads it)."""
     weights = _weights(layout, weights)
     state = layout.to_peft_state_dict(weights)
     config = _lora_config(layout, base_model)
@@ -64,11 +67,19 @@ def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.Pat
                 {"r": layout.rank, "lora_alpha": layout.alpha, "target_modules": sorted(layout.target_modules)}.items()}
     with atomic_output(directory) as tmp:
         tmp.mkdir()
-        save_file(state, tmp / PEFT_WEIGHTS, {"format": "pt"})
+        extra = {} if training is None else {TRAINING_METADATA_KEY: json.dumps(training, sort_keys=True)}
+        save_file(state, tmp / PEFT_WEIGHTS, {"format": "pt", **extra})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(diffusers_state, tmp / DIFFUSERS_WEIGHTS,
                   {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return Path(directory)
+
+
+def recorded_training(directory: str | os.PathLike) -> dict | None:
+    """The training settings recorded in a PEFT folder by `save_peft`, or None when there are none."""
+    header, _ = read_safetensors_header(Path(directory) / PEFT_WEIGHTS)
+    recorded = header.get("__metadata__", {}).get(TRAINING_METADATA_KEY)
+    return None if recorded is None else json.loads(recorded)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -11,12 +11,15 @@ its solo `train_dreambooth.py` run with the same seed; its batches, latents, noi
 come from its own `StepSampler`. Instance latents, text embeddings and class latents are cached once.
 
 Each finished identity is written as `<output_root>/<name>/unet/` (the format of train_dreambooth.py)
-atomically; on restart finished identities are skipped, so a killed job loses only the K in flight.
+atomically, with its training settings in the metadata; on restart finished identities are skipped, so
+a killed job loses only the K in flight, and a restart with other settings is refused (one weights
+dataset must not mix recipes).
 Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -28,9 +31,9 @@ from tqdm.auto import tqdm
 
 from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, check_dreambooth_arguments,
                          identities_loss, initial_lora_weights, load_base, load_image_folder, lora_layout, lr_lambda,
-                         prepare_identity, prepare_shared)
+                         prepare_identity, prepare_shared, training_settings)
 from .errors import W2WError
-from .formats import PEFT_WEIGHTS, save_peft
+from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .layout import LoraLayout
 
 
@@ -49,8 +52,9 @@ class LoraBank(nn.Module):
         shape = x.shape                                                  # (K * n, L, in)
         x_k = x.reshape(k, -1, shape[-1])                                # (K, n * L, in)
         h = torch.bmm(x_k, self.lora_A.transpose(1, 2).to(x.dtype))      # (K, n * L, r)
-        delta = torch.bmm(h, self.lora_B.transpose(1, 2).to(x.dtype))    # (K, n * L, out)
-        return self.base(x) + self.scaling * delta.reshape(*shape[:-1], -1)
+        y = self.base(x_k)                                               # (K, n * L, out)
+        y = torch.baddbmm(y, h, self.lora_B.transpose(1, 2).to(x.dtype), alpha=self.scaling)  # y + s B_k A_k x
+        return y.reshape(*shape[:-1], -1)
 
 
 def install_banks(unet: nn.Module, layout: LoraLayout, initial: torch.Tensor) -> dict[str, LoraBank]:
@@ -111,8 +115,25 @@ def identity_folders(root: Path) -> list[Path]:
     return folders
 
 
-def is_finished(output_root: Path, name: str) -> bool:
-    return (output_root / name / "unet" / PEFT_WEIGHTS).is_file()
+def finished(output_root: Path, folders: list[Path], settings: dict) -> set[str]:
+    """The names of the identities of `folders` already trained in `output_root`; W2WError when any of
+    them was trained with other settings than `settings` (adapters without recorded settings pass)."""
+    settings = json.loads(json.dumps(settings))  # as recorded: tuples become lists
+    done, other = set(), {}
+    for folder in folders:
+        adapter = output_root / folder.name / "unet"
+        if (adapter / PEFT_WEIGHTS).is_file():
+            done.add(folder.name)
+            recorded = recorded_training(adapter)
+            if recorded is not None and recorded != settings:
+                other[folder.name] = recorded
+    if other:
+        name, recorded = next(iter(other.items()))
+        changes = ", ".join(f"{key} {recorded.get(key)!r} (asked now: {value!r})" for key, value in settings.items()
+                            if recorded.get(key) != value)
+        raise W2WError(f"{output_root}: {len(other)} identities (the first: {name}) were trained with other settings: "
+                       f"{changes}; give another --output_root, or delete them to train them again")
+    return done
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,8 +161,10 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     output_root = Path(args.output_root)
     folders = identity_folders(Path(args.instance_root))[: args.limit]
-    todo = [f for f in folders[accelerator.process_index::accelerator.num_processes]
-            if not is_finished(output_root, f.name)]
+    share = folders[accelerator.process_index::accelerator.num_processes]
+    settings = training_settings(args)
+    done = finished(output_root, share, settings)
+    todo = [f for f in share if f.name not in done]
     base = load_base(args.pretrained_model_name_or_path, accelerator.device)
     layout = lora_layout(base, args)
     resolution = args.resolution or base.resolution
@@ -165,7 +188,7 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             continue
         weights = train_group(base.unet, layout, identities, shared, args, accelerator)  # (K, N)
         for identity, w in zip(identities, weights):
-            save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path)
+            save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
             trained.append(identity.name)
     return trained, refused
 

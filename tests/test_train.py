@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from lora_w2w import train_identities
 from lora_w2w.dreambooth import load_image_folder, train_one
 from lora_w2w.errors import W2WError
-from lora_w2w.formats import PEFT_CONFIG, PEFT_WEIGHTS
+from lora_w2w.formats import PEFT_CONFIG, PEFT_WEIGHTS, recorded_training
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_dreambooth_script", ROOT / "train_dreambooth.py")
@@ -41,6 +41,8 @@ def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
             torch.testing.assert_close(multi[key], single[key], rtol=1e-3, atol=1e-4)
         assert (tmp_path / "multi" / name / "unet" / PEFT_CONFIG).read_text() == \
                (tmp_path / "solo" / name / "unet" / PEFT_CONFIG).read_text()
+        recorded = [recorded_training(tmp_path / kind / name / "unet") for kind in ("multi", "solo")]
+        assert recorded[0] == recorded[1] and recorded[0]["max_train_steps"] == 4 and recorded[0]["seed"] == 0
     # the two identities differ from each other
     a, b = (load_file(tmp_path / "multi" / n / "unet" / PEFT_WEIGHTS) for n in ("000000", "000001"))
     assert any(not torch.allclose(a[k], b[k]) for k in a)
@@ -56,6 +58,10 @@ def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_
     assert (tmp_path / "000000" / "unet" / PEFT_WEIGHTS).stat().st_mtime_ns == before
     assert train_identities.train_identities(train_identities.parse_args(argv)) == ([], [])
     assert not list(tmp_path.glob("**/.*partial*"))
+    # a restart with another recipe would mix two recipes in one weights dataset: refused before training
+    with pytest.raises(W2WError, match=r"3 identities \(the first: 000000\) were trained with other settings: "
+                                       r"max_train_steps 1 \(asked now: 2\); give another --output_root"):
+        train_identities.train_identities(train_identities.parse_args(argv + ["--max_train_steps", "2"]))
 
 
 def test_instance_folders_are_read_forgivingly_and_refused_clearly(tmp_path):
