@@ -18,11 +18,20 @@ Our time per step is a whole `invert()` call divided by its steps: it includes t
 `ratio_floor_by_caching` is the ratio if the only saving were the cached image and prompt encodings.
 Repetitions alternate between the methods; medians are reported. The last line is one JSON object
 {"benchmark": "invert", "ratio": <step time / baseline step time>, "generate_ratio": <with model / base alone>, ...}.
+
+`--sd15` times the inversion step on Stable Diffusion 1.5's architecture at 512 px instead (randomly
+initialised from its configs, as `bench_gpu_memory.py` builds it: no download; float32; ~12 GB of
+RAM, tens of seconds per step on a CPU). There the encoders the original re-runs are no longer small
+(`flops` in the output: the VAE encoder at 512 px against the UNet's forward and backward, counted
+on fake tensors), so this is the configuration the comparison is about; `flop_ratio` is what the
+ratio would be if time followed flops, as on a GPU at 512 px. Our step there is the steady state: an `invert()` run's time less its one-time
+`encode_target` (timed separately in the same run, paid once per run); no generation, no bfloat16.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -33,8 +42,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from lora_w2w.dreambooth import encode_images, encode_prompt, prepare_image
-from lora_w2w.inversion import InversionConfig, invert, load_target, target_sizes
+from lora_w2w.dreambooth import StepSampler, encode_images, encode_prompt, prepare_image
+from lora_w2w.inversion import (InversionConfig, differentiable_unet, encode_target, inversion_loss, invert,
+                                load_target, target_sizes)
 from lora_w2w.layout import LoraLayout
 from lora_w2w.pipeline import generate, load_base_pipeline
 from lora_w2w.space import Space, W2WModel
@@ -58,12 +68,15 @@ def base_pipeline():
     return pipe, "random TinyPipelineConfig()"
 
 
-def random_space(unet, k: int) -> Space:
-    """K random orthonormal components at the tiny space's layout (the UNet's to_q/to_v rank 1 without it)."""
+def tiny_layout(unet) -> LoraLayout:
+    """The tiny space's layout (the UNet's to_q/to_v rank 1 without it)."""
     if (TINY_SPACE / "space.json").is_file():
-        layout = LoraLayout.from_dict(read_space_description(TINY_SPACE)["layout"])
-    else:
-        layout = LoraLayout.from_unet(unet)
+        return LoraLayout.from_dict(read_space_description(TINY_SPACE)["layout"])
+    return LoraLayout.from_unet(unet)
+
+
+def random_space(layout: LoraLayout, k: int) -> Space:
+    """K random orthonormal components over `layout`."""
     g = torch.Generator().manual_seed(0)
     n = layout.numel
     components = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0].T.float()  # (K, N)
@@ -145,16 +158,89 @@ def parse_args() -> argparse.Namespace:
                         help="denoising steps per generated image (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 keeps timings steady on a shared machine (default: %(default)s)")
+    parser.add_argument("--sd15", action="store_true",
+                        help="time the step on SD1.5's architecture at 512 px (random weights; use e.g. --steps 2 "
+                             "--repeats 1)")
     return parser.parse_args()
+
+
+def sd15_flops(k: int) -> dict[str, float]:
+    """Teraflops of SD1.5's VAE encode of one 512 px image, prompt encode and inversion step (forward and
+    backward), counted on fake tensors (shapes only: seconds, no memory)."""
+    from bench_gpu_memory import ForgetFakeMemo, sd15_pipeline
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    counted = {}
+    with fake, ForgetFakeMemo(fake):
+        pipe = sd15_pipeline(torch.float32)
+        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            module.requires_grad_(False)
+        layout = LoraLayout.from_unet(pipe.unet)
+        basis = (torch.zeros(layout.numel), torch.ones(layout.numel), torch.randn(k, layout.numel))  # (N,) (N,) (K, N)
+        image = torch.rand(1, 3, 512, 512) * 2 - 1                                                 # (1, 3, R, R)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        target = encode_target(pipe, image, None, "sks person")
+        sampler = StepSampler(0, 1, 0, 1, tuple(target.latent_mean.shape[1:]), scheduler.config.num_train_timesteps)
+        coefficients = torch.zeros(k, requires_grad=True)
+        with differentiable_unet(pipe.unet, layout) as lora_unet:
+            parts = {"vae_encode": lambda: encode_images(pipe.vae, image),
+                     "text_encode": lambda: encode_prompt(pipe.tokenizer, pipe.text_encoder, "sks person"),
+                     "step": lambda: inversion_loss(lora_unet, basis, coefficients, target, scheduler,
+                                                    sampler.next()).backward()}
+            for name, part in parts.items():
+                with FlopCounterMode(display=False) as counter:
+                    part()
+                counted[name] = counter.get_total_flops() / 1e12
+    return counted
+
+
+def main_sd15(args: argparse.Namespace) -> None:
+    """The inversion step on SD1.5's architecture at 512 px: ours (steady state) against the original's."""
+    from bench_gpu_memory import sd15_pipeline
+
+    pipe = sd15_pipeline(torch.float32)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    baseline_unet = copy.deepcopy(pipe.unet)
+    space = random_space(LoraLayout.from_unet(pipe.unet), args.components)
+    image, _ = load_target(IMAGE, None, *target_sizes(pipe))
+    config = InversionConfig(components=args.components, lr=1.0, weight_decay=0.0, steps=args.steps)
+    timed = {"invert": lambda: invert(pipe, space, image, None, config, progress=False),
+             "encode_target": lambda: encode_target(pipe, image, None, "sks person"),
+             "baseline": lambda: baseline_run(pipe, baseline_unet, space, IMAGE, args.steps, 1.0, torch.float32)}
+    invert(pipe, space, image, None, dataclasses.replace(config, steps=1), progress=False)  # warm-up: one step each
+    baseline_run(pipe, baseline_unet, space, IMAGE, 1, 1.0, torch.float32)
+    times = {name: [] for name in timed}
+    for _ in range(args.repeats):
+        for name, fn in timed.items():
+            times[name].append(seconds(fn))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    step = (median["invert"] - median["encode_target"]) / args.steps
+    baseline_step = median["baseline"] / args.steps
+    flops = sd15_flops(args.components)
+    print(f"SD1.5 at 512 px, inversion step: {step:.2f} s (plus {median['encode_target']:.2f} s once per run), "
+          f"original-style step {baseline_step:.2f} s")
+    print(json.dumps({
+        "benchmark": "invert", "ratio": round(step / baseline_step, 3), "step_s": round(step, 3),
+        "baseline_step_s": round(baseline_step, 3), "encode_once_s": round(median["encode_target"], 3),
+        "flop_ratio": round(flops["step"] / sum(flops.values()), 3), "tflops": {n: round(f, 4) for n, f in flops.items()},
+        "components": args.components, "num_weights": space.num_weights, "steps": args.steps,
+        "repeats": args.repeats, "threads": args.threads, "base": "SD1.5 architecture, random weights, 512 px",
+        "device": "cpu",
+    }))
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.sd15:
+        return main_sd15(args)
     pipe, base = base_pipeline()
     for module in (pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
-    space = random_space(pipe.unet, args.components)
+    space = random_space(tiny_layout(pipe.unet), args.components)
     image, _ = load_target(IMAGE, None, *target_sizes(pipe))
     config = InversionConfig(components=args.components, lr=1.0, weight_decay=0.0, steps=args.steps)
     bf16 = copy.deepcopy(pipe).to(dtype=torch.bfloat16)
