@@ -14,7 +14,8 @@ Each finished identity is written as `<output_root>/<name>/unet/` (the format of
 atomically, with its training settings in the metadata; on restart finished identities are skipped, so
 a killed job loses only the K in flight, and a restart with other settings is refused (one weights
 dataset must not mix recipes).
-Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...
+Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...; on
+one machine without accelerate (single-thread processes on a CPU), `--shard r/P` does the same.
 """
 from __future__ import annotations
 
@@ -144,15 +145,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--identities_per_batch", type=int, default=16,
                         help="K, identities trained together in one pass (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="train only the first LIMIT identities")
+    parser.add_argument("--shard", default=None, metavar="R/P",
+                        help="train only share R of P (identities R, R + P, ...; R from 0), for P processes on one "
+                             "machine without accelerate (default: accelerate's process index and count)")
     add_dreambooth_arguments(parser)
     args = parser.parse_args(argv)
     try:
         check_dreambooth_arguments(args)
         if args.identities_per_batch < 1:
             raise W2WError(f"--identities_per_batch must be >= 1, got {args.identities_per_batch}")
+        if args.shard is not None:
+            args.shard = parse_shard(args.shard)
     except W2WError as error:
         parser.error(str(error))
     return args
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"R/P" -> (R, P) with 0 <= R < P."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise W2WError(f"--shard must be R/P with 0 <= R < P, such as 0/4; got {text!r}")
+    return int(index), int(count)
 
 
 def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -161,7 +175,8 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     output_root = Path(args.output_root)
     folders = identity_folders(Path(args.instance_root))[: args.limit]
-    share = folders[accelerator.process_index::accelerator.num_processes]
+    index, count = args.shard or (accelerator.process_index, accelerator.num_processes)
+    share = folders[index::count]
     settings = training_settings(args)
     done = finished(output_root, share, settings)
     todo = [f for f in share if f.name not in done]
@@ -173,7 +188,7 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         shared = prepare_shared(base, args, resolution, class_dir)
     trained, refused = [], []
     groups = range(0, len(todo), args.identities_per_batch)
-    for start in tqdm(groups, desc=f"identity groups (process {accelerator.process_index})", unit="group",
+    for start in tqdm(groups, desc=f"identity groups (share {index} of {count})", unit="group",
                       disable=not accelerator.is_local_main_process):
         identities = []
         for folder in todo[start:start + args.identities_per_batch]:

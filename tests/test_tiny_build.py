@@ -32,9 +32,11 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     shutil.copytree(toy_world / "base", out / "base")
     (out / "evaluator.safetensors").write_bytes(b"exists, so the stage is skipped")
     args = build.parse_args(["--out", str(out), "--work", str(work), "--identities", "3", "--components", "1",
-                             "--identities_per_batch", "2",
+                             "--identities_per_batch", "2", "--processes", "2",
                              "--plot", str(tmp_path / "variance.png")])
     assert build.main(args) == 0
+    for r in (0, 1):  # two processes, each over its share
+        assert f"trained {2 - r} identities" in (work / f"train_{r}.log").read_text()
     space = load_space(out / "space")
     assert list(space.attributes.index) == ["000000", "000001", "000002"]
     assert space.num_components == 1 and space.coefficients.shape == (3, 1)  # the first of M - 1 = 2
@@ -49,6 +51,7 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
         assert (work / "loras" / name / "unet" / "adapter_model.safetensors").exists()
 
     capsys.readouterr()
+    args.processes = 1
     assert build.main(args) == 0  # a rerun: everything exists
     log = capsys.readouterr().out
     assert "base model: " in log and "space: " in log and log.count("skipped") == 3

@@ -58,6 +58,11 @@ def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_
     assert (tmp_path / "000000" / "unet" / PEFT_WEIGHTS).stat().st_mtime_ns == before
     assert train_identities.train_identities(train_identities.parse_args(argv)) == ([], [])
     assert not list(tmp_path.glob("**/.*partial*"))
+    shares = [train_identities.train_identities(train_identities.parse_args(
+        [*argv, "--output_root", str(tmp_path / "shards"), "--shard", f"{r}/2"]))[0] for r in (0, 1)]
+    assert shares == [["000000", "000002"], ["000001"]]
+    with pytest.raises(SystemExit):
+        train_identities.parse_args([*argv, "--shard", "2/2"])
     # a restart with another recipe would mix two recipes in one weights dataset: refused before training
     with pytest.raises(W2WError, match=r"3 identities \(the first: 000000\) were trained with other settings: "
                                        r"max_train_steps 1 \(asked now: 2\); give another --output_root"):

@@ -9,15 +9,24 @@ exists (so an interrupted build resumes):
     6. space/                   PCA of the LoRAs with the identities' attribute table (w2w build), and
                                 its explained-variance curve (--plot, assets/tiny_explained_variance.png)
 
-    python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000]
+    python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000] [--processes P]
+
+On a CPU the LoRAs are trained by one single-thread `w2w train-identities` process per core, each
+over its share of the identities (`--shard r/P`; their logs in <work>/train_<r>.log): the tiny UNet's
+small ops keep threads waiting on each other, so processes go faster than threads.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from ..errors import W2WError
 from ..space import Space
@@ -48,17 +57,47 @@ def stage_evaluator(out: Path, work: Path) -> None:
     evaluator.main(evaluator.parse_args(["--out", str(out / "evaluator.safetensors"), "--vae", str(out / "base" / "vae")]))
 
 
-def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: int) -> None:
+def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: int, processes: int) -> None:
     from .. import train_identities
     from .faces import write_dataset
 
     write_dataset(work / "faces", identities, first_seed=0)
-    code = train_identities.main(["--pretrained_model_name_or_path", str(out / "base"),
-                                  "--instance_root", str(work / "faces" / "celeba_generated"),
-                                  "--output_root", str(work / "loras"), "--class_data_dir", str(work / "class_images"),
-                                  "--identities_per_batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)])
+    argv = ["--pretrained_model_name_or_path", str(out / "base"), "--instance_root", str(work / "faces" / "celeba_generated"),
+            "--output_root", str(work / "loras"), "--class_data_dir", str(work / "class_images"),
+            "--identities_per_batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)]
+    if processes == 1:
+        code = train_identities.main(argv)
+    else:
+        train_identities.main([*argv, "--limit", "0"])  # the shared class images, generated once, before the shares
+        code = train_in_processes(argv, processes, work / "loras", identities, work)
     if code:
-        raise W2WError("training the identity LoRAs failed")
+        raise W2WError(f"training the identity LoRAs failed (exit code {code}; logs in {work})")
+
+
+def train_in_processes(argv: list[str], processes: int, output_root: Path, total: int, log_dir: Path) -> int:
+    """`w2w train-identities argv` as `processes` processes over shares of the identities, the cores split
+    between them; a progress bar counts the finished identities. Returns the first non-zero exit code."""
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = []
+    try:
+        for r in range(processes):
+            with open(log_dir / f"train_{r}.log", "a") as log:
+                children.append(subprocess.Popen([sys.executable, "-m", "lora_w2w.train_identities", *argv,
+                                                  "--shard", f"{r}/{processes}"], env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT))
+        with tqdm(total=total, desc=f"identity LoRAs ({processes} processes, logs in {log_dir}/train_*.log)",
+                  unit="identity") as bar:
+            while any(child.poll() is None for child in children):
+                time.sleep(2)
+                bar.update(len(list(output_root.glob("*/unet/adapter_model.safetensors"))) - bar.n)
+    finally:  # interrupted: stop the shares (each loses only the identities in flight)
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+    return next((child.returncode for child in children if child.returncode), 0)
 
 
 def stage_space(out: Path, work: Path, components: int, picture: Path) -> None:
@@ -119,7 +158,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the explained-variance plot of the space (default: %(default)s)")
     parser.add_argument("--identities_per_batch", type=int, default=32,
                         help="identities trained together (default: %(default)s)")
-    return parser.parse_args(argv)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="training processes sharing the cores (default: one per core on a CPU, 1 with CUDA)")
+    args = parser.parse_args(argv)
+    if args.processes is None:
+        args.processes = 1 if torch.cuda.is_available() else os.cpu_count() or 1
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    return args
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
     stages = [
         ("base model", out / "base" / "model_index.json", lambda: stage_base(out, work)),
         ("evaluator", out / "evaluator.safetensors", lambda: stage_evaluator(out, work)),
-        ("identity LoRAs", None, lambda: stage_loras(out, work, args.identities, args.identities_per_batch)),
+        ("identity LoRAs", None, lambda: stage_loras(out, work, args.identities, args.identities_per_batch,
+                                                               args.processes)),
         ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.components, Path(args.plot))),
     ]
     for name, done, run in stages:
