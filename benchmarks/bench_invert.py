@@ -22,10 +22,11 @@ Repetitions alternate between the methods; medians are reported. The last line i
 `--sd15` times the inversion step on Stable Diffusion 1.5's architecture at 512 px instead (randomly
 initialised from its configs, as `bench_gpu_memory.py` builds it: no download; float32; ~12 GB of
 RAM, tens of seconds per step on a CPU). There the encoders the original re-runs are no longer small
-(`flops` in the output: the VAE encoder at 512 px against the UNet's forward and backward, counted
-on fake tensors), so this is the configuration the comparison is about; `flop_ratio` is what the
-ratio would be if time followed flops, as on a GPU at 512 px. Our step there is the steady state: an `invert()` run's time less its one-time
-`encode_target` (timed separately in the same run, paid once per run); no generation, no bfloat16.
+(`tflops` in the output: the VAE encoder at 512 px against the UNet's forward and backward, counted
+on fake tensors), so this is the configuration the comparison is about; `flop_ratio` is the ratio
+if time followed flops, which a GPU running both near its peak would approach (not measured). Our
+step there is the steady state: an `invert()` run's time less its one-time `encode_target` (timed
+separately in the same run, paid once per run); no generation, no bfloat16.
 """
 from __future__ import annotations
 
