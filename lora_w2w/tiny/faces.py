@@ -574,19 +574,20 @@ def _merge_csv(path: Path, table: pd.DataFrame, keys: list[str]) -> pd.DataFrame
 
 
 def write_dataset(root, num_identities: int, first_seed: int = 0, images_per_identity: int = 10,
-                  size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """Write root/celeba_generated/<name>/<k>.png for identities first_seed .. first_seed+num-1,
-    root/attributes.csv (one row per identity, index "name": CelebA columns +1/-1 and the traits)
-    and root/images.csv (name, image, view_seed, Smiling +1/-1). Complete identity folders are
-    skipped (resumable); csv rows of earlier calls are kept. Returns the attribute table."""
-    if num_identities < 1 or images_per_identity < 1 or size < 8:
-        raise ValueError(f"write_dataset: need num_identities >= 1, images_per_identity >= 1, "
-                         f"size >= 8; got {num_identities}, {images_per_identity}, {size}")
+                  size: int = 64, progress: bool = True, seeds: list[int] | None = None) -> pd.DataFrame:
+    """Write root/celeba_generated/<name>/<k>.png for identities first_seed .. first_seed+num-1 (or
+    the identities `seeds`), root/attributes.csv (one row per identity, index "name": CelebA columns
+    +1/-1 and the traits) and root/images.csv (name, image, view_seed, Smiling +1/-1). Complete
+    identity folders are skipped (resumable); csv rows of earlier calls are kept. Returns the
+    attribute table."""
+    seeds = range(first_seed, first_seed + num_identities) if seeds is None else seeds
+    if len(seeds) < 1 or images_per_identity < 1 or size < 8:
+        raise ValueError(f"write_dataset: need at least 1 identity, images_per_identity >= 1, "
+                         f"size >= 8; got {len(seeds)}, {images_per_identity}, {size}")
     root = Path(root)
     images_dir = root / "celeba_generated"
     attribute_rows, image_rows = [], []
-    for seed in tqdm(range(first_seed, first_seed + num_identities), desc="faces",
-                     disable=not progress):
+    for seed in tqdm(seeds, desc="faces", disable=not progress):
         identity = sample_identity(seed)
         folder = images_dir / identity.name
         if not _complete(folder, images_per_identity):

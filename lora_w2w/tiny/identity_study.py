@@ -5,6 +5,10 @@ a LoRA as baseline. One row of the ablation table in files/tiny/README.md.
 
     python -m lora_w2w.tiny.identity_study --identities 16 --lora_r 1 --max_train_steps 800 --out outputs/study
 
+With `--having Blond_Hair=1 No_Beard=-1 ...` only identities with those attribute values are studied
+(each value's identities in turn), and the agreement on each of those attributes says how often a
+LoRA renders it.
+
 The last line printed is one JSON object with the configuration and the scores.
 """
 from __future__ import annotations
@@ -23,9 +27,38 @@ from ..pipeline import generate, image_grid, load_base_pipeline
 from ..storage import atomic_output
 from .. import train_identities
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
+from ..errors import W2WError
 from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
 
 STUDY_SEEDS = 4_000_000  # identities of no training set
+
+
+def parse_having(items: list[str]) -> dict[str, bool]:
+    """["Blond_Hair=1", "No_Beard=-1"] -> {"Blond_Hair": True, "No_Beard": False}."""
+    having = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in ATTRIBUTES or value not in ("1", "-1", "+1"):
+            raise W2WError(f"--having {item!r}: expected ATTRIBUTE=1 or ATTRIBUTE=-1 with an attribute of "
+                           f"{', '.join(ATTRIBUTES)}")
+        having[name] = value != "-1"
+    return having
+
+
+def study_seeds(count: int, having: dict[str, bool]) -> list[int]:
+    """`count` held-out identity seeds; with `having`, an equal share for each of its attribute values
+    (the first seeds from STUDY_SEEDS whose identity has it)."""
+    if not having:
+        return list(range(STUDY_SEEDS, STUDY_SEEDS + count))
+    seeds = []
+    for i, (name, value) in enumerate(having.items()):
+        want, seed = count // len(having) + (i < count % len(having)), STUDY_SEEDS
+        while want:
+            if sample_identity(seed).attributes[name] == value and seed not in seeds:
+                seeds.append(seed)
+                want -= 1
+            seed += 1
+    return seeds
 
 
 def score_images(evaluator: Evaluator, images, identity, references) -> dict:
@@ -50,7 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator file")
     parser.add_argument("--out", required=True, help="work folder: faces, LoRAs, a picture, the JSON row")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--having", nargs="+", default=[], metavar="ATTRIBUTE=±1",
+                        help="study only identities with these attribute values, an equal share each "
+                             "(e.g. Blond_Hair=1 No_Beard=-1: blond identities and bearded ones)")
     args, rest = parser.parse_known_args(argv)
+    try:
+        args.having = parse_having(args.having)
+    except W2WError as error:
+        parser.error(str(error))
     out = Path(args.out)
     args.train = train_identities.parse_args([
         "--instance_root", str(out / "faces" / "celeba_generated"), "--output_root", str(out / "loras"),
@@ -61,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     out, train = Path(args.out), args.train
-    write_dataset(out / "faces", args.identities, first_seed=STUDY_SEEDS, images_per_identity=args.images_per_identity,
-                  progress=False)
+    seeds = study_seeds(args.identities, args.having)
+    write_dataset(out / "faces", len(seeds), images_per_identity=args.images_per_identity, progress=False, seeds=seeds)
     start = time.perf_counter()
     train_identities.train_identities(train)
     train_seconds = time.perf_counter() - start
@@ -74,8 +114,7 @@ def main(args: argparse.Namespace) -> dict:
     settings = dict(seeds=seeds, num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
     baseline_images = generate(pipe, None, None, train.instance_prompt, **settings)
     rows, picture = [], []
-    for i in range(args.identities):
-        seed = STUDY_SEEDS + i
+    for seed in seeds:
         identity = sample_identity(seed)
         references = [render(identity, dataset_view_seed(seed, k)) for k in range(args.images_per_identity)]
         weights = load_peft(layout, out / "loras" / identity.name)
@@ -89,16 +128,24 @@ def main(args: argparse.Namespace) -> dict:
     def mean(kind, key):
         return float(np.mean([row[kind][key] for row in rows]))
 
+    def rendered(kind, name, value):
+        return float(np.mean([row[kind]["per_attribute"][name] for row, seed in zip(rows, seeds)
+                              if sample_identity(seed).attributes[name] == value]))
+
     result = {
         "config": {"rank": train.lora_r, "alpha": train.lora_alpha, "targets": train.lora_target_modules,
                    "steps": train.max_train_steps, "lr": train.learning_rate, "batch": train.train_batch_size,
-                   "prior": train.with_prior_preservation, "num_weights": layout.numel},
+                   "prior": train.with_prior_preservation, "num_weights": layout.numel,
+                   "having": {name: 1 if value else -1 for name, value in args.having.items()}},
         "identities": args.identities, "train_seconds": round(train_seconds, 1),
         "agreement": mean("lora", "agreement"), "base_agreement": mean("base", "agreement"),
         "similarity": mean("lora", "similarity"), "base_similarity": mean("base", "similarity"),
         "face_confidence": mean("lora", "face_confidence"),
         "per_attribute": {a: float(np.mean([r["lora"]["per_attribute"][a] for r in rows])) for a in ATTRIBUTES},
         "base_per_attribute": {a: float(np.mean([r["base"]["per_attribute"][a] for r in rows])) for a in ATTRIBUTES},
+        # with --having: how often the images of an identity with the value show it (LoRA, base alone)
+        "rendered": {f"{name}={1 if value else -1}": [rendered(kind, name, value) for kind in ("lora", "base")]
+                     for name, value in args.having.items()},
     }
     (out / "study.json").write_text(json.dumps({**result, "rows": rows}, indent=1))
     print(json.dumps(result))
