@@ -25,3 +25,17 @@ def test_write_dataset_writes_the_given_seeds(tmp_path):
     table = write_dataset(tmp_path, 0, images_per_identity=1, size=16, progress=False, seeds=[7, 3])
     assert list(table.index) == [sample_identity(3).name, sample_identity(7).name]  # sorted by name
     assert all((tmp_path / "celeba_generated" / name / "0.png").is_file() for name in table.index)
+
+
+def test_the_study_scores_the_lora_of_each_identity_it_trained(tmp_path):
+    from lora_w2w.tiny import identity_study
+
+    args = identity_study.parse_args([
+        "--identities", "2", "--samples", "1", "--inference_steps", "2", "--images_per_identity", "2",
+        "--threads", "1", "--out", str(tmp_path / "study"), "--having", "Blond_Hair=1", "No_Beard=-1",
+        "--max_train_steps", "1", "--num_class_images", "2", "--class_inference_steps", "2"])
+    result = identity_study.main(args)
+    assert result["identities"] == 2 and result["config"]["having"] == {"Blond_Hair": 1, "No_Beard": -1}
+    assert set(result["rendered"]) == {"Blond_Hair=1", "No_Beard=-1"}
+    assert all(0 <= share <= 1 for pair in result["rendered"].values() for share in pair)
+    assert (tmp_path / "study" / "study.png").is_file()

@@ -101,8 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     out, train = Path(args.out), args.train
-    seeds = study_seeds(args.identities, args.having)
-    write_dataset(out / "faces", len(seeds), images_per_identity=args.images_per_identity, progress=False, seeds=seeds)
+    identity_seeds = study_seeds(args.identities, args.having)
+    write_dataset(out / "faces", len(identity_seeds), images_per_identity=args.images_per_identity, progress=False,
+                  seeds=identity_seeds)
     start = time.perf_counter()
     train_identities.train_identities(train)
     train_seconds = time.perf_counter() - start
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
     settings = dict(seeds=seeds, num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
     baseline_images = generate(pipe, None, None, train.instance_prompt, **settings)
     rows, picture = [], []
-    for seed in seeds:
+    for seed in identity_seeds:
         identity = sample_identity(seed)
         references = [render(identity, dataset_view_seed(seed, k)) for k in range(args.images_per_identity)]
         weights = load_peft(layout, out / "loras" / identity.name)
@@ -129,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
         return float(np.mean([row[kind][key] for row in rows]))
 
     def rendered(kind, name, value):
-        return float(np.mean([row[kind]["per_attribute"][name] for row, seed in zip(rows, seeds)
+        return float(np.mean([row[kind]["per_attribute"][name] for row, seed in zip(rows, identity_seeds)
                               if sample_identity(seed).attributes[name] == value]))
 
     result = {
