@@ -20,8 +20,9 @@ Repetitions alternate between the methods; medians are reported. The last line i
 {"benchmark": "invert", "ratio": <step time / baseline step time>, "generate_ratio": <with model / base alone>, ...}.
 
 `--sd15` times the inversion step on Stable Diffusion 1.5's architecture at 512 px instead (randomly
-initialised from its configs, as `bench_gpu_memory.py` builds it: no download; float32; ~12 GB of
-RAM, tens of seconds per step on a CPU). There the encoders the original re-runs are no longer small
+initialised from its configs, as `bench_gpu_memory.py` builds it: no download; on CUDA when present,
+in bfloat16 there as `w2w invert` and the original run, else float32 (~12 GB of RAM, tens of seconds
+per step on a CPU)). There the encoders the original re-runs are no longer small
 (`tflops` in the output: the VAE encoder at 512 px against the UNet's forward and backward, counted
 on fake tensors), so this is the configuration the comparison is about; `flop_ratio` is the ratio
 if time followed flops, which a GPU running both near its peak would approach (not measured). Our
@@ -44,8 +45,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from lora_w2w.dreambooth import StepSampler, encode_images, encode_prompt, prepare_image
-from lora_w2w.inversion import (InversionConfig, differentiable_unet, encode_target, inversion_loss, invert,
-                                load_target, target_sizes)
+from lora_w2w.inversion import (InversionConfig, default_dtype, differentiable_unet, encode_target, inversion_loss,
+                                invert, load_target, target_sizes)
 from lora_w2w.layout import LoraLayout
 from lora_w2w.pipeline import generate, load_base_pipeline
 from lora_w2w.space import Space, W2WModel
@@ -93,8 +94,9 @@ class PerLayerLora:
     def __init__(self, unet, space: Space, coefficients: torch.Tensor, dtype: torch.dtype):
         self.coefficients = coefficients  # (K,)
         self.handles = []
-        basis = space.components.T.contiguous().to(dtype)  # (N, K), the released V
-        mean, std = space.mean.to(dtype), space.std.to(dtype)
+        device = coefficients.device
+        basis = space.components.T.contiguous().to(device, dtype)  # (N, K), the released V
+        mean, std = space.mean.to(device, dtype), space.std.to(device, dtype)
         offset, layout = 0, space.layout
         for layer in layout.layers:
             n = layer.numel(layout.rank)
@@ -116,22 +118,23 @@ class PerLayerLora:
 
 def baseline_run(pipe, unet, space: Space, image_path: Path, steps: int, lr: float, dtype: torch.dtype) -> None:
     """`steps` steps the way the original inversion.py takes them (image file, VAE and text encoder every step)."""
-    coefficients = torch.zeros(space.num_components, dtype=dtype, requires_grad=True)  # (K,)
+    device = unet.device
+    coefficients = torch.zeros(space.num_components, dtype=dtype, device=device, requires_grad=True)  # (K,)
     lora = PerLayerLora(unet, space, coefficients, dtype)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     vae, text_encoder = pipe.vae, pipe.text_encoder
     resolution, latent_size = target_sizes(pipe)
-    mask = torch.ones(1, 1, latent_size, latent_size, dtype=dtype)
+    mask = torch.ones(1, 1, latent_size, latent_size, dtype=dtype, device=device)
     for _ in range(steps):
         with Image.open(image_path) as picture:
-            image = prepare_image(picture, resolution)[None].to(dtype)                             # (1, 3, R, R)
+            image = prepare_image(picture, resolution)[None].to(device, dtype)                     # (1, 3, R, R)
         latents = vae.encode(image).latent_dist.sample() * vae.config.scaling_factor             # (1, C, h, w)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,))
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         ids = pipe.tokenizer("sks person", padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+                             truncation=True, return_tensors="pt").input_ids.to(device)
         text = text_encoder(ids)[0]                                                               # (1, L, D)
         prediction = unet(noisy, timesteps, text).sample
         loss = F.mse_loss(mask * prediction.float(), mask * noise.float())
@@ -145,9 +148,16 @@ def baseline_run(pipe, unet, space: Space, image_path: Path, steps: int, lr: flo
 # ----------------------------------------------------------------------------- timing
 
 def seconds(fn) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def parse_args() -> argparse.Namespace:
@@ -201,7 +211,9 @@ def main_sd15(args: argparse.Namespace) -> None:
     """The inversion step on SD1.5's architecture at 512 px: ours (steady state) against the original's."""
     from bench_gpu_memory import sd15_pipeline
 
-    pipe = sd15_pipeline(torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_dtype(device)  # bfloat16 on CUDA, as `w2w invert` and the original run there
+    pipe = sd15_pipeline(dtype).to(device)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.requires_grad_(False)
     baseline_unet = copy.deepcopy(pipe.unet)
@@ -210,9 +222,9 @@ def main_sd15(args: argparse.Namespace) -> None:
     config = InversionConfig(components=args.components, lr=1.0, weight_decay=0.0, steps=args.steps)
     timed = {"invert": lambda: invert(pipe, space, image, None, config, progress=False),
              "encode_target": lambda: encode_target(pipe, image, None, "sks person"),
-             "baseline": lambda: baseline_run(pipe, baseline_unet, space, IMAGE, args.steps, 1.0, torch.float32)}
+             "baseline": lambda: baseline_run(pipe, baseline_unet, space, IMAGE, args.steps, 1.0, dtype)}
     invert(pipe, space, image, None, dataclasses.replace(config, steps=1), progress=False)  # warm-up: one step each
-    baseline_run(pipe, baseline_unet, space, IMAGE, 1, 1.0, torch.float32)
+    baseline_run(pipe, baseline_unet, space, IMAGE, 1, 1.0, dtype)
     times = {name: [] for name in timed}
     for _ in range(args.repeats):
         for name, fn in timed.items():
@@ -229,7 +241,7 @@ def main_sd15(args: argparse.Namespace) -> None:
         "flop_ratio": round(flops["step"] / sum(flops.values()), 3), "tflops": {n: round(f, 4) for n, f in flops.items()},
         "components": args.components, "num_weights": space.num_weights, "steps": args.steps,
         "repeats": args.repeats, "threads": args.threads, "base": "SD1.5 architecture, random weights, 512 px",
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
     }))
 
 

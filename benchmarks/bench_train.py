@@ -17,12 +17,14 @@ much faster than a solo step any step can be (`step_ratio_ceiling`). The last li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -56,11 +58,8 @@ def run(command: list[str], threads: int) -> float:
 def step_seconds(base: str, faces: Path, class_dir: Path, k: int, steps: int) -> tuple[float, float, float]:
     """(seconds of a solo step, seconds per identity of a K-identity step, UNet fwd+bwd flops per sample),
     each the best of a few timings of `steps` steps after a warm-up."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from lora_w2w import train_identities as ti
-    from lora_w2w.dreambooth import (identities_loss, initial_lora_weights, load_base, load_image_folder,
-                                     lora_layout, prepare_identity, prepare_shared)
+    from lora_w2w.dreambooth import load_base, load_image_folder, lora_layout, prepare_identity, prepare_shared
 
     args = ti.parse_args(["--instance_root", str(faces), "--output_root", "unused", "--class_data_dir",
                           str(class_dir), "--pretrained_model_name_or_path", base, *recipe_flags(LORA_RECIPE)])
@@ -70,26 +69,99 @@ def step_seconds(base: str, faces: Path, class_dir: Path, k: int, steps: int) ->
     identities = [prepare_identity(f.name, load_image_folder(f, model.resolution), model, shared, args)
                   for f in ti.identity_folders(faces)[:k]]
 
-    def per_identity(group) -> float:
-        banks = ti.install_banks(model.unet, layout, initial_lora_weights(layout, 0).expand(len(group), -1))
-        optimizer = torch.optim.AdamW([p for b in banks.values() for p in (b.lora_A, b.lora_B)])
-        timings = []
-        for _ in range(4):  # the first is a warm-up
-            start = time.perf_counter()
-            for _ in range(steps):
-                identities_loss(model.unet, group, shared, args).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            timings.append((time.perf_counter() - start) / steps / len(group))
-        ti.remove_banks(model.unet, banks)
-        return min(timings[1:])
+    solo, multi = (seconds_per_identity_step(model.unet, layout, group, shared, args, steps)
+                   for group in (identities[:1], identities))
+    return solo, multi, flops_per_sample(model.unet, layout, identities[:1], shared, args)
 
-    solo, multi = per_identity(identities[:1]), per_identity(identities)
-    banks = ti.install_banks(model.unet, layout, initial_lora_weights(layout, 0)[None])
+
+def seconds_per_identity_step(unet, layout, group, shared, args, steps: int, autocast=nullcontext) -> float:
+    """Seconds per identity of `train_group`'s step (LoraBanks, AdamW) for the identities `group`: the
+    best of 3 timings of `steps` steps after a warm-up."""
+    from lora_w2w import train_identities as ti
+    from lora_w2w.dreambooth import identities_loss, initial_lora_weights
+
+    banks = ti.install_banks(unet, layout, initial_lora_weights(layout, 0).expand(len(group), -1))
+    optimizer = torch.optim.AdamW([p for b in banks.values() for p in (b.lora_A, b.lora_B)])
+    timings = []
+    for _ in range(4):  # the first is a warm-up
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            identities_loss(unet, group, shared, args, autocast).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        synchronize()
+        timings.append((time.perf_counter() - start) / steps / len(group))
+    ti.remove_banks(unet, banks)
+    return min(timings[1:])
+
+
+def flops_per_sample(unet, layout, group, shared, args) -> float:
+    """Flops of the UNet's forward and backward per sample of a training step (one identity)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_w2w import train_identities as ti
+    from lora_w2w.dreambooth import identities_loss, initial_lora_weights
+
+    banks = ti.install_banks(unet, layout, initial_lora_weights(layout, 0)[None])
     with FlopCounterMode(display=False) as counter:
-        identities_loss(model.unet, identities[:1], shared, args).backward()
-    ti.remove_banks(model.unet, banks)
-    return solo, multi, counter.get_total_flops() / (2 * args.train_batch_size)
+        identities_loss(unet, group[:1], shared, args).backward()
+    ti.remove_banks(unet, banks)
+    return counter.get_total_flops() / (2 * args.train_batch_size)  # instance + class samples
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# dense bfloat16 peak TFLOP/s of some chips, by a part of the name torch gives them (the first match wins)
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def main_sd15(args: argparse.Namespace) -> None:
+    """Steps/s of the training step on a randomly initialised SD1.5 (CUDA when present, bf16 autocast
+    there, as --mixed_precision bf16), solo and K identities at once, and the fraction of the chip's
+    bf16 peak they reach."""
+    from bench_gpu_memory import dreambooth_defaults, sd15_pipeline, training_inputs
+
+    from lora_w2w.layout import LoraLayout
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    pipe = sd15_pipeline(torch.float32)  # float32 weights, as load_base loads them
+    pipe.unet.register_to_config(sample_size=args.resolution // 8)  # the latents training_inputs makes
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    identities, shared = training_inputs(pipe, args.identities)  # random cached latents and embeddings
+    pipe.unet.to(device)
+    shared = dataclasses.replace(shared, class_mean=shared.class_mean.to(device), class_std=shared.class_std.to(device),
+                                 instance_embedding=shared.instance_embedding.to(device),
+                                 class_embedding=shared.class_embedding.to(device))
+    identities = [dataclasses.replace(i, mean=i.mean.to(device), std=i.std.to(device)) for i in identities]
+    recipe = dreambooth_defaults()
+    layout = LoraLayout.from_unet(pipe.unet, recipe.lora_target_modules, recipe.lora_r, recipe.lora_alpha)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    flops = flops_per_sample(pipe.unet, layout, identities, shared, recipe)
+    solo, multi = (seconds_per_identity_step(pipe.unet, layout, group, shared, recipe, args.steps, autocast)
+                   for group in (identities[:1], identities))
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = args.peak_tflops or next((tflops for part, tflops in BF16_PEAK_TFLOPS if part in name), None)
+
+    def rate(seconds: float) -> float:  # TFLOP/s of a step taking `seconds` per identity (2 samples each)
+        return 2 * flops / seconds / 1e12
+
+    print(f"SD1.5 UNet at {args.resolution} px on {name}: {flops / 1e12:.2f} TFLOP per sample (forward and backward)")
+    for label, seconds in (("solo", solo), (f"K={args.identities}", multi)):
+        print(f"  {label}: {1 / seconds:.2f} identity-steps/s, {rate(seconds):.2f} TFLOP/s"
+              + (f" = {rate(seconds) / peak:.1%} of the bf16 peak ({peak:g})" if peak else ""))
+    print(json.dumps({"benchmark": "train_sd15", "step_ratio": round(solo / multi, 2),
+                      "identity_steps_per_s": round(1 / multi, 3), "solo_steps_per_s": round(1 / solo, 3),
+                      "tflops_per_sample": round(flops / 1e12, 3), "tflops_per_s": round(rate(multi), 2),
+                      "peak_fraction": round(rate(multi) / peak, 3) if peak else None,
+                      "solo_peak_fraction": round(rate(solo) / peak, 3) if peak else None,
+                      "identities": args.identities, "resolution": args.resolution, "steps": args.steps,
+                      "device": name, "autocast": "bf16" if cuda else "no"}))
 
 
 def matmul_flops_per_second(n: int = 1024, repeats: int = 20) -> float:
@@ -109,8 +181,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=LORA_RECIPE["max_train_steps"],
                         help="training steps per identity (default: the tiny recipe's %(default)s; the paper: 800)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--sd15", action="store_true",
+                        help="instead: the training step on a randomly initialised SD1.5 (CUDA when present), "
+                             "solo and --identities at once (use e.g. --identities 8 --steps 5): steps/s and the "
+                             "fraction of the chip's bf16 peak")
+    parser.add_argument("--resolution", type=int, default=512, help="with --sd15: image size (default: %(default)s)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="with --sd15: the chip's dense bf16 peak in TFLOP/s (default: known for H100, H200, A100)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sd15:
+        return main_sd15(args)
     recipe = recipe_flags(dict(LORA_RECIPE, max_train_steps=args.steps))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
