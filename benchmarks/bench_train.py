@@ -2,7 +2,8 @@
 `train_dreambooth.py` run per identity (what train.sh does), same steps and hyper-parameters (the
 tiny world's recipe, `LORA_RECIPE`), on the tiny world, measured in the same run.
 
-    python benchmarks/bench_train.py [--identities 32] [--steps 200] [--threads 2]    # or: make bench-train
+    python benchmarks/bench_train.py [--identities 32] [--steps 200] [--threads N]    # or: make bench-train
+    python benchmarks/bench_train.py --sd15 --identities 8 --steps 5                   # SD1.5 on a GPU
 
 Each run is a process, as a user runs it: interpreter start and imports, loading the base, caching
 latents and embeddings, training, writing the adapters (plain `python`, not `accelerate launch`,
@@ -13,6 +14,10 @@ Then, in this process, the time of one training step alone, solo (K = 1) and per
 what arithmetic allows: the UNet's flops per sample over this core's float32 matmul rate bounds how
 much faster than a solo step any step can be (`step_ratio_ceiling`). The last line is one JSON object
 {"benchmark": "train", "ratio": <multi identities/hour / solo identities/hour>, "step_ratio": ..., ...}.
+
+`--sd15` times only the step, on a randomly initialised SD1.5 at 512 px (no download), on CUDA when
+present with bf16 autocast (`--mixed_precision bf16`): identity-steps/s solo and at K, their TFLOP/s
+and the fraction of the chip's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from lora_w2w.tiny.build import LORA_RECIPE, recipe_flags
 from lora_w2w.tiny.faces import write_dataset
 
 TINY_BASE = Path("files/tiny/base")
+TRAIN_DREAMBOOTH = Path(__file__).resolve().parents[1] / "train_dreambooth.py"
 
 
 def base_model(workdir: Path) -> str:
@@ -200,7 +206,7 @@ def main() -> None:
         faces = work / "faces" / "celeba_generated"
         folders = sorted(faces.iterdir())
         common = ["--pretrained_model_name_or_path", base, "--class_data_dir", str(work / "class"), *recipe]
-        solo = [sys.executable, "train_dreambooth.py", *common]
+        solo = [sys.executable, str(TRAIN_DREAMBOOTH), *common]
         run([*solo, "--instance_data_dir", str(folders[0]), "--output_dir", str(work / "warm"),
              "--max_train_steps", "1"], args.threads)  # the shared class images, generated once
 
