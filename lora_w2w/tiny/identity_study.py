@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import train_identities
+from ..errors import W2WError
 from ..formats import load_peft
 from ..layout import LoraLayout
 from ..pipeline import generate, image_grid, load_base_pipeline
 from ..storage import atomic_output
-from .. import train_identities
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
-from ..errors import W2WError
 from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
 
 STUDY_SEEDS = 4_000_000  # identities of no training set
