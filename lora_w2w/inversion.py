@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .dreambooth import Batch, StepSampler, encode_images, encode_prompt, prepare_image
 from .errors import FileFormatError, W2WError
 from .layout import LoraLayout
-from .network import ADAPTER_NAME, LoraUNet
+from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
 from .storage import atomic_output, torch_load
 
@@ -207,22 +207,13 @@ def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coeffic
 
 @contextmanager
 def differentiable_unet(unet, layout: LoraLayout) -> Iterator[LoraUNet]:
-    """A LoraUNet over `unet` with every base weight frozen; afterwards the UNet is as it was (the w2w
-    adapter removed if it was added here, the requires_grad flags restored)."""
-    peft_config = getattr(unet, "peft_config", None)
-    had_adapter = bool(peft_config) and ADAPTER_NAME in peft_config
-    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    """A LoraUNet over `unet` with every base weight frozen; afterwards the UNet is as it was (its
+    layers and requires_grad flags restored)."""
     lora_unet = LoraUNet(unet, layout)
-    unet.requires_grad_(False)
     try:
         yield lora_unet
     finally:
-        if not peft_config:
-            unet.unload_lora()
-        elif not had_adapter:
-            unet.delete_adapters(ADAPTER_NAME)
-        for name, p in unet.named_parameters():
-            p.requires_grad_(flags.get(name, False))
+        lora_unet.remove()
 
 
 # ----------------------------------------------------------------------------- checkpoints

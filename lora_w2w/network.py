@@ -1,8 +1,9 @@
 """Applying flat LoRA weights (N,) to a diffusers UNet, two ways:
 
-- `LoraUNet`: a PEFT adapter whose lora_A/lora_B are supplied at call time through
-  `torch.func.functional_call`, so the output is differentiable in the weights (and so in w2w
-  coefficients, through `Space.unproject`) while every base weight stays untouched. For inversion.
+- `LoraUNet`: every LoRA layer computes with W + (alpha / r) * B @ A, A and B supplied at call
+  time, so the output is differentiable in the weights (and so in w2w coefficients, through
+  `Space.unproject`) while every base weight stays frozen and untouched. For inversion: one small
+  matmul and one linear per layer, as cheap as the base layer itself.
 - `FusedLora`: W <- W + scale * (alpha / r) * B @ A in every LoRA layer, so generation costs
   exactly what the base model costs; `remove()` restores the original weights bit for bit.
 
@@ -12,14 +13,12 @@ another before any work.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from .errors import LayoutError
 from .layout import LoraLayout
 from .space import check_finite
-
-ADAPTER_NAME = "w2w"
 
 
 def check_layout(unet: nn.Module, layout: LoraLayout) -> None:
@@ -34,40 +33,74 @@ def check_layout(unet: nn.Module, layout: LoraLayout) -> None:
                           f"model it was built for")
 
 
-def _linear(unet: nn.Module, name: str) -> nn.Linear:
+def _linear_slot(unet: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute) holding the Linear of LoRA layer `name` (inside a PEFT layer if any)."""
     module = unet.get_submodule(name)
-    return getattr(module, "base_layer", module)
+    if hasattr(module, "base_layer"):
+        return module, "base_layer"
+    parent, _, leaf = name.rpartition(".")
+    return unet.get_submodule(parent), leaf
 
 
-class LoraUNet(nn.Module):
-    """`unet` with a w2w LoRA adapter whose weights are an argument: `lora_unet(weights, sample, t, text)`."""
+def _linear(unet: nn.Module, name: str) -> nn.Linear:
+    return getattr(*_linear_slot(unet, name))
+
+
+class DeltaLinear(nn.Linear):
+    """A frozen Linear (sharing its weight and bias) that computes with W + scaling * B @ A while
+    `factors` = (A (r, in), B (out, r)) is set, and as the Linear itself otherwise."""
+
+    def __init__(self, linear: nn.Linear, scaling: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.scaling = scaling
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factors is None:
+            return super().forward(x)
+        lora_a, lora_b = self.factors
+        weight = torch.addmm(self.weight, lora_b, lora_a, alpha=self.scaling)  # (out, in)
+        return F.linear(x, weight, self.bias)
+
+
+class LoraUNet:
+    """`unet` whose LoRA layers take their weights as an argument: `lora_unet(weights, sample, t, text)`.
+    Freezes every parameter of the UNet; `remove()` puts the original layers and flags back."""
 
     def __init__(self, unet: nn.Module, layout: LoraLayout):
-        super().__init__()
         check_layout(unet, layout)
-        if ADAPTER_NAME not in getattr(unet, "peft_config", {}):
-            from peft import LoraConfig
-
-            config = LoraConfig(r=layout.rank, lora_alpha=layout.alpha, target_modules=list(layout.target_modules),
-                                init_lora_weights=True)  # lora_B = 0: at rest the adapter changes nothing
-            unet.add_adapter(config, adapter_name=ADAPTER_NAME)
-        unet.set_adapter(ADAPTER_NAME)
         self.unet = unet
         self.layout = layout
         self.dtype = unet.dtype  # looked up once: the property walks every parameter
+        self.flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+        unet.requires_grad_(False)
+        self.layers: dict[str, tuple[nn.Module, str, nn.Linear, DeltaLinear]] = {}
+        for name in (layer.name for layer in layout.layers):
+            parent, leaf = _linear_slot(unet, name)
+            original = getattr(parent, leaf)
+            self.layers[name] = (parent, leaf, original, DeltaLinear(original, layout.scaling))
+            setattr(parent, leaf, self.layers[name][3])
 
-    def lora_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """weights (N,) -> the adapter's parameter names and their values."""
-        params = {}
-        for name, (lora_a, lora_b) in self.layout.split(weights).items():
-            params[f"{name}.lora_A.{ADAPTER_NAME}.weight"] = lora_a  # (r, in)
-            params[f"{name}.lora_B.{ADAPTER_NAME}.weight"] = lora_b  # (out, r)
-        return params
-
-    def forward(self, weights: torch.Tensor, *args, **kwargs):
+    def __call__(self, weights: torch.Tensor, *args, **kwargs):
         """The UNet's output with the LoRA `weights` (N,); differentiable in `weights`."""
-        params = self.lora_parameters(weights.to(self.dtype))
-        return functional_call(self.unet, params, args, kwargs, strict=False, tie_weights=False)
+        parts = self.layout.split(weights.to(self.dtype))
+        try:
+            for name, factors in parts.items():
+                self.layers[name][3].factors = factors  # (r, in), (out, r)
+            return self.unet(*args, **kwargs)
+        finally:
+            for *_, delta in self.layers.values():
+                delta.factors = None
+
+    def remove(self) -> None:
+        """Put the original Linear layers and requires_grad flags back."""
+        for parent, leaf, original, _ in self.layers.values():
+            setattr(parent, leaf, original)
+        self.layers = {}
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(self.flags.get(name, False))
 
 
 class FusedLora:

@@ -95,3 +95,23 @@ def test_fused_scale_is_linear(unet, unet_inputs, space):
     lora_a, lora_b = space.layout.split(weights)[layer.name]
     with FusedLora(unet, space.layout, weights, scale=0.5):
         torch.testing.assert_close(linear.weight - original, 0.5 * 27 * lora_b @ lora_a)
+
+
+def test_differentiable_weights_stack_on_a_loaded_lora_and_removal_restores_it(unet, unet_inputs, space, tmp_path):
+    loaded, extra = (space.unproject(3 * torch.randn(space.num_components)) for _ in range(2))
+    save_peft(space.layout, loaded, tmp_path / "peft")
+    pipe = _pipeline(unet)
+    pipe.load_lora_weights(str(tmp_path / "peft"))
+    name = space.layout.layers[0].name
+    peft_layer, linear = unet.get_submodule(name), unet.get_submodule(name).base_layer
+    with torch.no_grad():
+        with_loaded = unet(*unet_inputs).sample
+        lora_unet = LoraUNet(unet, space.layout)
+        stacked = lora_unet(extra, *unet_inputs).sample
+        lora_unet.remove()
+        assert unet.get_submodule(name) is peft_layer and peft_layer.base_layer is linear
+        torch.testing.assert_close(unet(*unet_inputs).sample, with_loaded, rtol=0, atol=0)
+        with FusedLora(unet, space.layout, extra):
+            expected = unet(*unet_inputs).sample
+    torch.testing.assert_close(stacked, expected, rtol=1e-5, atol=1e-5)
+    assert (stacked - with_loaded).abs().max() > 1e-3  # the extra weights do count
