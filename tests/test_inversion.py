@@ -98,6 +98,17 @@ def test_only_the_coefficients_get_gradients(pipe, toy_space, target):
     assert coefficients.grad is not None and coefficients.grad.abs().sum() > 0
 
 
+def test_a_bfloat16_unet_inverts_with_float32_coefficients(toy_world, toy_space, target):
+    """As on CUDA, where the UNet runs in bfloat16: the LoRA weights follow the UNet's dtype, the
+    coefficients and their Adam state stay float32."""
+    image, mask = target
+    pipe = load_base_pipeline(str(toy_world / "base"), device="cpu", dtype=torch.bfloat16, progress=False)
+    model = invert(pipe, toy_space, image, mask, TOY, progress=False)
+    assert model.coefficients.dtype == torch.float32
+    assert torch.isfinite(model.coefficients).all() and model.coefficients.abs().sum() > 0
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in pipe.unet.parameters())
+
+
 def test_image_and_prompt_are_encoded_once(pipe, toy_space, target):
     image, mask = target
     with mock.patch.object(pipe.vae, "encode", wraps=pipe.vae.encode) as encode, \
