@@ -76,29 +76,31 @@ class LoraUNet:
         self.dtype = unet.dtype  # looked up once: the property walks every parameter
         self.flags = {name: p.requires_grad for name, p in unet.named_parameters()}
         unet.requires_grad_(False)
-        self.layers: dict[str, tuple[nn.Module, str, nn.Linear, DeltaLinear]] = {}
+        self.deltas: dict[str, DeltaLinear] = {}
+        self.originals: list[tuple[nn.Module, str, nn.Linear]] = []  # (parent, attribute, Linear)
         for name in (layer.name for layer in layout.layers):
             parent, leaf = _linear_slot(unet, name)
             original = getattr(parent, leaf)
-            self.layers[name] = (parent, leaf, original, DeltaLinear(original, layout.scaling))
-            setattr(parent, leaf, self.layers[name][3])
+            self.originals.append((parent, leaf, original))
+            self.deltas[name] = DeltaLinear(original, layout.scaling)
+            setattr(parent, leaf, self.deltas[name])
 
     def __call__(self, weights: torch.Tensor, *args, **kwargs):
         """The UNet's output with the LoRA `weights` (N,); differentiable in `weights`."""
         parts = self.layout.split(weights.to(self.dtype))
         try:
             for name, factors in parts.items():
-                self.layers[name][3].factors = factors  # (r, in), (out, r)
+                self.deltas[name].factors = factors  # (r, in), (out, r)
             return self.unet(*args, **kwargs)
         finally:
-            for *_, delta in self.layers.values():
+            for delta in self.deltas.values():
                 delta.factors = None
 
     def remove(self) -> None:
         """Put the original Linear layers and requires_grad flags back."""
-        for parent, leaf, original, _ in self.layers.values():
+        for parent, leaf, original in self.originals:
             setattr(parent, leaf, original)
-        self.layers = {}
+        self.deltas, self.originals = {}, []
         for name, p in self.unet.named_parameters():
             p.requires_grad_(self.flags.get(name, False))
 
