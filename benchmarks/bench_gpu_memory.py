@@ -71,7 +71,7 @@ from lora_w2w.network import FusedLora
 from lora_w2w.pipeline import generate, resolve_dtype
 from lora_w2w.space import TRIGGER_PROMPT
 from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, build_tokenizer
-from lora_w2w.train_identities import install_banks, remove_banks
+from lora_w2w.train_identities import identity_banks
 
 GIB = 2 ** 30
 CUDA = torch.device("cuda")
@@ -344,15 +344,15 @@ def train_identities_job(build, tracker: LiveTensorBytes, identities: int) -> di
     layout = lora_layout(pipe, args)
     data, shared = training_inputs(pipe, identities)
     resident(tracker, peaks)
-    banks = install_banks(pipe.unet, layout, initial_lora_weights(layout, args.seed).expand(identities, -1))  # (K, N)
-    params = [p for bank in banks.values() for p in (bank.lora_A, bank.lora_B)]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    for _ in range(2):
-        with tracker.phase("step", peaks):  # train_group's loop body
-            (identities_loss(pipe.unet, data, shared, args) / args.gradient_accumulation_steps).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    remove_banks(pipe.unet, banks)
+    initial = initial_lora_weights(layout, args.seed).expand(identities, -1)  # (K, N)
+    with identity_banks(pipe.unet, layout, initial) as banks:
+        params = [p for bank in banks.values() for p in (bank.lora_A, bank.lora_B)]
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+        for _ in range(2):
+            with tracker.phase("step", peaks):  # train_group's loop body
+                (identities_loss(pipe.unet, data, shared, args) / args.gradient_accumulation_steps).backward()
+                optimizer.step()
+                optimizer.zero_grad()
     return peaks
 
 

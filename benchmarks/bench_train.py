@@ -86,19 +86,18 @@ def seconds_per_identity_step(unet, layout, group, shared, args, steps: int, aut
     from lora_w2w import train_identities as ti
     from lora_w2w.dreambooth import identities_loss, initial_lora_weights
 
-    banks = ti.install_banks(unet, layout, initial_lora_weights(layout, 0).expand(len(group), -1))
-    optimizer = torch.optim.AdamW([p for b in banks.values() for p in (b.lora_A, b.lora_B)])
     timings = []
-    for _ in range(4):  # the first is a warm-up
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            identities_loss(unet, group, shared, args, autocast).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        synchronize()
-        timings.append((time.perf_counter() - start) / steps / len(group))
-    ti.remove_banks(unet, banks)
+    with ti.identity_banks(unet, layout, initial_lora_weights(layout, 0).expand(len(group), -1)) as banks:
+        optimizer = torch.optim.AdamW([p for b in banks.values() for p in (b.lora_A, b.lora_B)])
+        for _ in range(4):  # the first is a warm-up
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                identities_loss(unet, group, shared, args, autocast).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            synchronize()
+            timings.append((time.perf_counter() - start) / steps / len(group))
     return min(timings[1:])
 
 
@@ -109,10 +108,9 @@ def flops_per_sample(unet, layout, group, shared, args) -> float:
     from lora_w2w import train_identities as ti
     from lora_w2w.dreambooth import identities_loss, initial_lora_weights
 
-    banks = ti.install_banks(unet, layout, initial_lora_weights(layout, 0)[None])
-    with FlopCounterMode(display=False) as counter:
+    with ti.identity_banks(unet, layout, initial_lora_weights(layout, 0)[None]), \
+            FlopCounterMode(display=False) as counter:
         identities_loss(unet, group[:1], shared, args).backward()
-    ti.remove_banks(unet, banks)
     return counter.get_total_flops() / (2 * args.train_batch_size)  # instance + class samples
 
 

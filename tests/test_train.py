@@ -133,3 +133,37 @@ def test_noisy_inputs_follow_the_cached_latents_device():
                                                         sampler.next())
     assert {t.device.type for t in (noisy, timesteps, embeddings, target)} == {"meta"}
     assert noisy.shape == target.shape == (2, 4, 8, 8) and embeddings.shape == (2, 7, 16)
+
+
+def test_identity_banks_compute_as_the_plain_unet_and_put_it_back(toy_world):
+    """Inside identity_banks, K identities' LoRAs and the split GEGLUs give each identity the output and
+    the input gradient of the plain UNet carrying that identity's LoRA alone; afterwards (also after an
+    error) every module is the original object again."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+
+    from lora_w2w.layout import LoraLayout
+    from lora_w2w.network import FusedLora
+
+    unet = UNet2DConditionModel.from_pretrained(toy_world / "base" / "unet").requires_grad_(False)
+    layout = LoraLayout.from_unet(unet)
+    before = dict(unet.named_modules())
+    weights = torch.randn(2, layout.numel, generator=torch.Generator().manual_seed(0)) * 0.1  # (K, N)
+    size = unet.config.sample_size
+    sample = torch.randn(4, unet.config.in_channels, size, size, requires_grad=True)  # identity-major, 2 each
+    text = torch.randn(4, 7, unet.config.cross_attention_dim)
+    with train_identities.identity_banks(unet, layout, weights):
+        kinds = [type(m) for m in unet.modules()]
+        assert GEGLU not in kinds and train_identities.SplitGEGLU in kinds
+        batched = unet(sample, 10, text).sample
+        (grad,) = torch.autograd.grad(batched.square().sum(), sample)
+    for k in range(2):
+        with FusedLora(unet, layout, weights[k]):
+            x = sample[2 * k:2 * k + 2].detach().requires_grad_()
+            solo = unet(x, 10, text[2 * k:2 * k + 2]).sample
+            (solo_grad,) = torch.autograd.grad(solo.square().sum(), x)
+        torch.testing.assert_close(batched[2 * k:2 * k + 2], solo, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad[2 * k:2 * k + 2], solo_grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError), train_identities.identity_banks(unet, layout, weights):
+        raise RuntimeError("a failing step")
+    assert all(before[name] is module for name, module in unet.named_modules()) and len(before) == len(dict(unet.named_modules()))
