@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--solo-identities", type=int, default=8,
                         help="identities trained by the baseline, one run each (default: %(default)s; at most K)")
     parser.add_argument("--steps", type=int, default=LORA_RECIPE["max_train_steps"],
-                        help="training steps per identity (default: the tiny recipe's %(default)s; the paper: 800)")
+                        help="training steps per identity (default: the tiny recipe's %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--sd15", action="store_true",
                         help="instead: the training step on a randomly initialised SD1.5 (CUDA when present), "
