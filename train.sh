@@ -29,5 +29,5 @@ else
     --instance_data_dir data/faces/celeba_generated/000000 \
     --output_dir outputs/loras/000000 \
     --class_data_dir outputs/class_images \
-    --learning_rate 3e-3 --max_train_steps 200 --seed 0   # the tiny world's recipe (files/tiny/README.md)
+    --learning_rate 3e-3 --max_train_steps 800 --seed 0   # the tiny world's recipe (files/tiny/README.md)
 fi

@@ -11,10 +11,11 @@ $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 1000 \
     --diffusers_format --save_name outputs/inversion/face
 
-# an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps)
+# an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps; lr 0.1 here:
+# 1 is sized for SD1.5's space, and on the tiny space's smaller coefficients it walks off to noise)
 $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --image inversion/images/drawing.png --mask_path inversion/images/drawing_mask.png \
-    --epochs 800 --lr 1 --weight_decay 0 --dim 1000 \
+    --epochs 800 --lr 1e-1 --weight_decay 0 --dim 1000 \
     --diffusers_format --save_name outputs/inversion/drawing
 
 # Stable Diffusion 1.5 with the released w2w files (downloaded into files/; they are pickles, so

@@ -33,7 +33,7 @@ from ..space import Space
 from ..storage import atomic_output, save_space
 
 # The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
-LORA_RECIPE = {"lora_r": 1, "lora_alpha": 27, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 200,
+LORA_RECIPE = {"lora_r": 1, "lora_alpha": 27, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
                "learning_rate": 3e-3, "train_batch_size": 1, "num_class_images": 200, "class_inference_steps": 25}
 
 
