@@ -11,8 +11,9 @@ $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 1000 \
     --diffusers_format --save_name outputs/inversion/face
 
-# an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps; lr 0.1 here:
-# 1 is sized for SD1.5's space, and on the tiny space's smaller coefficients it walks off to noise)
+# an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps; lr 0.1 here, as the
+# tiny space records for it: 1 is sized for SD1.5's space, and on the tiny space's smaller coefficients it
+# walks off to noise; `w2w invert --preset ood` picks 0.1 by itself)
 $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --image inversion/images/drawing.png --mask_path inversion/images/drawing_mask.png \
     --epochs 800 --lr 1e-1 --weight_decay 0 --dim 1000 \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import W2WError
@@ -205,15 +206,16 @@ def cmd_invert(args) -> None:
 
     from .formats import save_lora
     from .inversion import invert_file, preset
-    from .storage import load_space, read_space_description, save_model
+    from .storage import load_space, save_model
 
-    config = preset(args.preset, components=args.components, steps=args.steps, lr=args.lr,
+    space = load_space(args.space)  # memory-mapped: invert reads only the first K components
+    config = preset(args.preset, space, components=args.components, steps=args.steps, lr=args.lr,
                     weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every)
-    available = read_space_description(args.space)["num_components"]
-    if config.components > available:
-        raise W2WError(f"{config.components} components asked for (--components, or the {args.preset} preset's), "
-                       f"the space {args.space} has K = {available}: pass --components {available} or fewer")
-    space = load_space(args.space, k=config.components)
+    if config.components > space.num_components:
+        raise W2WError(f"--components {config.components}: the space {args.space} has K = {space.num_components}; "
+                       f"pass {space.num_components} or fewer")
+    print(f"inverting with K {config.components:,}, lr {config.lr:g}, weight decay {config.weight_decay:g}, "
+          f"{config.steps} steps (preset {args.preset} on this space, and the flags given)")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = invert_file(args.base, space, args.image, args.mask, config, args.seed, args.device, dtype,
                         args.checkpoint)
@@ -356,7 +358,9 @@ def add_invert_parser(commands) -> None:
     invert = commands.add_parser(
         "invert", help="invert one image into a w2w model (the paper's Sec. 4.3)",
         description="Find the model of the space that reproduces IMAGE: Adam on its first K coefficients, from "
-                    f"zero, on the diffusion loss of the image (inside MASK). Presets: {presets}. Defaults: the "
+                    f"zero, on the diffusion loss of the image (inside MASK). Presets (the paper's): {presets}; "
+                    "on a space with fewer components, all of them; a space may record its own settings for a "
+                    "preset (the tiny space: lr 0.1 for ood). Defaults: the "
                     "tiny world; for Stable Diffusion 1.5: --base stablediffusionapi/realistic-vision-v51 "
                     "--space files/official.")
     invert.add_argument("--image", required=True, help="the image to invert: any size and mode (resized and centre-cropped)")
@@ -366,9 +370,11 @@ def add_invert_parser(commands) -> None:
                         help="real: photographs of faces; ood: paintings and other out-of-distribution images "
                              "(default: %(default)s)")
     invert.add_argument("--components", type=int, default=None,
-                        help="K, coefficients optimised; at most the space's K (default: the preset's)")
+                        help="K, coefficients optimised; at most the space's K (default: the preset's, at most the "
+                             "space's)")
     invert.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
-    invert.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the preset's)")
+    invert.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate (default: the preset's, or the one the space records for it)")
     invert.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default: the preset's)")
     invert.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     invert.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
@@ -451,6 +457,11 @@ def add_dataset_parsers(commands) -> None:
     build.set_defaults(run=cmd_build)
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, without the file and source line Python shows."""
+    print(f"w2w: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train-identities"]:
@@ -469,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            args.run(args)
     except W2WError as error:
         parser.exit(2, f"w2w: error: {error}\n")
     except OSError as error:

@@ -113,8 +113,7 @@ class Demo:
         results, images = {}, []
         for name, kind in (("face", "real"), ("drawing", "ood")):
             image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *target_sizes(self.pipe))
-            config = preset(kind, components=min(preset(kind).components, self.space.num_components),
-                            steps=self.args.inversion_steps, lr=self.args.ood_lr if kind == "ood" else None)
+            config = preset(kind, self.space, steps=self.args.inversion_steps)  # the tiny space records ood's lr
             start = time.perf_counter()
             model = invert(self.pipe, self.space, image, mask, config, seed=0, progress=False)
             results[name] = {"preset": kind, "components": config.components, "steps": config.steps, "lr": config.lr,
@@ -215,10 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
     parser.add_argument("--inversion-steps", type=int, default=200,
                         help="Adam steps of each inversion (the paper's presets: 400 and 800; default: %(default)s)")
-    parser.add_argument("--ood-lr", type=float, default=0.1,
-                        help="Adam learning rate of the drawing's inversion (default: %(default)s; the ood preset's "
-                             "1 is sized for SD1.5's space: on the tiny space the coefficients walk to 9x the "
-                             "dataset's norm in 200 steps and the model draws noise)")
     args = parser.parse_args(argv)
     demo = Demo(args)
     demo.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Letters: M dataset models, N flattened LoRA numbers, K components, B batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -59,6 +60,8 @@ class Space:
     base_model: str = ""
     prompt: str = TRIGGER_PROMPT
     id: str = field(default="")
+    # settings of inversion presets measured on this space, by preset name: {"ood": {"lr": 0.1}}
+    inversion_presets: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         n = self.layout.numel
@@ -123,15 +126,16 @@ class Space:
         k = self.check_k(k)
         coefficients = None if self.coefficients is None else self.coefficients[:, :k]
         variance = None if self.explained_variance is None else self.explained_variance[:k]
-        return Space(self.mean, self.std, self.components[:k], self.layout, coefficients, self.attributes,
-                     variance, self.base_model, self.prompt, self.id)
+        return dataclasses.replace(self, components=self.components[:k], coefficients=coefficients,
+                                   explained_variance=variance)
 
     def to(self, device=None, dtype=None) -> "Space":
         """The tensors moved to a device/dtype (the dataset coefficients too)."""
         def move(t):
             return None if t is None else t.to(device=device, dtype=dtype)
-        return Space(move(self.mean), move(self.std), move(self.components), self.layout, move(self.coefficients),
-                     self.attributes, move(self.explained_variance), self.base_model, self.prompt, self.id)
+        return dataclasses.replace(self, mean=move(self.mean), std=move(self.std), components=move(self.components),
+                                   coefficients=move(self.coefficients),
+                                   explained_variance=move(self.explained_variance))
 
 
 def space_id(mean: torch.Tensor, std: torch.Tensor, components: torch.Tensor) -> str:

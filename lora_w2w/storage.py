@@ -2,7 +2,8 @@
 
 A space is a directory:
     space.safetensors   mean (N,), std (N,), components (K, N), [coefficients (M, K_c)], [explained_variance (K,)]
-    space.json          format version, layout, base model, trigger prompt, space id
+    space.json          format version, layout, base model, trigger prompt, space id, [inversion presets
+                        measured on the space: {"ood": {"lr": 0.1}}]
     attributes.csv      optional, one row per dataset model
 The safetensors file is written block by block and read through memory maps, so a 4 GB components
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
@@ -216,6 +217,8 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
             "num_models": space.num_models,
             "layout": space.layout.to_dict(),
         }
+        if space.inversion_presets:
+            description["inversion_presets"] = space.inversion_presets
         (tmp / SPACE_JSON).write_text(json.dumps(description, indent=1))
         if space.attributes is not None:
             space.attributes.to_csv(tmp / ATTRIBUTES_CSV)
@@ -269,7 +272,8 @@ def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
         mean=tensor("mean"), std=tensor("std"), components=tensor("components", k),
         layout=LoraLayout.from_dict(description["layout"]), coefficients=coefficients, attributes=attributes,
         explained_variance=None if tensor("explained_variance") is None else tensor("explained_variance", k),
-        base_model=description.get("base_model", ""), prompt=description.get("prompt", ""), id=description["id"])
+        base_model=description.get("base_model", ""), prompt=description.get("prompt", ""), id=description["id"],
+        inversion_presets=description.get("inversion_presets", {}))
 
 
 # ----------------------------------------------------------------------------- models

@@ -1,7 +1,9 @@
 """Inversion on the toy world: the loss goes down, gradients reach only the coefficients, the image and
 prompt are encoded once, masks are checked and respected, a resumed run ends where an uninterrupted
 one does, and the CLI and inversion/invert.py report bad input in one line."""
+import dataclasses
 import importlib.util
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -16,13 +18,13 @@ from lora_w2w.cli import main as w2w
 from lora_w2w.dreambooth import StepSampler
 from lora_w2w.errors import SpaceError, W2WError
 from lora_w2w.formats import load_peft
-from lora_w2w.inversion import (InversionConfig, differentiable_unet, encode_target, invert, inversion_loss,
-                                load_target, masked_mse, preset, target_sizes)
+from lora_w2w.inversion import (FAR_FROM_DATASET, InversionConfig, differentiable_unet, encode_target, invert,
+                                inversion_loss, load_target, masked_mse, norm_over_dataset, preset, target_sizes)
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import DeltaLinear
 from lora_w2w.pipeline import load_base_pipeline
 from lora_w2w.space import Space
-from lora_w2w.storage import load_model, save_space
+from lora_w2w.storage import load_model, load_space, save_space
 
 ROOT = Path(__file__).resolve().parents[1]
 FACE = ROOT / "inversion" / "images" / "face.png"
@@ -121,6 +123,40 @@ def test_image_and_prompt_are_encoded_once(pipe, toy_space, target):
 def test_k_larger_than_the_space_is_refused_naming_both(pipe, toy_space, target):
     with pytest.raises(SpaceError, match=f"9 components asked for, the space has K = {K}"):
         invert(pipe, toy_space, target[0], None, preset("ood", components=9), progress=False)
+
+
+def test_a_preset_fits_the_space_and_the_flags_win(toy_space):
+    """The paper's settings, K at most the space's, what the space records for the preset, then the flags."""
+    assert preset("ood") == InversionConfig(components=1000, lr=1.0, weight_decay=0.0, steps=800)
+    fitted = dataclasses.replace(toy_space, inversion_presets={"ood": {"lr": 0.1, "steps": 300}})
+    assert preset("ood", fitted) == InversionConfig(components=K, lr=0.1, weight_decay=0.0, steps=300)
+    assert preset("real", fitted) == InversionConfig(components=K, lr=0.1, weight_decay=1e-10, steps=400)
+    assert preset("ood", fitted, lr=0.5, components=4).lr == 0.5 and preset("ood", fitted, components=4).components == 4
+    with pytest.raises(SpaceError, match="inversion preset 'ood' has unknown settings learning_rate"):
+        preset("ood", dataclasses.replace(toy_space, inversion_presets={"ood": {"learning_rate": 0.1}}))
+
+
+def test_the_tiny_space_records_the_learning_rate_its_ood_inversions_need():
+    tiny = load_space(ROOT / "files" / "tiny" / "space")
+    assert preset("ood", tiny) == InversionConfig(components=tiny.num_components, lr=0.1, weight_decay=0.0, steps=800)
+    assert preset("real", tiny).lr == 0.1
+
+
+@pytest.mark.parametrize("dataset_scale, warned", [(1e-3, True), (1e3, False)])
+def test_a_model_far_outside_the_dataset_draws_a_warning(pipe, toy_space, target, dataset_scale, warned):
+    """Norm over the largest dataset model's: a toy space whose dataset models sit near 0 makes any
+    inversion at lr 1 look diverged, one whose models are huge none."""
+    dataset = torch.randn(20, K, generator=torch.Generator().manual_seed(0)) * dataset_scale
+    space = dataclasses.replace(toy_space, coefficients=dataset)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = invert(pipe, space, target[0], None, TOY, progress=False)
+    ours = [str(w.message) for w in caught if "far outside the space's dataset" in str(w.message)]
+    far = norm_over_dataset(space, model.coefficients)
+    assert far == pytest.approx(float(model.coefficients.norm() / dataset.norm(dim=1).max()))
+    assert (far > FAR_FROM_DATASET) == warned and len(ours) == int(warned), (far, ours)
+    if warned:
+        assert f"{far:.1f}x the largest dataset model's" in ours[0] and "try 0.1" in ours[0]
 
 
 # ----------------------------------------------------------------------------- masks
@@ -234,9 +270,28 @@ def test_cli_inverts_and_exports(toy_world, space_dir, toy_space, tmp_path, caps
     torch.testing.assert_close(load_peft(toy_space.layout, tmp_path / "face_lora"), model.weights(toy_space))
 
 
+def test_cli_warns_in_one_line_when_the_model_ends_far_outside_the_dataset(toy_world, toy_space, tmp_path, capsys):
+    near_zero = dataclasses.replace(toy_space, coefficients=1e-3 * torch.ones(4, K))
+    code, out, err = run_cli(capsys, "invert", "--image", FACE, "--preset", "ood", "--steps", 2, "--components", K,
+                             "--space", save_space(near_zero, tmp_path / "space"), "--base", toy_world / "base",
+                             "--device", "cpu", "--out", tmp_path / "face.safetensors")
+    assert code == 0 and (tmp_path / "face.safetensors").is_file(), err
+    warned = [line for line in err.splitlines() if "far outside" in line]
+    assert len(warned) == 1 and warned[0].startswith("w2w: warning: the inverted model lies far outside"), err
+
+
+def test_cli_fits_the_preset_to_a_smaller_space(toy_world, space_dir, tmp_path, capsys):
+    """The real preset's K 10,000 on a space of K = 8: all 8, said on stdout."""
+    code, out, err = run_cli(capsys, "invert", "--image", FACE, "--steps", 1, "--space", space_dir,
+                             "--base", toy_world / "base", "--device", "cpu", "--out", tmp_path / "face.safetensors")
+    assert code == 0, err
+    assert f"inverting with K {K}, lr 0.1, weight decay 1e-10, 1 steps" in out
+    assert load_model(tmp_path / "face.safetensors").coefficients.shape == (K,)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"--image": "bad.png"}, "bad.png: not a readable image"),
-    ({"--components": "9"}, "9 components asked for (--components, or the real preset's), the space"),
+    ({"--components": "9"}, "--components 9: the space"),
     ({"--steps": "0"}, "inversion steps must be >= 1, got 0"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(toy_world, space_dir, tmp_path, capsys, change, message):

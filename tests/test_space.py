@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -45,11 +46,13 @@ def test_k_larger_than_space_is_refused(space):
 
 
 def test_save_load_is_bit_exact(space, tmp_path):
+    space = dataclasses.replace(space, inversion_presets={"ood": {"lr": 0.1}})
     save_space(space, tmp_path / "space")
     loaded = load_space(tmp_path / "space")
     for name in ("mean", "std", "components", "coefficients"):
         assert torch.equal(getattr(loaded, name), getattr(space, name)), name
     assert loaded.layout == space.layout and loaded.id == space.id and loaded.base_model == "tiny-test"
+    assert loaded.inversion_presets == {"ood": {"lr": 0.1}} == loaded.truncate(2).inversion_presets
     assert loaded.attributes.equals(space.attributes)
     assert sorted(p.name for p in (tmp_path / "space").iterdir()) == ["attributes.csv", "space.json", SPACE_TENSORS]
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
