@@ -1,7 +1,7 @@
 """Invert one image into a w2w model, with the original inversion/invert.py's flags.
 
     # the tiny world (the defaults: --space files/tiny/space --base files/tiny/base)
-    python inversion/invert.py --image inversion/images/face.png --dim 1000 --save_name outputs/face
+    python inversion/invert.py --image inversion/images/face.png --save_name outputs/face
 
     # Stable Diffusion 1.5 with the released files, converted on the fly (the .pt files are pickles:
     # --trust_pickle only for files from a source you trust)
@@ -23,7 +23,7 @@ from pathlib import Path
 from lora_w2w.dreambooth import IMAGE_SUFFIXES
 from lora_w2w.errors import W2WError
 from lora_w2w.formats import save_peft
-from lora_w2w.inversion import PRESETS, InversionConfig, invert_file
+from lora_w2w.inversion import PRESETS, invert_file, preset
 from lora_w2w.layout import LoraLayout, sd15_layout
 from lora_w2w.official import OFFICIAL_BASE_MODEL
 from lora_w2w.space import Space
@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=REAL.lr, help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--weight_decay", type=float, default=REAL.weight_decay,
                         help="Adam weight decay (default: %(default)s)")
-    parser.add_argument("--dim", type=int, default=REAL.components,
-                        help="K, principal-component coefficients optimised (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help=f"K, principal-component coefficients optimised (default: {REAL.components:,}, or all of "
+                             f"a space with fewer)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     parser.add_argument("--diffusers_format", action="store_true",
                         help="also write SAVE_NAME/unet/, a PEFT/diffusers LoRA folder")
@@ -97,11 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    config = InversionConfig(components=args.dim, lr=args.lr, weight_decay=args.weight_decay, steps=args.epochs)
     if args.mean_path:
         space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
     else:
-        space, base = load_space(args.space or "files/tiny/space", k=args.dim), args.base or "files/tiny/base"
+        space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
+    # the flags, as the original's; only K falls back to the space's when it has fewer than 10,000
+    config = preset("real", space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay, steps=args.epochs)
     image = first_image(Path(args.imfolder)) if args.imfolder else Path(args.image or "inversion/images/face.png")
     model = invert_file(base, space, image, args.mask_path, config, args.seed, args.device)
     out = Path(args.save_name)

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Invert the shipped example images with the tiny world (run from the repository root, after `make tiny-world`
-# or with files/tiny/ in place). Writes outputs/inversion/{face,drawing}/w2wmodel.safetensors and unet/.
+# Invert the shipped example images with the tiny world (run from anywhere, with files/tiny/ in place).
+# Writes $OUT/{face,drawing}/w2wmodel.safetensors and unet/ (OUT default: outputs/inversion).
+# Shorter runs to try it: REAL_EPOCHS=50 OOD_EPOCHS=50 inversion/run_inversion.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+OUT=${OUT:-outputs/inversion}
 
-# a face of the tiny world ("real" preset: lr 0.1, weight decay 1e-10, 400 steps; K at most the tiny space's)
+# a face of the tiny world ("real" preset: lr 0.1, weight decay 1e-10, 400 steps; K 10,000, or all of the
+# tiny space's 500 when --dim is not given)
 $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --image inversion/images/face.png --mask_path inversion/images/face_mask.png \
-    --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 1000 \
-    --diffusers_format --save_name outputs/inversion/face
+    --epochs "${REAL_EPOCHS:-400}" --lr 1e-1 --weight_decay 1e-10 \
+    --diffusers_format --save_name "$OUT/face"
 
 # an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps; lr 0.1 here, as the
 # tiny space records for it: 1 is sized for SD1.5's space, and on the tiny space's smaller coefficients it
 # walks off to noise; `w2w invert --preset ood` picks 0.1 by itself)
 $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --image inversion/images/drawing.png --mask_path inversion/images/drawing_mask.png \
-    --epochs 800 --lr 1e-1 --weight_decay 0 --dim 1000 \
-    --diffusers_format --save_name outputs/inversion/drawing
+    --epochs "${OOD_EPOCHS:-800}" --lr 1e-1 --weight_decay 0 \
+    --diffusers_format --save_name "$OUT/drawing"
 
 # Stable Diffusion 1.5 with the released w2w files (downloaded into files/; they are pickles, so
 # --trust_pickle only if you trust their source; or convert once with `w2w import-official` and pass --space):

@@ -3,6 +3,9 @@ prompt are encoded once, masks are checked and respected, a resumed run ends whe
 one does, and the CLI and inversion/invert.py report bad input in one line."""
 import dataclasses
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -342,5 +345,18 @@ def test_invert_script_reads_the_released_files(toy_world, toy_space, tmp_path):
     files = ["--mean_path", tmp_path / "mean.pt", "--std_path", tmp_path / "std.pt", "--v_path", tmp_path / "V.pt",
              "--dim_path", tmp_path / "weight_dimensions.pt"]
     script.main(script.parse_args([*map(str, files), "--base", str(toy_world / "base"), "--image", str(FACE), "--epochs", "1",
-                                   "--dim", str(K), "--device", "cpu", "--save_name", str(tmp_path / "out")]))
-    assert load_model(tmp_path / "out" / "w2wmodel.safetensors").space_id == toy_space.id
+                                   "--device", "cpu", "--save_name", str(tmp_path / "out")]))
+    model = load_model(tmp_path / "out" / "w2wmodel.safetensors")  # without --dim: all K = 8 of the space
+    assert model.space_id == toy_space.id and model.coefficients.shape == (K,)
+
+
+def test_run_inversion_sh_inverts_both_examples_on_the_tiny_world(tmp_path):
+    """The script's flags work against the shipped tiny space (one step each here)."""
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), REAL_EPOCHS="1", OOD_EPOCHS="1")
+    done = subprocess.run(["bash", str(ROOT / "inversion" / "run_inversion.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tiny = load_space(ROOT / "files" / "tiny" / "space")
+    for name in ("face", "drawing"):
+        model = load_model(tmp_path / name / "w2wmodel.safetensors")
+        assert model.space_id == tiny.id and model.coefficients.shape == (tiny.num_components,)
+        assert (tmp_path / name / "unet" / "adapter_model.safetensors").is_file()
