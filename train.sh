@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Dreambooth LoRA of one identity, as in the w2w paper (Sec. 3.1 and App. A).
-#   bash train.sh                      the tiny world (CPU, minutes): identity 000000 of data/faces
+#   bash train.sh                      the tiny world (CPU, 2 minutes): identity 000000 of data/faces
 #   bash train.sh sd15 IMAGES OUT      Stable Diffusion 1.5 (realistic-vision), the paper's command (GPU)
 # Many identities at once: w2w train-identities --help
 set -euo pipefail
@@ -22,12 +22,17 @@ if [[ "${1:-tiny}" == "sd15" ]]; then
     --gradient_accumulation_steps 1 --mixed_precision fp16 \
     --seed 0
 else
-  [[ -d data/faces/celeba_generated/000000 ]] || python -m lora_w2w.tiny.faces --out data/faces --num 4
+  # FACES, OUT, MAX_TRAIN_STEPS and NUM_CLASS_IMAGES may be set to try it quickly (the tests do)
+  faces=${FACES:-data/faces} out=${OUT:-outputs}
+  [[ -d "$faces/celeba_generated/000000" ]] || python -m lora_w2w.tiny.faces --out "$faces" --num 4
+  # without a GPU accelerate would run one thread (OMP_NUM_THREADS=1): give it the cores
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    --num_cpu_threads_per_process "${OMP_NUM_THREADS:-$(nproc)}" \
     train_dreambooth.py \
     --pretrained_model_name_or_path files/tiny/base \
-    --instance_data_dir data/faces/celeba_generated/000000 \
-    --output_dir outputs/loras/000000 \
-    --class_data_dir outputs/class_images \
-    --learning_rate 3e-3 --max_train_steps 800 --seed 0   # the tiny world's recipe (files/tiny/README.md)
+    --instance_data_dir "$faces/celeba_generated/000000" \
+    --output_dir "$out/loras/000000" \
+    --class_data_dir "$out/class_images" --num_class_images "${NUM_CLASS_IMAGES:-200}" \
+    --learning_rate 3e-3 --max_train_steps "${MAX_TRAIN_STEPS:-800}" --class_inference_steps 25 \
+    --seed 0   # the tiny world's recipe (LORA_RECIPE, files/tiny/README.md)
 fi

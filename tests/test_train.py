@@ -1,5 +1,8 @@
 """Dreambooth LoRA training: the solo script (PEFT adapter) and the many-identities trainer agree."""
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +170,18 @@ def test_identity_banks_compute_as_the_plain_unet_and_put_it_back(toy_world):
     with pytest.raises(RuntimeError), train_identities.identity_banks(unet, layout, weights):
         raise RuntimeError("a failing step")
     assert dict(unet.named_modules()) == before  # the same module objects (nn.Module compares by identity)
+
+
+def test_train_sh_trains_a_tiny_world_identity_through_accelerate(tmp_path):
+    """train.sh's tiny example, as a user runs it (accelerate launch, the committed tiny base), cut to 2 steps
+    and 2 class images: a LoRA folder in the released format, trained with the tiny recipe's settings."""
+    bin_dir = str(Path(sys.executable).parent)  # python and accelerate of this environment
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FACES=str(tmp_path / "faces"),
+               OUT=str(tmp_path / "out"), MAX_TRAIN_STEPS="2", NUM_CLASS_IMAGES="2")
+    done = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = tmp_path / "out" / "loras" / "000000" / "unet"
+    assert (adapter / PEFT_WEIGHTS).is_file() and (adapter / PEFT_CONFIG).is_file()
+    settings = recorded_training(adapter)
+    assert settings["learning_rate"] == 3e-3 and settings["max_train_steps"] == 2
+    assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2
