@@ -62,14 +62,15 @@ def run(command: list[str], threads: int) -> float:
     return time.perf_counter() - start
 
 
-def step_seconds(base: str, faces: Path, class_dir: Path, k: int, steps: int) -> tuple[float, float, float]:
+def step_seconds(base: str, faces: Path, class_dir: Path, k: int, steps: int, recipe: list[str]
+                 ) -> tuple[float, float, float]:
     """(seconds of a solo step, seconds per identity of a K-identity step, UNet fwd+bwd flops per sample),
-    each the best of a few timings of `steps` steps after a warm-up."""
+    each the best of a few timings of `steps` steps after a warm-up, with the training flags `recipe`."""
     from lora_w2w import train_identities as ti
     from lora_w2w.dreambooth import load_base, load_image_folder, lora_layout, prepare_identity, prepare_shared
 
     args = ti.parse_args(["--instance_root", str(faces), "--output_root", "unused", "--class_data_dir",
-                          str(class_dir), "--pretrained_model_name_or_path", base, *recipe_flags(LORA_RECIPE)])
+                          str(class_dir), "--pretrained_model_name_or_path", base, *recipe])
     model = load_base(base, torch.device("cpu"))
     layout = lora_layout(model, args)
     shared = prepare_shared(model, args, model.resolution, class_dir)
@@ -188,6 +189,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=LORA_RECIPE["max_train_steps"],
                         help="training steps per identity (default: the tiny recipe's %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--class-images", type=int, default=LORA_RECIPE["num_class_images"],
+                        help="prior images, generated once before timing (default: the recipe's %(default)s; "
+                             "fewer only to try the benchmark quickly)")
     parser.add_argument("--sd15", action="store_true",
                         help="instead: the training step on a randomly initialised SD1.5 (CUDA when present), "
                              "solo and --identities at once (use e.g. --identities 8 --steps 5): steps/s and the "
@@ -196,12 +200,12 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="with --sd15: the chip's dense bf16 peak in TFLOP/s (default: known for H100, H200, A100)")
     args = parser.parse_args()
-    if min(args.identities, args.solo_identities, args.steps) < 1:
-        parser.error("--identities, --solo-identities and --steps must be at least 1")
+    if min(args.identities, args.solo_identities, args.steps, args.class_images) < 1:
+        parser.error("--identities, --solo-identities, --steps and --class-images must be at least 1")
     torch.set_num_threads(args.threads)
     if args.sd15:
         return main_sd15(args)
-    recipe = recipe_flags(dict(LORA_RECIPE, max_train_steps=args.steps))
+    recipe = recipe_flags(dict(LORA_RECIPE, max_train_steps=args.steps, num_class_images=args.class_images))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = base_model(work)
@@ -221,7 +225,7 @@ def main() -> None:
                              *common], args.threads)
         trained = [f.name for f in folders if (work / "multi" / f.name / "unet" / "adapter_model.safetensors").is_file()]
         assert len(trained) == args.identities, trained
-        solo_step, multi_step, flops = step_seconds(base, faces, work / "class", args.identities, steps=10)
+        solo_step, multi_step, flops = step_seconds(base, faces, work / "class", args.identities, 10, recipe)
     peak = matmul_flops_per_second()
 
     solo_rate, multi_rate = 3600 * len(solo_folders) / solo_seconds, 3600 * args.identities / multi_seconds
@@ -236,6 +240,7 @@ def main() -> None:
                       "step_ratio": round(solo_step / multi_step, 2),
                       "step_ratio_ceiling": round(peak / solo_rate_flops, 2),
                       "identities": args.identities, "solo_identities": len(solo_folders), "steps": args.steps,
+                      "class_images": args.class_images,
                       "threads": args.threads, "base": base}))
 
 

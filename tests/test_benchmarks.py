@@ -1,0 +1,41 @@
+"""The benchmarks run, cut to the smallest sizes, and end with their JSON line (their figures are
+measured by `make bench-*`, not here: a test only keeps them from rotting)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def last_json(script: str, *flags: str) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *flags], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bench_invert():
+    result = last_json("bench_invert.py", "--steps", "2", "--repeats", "1", "--generate-steps", "2")
+    assert result["benchmark"] == "invert" and result["steps"] == 2
+    assert result["ratio"] == pytest.approx(result["step_ms"] / result["baseline_step_ms"], abs=1e-3)
+    assert 0 < result["ratio_floor_by_caching"] < 1 and result["generate_ratio"] > 0
+
+
+def test_bench_train():
+    result = last_json("bench_train.py", "--identities", "2", "--solo-identities", "1", "--steps", "2",
+                       "--class-images", "2")
+    assert result["benchmark"] == "train" and (result["identities"], result["solo_identities"]) == (2, 1)
+    assert result["ratio"] == pytest.approx(result["identities_per_hour"] / result["baseline_identities_per_hour"],
+                                            rel=0.01)
+    assert result["step_ratio"] > 0 and result["step_ratio_ceiling"] > 0
+
+
+def test_bench_pca(tmp_path):
+    result = last_json("bench_pca.py", "--models", "60", "--components", "8", "--work", str(tmp_path))
+    assert result["benchmark"] == "pca" and set(result["results"]) == {"project", "project-randomized", "sklearn",
+                                                                       "torch"}
+    assert result["results"]["project"]["variance_max_relative_error"] == 0  # the reference
+    assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
