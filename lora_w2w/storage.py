@@ -262,6 +262,10 @@ def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
     def tensor(name, rows=None):
         return mmap_tensor(tensors_path, header, start, name, rows) if name in header else None
 
+    presets = description.get("inversion_presets", {})
+    if not (isinstance(presets, dict) and all(isinstance(v, dict) for v in presets.values())):
+        raise FileFormatError(f"{directory / SPACE_JSON}: inversion_presets must map preset names to settings, "
+                              f"such as {{\"ood\": {{\"lr\": 0.1}}}}; got {presets!r}")
     coefficients = tensor("coefficients")
     if coefficients is not None and k is not None:
         coefficients = coefficients[:, :k]
@@ -273,7 +277,7 @@ def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
         layout=LoraLayout.from_dict(description["layout"]), coefficients=coefficients, attributes=attributes,
         explained_variance=None if tensor("explained_variance") is None else tensor("explained_variance", k),
         base_model=description.get("base_model", ""), prompt=description.get("prompt", ""), id=description["id"],
-        inversion_presets=description.get("inversion_presets", {}))
+        inversion_presets=presets)
 
 
 # ----------------------------------------------------------------------------- models
