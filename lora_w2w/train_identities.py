@@ -11,9 +11,10 @@ its solo `train_dreambooth.py` run with the same seed; its batches, latents, noi
 come from its own `StepSampler`. Instance latents, text embeddings and class latents are cached once.
 
 Each finished identity is written as `<output_root>/<name>/unet/` (the format of train_dreambooth.py)
-atomically, with its training settings in the metadata; on restart finished identities are skipped, so
-a killed job loses only the K in flight, and a restart with other settings is refused (one weights
-dataset must not mix recipes).
+atomically, with its training settings in the metadata; on restart finished identities are skipped, and
+a restart with other settings is refused (one weights dataset must not mix recipes). The K identities
+in flight save their state every --checkpointing_steps steps, and a restart resumes them from it, so a
+killed job loses at most those steps.
 Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...; on
 one machine without accelerate (single-thread processes on a CPU), `--shard r/P` does the same.
 """
@@ -40,6 +41,9 @@ from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, che
 from .errors import W2WError
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .layout import LoraLayout
+from .storage import atomic_output, torch_load
+
+GROUP_CHECKPOINT_FORMAT = "w2w-train-identities-checkpoint"
 
 
 class LoraBank(nn.Module):
@@ -120,18 +124,22 @@ def identity_banks(unet: nn.Module, layout: LoraLayout, initial: torch.Tensor) -
 
 
 def train_group(unet: nn.Module, layout: LoraLayout, identities: list[IdentityData], shared: SharedData,
-                args: argparse.Namespace, accelerator: Accelerator) -> torch.Tensor:
-    """Train the LoRAs of `identities` together; returns their flat weights (K, N)."""
+                args: argparse.Namespace, accelerator: Accelerator, checkpoint: Path | None = None) -> torch.Tensor:
+    """Train the LoRAs of `identities` together; returns their flat weights (K, N). With `checkpoint`, the
+    group's state is saved there every args.checkpointing_steps steps, and a group finding its own
+    state there resumes from it and ends exactly where an uninterrupted run ends."""
     k = len(identities)
     initial = initial_lora_weights(layout, args.seed).expand(k, -1)  # every run starts as a solo run does
     with identity_banks(unet, layout, initial) as banks:
         params = [p for bank in banks.values() for p in (bank.lora_A, bank.lora_B)]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.max_train_steps))
+        state = GroupState(checkpoint, identities, banks, optimizer, schedule, training_settings(args))
+        start = state.resume() if checkpoint is not None and checkpoint.is_file() else 0
         names = ", ".join(i.name for i in identities[:3]) + (" ..." if k > 3 else "")
-        progress = tqdm(range(args.max_train_steps), desc=f"{k} identities ({names})", leave=False,
-                        disable=not accelerator.is_local_main_process)
-        for _ in progress:
+        progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps,
+                        desc=f"{k} identities ({names})", leave=False, disable=not accelerator.is_local_main_process)
+        for step in progress:
             for _ in range(args.gradient_accumulation_steps):
                 loss = identities_loss(unet, identities, shared, args, accelerator.autocast)
                 (loss / args.gradient_accumulation_steps).backward()
@@ -139,8 +147,54 @@ def train_group(unet: nn.Module, layout: LoraLayout, identities: list[IdentityDa
             optimizer.zero_grad()
             schedule.step()
             progress.set_postfix(loss=f"{loss.item() / k:.4f}")
+            if checkpoint is not None and (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps:
+                state.save(step + 1)
         return layout.join({name: (bank.lora_A.detach().cpu(), bank.lora_B.detach().cpu())
                             for name, bank in banks.items()})
+
+
+class GroupState:
+    """The in-flight state of a group of identities in one file: the LoRA banks, AdamW and the schedule,
+    each identity's random stream, the step, and the identities' names and settings it belongs to."""
+
+    def __init__(self, path: Path | None, identities: list[IdentityData], banks: dict[str, LoraBank],
+                 optimizer: torch.optim.Optimizer, schedule, settings: dict):
+        self.path, self.identities, self.banks = path, identities, banks
+        self.optimizer, self.schedule = optimizer, schedule
+        self.key = {"names": [i.name for i in identities], "settings": json.loads(json.dumps(settings))}
+
+    def save(self, step: int) -> None:
+        """Write the state after `step` steps (atomically)."""
+        state = {"format": GROUP_CHECKPOINT_FORMAT, **self.key, "step": step,
+                 "lora_A": [b.lora_A.detach().cpu() for b in self.banks.values()],
+                 "lora_B": [b.lora_B.detach().cpu() for b in self.banks.values()],
+                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "rng": [i.sampler.generator.get_state() for i in self.identities]}
+        with atomic_output(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> int:
+        """Restore the state saved at `path` and return its step; 0 (with a warning) when the file holds
+        another group's state or cannot be read: the group then starts over."""
+        try:
+            state = torch_load(self.path)
+        except W2WError as error:
+            warnings.warn(f"{self.path}: unreadable checkpoint ignored, the group starts over ({error})", stacklevel=2)
+            return 0
+        if not isinstance(state, dict) or state.get("format") != GROUP_CHECKPOINT_FORMAT or \
+                {key: state.get(key) for key in self.key} != self.key:
+            warnings.warn(f"{self.path}: a checkpoint of other identities or settings, ignored (the group starts "
+                          f"over and replaces it)", stacklevel=2)
+            return 0
+        with torch.no_grad():
+            for bank, lora_a, lora_b in zip(self.banks.values(), state["lora_A"], state["lora_B"]):
+                bank.lora_A.copy_(lora_a)
+                bank.lora_B.copy_(lora_b)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        for identity, rng in zip(self.identities, state["rng"]):
+            identity.sampler.generator.set_state(rng)
+        return int(state["step"])
 
 
 def identity_folders(root: Path) -> list[Path]:
@@ -185,12 +239,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", default=None, metavar="R/P",
                         help="train only share R of P (identities R, R + P, ...; R from 0), for P processes on one "
                              "machine without accelerate (default: accelerate's process index and count)")
+    parser.add_argument("--checkpointing_steps", type=int, default=100,
+                        help="save the state of the identities in flight every N steps (0: never), in "
+                             "<output_root>/.checkpoint-<first identity>.pt; a restart resumes from it (default: "
+                             "%(default)s)")
     add_dreambooth_arguments(parser)
     args = parser.parse_args(argv)
     try:
         check_dreambooth_arguments(args)
         if args.identities_per_batch < 1:
             raise W2WError(f"--identities_per_batch must be >= 1, got {args.identities_per_batch}")
+        if args.checkpointing_steps < 0:
+            raise W2WError(f"--checkpointing_steps must be >= 0, got {args.checkpointing_steps}")
         if args.shard is not None:
             args.shard = parse_shard(args.shard)
     except W2WError as error:
@@ -238,10 +298,13 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             identities.append(prepare_identity(folder.name, images, base, shared, args))
         if not identities:
             continue
-        weights = train_group(base.unet, layout, identities, shared, args, accelerator)  # (K, N)
+        checkpoint = output_root / f".checkpoint-{identities[0].name}.pt" if args.checkpointing_steps else None
+        weights = train_group(base.unet, layout, identities, shared, args, accelerator, checkpoint)  # (K, N)
         for identity, w in zip(identities, weights):
             save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
             trained.append(identity.name)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
     return trained, refused
 
 

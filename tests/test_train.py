@@ -4,13 +4,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lora_w2w import train_identities
-from lora_w2w.dreambooth import load_image_folder, train_one
+from lora_w2w.dreambooth import identities_loss, load_image_folder, train_one
 from lora_w2w.errors import W2WError
 from lora_w2w.formats import PEFT_CONFIG, PEFT_WEIGHTS, recorded_training
 
@@ -70,6 +71,61 @@ def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_
     with pytest.raises(W2WError, match=r"3 identities \(the first: 000000\) were trained with other settings: "
                                        r"max_train_steps 1 \(asked now: 2\); give another --output_root"):
         train_identities.train_identities(train_identities.parse_args(argv + ["--max_train_steps", "2"]))
+
+
+def killed_in_call(n: int):
+    """A stand-in for identities_loss that computes it until its n-th call, which raises KeyboardInterrupt
+    (a job killed in its n-th step)."""
+    calls = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return identities_loss(*args, **kwargs)
+    return loss
+
+
+def test_a_group_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_uninterrupted(toy_world, tmp_path):
+    faces = toy_world / "faces" / "celeba_generated"
+
+    def argv(out):
+        return ["--instance_root", str(faces), "--output_root", str(out), "--identities_per_batch", "2", "--limit", "2",
+                "--checkpointing_steps", "2", *_common(toy_world, steps=5)]
+
+    assert train_identities.train_identities(train_identities.parse_args(argv(tmp_path / "whole")))[0] == ["000000",
+                                                                                                         "000001"]
+    # steps 1-2 checkpointed, step 3 done and lost, killed in step 4
+    with mock.patch.object(train_identities, "identities_loss", side_effect=killed_in_call(4)), \
+            pytest.raises(KeyboardInterrupt):
+        train_identities.train_identities(train_identities.parse_args(argv(tmp_path / "killed")))
+    checkpoint = tmp_path / "killed" / ".checkpoint-000000.pt"
+    assert checkpoint.is_file() and not (tmp_path / "killed" / "000000").exists()
+    with mock.patch.object(train_identities, "identities_loss", wraps=identities_loss) as resumed:
+        train_identities.train_identities(train_identities.parse_args(argv(tmp_path / "killed")))
+    assert resumed.call_count == 3 and not checkpoint.exists()  # steps 3-5 only; the group's state is gone
+    for name in ("000000", "000001"):
+        whole, again = (load_file(tmp_path / run / name / "unet" / PEFT_WEIGHTS) for run in ("whole", "killed"))
+        assert all(torch.equal(whole[key], again[key]) for key in whole)
+
+
+@pytest.mark.parametrize("other, message", [("group", "a checkpoint of other identities or settings, ignored"),
+                                            ("garbage", "unreadable checkpoint ignored, the group starts over")])
+def test_a_checkpoint_of_another_group_or_unreadable_is_ignored_with_a_warning(toy_world, tmp_path, other, message):
+    faces = toy_world / "faces" / "celeba_generated"
+    argv = ["--instance_root", str(faces), "--output_root", str(tmp_path), "--checkpointing_steps", "1",
+            *_common(toy_world, steps=2)]
+    checkpoint = tmp_path / ".checkpoint-000000.pt"
+    if other == "group":  # the state of the group 000000 + 000001 after one step
+        with mock.patch.object(train_identities, "identities_loss", side_effect=killed_in_call(2)), \
+                pytest.raises(KeyboardInterrupt):
+            train_identities.train_identities(train_identities.parse_args(argv + ["--identities_per_batch", "2"]))
+        assert checkpoint.is_file()
+    else:
+        checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match=message):  # the group of 000000 alone
+        assert train_identities.train_identities(train_identities.parse_args(argv + ["--limit", "1"]))[0] == ["000000"]
+    assert not checkpoint.exists()
 
 
 def test_instance_folders_are_read_forgivingly_and_refused_clearly(tmp_path):

@@ -97,7 +97,7 @@ def train_in_processes(argv: list[str], processes: int, output_root: Path, total
             while any(child.poll() is None for child in children):
                 time.sleep(2)
                 bar.update(len(list(output_root.glob("*/unet/adapter_model.safetensors"))) - bar.n)
-    finally:  # interrupted: stop the shares (each loses only the identities in flight)
+    finally:  # interrupted: stop the shares (each resumes its group in flight from its last checkpoint)
         for child in children:
             if child.poll() is None:
                 child.terminate()
