@@ -6,6 +6,7 @@ prints one line `w2w: error: ...` and exits with code 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -103,9 +104,12 @@ def cmd_build(args) -> None:
         raise W2WError("--scheduler goes with --backend dask")
     start = time.perf_counter()
     dataset = WeightsDataset(args.dataset)
+    state = Path(args.state or f"{str(args.out).rstrip('/')}.build-state")
     space = build_space(dataset, args.components, args.memory, args.backend, args.method, args.oversamples,
-                        args.power_iterations, args.attributes, args.scheduler, args.base_model, args.seed, _progress)
+                        args.power_iterations, args.attributes, args.scheduler, args.base_model, args.seed, _progress,
+                        state)
     save_space(space, args.out)
+    shutil.rmtree(state, ignore_errors=True)
     variance = space.explained_variance
     print(f"wrote space {args.out}: N = {space.num_weights:,}, K = {space.num_components:,}, M = {space.num_models:,}; "
           f"the components explain {float(variance.sum()) / float((space.std > 0).sum()):.1%} of the variance "
@@ -454,6 +458,9 @@ def add_dataset_parsers(commands) -> None:
                        help="dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); "
                             "its workers must see DATASET at the same path")
     build.add_argument("--base-model", metavar="ID", help="base model id to record (default: the dataset's)")
+    build.add_argument("--state", metavar="DIR",
+                       help="folder where the torch backend keeps its finished passes, so that a killed build "
+                            "resumes from them when run again (default: OUT.build-state; removed once OUT is written)")
     build.set_defaults(run=cmd_build)
 
 

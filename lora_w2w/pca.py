@@ -26,14 +26,20 @@ The `dask` backend runs `dask.array.linalg.svd_compressed` (same randomized algo
 iterations) on a dask.distributed cluster: a LocalCluster in this process, or `scheduler`'s cluster,
 whose workers must see the dataset's path.
 Each component's largest-|.| entry is made positive, so rebuilds give the same space.
+A build given a `state` directory (`w2w build` keeps one beside OUT) writes there the results of its
+finished passes, the column moments and P after each power iteration; a killed build, run again,
+resumes after the last finished pass and gives the space an uninterrupted build gives, bit for bit.
 
 Letters: M models, N flattened LoRA numbers, K components, L = K + oversamples, r rows of a chunk,
 b columns of a slab.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +53,7 @@ import torch
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
-from .storage import WRITE_BLOCK_BYTES
+from .storage import WRITE_BLOCK_BYTES, atomic_output, mmap_tensor, read_safetensors_header, write_tensors
 
 BACKENDS = ("torch", "dask")
 METHODS = ("auto", "exact", "randomized")
@@ -289,6 +295,58 @@ def check_components(m: int, n: int, k: int) -> None:
         raise SpaceError(f"K = {k} components, but a model has only N = {n} numbers")
 
 
+# ----------------------------------------------------------------------------- the state of a build
+
+class BuildState:
+    """What a build's finished passes computed, kept in `directory` so that a build killed at any moment
+    resumes after its last finished pass: the column moments after the first pass, P after each power
+    iteration of the randomized route (L x N floats, written block by block). `key` says which build
+    (dataset files, K, plan, seed) a file belongs to; a file of another build is ignored with a warning.
+    Without a directory it keeps nothing."""
+
+    def __init__(self, directory: str | os.PathLike | None, key: dict):
+        self.directory = None if directory is None else Path(directory)
+        self.key = json.loads(json.dumps(key))
+
+    def save(self, name: str, tensors: list[torch.Tensor], passes: int) -> None:
+        """Keep `tensors` as `name`, computed by `passes` passes (atomically)."""
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        metadata = {"key": json.dumps(self.key), "passes": str(passes)}
+        with atomic_output(self.directory / f"{name}.safetensors") as tmp:
+            write_tensors(tmp, {str(i): t for i, t in enumerate(tensors)}, metadata)
+
+    def load(self, name: str) -> tuple[list[torch.Tensor], int] | None:
+        """(tensors, passes) kept as `name` by this build, in memory; None when there are none."""
+        path = None if self.directory is None else self.directory / f"{name}.safetensors"
+        if path is None or not path.is_file():
+            return None
+        try:
+            header, start = read_safetensors_header(path)
+            metadata = header.get("__metadata__", {})
+            if json.loads(metadata.get("key", "null")) != self.key:
+                warnings.warn(f"{path}: the state of another build (other data, K, plan or seed), ignored",
+                              stacklevel=2)
+                return None
+            tensors = [mmap_tensor(path, header, start, str(i)).clone() for i in range(len(header) - 1)]
+            return tensors, int(metadata["passes"])
+        except (FileFormatError, KeyError, ValueError) as error:
+            warnings.warn(f"{path}: unreadable build state ignored ({error})", stacklevel=2)
+            return None
+
+
+def build_key(dataset: WeightsDataset, k: int, p: Plan, seed: int) -> dict:
+    """What makes a build's passes the same: the dataset's files (names, sizes, modification times), K,
+    the plan and the seed."""
+    files = hashlib.sha256("\n".join(dataset.names).encode())
+    for shard in dataset.shards:
+        stat = (dataset.path / shard.file).stat()
+        files.update(f"{shard.file} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return {"data": files.hexdigest()[:16], "k": k, "plan": [p.method, p.side, p.rows, p.width, p.power_iterations],
+            "seed": seed}
+
+
 # ----------------------------------------------------------------------------- streamed passes (torch)
 
 class _Chunks:
@@ -406,15 +464,22 @@ def _exact_weights(chunks: _Chunks, mean, scale, k, p: Plan, log) -> tuple[torch
     return components, coefficients, values
 
 
-def _randomized(chunks: _Chunks, mean, scale, k, p: Plan, seed: int, log
+def _randomized(chunks: _Chunks, mean, scale, k, p: Plan, seed: int, state: BuildState, log
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Subspace iteration on Zᵀ Z with Rayleigh-Ritz (Halko et al. 2011, Alg. 4.4 and 5.1)."""
+    """Subspace iteration on Zᵀ Z with Rayleigh-Ritz (Halko et al. 2011, Alg. 4.4 and 5.1); P is kept in
+    `state` after each power iteration, and taken from there when a killed build left it."""
     n = chunks.dataset.layout.numel
-    basis = torch.randn(p.width, n, generator=torch.Generator().manual_seed(seed))  # P (L, N)
-    if p.power_iterations == 0:
-        basis = orthonormalize_rows(basis)
-    for iteration in range(p.power_iterations):
+    saved = state.load("basis")
+    if saved is not None:
+        (basis,), done = saved
+        log(f"resuming after power iteration {done} of {p.power_iterations} (from {state.directory})")
+    else:
+        basis, done = torch.randn(p.width, n, generator=torch.Generator().manual_seed(seed)), 0  # P (L, N)
+        if p.power_iterations == 0:
+            basis = orthonormalize_rows(basis)
+    for iteration in range(done, p.power_iterations):
         basis = orthonormalize_rows(_power_product(chunks, mean, scale, basis))     # P = orth(P Zᵀ Z)
+        state.save("basis", [basis], iteration + 1)
         log(f"power iteration {iteration + 1} of {p.power_iterations}")
     sketch, small = _right_product(chunks, mean, scale, basis)                     # Y = Z Pᵀ (M, L), YᵀY
     chunks.release()
@@ -524,9 +589,11 @@ def build_space(dataset: WeightsDataset, k: int, memory: int | str = DEFAULT_MEM
                 method: str = "auto", oversamples: int = DEFAULT_OVERSAMPLES,
                 power_iterations: int = DEFAULT_POWER_ITERATIONS, attributes: str | os.PathLike | None = None,
                 scheduler: str | None = None, base_model: str | None = None, seed: int = 0,
-                log: Callable[[str], None] | None = None) -> Space:
+                log: Callable[[str], None] | None = None, state: str | os.PathLike | None = None) -> Space:
     """The w2w space of the top `k` components of `dataset`, with every model's coefficients (M, K)
-    and explained variance (K,). See the module docstring for backends and methods."""
+    and explained variance (K,). See the module docstring for backends and methods. With `state` (a
+    directory), the torch backend keeps its finished passes there (`BuildState`) and resumes from them;
+    the caller removes the directory once the space is saved."""
     log = log or (lambda message: None)
     memory = parse_memory(memory)
     m, n = len(dataset), dataset.layout.numel
@@ -536,11 +603,18 @@ def build_space(dataset: WeightsDataset, k: int, memory: int | str = DEFAULT_MEM
         p = plan(m, n, k, memory, method, oversamples, power_iterations)
         log(f"plan: {p.describe()}")
         chunks = _Chunks(dataset, p.rows)
-        mean, std = _column_moments(chunks)
-        log("mean and std done")
-        args = (chunks, mean.float(), safe_scale(std).float(), k, p)
+        kept = BuildState(state, build_key(dataset, k, p, seed))
+        saved = kept.load("moments")
+        if saved is not None:
+            (mean, std), _ = saved
+            log(f"mean and std read from {kept.directory}")
+        else:
+            mean, std = (t.float() for t in _column_moments(chunks))  # float32, as everything after uses them
+            kept.save("moments", [mean, std], 1)
+            log("mean and std done")
+        args = (chunks, mean, safe_scale(std), k, p)
         if p.method == "randomized":
-            components, coefficients, values = _randomized(*args, seed, log)
+            components, coefficients, values = _randomized(*args, seed, kept, log)
         elif p.side == "models":
             components, coefficients, values = _exact_models(*args, log)
         else:

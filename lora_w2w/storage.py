@@ -172,6 +172,13 @@ def mmap_tensor(path: Path, header: dict, start: int, name: str, rows: int | Non
     return torch.from_numpy(array)
 
 
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Float32 tensors into one safetensors file at `path`, block by block (no tensor is copied whole)."""
+    with SafetensorsWriter(path, {k: tuple(v.shape) for k, v in tensors.items()}, metadata) as writer:
+        for name, tensor in tensors.items():
+            _copy_blocks(writer, name, tensor)
+
+
 def _copy_blocks(writer: SafetensorsWriter, name: str, src: torch.Tensor) -> None:
     """Write tensor `name` from `src` in blocks of about WRITE_BLOCK_BYTES, along src's contiguous dimension:
     a transposed memory-mapped matrix (a view of V.pt, say) is read in its own row order."""
@@ -202,10 +209,7 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
         tensors["explained_variance"] = space.explained_variance
     with atomic_output(directory) as tmp:
         tmp.mkdir()
-        with SafetensorsWriter(tmp / SPACE_TENSORS, {k: tuple(v.shape) for k, v in tensors.items()},
-                               {"format": SPACE_FORMAT, "space_id": space.id}) as writer:
-            for name, tensor in tensors.items():
-                _copy_blocks(writer, name, tensor)
+        write_tensors(tmp / SPACE_TENSORS, tensors, {"format": SPACE_FORMAT, "space_id": space.id})
         description = {
             "format": SPACE_FORMAT,
             "version": FORMAT_VERSION,

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from lora_w2w.cli import main
 from lora_w2w.dataset import WeightsDataset, add_models, matrix_source
 from lora_w2w.errors import FileFormatError, SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
+from lora_w2w import pca
 from lora_w2w.pca import OVERHEAD_BYTES, Moments, build_space, parse_memory, plan
 from lora_w2w.storage import load_space
 
@@ -168,7 +170,7 @@ def test_a_build_killed_midway_leaves_nothing_and_the_rerun_gives_the_same_space
         calls = []
         def copy_then_die(*args):
             calls.append(1)
-            if len(calls) == 3:          # mean and std written, the components half-way: killed
+            if len(calls) == 5:          # the state's mean and std, the space's mean and std written: killed
                 os.kill(os.getpid(), signal.SIGKILL)
             copy(*args)
         storage._copy_blocks = copy_then_die
@@ -185,3 +187,44 @@ def test_a_build_killed_midway_leaves_nothing_and_the_rerun_gives_the_same_space
     reference = build_space(WeightsDataset(tmp_path / "data"), K)
     for name in ("mean", "std", "components", "coefficients", "explained_variance"):
         assert torch.equal(getattr(rebuilt, name), getattr(reference, name)), name
+
+
+def test_a_randomized_build_killed_in_a_pass_resumes_after_the_last_finished_one(tmp_path):
+    """Killed in power iteration 3 of 4: the rerun reads mean, std and P from the state and runs
+    iterations 3 and 4 only, and the space is the one an uninterrupted build gives, bit for bit."""
+    dataset = make_dataset(tmp_path / "data", low_rank_weights(40, WIDE.numel, seed=3), WIDE)
+    options = dict(k=K, method="randomized", power_iterations=4, state=tmp_path / "state")
+    reference = build_space(dataset, K, method="randomized", power_iterations=4)
+    product = pca._power_product
+    calls = []
+
+    def killed_in_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return product(*args)
+
+    with mock.patch.object(pca, "_power_product", side_effect=killed_in_third), pytest.raises(KeyboardInterrupt):
+        build_space(dataset, **options)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["basis.safetensors", "moments.safetensors"]
+    with mock.patch.object(pca, "_power_product", wraps=product) as resumed, \
+            mock.patch.object(pca, "_column_moments", wraps=pca._column_moments) as moments:
+        space = build_space(dataset, **options)
+    assert resumed.call_count == 2 and moments.call_count == 0
+    for name in ("mean", "std", "components", "coefficients", "explained_variance"):
+        assert torch.equal(getattr(space, name), getattr(reference, name)), name
+    # the state of another build (another seed) is not used: a warning, and the other build's own space
+    with pytest.warns(UserWarning, match="the state of another build"):
+        other = build_space(dataset, **options, seed=1)
+    assert torch.equal(other.components, build_space(dataset, K, method="randomized", power_iterations=4,
+                                                      seed=1).components)
+
+
+def test_the_cli_keeps_the_build_state_beside_out_until_the_space_is_written(tmp_path, capsys):
+    make_dataset(tmp_path / "data", low_rank_weights(40, WIDE.numel, seed=4), WIDE)
+    (tmp_path / "space.build-state").mkdir()
+    (tmp_path / "space.build-state" / "moments.safetensors").write_bytes(b"garbage")  # ignored, with a warning
+    assert main(["build", str(tmp_path / "data"), str(tmp_path / "space"), "--components", str(K),
+                 "--method", "randomized"]) == 0
+    assert "unreadable build state ignored" in capsys.readouterr().err
+    assert load_space(tmp_path / "space").num_components == K and not (tmp_path / "space.build-state").exists()
