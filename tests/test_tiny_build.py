@@ -2,6 +2,7 @@
 their outputs exist, the LoRA and space stages run for real on the toy pipeline, and a rerun skips or
 resumes everything."""
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +12,8 @@ from lora_w2w.dataset import WeightsDataset
 from lora_w2w.pca import build_space
 from lora_w2w.storage import load_space
 from lora_w2w.tiny import build
+
+TINY_SPACE = Path(__file__).resolve().parents[1] / "files" / "tiny" / "space"
 
 
 @pytest.fixture
@@ -45,6 +48,7 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     assert torch.allclose(space.explained_variance_ratio(), full.explained_variance_ratio()[:1], rtol=1e-4)
     assert (tmp_path / "variance.png").read_bytes()[:4] == b"\x89PNG"
     assert space.base_model == str(out / "base")
+    assert space.inversion_presets == build.INVERSION_PRESETS == load_space(TINY_SPACE).inversion_presets
     truth = pd.read_csv(work / "faces" / "attributes.csv", index_col=0, dtype={"name": str})
     assert (space.attributes["Male"].to_numpy() == truth.loc[list(space.attributes.index), "Male"].to_numpy()).all()
     for name in list(space.attributes.index):
