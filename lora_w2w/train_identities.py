@@ -299,7 +299,13 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         if not identities:
             continue
         checkpoint = output_root / f".checkpoint-{identities[0].name}.pt" if args.checkpointing_steps else None
-        weights = train_group(base.unet, layout, identities, shared, args, accelerator, checkpoint)  # (K, N)
+        try:
+            weights = train_group(base.unet, layout, identities, shared, args, accelerator, checkpoint)  # (K, N)
+        except torch.OutOfMemoryError:
+            raise W2WError(f"out of memory training {len(identities)} identities at once on {accelerator.device}: "
+                           f"pass a smaller --identities_per_batch (on SD1.5 at 512 px a step needs about "
+                           f"4.0 + 3.1 K GiB in float32); the {len(trained)} identities finished are kept and a "
+                           f"restart goes on from there") from None
         for identity, w in zip(identities, weights):
             save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
             trained.append(identity.name)

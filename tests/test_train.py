@@ -128,6 +128,17 @@ def test_a_checkpoint_of_another_group_or_unreadable_is_ignored_with_a_warning(t
     assert not checkpoint.exists()
 
 
+def test_running_out_of_memory_says_to_train_fewer_identities_at_once(toy_world, tmp_path, capsys):
+    faces = toy_world / "faces" / "celeba_generated"
+    argv = ["--instance_root", str(faces), "--output_root", str(tmp_path), "--identities_per_batch", "2",
+            *_common(toy_world, steps=1)]
+    with mock.patch.object(train_identities, "identities_loss", side_effect=torch.OutOfMemoryError("CUDA OOM")):
+        assert train_identities.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory training 2 identities at once on cpu: pass a smaller --identities_per_batch" in err
+    assert "Traceback" not in err
+
+
 def test_instance_folders_are_read_forgivingly_and_refused_clearly(tmp_path):
     from PIL import Image
 
