@@ -113,3 +113,14 @@ def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys)
     assert exit_info.value.code == 2
     assert "no attribute 'Wings'; the space has: Male, Young" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("first", ["lora_w2w", None])
+def test_the_no_torchvision_notice_of_transformers_is_silenced(first):
+    """Loading diffusers' pipeline module makes transformers say twice that it falls back to PIL image
+    processors (this project installs no torchvision on purpose); importing lora_w2w first drops just that."""
+    code = f"import {first}\n" if first else ""
+    done = subprocess.run([sys.executable, "-c", code + "from diffusers import StableDiffusionPipeline"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("requires torchvision (not installed)" in done.stderr) == (first is None), done.stderr[-2000:]
