@@ -465,12 +465,20 @@ def add_dataset_parsers(commands) -> None:
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one line on stderr, without the file and source line Python shows."""
-    print(f"w2w: warning: {message}", file=sys.stderr)
+    """A warning as one line on stderr, without the file and source line Python shows (above any progress bar)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"w2w: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():  # every subcommand's warnings, one line each
+        warnings.showwarning = one_line_warning
+        return run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv: list[str]) -> int:
+    """The subcommand of `argv`; its exit code."""
     if argv[:1] == ["train-identities"]:
         from .train_identities import main as train_main
 
@@ -487,9 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = one_line_warning
-            args.run(args)
+        args.run(args)
     except W2WError as error:
         parser.exit(2, f"w2w: error: {error}\n")
     except OSError as error:
@@ -497,7 +503,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         parser.exit(130, "w2w: interrupted\n")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_w2w import train_identities
+from lora_w2w.cli import main as w2w
 from lora_w2w.dreambooth import identities_loss, load_image_folder, train_one
 from lora_w2w.errors import W2WError
 from lora_w2w.formats import PEFT_CONFIG, PEFT_WEIGHTS, recorded_training
@@ -186,6 +187,19 @@ def test_a_bad_identity_folder_is_skipped_not_fatal(toy_world, tmp_path, capsys)
     assert code == 2 and "1 identity folders refused: 000000" in capsys.readouterr().err
     assert (tmp_path / "out" / "000001" / "unet" / PEFT_WEIGHTS).is_file()
     assert not (tmp_path / "out" / "000000").exists()
+
+
+def test_w2w_train_identities_prints_its_warnings_in_one_line(toy_world, tmp_path, capsys):
+    faces = tmp_path / "faces"
+    (faces / "000000").mkdir(parents=True)
+    for image in (toy_world / "faces" / "celeba_generated" / "000000").iterdir():
+        (faces / "000000" / image.name).write_bytes(image.read_bytes())
+    (faces / "000000" / "notes.txt").write_text("not an image")
+    code = w2w(["train-identities", "--instance_root", str(faces), "--output_root", str(tmp_path / "out"),
+                *_common(toy_world, steps=1)])
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "non-image files" in line]
+    assert code == 0 and len(warned) == 1 and warned[0].startswith("w2w: warning: "), err
 
 
 def test_noisy_inputs_follow_the_cached_latents_device():
