@@ -46,11 +46,11 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .dreambooth import Batch, StepSampler, encode_images, encode_prompt, prepare_image
-from .errors import FileFormatError, SpaceError, W2WError
+from .errors import SpaceError, W2WError
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
-from .storage import atomic_output, torch_load
+from .storage import load_state, save_state
 
 CHECKPOINT_FORMAT = "w2w-inversion-checkpoint"
 
@@ -251,19 +251,15 @@ def run_fingerprint(space: Space, config: InversionConfig, seed: int, image: tor
 def save_checkpoint(path: str | os.PathLike, fingerprint: dict, step: int, coefficients: torch.Tensor,
                     optimizer: torch.optim.Optimizer, sampler: StepSampler) -> None:
     """Write the state of a run after `step` steps (atomically)."""
-    state = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": step,
-             "coefficients": coefficients.detach().cpu(), "optimizer": optimizer.state_dict(),
-             "rng": sampler.generator.get_state()}
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+    save_state(path, CHECKPOINT_FORMAT, {"fingerprint": fingerprint, "step": step,
+                                         "coefficients": coefficients.detach().cpu(),
+                                         "optimizer": optimizer.state_dict(), "rng": sampler.generator.get_state()})
 
 
 def load_checkpoint(path: str | os.PathLike, fingerprint: dict, coefficients: torch.Tensor,
                     optimizer: torch.optim.Optimizer, sampler: StepSampler) -> int:
     """Restore a run's state from `path`; returns the number of steps it had done."""
-    state = torch_load(Path(path))
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise FileFormatError(f"{path}: not an inversion checkpoint")
+    state = load_state(path, CHECKPOINT_FORMAT)
     for key, value in fingerprint.items():
         if state["fingerprint"].get(key) != value:
             raise W2WError(f"{path}: a checkpoint of another run ({key} {state['fingerprint'].get(key)!r} there, "

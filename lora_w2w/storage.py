@@ -318,6 +318,21 @@ def load_model(path: str | os.PathLike) -> W2WModel:
     return W2WModel(coefficients, metadata.get("space_id"))
 
 
+def save_state(path: str | os.PathLike, kind: str, state: dict) -> None:
+    """A run's state (tensors, numbers, strings, lists and dicts of them) written to `path` atomically,
+    tagged `kind`, for `load_state`."""
+    with atomic_output(path) as tmp:
+        torch.save({"format": kind, **state}, tmp)
+
+
+def load_state(path: str | os.PathLike, kind: str) -> dict:
+    """The state `save_state` wrote as `kind` (no code runs); FileFormatError for any other file."""
+    state = torch_load(Path(path))
+    if not isinstance(state, dict) or state.get("format") != kind:
+        raise FileFormatError(f"{path}: not a {kind} file")
+    return state
+
+
 def torch_load(path: Path, trust_pickle: bool = False, mmap: bool = False):
     """torch.load with `weights_only=True` (tensors, dicts, tuples: no code runs). A file that needs
     full unpickling is refused unless `trust_pickle`."""

@@ -41,7 +41,7 @@ from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, che
 from .errors import W2WError
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .layout import LoraLayout
-from .storage import atomic_output, torch_load
+from .storage import load_state, save_state
 
 GROUP_CHECKPOINT_FORMAT = "w2w-train-identities-checkpoint"
 
@@ -165,24 +165,20 @@ class GroupState:
 
     def save(self, step: int) -> None:
         """Write the state after `step` steps (atomically)."""
-        state = {"format": GROUP_CHECKPOINT_FORMAT, **self.key, "step": step,
-                 "lora_A": [b.lora_A.detach().cpu() for b in self.banks.values()],
-                 "lora_B": [b.lora_B.detach().cpu() for b in self.banks.values()],
-                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "rng": [i.sampler.generator.get_state() for i in self.identities]}
-        with atomic_output(self.path) as tmp:
-            torch.save(state, tmp)
+        save_state(self.path, GROUP_CHECKPOINT_FORMAT, {
+            **self.key, "step": step, "lora_A": [b.lora_A.detach().cpu() for b in self.banks.values()],
+            "lora_B": [b.lora_B.detach().cpu() for b in self.banks.values()], "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "rng": [i.sampler.generator.get_state() for i in self.identities]})
 
     def resume(self) -> int:
         """Restore the state saved at `path` and return its step; 0 (with a warning) when the file holds
         another group's state or cannot be read: the group then starts over."""
         try:
-            state = torch_load(self.path)
+            state = load_state(self.path, GROUP_CHECKPOINT_FORMAT)
         except W2WError as error:
             warnings.warn(f"{self.path}: unreadable checkpoint ignored, the group starts over ({error})", stacklevel=2)
             return 0
-        if not isinstance(state, dict) or state.get("format") != GROUP_CHECKPOINT_FORMAT or \
-                {key: state.get(key) for key in self.key} != self.key:
+        if {key: state.get(key) for key in self.key} != self.key:
             warnings.warn(f"{self.path}: a checkpoint of other identities or settings, ignored (the group starts "
                           f"over and replaces it)", stacklevel=2)
             return 0
