@@ -10,9 +10,12 @@
         ...
 
 On disk, a directory:
-    index.json                   format, version, layout, base model, shard size, model names in
-                                 row order, and the shards (file name, rows) in row order
-    weights-00000.safetensors    one tensor `weights` (rows, N) float32 per shard
+    index.json                   format, version, layout, base model, shard size, dtype, model names
+                                 in row order, and the shards (file name, rows) in row order
+    weights-00000.safetensors    one tensor `weights` (rows, N) per shard, float32, or float16 for a
+                                 dataset made with `w2w collect --dtype float16`
+A float16 dataset takes half the disk and half the bytes per pass of a PCA; its weights are rounded
+to 11 significant bits (relative error at most 2^-11). Reads always give float32.
 Rows are in plain string order of the model names (the training folder names), the rule that
 reproduces the released `all_weights.pt`. Shards are written under a temporary name and renamed,
 and `index.json` last: a collect killed midway leaves the previous dataset as it was, and a rerun
@@ -45,7 +48,8 @@ from .errors import FileFormatError, LayoutError, W2WError
 from .formats import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
 from .layout import LoraLayout
 from .space import check_finite
-from .storage import SafetensorsWriter, atomic_output, read_description, read_safetensors_header, read_space_description, torch_load
+from .storage import (SAFETENSORS_DTYPES, SafetensorsWriter, atomic_output, read_description, read_safetensors_header,
+                      read_space_description, torch_load)
 
 DATASET_FORMAT = "w2w-weights"
 FORMAT_VERSION = 1
@@ -53,6 +57,7 @@ INDEX_JSON = "index.json"
 SHARD_TENSOR = "weights"
 DEFAULT_SHARD_SIZE = 1024
 _SHARD_NAME = re.compile(r"weights-(\d{5,})\.safetensors")
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # of the shards, by index.json name
 
 
 # ----------------------------------------------------------------------------- reading
@@ -75,6 +80,9 @@ class WeightsDataset:
         self.layout = LoraLayout.from_dict(index["layout"])
         self.base_model: str = index.get("base_model", "")
         self.shard_size: int = int(index["shard_size"])
+        self.dtype_name: str = index.get("dtype", "float32")  # datasets written before float16 have no dtype
+        self.dtype = DTYPES[self.dtype_name]                  # of the shards on disk
+        stored = SAFETENSORS_DTYPES[self.dtype]
         self.names: tuple[str, ...] = tuple(index["names"])
         self.shards: list[Shard] = []
         self._data_starts: list[int] = []  # byte offset of each shard's data
@@ -84,9 +92,9 @@ class WeightsDataset:
             file = self.path / shard.file
             header, data_start = read_safetensors_header(file)  # names the file when truncated or corrupt
             info = header.get(SHARD_TENSOR, {})
-            if info.get("dtype") != "F32" or info.get("shape") != [shard.rows, n]:
+            if info.get("dtype") != stored or info.get("shape") != [shard.rows, n]:
                 raise FileFormatError(f"{file}: tensor {SHARD_TENSOR!r} is {info.get('dtype')} "
-                                      f"{info.get('shape')}, the index expects F32 [{shard.rows}, {n}]")
+                                      f"{info.get('shape')}, the index expects {stored} [{shard.rows}, {n}]")
             self.shards.append(shard)
             self._data_starts.append(data_start + info["data_offsets"][0])
             start += shard.rows
@@ -101,7 +109,7 @@ class WeightsDataset:
 
     def __repr__(self) -> str:
         return (f"WeightsDataset({str(self.path)!r}: M = {len(self)}, N = {self.layout.numel}, "
-                f"{len(self.shards)} shards)")
+                f"{len(self.shards)} {self.dtype_name} shards)")
 
     def row(self, key: int | str) -> int:
         """The row of a model given by name or by index (negative counts from the end)."""
@@ -122,7 +130,8 @@ class WeightsDataset:
 
     def read_rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start .. stop of the matrix, (r, N) float32, read straight from the shard files into
-        `out` (a contiguous (r, N) float32 tensor, to reuse one buffer) or a new tensor."""
+        `out` (a contiguous (r, N) float32 tensor, to reuse one buffer) or a new tensor (float16 shards
+        through a buffer of one shard's piece)."""
         n = self.layout.numel
         if out is None:
             out = torch.empty(stop - start, n)
@@ -131,10 +140,13 @@ class WeightsDataset:
                              f"{out.dtype}")
         for shard, data_start, lo, hi in self._pieces(start, stop):
             target = out[shard.start + lo - start: shard.start + hi - start].numpy()
+            stored = target if self.dtype == target.dtype else np.empty(target.shape, self.dtype)
             with open(self.path / shard.file, "rb") as f:
-                f.seek(data_start + 4 * lo * n)
-                if f.readinto(memoryview(target).cast("B")) != target.nbytes:
+                f.seek(data_start + self.dtype.itemsize * lo * n)
+                if f.readinto(memoryview(stored).cast("B")) != stored.nbytes:
                     raise FileFormatError(f"{self.path / shard.file}: truncated while reading rows {lo}..{hi}")
+            if stored is not target:
+                target[...] = stored
         return out
 
     def read_block(self, row_start: int, row_stop: int, column_start: int, column_stop: int) -> torch.Tensor:
@@ -143,7 +155,8 @@ class WeightsDataset:
         n = self.layout.numel
         out = torch.empty(row_stop - row_start, column_stop - column_start)
         for shard, data_start, lo, hi in self._pieces(row_start, row_stop):
-            rows = np.memmap(self.path / shard.file, np.float32, "r", data_start + 4 * lo * n, (hi - lo, n))
+            rows = np.memmap(self.path / shard.file, self.dtype, "r", data_start + self.dtype.itemsize * lo * n,
+                             (hi - lo, n))
             first = shard.start + lo - row_start
             out[first:first + hi - lo].numpy()[...] = rows[:, column_start:column_stop]
             del rows  # unmap: the pages read stay in the page cache, not in this process
@@ -179,6 +192,8 @@ def read_index(path: Path) -> dict:
     missing = [key for key in ("layout", "names", "shards", "shard_size") if key not in index]
     if missing:
         raise FileFormatError(f"{file}: missing {', '.join(missing)}")
+    if index.get("dtype", "float32") not in DTYPES:
+        raise FileFormatError(f"{file}: dtype {index['dtype']!r}, expected one of {', '.join(DTYPES)}")
     names = index["names"]
     for i in range(1, len(names)):
         if not names[i - 1] < names[i]:
@@ -331,11 +346,12 @@ def _shard_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _write_shard(path: Path, rows: Iterator[tuple[str, torch.Tensor]], count: int, n: int) -> list[str]:
-    """Write the next `count` (name, weights (N,)) of `rows` as a shard; returns their names."""
+def _write_shard(path: Path, rows: Iterator[tuple[str, torch.Tensor]], count: int, n: int,
+                 dtype: np.dtype) -> list[str]:
+    """Write the next `count` (name, weights (N,)) of `rows` as a shard of `dtype`; returns their names."""
     names = []
     with atomic_output(path) as tmp:
-        with SafetensorsWriter(tmp, {SHARD_TENSOR: (count, n)}, {"format": DATASET_FORMAT}) as writer:
+        with SafetensorsWriter(tmp, {SHARD_TENSOR: (count, n)}, {"format": DATASET_FORMAT}, dtype) as writer:
             for i in range(count):
                 name, weights = next(rows)
                 writer.write_rows(SHARD_TENSOR, i, weights.numpy()[None])
@@ -357,20 +373,23 @@ def _merge(old_names: Sequence[str], old_rows: Iterator[torch.Tensor], new_names
 
 
 def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | None, base_model: str = "",
-               shard_size: int = DEFAULT_SHARD_SIZE, log: Callable[[str], None] | None = None) -> CollectReport:
+               shard_size: int = DEFAULT_SHARD_SIZE, log: Callable[[str], None] | None = None,
+               dtype: str = "float32") -> CollectReport:
     """Add the models of `source` that the dataset at `path` lacks, creating it when absent (then
-    `layout` is required); returns a report. An existing dataset keeps its layout (a different
-    `layout` is refused), base model and shard size."""
+    `layout` is required) with shards of `dtype` (a name of DTYPES); returns a report. An existing
+    dataset keeps its layout (a different `layout` is refused), base model, shard size and dtype."""
     path = Path(path)
     if shard_size < 1:
         raise W2WError(f"the shard size must be >= 1, got {shard_size}")
+    if dtype not in DTYPES:
+        raise W2WError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     old = None
     if (path / INDEX_JSON).exists():
         old = WeightsDataset(path)
         mismatch = layout and old.layout.describe_mismatch(layout)
         if mismatch:
             raise LayoutError(f"{path}: the dataset's LoRA layout differs from the new models' ({mismatch})")
-        layout, shard_size, base_model = old.layout, old.shard_size, old.base_model or base_model
+        layout, shard_size, base_model, dtype = old.layout, old.shard_size, old.base_model or base_model, old.dtype_name
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileFormatError(f"{path}: exists and is not a weights dataset (no {INDEX_JSON}); choose another OUT")
     if layout is None:
@@ -402,13 +421,13 @@ def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | Non
     for start in range(first_row, total, shard_size):
         count = min(shard_size, total - start)
         file = f"weights-{number:05d}.safetensors"
-        names += _write_shard(path / file, rows, count, n)
+        names += _write_shard(path / file, rows, count, n, DTYPES[dtype])
         shards.append(Shard(file, start, count))
         number += 1
         if log:
             log(f"{path / file}: rows {start}..{start + count} of {total}")
     index = {"format": DATASET_FORMAT, "version": FORMAT_VERSION, "num_weights": n, "shard_size": shard_size,
-             "base_model": base_model, "layout": layout.to_dict(),
+             "dtype": dtype, "base_model": base_model, "layout": layout.to_dict(),
              "shards": [{"file": s.file, "rows": s.rows} for s in shards], "names": names}
     with atomic_output(path / INDEX_JSON) as tmp:
         tmp.write_text(json.dumps(index, indent=0))
@@ -429,16 +448,16 @@ def _remove_unlisted(path: Path, listed: set[str]) -> None:
 
 def collect_folders(root: str | os.PathLike, out: str | os.PathLike, layout: LoraLayout | None = None,
                     base_model: str = "", shard_size: int = DEFAULT_SHARD_SIZE,
-                    log: Callable[[str], None] | None = None) -> CollectReport:
-    """Add every LoRA under `root` (see `discover_loras`) to the dataset `out`. The layout is, in
-    order: `layout`, the existing dataset's, the first LoRA's."""
+                    log: Callable[[str], None] | None = None, dtype: str = "float32") -> CollectReport:
+    """Add every LoRA under `root` (see `discover_loras`) to the dataset `out` (a new one with shards of
+    `dtype`). The layout is, in order: `layout`, the existing dataset's, the first LoRA's."""
     loras, empty = discover_loras(root)
     if layout is None and (Path(out) / INDEX_JSON).exists():
         layout = WeightsDataset(out).layout
     elif layout is None:
         layout, found_base = layout_of_lora(next(iter(loras.values())))
         base_model = base_model or found_base
-    report = add_models(out, folder_source(loras, layout), layout, base_model, shard_size, log)
+    report = add_models(out, folder_source(loras, layout), layout, base_model, shard_size, log, dtype)
     report.skipped = empty
     return report
 
@@ -453,8 +472,8 @@ def read_names(path: str | os.PathLike) -> list[str]:
 
 def collect_all_weights(all_weights: str | os.PathLike, out: str | os.PathLike, layout: LoraLayout | None = None,
                         names: Sequence[str] | None = None, trust_pickle: bool = False, base_model: str = "",
-                        shard_size: int = DEFAULT_SHARD_SIZE, log: Callable[[str], None] | None = None
-                        ) -> CollectReport:
+                        shard_size: int = DEFAULT_SHARD_SIZE, log: Callable[[str], None] | None = None,
+                        dtype: str = "float32") -> CollectReport:
     """Copy the released `all_weights.pt` (M, N), memory-mapped, into the dataset `out`, shard by shard.
     Without `names`, models are named by their zero-padded row number. The layout is, in order:
     `layout`, the existing dataset's, Stable Diffusion 1.5's (the released one)."""
@@ -476,4 +495,4 @@ def collect_all_weights(all_weights: str | os.PathLike, out: str | os.PathLike, 
         width = len(str(max(matrix.shape[0] - 1, 0)))
         names = [f"{i:0{width}d}" for i in range(matrix.shape[0])]
     source = matrix_source(matrix, names, shard_size, str(all_weights))
-    return add_models(out, source, layout, base_model, shard_size, log)
+    return add_models(out, source, layout, base_model, shard_size, log, dtype)

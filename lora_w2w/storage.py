@@ -90,16 +90,22 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 # ----------------------------------------------------------------------------- safetensors by memory map
 
-class SafetensorsWriter:
-    """A float32 safetensors file of the given tensor shapes, filled block by block with plain file
-    writes: nothing is held whole in memory and no written page stays mapped into the process."""
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}  # what SafetensorsWriter writes
 
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None):
+class SafetensorsWriter:
+    """A float32 (or `dtype`: float16) safetensors file of the given tensor shapes, filled block by block
+    with plain file writes: nothing is held whole in memory and no written page stays mapped into the
+    process. Blocks are converted to the file's dtype as they are written."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None,
+                 dtype: np.dtype = np.float32):
+        self.dtype = np.dtype(dtype)
         header: dict = {"__metadata__": dict(metadata or {})}
         offset = 0
         for name, shape in shapes.items():
-            size = 4 * int(np.prod(shape, dtype=np.int64))
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            size = self.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -112,15 +118,15 @@ class SafetensorsWriter:
 
     def write_rows(self, name: str, row: int, block: np.ndarray) -> None:
         """Rows row .. row + len(block) of tensor `name` (the tensor's trailing dimensions per row)."""
-        row_bytes = 4 * int(np.prod(self.shapes[name][1:], dtype=np.int64))
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shapes[name][1:], dtype=np.int64))
         self.file.seek(self.starts[name] + row * row_bytes)
-        self.file.write(np.ascontiguousarray(block, np.float32).tobytes())
+        self.file.write(np.ascontiguousarray(block, self.dtype).tobytes())
 
     def write_columns(self, name: str, column: int, block: np.ndarray) -> None:
         """Columns column .. column + block.shape[1] of the 2-d tensor `name`, one row at a time."""
         columns = self.shapes[name][1]
-        for i, row in enumerate(np.asarray(block, np.float32)):
-            self.file.seek(self.starts[name] + 4 * (i * columns + column))
+        for i, row in enumerate(np.asarray(block, self.dtype)):
+            self.file.seek(self.starts[name] + self.dtype.itemsize * (i * columns + column))
             self.file.write(row.tobytes())
 
     def close(self) -> None:

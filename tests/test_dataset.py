@@ -10,6 +10,7 @@ from lora_w2w.dataset import (INDEX_JSON, WeightsDataset, add_models, collect_al
 from lora_w2w.errors import FileFormatError, LayoutError, SpaceError, W2WError
 from lora_w2w.formats import load_kohya, load_peft, save_kohya, save_peft
 from lora_w2w.layout import LoraLayer, LoraLayout
+from lora_w2w.storage import read_safetensors_header
 
 SMALL = LoraLayout((LoraLayer("a.attn1.to_q", 6, 5), LoraLayer("a.attn1.to_v", 6, 5)))  # N = 22
 
@@ -188,6 +189,8 @@ def test_cli_collect_and_export_a_dataset_model(tmp_path, capsys):
     assert main(["collect", "--from-all-weights", str(tmp_path / "all.pt"), str(tmp_path / "d2"), "--names",
                  str(tmp_path / "names.txt"), "--layout-from", str(tmp_path / "runs" / "id0")]) == 0
     assert torch.equal(WeightsDataset(tmp_path / "d2")["q"], matrix[1])
+    assert main(["collect", str(tmp_path / "runs"), str(tmp_path / "d3"), "--dtype", "float16"]) == 0
+    assert torch.equal(WeightsDataset(tmp_path / "d3")["id2"], weights["id2"].half().float())
 
     cases = [
         (["collect", tmp_path / "nowhere", tmp_path / "d"], "nowhere: no such folder"),
@@ -203,3 +206,34 @@ def test_cli_collect_and_export_a_dataset_model(tmp_path, capsys):
             main([str(arg) for arg in args])
         err = capsys.readouterr().err
         assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_a_float16_dataset_holds_the_rounded_weights_in_half_the_bytes(tmp_path):
+    names = [f"m{i:02d}" for i in range(7)]
+    weights = write_loras(tmp_path / "runs", names)
+    single = collect_folders(tmp_path / "runs", tmp_path / "f32", shard_size=3).dataset
+    half = collect_folders(tmp_path / "runs", tmp_path / "f16", shard_size=3, dtype="float16").dataset
+    rounded = torch.stack([weights[name] for name in names]).half().float()            # (M, N)
+    assert half.dtype_name == "float16" and "float16 shards" in repr(half)
+    assert torch.equal(half.read_rows(0, 7), rounded) and not torch.equal(single.read_rows(0, 7), rounded)
+    assert torch.equal(half.read_rows(2, 5, out=torch.empty(3, SMALL.numel)), rounded[2:5])  # across shards
+    assert torch.equal(half.read_block(1, 6, 4, 19), rounded[1:6, 4:19])
+    assert torch.equal(half["m06"], rounded[6])
+    data = {d.name: sum(p.stat().st_size - read_safetensors_header(p)[1] for p in d.glob("weights-*"))
+            for d in (tmp_path / "f32", tmp_path / "f16")}                          # bytes after the headers
+    assert data == {"f32": 4 * 7 * SMALL.numel, "f16": 2 * 7 * SMALL.numel}
+
+    weights |= write_loras(tmp_path / "runs", ["m07", "a0"], seed=1)   # added rows keep the dataset's dtype
+    grown = collect_folders(tmp_path / "runs", tmp_path / "f16").dataset
+    assert grown.dtype_name == "float16" and grown.names[0] == "a0"
+    assert torch.equal(grown.read_rows(0, 9), torch.stack([weights[n] for n in grown.names]).half().float())
+
+    index = json.loads((tmp_path / "f16" / INDEX_JSON).read_text())
+    (tmp_path / "f16" / INDEX_JSON).write_text(json.dumps(index | {"dtype": "float32"}))
+    with pytest.raises(FileFormatError, match="is F16 .* the index expects F32"):
+        WeightsDataset(tmp_path / "f16")
+    (tmp_path / "f16" / INDEX_JSON).write_text(json.dumps(index | {"dtype": "int8"}))
+    with pytest.raises(FileFormatError, match="dtype 'int8', expected one of float32, float16"):
+        WeightsDataset(tmp_path / "f16")
+    with pytest.raises(W2WError, match="dtype 'bfloat16': expected one of float32, float16"):
+        collect_folders(tmp_path / "runs", tmp_path / "other", dtype="bfloat16")

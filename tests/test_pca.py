@@ -228,3 +228,13 @@ def test_the_cli_keeps_the_build_state_beside_out_until_the_space_is_written(tmp
                  "--method", "randomized"]) == 0
     assert "unreadable build state ignored" in capsys.readouterr().err
     assert load_space(tmp_path / "space").num_components == K and not (tmp_path / "space.build-state").exists()
+
+
+def test_a_float16_dataset_builds_the_space_of_its_rounded_weights(tmp_path):
+    weights = low_rank_weights(50, WIDE.numel)
+    names = [f"id{i:03d}" for i in range(len(weights))]
+    half = add_models(tmp_path / "f16", matrix_source(weights, names), WIDE, "base/model", 16, dtype="float16").dataset
+    single = make_dataset(tmp_path / "f32", weights.half().float(), WIDE)
+    for method in ("exact", "randomized"):
+        a, b = build_space(half, K, method=method), build_space(single, K, method=method)
+        assert torch.equal(a.components, b.components) and torch.equal(a.coefficients, b.coefficients)
