@@ -12,7 +12,9 @@ come from its own `StepSampler`. Instance latents, text embeddings and class lat
 
 Each finished identity is written as `<output_root>/<name>/unet/` (the format of train_dreambooth.py)
 atomically, with its training settings in the metadata; on restart finished identities are skipped, and
-a restart with other settings is refused (one weights dataset must not mix recipes). The K identities
+a restart with other settings is refused (one weights dataset must not mix recipes). With
+--skip_collected DATASET the identities a weights dataset holds count as finished too, so that folders
+may be deleted once `w2w collect` has them. The K identities
 in flight save their state every --checkpointing_steps steps, and a restart resumes them from it, so a
 killed job loses at most those steps.
 Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...; on
@@ -38,7 +40,8 @@ from tqdm.auto import tqdm
 from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, check_dreambooth_arguments,
                          identities_loss, initial_lora_weights, load_base, load_image_folder, lora_layout, lr_lambda,
                          prepare_identity, prepare_shared, training_settings)
-from .errors import W2WError
+from .dataset import WeightsDataset
+from .errors import LayoutError, W2WError
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .layout import LoraLayout
 from .storage import load_state, save_state
@@ -224,6 +227,17 @@ def finished(output_root: Path, folders: list[Path], settings: dict) -> set[str]
     return done
 
 
+def collected(dataset: Path, layout: LoraLayout) -> set[str]:
+    """The model names of the weights dataset `dataset`; LayoutError when its LoRAs are not of `layout`
+    (a dataset of another recipe)."""
+    held = WeightsDataset(dataset)
+    mismatch = held.layout.describe_mismatch(layout)
+    if mismatch:
+        raise LayoutError(f"{dataset}: the dataset's LoRAs are not the ones trained here ({mismatch}); give the "
+                          f"dataset of this recipe")
+    return set(held.names)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", default=None, metavar="R/P",
                         help="train only share R of P (identities R, R + P, ...; R from 0), for P processes on one "
                              "machine without accelerate (default: accelerate's process index and count)")
+    parser.add_argument("--skip_collected", metavar="DATASET",
+                        help="a weights dataset (made by `w2w collect` from earlier runs): the identities it holds "
+                             "count as finished, so their folders may be deleted once collected")
     parser.add_argument("--checkpointing_steps", type=int, default=100,
                         help="save the state of the identities in flight every N steps (0: never), in "
                              "<output_root>/.checkpoint-<first identity>.pt; a restart resumes from it (default: "
@@ -272,9 +289,11 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     share = folders[index::count]
     settings = training_settings(args)
     done = finished(output_root, share, settings)
-    todo = [f for f in share if f.name not in done]
     base = load_base(args.pretrained_model_name_or_path, accelerator.device)
     layout = lora_layout(base, args)
+    if args.skip_collected:
+        done |= collected(Path(args.skip_collected), layout)
+    todo = [f for f in share if f.name not in done]
     resolution = args.resolution or base.resolution
     class_dir = Path(args.class_data_dir or output_root / "class_images")
     with accelerator.main_process_first():  # the main process generates the shared class images once
