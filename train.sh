@@ -34,5 +34,6 @@ else
     --output_dir "$out/loras/000000" \
     --class_data_dir "$out/class_images" --num_class_images "${NUM_CLASS_IMAGES:-200}" \
     --learning_rate 3e-3 --max_train_steps "${MAX_TRAIN_STEPS:-800}" --class_inference_steps 25 \
+    --lora_r 4 --lora_alpha 108 \
     --seed 0   # the tiny world's recipe (LORA_RECIPE, files/tiny/README.md)
 fi

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_w2w.dataset import WeightsDataset
+from lora_w2w.errors import W2WError
 from lora_w2w.pca import build_space
 from lora_w2w.storage import load_space
 from lora_w2w.tiny import build
@@ -43,7 +44,9 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     space = load_space(out / "space")
     assert list(space.attributes.index) == ["000000", "000001", "000002"]
     assert space.num_components == 1 and space.coefficients.shape == (3, 1)  # the first of M - 1 = 2
-    full = build_space(WeightsDataset(work / "weights"), 2)  # all of the variance
+    weights = WeightsDataset(out / "weights")  # the weights dataset, committed with the space, in float16
+    assert weights.dtype_name == "float16" and weights.names == ("000000", "000001", "000002")
+    full = build_space(weights, 2)  # all of the variance
     assert torch.allclose(full.explained_variance_ratio().sum(), torch.tensor(1.0), atol=1e-3)
     assert torch.allclose(space.explained_variance_ratio(), full.explained_variance_ratio()[:1], rtol=1e-4)
     assert (tmp_path / "variance.png").read_bytes()[:4] == b"\x89PNG"
@@ -58,5 +61,22 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     args.processes = 1
     assert build.main(args) == 0  # a rerun: everything exists
     log = capsys.readouterr().out
-    assert "base model: " in log and "space: " in log and log.count("skipped") == 3
-    assert "trained 0 identities" in log
+    assert "base model: " in log and "space: " in log and log.count("skipped") == 4
+    assert "identity LoRAs: all 3 in" in log and "added 0 models" in log
+
+    # a fresh checkout: no work folder, the space rebuilt from the committed weights alone, as before
+    before = load_space(out / "space")
+    shutil.rmtree(work)
+    shutil.rmtree(out / "space")
+    assert build.main(args) == 0
+    assert "weights: nothing trained" in capsys.readouterr().out
+    after = load_space(out / "space")
+    assert torch.equal(after.components, before.components) and after.attributes.equals(before.attributes)
+
+    # identities missing from weights/ are trained (only they), and a space of other identities is refused
+    args.identities = 4
+    shutil.rmtree(out / "space")
+    assert build.main(args) == 0
+    assert WeightsDataset(out / "weights").names[-1] == "000003" and [p.name for p in (work / "loras").iterdir()] == ["000003"]
+    with pytest.raises(W2WError, match="holds 4 identities, the space is of 3"):
+        build.stage_space(out, work, 3, 1, tmp_path / "variance.png")

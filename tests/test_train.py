@@ -1,6 +1,7 @@
 """Dreambooth LoRA training: the solo script (PEFT adapter) and the many-identities trainer agree."""
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ from safetensors.torch import load_file
 
 from lora_w2w import train_identities
 from lora_w2w.cli import main as w2w
+from lora_w2w.dataset import collect_folders
 from lora_w2w.dreambooth import identities_loss, load_image_folder, train_one
-from lora_w2w.errors import W2WError
+from lora_w2w.errors import LayoutError, W2WError
 from lora_w2w.formats import PEFT_CONFIG, PEFT_WEIGHTS, recorded_training
+from lora_w2w.tiny import build
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_dreambooth_script", ROOT / "train_dreambooth.py")
@@ -68,6 +71,15 @@ def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_
     assert shares == [["000000", "000002"], ["000001"]]
     with pytest.raises(SystemExit):
         train_identities.parse_args([*argv, "--shard", "2/2"])
+    # identities a weights dataset holds count as finished: their folders may be deleted once collected
+    collect_folders(tmp_path / "shards", tmp_path / "dataset")
+    shutil.rmtree(tmp_path / "shards" / "000000")
+    skip = [*argv, "--output_root", str(tmp_path / "shards"), "--skip_collected", str(tmp_path / "dataset")]
+    assert train_identities.train_identities(train_identities.parse_args(skip)) == ([], [])
+    assert not (tmp_path / "shards" / "000000").exists()
+    with pytest.raises(LayoutError, match=r"dataset: the dataset's LoRAs are not the ones trained here \(rank 1 vs 2\)"):
+        train_identities.train_identities(train_identities.parse_args(
+            [*skip, "--output_root", str(tmp_path / "new"), "--lora_r", "2"]))
     # a restart with another recipe would mix two recipes in one weights dataset: refused before training
     with pytest.raises(W2WError, match=r"3 identities \(the first: 000000\) were trained with other settings: "
                                        r"max_train_steps 1 \(asked now: 2\); give another --output_root"):
@@ -265,4 +277,6 @@ def test_train_sh_trains_a_tiny_world_identity_through_accelerate(tmp_path):
     assert (adapter / PEFT_WEIGHTS).is_file() and (adapter / PEFT_CONFIG).is_file()
     settings = recorded_training(adapter)
     assert settings["learning_rate"] == 3e-3 and settings["max_train_steps"] == 2
+    recipe = {key: value for key, value in build.LORA_RECIPE.items() if key in settings and key not in ("max_train_steps", "num_class_images")}
+    assert recipe and all(settings[key] == value for key, value in recipe.items()), (recipe, settings)
     assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2

@@ -4,9 +4,10 @@ exists (so an interrupted build resumes):
     1. base/                    the tiny SD pipeline (train_base.py; identities from seed 1,000,000)
     2. evaluator.safetensors    the attribute and trait reader (evaluator.py; seeds 20,000,000+)
     3. <work>/faces             the weights dataset's identities (seeds 0 .. M-1), 10 images each
-    4. <work>/loras             one Dreambooth LoRA per identity (w2w train-identities)
-    5. <work>/weights           the flattened LoRAs (w2w collect)
-    6. space/                   PCA of the LoRAs with the identities' attribute table (w2w build), and
+    4. <work>/loras             one Dreambooth LoRA per identity that weights/ lacks (w2w train-identities)
+    5. weights/                 the LoRAs in float16 (w2w collect): the tiny world's weights dataset,
+                                committed, so that the space is rebuilt without the hours of training
+    6. space/                   PCA of weights/ with the identities' attribute table (w2w build), and
                                 its explained-variance curve (--plot, assets/tiny_explained_variance.png)
 
     python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000] [--processes P]
@@ -29,17 +30,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..dataset import INDEX_JSON, WeightsDataset, collect_folders
 from ..errors import W2WError
 from ..space import Space
 from ..storage import atomic_output, save_space
 
 # The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
-LORA_RECIPE = {"lora_r": 1, "lora_alpha": 27, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
+LORA_RECIPE = {"lora_r": 4, "lora_alpha": 108, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
                "learning_rate": 3e-3, "train_batch_size": 1, "num_class_images": 200, "class_inference_steps": 25}
 # Inversion settings measured on the tiny space and recorded in it: at the ood preset's lr 1 (sized for SD1.5's
 # space) an inversion's coefficients walk to 9-11x the norm of the largest dataset model's and the model draws
 # noise; at 0.1 they end within 1.3x (the example drawing, 800 steps; the face at lr 1: 11x).
 INVERSION_PRESETS = {"ood": {"lr": 0.1}}
+WEIGHTS_SHARD_SIZE = 128  # models per shard file of weights/ (3.7 MB in float16 at rank 4)
 
 
 def recipe_flags(recipe: dict) -> list[str]:
@@ -62,14 +65,33 @@ def stage_evaluator(out: Path, work: Path) -> None:
     evaluator.main(evaluator.parse_args(["--out", str(out / "evaluator.safetensors"), "--vae", str(out / "base" / "vae")]))
 
 
+def identity_table(identities: int) -> pd.DataFrame:
+    """The attribute table (index "name") of the space's identities, seeds 0 .. identities - 1."""
+    from .faces import attribute_row, sample_identity
+
+    rows = [{"name": identity.name, **attribute_row(identity)} for identity in map(sample_identity, range(identities))]
+    return pd.DataFrame(rows).set_index("name")
+
+
+def collected(weights: Path) -> set[str]:
+    """The identities the weights dataset `weights` holds (none when it does not exist yet)."""
+    return set(WeightsDataset(weights).names) if (weights / INDEX_JSON).exists() else set()
+
+
 def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: int, processes: int) -> None:
+    """Train the identities that weights/ lacks."""
     from .. import train_identities
     from .faces import write_dataset
 
+    if set(identity_table(identities).index) <= collected(out / "weights"):
+        print(f"identity LoRAs: all {identities} in {out / 'weights'}, skipped")
+        return
     write_dataset(work / "faces", identities, first_seed=0)
     argv = ["--pretrained_model_name_or_path", str(out / "base"), "--instance_root", str(work / "faces" / "celeba_generated"),
             "--output_root", str(work / "loras"), "--class_data_dir", str(work / "class_images"),
             "--identities_per_batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)]
+    if collected(out / "weights"):
+        argv += ["--skip_collected", str(out / "weights")]
     if processes == 1:
         code = train_identities.main(argv)
     else:
@@ -105,16 +127,26 @@ def train_in_processes(argv: list[str], processes: int, output_root: Path, total
     return next((child.returncode for child in children if child.returncode), 0)
 
 
-def stage_space(out: Path, work: Path, components: int, picture: Path) -> None:
-    """PCA of the LoRAs with all M - 1 components, its explained-variance plot, and the space with the
+def stage_weights(out: Path, work: Path) -> None:
+    """Add the LoRAs trained in <work>/loras to out/weights, in float16."""
+    if not (work / "loras").is_dir():
+        print(f"weights: nothing trained in {work / 'loras'}, skipped")
+        return
+    print(collect_folders(work / "loras", out / "weights", base_model=str(out / "base"), shard_size=WEIGHTS_SHARD_SIZE,
+                          dtype="float16"))
+
+
+def stage_space(out: Path, work: Path, identities: int, components: int, picture: Path) -> None:
+    """PCA of out/weights with all M - 1 components, its explained-variance plot, and the space with the
     first `components` of them written to out/space."""
-    from ..dataset import WeightsDataset, collect_folders
     from ..pca import build_space
 
-    collect_folders(work / "loras", work / "weights", base_model=str(out / "base"))
-    dataset = WeightsDataset(work / "weights")
-    table = pd.read_csv(work / "faces" / "attributes.csv", index_col=0, converters={0: str})
-    table = table.loc[list(dataset.names)]
+    dataset = WeightsDataset(out / "weights")
+    table = identity_table(identities)
+    if list(dataset.names) != list(table.index):
+        raise W2WError(f"{out / 'weights'} holds {len(dataset)} identities, the space is of {identities} (seeds 0 .. "
+                       f"{identities - 1}); train the missing ones with `make tiny-world`")
+    work.mkdir(parents=True, exist_ok=True)
     with atomic_output(work / "attributes.csv") as tmp:
         table.to_csv(tmp)
     space = build_space(dataset, len(dataset) - 1, attributes=work / "attributes.csv", base_model=str(out / "base"),
@@ -180,7 +212,9 @@ def main(args: argparse.Namespace) -> int:
         ("evaluator", out / "evaluator.safetensors", lambda: stage_evaluator(out, work)),
         ("identity LoRAs", None, lambda: stage_loras(out, work, args.identities, args.identities_per_batch,
                                                                args.processes)),
-        ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.components, Path(args.plot))),
+        ("weights", None, lambda: stage_weights(out, work)),
+        ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.identities, args.components,
+                                                                   Path(args.plot))),
     ]
     for name, done, run in stages:
         if done is not None and done.exists():
