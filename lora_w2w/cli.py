@@ -239,10 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "spaces. Runs on the bundled tiny world by default.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="describe a space, a w2w model or a LoRA file",
+    info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
-                                           "attributes), a w2w model (K, space id) or a LoRA (format, layers, rank).")
-    info.add_argument("path", help="a space directory, a model .safetensors/.pt, a PEFT folder or a kohya file")
+                                           "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
+                                           "id) or a LoRA (format, layers, rank).")
+    info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
+                                   "folder or a kohya file")
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser("export", help="write a w2w model as a LoRA (PEFT/diffusers or kohya/A1111/ComfyUI)",

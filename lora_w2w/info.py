@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .dataset import INDEX_JSON, WeightsDataset
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHTS
 from .layout import LoraLayout
@@ -32,21 +33,33 @@ def describe_space(directory: Path) -> str:
     return "\n".join(lines)
 
 
+def describe_dataset(directory: Path) -> str:
+    dataset = WeightsDataset(directory)
+    return "\n".join([f"w2w weights dataset {directory}",
+                      f"  base model   {dataset.base_model or '(not recorded)'}",
+                      *_layout_lines(dataset.layout),
+                      f"  M            {len(dataset):,} models ({dataset.names[0]} .. {dataset.names[-1]})",
+                      f"  shards       {len(dataset.shards)} of up to {dataset.shard_size:,} models, {dataset.dtype_name}"])
+
+
 def _lora_layout(shapes: dict[str, list[int]]) -> LoraLayout:
     return LoraLayout.from_weight_dimensions({key: (shape[0] * shape[1], shape) for key, shape in sorted(shapes.items())})
 
 
 def describe(path: Path) -> str:
-    """A few lines describing a space, a w2w model, a PEFT LoRA folder or a kohya LoRA file."""
+    """A few lines describing a space, a weights dataset, a w2w model, a PEFT LoRA folder or a kohya LoRA file."""
     if path.is_dir():
         if (path / SPACE_JSON).is_file():
             return describe_space(path)
+        if (path / INDEX_JSON).is_file():
+            return describe_dataset(path)
         folder = path / "unet" if (path / "unet" / PEFT_WEIGHTS).is_file() else path
         if (folder / PEFT_WEIGHTS).is_file():
             header, _ = read_safetensors_header(folder / PEFT_WEIGHTS)
             shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
             return "\n".join([f"PEFT/diffusers LoRA {folder}", *_layout_lines(_lora_layout(shapes))])
-        raise FileFormatError(f"{path}: neither a w2w space (no {SPACE_JSON}) nor a PEFT LoRA folder (no {PEFT_WEIGHTS})")
+        raise FileFormatError(f"{path}: neither a w2w space (no {SPACE_JSON}), a weights dataset (no {INDEX_JSON}) nor a "
+                              f"PEFT LoRA folder (no {PEFT_WEIGHTS})")
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file or folder")
     if path.suffix == ".pt":

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_w2w.cli import main
+from lora_w2w.dataset import collect_folders
 from lora_w2w.formats import load_kohya, load_peft, save_kohya, save_peft
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import save_model, save_space
@@ -32,7 +33,11 @@ def test_info_describes_each_kind(saved, capsys):
     tmp_path, space, model = saved
     save_peft(space.layout, torch.zeros(space.num_weights), tmp_path / "peft")
     save_kohya(space.layout, torch.zeros(space.num_weights), tmp_path / "k.safetensors")
+    save_peft(space.layout, torch.zeros(space.num_weights), tmp_path / "loras" / "alice")
+    collect_folders(tmp_path / "loras", tmp_path / "dataset", dtype="float16", base_model="tiny-test")
     expectations = {
+        "dataset": ["w2w weights dataset", "base model   tiny-test", f"N            {space.num_weights:,}",
+                    "M            1 models (alice .. alice)", "shards       1 of up to 1,024 models, float16"],
         "space": [f"id           {space.id}", "K            6 components", "M            12 dataset models",
                   f"N            {space.num_weights:,}", "attributes   2: Male, Bald", "base model   tiny-test"],
         "model.safetensors": ["w2w model", "K            4 coefficients", f"space id     {space.id}"],
