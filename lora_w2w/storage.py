@@ -92,6 +92,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}  # what SafetensorsWriter writes
 
+
 class SafetensorsWriter:
     """A float32 (or `dtype`: float16) safetensors file of the given tensor shapes, filled block by block
     with plain file writes: nothing is held whole in memory and no written page stays mapped into the
