@@ -34,6 +34,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used, in the child processes: the parent stays small (see above)
+    import torch
 
 METHODS = ("project", "project-randomized", "sklearn", "torch")
 REFERENCE = "project"
