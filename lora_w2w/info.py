@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dataset import INDEX_JSON, WeightsDataset
+from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHTS
 from .layout import LoraLayout
@@ -42,8 +42,13 @@ def describe_dataset(directory: Path) -> str:
                       f"  shards       {len(dataset.shards)} of up to {dataset.shard_size:,} models, {dataset.dtype_name}"])
 
 
-def _lora_layout(shapes: dict[str, list[int]]) -> LoraLayout:
-    return LoraLayout.from_weight_dimensions({key: (shape[0] * shape[1], shape) for key, shape in sorted(shapes.items())})
+def describe_peft(path: Path) -> str:
+    """A PEFT/diffusers LoRA folder or file: its layout from the tensor shapes, alpha and base model from
+    adapter_config.json when there is one."""
+    layout, base_model = layout_of_lora(path)
+    folder = path / "unet" if (path / "unet" / PEFT_WEIGHTS).is_file() else path
+    return "\n".join([f"PEFT/diffusers LoRA {folder}", *_layout_lines(layout),
+                      *([f"  base model   {base_model}"] if base_model else [])])
 
 
 def describe(path: Path) -> str:
@@ -53,11 +58,8 @@ def describe(path: Path) -> str:
             return describe_space(path)
         if (path / INDEX_JSON).is_file():
             return describe_dataset(path)
-        folder = path / "unet" if (path / "unet" / PEFT_WEIGHTS).is_file() else path
-        if (folder / PEFT_WEIGHTS).is_file():
-            header, _ = read_safetensors_header(folder / PEFT_WEIGHTS)
-            shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-            return "\n".join([f"PEFT/diffusers LoRA {folder}", *_layout_lines(_lora_layout(shapes))])
+        if (path / PEFT_WEIGHTS).is_file() or (path / "unet" / PEFT_WEIGHTS).is_file():
+            return describe_peft(path)
         raise FileFormatError(f"{path}: neither a w2w space (no {SPACE_JSON}), a weights dataset (no {INDEX_JSON}) nor a "
                               f"PEFT LoRA folder (no {PEFT_WEIGHTS})")
     if not path.is_file():
@@ -79,7 +81,6 @@ def describe(path: Path) -> str:
         return "\n".join([f"kohya LoRA {path}", f"  LoRA layers  {len(layers)}, rank {rank}, "
                           f"alpha {metadata.get('ss_network_alpha', '?')}"])
     try:
-        layout = _lora_layout(shapes)
+        return describe_peft(path)
     except LayoutError:
         raise FileFormatError(f"{path}: a safetensors file, but neither a w2w model nor a LoRA") from None
-    return "\n".join([f"PEFT/diffusers LoRA {path}", *_layout_lines(layout)])

@@ -8,6 +8,7 @@ import torch
 from lora_w2w.cli import main
 from lora_w2w.dataset import collect_folders
 from lora_w2w.formats import load_kohya, load_peft, save_kohya, save_peft
+from lora_w2w.layout import LoraLayout
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import save_model, save_space
 
@@ -33,6 +34,8 @@ def test_info_describes_each_kind(saved, capsys):
     tmp_path, space, model = saved
     save_peft(space.layout, torch.zeros(space.num_weights), tmp_path / "peft")
     save_kohya(space.layout, torch.zeros(space.num_weights), tmp_path / "k.safetensors")
+    rank2 = LoraLayout(space.layout.layers, 2, 54.0, space.layout.target_modules)  # alpha from adapter_config.json
+    save_peft(rank2, torch.zeros(rank2.numel), tmp_path / "rank2" / "unet", "tiny-test")
     save_peft(space.layout, torch.zeros(space.num_weights), tmp_path / "loras" / "alice")
     collect_folders(tmp_path / "loras", tmp_path / "dataset", dtype="float16", base_model="tiny-test")
     expectations = {
@@ -43,6 +46,7 @@ def test_info_describes_each_kind(saved, capsys):
         "model.safetensors": ["w2w model", "K            4 coefficients", f"space id     {space.id}"],
         "peft": ["PEFT/diffusers LoRA", f"LoRA layers  {len(space.layout)} (to_q, to_v), rank 1, alpha 27"],
         "peft/pytorch_lora_weights.safetensors": ["PEFT/diffusers LoRA", f"N            {space.num_weights:,}"],
+        "rank2": ["PEFT/diffusers LoRA", "rank 2, alpha 54", f"N            {rank2.numel:,}", "base model   tiny-test"],
         "k.safetensors": ["kohya LoRA", f"LoRA layers  {len(space.layout)}, rank 1, alpha 27"],
     }
     for name, lines in expectations.items():
