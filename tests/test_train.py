@@ -277,6 +277,7 @@ def test_train_sh_trains_a_tiny_world_identity_through_accelerate(tmp_path):
     assert (adapter / PEFT_WEIGHTS).is_file() and (adapter / PEFT_CONFIG).is_file()
     settings = recorded_training(adapter)
     assert settings["learning_rate"] == 3e-3 and settings["max_train_steps"] == 2
-    recipe = {key: value for key, value in build.LORA_RECIPE.items() if key in settings and key not in ("max_train_steps", "num_class_images")}
+    recipe = {key: value for key, value in build.LORA_RECIPE.items()
+              if key in settings and key not in ("max_train_steps", "num_class_images")}
     assert recipe and all(settings[key] == value for key, value in recipe.items()), (recipe, settings)
     assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2
