@@ -15,6 +15,8 @@ from .errors import W2WError
 
 DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
+# editing.METHODS and editing.DEFAULT_METHOD, without importing torch
+EDIT_METHODS, DEFAULT_EDIT_METHOD = ("least_squares", "logistic", "mean_difference"), "mean_difference"
 
 
 def _progress(message: str) -> None:
@@ -327,11 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
-    edit.add_argument("--method", choices=("least_squares", "logistic"), default="least_squares",
-                      help="how directions are fitted (default: %(default)s, as in the paper)")
+    edit.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
+                      help="how directions are found: the difference of the two classes' mean coefficients "
+                           "(default: the change that goes with the attribute), least squares (the paper's, "
+                           "which detects the attribute better than it edits it) or logistic regression")
     edit.add_argument("--components", type=int, default=None,
-                      help="K used to fit directions (default: 1,000 as in the paper, at most M/10 of the space's "
-                           "M dataset models)")
+                      help="K of the directions (default: 1,000 as in the paper; for least squares and "
+                           "logistic at most M/10 of the space's M dataset models)")
     edit.add_argument("--out", required=True, help="edited model file (.safetensors)")
     edit.set_defaults(run=cmd_edit)
 
@@ -339,10 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="For every ±1 attribute of the space: frequency and held-out "
                                                  "(balanced) accuracy of its linear direction.")
     add_space(directions)
-    directions.add_argument("--method", choices=("least_squares", "logistic"), default="least_squares",
+    directions.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
                             help="how directions are fitted (default: %(default)s)")
     directions.add_argument("--components", type=int, default=None,
-                            help="K used (default: 1,000 as in the paper, at most M/10 of the space's M dataset models)")
+                            help="K used (default: 1,000 as in the paper; for least squares and logistic at most "
+                                 "M/10 of the space's M dataset models)")
     directions.set_defaults(run=cmd_directions)
 
     add_invert_parser(commands)

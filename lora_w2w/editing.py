@@ -1,13 +1,24 @@
 """Editing identities along linear attribute directions (the paper's Sec. 4.2).
 
 A direction is fitted to the dataset models' coefficients C (M, K) and their ±1 labels y of one
-attribute: by least squares, d = pinv(C) y, as in the paper, or by logistic regression. `debias`
-removes the directions of other attributes (the paper projects them out one by one; `orthogonalize`
-removes their whole span at once). An edit moves a model by `strength` standard deviations of the
-dataset along the unit direction; the paper's reference strength is the largest projection of a
-dataset model on it.
+attribute, by one of three methods:
 
-    directions = attribute_directions(space, ["Bald", "Young"], debias={"Bald": ["Male"]})
+- least squares, d = pinv(C) y, as in the paper;
+- logistic regression;
+- mean difference (the default), d = mean(C[y = +1]) - mean(C[y = -1]): the change that goes with the attribute
+  in the dataset. For centred C it is the least-squares fit's pattern rather than its filter
+  (Haufe et al. 2014): cov(C) pinv(C) y = 2p(1 - p) d, p the share of positives. Least squares
+  weighs each component by the inverse of its variance, so it leans on small components that
+  tell the classes apart but change little in the images; the mean difference moves along the
+  large ones the attribute moves. It fits no unknowns, so it can use every component even when
+  the dataset is small.
+
+`debias` removes the directions of other attributes (the paper projects them out one by one;
+`orthogonalize` removes their whole span at once). An edit moves a model by `strength` standard
+deviations of the dataset along the unit direction; the paper's reference strength is the largest
+projection of a dataset model on it.
+
+    directions = attribute_directions(space, ["Bald", "Young"], debias_against=["Male"])
     edited = apply_edits(model, {"Bald": 2.0, "Young": -1.0}, directions)
 
 Letters: M dataset models, K components.
@@ -25,7 +36,8 @@ from .space import Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
 MODELS_PER_COMPONENT = 10  # least squares on fewer models per unknown overfits (the tiny world: K 100 beats 500)
-METHODS = ("least_squares", "logistic")
+METHODS = ("least_squares", "logistic", "mean_difference")
+DEFAULT_METHOD = "mean_difference"  # it edits; least squares detects (the tiny world: files/tiny/README.md)
 DEBIAS_MODES = ("project", "orthogonalize")
 
 
@@ -43,6 +55,12 @@ def logistic_direction(coefficients: torch.Tensor, labels: torch.Tensor, regular
     classifier = LogisticRegression(C=regularization, max_iter=2000)
     classifier.fit(coefficients.double().numpy(), labels.numpy() > 0)
     return torch.from_numpy(classifier.coef_[0]).float()
+
+
+def mean_difference_direction(coefficients: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mean(C[y = +1]) - mean(C[y = -1]) (K,) for coefficients C (M, K) and labels y (M,) in {-1, +1}."""
+    coefficients = coefficients.double()
+    return (coefficients[labels > 0].mean(0) - coefficients[labels < 0].mean(0)).float()
 
 
 def debias(direction: torch.Tensor, others: list[torch.Tensor], mode: str = "project") -> torch.Tensor:
@@ -94,26 +112,27 @@ class Direction:
         return strength * self.std * self.vector
 
 
-def fit_direction(space: Space, attribute: str, k: int | None = None, method: str = "least_squares",
+def fit_direction(space: Space, attribute: str, k: int | None = None, method: str = DEFAULT_METHOD,
                   rows: np.ndarray | None = None) -> torch.Tensor:
     """The raw direction (k,) of `attribute` fitted on the dataset models `rows` (default: all)."""
     if method not in METHODS:
         raise SpaceError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    coefficients = _coefficients(space, k)
+    coefficients = _coefficients(space, k, method)
     labels = attribute_labels(space, attribute)
     if rows is not None:
         coefficients, labels = coefficients[rows], labels[rows]
     if len(labels.unique()) < 2:
         raise SpaceError(f"attribute {attribute!r} has one value only in the dataset: no direction to fit")
-    fit = least_squares_direction if method == "least_squares" else logistic_direction
+    fit = {"least_squares": least_squares_direction, "logistic": logistic_direction,
+           "mean_difference": mean_difference_direction}[method]
     return fit(coefficients, labels)
 
 
 def attribute_directions(space: Space, attributes: list[str], k: int | None = None,
-                         method: str = "least_squares", debias_against: list[str] | None = None,
+                         method: str = DEFAULT_METHOD, debias_against: list[str] | None = None,
                          debias_mode: str = "project") -> dict[str, Direction]:
     """Unit directions of `attributes`, each debiased against `debias_against` (minus itself)."""
-    coefficients = _coefficients(space, k)
+    coefficients = _coefficients(space, k, method)
     k = coefficients.shape[1]
     raw = {name: fit_direction(space, name, k, method) for name in {*attributes, *(debias_against or [])}}
     directions = {}
@@ -139,12 +158,12 @@ def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[s
     return W2WModel(coefficients, model.space_id)
 
 
-def direction_report(space: Space, k: int | None = None, method: str = "least_squares",
+def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_METHOD,
                      held_out: float = 0.2, seed: int = 0) -> pd.DataFrame:
     """For each ±1 attribute: positives, and held-out accuracy / balanced accuracy of sign(C d + b)
-    with d fitted on the other models (b = the training labels' mean, the intercept of a least-squares
-    fit on centred coefficients)."""
-    coefficients = _coefficients(space, k)
+    with d fitted on the other models (least squares: b = the training labels' mean, the intercept of
+    a fit on centred coefficients; mean difference: the midpoint of the two training classes)."""
+    coefficients = _coefficients(space, k, method)
     m = coefficients.shape[0]
     order = np.random.default_rng(seed).permutation(m)
     test, train = order[: max(1, int(held_out * m))], order[max(1, int(held_out * m)):]
@@ -155,7 +174,12 @@ def direction_report(space: Space, k: int | None = None, method: str = "least_sq
             direction = fit_direction(space, attribute, coefficients.shape[1], method, rows=train)
         except SpaceError:
             continue  # not a ±1 column, or one value only
-        intercept = float(labels[train].mean()) if method == "least_squares" else 0.0
+        intercept = 0.0
+        if method == "least_squares":
+            intercept = float(labels[train].mean())
+        elif method == "mean_difference":
+            projections, y = coefficients[train] @ direction, labels[train]  # (M_train,)
+            intercept = -0.5 * float(projections[y > 0].mean() + projections[y < 0].mean())
         predicted = torch.sign(coefficients[test] @ direction + intercept)
         truth = labels[test]
         recalls = [float((predicted[truth == v] == v).float().mean()) for v in (-1, 1) if (truth == v).any()]
@@ -165,14 +189,17 @@ def direction_report(space: Space, k: int | None = None, method: str = "least_sq
     return pd.DataFrame(rows).set_index("attribute")
 
 
-def edit_components(space: Space) -> int:
-    """The default K of directions: the paper's 1,000, at most M / 10 so that the fit does not overfit."""
+def edit_components(space: Space, method: str = DEFAULT_METHOD) -> int:
+    """The default K of directions: the paper's 1,000; for a fit (least squares, logistic) at most M / 10,
+    so that it does not overfit. A mean difference fits nothing and takes all 1,000."""
+    if method == "mean_difference":
+        return DEFAULT_EDIT_COMPONENTS
     return max(1, min(DEFAULT_EDIT_COMPONENTS, space.num_models // MODELS_PER_COMPONENT))
 
 
-def _coefficients(space: Space, k: int | None) -> torch.Tensor:
+def _coefficients(space: Space, k: int | None, method: str = DEFAULT_METHOD) -> torch.Tensor:
     """The dataset's coefficients (M, k) on the first k components (default: edit_components)."""
     if space.coefficients is None:
         raise SpaceError("the space has no dataset coefficients: directions cannot be fitted")
-    k = edit_components(space) if k is None else k
+    k = edit_components(space, method) if k is None else k
     return space.coefficients[:, : min(k, space.coefficients.shape[1])].float()

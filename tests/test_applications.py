@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_space
 
-from lora_w2w.editing import (apply_edits, attribute_directions, debias, direction_report, edit_components,
-                              least_squares_direction, spread_along)
+from lora_w2w.editing import (DEFAULT_METHOD, METHODS, apply_edits, attribute_directions, debias, direction_report, edit_components,
+                              least_squares_direction, mean_difference_direction, spread_along)
 from lora_w2w.errors import SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
 from lora_w2w.sampling import fit_gaussian, nearest_models, sample_models
@@ -55,10 +55,35 @@ def test_least_squares_direction_is_the_pseudo_inverse_solution(labelled_space):
     d = least_squares_direction(c, y)
     torch.testing.assert_close(d, torch.linalg.lstsq(c.double(), y.double()[:, None]).solution[:, 0].float(),
                                rtol=1e-4, atol=1e-6)
-    direction = attribute_directions(labelled_space, ["Bald"], k=8)["Bald"]
+    direction = attribute_directions(labelled_space, ["Bald"], k=8, method="least_squares")["Bald"]
     assert direction.vector[0] > 0.95  # Bald lives on c0
     std, largest = spread_along(direction.vector, c)
     assert direction.std == pytest.approx(std) and largest > 2 * std
+
+
+def test_mean_difference_direction_is_the_gap_of_the_class_means(labelled_space):
+    c = labelled_space.coefficients
+    y = torch.tensor(labelled_space.attributes["Bald"].to_numpy(), dtype=torch.float32)
+    d = mean_difference_direction(c, y)
+    bald, rest = c[y > 0], c[y < 0]
+    torch.testing.assert_close(d, bald.mean(0) - rest.mean(0))
+    # Bald is about c0 > 0 with c0 ~ N(0, 3²): the class means of c0 lie 2·3·sqrt(2/pi) apart ...
+    assert float(d[0]) == pytest.approx(2 * 3 * (2 / np.pi) ** 0.5, rel=0.05)
+    assert d[1:].abs().max() < 0.1 * d[0]  # ... and close on the components it does not depend on
+    # for centred coefficients it is the pattern of the least-squares filter: cov(C) pinv(C) y = 2p(1 - p) d
+    centred = (c - c.mean(0)).double()
+    p = float((y > 0).float().mean())
+    pattern = centred.T @ centred / len(c) @ least_squares_direction(centred.float(), y).double()
+    torch.testing.assert_close(pattern, 2 * p * (1 - p) * mean_difference_direction(centred.float(), y).double(),
+                               rtol=1e-4, atol=1e-5)
+    direction = attribute_directions(labelled_space, ["Bald"], method="mean_difference")["Bald"]
+    assert direction.vector.shape == (8,) and direction.vector[0] > 0.99
+    report = direction_report(labelled_space, k=8, method="mean_difference")
+    assert report.loc["Bald", "accuracy"] > 0.9 and report.loc["Male", "balanced_accuracy"] > 0.9
+    # the midpoint of the classes is the threshold: shifting every model leaves the accuracy as it is
+    shifted = make_space(SMALL, k=8, m=2000, seed=3)
+    shifted.coefficients, shifted.attributes = labelled_space.coefficients + 5.0, labelled_space.attributes
+    assert direction_report(shifted, k=8, method="mean_difference").equals(report)
 
 
 def test_debiasing_removes_the_other_direction(labelled_space):
@@ -99,24 +124,33 @@ def test_edits_move_by_dataset_standard_deviations_and_compose(labelled_space):
 
 
 def test_direction_report_scores_held_out_models(labelled_space):
-    report = direction_report(labelled_space, k=8)
+    report = direction_report(labelled_space, k=8, method="least_squares")
     assert list(report.index) == ["Bald", "Male"]  # non-±1 and constant columns are skipped
     assert report.loc["Bald", "accuracy"] > 0.9 and report.loc["Male", "balanced_accuracy"] > 0.9
     logistic = direction_report(labelled_space, k=8, method="logistic")
     assert logistic.loc["Bald", "accuracy"] > 0.9
 
 
-def test_directions_default_to_at_most_m_over_10_components(labelled_space):
-    """The paper's K = 1,000 for its 65k models; at most M/10 for smaller datasets, where least squares
-    on more unknowns overfits (M = 60 models on 8 components: 6 of them)."""
-    assert edit_components(labelled_space) == 200  # min(1000, 2000 // 10); directions take the space's 8 of them
-    assert attribute_directions(labelled_space, ["Bald"])["Bald"].vector.shape == (8,)
+def test_fitted_directions_default_to_at_most_m_over_10_components(labelled_space):
+    """The paper's K = 1,000 for its 65k models; for a fit, at most M/10 for smaller datasets, where least
+    squares on more unknowns overfits (M = 60 models on 8 components: 6 of them)."""
+    assert edit_components(labelled_space, "least_squares") == 200  # min(1000, 2000 // 10)
+    assert attribute_directions(labelled_space, ["Bald"], method="least_squares")["Bald"].vector.shape == (8,)
     small = labelled_space.truncate(8)
     small.coefficients, small.attributes = small.coefficients[:60], small.attributes.iloc[:60]
-    assert edit_components(small) == 6
-    assert attribute_directions(small, ["Bald"])["Bald"].vector.shape == (6,)
+    assert edit_components(small, "least_squares") == edit_components(small, "logistic") == 6
+    assert attribute_directions(small, ["Bald"], method="least_squares")["Bald"].vector.shape == (6,)
     big = make_space(SMALL, k=8, m=20_000, seed=0)
-    assert edit_components(big) == 1000
+    assert edit_components(big, "least_squares") == 1000
+    # the mean difference fits nothing: every component, up to 1,000; it is the default
+    assert edit_components(small, "mean_difference") == edit_components(small) == 1000
+    assert attribute_directions(small, ["Bald"])["Bald"].vector.shape == (8,)
+
+
+def test_the_cli_offers_every_editing_method():
+    from lora_w2w.cli import DEFAULT_EDIT_METHOD, EDIT_METHODS
+
+    assert (EDIT_METHODS, DEFAULT_EDIT_METHOD) == (METHODS, DEFAULT_METHOD)
 
 
 def test_generation_fuses_the_model_and_delays_injection(toy_world):

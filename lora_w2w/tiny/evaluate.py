@@ -39,6 +39,8 @@ SETTINGS_HELP = {
     "samples": "sampled models scored (sampling, editing)", "seeds": "images generated per model",
     "steps": "denoising steps per image", "guidance": "classifier-free guidance scale",
     "edit_strength": "edit strength in standard deviations of the dataset along the direction",
+    "edit_method": "how the directions are fitted: least_squares, logistic or mean_difference",
+    "edit_components": "K of the directions (0: the method's default)",
     "inversions": "held-out identities inverted", "inversion_components": "K of the inversions",
     "inversion_steps": "Adam steps of an inversion", "inversion_lr": "Adam learning rate of an inversion",
     "dreambooth_steps": "steps of the Dreambooth-LoRA baselines",
@@ -53,6 +55,8 @@ class Settings:
     steps: int = 25             # denoising steps
     guidance: float = 5.0
     edit_strength: float = 3.0  # standard deviations of the dataset along a direction
+    edit_method: str = "mean_difference"
+    edit_components: int = 0    # 0: the method's default (editing.edit_components)
     inversions: int = 4         # held-out identities inverted
     inversion_components: int = 1000
     inversion_steps: int = 400
@@ -94,7 +98,8 @@ def evaluate_sampling(pipe, space: Space, evaluator: Evaluator, settings: Settin
 
 
 def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
-    directions = attribute_directions(space, list(EDITED), debias_against=["Male"])
+    directions = attribute_directions(space, list(EDITED), settings.edit_components or None, settings.edit_method,
+                                      debias_against=["Male"])
     models = sample_models(space, settings.samples, seed=1)
     results = {a: {"changed": [], "kept": [], "similarity": []} for a in EDITED}
     for model in tqdm(models, desc="editing: models"):
@@ -111,7 +116,8 @@ def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Setting
             results[attribute]["similarity"].append(float(identity_similarity(before, after).mean()))
     return {a: {"changed": float(np.mean(r["changed"])), "others_kept": float(np.mean(r["kept"])),
                 "identity_similarity": float(np.mean(r["similarity"]))} for a, r in results.items()} | {
-        "targets": {"changed": 0.8, "others_kept": 0.9}, "strength_std": settings.edit_strength}
+        "targets": {"changed": 0.8, "others_kept": 0.9}, "strength_std": settings.edit_strength,
+        "method": settings.edit_method, "components": len(next(iter(directions.values())).vector)}
 
 
 def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings, work: Path) -> dict:
