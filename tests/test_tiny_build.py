@@ -80,3 +80,28 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     assert WeightsDataset(out / "weights").names[-1] == "000003" and [p.name for p in (work / "loras").iterdir()] == ["000003"]
     with pytest.raises(W2WError, match="holds 4 identities, the space is of 3"):
         build.stage_space(out, work, 3, 1, tmp_path / "variance.png")
+
+
+def test_a_sigterm_stops_the_training_processes_too(tmp_path):
+    """`kill BUILD` (SIGTERM, as a job scheduler sends) must not leave the training shares running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    share = "import os, sys, time; open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close(); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from lora_w2w.tiny.build import train_in_processes; "
+        f"train_in_processes([sys.executable, '-c', {share!r}, {str(tmp_path)!r}], 2, Path({str(tmp_path)!r}), 2, "
+        f"Path({str(tmp_path / 'logs')!r}))")])
+    deadline = time.monotonic() + 60
+    while len([p for p in tmp_path.iterdir() if p.name.isdigit()]) < 2:
+        assert time.monotonic() < deadline and parent.poll() is None, "the shares did not start"
+        time.sleep(0.1)
+    shares = [int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()]
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    for pid in shares:  # reaped by the parent: gone, not even zombies
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

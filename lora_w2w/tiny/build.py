@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,23 +97,25 @@ def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: in
         code = train_identities.main(argv)
     else:
         train_identities.main([*argv, "--limit", "0"])  # the shared class images, generated once, before the shares
-        code = train_in_processes(argv, processes, work / "loras", identities, work)
+        command = [sys.executable, "-m", "lora_w2w.train_identities", *argv]
+        code = train_in_processes(command, processes, work / "loras", identities, work)
     if code:
         raise W2WError(f"training the identity LoRAs failed (exit code {code}; logs in {work})")
 
 
-def train_in_processes(argv: list[str], processes: int, output_root: Path, total: int, log_dir: Path) -> int:
-    """`w2w train-identities argv` as `processes` processes over shares of the identities, the cores split
-    between them; a progress bar counts the finished identities. Returns the first non-zero exit code."""
+def train_in_processes(command: list[str], processes: int, output_root: Path, total: int, log_dir: Path) -> int:
+    """The training `command` (`w2w train-identities ...`) as `processes` processes over shares of the
+    identities (`--shard r/P` appended), the cores split between them; a progress bar counts the finished
+    identities. Ctrl-C or a SIGTERM stops them all. Returns the first non-zero exit code."""
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
     children = []
+    terminated = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         for r in range(processes):
             with open(log_dir / f"train_{r}.log", "a") as log:
-                children.append(subprocess.Popen([sys.executable, "-m", "lora_w2w.train_identities", *argv,
-                                                  "--shard", f"{r}/{processes}"], env=env, stdout=log,
+                children.append(subprocess.Popen([*command, "--shard", f"{r}/{processes}"], env=env, stdout=log,
                                                  stderr=subprocess.STDOUT))
         with tqdm(total=total, desc=f"identity LoRAs ({processes} processes, logs in {log_dir}/train_*.log)",
                   unit="identity") as bar:
@@ -120,11 +123,17 @@ def train_in_processes(argv: list[str], processes: int, output_root: Path, total
                 time.sleep(2)
                 bar.update(len(list(output_root.glob("*/unet/adapter_model.safetensors"))) - bar.n)
     finally:  # interrupted: stop the shares (each resumes its group in flight from its last checkpoint)
+        signal.signal(signal.SIGTERM, terminated)
         for child in children:
             if child.poll() is None:
                 child.terminate()
                 child.wait()
     return next((child.returncode for child in children if child.returncode), 0)
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    """A SIGTERM exits like Ctrl-C does, through the `finally` blocks."""
+    raise SystemExit(128 + signum)
 
 
 def stage_weights(out: Path, work: Path) -> None:
