@@ -15,7 +15,11 @@ def test_evaluation_report(toy_world, toy_space, tmp_path):
     sampling = report["sampling"]
     assert 0.5 <= sampling["attribute_consistency_across_seeds"] <= 1  # a majority vote agrees with itself
     assert sampling["nearest_dataset_distance_over_dataset_spacing"] > 0
-    assert set(report["editing"]) == {"Eyeglasses", "Bald", "No_Beard", "Blond_Hair", "targets", "strength_std"}
+    assert set(report["editing"]) == {"Eyeglasses", "Bald", "No_Beard", "Blond_Hair", "targets", "strength_std",
+                                      "method", "components"}
+    # the directions the CLI edits with by default: mean differences on all (up to 1,000) components
+    assert report["editing"]["method"] == "mean_difference"
+    assert report["editing"]["components"] == 16  # the toy space's K
     assert all(0 <= report["editing"][a]["changed"] <= 1 for a in evaluate.EDITED)
     methods = ["w2w, 1 image", "Dreambooth-LoRA, 1 image", "Dreambooth-LoRA, many images"]
     assert all(-1 <= report["inversion"][m]["identity_similarity"] <= 1 for m in methods)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..editing import apply_edits, attribute_directions
+from ..editing import METHODS, apply_edits, attribute_directions
 from ..pipeline import generate, load_base_pipeline
 from ..sampling import nearest_models, sample_models
 from ..space import Space
@@ -39,7 +39,7 @@ SETTINGS_HELP = {
     "samples": "sampled models scored (sampling, editing)", "seeds": "images generated per model",
     "steps": "denoising steps per image", "guidance": "classifier-free guidance scale",
     "edit_strength": "edit strength in standard deviations of the dataset along the direction",
-    "edit_method": "how the directions are fitted: least_squares, logistic or mean_difference",
+    "edit_method": "how the directions are found",
     "edit_components": "K of the directions (0: the method's default)",
     "inversions": "held-out identities inverted", "inversion_components": "K of the inversions",
     "inversion_steps": "Adam steps of an inversion", "inversion_lr": "Adam learning rate of an inversion",
@@ -178,6 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=["sampling", "editing", "inversion"], help="which applications to score")
     for field, value in asdict(Settings()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value,
+                            choices=METHODS if field == "edit_method" else None,
                             help=f"{SETTINGS_HELP[field]} (default: %(default)s)")
     return parser.parse_args(argv)
 
