@@ -5,13 +5,13 @@ attribute, by one of three methods:
 
 - least squares, d = pinv(C) y, as in the paper;
 - logistic regression;
-- mean difference (the default), d = mean(C[y = +1]) - mean(C[y = -1]): the change that goes with the attribute
-  in the dataset. For centred C it is the least-squares fit's pattern rather than its filter
-  (Haufe et al. 2014): cov(C) pinv(C) y = 2p(1 - p) d, p the share of positives. Least squares
-  weighs each component by the inverse of its variance, so it leans on small components that
-  tell the classes apart but change little in the images; the mean difference moves along the
-  large ones the attribute moves. It fits no unknowns, so it can use every component even when
-  the dataset is small.
+- mean difference (the default), d = mean(C[y = +1]) - mean(C[y = -1]): the change that goes with
+  the attribute in the dataset. For centred C it is the least-squares fit's pattern rather than its
+  filter (Haufe et al. 2014): cov(C) pinv(C) y = 2p(1 - p) d, p the share of positives. Least
+  squares weighs each component by the inverse of its variance, so it leans on small components
+  that tell the classes apart but change little in the images; the mean difference moves along the
+  large ones the attribute moves. It fits no unknowns, so it can use every component even when the
+  dataset is small.
 
 `debias` removes the directions of other attributes (the paper projects them out one by one;
 `orthogonalize` removes their whole span at once). An edit moves a model by `strength` standard

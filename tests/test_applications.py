@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_space
 
-from lora_w2w.editing import (DEFAULT_METHOD, METHODS, apply_edits, attribute_directions, debias, direction_report, edit_components,
-                              least_squares_direction, mean_difference_direction, spread_along)
+from lora_w2w.editing import (DEFAULT_METHOD, METHODS, apply_edits, attribute_directions, debias, direction_report,
+                              edit_components, least_squares_direction, mean_difference_direction, spread_along)
 from lora_w2w.errors import SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
 from lora_w2w.sampling import fit_gaussian, nearest_models, sample_models
