@@ -36,7 +36,6 @@ from .space import Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
 MODELS_PER_COMPONENT = 10  # least squares on fewer models per unknown overfits (the tiny world: K 100 beats 500)
-METHODS = ("least_squares", "logistic", "mean_difference")
 DEFAULT_METHOD = "mean_difference"  # it edits; least squares detects (the tiny world: files/tiny/README.md)
 DEBIAS_MODES = ("project", "orthogonalize")
 
@@ -61,6 +60,11 @@ def mean_difference_direction(coefficients: torch.Tensor, labels: torch.Tensor) 
     """mean(C[y = +1]) - mean(C[y = -1]) (K,) for coefficients C (M, K) and labels y (M,) in {-1, +1}."""
     coefficients = coefficients.double()
     return (coefficients[labels > 0].mean(0) - coefficients[labels < 0].mean(0)).float()
+
+
+FITS = {"least_squares": least_squares_direction, "logistic": logistic_direction,
+        "mean_difference": mean_difference_direction}  # method -> fit(C (M, K), y (M,)) -> d (K,)
+METHODS = tuple(FITS)
 
 
 def debias(direction: torch.Tensor, others: list[torch.Tensor], mode: str = "project") -> torch.Tensor:
@@ -123,9 +127,7 @@ def fit_direction(space: Space, attribute: str, k: int | None = None, method: st
         coefficients, labels = coefficients[rows], labels[rows]
     if len(labels.unique()) < 2:
         raise SpaceError(f"attribute {attribute!r} has one value only in the dataset: no direction to fit")
-    fit = {"least_squares": least_squares_direction, "logistic": logistic_direction,
-           "mean_difference": mean_difference_direction}[method]
-    return fit(coefficients, labels)
+    return FITS[method](coefficients, labels)
 
 
 def attribute_directions(space: Space, attributes: list[str], k: int | None = None,
