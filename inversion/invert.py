@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--image", default=None, help="the image to invert (default: inversion/images/face.png)")
     parser.add_argument("--mask_path", default=None, help="binary mask, white where the image is fitted")
     parser.add_argument("--epochs", type=int, default=REAL.steps, help="optimiser steps (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=REAL.lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"Adam learning rate (default: {REAL.lr:g}, or the one the space records for the real "
+                             f"preset: 0.3 on the tiny space)")
     parser.add_argument("--weight_decay", type=float, default=REAL.weight_decay,
                         help="Adam weight decay (default: %(default)s)")
     parser.add_argument("--dim", type=int, default=None,
@@ -102,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
         space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
     else:
         space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
-    # the flags, as the original's; only K falls back to the space's when it has fewer than 10,000
+    # the flags, as the original's; K (and lr, when not given) as the space records them for the real preset
     config = preset("real", space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay, steps=args.epochs)
     image = first_image(Path(args.imfolder)) if args.imfolder else Path(args.image or "inversion/images/face.png")
     model = invert_file(base, space, image, args.mask_path, config, args.seed, args.device)

@@ -8,10 +8,11 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/inversion}
 
 # a face of the tiny world ("real" preset: lr 0.1, weight decay 1e-10, 400 steps; K 10,000, or all of the
-# tiny space's 500 when --dim is not given)
+# tiny space's 250 when --dim is not given; lr 0.3 here, as the tiny space records for it: at 0.1 its
+# larger coefficients have not converged in 400 steps)
 $PY inversion/invert.py --space files/tiny/space --base files/tiny/base \
     --image inversion/images/face.png --mask_path inversion/images/face_mask.png \
-    --epochs "${REAL_EPOCHS:-400}" --lr 1e-1 --weight_decay 1e-10 \
+    --epochs "${REAL_EPOCHS:-400}" --lr 3e-1 --weight_decay 1e-10 \
     --diffusers_format --save_name "$OUT/face"
 
 # an out-of-distribution painting ("ood" preset: K 1000, lr 1, no weight decay, 800 steps; lr 0.1 here, as the

@@ -371,7 +371,7 @@ def add_invert_parser(commands) -> None:
         description="Find the model of the space that reproduces IMAGE: Adam on its first K coefficients, from "
                     f"zero, on the diffusion loss of the image (inside MASK). Presets (the paper's): {presets}; "
                     "on a space with fewer components, all of them; a space may record its own settings for a "
-                    "preset (the tiny space: lr 0.1 for ood). Defaults: the "
+                    "preset (the tiny space: lr 0.3 for real, 0.1 for ood). Defaults: the "
                     "tiny world; for Stable Diffusion 1.5: --base stablediffusionapi/realistic-vision-v51 "
                     "--space files/official.")
     invert.add_argument("--image", required=True, help="the image to invert: any size and mode (resized and centre-cropped)")

@@ -15,8 +15,9 @@ once; every step draws a new latent from them.
 Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps;
 "ood" paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `preset(name, space)`
 fits one to a space: K at most the space's, and the settings the space records for it (the tiny
-space records lr 0.1 for "ood": with 3,584 standardized weights instead of 99,648 its coefficients
-are smaller, and at lr 1 they walk off to noise). A model that ends far outside the dataset's
+space records lr 0.1 for "ood": with 14,336 standardized weights instead of 99,648 its coefficients
+are smaller, and at lr 1 they walk far off the dataset; and lr 0.3 for "real": at 0.1 they have not
+converged in 400 steps). A model that ends far outside the dataset's
 spread (a learning rate too high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
@@ -62,7 +63,7 @@ MASK_GREY_FRACTION = 0.05
 ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios under which a mask fits its image
 # An inverted model whose coefficients' norm passes FAR_FROM_DATASET x the largest dataset model's has walked
 # off the space's distribution (a learning rate too high for its scale) and draws noise: on the tiny space,
-# good inversions end within 1.3x, runs at 10x the tiny space's learning rate at 9-11x.
+# good inversions end within 1.3x, a run at 10x the tiny space's learning rate at 6.7x.
 FAR_FROM_DATASET = 3.0
 
 

@@ -24,3 +24,6 @@ def test_evaluation_report(toy_world, toy_space, tmp_path):
     methods = ["w2w, 1 image", "Dreambooth-LoRA, 1 image", "Dreambooth-LoRA, many images"]
     assert all(-1 <= report["inversion"][m]["identity_similarity"] <= 1 for m in methods)
     assert report["inversion"]["paper_id_score"]["w2w, 1 image"] == 0.64
+    # the space's real preset (the toy space records none: the paper's lr 0.1, K at most the space's), then the flags
+    config = report["inversion"]["config"]
+    assert (config["components"], config["lr"], config["steps"]) == (16, 0.1, 2)

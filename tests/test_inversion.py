@@ -142,7 +142,7 @@ def test_a_preset_fits_the_space_and_the_flags_win(toy_space):
 def test_the_tiny_space_records_the_learning_rate_its_ood_inversions_need():
     tiny = load_space(ROOT / "files" / "tiny" / "space")
     assert preset("ood", tiny) == InversionConfig(components=tiny.num_components, lr=0.1, weight_decay=0.0, steps=800)
-    assert preset("real", tiny).lr == 0.1
+    assert preset("real", tiny) == InversionConfig(components=tiny.num_components, lr=0.3, weight_decay=1e-10, steps=400)
 
 
 @pytest.mark.parametrize("dataset_scale, warned", [(1e-3, True), (1e3, False)])

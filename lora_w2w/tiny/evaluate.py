@@ -41,8 +41,10 @@ SETTINGS_HELP = {
     "edit_strength": "edit strength in standard deviations of the dataset along the direction",
     "edit_method": "how the directions are found",
     "edit_components": "K of the directions (0: the method's default)",
-    "inversions": "held-out identities inverted", "inversion_components": "K of the inversions",
-    "inversion_steps": "Adam steps of an inversion", "inversion_lr": "Adam learning rate of an inversion",
+    "inversions": "held-out identities inverted",
+    "inversion_components": "K of the inversions (0: the space's real preset's)",
+    "inversion_steps": "Adam steps of an inversion (0: the preset's)",
+    "inversion_lr": "Adam learning rate of an inversion (0: the preset's)",
     "dreambooth_steps": "steps of the Dreambooth-LoRA baselines",
     "dreambooth_lr": "learning rate of the Dreambooth-LoRA baselines",
 }
@@ -50,7 +52,7 @@ SETTINGS_HELP = {
 
 @dataclass
 class Settings:
-    samples: int = 8            # sampled models
+    samples: int = 16           # sampled models (each edit rate moves in steps of 1/16)
     seeds: int = 4              # images per model
     steps: int = 25             # denoising steps
     guidance: float = 5.0
@@ -58,9 +60,9 @@ class Settings:
     edit_method: str = "mean_difference"
     edit_components: int = 0    # 0: the method's default (editing.edit_components)
     inversions: int = 4         # held-out identities inverted
-    inversion_components: int = 1000
-    inversion_steps: int = 400
-    inversion_lr: float = 0.1
+    inversion_components: int = 0  # 0: the real preset's, as the space records it (inversion.preset)
+    inversion_steps: int = 0
+    inversion_lr: float = 0.0
     dreambooth_steps: int = LORA_RECIPE["max_train_steps"]
     dreambooth_lr: float = LORA_RECIPE["learning_rate"]
 
@@ -124,11 +126,11 @@ def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Setti
     from .. import train_identities
     from ..dreambooth import prepare_image
     from ..formats import load_peft
-    from ..inversion import InversionConfig, invert
+    from ..inversion import invert, preset
 
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    config = InversionConfig(components=min(settings.inversion_components, space.num_components),
-                             lr=settings.inversion_lr, steps=settings.inversion_steps)
+    config = preset("real", space, components=settings.inversion_components or None,
+                    lr=settings.inversion_lr or None, steps=settings.inversion_steps or None)
     identities = [sample_identity(HELD_OUT_SEEDS + i) for i in range(settings.inversions)]
     renders = {identity.name: [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(10)]
                for i, identity in enumerate(identities)}
@@ -164,7 +166,7 @@ def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Setti
             scores[name].append({"identity_similarity": _pairwise_similarity(pred, truth),
                                  "attribute_agreement": attribute_agreement(pred, identity.attributes)})
     return {name: {key: float(np.mean([s[key] for s in rows])) for key in rows[0]} for name, rows in scores.items()} | {
-        "paper_id_score": PAPER["inversion_id_score"]}
+        "paper_id_score": PAPER["inversion_id_score"], "config": asdict(config)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
