@@ -11,6 +11,11 @@ from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read
                       read_space_description)
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 model', '1,000 models'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _layout_lines(layout: LoraLayout) -> list[str]:
     return [f"  LoRA layers  {len(layout)} ({', '.join(layout.target_modules)}), rank {layout.rank}, "
             f"alpha {layout.alpha:g}",
@@ -25,8 +30,8 @@ def describe_space(directory: Path) -> str:
              f"  base model   {description.get('base_model') or '(not recorded)'}",
              f"  prompt       {description.get('prompt')!r}",
              *_layout_lines(layout),
-             f"  K            {description['num_components']:,} components",
-             f"  M            {description['num_models']:,} dataset models"]
+             f"  K            {_count(description['num_components'], 'component')}",
+             f"  M            {_count(description['num_models'], 'dataset model')}"]
     if (directory / ATTRIBUTES_CSV).is_file():
         header = (directory / ATTRIBUTES_CSV).open().readline().strip().split(",")[1:]
         lines.append(f"  attributes   {len(header)}: {', '.join(header)}")
@@ -38,7 +43,7 @@ def describe_dataset(directory: Path) -> str:
     return "\n".join([f"w2w weights dataset {directory}",
                       f"  base model   {dataset.base_model or '(not recorded)'}",
                       *_layout_lines(dataset.layout),
-                      f"  M            {len(dataset):,} models ({dataset.names[0]} .. {dataset.names[-1]})",
+                      f"  M            {_count(len(dataset), 'model')} ({dataset.names[0]} .. {dataset.names[-1]})",
                       f"  shards       {len(dataset.shards)} of up to {dataset.shard_size:,} models, {dataset.dtype_name}"])
 
 
@@ -66,12 +71,12 @@ def describe(path: Path) -> str:
         raise FileFormatError(f"{path}: no such file or folder")
     if path.suffix == ".pt":
         model = load_model(path)
-        return f"original w2w model {path}\n  K            {len(model.coefficients):,} coefficients"
+        return f"original w2w model {path}\n  K            {_count(len(model.coefficients), 'coefficient')}"
     header, _ = read_safetensors_header(path)
     metadata = header.get("__metadata__", {})
     if metadata.get("format") == MODEL_FORMAT:
         model = load_model(path)
-        return "\n".join([f"w2w model {path}", f"  K            {len(model.coefficients):,} coefficients",
+        return "\n".join([f"w2w model {path}", f"  K            {_count(len(model.coefficients), 'coefficient')}",
                           f"  space id     {model.space_id or '(not recorded)'}"])
     shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
     if shapes and all(k.startswith(KOHYA_PREFIX) for k in shapes):

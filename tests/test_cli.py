@@ -40,7 +40,7 @@ def test_info_describes_each_kind(saved, capsys):
     collect_folders(tmp_path / "loras", tmp_path / "dataset", dtype="float16", base_model="tiny-test")
     expectations = {
         "dataset": ["w2w weights dataset", "base model   tiny-test", f"N            {space.num_weights:,}",
-                    "M            1 models (alice .. alice)", "shards       1 of up to 1,024 models, float16"],
+                    "M            1 model (alice .. alice)", "shards       1 of up to 1,024 models, float16"],
         "space": [f"id           {space.id}", "K            6 components", "M            12 dataset models",
                   f"N            {space.num_weights:,}", "attributes   2: Male, Bald", "base model   tiny-test"],
         "model.safetensors": ["w2w model", "K            4 coefficients", f"space id     {space.id}"],
