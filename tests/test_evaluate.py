@@ -2,7 +2,9 @@
 here: the figures themselves come from `python -m lora_w2w.tiny.evaluate` on the tiny world)."""
 import json
 
+from lora_w2w.storage import load_space
 from lora_w2w.tiny import evaluate
+from lora_w2w.tiny.faces import ATTRIBUTES
 
 
 def test_evaluation_report(toy_world, toy_space, tmp_path):
@@ -15,6 +17,9 @@ def test_evaluation_report(toy_world, toy_space, tmp_path):
     sampling = report["sampling"]
     assert 0.5 <= sampling["attribute_consistency_across_seeds"] <= 1  # a majority vote agrees with itself
     assert sampling["nearest_dataset_distance_over_dataset_spacing"] > 0
+    frequency = sampling["attribute_frequency"]  # by the majority of each of the 2 sampled models' images
+    assert set(frequency) == set(ATTRIBUTES) and all(f["samples"] in (0, 0.5, 1) for f in frequency.values())
+    assert frequency["Male"]["dataset"] == float((load_space(toy_space).attributes["Male"] > 0).mean())
     assert set(report["editing"]) == {"Eyeglasses", "Bald", "No_Beard", "Blond_Hair", "targets", "strength_std",
                                       "method", "components"}
     # the directions the CLI edits with by default: mean differences on all (up to 1,000) components

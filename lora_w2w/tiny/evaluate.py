@@ -85,7 +85,8 @@ def _pairwise_similarity(a: Prediction, b: Prediction) -> float:
 def evaluate_sampling(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
     models = sample_models(space, settings.samples, seed=0)
     preds = [evaluator.predict(_images(pipe, space, m, settings)) for m in tqdm(models, desc="sampling: models")]
-    consistency = [attribute_agreement(p, _majority(p)) for p in preds]
+    reads = [_majority(p) for p in preds]
+    consistency = [attribute_agreement(p, read) for p, read in zip(preds, reads)]
     within = [_pairwise_similarity(p, p) for p in preds]
     between = [_pairwise_similarity(preds[i], preds[j]) for i in range(len(preds)) for j in range(i + 1, len(preds))]
     draws = torch.stack([m.coefficients for m in models])
@@ -96,7 +97,16 @@ def evaluate_sampling(pipe, space: Space, evaluator: Evaluator, settings: Settin
     return {"attribute_consistency_across_seeds": float(np.mean(consistency)), "target": 0.85,
             "identity_similarity_same_model": float(np.mean(within)),
             "identity_similarity_different_models": float(np.mean(between)),
-            "nearest_dataset_distance_over_dataset_spacing": float(distance.median() / spread)}
+            "nearest_dataset_distance_over_dataset_spacing": float(distance.median() / spread),
+            "attribute_frequency": _frequencies(space, reads)}
+
+
+def _frequencies(space: Space, reads: list[dict[str, bool]]) -> dict[str, dict[str, float]]:
+    """For each attribute of the space's table: the share of sampled models showing it (by the majority of
+    their images) and the share of the dataset's models having it."""
+    table = space.attributes if space.attributes is not None else {}
+    return {a: {"samples": float(np.mean([read[a] for read in reads])), "dataset": float((table[a] > 0).mean())}
+            for a in ATTRIBUTES if a in table}
 
 
 def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
