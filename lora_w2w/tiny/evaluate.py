@@ -52,7 +52,7 @@ SETTINGS_HELP = {
 
 @dataclass
 class Settings:
-    samples: int = 16           # sampled models (each edit rate moves in steps of 1/16)
+    samples: int = 32           # sampled models (each edit rate moves in steps of 1/32)
     seeds: int = 4              # images per model
     steps: int = 25             # denoising steps
     guidance: float = 5.0
