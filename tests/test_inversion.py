@@ -139,7 +139,7 @@ def test_a_preset_fits_the_space_and_the_flags_win(toy_space):
         preset("ood", dataclasses.replace(toy_space, inversion_presets={"ood": {"learning_rate": 0.1}}))
 
 
-def test_the_tiny_space_records_the_learning_rate_its_ood_inversions_need():
+def test_the_tiny_space_records_the_learning_rates_its_inversions_need():
     tiny = load_space(ROOT / "files" / "tiny" / "space")
     assert preset("ood", tiny) == InversionConfig(components=tiny.num_components, lr=0.1, weight_decay=0.0, steps=800)
     assert preset("real", tiny) == InversionConfig(components=tiny.num_components, lr=0.3, weight_decay=1e-10, steps=400)

@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
     parser.add_argument("--components", type=int, default=250,
                         help="K kept in the space, at most M - 1 (default: %(default)s: the 1,000 rank-4 LoRAs in "
-                             "15 MB; they edit as well as 500 and invert better, files/tiny/README.md)")
+                             "15 MB; they invert better than 500 and edit somewhat worse, files/tiny/README.md)")
     parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
                         help="the explained-variance plot of the space (default: %(default)s)")
     parser.add_argument("--identities_per_batch", type=int, default=32,
