@@ -20,8 +20,17 @@ def test_evaluation_report(toy_world, toy_space, tmp_path):
     frequency = sampling["attribute_frequency"]  # by the majority of each of the 2 sampled models' images
     assert set(frequency) == set(ATTRIBUTES) and all(f["samples"] in (0, 0.5, 1) for f in frequency.values())
     assert frequency["Male"]["dataset"] == float((load_space(toy_space).attributes["Male"] > 0).mean())
-    assert set(report["editing"]) == {"Eyeglasses", "Bald", "No_Beard", "Blond_Hair", "targets", "strength_std",
-                                      "method", "components"}
+    editing = report["editing"]
+    assert set(editing) == {"Eyeglasses", "Bald", "No_Beard", "Blond_Hair", "models_by_sex", "targets",
+                            "strength_std", "method", "components"}
+    # the change rate split by how the evaluator read each model's sex: the overall rate is their weighted mean
+    men, women = editing["models_by_sex"]["men"], editing["models_by_sex"]["women"]
+    assert men + women == 2
+    for attribute in evaluate.EDITED:
+        split = editing[attribute]["changed_by_sex"]
+        assert (split["men"] is None) == (men == 0) and (split["women"] is None) == (women == 0)
+        weighted = (men * (split["men"] or 0) + women * (split["women"] or 0)) / 2
+        assert abs(weighted - editing[attribute]["changed"]) < 1e-9
     # the directions the CLI edits with by default: mean differences on all (up to 1,000) components
     assert report["editing"]["method"] == "mean_difference"
     assert report["editing"]["components"] == 16  # the toy space's K
@@ -32,3 +41,9 @@ def test_evaluation_report(toy_world, toy_space, tmp_path):
     # the space's real preset (the toy space records none: the paper's lr 0.1, K at most the space's), then the flags
     config = report["inversion"]["config"]
     assert (config["components"], config["lr"], config["steps"]) == (16, 0.1, 2)
+
+
+def test_change_rate_by_sex():
+    changed, male = [True, False, True, True], [True, True, False, False]
+    assert evaluate._by_sex(changed, male) == {"men": 0.5, "women": 1.0}
+    assert evaluate._by_sex([True, False], [False, False]) == {"men": None, "women": 0.5}

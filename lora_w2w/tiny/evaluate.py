@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..editing import METHODS, apply_edits, attribute_directions
+from ..editing import METHODS, apply_edits, attribute_directions, attribute_labels
 from ..pipeline import generate, load_base_pipeline
 from ..sampling import nearest_models, sample_models
 from ..space import Space
@@ -104,9 +104,9 @@ def evaluate_sampling(pipe, space: Space, evaluator: Evaluator, settings: Settin
 def _frequencies(space: Space, reads: list[dict[str, bool]]) -> dict[str, dict[str, float]]:
     """For each attribute of the space's table: the share of sampled models showing it (by the majority of
     their images) and the share of the dataset's models having it."""
-    table = space.attributes if space.attributes is not None else {}
-    return {a: {"samples": float(np.mean([read[a] for read in reads])), "dataset": float((table[a] > 0).mean())}
-            for a in ATTRIBUTES if a in table}
+    columns = space.attributes.columns if space.attributes is not None else ()
+    return {a: {"samples": float(np.mean([read[a] for read in reads])),
+                "dataset": float((attribute_labels(space, a) > 0).double().mean())} for a in ATTRIBUTES if a in columns}
 
 
 def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
@@ -114,9 +114,11 @@ def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Setting
                                       debias_against=["Male"])
     models = sample_models(space, settings.samples, seed=1)
     results = {a: {"changed": [], "kept": [], "similarity": []} for a in EDITED}
+    male = []  # how the evaluator reads each model before its edits
     for model in tqdm(models, desc="editing: models"):
         before = evaluator.predict(_images(pipe, space, model, settings))
         read = _majority(before)
+        male.append(read["Male"])
         for attribute in EDITED:
             strength = -settings.edit_strength if read[attribute] else settings.edit_strength
             edited = apply_edits(model, {attribute: strength}, directions)
@@ -126,10 +128,19 @@ def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Setting
             results[attribute]["changed"].append(now[attribute] != read[attribute])
             results[attribute]["kept"].append(np.mean([now[a] == read[a] for a in others]))
             results[attribute]["similarity"].append(float(identity_similarity(before, after).mean()))
-    return {a: {"changed": float(np.mean(r["changed"])), "others_kept": float(np.mean(r["kept"])),
-                "identity_similarity": float(np.mean(r["similarity"]))} for a, r in results.items()} | {
+    return {a: {"changed": float(np.mean(r["changed"])), "changed_by_sex": _by_sex(r["changed"], male),
+                "others_kept": float(np.mean(r["kept"])), "identity_similarity": float(np.mean(r["similarity"]))}
+            for a, r in results.items()} | {
+        "models_by_sex": {"men": sum(male), "women": len(male) - sum(male)},
         "targets": {"changed": 0.8, "others_kept": 0.9}, "strength_std": settings.edit_strength,
         "method": settings.edit_method, "components": len(next(iter(directions.values())).vector)}
+
+
+def _by_sex(changed: list[bool], male: list[bool]) -> dict[str, float | None]:
+    """The share of changed models among those read as men and as women (None for a group with no model):
+    an edit the dataset only shows on one sex (a beard) may change that group alone."""
+    groups = {"men": [c for c, m in zip(changed, male) if m], "women": [c for c, m in zip(changed, male) if not m]}
+    return {group: float(np.mean(values)) if values else None for group, values in groups.items()}
 
 
 def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings, work: Path) -> dict:
