@@ -11,7 +11,9 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
               "Dreambooth-LoRA, 1 image": {"identity_similarity": 0.6, "attribute_agreement": 0.8},
               "Dreambooth-LoRA, many images": {"identity_similarity": 0.7, "attribute_agreement": 0.95}}
     evaluation = tmp_path / "evaluation.json"  # w2w evaluate's report of the same space
-    evaluation.write_text(json.dumps({"space_id": load_space(toy_space).id, "inversion": scores}))
+    edits = {a: {"changed": 0.25, "others_kept": 0.95, "identity_similarity": 0.7}
+             for a in ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")} | {"models_by_sex": {"men": 12, "women": 20}}
+    evaluation.write_text(json.dumps({"space_id": load_space(toy_space).id, "inversion": scores, "editing": edits}))
     assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(toy_space),
                       "--device", "cpu", "--steps", "2", "--inversion-steps", "2", "--evaluation", str(evaluation)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -24,7 +26,11 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
     assert (out / "loras" / "inverted_drawing_kohya.safetensors").is_file()
     markdown = (out / "report.md").read_text()
     assert "| a sampled identity keeps its attributes across seeds |" in markdown
-    assert "editing Eyeglasses" in markdown and "target met" in markdown
+    assert "target met" in markdown
+    # the demo's own 4 models, then w2w evaluate's 32 from its report
+    assert "| editing Eyeglasses (this run, 4 models): changed" in markdown
+    quoted = next(line for line in markdown.splitlines() if line.startswith("| editing Bald (from"))
+    assert f"(from {evaluation}, 32 models)" in quoted and "| 25% / 95% / 0.70 | **no** (>= 80% / >= 90%) |" in quoted
     inversion = next(line for line in markdown.splitlines() if line.startswith("| inversion of one image"))
     assert "0.50 / 0.60 / 0.70" in inversion and "**no** (w2w > 1-image Dreambooth)" in inversion
     assert "90% / 80% / 95%" in markdown
