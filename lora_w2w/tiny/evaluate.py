@@ -3,7 +3,8 @@
 - sampling: images of one sampled model across seeds agree on attributes (target >= 85%); sampled
   models differ from each other and from their nearest dataset model;
 - editing: Eyeglasses, Bald, No_Beard, Blond_Hair edits change the attribute in >= 80% of cases and
-  keep the other attributes in >= 90%, with a high identity similarity to the original;
+  keep the other attributes in >= 90%, with a high identity similarity to the original (each change
+  rate also split by the sex the evaluator reads: an edit may work on one sex only);
 - inversion: a single held-out image inverted into the space, versus single-image and multi-image
   Dreambooth-LoRA of the same identity (the paper's Table 2: ID score 0.64 vs 0.43 vs 0.69).
 
