@@ -44,7 +44,8 @@ def describe_dataset(directory: Path) -> str:
                       f"  base model   {dataset.base_model or '(not recorded)'}",
                       *_layout_lines(dataset.layout),
                       f"  M            {_count(len(dataset), 'model')} ({dataset.names[0]} .. {dataset.names[-1]})",
-                      f"  shards       {len(dataset.shards)} of up to {dataset.shard_size:,} models, {dataset.dtype_name}"])
+                      f"  shards       {len(dataset.shards)} of up to {_count(dataset.shard_size, 'model')}, "
+                      f"{dataset.dtype_name}"])
 
 
 def describe_peft(path: Path) -> str:

@@ -12,13 +12,13 @@ once; every step draws a new latent from them.
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
 
-Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps;
-"ood" paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `preset(name, space)`
-fits one to a space: K at most the space's, and the settings the space records for it (the tiny
-space records lr 0.1 for "ood": with 14,336 standardized weights instead of 99,648 its coefficients
-are smaller, and at lr 1 they walk far off the dataset; and lr 0.3 for "real": at 0.1 they have not
-converged in 400 steps). A model that ends far outside the dataset's
-spread (a learning rate too high for the space) draws a warning.
+Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps; "ood"
+paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `preset(name, space)` fits
+one to a space: K at most the space's, and the settings the space records for it (the tiny space
+records lr 0.1 for "ood": with 14,336 standardized weights instead of 99,648 its coefficients are
+smaller, and at lr 1 they walk far off the dataset; and lr 0.3 for "real": at 0.1 they have not
+converged in 400 steps). A model that ends far outside the dataset's spread (a learning rate too
+high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
 A checkpoint (coefficients, Adam state, step, random state) is written every `checkpoint_every`
