@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .errors import W2WError
 from .layout import LoraLayout
@@ -102,14 +102,32 @@ def _first_timestep(pipe, num_inference_steps: int) -> int:
     return int(pipe.scheduler.timesteps[0])
 
 
-def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Images of one size in a grid, `columns` wide (default: about square)."""
+LABEL_FONT_SIZE = 12  # px: PIL's bundled default font, so nothing is downloaded
+LABEL_PAD = 4  # px around a label
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None, *, row_labels: list[str] | None = None,
+               column_labels: list[str] | None = None) -> Image.Image:
+    """Images of one size in a grid, `columns` wide (default: about square), with optional labels left of
+    each row and above each column."""
     if not images:
         raise W2WError("no images to put in a grid")
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
+    for name, labels, count in (("row", row_labels, rows), ("column", column_labels, columns)):
+        if labels is not None and len(labels) != count:
+            raise W2WError(f"{len(labels)} {name} labels for a grid of {count} {name}s")
+    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
+    line = LABEL_FONT_SIZE + 2 * LABEL_PAD
+    left = max((math.ceil(font.getlength(t)) for t in row_labels), default=0) + 2 * LABEL_PAD if row_labels else 0
+    top = line if column_labels else 0
     width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    grid = Image.new("RGB", (left + columns * width, top + rows * height), "white")
     for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+        grid.paste(image, (left + (i % columns) * width, top + (i // columns) * height))
+    draw = ImageDraw.Draw(grid)
+    for r, text in enumerate(row_labels or []):
+        draw.text((LABEL_PAD, top + r * height + height // 2), text, fill="black", font=font, anchor="lm")
+    for c, text in enumerate(column_labels or []):
+        draw.text((left + c * width + width // 2, top // 2), text, fill="black", font=font, anchor="mm")
     return grid
