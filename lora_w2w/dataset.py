@@ -216,8 +216,8 @@ class Source:
 def discover_loras(root: str | os.PathLike) -> tuple[dict[str, Path], list[str]]:
     """The LoRAs under `root` by model name, in string order, and the sub-folders that hold none.
     A model is a folder `<name>/` with PEFT weights (`adapter_model.safetensors` or `.bin`, in it or in
-    `unet/` as training and the original code write them), or a file `<name>.safetensors` (kohya, PEFT or diffusers). Names
-    starting with '.' (temporary files) and other files are ignored."""
+    `unet/` as training and the original code write them), or a file `<name>.safetensors` (kohya, PEFT or
+    diffusers). Names starting with '.' (temporary files) and other files are ignored."""
     root = Path(root)
     if not root.is_dir():
         raise FileFormatError(f"{root}: no such folder (expected a folder of LoRA folders or files)")

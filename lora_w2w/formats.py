@@ -125,7 +125,8 @@ def peft_weights_file(path: Path) -> Path:
         return path
     found = find_peft_weights(path) if path.is_dir() else None
     if found is None:
-        raise FileFormatError(f"{path}: no {PEFT_WEIGHTS} (expected a PEFT LoRA folder: {', '.join(PEFT_WEIGHT_FILES)})")
+        raise FileFormatError(f"{path}: no {PEFT_WEIGHTS} (expected a PEFT LoRA folder with one of "
+                              f"{', '.join(PEFT_WEIGHT_FILES)})")
     return found
 
 

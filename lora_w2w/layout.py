@@ -176,7 +176,8 @@ class LoraLayout:
         """LayoutError naming the first difference when `other`, a LoRA file's layout, is not this one."""
         difference = self._first_difference(other)
         if difference:
-            raise LayoutError(f"the LoRA does not fit the layout ({len(self)} layers of rank {self.rank}): {difference}")
+            raise LayoutError(f"the LoRA does not fit the layout ({len(self)} layers of rank {self.rank}): "
+                              f"{difference}")
 
     def _first_difference(self, other: "LoraLayout") -> str | None:
         """None when `other` has this layout's rank and layers (by name, in any order), else the first

@@ -113,8 +113,8 @@ class Space:
         """weights (..., N) and their coefficients (..., k) -> (...,) the standardized residual |z - c V| / |z|:
         0 when the weights lie in the span of the first k components, 1 when orthogonal to it."""
         k = self.check_k(coefficients.shape[-1])
-        z = standardize(weights.to(self.mean), self.mean, self.std)                 # (..., N)
-        rest = z - coefficients.to(self.mean) @ self.components[:k]                  # (..., N)
+        z = standardize(weights.to(self.mean), self.mean, self.std)  # (..., N)
+        rest = z - coefficients.to(self.mean) @ self.components[:k]   # (..., N)
         norm = z.norm(dim=-1)
         return torch.where(norm > 0, rest.norm(dim=-1) / norm, torch.zeros_like(norm))
 

@@ -150,7 +150,7 @@ def write_original_lora(weights: torch.Tensor, weight_dimensions: dict, folder: 
     `<folder>/unet/adapter_model.safetensors` beside a copy of the released adapter_config.json."""
     state, counter = {}, 0
     for key, (numel, shape) in weight_dimensions.items():
-        state[key.replace(".weight", ".identity1.weight")] = weights[counter:counter + numel[0]].unflatten(0, shape).clone()
+        state[key.replace(".weight", ".identity1.weight")] = weights[counter:counter + numel[0]].unflatten(0, shape)
         counter += numel[0]
     (folder / "unet").mkdir(parents=True)
     shutil.copyfile(adapter_config, folder / "unet" / "adapter_config.json")

@@ -134,7 +134,8 @@ def test_a_lora_of_another_layout_is_refused_naming_the_first_difference(layout)
     rank2 = LoraLayout(layout.layers, rank=2)
     with pytest.raises(LayoutError, match=r"of rank 1\): rank 2, expected 1"):
         layout.check_fits(rank2)
-    with pytest.raises(LayoutError, match=f"layer {first.name} \\({first.in_features}->{first.out_features}\\) is missing"):
+    missing = f"layer {first.name} \\({first.in_features}->{first.out_features}\\) is missing"
+    with pytest.raises(LayoutError, match=missing):
         layout.check_fits(LoraLayout(layout.layers[1:]))
     wider = LoraLayout((first, LoraLayer(second.name, second.in_features + 1, second.out_features), *layout.layers[2:]))
     with pytest.raises(LayoutError, match=f"layer {second.name} is {second.in_features + 1}->{second.out_features}, "
