@@ -2,9 +2,13 @@
 cross-attention, 64 LoRA layers, N = 99,648) meet the real pipeline code: a random-weight pipeline of SD1.5's
 shapes saved as a diffusers folder, and the released files of its layout imported with `w2w import-official`.
 Every command runs at 64 px (the UNet's sample_size is 8 latents; the architecture is SD1.5's) with 2 steps.
+
+The file takes 47 s of CPU time (user + sys) and peaks at 6.7 GB of RSS (a float32 pipeline loaded from its float16
+folder); 2 min 50 s of wall time on a 2-core machine shared at load average 13.
 """
 import importlib.util
 import json
+import shutil
 from importlib.resources import files
 from pathlib import Path
 
@@ -66,7 +70,8 @@ def sd15(tmp_path_factory):
     (root / "released").mkdir()
     released = write_released_files(root / "released", sd15_layout(), K, M)
     assert w2w(["import-official", str(root / "released"), str(root / "official"), "--trust-pickle"]) == 0
-    return root, released
+    yield root, released
+    shutil.rmtree(root)  # 2 GB: not kept among pytest's last temporary folders
 
 
 def run(*args) -> None:
