@@ -17,6 +17,8 @@ DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 # editing.METHODS and editing.DEFAULT_METHOD, without importing torch
 EDIT_METHODS, DEFAULT_EDIT_METHOD = ("least_squares", "logistic", "mean_difference"), "mean_difference"
+TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
+                     "files from a source you trust)")
 
 
 def _progress(message: str) -> None:
@@ -264,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "id) or a LoRA (format, layers, rank).")
     info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
                                    "folder or a kohya file")
-    info.add_argument("--trust-pickle", action="store_true",
-                      help="allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only "
-                           "for files from a source you trust)")
+    info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser("export", help="write a w2w model as a LoRA (PEFT/diffusers or kohya/A1111/ComfyUI)",
@@ -322,9 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument("--components", type=int, default=None,
                          help="K, components projected on (default: all of the space's)")
     project.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    project.add_argument("--trust-pickle", action="store_true",
-                         help="allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: "
-                              "only for files from a source you trust)")
+    project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     project.set_defaults(run=cmd_project)
 
     gen = commands.add_parser("generate", help="generate images with a w2w model (or the base model alone)",
