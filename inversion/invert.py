@@ -38,7 +38,8 @@ def released_space(args: argparse.Namespace) -> Space:
     mean, std, basis = (torch_load(Path(p), args.trust_pickle, mmap=True)
                         for p in (args.mean_path, args.std_path, args.v_path))
     if args.dim_path:
-        layout = LoraLayout.from_weight_dimensions(torch_load(Path(args.dim_path), args.trust_pickle))
+        layout = LoraLayout.from_weight_dimensions(torch_load(Path(args.dim_path), args.trust_pickle),
+                                                   source=args.dim_path)
     else:
         layout = sd15_layout()
     if basis.ndim != 2 or basis.shape[0] != layout.numel:

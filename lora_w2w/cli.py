@@ -17,6 +17,8 @@ DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 # editing.METHODS and editing.DEFAULT_METHOD, without importing torch
 EDIT_METHODS, DEFAULT_EDIT_METHOD = ("least_squares", "logistic", "mean_difference"), "mean_difference"
+TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
+                     "files from a source you trust)")
 
 
 def _progress(message: str) -> None:
@@ -46,7 +48,7 @@ def _save_image(image, path: Path) -> None:
 def cmd_info(args) -> None:
     from .info import describe
 
-    print(describe(Path(args.path)))
+    print(describe(Path(args.path), args.trust_pickle))
 
 
 def cmd_export(args) -> None:
@@ -79,19 +81,20 @@ def cmd_collect(args) -> None:
 
     if (args.root is None) == (args.from_all_weights is None):
         raise W2WError("collect needs either LORA_ROOT OUT or --from-all-weights all_weights.pt OUT")
-    if args.from_all_weights is None and (args.names or args.trust_pickle):
-        raise W2WError("--names and --trust-pickle go with --from-all-weights")
+    if args.from_all_weights is None and args.names:
+        raise W2WError("--names goes with --from-all-weights")
     layout, base_model = None, ""
     if args.space:
         layout, base_model = layout_of_space(args.space)
     elif args.layout_from:
-        layout, base_model = layout_of_lora(args.layout_from)
+        layout, base_model = layout_of_lora(args.layout_from, args.trust_pickle)
     if args.from_all_weights:
         names = read_names(args.names) if args.names else None
         report = collect_all_weights(args.from_all_weights, args.out, layout, names, args.trust_pickle, base_model,
                                      args.shard_size, _progress, args.dtype)
     else:
-        report = collect_folders(args.root, args.out, layout, base_model, args.shard_size, _progress, args.dtype)
+        report = collect_folders(args.root, args.out, layout, base_model, args.shard_size, _progress, args.dtype,
+                                 args.trust_pickle)
     print(report)
 
 
@@ -130,6 +133,22 @@ def cmd_import_official(args) -> None:
         return
     space = import_official(args.src, args.dst, trust_pickle=args.trust_pickle)
     print(f"wrote space {args.dst}: N = {space.num_weights}, K = {space.num_components}, M = {space.num_models}")
+
+
+def cmd_project(args) -> None:
+    from .formats import load_lora
+    from .space import W2WModel, check_finite
+    from .storage import load_space, save_model
+
+    space = load_space(args.space, k=args.components)  # memory-mapped: only the first K components are read
+    weights = load_lora(space.layout, args.lora, args.trust_pickle)
+    check_finite(weights, f"the weights of {args.lora}")
+    coefficients = space.project(weights)
+    residual = float(space.residual(weights, coefficients))
+    save_model(W2WModel(coefficients, space.id), args.out)
+    print(f"wrote model {args.out} ({space.num_components:,} coefficients); standardized residual |z - cV| / |z| = "
+          f"{residual:.4f} (0: the LoRA lies in the span of the space's first {space.num_components:,} components, "
+          f"1: wholly outside it)")
 
 
 def cmd_generate(args) -> None:
@@ -247,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "id) or a LoRA (format, layers, rank).")
     info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
                                    "folder or a kohya file")
+    info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser("export", help="write a w2w model as a LoRA (PEFT/diffusers or kohya/A1111/ComfyUI)",
@@ -265,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     official = commands.add_parser(
         "import-official", help="convert the released w2w files into the project's safe space format",
-        description="Read mean.pt, std.pt, V.pt, proj_1000pc.pt, weight_dimensions.pt and identity_df.pt from SRC "
+        description="Read mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt "
+                    "(PEFT key -> [numel, shape] in flat order, numel a 1-element torch.Size as the original "
+                    "reads it, weight_dimensions[key][0][0]), identity_df.pt and adapter_config.json from SRC "
                     "and write a space to DST. With --model, convert one saved w2wmodel.pt instead.")
     official.add_argument("src", help="folder with the released files (or, with --model, a w2wmodel.pt)")
     official.add_argument("dst", help="space directory to write (or, with --model, a .safetensors model file)")
@@ -286,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="base pipeline folder or hub id (default: %(default)s; SD1.5: "
                             "stablediffusionapi/realistic-vision-v51)")
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+
+    project = commands.add_parser(
+        "project", help="take an identity LoRA into the space as a w2w model",
+        description="Project LORA, an identity LoRA of the space's layout, onto the space's first K components "
+                    "(c = z Vᵀ for its standardized weights z) and write the w2w model. Prints the standardized "
+                    "residual |z - cV| / |z|: how much of the LoRA the space cannot express. A LoRA of another "
+                    "layout (layers, rank, shapes) is refused, naming the first difference.")
+    project.add_argument("lora", metavar="LORA",
+                         help="a PEFT folder (such as the original code's output, with unet/adapter_model.safetensors, "
+                              "or train_dreambooth.py's), a PEFT/diffusers .safetensors file or a kohya file")
+    add_space(project)
+    project.add_argument("--components", type=int, default=None,
+                         help="K, components projected on (default: all of the space's)")
+    project.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
+    project.set_defaults(run=cmd_project)
 
     gen = commands.add_parser("generate", help="generate images with a w2w model (or the base model alone)",
                               description="Generate one image per seed with a w2w model fused into the base UNet; "
@@ -433,8 +471,9 @@ def add_dataset_parsers(commands) -> None:
     collect.add_argument("--names", metavar="NAMES_TXT",
                          help="with --from-all-weights: model names, one per line, in row order (default: row numbers)")
     collect.add_argument("--trust-pickle", action="store_true",
-                         help="with --from-all-weights: allow full unpickling if the file needs it (runs code from "
-                              "the file: only for files from a source you trust)")
+                         help="allow full unpickling of --from-all-weights if the file needs it, and reading "
+                              "adapter_model.bin pickles of LoRA folders (runs code from the file: only for files "
+                              "from a source you trust)")
     collect.set_defaults(run=cmd_collect)
 
     build = commands.add_parser(

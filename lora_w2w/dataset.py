@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .errors import FileFormatError, LayoutError, W2WError
-from .formats import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
+from .formats import PEFT_CONFIG, find_peft_weights, load_lora, peft_weights_file, read_peft_shapes
 from .layout import LoraLayout
 from .space import check_finite
 from .storage import (SAFETENSORS_DTYPES, SafetensorsWriter, atomic_output, read_description, read_safetensors_header,
@@ -215,9 +215,9 @@ class Source:
 
 def discover_loras(root: str | os.PathLike) -> tuple[dict[str, Path], list[str]]:
     """The LoRAs under `root` by model name, in string order, and the sub-folders that hold none.
-    A model is a folder `<name>/` with `adapter_model.safetensors` or `unet/adapter_model.safetensors`
-    (PEFT, as training writes it), or a file `<name>.safetensors` (kohya, PEFT or diffusers). Names
-    starting with '.' (temporary files) and other files are ignored."""
+    A model is a folder `<name>/` with PEFT weights (`adapter_model.safetensors` or `.bin`, in it or in
+    `unet/` as training and the original code write them), or a file `<name>.safetensors` (kohya, PEFT or
+    diffusers). Names starting with '.' (temporary files) and other files are ignored."""
     root = Path(root)
     if not root.is_dir():
         raise FileFormatError(f"{root}: no such folder (expected a folder of LoRA folders or files)")
@@ -227,7 +227,7 @@ def discover_loras(root: str | os.PathLike) -> tuple[dict[str, Path], list[str]]
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            if (entry / PEFT_WEIGHTS).is_file() or (entry / "unet" / PEFT_WEIGHTS).is_file():
+            if find_peft_weights(entry) is not None:
                 name = entry.name
             else:
                 empty.append(entry.name)
@@ -246,20 +246,16 @@ def discover_loras(root: str | os.PathLike) -> tuple[dict[str, Path], list[str]]
     return dict(sorted(found.items())), empty
 
 
-def layout_of_lora(path: str | os.PathLike) -> tuple[LoraLayout, str]:
+def layout_of_lora(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[LoraLayout, str]:
     """(layout, base model id) of a PEFT LoRA folder or PEFT/diffusers file, from its tensor shapes and
     adapter_config.json. A kohya file does not name its modules unambiguously: use a space's layout."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "unet" if (path / "unet" / PEFT_WEIGHTS).is_file() else path
-        path = path / PEFT_WEIGHTS
-    header, _ = read_safetensors_header(path)
-    shapes = {key: info["shape"] for key, info in sorted(header.items()) if key != "__metadata__"}
+    path = peft_weights_file(Path(path))
+    shapes = read_peft_shapes(path, trust_pickle)
     if any(key.startswith("lora_unet_") for key in shapes):
         raise LayoutError(f"{path}: a kohya file does not say its module names; pass --space (a space with "
                           f"the layout) or --layout-from a PEFT LoRA folder")
     try:
-        layout = LoraLayout.from_weight_dimensions({key: (int(np.prod(s)), s) for key, s in shapes.items()})
+        layout = LoraLayout.from_shapes(shapes)
     except LayoutError as error:
         raise LayoutError(f"{path}: {error}") from None
     config_file = path.parent / PEFT_CONFIG
@@ -277,15 +273,15 @@ def layout_of_space(directory: str | os.PathLike) -> tuple[LoraLayout, str]:
     return LoraLayout.from_dict(description["layout"]), description.get("base_model", "")
 
 
-def folder_source(loras: dict[str, Path], layout: LoraLayout) -> Source:
-    """A source reading each LoRA file or folder into the layout; a file that does not fit, or weights
-    with NaN/inf, raise an error naming the model."""
+def folder_source(loras: dict[str, Path], layout: LoraLayout, trust_pickle: bool = False) -> Source:
+    """A source reading each LoRA file or folder into the layout (a folder's adapter_model.bin only with
+    `trust_pickle`); a file that does not fit, or weights with NaN/inf, raise an error naming the model."""
     def rows(wanted):
         for name, path in loras.items():
             if name not in wanted:
                 continue
             try:
-                weights = load_lora(layout, path)
+                weights = load_lora(layout, path, trust_pickle)
                 check_finite(weights, f"weights of model {name!r} ({path})")
             except W2WError as error:
                 message = str(error) if name in str(error) else f"model {name!r}: {error}"
@@ -448,16 +444,18 @@ def _remove_unlisted(path: Path, listed: set[str]) -> None:
 
 def collect_folders(root: str | os.PathLike, out: str | os.PathLike, layout: LoraLayout | None = None,
                     base_model: str = "", shard_size: int = DEFAULT_SHARD_SIZE,
-                    log: Callable[[str], None] | None = None, dtype: str = "float32") -> CollectReport:
+                    log: Callable[[str], None] | None = None, dtype: str = "float32",
+                    trust_pickle: bool = False) -> CollectReport:
     """Add every LoRA under `root` (see `discover_loras`) to the dataset `out` (a new one with shards of
-    `dtype`). The layout is, in order: `layout`, the existing dataset's, the first LoRA's."""
+    `dtype`); `trust_pickle` lets adapter_model.bin pickles be read. The layout is, in order: `layout`,
+    the existing dataset's, the first LoRA's."""
     loras, empty = discover_loras(root)
     if layout is None and (Path(out) / INDEX_JSON).exists():
         layout = WeightsDataset(out).layout
     elif layout is None:
-        layout, found_base = layout_of_lora(next(iter(loras.values())))
+        layout, found_base = layout_of_lora(next(iter(loras.values())), trust_pickle)
         base_model = base_model or found_base
-    report = add_models(out, folder_source(loras, layout), layout, base_model, shard_size, log, dtype)
+    report = add_models(out, folder_source(loras, layout, trust_pickle), layout, base_model, shard_size, log, dtype)
     report.skipped = empty
     return report
 

@@ -4,7 +4,10 @@
   + `adapter_config.json`, which `PeftModel.from_pretrained(unet, folder)` loads, and beside them
   `pytorch_lora_weights.safetensors` (keys `unet.<module>...`, the LoRA config in its metadata), which
   `pipe.load_lora_weights(folder)` picks. This is also the layout of the released models and of
-  `train_dreambooth.py`'s output (`<output_dir>/unet/`).
+  `train_dreambooth.py`'s output (`<output_dir>/unet/`). Read too: the original code's folders
+  (`<path>/unet/`, keys `base_model.model.<module>.lora_A.identity1.weight`: one adapter named
+  `identity1`), any other single adapter name, and, only with `trust_pickle`, the `adapter_model.bin`
+  pickle older PEFT versions wrote.
 - kohya / A1111 / ComfyUI: one safetensors file, keys `lora_unet_<module with _>.lora_down.weight`
   (r x in), `.lora_up.weight` (out x r) and `.alpha` (scaling alpha / r); diffusers converts it.
 
@@ -20,12 +23,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import FileFormatError, LayoutError
+from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
-from .storage import atomic_output, read_safetensors_header
+from .storage import atomic_output, read_safetensors_header, torch_load
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+PEFT_PICKLE_WEIGHTS = "adapter_model.bin"  # older PEFT: torch.save(state_dict, "adapter_model.bin")
+# where a PEFT folder keeps its weights, in order of preference: beside the config, or in unet/ as the
+# original's save_model_for_diffusers and train_dreambooth.py write them
+PEFT_WEIGHT_FILES = (PEFT_WEIGHTS, f"unet/{PEFT_WEIGHTS}", PEFT_PICKLE_WEIGHTS, f"unet/{PEFT_PICKLE_WEIGHTS}")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads a LoRA's config from
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
@@ -104,17 +111,53 @@ def _rescale(layout: LoraLayout, weights: torch.Tensor, file_alpha: float, file_
     return layout.join(parts)
 
 
-def load_peft(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
-    """A PEFT folder (or its `unet/` subfolder, or a single PEFT/diffusers .safetensors file) -> weights (N,)."""
-    path = Path(path)
-    if path.is_dir() and not (path / PEFT_WEIGHTS).is_file() and (path / "unet" / PEFT_WEIGHTS).is_file():
-        path = path / "unet"
-    weights_file = path / PEFT_WEIGHTS if path.is_dir() else path
-    if not weights_file.is_file():
-        raise FileFormatError(f"{path}: no {PEFT_WEIGHTS} (expected a PEFT LoRA folder)")
-    state = _load_safetensors(weights_file)
+def find_peft_weights(folder: Path) -> Path | None:
+    """The weights file of a PEFT LoRA folder (see PEFT_WEIGHT_FILES), or None when it has none."""
+    for name in PEFT_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def peft_weights_file(path: Path) -> Path:
+    """The weights file of a PEFT folder, or `path` itself when it is a file."""
+    if path.is_file():
+        return path
+    found = find_peft_weights(path) if path.is_dir() else None
+    if found is None:
+        raise FileFormatError(f"{path}: no {PEFT_WEIGHTS} (expected a PEFT LoRA folder with one of "
+                              f"{', '.join(PEFT_WEIGHT_FILES)})")
+    return found
+
+
+def read_peft_state(file: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT weights file; an `adapter_model.bin` pickle is read only with `trust_pickle`."""
+    if file.suffix != ".bin":
+        return _load_safetensors(file)
+    if not trust_pickle:
+        raise PickleRefusedError(f"{file} is a pickle (older PEFT versions wrote {PEFT_PICKLE_WEIGHTS}) and unpickling "
+                                 f"can run arbitrary code; pass --trust-pickle (trust_pickle=True) only if you trust "
+                                 f"where it came from")
+    state = torch_load(file, trust_pickle=True)
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise FileFormatError(f"{file}: expected a state dict of LoRA tensors, got {type(state).__name__}")
+    return state
+
+
+def read_peft_shapes(file: Path, trust_pickle: bool = False) -> dict[str, list[int]]:
+    """Key -> shape of a PEFT weights file, sorted by key; for safetensors from its header alone."""
+    if file.suffix == ".bin":
+        return {key: list(t.shape) for key, t in sorted(read_peft_state(file, trust_pickle).items())}
+    header, _ = read_safetensors_header(file)
+    return {key: info["shape"] for key, info in sorted(header.items()) if key != "__metadata__"}
+
+
+def load_peft(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = False) -> torch.Tensor:
+    """A PEFT folder (see PEFT_WEIGHT_FILES) or a single PEFT/diffusers .safetensors file -> weights (N,)."""
+    weights_file = peft_weights_file(Path(path))
+    state = read_peft_state(weights_file, trust_pickle)
     try:
-        weights = layout.from_peft_state_dict(state)
+        weights = layout.from_peft_state_dict(state).float()
     except LayoutError as error:
         raise LayoutError(f"{weights_file}: {error}") from None
     config_file = weights_file.parent / PEFT_CONFIG
@@ -168,10 +211,13 @@ def load_kohya(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
             raise FileFormatError(f"{path}: unexpected key {key!r}")
     if len(alphas) > 1:
         raise FileFormatError(f"{path}: layers have different alphas {sorted(alphas)}; expected one")
+    shapes = {f"{name}.{part}.weight": p[kind].shape for name, p in parts.items()
+              for part, kind in (("lora_A", "lora_down.weight"), ("lora_B", "lora_up.weight")) if kind in p}
     try:
-        weights = layout.join({name: (p["lora_down.weight"], p["lora_up.weight"]) for name, p in parts.items()})
-    except KeyError as error:
-        raise FileFormatError(f"{path}: a layer lacks {error.args[0]}") from None
+        layout.check_fits(LoraLayout.from_shapes(shapes))
+    except LayoutError as error:
+        raise LayoutError(f"{path}: {error}") from None
+    weights = layout.join({name: (p["lora_down.weight"], p["lora_up.weight"]) for name, p in parts.items()})
     alpha = alphas.pop() if alphas else float(layout.rank)  # kohya: no alpha means alpha = rank
     return _rescale(layout, weights, alpha, layout.rank, path)
 
@@ -187,12 +233,13 @@ def save_lora(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike
     raise FileFormatError(f"unknown LoRA format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def load_lora(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
-    """A PEFT folder/file or kohya file, recognised by its keys -> weights (N,)."""
+def load_lora(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = False) -> torch.Tensor:
+    """A PEFT folder/file or kohya file, recognised by its keys -> weights (N,); `trust_pickle` lets a
+    PEFT folder's adapter_model.bin be read."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         keys = read_safetensors_header(path)[0].keys() - {"__metadata__"}
         if keys and all(key.startswith(KOHYA_PREFIX) for key in keys):
             return load_kohya(layout, path)
-    return load_peft(layout, path)
+    return load_peft(layout, path, trust_pickle)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
-from .formats import KOHYA_PREFIX, PEFT_WEIGHTS
+from .formats import KOHYA_PREFIX, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
 from .layout import LoraLayout
 from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_safetensors_header,
                       read_space_description)
@@ -48,28 +48,30 @@ def describe_dataset(directory: Path) -> str:
                       f"{dataset.dtype_name}"])
 
 
-def describe_peft(path: Path) -> str:
+def describe_peft(path: Path, trust_pickle: bool = False) -> str:
     """A PEFT/diffusers LoRA folder or file: its layout from the tensor shapes, alpha and base model from
     adapter_config.json when there is one."""
-    layout, base_model = layout_of_lora(path)
-    folder = path / "unet" if (path / "unet" / PEFT_WEIGHTS).is_file() else path
-    return "\n".join([f"PEFT/diffusers LoRA {folder}", *_layout_lines(layout),
+    layout, base_model = layout_of_lora(path, trust_pickle)
+    return "\n".join([f"PEFT/diffusers LoRA {peft_weights_file(path)}", *_layout_lines(layout),
                       *([f"  base model   {base_model}"] if base_model else [])])
 
 
-def describe(path: Path) -> str:
-    """A few lines describing a space, a weights dataset, a w2w model, a PEFT LoRA folder or a kohya LoRA file."""
+def describe(path: Path, trust_pickle: bool = False) -> str:
+    """A few lines describing a space, a weights dataset, a w2w model, a PEFT LoRA folder or a kohya LoRA file
+    (a PEFT folder's adapter_model.bin pickle is read only with `trust_pickle`)."""
     if path.is_dir():
         if (path / SPACE_JSON).is_file():
             return describe_space(path)
         if (path / INDEX_JSON).is_file():
             return describe_dataset(path)
-        if (path / PEFT_WEIGHTS).is_file() or (path / "unet" / PEFT_WEIGHTS).is_file():
-            return describe_peft(path)
+        if find_peft_weights(path) is not None:
+            return describe_peft(path, trust_pickle)
         raise FileFormatError(f"{path}: neither a w2w space (no {SPACE_JSON}), a weights dataset (no {INDEX_JSON}) nor a "
-                              f"PEFT LoRA folder (no {PEFT_WEIGHTS})")
+                              f"PEFT LoRA folder (none of {', '.join(PEFT_WEIGHT_FILES)})")
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file or folder")
+    if path.suffix == ".bin":
+        return describe_peft(path, trust_pickle)
     if path.suffix == ".pt":
         model = load_model(path)
         return f"original w2w model {path}\n  K            {_count(len(model.coefficients), 'coefficient')}"

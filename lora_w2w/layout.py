@@ -13,13 +13,14 @@ Letters: B batch, N flattened LoRA numbers, r the rank.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import LayoutError
+from .errors import FileFormatError, LayoutError
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGET_MODULES = ("to_q", "to_v")
@@ -83,30 +84,44 @@ class LoraLayout:
         return cls(tuple(sorted(layers, key=lambda layer: layer.name)), rank, alpha, targets)
 
     @classmethod
-    def from_weight_dimensions(cls, weight_dimensions: Mapping[str, tuple], alpha: float = DEFAULT_ALPHA
-                               ) -> "LoraLayout":
-        """The layout of the released `weight_dimensions.pt`: PEFT key -> (numel, shape), in the
-        order the released vectors were flattened (the dict's order)."""
-        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-        for key, value in weight_dimensions.items():
-            name, part = parse_peft_key(key)
-            numel, shape = value[0], tuple(int(s) for s in value[1])
-            if len(shape) != 2 or _prod(shape) != int(numel):
-                raise LayoutError(f"weight_dimensions[{key!r}] = {value!r}: expected (numel, 2-d shape)")
-            shapes.setdefault(name, {})[part] = shape
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]], alpha: float = DEFAULT_ALPHA) -> "LoraLayout":
+        """The layout of PEFT keys -> 2-d shapes (a state dict's or a safetensors header's), layers in the
+        mapping's order. The keys may carry one adapter name (`X.lora_A.identity1.weight`), not two."""
+        parts_of = parse_peft_keys(shapes)
+        shapes_of: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, shape in shapes.items():
+            name, part = parts_of[key]
+            shape = tuple(int(size) for size in shape)
+            if len(shape) != 2:
+                raise LayoutError(f"{key}: shape {shape}, expected a 2-d LoRA matrix")
+            shapes_of.setdefault(name, {})[part] = shape
         layers, ranks = [], set()
-        for name, parts in shapes.items():
+        for name, parts in shapes_of.items():
             if set(parts) != {"lora_A", "lora_B"}:
-                raise LayoutError(f"weight_dimensions: layer {name!r} has {sorted(parts)}, expected lora_A and lora_B")
+                raise LayoutError(f"layer {name!r} has {sorted(parts)}, expected lora_A and lora_B")
             (rank, in_features), (out_features, rank_b) = parts["lora_A"], parts["lora_B"]
             if rank != rank_b:
-                raise LayoutError(f"weight_dimensions: layer {name!r} has lora_A rank {rank} but lora_B rank {rank_b}")
+                raise LayoutError(f"layer {name!r} has lora_A rank {rank} but lora_B rank {rank_b}")
             ranks.add(rank)
             layers.append(LoraLayer(name, in_features, out_features))
-        if len(ranks) != 1:
-            raise LayoutError(f"weight_dimensions: expected one rank for all layers, got {sorted(ranks)}")
+        if len(ranks) > 1:
+            raise LayoutError(f"expected one rank for all layers, got {sorted(ranks)}")
         targets = tuple(sorted({layer.name.rsplit(".", 1)[-1] for layer in layers}))
-        return cls(tuple(layers), ranks.pop(), alpha, targets)
+        return cls(tuple(layers), ranks.pop() if ranks else DEFAULT_RANK, alpha, targets)
+
+    @classmethod
+    def from_weight_dimensions(cls, weight_dimensions: Mapping[str, Sequence], alpha: float = DEFAULT_ALPHA,
+                               source: str = "weight_dimensions") -> "LoraLayout":
+        """The layout of the released `weight_dimensions.pt`: PEFT key -> [numel, shape], in the order the
+        released vectors were flattened (the dict's order). `source` names the file in errors."""
+        if not isinstance(weight_dimensions, Mapping):
+            raise FileFormatError(f"{source}: expected a dict PEFT key -> [numel, shape], got "
+                                  f"{type(weight_dimensions).__name__}")
+        shapes = {key: _dimension_shape(key, value, source) for key, value in weight_dimensions.items()}
+        try:
+            return cls.from_shapes(shapes, alpha)
+        except LayoutError as error:
+            raise LayoutError(f"{source}: {error}") from None
 
     # ------------------------------------------------------------------ serialisation
 
@@ -157,6 +172,30 @@ class LoraLayout:
                         f"{theirs.name} ({theirs.in_features}->{theirs.out_features})")
         return None
 
+    def check_fits(self, other: "LoraLayout") -> None:
+        """LayoutError naming the first difference when `other`, a LoRA file's layout, is not this one."""
+        difference = self._first_difference(other)
+        if difference:
+            raise LayoutError(f"the LoRA does not fit the layout ({len(self)} layers of rank {self.rank}): "
+                              f"{difference}")
+
+    def _first_difference(self, other: "LoraLayout") -> str | None:
+        """None when `other` has this layout's rank and layers (by name, in any order), else the first
+        difference in this layout's order."""
+        if self.rank != other.rank:
+            return f"rank {other.rank}, expected {self.rank}"
+        theirs = {layer.name: layer for layer in other.layers}
+        for mine in self.layers:
+            layer = theirs.pop(mine.name, None)
+            if layer is None:
+                return f"layer {mine.name} ({mine.in_features}->{mine.out_features}) is missing"
+            if layer != mine:
+                return (f"layer {mine.name} is {layer.in_features}->{layer.out_features}, expected "
+                        f"{mine.in_features}->{mine.out_features}")
+        if theirs:
+            return f"{len(theirs)} layers not in the layout, e.g. {next(iter(theirs))}"
+        return None
+
     # ------------------------------------------------------------------ flat <-> per-layer
 
     def split(self, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -200,28 +239,69 @@ class LoraLayout:
         return state
 
     def from_peft_state_dict(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """A PEFT/diffusers LoRA state dict (any prefix, with or without adapter name) -> weights (N,)."""
+        """A PEFT/diffusers LoRA state dict (any prefix, with or without one adapter name) -> weights (N,);
+        LayoutError naming the first difference when its layers, rank or shapes are not the layout's."""
+        self.check_fits(LoraLayout.from_shapes({key: t.shape for key, t in state.items()}))
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            name, part = parse_peft_key(key)
-            parts.setdefault(name, {})[part] = tensor
-        incomplete = [name for name, p in parts.items() if set(p) != {"lora_A", "lora_B"}]
-        if incomplete:
-            raise LayoutError(f"LoRA layer {incomplete[0]!r} lacks lora_A or lora_B")
+        for key, (name, part) in parse_peft_keys(state).items():
+            parts.setdefault(name, {})[part] = state[key]
         return self.join({name: (p["lora_A"], p["lora_B"]) for name, p in parts.items()})
 
 
-def parse_peft_key(key: str) -> tuple[str, str]:
-    """'base_model.model.X.lora_A.weight', 'unet.X.lora_B.default.weight', 'X.lora_A.weight'
-    -> ('X', 'lora_A')."""
-    for part in ("lora_A", "lora_B"):
-        for marker in (f".{part}.weight", f".{part}.default.weight"):
-            if key.endswith(marker):
-                name = key[: -len(marker)]
-                for prefix in (PEFT_PREFIX, "unet."):
-                    name = name.removeprefix(prefix)
-                return name, part
-    raise LayoutError(f"not a LoRA weight key: {key!r} (expected '<module>.lora_A.weight' or '.lora_B.weight')")
+_PEFT_KEY = re.compile(r"(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
+
+
+def parse_peft_key(key: str) -> tuple[str, str, str]:
+    """'base_model.model.X.lora_A.weight', 'unet.X.lora_B.default.weight', 'X.lora_A.identity1.weight'
+    -> ('X', 'lora_A', adapter name or '')."""
+    match = _PEFT_KEY.fullmatch(key)
+    if match is None:
+        raise LayoutError(f"not a LoRA weight key: {key!r} (expected '<module>.lora_A.weight' or '.lora_B.weight', "
+                          f"optionally with an adapter name before '.weight')")
+    name = match["name"]
+    for prefix in (PEFT_PREFIX, "unet."):
+        name = name.removeprefix(prefix)
+    return name, match["part"], match["adapter"] or ""
+
+
+def parse_peft_keys(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """{key: (module, part)} for the keys of one LoRA; LayoutError when they hold two or more adapters
+    or name a matrix twice."""
+    parsed = {key: parse_peft_key(key) for key in keys}
+    adapters = sorted({adapter for _, _, adapter in parsed.values()})
+    if len(adapters) > 1:
+        names = ", ".join(repr(adapter) if adapter else "one without a name" for adapter in adapters)
+        raise LayoutError(f"{len(adapters)} adapters in one LoRA ({names}); expected one: save each adapter on its own")
+    seen: dict[tuple[str, str], str] = {}
+    for key, (name, part, _) in parsed.items():
+        if (name, part) in seen:
+            raise LayoutError(f"{key!r} and {seen[name, part]!r} are both {part} of layer {name!r}")
+        seen[name, part] = key
+    return {key: (name, part) for key, (name, part, _) in parsed.items()}
+
+
+def _dimension_shape(key: str, value, source: str) -> tuple[int, ...]:
+    """A released weight_dimensions.pt value [numel, shape] -> shape. numel is read as the original reads
+    it, `weight_dimensions[key][0][0]` (a 1-element sequence such as `t.flatten().shape`), or is an int or
+    a 1-element tensor; shape is a torch.Size, list or tuple of ints."""
+    def bad(expected: str) -> FileFormatError:
+        return FileFormatError(f"{source}[{key!r}] = {' '.join(repr(value).split())}: expected [numel, shape] "
+                               f"{expected}")
+
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise bad("(a list or tuple of two)")
+    numel, shape = value
+    if isinstance(numel, torch.Tensor):
+        numel = numel.reshape(-1).tolist() if numel.numel() == 1 and not numel.is_floating_point() else None
+    if isinstance(numel, (list, tuple)):
+        numel = numel[0] if len(numel) == 1 else None
+    if not isinstance(numel, int) or isinstance(numel, bool):
+        raise bad("with numel an int, a 1-element torch.Size/list/tuple or a 1-element integer tensor")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise bad("with shape a torch.Size, list or tuple of ints")
+    if len(shape) != 2 or _prod(tuple(shape)) != numel:
+        raise bad(f"with a 2-d shape of numel numbers (numel {numel}, shape {tuple(shape)})")
+    return tuple(shape)
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -4,7 +4,8 @@
 
 Files read, where present (DESIGN.md, "Facts of the released format"):
     mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt
-    (PEFT key -> (numel, shape)), identity_df.pt (pandas DataFrame), adapter_config.json.
+    (PEFT key -> [numel, shape], numel a 1-element torch.Size: the original reads
+    `weight_dimensions[key][0][0]`), identity_df.pt (pandas DataFrame), adapter_config.json.
 `pinverse_1000pc.pt` is the pseudo-inverse of the coefficients and is derived when needed.
 Tensors load with `weights_only=True`; a file that needs real unpickling (identity_df.pt, maybe
 weight_dimensions.pt) is refused unless `trust_pickle`. V.pt is memory-mapped and copied block by
@@ -44,11 +45,8 @@ def _layout(src: Path, trust_pickle: bool) -> LoraLayout:
         alpha, rank, targets = float(config.get("lora_alpha", alpha)), config.get("r"), config.get("target_modules")
     dimensions_path = src / "weight_dimensions.pt"
     if dimensions_path.is_file():
-        dimensions = torch_load(dimensions_path, trust_pickle)
-        if not isinstance(dimensions, dict):
-            raise FileFormatError(f"{dimensions_path}: expected a dict PEFT key -> (numel, shape), "
-                                  f"got {type(dimensions).__name__}")
-        return LoraLayout.from_weight_dimensions(dimensions, alpha)
+        return LoraLayout.from_weight_dimensions(torch_load(dimensions_path, trust_pickle), alpha,
+                                                 source=str(dimensions_path))
     return sd15_layout(targets or ("to_q", "to_v"), int(rank or 1), alpha)
 
 

@@ -109,6 +109,15 @@ class Space:
         weights = weights.to(self.mean)
         return project(weights, self.mean, self.std, self.components[:k])
 
+    def residual(self, weights: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """weights (..., N) and their coefficients (..., k) -> (...,) the standardized residual |z - c V| / |z|:
+        0 when the weights lie in the span of the first k components, 1 when orthogonal to it."""
+        k = self.check_k(coefficients.shape[-1])
+        z = standardize(weights.to(self.mean), self.mean, self.std)  # (..., N)
+        rest = z - coefficients.to(self.mean) @ self.components[:k]   # (..., N)
+        norm = z.norm(dim=-1)
+        return torch.where(norm > 0, rest.norm(dim=-1) / norm, torch.zeros_like(norm))
+
     def unproject(self, coefficients: torch.Tensor) -> torch.Tensor:
         """coefficients (..., k), k <= K -> weights (..., N); differentiable in the coefficients."""
         k = self.check_k(coefficients.shape[-1])

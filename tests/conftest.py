@@ -1,8 +1,15 @@
-"""Shared fixtures: a tiny random UNet (built from a config here, no download) and a random space."""
+"""Shared fixtures: a tiny random UNet (built from a config here, no download), a random space, and the
+released w2w files' formats written the way the original code reads and writes them."""
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 
 from lora_w2w.layout import LoraLayout
 from lora_w2w.space import Space
@@ -87,3 +94,65 @@ def toy_space(toy_world, tmp_path_factory):
     path = tmp_path_factory.mktemp("toy_space") / "space"
     save_space(space, path)
     return path
+
+
+# ----------------------------------------------------------------------------- the released files' formats
+
+def write_weight_dimensions(layout: LoraLayout, path) -> dict:
+    """weight_dimensions.pt as released: {PEFT key: [t.flatten().shape, t.shape]}, keys in the order peft's
+    `load_peft_weights` gives them for the layout's adapter_model.safetensors. The original reads each
+    value as `weight_dimensions[key][0][0]` (numel) and `weight_dimensions[key][1]` (shape) in utils.py's
+    save_model_for_diffusers and unflatten."""
+    from peft.utils import load_peft_weights
+
+    from lora_w2w.formats import save_peft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_peft(layout, torch.zeros(layout.numel), Path(tmp) / "lora")
+        state = load_peft_weights(str(Path(tmp) / "lora"), device="cpu")
+    dimensions = {key: [t.flatten().shape, t.shape] for key, t in state.items()}
+    torch.save(dimensions, path)
+    return dimensions
+
+
+def write_adapter_config(layout: LoraLayout, path) -> None:
+    """adapter_config.json as PEFT writes it for the released LoRAs (rank 1, lora_alpha 27, to_q and to_v)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=layout.rank, lora_alpha=layout.alpha, target_modules=list(layout.target_modules)).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    Path(path).write_text(json.dumps(config))
+
+
+def write_released_files(src: Path, layout: LoraLayout, k: int, m: int, seed: int = 0) -> dict:
+    """The released files for `layout` with K = k components and M = m models: mean.pt, std.pt, V.pt (N x K),
+    proj_1000pc.pt (M x k), pinverse_1000pc.pt, weight_dimensions.pt, identity_df.pt, adapter_config.json and a
+    w2wmodel.pt (1 x K). Returns the tensors and the attribute frame by file stem."""
+    g = torch.Generator().manual_seed(seed)
+    n = layout.numel
+    files = {"mean": 0.01 * torch.randn(n, generator=g), "std": 0.01 + torch.rand(n, generator=g),
+             "V": torch.linalg.qr(torch.randn(n, k, generator=g))[0],  # (N, K), orthonormal columns
+             "proj_1000pc": torch.randn(m, k, generator=g), "w2wmodel": torch.randn(1, k, generator=g)}
+    files["pinverse_1000pc"] = torch.linalg.pinv(files["proj_1000pc"])
+    for stem, tensor in files.items():
+        torch.save(tensor, src / f"{stem}.pt")
+    files["identity_df"] = pd.DataFrame({"Male": [1, -1] * (m // 2), "Eyeglasses": [-1] * (m - 1) + [1]})
+    torch.save(files["identity_df"], src / "identity_df.pt")
+    files["weight_dimensions"] = write_weight_dimensions(layout, src / "weight_dimensions.pt")
+    write_adapter_config(layout, src / "adapter_config.json")
+    return files
+
+
+def write_original_lora(weights: torch.Tensor, weight_dimensions: dict, folder: Path, adapter_config: Path) -> Path:
+    """A LoRA folder as the original's utils.save_model_for_diffusers writes one: weights (N,) cut by
+    `weight_dimensions[key][0][0]` and unflattened to `weight_dimensions[key][1]`, keys renamed to the
+    adapter `identity1` (`...lora_A.identity1.weight`) and sorted, saved as
+    `<folder>/unet/adapter_model.safetensors` beside a copy of the released adapter_config.json."""
+    state, counter = {}, 0
+    for key, (numel, shape) in weight_dimensions.items():
+        state[key.replace(".weight", ".identity1.weight")] = weights[counter:counter + numel[0]].unflatten(0, shape)
+        counter += numel[0]
+    (folder / "unet").mkdir(parents=True)
+    shutil.copyfile(adapter_config, folder / "unet" / "adapter_config.json")
+    save_file(dict(sorted(state.items())), folder / "unet" / "adapter_model.safetensors")
+    return folder

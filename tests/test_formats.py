@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_w2w.errors import FileFormatError, LayoutError
+from lora_w2w.errors import FileFormatError, LayoutError, PickleRefusedError
+from lora_w2w.dataset import WeightsDataset
 from lora_w2w.formats import (DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, kohya_name, load_kohya, load_lora,
                               load_peft, save_kohya, save_lora, save_peft)
 
@@ -69,3 +70,38 @@ def test_bad_files_are_named(layout, tmp_path):
     save_file(state, tmp_path / "k2.safetensors")
     with pytest.raises(LayoutError, match="names no LoRA layer"):
         load_kohya(layout, tmp_path / "k2.safetensors")
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    from lora_w2w.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:  # the CLI's one-line error; any other exception fails the test
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_adapter_model_bin_is_read_only_with_trust_pickle(layout, tmp_path, capsys):
+    weights = torch.randn(layout.numel)
+    save_peft(layout, weights, tmp_path / "new")
+    (tmp_path / "loras" / "old" / "unet").mkdir(parents=True)
+    # older PEFT's save_pretrained: torch.save(output_state_dict, os.path.join(output_dir, WEIGHTS_NAME)),
+    # WEIGHTS_NAME = "adapter_model.bin"
+    torch.save(load_file(tmp_path / "new" / PEFT_WEIGHTS), tmp_path / "loras" / "old" / "unet" / "adapter_model.bin")
+    (tmp_path / "loras" / "old" / "unet" / PEFT_CONFIG).write_text((tmp_path / "new" / PEFT_CONFIG).read_text())
+    old = tmp_path / "loras" / "old"
+    with pytest.raises(PickleRefusedError, match=r"unet/adapter_model.bin is a pickle .* pass --trust-pickle"):
+        load_peft(layout, old)
+    assert torch.equal(load_peft(layout, old, trust_pickle=True), weights)
+    assert torch.equal(load_lora(layout, old, trust_pickle=True), weights)
+    for command in (["info", old], ["collect", tmp_path / "loras", tmp_path / "dataset"]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 2 and "adapter_model.bin is a pickle" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "dataset").exists()
+    code, out, _ = run_cli(capsys, "info", old, "--trust-pickle")
+    assert code == 0 and f"PEFT/diffusers LoRA {old / 'unet' / 'adapter_model.bin'}" in out
+    assert f"LoRA layers  {len(layout)} (to_q, to_v), rank 1, alpha 27" in out
+    assert run_cli(capsys, "collect", tmp_path / "loras", tmp_path / "dataset", "--trust-pickle")[0] == 0
+    assert torch.equal(WeightsDataset(tmp_path / "dataset")["old"], weights)

@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import make_space
+from conftest import make_space, write_weight_dimensions
 from diffusers import DDPMScheduler
 from PIL import Image
 
@@ -337,11 +337,7 @@ def test_invert_script_reads_the_released_files(toy_world, toy_space, tmp_path):
     torch.save(toy_space.mean, tmp_path / "mean.pt")
     torch.save(toy_space.std, tmp_path / "std.pt")
     torch.save(toy_space.components.T.contiguous(), tmp_path / "V.pt")  # (N, K) as released
-    torch.save({f"base_model.model.{layer.name}.lora_{part}.weight": (numel, shape)
-                for layer in toy_space.layout.layers
-                for part, numel, shape in (("A", layer.in_features, torch.Size([1, layer.in_features])),
-                                           ("B", layer.out_features, torch.Size([layer.out_features, 1])))},
-               tmp_path / "weight_dimensions.pt")
+    write_weight_dimensions(toy_space.layout, tmp_path / "weight_dimensions.pt")  # [t.flatten().shape, t.shape]
     files = ["--mean_path", tmp_path / "mean.pt", "--std_path", tmp_path / "std.pt", "--v_path", tmp_path / "V.pt",
              "--dim_path", tmp_path / "weight_dimensions.pt"]
     script.main(script.parse_args([*map(str, files), "--base", str(toy_world / "base"), "--image", str(FACE), "--epochs", "1",

@@ -31,6 +31,19 @@ def test_project_matches_the_papers_formula(space):
     assert space.project(weights[0]).shape == (space.num_components,)
 
 
+def test_the_residual_is_the_share_of_the_standardized_weights_outside_the_span(space):
+    c = torch.randn(3, space.num_components)
+    inside = space.unproject(c)  # (3, N)
+    torch.testing.assert_close(space.residual(inside, space.project(inside)), torch.zeros(3), atol=1e-5, rtol=0)
+    outside = torch.randn(space.num_weights)
+    outside -= space.components.T @ (space.components @ outside)  # orthogonal to every component
+    w = space.mean + (2 * space.components[0] + outside) * space.std  # z = 2 V_0 + outside
+    expected = float(outside.norm() / (4 + outside.norm() ** 2).sqrt())
+    assert float(space.residual(w, space.project(w))) == pytest.approx(expected, rel=1e-5)
+    assert float(space.residual(w, space.project(w, k=1))) == pytest.approx(expected, rel=1e-5)  # V_0 is kept
+    assert float(space.residual(space.mean, space.project(space.mean))) == 0.0  # z = 0: nothing outside
+
+
 def test_zero_variance_columns_do_not_divide_by_zero(space):
     space.std[:3] = 0
     coefficients = space.project(torch.randn(space.num_weights))
