@@ -7,7 +7,7 @@ from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHTS
 from .layout import LoraLayout
-from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_safetensors_header,
+from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table, read_safetensors_header,
                       read_space_description)
 
 
@@ -33,8 +33,8 @@ def describe_space(directory: Path) -> str:
              f"  K            {_count(description['num_components'], 'component')}",
              f"  M            {_count(description['num_models'], 'dataset model')}"]
     if (directory / ATTRIBUTES_CSV).is_file():
-        header = (directory / ATTRIBUTES_CSV).open().readline().strip().split(",")[1:]
-        lines.append(f"  attributes   {len(header)}: {', '.join(header)}")
+        columns = [str(c) for c in read_attribute_table(directory / ATTRIBUTES_CSV).columns]
+        lines.append(f"  attributes   {len(columns)}: {', '.join(columns)}")
     return "\n".join(lines)
 
 
