@@ -131,9 +131,9 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
         try:
             with Image.open(path) as image:
                 image.load()
-                images.append(prepare_image(eight_bit(image, str(path)), resolution))
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise W2WError(f"{path}: not a readable image ({error})") from None
+        images.append(prepare_image(eight_bit(image, str(path)), resolution))
     if skipped:
         warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)

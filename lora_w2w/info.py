@@ -7,8 +7,8 @@ from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHTS
 from .layout import LoraLayout
-from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table, read_safetensors_header,
-                      read_space_description)
+from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table,
+                      read_safetensors_header, read_space_files)
 
 
 def _count(n: int, noun: str) -> str:
@@ -23,7 +23,7 @@ def _layout_lines(layout: LoraLayout) -> list[str]:
 
 
 def describe_space(directory: Path) -> str:
-    description = read_space_description(directory)
+    description, _, _ = read_space_files(directory)
     layout = LoraLayout.from_dict(description["layout"])
     lines = [f"w2w space {directory}",
              f"  id           {description['id']}",

@@ -133,11 +133,11 @@ def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> 
     try:
         with Image.open(source) as image:
             image.load()
-            return eight_bit(image, str(source))
     except FileNotFoundError:
         raise W2WError(f"{source}: no such {what} file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise W2WError(f"{source}: not a readable {what} ({error})") from None
+    return eight_bit(image, str(source))
 
 
 def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask") -> np.ndarray:

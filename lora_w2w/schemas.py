@@ -166,7 +166,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a LoRA's weights may be sto
 
 SAFETENSORS_HEADER = {
     "type": "object", "description": "a JSON object: tensor name -> {dtype, shape, data_offsets}",
-    "properties": {"__metadata__": {"type": "object", "additionalProperties": {"type": "string"},
+    "properties": {"__metadata__": {"type": "object", "additionalProperties": text("a string"),
                                     "description": "an object of string values"}},
     "additionalProperties": {
         "type": "object", "required": ["dtype", "shape", "data_offsets"],

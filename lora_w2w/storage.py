@@ -303,9 +303,13 @@ SPACE_TENSOR_DIMENSIONS = {"mean": 1, "std": 1, "components": 2, "coefficients":
 REQUIRED_SPACE_TENSORS = ("mean", "std", "components")
 
 
-def _check_space_tensors(path: Path, header: dict, description: dict) -> None:
-    """The tensors of space.safetensors: mean, std and components present, each of its number of dimensions,
-    and as many components and weights as space.json says."""
+def read_space_files(directory: Path) -> tuple[dict, dict, int]:
+    """(space.json, header of space.safetensors, its data start) of a space, checked against each other:
+    mean, std and components present, each of its number of dimensions, and as many components and
+    weights as space.json says."""
+    description = read_space_description(directory)
+    path = directory / SPACE_TENSORS
+    header, start = read_safetensors_header(path)
     for name in REQUIRED_SPACE_TENSORS:
         if name not in header:
             raise FileFormatError(f"{path}: no tensor {name!r}; a space holds {', '.join(REQUIRED_SPACE_TENSORS)}")
@@ -318,16 +322,15 @@ def _check_space_tensors(path: Path, header: dict, description: dict) -> None:
     if shape != expected:
         raise FileFormatError(f"{path}: components {shape}, but {SPACE_JSON} says K = {expected[0]} and "
                               f"N = {expected[1]}")
+    return description, header, start
 
 
 def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
     """Load a space, memory-mapped; with `k`, only the first k components (and coefficients) are read.
     Mean and std are checked for NaN/inf (the components are as they are used: see W2WModel.weights)."""
     directory = Path(directory)
-    description = read_space_description(directory)
+    description, header, start = read_space_files(directory)
     tensors_path = directory / SPACE_TENSORS
-    header, start = read_safetensors_header(tensors_path)
-    _check_space_tensors(tensors_path, header, description)
     total = header["components"]["shape"][0]
     if k is not None and not 1 <= k <= total:
         raise FileFormatError(f"{k} components asked for, the space {directory} has K = {total}")
