@@ -290,8 +290,9 @@ def read_attribute_table(path: Path) -> pd.DataFrame:
         raise FileFormatError(f"{path}: no such attribute table (expected a CSV file, first column the model "
                               f"names)") from None
     except (ValueError, UnicodeDecodeError) as error:  # pandas' EmptyDataError and ParserError are ValueErrors
-        raise FileFormatError(f"{path}: not a readable CSV table ({str(error).strip()}); expected a header row, "
-                              f"then one row per model, the model name first") from None
+        reason = " ".join(str(error).split())  # pandas' messages may span lines
+        raise FileFormatError(f"{path}: not a readable CSV table ({reason}); expected a header row, then one row "
+                              f"per model, the model name first") from None
     table.index = table.index.astype(str)
     repeated = table.index[table.index.duplicated()]
     if len(repeated):
@@ -424,5 +425,15 @@ def torch_load(path: Path, trust_pickle: bool = False, mmap: bool = False):
     except (RuntimeError, EOFError, OSError) as error:
         if mmap:  # a file of the old (non-zip) format cannot be memory-mapped
             return torch_load(path, trust_pickle)
-        raise FileFormatError(f"{path}: not a readable torch file ({error})") from None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        raise _unreadable(path, error) from None
+    except Exception as error:  # a corrupt pickle fails in the unpickler in any way (IndexError, KeyError ...)
+        raise _unreadable(path, error) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> FileFormatError:
+    reason = " ".join(str(error).split())[:200] or type(error).__name__  # torch's messages span lines
+    return FileFormatError(f"{path}: not a readable torch file ({reason})")
