@@ -50,7 +50,10 @@ def _message(error: ValidationError) -> str:
         return f"{where}missing key {missing!r}" + (f" ({expected})" if expected else "")
     if error.validator == "additionalProperties" and error.validator_value is False:
         return f"{key or 'the top level'}: {error.message}"
-    expected = error.schema.get("description") or error.message
+    described = error  # an error inside anyOf is described by the anyOf
+    while described is not None and "description" not in described.schema:
+        described = described.parent
+    expected = error.message if described is None else described.schema["description"]
     return f"{key or 'the top level'} is {_short.repr(error.instance)}; expected {expected}"
 
 
