@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .images import eight_bit
 from .errors import W2WError
+from .images import eight_bit
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import atomic_output
 

@@ -47,8 +47,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .dreambooth import Batch, StepSampler, encode_images, encode_prompt, prepare_image
-from .images import eight_bit
 from .errors import SpaceError, W2WError
+from .images import eight_bit
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
