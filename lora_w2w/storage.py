@@ -9,7 +9,9 @@ The safetensors file is written block by block and read through memory maps, so 
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
 A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
 
-Every output is written under a temporary name and renamed when complete.
+Every output is written under a temporary name and renamed when complete. Every file is checked once,
+where it is read: JSON against its schema (`schemas`), safetensors headers against the format and the
+file's size, spaces' tensors against space.json.
 """
 from __future__ import annotations
 
