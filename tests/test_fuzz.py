@@ -265,6 +265,7 @@ def world(toy_world, toy_space, tmp_path_factory):
     torch.save(0.01 + torch.rand(layout.numel, generator=g), official / "std.pt")
     torch.save(torch.linalg.qr(torch.randn(layout.numel, k, generator=g))[0], official / "V.pt")  # (N, K)
     torch.save(torch.randn(m, k, generator=g), official / "proj_1000pc.pt")
+    torch.save(torch.randn(1, k, generator=g), official / "w2wmodel.pt")  # a saved model: 1 x K coefficients
     (official / "adapter_config.json").write_text(json.dumps({"r": 1, "lora_alpha": 27,
                                                               "target_modules": ["to_q", "to_v"]}))
     shutil.copy(FACE, work / "face.png")
@@ -346,8 +347,12 @@ def lora_readers(world: Path) -> dict[str, list[Command]]:
 
 def released_readers(world: Path) -> dict[str, list[Command]]:
     commands = [Command(["import-official", world / "official", world / "imported"], ["imported"])]
-    return {name: commands for name in ("official/mean.pt", "official/V.pt", "official/proj_1000pc.pt",
-                                        "official/adapter_config.json")}
+    model = world / "official" / "w2wmodel.pt"
+    return {**{name: commands for name in ("official/mean.pt", "official/V.pt", "official/proj_1000pc.pt",
+                                           "official/adapter_config.json")},
+            "official/w2wmodel.pt": [Command(["info", model]), Command(["import-official", "--model", model,
+                                                                        world / "model.pt.safetensors"],
+                                                                       ["model.pt.safetensors"])]}
 
 
 def image_readers(world: Path, toy_world: Path) -> dict[str, list[Command]]:
@@ -365,7 +370,7 @@ def test_every_command_succeeds_on_the_valid_files(world, toy_world):
     commands = {id(c): c for table in tables for cs in table.values() for c in cs}
     failures: list[str] = []
     check(world, list(commands.values()), "valid files", failures, must_succeed=True)
-    assert len(commands) == 20 and not failures, report(failures)
+    assert len(commands) == 22 and not failures, report(failures)
 
 
 def test_space_files(world, toy_world):
