@@ -181,6 +181,8 @@ def cmd_sample(args) -> None:
 
     space = load_space(args.space)
     models = sample_models(space, args.num, args.seed, args.components, args.factor)
+    if args.export:
+        models[0].weights(space)  # NaN/inf in the components used shows in every model: refused before writing
     out = Path(args.out)
     for i, model in enumerate(models):
         save_model(model, out / f"sample_{i:03d}.safetensors")

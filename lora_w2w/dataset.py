@@ -45,8 +45,10 @@ import numpy as np
 import torch
 
 from .errors import FileFormatError, LayoutError, W2WError
-from .formats import PEFT_CONFIG, find_peft_weights, load_lora, peft_weights_file, read_peft_shapes
+from .formats import (PEFT_CONFIG, find_peft_weights, load_lora, peft_weights_file, read_adapter_config,
+                      read_peft_shapes)
 from .layout import LoraLayout
+from .schemas import dataset_index
 from .space import check_finite
 from .storage import (SAFETENSORS_DTYPES, SafetensorsWriter, atomic_output, read_description, read_safetensors_header,
                       read_space_description, torch_load)
@@ -58,6 +60,7 @@ SHARD_TENSOR = "weights"
 DEFAULT_SHARD_SIZE = 1024
 _SHARD_NAME = re.compile(r"weights-(\d{5,})\.safetensors")
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # of the shards, by index.json name
+INDEX_SCHEMA = dataset_index(list(DTYPES))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -188,12 +191,8 @@ def read_index(path: Path) -> dict:
     """The checked `index.json` of a dataset directory."""
     file = path / INDEX_JSON
     index = read_description(file, DATASET_FORMAT,
-                             f"{path}: not a weights dataset (no {INDEX_JSON}); make one with `w2w collect`")
-    missing = [key for key in ("layout", "names", "shards", "shard_size") if key not in index]
-    if missing:
-        raise FileFormatError(f"{file}: missing {', '.join(missing)}")
-    if index.get("dtype", "float32") not in DTYPES:
-        raise FileFormatError(f"{file}: dtype {index['dtype']!r}, expected one of {', '.join(DTYPES)}")
+                             f"{path}: not a weights dataset (no {INDEX_JSON}); make one with `w2w collect`",
+                             INDEX_SCHEMA)
     names = index["names"]
     for i in range(1, len(names)):
         if not names[i - 1] < names[i]:
@@ -261,7 +260,7 @@ def layout_of_lora(path: str | os.PathLike, trust_pickle: bool = False) -> tuple
     config_file = path.parent / PEFT_CONFIG
     if not config_file.is_file():
         return layout, ""
-    config = json.loads(config_file.read_text())
+    config = read_adapter_config(config_file)
     alpha = float(config.get("lora_alpha", layout.alpha))
     layout = LoraLayout(layout.layers, layout.rank, alpha, layout.target_modules)
     return layout, config.get("base_model_name_or_path") or ""

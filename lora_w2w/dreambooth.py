@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import W2WError
+from .images import eight_bit
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import atomic_output
 
@@ -103,6 +104,7 @@ def check_dreambooth_arguments(args: argparse.Namespace) -> None:
 
 def prepare_image(image: Image.Image, resolution: int) -> torch.Tensor:
     """Any mode and size -> RGB, shorter side resized to `resolution`, centre-cropped; (3, R, R) in [-1, 1]."""
+    image = eight_bit(image)
     image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "RGBA") else image.convert("RGB")
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
@@ -129,9 +131,9 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
         try:
             with Image.open(path) as image:
                 image.load()
-                images.append(prepare_image(image, resolution))
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise W2WError(f"{path}: not a readable image ({error})") from None
+        images.append(prepare_image(eight_bit(image, str(path)), resolution))
     if skipped:
         warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)

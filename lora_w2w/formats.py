@@ -16,6 +16,7 @@ A file's alpha may differ from the layout's: lora_B is rescaled so that scaling 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
+from .schemas import ADAPTER_CONFIG, FLOAT_DTYPES, read_json
 from .storage import atomic_output, read_safetensors_header, torch_load
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -86,11 +88,40 @@ def recorded_training(directory: str | os.PathLike) -> dict | None:
     """The training settings recorded in a PEFT folder by `save_peft`, or None when there are none."""
     header, _ = read_safetensors_header(Path(directory) / PEFT_WEIGHTS)
     recorded = header.get("__metadata__", {}).get(TRAINING_METADATA_KEY)
-    return None if recorded is None else json.loads(recorded)
+    try:
+        return None if recorded is None else json.loads(recorded)
+    except json.JSONDecodeError as error:
+        raise FileFormatError(f"{directory}/{PEFT_WEIGHTS}: metadata {TRAINING_METADATA_KEY!r} is not JSON "
+                              f"({error})") from None
+
+
+def check_lora_file(path: Path) -> None:
+    """A LoRA .safetensors file's header checked (see read_safetensors_header), and its tensors floating point."""
+    header, _ = read_safetensors_header(path)
+    for key, info in header.items():
+        if key != "__metadata__" and info["dtype"] not in FLOAT_DTYPES:
+            raise FileFormatError(f"{path}: tensor {key!r} is {info['dtype']}; expected LoRA weights of one of "
+                                  f"{', '.join(FLOAT_DTYPES)}")
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json checked against its schema: r an integer >= 1, lora_alpha a finite number > 0 ..."""
+    return read_json(path, ADAPTER_CONFIG)
+
+
+def kohya_alpha(tensor: torch.Tensor, key: str, path: Path) -> float:
+    """The value of a kohya `.alpha` tensor: one finite number > 0."""
+    if tensor.numel() != 1:
+        raise FileFormatError(f"{path}: {key!r} has shape {list(tensor.shape)}; expected one number")
+    alpha = float(tensor)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise FileFormatError(f"{path}: {key!r} is {alpha}; expected a finite number > 0")
+    return alpha
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        check_lora_file(path)
         return load_file(path)
     except FileNotFoundError:
         raise FileFormatError(f"{path}: no such file") from None
@@ -162,7 +193,7 @@ def load_peft(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = 
         raise LayoutError(f"{weights_file}: {error}") from None
     config_file = weights_file.parent / PEFT_CONFIG
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
+        config = read_adapter_config(config_file)
         weights = _rescale(layout, weights, float(config.get("lora_alpha", layout.alpha)),
                            int(config.get("r", layout.rank)), config_file)
     return weights
@@ -204,7 +235,7 @@ def load_kohya(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
             raise LayoutError(f"{path}: key {key!r} names no LoRA layer of the layout")
         entry = parts.setdefault(by_kohya[stem], {})
         if kind == "alpha":
-            alphas.add(float(tensor))
+            alphas.add(kohya_alpha(tensor, key, path))
         elif kind in ("lora_down.weight", "lora_up.weight"):
             entry[kind] = tensor
         else:

@@ -7,8 +7,8 @@ from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
 from .layout import LoraLayout
-from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_safetensors_header,
-                      read_space_description)
+from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table,
+                      read_safetensors_header, read_space_files)
 
 
 def _count(n: int, noun: str) -> str:
@@ -23,7 +23,7 @@ def _layout_lines(layout: LoraLayout) -> list[str]:
 
 
 def describe_space(directory: Path) -> str:
-    description = read_space_description(directory)
+    description, _, _ = read_space_files(directory)
     layout = LoraLayout.from_dict(description["layout"])
     lines = [f"w2w space {directory}",
              f"  id           {description['id']}",
@@ -33,8 +33,8 @@ def describe_space(directory: Path) -> str:
              f"  K            {_count(description['num_components'], 'component')}",
              f"  M            {_count(description['num_models'], 'dataset model')}"]
     if (directory / ATTRIBUTES_CSV).is_file():
-        header = (directory / ATTRIBUTES_CSV).open().readline().strip().split(",")[1:]
-        lines.append(f"  attributes   {len(header)}: {', '.join(header)}")
+        columns = [str(c) for c in read_attribute_table(directory / ATTRIBUTES_CSV).columns]
+        lines.append(f"  attributes   {len(columns)}: {', '.join(columns)}")
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .dreambooth import Batch, StepSampler, encode_images, encode_prompt, prepare_image
 from .errors import SpaceError, W2WError
+from .images import eight_bit
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
@@ -132,11 +133,11 @@ def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> 
     try:
         with Image.open(source) as image:
             image.load()
-            return image
     except FileNotFoundError:
         raise W2WError(f"{source}: no such {what} file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise W2WError(f"{source}: not a readable {what} ({error})") from None
+    return eight_bit(image, str(source))
 
 
 def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask") -> np.ndarray:
@@ -146,7 +147,7 @@ def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask
     if abs((width / height) / (image_width / image_height) - 1) > ASPECT_TOLERANCE:
         raise W2WError(f"{name}: the mask is {width}x{height} but the image is {image_width}x{image_height}; "
                        f"expected the image's size or a scaled copy of it (same aspect ratio)")
-    values = np.asarray(mask.convert("L"))  # (H, W) uint8
+    values = np.asarray(eight_bit(mask, name).convert("L"))  # (H, W) uint8
     grey = float(((values > MASK_BLACK) & (values < MASK_WHITE)).mean())
     if grey > MASK_GREY_FRACTION:
         raise W2WError(f"{name}: not a binary mask: {grey:.0%} of its pixels are grey (between {MASK_BLACK} and "

@@ -13,7 +13,6 @@ block into the new file, so it is never held twice.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from .errors import FileFormatError
+from .formats import read_adapter_config
 from .layout import DEFAULT_ALPHA, LoraLayout, sd15_layout
 from .space import Space, check_finite
 from .storage import load_space, save_space, torch_load
@@ -41,7 +41,7 @@ def _layout(src: Path, trust_pickle: bool) -> LoraLayout:
     alpha, rank, targets = DEFAULT_ALPHA, None, None
     config_path = src / "adapter_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text())
+        config = read_adapter_config(config_path)
         alpha, rank, targets = float(config.get("lora_alpha", alpha)), config.get("r"), config.get("target_modules")
     dimensions_path = src / "weight_dimensions.pt"
     if dimensions_path.is_file():

@@ -53,7 +53,8 @@ import torch
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
-from .storage import WRITE_BLOCK_BYTES, atomic_output, mmap_tensor, read_safetensors_header, write_tensors
+from .storage import (WRITE_BLOCK_BYTES, atomic_output, mmap_tensor, read_attribute_table, read_safetensors_header,
+                      write_tensors)
 
 BACKENDS = ("torch", "dask")
 METHODS = ("auto", "exact", "randomized")
@@ -563,16 +564,7 @@ def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataF
     """The attribute table (CSV, first column the model names) with its rows in the dataset's order;
     a dataset model without a row, or a row naming no dataset model, is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such attribute table (expected a CSV file, first column the model names)")
-    try:
-        table = pd.read_csv(path, index_col=0, converters={0: str})
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise FileFormatError(f"{path}: not a readable CSV table ({error})") from None
-    table.index = table.index.astype(str)
-    repeated = table.index[table.index.duplicated()]
-    if len(repeated):
-        raise FileFormatError(f"{path}: model {repeated[0]!r} has {int((table.index == repeated[0]).sum())} rows")
+    table = read_attribute_table(path)
     known = set(table.index)
     missing = [name for name in names if name not in known]
     if missing:

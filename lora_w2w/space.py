@@ -172,9 +172,12 @@ class W2WModel:
         check_finite(self.coefficients, "model coefficients")
 
     def weights(self, space: Space) -> torch.Tensor:
-        """The model's flat LoRA weights (N,) in `space`."""
+        """The model's flat LoRA weights (N,) in `space`; SpaceError when they hold NaN/inf (a space whose
+        components do), so that no such LoRA is written or used."""
         self.check_space(space)
-        return space.unproject(self.coefficients.to(space.mean))
+        weights = space.unproject(self.coefficients.to(space.mean))
+        check_finite(weights, f"the weights of the model in space {space.id} (its components hold NaN/inf)")
+        return weights
 
     def check_space(self, space: Space) -> None:
         if self.space_id is not None and self.space_id != space.id:

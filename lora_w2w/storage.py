@@ -9,11 +9,14 @@ The safetensors file is written block by block and read through memory maps, so 
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
 A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
 
-Every output is written under a temporary name and renamed when complete.
+Every output is written under a temporary name and renamed when complete. Every file is checked once,
+where it is read: JSON against its schema (`schemas`), safetensors headers against the format and the
+file's size, spaces' tensors against space.json.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -25,12 +28,12 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .errors import FileFormatError, PickleRefusedError
+from .errors import FileFormatError, PickleRefusedError, W2WError
 from .layout import LoraLayout
-from .space import Space, W2WModel
+from .schemas import SAFETENSORS_HEADER, SAFETENSORS_ITEMSIZE, SPACE_DESCRIPTION, check, read_json
+from .space import Space, W2WModel, check_finite
 
 SPACE_FORMAT = "w2w-space"
 MODEL_FORMAT = "w2w-model"
@@ -141,7 +144,8 @@ class SafetensorsWriter:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header, data start) of a safetensors file, checked against the file's size."""
+    """(header, data start) of a safetensors file, checked: the header's schema, each tensor's bytes against
+    its dtype and shape, byte ranges that tile the data without overlap or gap, and the file's size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -151,16 +155,35 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(length))
     except FileNotFoundError:
         raise FileFormatError(f"{path}: no such file") from None
-    except (struct.error, ValueError, UnicodeDecodeError) as error:
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as error:
         raise FileFormatError(f"{path}: not a valid safetensors file ({error})") from None
-    start = 8 + length
+    check(header, SAFETENSORS_HEADER, path)
+    _check_byte_ranges(path, header, 8 + length, size)
+    return header, 8 + length
+
+
+def _check_byte_ranges(path: Path, header: dict, start: int, size: int) -> None:
+    """Each tensor's data_offsets [begin, end) hold its dtype x shape, and the ranges tile the data
+    (bytes start .. size of the file) in order, as the safetensors format requires."""
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        end = start + info["data_offsets"][1]
-        if end > size:
-            raise FileFormatError(f"{path}: truncated: tensor {name!r} ends at byte {end}, the file has {size}")
-    return header, start
+        (begin, end), needed = info["data_offsets"], SAFETENSORS_ITEMSIZE[info["dtype"]] * math.prod(info["shape"])
+        if end - begin != needed:
+            raise FileFormatError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes); "
+                                  f"its dtype {info['dtype']} and shape {info['shape']} need {needed} bytes")
+        ranges.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            raise FileFormatError(f"{path}: tensor {name!r} starts at data byte {begin}, expected {position} "
+                                  f"(the tensors' data_offsets overlap or leave a gap)")
+        position = end
+    if start + position > size:
+        raise FileFormatError(f"{path}: truncated: the tensors end at byte {start + position}, the file has {size}")
+    if start + position < size:
+        raise FileFormatError(f"{path}: {size - start - position} bytes after the last tensor's data; expected none")
 
 
 def mmap_tensor(path: Path, header: dict, start: int, name: str, rows: int | None = None) -> torch.Tensor:
@@ -236,59 +259,106 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def read_description(path: Path, expected_format: str, when_missing: str) -> dict:
-    """The parsed JSON file `path` describing a folder in the project's format `expected_format`,
-    checked for format and version; `when_missing` is the error when there is no such file."""
+def read_description(path: Path, expected_format: str, when_missing: str, schema: dict) -> dict:
+    """The parsed JSON file `path` describing a folder in the project's format `expected_format`, checked
+    for format, version and `schema`; `when_missing` is the error when there is no such file."""
     if not path.is_file():
         raise FileFormatError(when_missing)
-    try:
-        description = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FileFormatError(f"{path}: invalid JSON ({error})") from None
-    if description.get("format") != expected_format:
-        raise FileFormatError(f"{path}: format {description.get('format')!r}, expected {expected_format!r}")
-    if description.get("version", 0) > FORMAT_VERSION:
-        raise FileFormatError(f"{path}: format version {description['version']} is newer than this "
-                              f"lora_w2w understands ({FORMAT_VERSION}); upgrade lora_w2w")
+    description = read_json(path)
+    if isinstance(description, dict):
+        if description.get("format") != expected_format:
+            raise FileFormatError(f"{path}: format {description.get('format')!r}, expected {expected_format!r}")
+        version = description.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise FileFormatError(f"{path}: format version {version} is newer than this lora_w2w understands "
+                                  f"({FORMAT_VERSION}); upgrade lora_w2w")
+    check(description, schema, path)
     return description
 
 
 def read_space_description(directory: str | os.PathLike) -> dict:
-    """The parsed `space.json` of a space directory, checked."""
+    """The parsed `space.json` of a space directory, checked against its schema."""
     return read_description(Path(directory) / SPACE_JSON, SPACE_FORMAT,
                             f"{directory}: not a w2w space (no {SPACE_JSON}); "
-                            f"convert the released files with `w2w import-official`")
+                            f"convert the released files with `w2w import-official`", SPACE_DESCRIPTION)
+
+
+def read_attribute_table(path: Path) -> pd.DataFrame:
+    """An attribute table (CSV, first column the model names, kept as strings); FileFormatError naming the
+    file when it is empty, not CSV, or names a model twice."""
+    try:
+        table = pd.read_csv(path, index_col=0, converters={0: str})
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: no such attribute table (expected a CSV file, first column the model "
+                              f"names)") from None
+    except (ValueError, UnicodeDecodeError) as error:  # pandas' EmptyDataError and ParserError are ValueErrors
+        reason = " ".join(str(error).split())  # pandas' messages may span lines
+        raise FileFormatError(f"{path}: not a readable CSV table ({reason}); expected a header row, then one row "
+                              f"per model, the model name first") from None
+    table.index = table.index.astype(str)
+    repeated = table.index[table.index.duplicated()]
+    if len(repeated):
+        raise FileFormatError(f"{path}: model {repeated[0]!r} has {int((table.index == repeated[0]).sum())} rows")
+    return table
+
+
+SPACE_TENSOR_DIMENSIONS = {"mean": 1, "std": 1, "components": 2, "coefficients": 2, "explained_variance": 1}
+REQUIRED_SPACE_TENSORS = ("mean", "std", "components")
+
+
+def read_space_files(directory: Path) -> tuple[dict, dict, int]:
+    """(space.json, header of space.safetensors, its data start) of a space, checked against each other:
+    mean, std and components present, each of its number of dimensions, and as many components and
+    weights as space.json says."""
+    description = read_space_description(directory)
+    path = directory / SPACE_TENSORS
+    header, start = read_safetensors_header(path)
+    for name in REQUIRED_SPACE_TENSORS:
+        if name not in header:
+            raise FileFormatError(f"{path}: no tensor {name!r}; a space holds {', '.join(REQUIRED_SPACE_TENSORS)}")
+    for name, ndim in SPACE_TENSOR_DIMENSIONS.items():
+        if name in header and len(header[name]["shape"]) != ndim:
+            raise FileFormatError(f"{path}: tensor {name!r} has shape {header[name]['shape']}, expected {ndim} "
+                                  f"dimensions")
+    shape = header["components"]["shape"]
+    expected = [description["num_components"], description["num_weights"]]
+    if shape != expected:
+        raise FileFormatError(f"{path}: components {shape}, but {SPACE_JSON} says K = {expected[0]} and "
+                              f"N = {expected[1]}")
+    return description, header, start
 
 
 def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
-    """Load a space, memory-mapped; with `k`, only the first k components (and coefficients) are read."""
+    """Load a space, memory-mapped; with `k`, only the first k components (and coefficients) are read.
+    Mean and std are checked for NaN/inf (the components are as they are used: see W2WModel.weights)."""
     directory = Path(directory)
-    description = read_space_description(directory)
+    description, header, start = read_space_files(directory)
     tensors_path = directory / SPACE_TENSORS
-    header, start = read_safetensors_header(tensors_path)
-    total = header.get("components", {}).get("shape", [0])[0]
+    total = header["components"]["shape"][0]
     if k is not None and not 1 <= k <= total:
         raise FileFormatError(f"{k} components asked for, the space {directory} has K = {total}")
 
     def tensor(name, rows=None):
         return mmap_tensor(tensors_path, header, start, name, rows) if name in header else None
 
-    presets = description.get("inversion_presets", {})
-    if not (isinstance(presets, dict) and all(isinstance(v, dict) for v in presets.values())):
-        raise FileFormatError(f"{directory / SPACE_JSON}: inversion_presets must map preset names to settings, "
-                              f"such as {{\"ood\": {{\"lr\": 0.1}}}}; got {presets!r}")
     coefficients = tensor("coefficients")
     if coefficients is not None and k is not None:
         coefficients = coefficients[:, :k]
     attributes = None
     if (directory / ATTRIBUTES_CSV).is_file():
-        attributes = pd.read_csv(directory / ATTRIBUTES_CSV, index_col=0, converters={0: str})  # names stay strings
-    return Space(
-        mean=tensor("mean"), std=tensor("std"), components=tensor("components", k),
-        layout=LoraLayout.from_dict(description["layout"]), coefficients=coefficients, attributes=attributes,
-        explained_variance=None if tensor("explained_variance") is None else tensor("explained_variance", k),
-        base_model=description.get("base_model", ""), prompt=description.get("prompt", ""), id=description["id"],
-        inversion_presets=presets)
+        attributes = read_attribute_table(directory / ATTRIBUTES_CSV)
+    mean, std = tensor("mean"), tensor("std")
+    for name, values in (("mean", mean), ("std", std)):
+        check_finite(values, f"{tensors_path}: tensor {name!r}")
+    try:
+        return Space(
+            mean=mean, std=std, components=tensor("components", k),
+            layout=LoraLayout.from_dict(description["layout"]), coefficients=coefficients, attributes=attributes,
+            explained_variance=None if tensor("explained_variance") is None else tensor("explained_variance", k),
+            base_model=description.get("base_model", ""), prompt=description.get("prompt", ""), id=description["id"],
+            inversion_presets=description.get("inversion_presets", {}))
+    except W2WError as error:
+        raise type(error)(f"{directory}: {error}") from None
 
 
 # ----------------------------------------------------------------------------- models
@@ -313,16 +383,18 @@ def load_model(path: str | os.PathLike) -> W2WModel:
         coefficients = torch_load(path)
         if not isinstance(coefficients, torch.Tensor):
             raise FileFormatError(f"{path}: expected a tensor of coefficients (1 x k), got {type(coefficients).__name__}")
-        return W2WModel(coefficients.float())
-    header, _ = read_safetensors_header(path)
-    metadata = header.get("__metadata__", {})
-    if metadata.get("format") != MODEL_FORMAT:
-        raise FileFormatError(f"{path}: not a w2w model (format {metadata.get('format')!r}, expected {MODEL_FORMAT!r})")
+        space_id = None
+    else:
+        header, start = read_safetensors_header(path)
+        metadata = header.get("__metadata__", {})
+        if metadata.get("format") != MODEL_FORMAT:
+            raise FileFormatError(f"{path}: not a w2w model (format {metadata.get('format')!r}, expected "
+                                  f"{MODEL_FORMAT!r})")
+        coefficients, space_id = mmap_tensor(path, header, start, "coefficients").clone(), metadata.get("space_id")
     try:
-        coefficients = load_file(path)["coefficients"]
-    except (SafetensorError, KeyError) as error:
-        raise FileFormatError(f"{path}: unreadable model ({error})") from None
-    return W2WModel(coefficients, metadata.get("space_id"))
+        return W2WModel(coefficients.float(), space_id)
+    except W2WError as error:
+        raise type(error)(f"{path}: {error}") from None
 
 
 def save_state(path: str | os.PathLike, kind: str, state: dict) -> None:
@@ -355,5 +427,15 @@ def torch_load(path: Path, trust_pickle: bool = False, mmap: bool = False):
     except (RuntimeError, EOFError, OSError) as error:
         if mmap:  # a file of the old (non-zip) format cannot be memory-mapped
             return torch_load(path, trust_pickle)
-        raise FileFormatError(f"{path}: not a readable torch file ({error})") from None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        raise _unreadable(path, error) from None
+    except Exception as error:  # a corrupt pickle fails in the unpickler in any way (IndexError, KeyError ...)
+        raise _unreadable(path, error) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> FileFormatError:
+    reason = " ".join(str(error).split())[:200] or type(error).__name__  # torch's messages span lines
+    return FileFormatError(f"{path}: not a readable torch file ({reason})")

@@ -233,7 +233,7 @@ def test_a_float16_dataset_holds_the_rounded_weights_in_half_the_bytes(tmp_path)
     with pytest.raises(FileFormatError, match="is F16 .* the index expects F32"):
         WeightsDataset(tmp_path / "f16")
     (tmp_path / "f16" / INDEX_JSON).write_text(json.dumps(index | {"dtype": "int8"}))
-    with pytest.raises(FileFormatError, match="dtype 'int8', expected one of float32, float16"):
+    with pytest.raises(FileFormatError, match="dtype is 'int8'; expected one of float32, float16"):
         WeightsDataset(tmp_path / "f16")
     with pytest.raises(W2WError, match="dtype 'bfloat16': expected one of float32, float16"):
         collect_folders(tmp_path / "runs", tmp_path / "other", dtype="bfloat16")

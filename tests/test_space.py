@@ -68,7 +68,7 @@ def test_save_load_is_bit_exact(space, tmp_path):
     assert loaded.inversion_presets == {"ood": {"lr": 0.1}} == loaded.truncate(2).inversion_presets
     description = json.loads((tmp_path / "space" / "space.json").read_text())
     (tmp_path / "space" / "space.json").write_text(json.dumps(description | {"inversion_presets": {"ood": 0.1}}))
-    with pytest.raises(FileFormatError, match="inversion_presets must map preset names to settings"):
+    with pytest.raises(FileFormatError, match=r"space.json: inversion_presets.ood is 0.1; expected inversion settings such as \{\"lr\": 0.1\}"):
         load_space(tmp_path / "space")
     assert loaded.attributes.equals(space.attributes)
     assert sorted(p.name for p in (tmp_path / "space").iterdir()) == ["attributes.csv", "space.json", SPACE_TENSORS]

@@ -40,6 +40,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from lora_w2w.images import eight_bit
 from lora_w2w.errors import FileFormatError
 from lora_w2w.storage import atomic_output
 from lora_w2w.tiny import faces
@@ -207,7 +208,7 @@ def images_to_tensor(images, size: int = 64) -> torch.Tensor:
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x.clamp(0, 1)
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images]
+    arrays = [np.asarray(eight_bit(im).convert("RGB").resize((size, size), Image.BILINEAR)) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)  # (B, 3, S, S)
 
 
