@@ -76,7 +76,7 @@ WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
                 errno.EISDIR, errno.EEXIST}
 
 
-def _is_partial(name: str) -> bool:
+def is_temporary(name: str) -> bool:
     """A temporary name of `atomic_output` (or the lock of `output_lock`)."""
     return name == LOCK_FILE or (name.startswith(".") and (".partial-" in name or ".old-" in name))
 
@@ -85,7 +85,7 @@ def owns_only(pattern: str) -> Callable[[Path], bool]:
     """A folder that holds only files whose names match the regular expression `pattern` and
     temporary files of this project."""
     compiled = re.compile(pattern)
-    return lambda path: all(compiled.fullmatch(entry.name) or _is_partial(entry.name) for entry in path.iterdir())
+    return lambda path: all(compiled.fullmatch(entry.name) or is_temporary(entry.name) for entry in path.iterdir())
 
 
 def _cannot_write(path: Path, error: OSError) -> OutputError:
