@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .checks import gigabytes
 from .errors import FileFormatError, OutputError, PickleRefusedError
 from .layout import LoraLayout
 from .space import Space, W2WModel
@@ -71,6 +72,7 @@ MODEL_FILE = Output("model file")
 IMAGE_FILE = Output("image file")
 SPACE_FOLDER = Output("space", folder=True, owns=_holds(SPACE_JSON))
 FILES_FOLDER = Output("output folder", folder=True)
+FILE_BLOCK_BYTES = 4096  # the least disk space a file takes
 LOCK_FILE = ".w2w.lock"  # held by the process writing a folder (see `output_lock`)
 WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST}
@@ -131,6 +133,17 @@ def check_output(path: str | os.PathLike, output: Output = FILE,
     check_writable(path)
     _remove_stale(path)
     return path
+
+
+def check_disk(folder: str | os.PathLike, count: int, each: int, what: str) -> None:
+    """OutputError when `count` outputs of about `each` bytes do not fit the disk free at `folder`."""
+    ancestor = Path(folder)
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if count * each > free:
+        raise OutputError(f"{count:,} {what} need about {gigabytes(count * each)} on disk, {ancestor} has "
+                          f"{gigabytes(free)} free: at most {free // each:,} fit")
 
 
 def check_outputs(outputs: Iterable[tuple[str | os.PathLike | None, Output]],
