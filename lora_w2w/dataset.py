@@ -19,8 +19,8 @@ to 11 significant bits (relative error at most 2^-11). Reads always give float32
 Rows are in plain string order of the model names (the training folder names), the rule that
 reproduces the released `all_weights.pt`. Shards are written under a temporary name and renamed,
 and `index.json` last: a collect killed midway leaves the previous dataset as it was, and a rerun
-finishes the job. A second collect into the same dataset waits until the first is done
-(they hold the lock file `.w2w.lock` in the folder).
+finishes the job. A second collect into the same dataset on this machine waits until the first
+is done (`storage.output_lock`).
 
 Adding models: collect skips names the dataset has. New names that sort after the last one fill the
 last shard and new ones. A new name that sorts before existing ones makes collect rewrite every
@@ -49,7 +49,7 @@ from .errors import FileFormatError, LayoutError, W2WError
 from .formats import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
 from .layout import LoraLayout
 from .space import check_finite
-from .storage import (LOCK_FILE, SAFETENSORS_DTYPES, Output, SafetensorsWriter, atomic_output, check_output,
+from .storage import (SAFETENSORS_DTYPES, Output, SafetensorsWriter, atomic_output, check_output,
                       is_temporary, output_lock, owns_only, read_description, read_safetensors_header,
                       read_space_description, torch_load, write_file)
 
@@ -449,7 +449,7 @@ def _remove_unlisted(path: Path, listed: set[str]) -> None:
     """Delete shard files the index no longer lists and temporary files of killed runs."""
     for file in path.iterdir():
         stale_shard = _shard_number(file.name) is not None and file.name not in listed
-        if stale_shard or (is_temporary(file.name) and file.name != LOCK_FILE):
+        if stale_shard or is_temporary(file.name):
             file.unlink()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import pickle
 import re
 import shutil
 import struct
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +75,14 @@ IMAGE_FILE = Output("image file")
 SPACE_FOLDER = Output("space", folder=True, owns=_holds(SPACE_JSON))
 FILES_FOLDER = Output("output folder", folder=True)
 FILE_BLOCK_BYTES = 4096  # the least disk space a file takes
-LOCK_FILE = ".w2w.lock"  # held by the process writing a folder (see `output_lock`)
+LOCKS_FOLDER = "w2w-locks"  # in the temporary folder: the lock files of `output_lock`
 WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST}
 
 
 def is_temporary(name: str) -> bool:
-    """A temporary name of `atomic_output` (or the lock of `output_lock`)."""
-    return name == LOCK_FILE or (name.startswith(".") and (".partial-" in name or ".old-" in name))
+    """A temporary name of `atomic_output`."""
+    return name.startswith(".") and (".partial-" in name or ".old-" in name)
 
 
 def owns_only(pattern: str) -> Callable[[Path], bool]:
@@ -239,14 +241,16 @@ def save_png(image, path: str | os.PathLike) -> Path:
 
 @contextmanager
 def output_lock(folder: str | os.PathLike, log: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold the lock of the output `folder` (created) while the block runs: a second process writing
-    the same folder waits until the first is done, so their files never mix."""
+    """Hold the lock of the output `folder` while the block runs: a second process of this machine
+    writing the same folder waits until the first is done, so their files never mix. The lock files
+    live in the temporary folder, named by a hash of the folder's path, and stay out of outputs."""
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
+    locks = Path(tempfile.gettempdir()) / LOCKS_FOLDER
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(folder / LOCK_FILE)
+        locks.mkdir(exist_ok=True)
+        lock = FileLock(locks / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -254,7 +258,7 @@ def output_lock(folder: str | os.PathLike, log: Callable[[str], None] | None = N
                 log(f"{folder}: another w2w process is writing here; waiting for it to finish")
             lock.acquire()
     except OSError as error:
-        raise _cannot_write(folder / LOCK_FILE, error) from None
+        raise _cannot_write(locks, error) from None
     try:
         yield
     finally:

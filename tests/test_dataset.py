@@ -10,7 +10,7 @@ from lora_w2w.dataset import (INDEX_JSON, WeightsDataset, add_models, collect_al
 from lora_w2w.errors import FileFormatError, LayoutError, OutputError, SpaceError, W2WError
 from lora_w2w.formats import load_kohya, load_peft, save_kohya, save_peft
 from lora_w2w.layout import LoraLayer, LoraLayout
-from lora_w2w.storage import LOCK_FILE, read_safetensors_header
+from lora_w2w.storage import read_safetensors_header
 
 SMALL = LoraLayout((LoraLayer("a.attn1.to_q", 6, 5), LoraLayer("a.attn1.to_v", 6, 5)))  # N = 22
 
@@ -75,7 +75,7 @@ def test_rerun_adds_only_new_models_and_keeps_name_order(tmp_path):
     assert (report.added, report.rewritten) == (2, 7)
     assert list(dataset.names) == sorted(weights)
     assert torch.equal(dataset.read_rows(0, len(dataset)), torch.stack([weights[n] for n in sorted(weights)]))
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [LOCK_FILE, INDEX_JSON] + [s.file for s in dataset.shards]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [INDEX_JSON] + [s.file for s in dataset.shards]
 
 
 def test_bad_models_are_refused_by_name_and_leave_the_dataset_as_it_was(tmp_path):
@@ -104,7 +104,7 @@ def test_bad_models_are_refused_by_name_and_leave_the_dataset_as_it_was(tmp_path
     report = collect_folders(root, tmp_path / "data")
     assert report.added == 2 and report.skipped == ["e_other"]         # a folder without a LoRA is reported
     files = sorted(p.name for p in (tmp_path / "data").iterdir())
-    assert files == [LOCK_FILE, INDEX_JSON] + [s.file for s in report.dataset.shards]             # stale shards removed
+    assert files == [INDEX_JSON] + [s.file for s in report.dataset.shards]             # stale shards removed
 
 
 def test_empty_folders_and_name_clashes(tmp_path):
