@@ -249,8 +249,16 @@ def cmd_invert(args) -> None:
 
 # ----------------------------------------------------------------------------- parser
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (`w2w COMMAND: error: ...`, exit code 2), like every
+    other error of w2w; `w2w COMMAND --help` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from .errors import FileFormatError, LayoutError
 from .layout import PEFT_PREFIX, LoraLayout
-from .storage import Output, atomic_output, read_safetensors_header, write_file, write_tensors
+from .storage import Output, atomic_output, holds, read_safetensors_header, write_file, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -31,7 +31,7 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads a LoRA
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
-PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=lambda path: (path / PEFT_CONFIG).is_file())
+PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=holds(PEFT_CONFIG))
 KOHYA_FILE = Output("kohya LoRA file")
 LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 

@@ -64,7 +64,7 @@ class Output:
     owns: Callable[[Path], bool] | None = None  # None: any existing folder is written into
 
 
-def _holds(*names: str) -> Callable[[Path], bool]:
+def holds(*names: str) -> Callable[[Path], bool]:
     """A folder that holds one of `names`."""
     return lambda path: any((path / name).exists() for name in names)
 
@@ -72,7 +72,7 @@ def _holds(*names: str) -> Callable[[Path], bool]:
 FILE = Output("file")
 MODEL_FILE = Output("model file")
 IMAGE_FILE = Output("image file")
-SPACE_FOLDER = Output("space", folder=True, owns=_holds(SPACE_JSON))
+SPACE_FOLDER = Output("space", folder=True, owns=holds(SPACE_JSON))
 FILES_FOLDER = Output("output folder", folder=True)
 FILE_BLOCK_BYTES = 4096  # the least disk space a file takes
 LOCKS_FOLDER = "w2w-locks"  # in the temporary folder: the lock files of `output_lock`
