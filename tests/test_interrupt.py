@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -21,15 +22,16 @@ KILLS = 3  # kills before the run that finishes
 FACE = Path(__file__).resolve().parents[1] / "inversion" / "images" / "face.png"
 
 
-def start(argv) -> int:
-    """The pid of a forked child running `w2w argv` (its output dropped)."""
+def start(argv, log: Path | None = None) -> int:
+    """The pid of a forked child running `w2w argv`, its output written to `log` (default: dropped)."""
     pid = os.fork()
     if pid == 0:  # the child: never back into pytest
         code = 1
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
+            output = os.open(log or os.devnull, os.O_WRONLY | os.O_CREAT)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            sys.stdout = sys.stderr = open(output, "w", buffering=1, closefd=False)  # pytest swapped them
             code = main([str(a) for a in argv])
         except SystemExit as exit_info:
             code = exit_info.code if isinstance(exit_info.code, int) else 1
@@ -126,10 +128,15 @@ def test_two_collects_into_one_dataset_at_once_serialize(space, tmp_path):
 
 
 def test_two_samples_into_one_folder_at_once_serialize(toy_space, tmp_path):
-    sample = ["sample", "--space", toy_space, "--num", "40", "--export", "kohya"]
-    for seed in "12":
-        run(sample + ["--seed", seed, "--out", tmp_path / f"reference-{seed}"])
-    pids = [start(sample + ["--seed", seed, "--out", tmp_path / "both"]) for seed in "12"]
-    assert [wait(pid) for pid in pids] == [0, 0]
-    assert files(tmp_path / "both") in (files(tmp_path / "reference-1"), files(tmp_path / "reference-2"))
-    assert temporaries(tmp_path) == []
+    """The second run, started while the first writes, waits for it: the folder ends as the second's alone."""
+    sample = ["sample", "--space", toy_space]
+    run(sample + ["--num", "20", "--seed", "2", "--out", tmp_path / "reference"])
+    first = start(sample + ["--num", "300", "--seed", "1", "--export", "kohya", "--out", tmp_path / "both"])
+    while not (tmp_path / "both" / "sample_000.safetensors").exists():
+        time.sleep(0.01)
+    second = start(sample + ["--num", "20", "--seed", "2", "--out", tmp_path / "both"], tmp_path / "second.log")
+    assert [wait(first), wait(second)] == [0, 0]
+    assert "another w2w process is writing here; waiting" in (tmp_path / "second.log").read_text()
+    written = files(tmp_path / "both")
+    assert {name: written[name] for name in files(tmp_path / "reference")} == files(tmp_path / "reference")
+    assert len(written) == 600 and temporaries(tmp_path) == []  # the first run's other 280 models and LoRAs
