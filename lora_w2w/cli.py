@@ -132,8 +132,8 @@ def cmd_import_official(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .pipeline import generate, image_grid, load_base_pipeline, num_train_timesteps
     from .checks import check_int
+    from .pipeline import generate, image_grid, load_base_pipeline, num_train_timesteps
     from .storage import FILES_FOLDER, IMAGE_FILE, check_outputs, load_model, load_space, output_lock, save_png
 
     out = Path(args.out)
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", default=DEFAULT_BASE,
                        help="base pipeline folder or hub id (default: %(default)s; SD1.5: "
                             "stablediffusionapi/realistic-vision-v51)")
-        p.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+        p.add_argument("--device", type=DEVICE, default="auto",
+                       help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
 
     gen = commands.add_parser("generate", help="generate images with a w2w model (or the base model alone)",
                               description="Generate one image per seed with a w2w model fused into the base UNet; "
@@ -411,13 +412,14 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--steps", type=COUNT, default=None, help="optimiser steps (default: the preset's)")
     invert.add_argument("--lr", type=POSITIVE, default=None,
                         help="Adam learning rate (default: the preset's, or the one the space records for it)")
-    invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None, help="Adam weight decay (default: the preset's)")
+    invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
+                        help="Adam weight decay (default: the preset's)")
     invert.add_argument("--seed", type=SEED, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     invert.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
     invert.add_argument("--base", default=DEFAULT_BASE,
                         help="base diffusers pipeline the space was built for: folder or hub id (default: %(default)s)")
-    invert.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... "
-                                                         "(default: %(default)s)")
+    invert.add_argument("--device", type=DEVICE, default="auto",
+                        help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     invert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="dtype of the base model: auto = bfloat16 on CUDA (as the original), float32 elsewhere")
     invert.add_argument("--out", required=True, help="model file to write (.safetensors)")

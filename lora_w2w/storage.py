@@ -9,7 +9,10 @@ The safetensors file is written block by block and read through memory maps, so 
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
 A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
 
-Every output is written under a temporary name and renamed when complete.
+Every output is checked before any work begins (`check_output`: not an input, not a directory where
+a file goes, not a foreign folder where a space goes), written under a temporary name and renamed
+when complete; a write the disk refuses is one line (`cannot write DIR: permission denied`).
+Safetensors files are written by this module with sorted metadata: the same output, the same bytes.
 """
 from __future__ import annotations
 
@@ -98,11 +101,17 @@ def _cannot_write(path: Path, error: OSError) -> OutputError:
                        f"cannot write {where}: {error}")
 
 
-def check_writable(path: Path) -> None:
-    """OutputError unless `path` can be created: its nearest existing ancestor is a writable folder."""
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of `path` that exists."""
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
+    return ancestor
+
+
+def check_writable(path: Path) -> None:
+    """OutputError unless `path` can be created: its nearest existing ancestor is a writable folder."""
+    ancestor = _existing_ancestor(path)
     if not ancestor.is_dir():
         raise OutputError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -139,9 +148,8 @@ def check_output(path: str | os.PathLike, output: Output = FILE,
 
 def check_disk(folder: str | os.PathLike, count: int, each: int, what: str) -> None:
     """OutputError when `count` outputs of about `each` bytes do not fit the disk free at `folder`."""
-    ancestor = Path(folder)
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    folder = Path(folder)
+    ancestor = folder if folder.is_dir() else _existing_ancestor(folder)
     free = shutil.disk_usage(ancestor).free
     if count * each > free:
         raise OutputError(f"{count:,} {what} need about {gigabytes(count * each)} on disk, {ancestor} has "
