@@ -1,6 +1,6 @@
 """kill -9 and concurrency: `w2w collect`, `w2w build` and `w2w invert` (with a checkpoint), killed at
 seeded random moments several times, then run again, give the uninterrupted result bit for bit and
-leave no temporary file; two collects into one dataset, or two samples into one folder, at once give
+leave no temporary file, and the folder a killed first collect left is taken up; two collects into one dataset, or two samples into one folder, at once give
 what one after the other gives. The commands run in forked children of this process (the modules are
 loaded once), each killed with SIGKILL. About 40 s on 2 cores."""
 import hashlib
@@ -140,3 +140,18 @@ def test_two_samples_into_one_folder_at_once_serialize(toy_space, tmp_path):
     written = files(tmp_path / "both")
     assert {name: written[name] for name in files(tmp_path / "reference")} == files(tmp_path / "reference")
     assert len(written) == 600 and temporaries(tmp_path) == []  # the first run's other 280 models and LoRAs
+
+
+def test_the_folder_a_killed_first_collect_left_is_taken_up(space, tmp_path):
+    """What a first collect killed before its index.json leaves: listed-to-be shards and a partial one."""
+    source = torch.randn(20, space.num_weights, generator=torch.Generator().manual_seed(3))
+    names = [f"m{i:02d}" for i in range(20)]
+    add_models(tmp_path / "reference", matrix_source(source, names), space.layout, shard_size=8)
+    dead = start(["info", tmp_path / "reference"])
+    wait(dead)  # a pid no process has now
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "weights-00000.safetensors").write_bytes(
+        (tmp_path / "reference" / "weights-00000.safetensors").read_bytes())
+    (tmp_path / "data" / f".weights-00001.safetensors.partial-{dead}").write_bytes(b"half a shard")
+    add_models(tmp_path / "data", matrix_source(source, names), space.layout, shard_size=8)
+    assert files(tmp_path / "data") == files(tmp_path / "reference") and temporaries(tmp_path) == []
