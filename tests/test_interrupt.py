@@ -1,8 +1,9 @@
 """kill -9 and concurrency: `w2w collect`, `w2w build` and `w2w invert` (with a checkpoint), killed at
 seeded random moments several times, then run again, give the uninterrupted result bit for bit and
-leave no temporary file, and the folder a killed first collect left is taken up; two collects into one dataset, or two samples into one folder, at once give
-what one after the other gives. The commands run in forked children of this process (the modules are
-loaded once), each killed with SIGKILL. About 40 s on 2 cores."""
+leave no temporary file, and the folder a killed first collect left is taken up; two collects into
+one dataset, or two samples into one folder, at once give what one after the other gives. The
+commands run in forked children of this process (the modules are loaded once), each killed with
+SIGKILL. About 65 s on 2 busy cores (load 9), 40 s on 2 quiet ones."""
 import hashlib
 import os
 import random
