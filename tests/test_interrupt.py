@@ -3,7 +3,7 @@ seeded random moments several times, then run again, give the uninterrupted resu
 leave no temporary file, and the folder a killed first collect left is taken up; two collects into
 one dataset, or two samples into one folder, at once give what one after the other gives. The
 commands run in forked children of this process (the modules are loaded once), each killed with
-SIGKILL. About 65 s on 2 busy cores (load 9), 40 s on 2 quiet ones."""
+SIGKILL. About 65 s on 2 cores shared with other jobs (load average 9)."""
 import hashlib
 import os
 import random
