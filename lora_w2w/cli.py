@@ -141,7 +141,7 @@ def cmd_generate(args) -> None:
     check_outputs([(out, FILES_FOLDER)] + [(file, IMAGE_FILE) for file in files],
                   [args.model, args.edited, args.space, args.base])
     if args.injection_timestep is not None:
-        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base) - 1)
+        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
     model = load_model(args.model) if args.model else None
     edited_model = load_model(args.edited) if args.edited else None
     layout = weights = edited = None
@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image size in pixels, a multiple of 8 (default: the base model's)")
     gen.add_argument("--edited", help="delayed injection: edited model used for timesteps t <= --injection-timestep")
     gen.add_argument("--injection-timestep", type=NON_NEGATIVE, default=None,
-                     help="T of delayed injection, below the scheduler's training timesteps (1,000 for SD1.5): "
-                          "700-999 for global edits, 400-700 for fine ones")
+                     help="T of delayed injection, 0 to the scheduler's training timesteps (1,000 for SD1.5: the "
+                          "edited model throughout): 700-1000 for global edits, 400-700 for fine ones")
     gen.add_argument("--out", required=True, help="output folder")
     gen.set_defaults(run=cmd_generate)
 

@@ -63,7 +63,7 @@ def generate(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prom
     check_int(num_inference_steps, "steps", minimum=1)
     check_number(guidance_scale, "guidance scale")
     if injection_timestep is not None:
-        check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps - 1)
+        check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps)
     check_generation_memory(pipe, len(seeds), *(None if s is None else check_size(s) for s in (height, width)))
     if weights is not None or edited is not None:
         check_layout(pipe.unet, layout)

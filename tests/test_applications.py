@@ -171,9 +171,9 @@ def test_generation_fuses_the_model_and_delays_injection(toy_world):
     assert np.abs(with_model - base).mean() > 1  # the model changes the images
     assert np.array_equal(run(None, "a photo of a person"), base)  # and is removed afterwards
     only_edited = run(edited, "a photo of a person")
-    assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=999), only_edited)
+    assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=1000), only_edited)
     assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=0), with_model)
-    with pytest.raises(ArgumentError, match="injection timestep: expected an integer from 0 to 999, got -1"):
+    with pytest.raises(ArgumentError, match="injection timestep: expected an integer from 0 to 1000, got -1"):
         run(weights, "a photo of a person", edited=edited, injection_timestep=-1)
     delayed = run(weights, "a photo of a person", edited=edited, injection_timestep=500)
     assert np.abs(delayed - only_edited).mean() > 0.5 and np.abs(delayed - with_model).mean() > 0.5

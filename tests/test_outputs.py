@@ -1,5 +1,5 @@
 """Writing rules: no output replaces an input, a directory or a foreign folder; a refused write is one
-line and leaves no temporary file; the same output written twice gives the same bytes. About 10 s."""
+line and leaves no temporary file; the same output written twice gives the same bytes. Under 5 s on 2 cores."""
 import errno
 import hashlib
 import io
