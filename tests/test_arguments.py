@@ -1,5 +1,6 @@
 """Numbers and choices: every bad value is refused in one line with exit code 2 before any model loads,
-and the library functions refuse the same values (ArgumentError). Under 5 s on 2 cores (with test_outputs.py: 3.5 s)."""
+and the library functions refuse the same values (ArgumentError). Under 5 s on 2 cores (3.5 s with
+test_outputs.py)."""
 import math
 
 import pytest

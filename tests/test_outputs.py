@@ -1,5 +1,6 @@
 """Writing rules: no output replaces an input, a directory or a foreign folder; a refused write is one
-line and leaves no temporary file; the same output written twice gives the same bytes. Under 5 s on 2 cores."""
+line and leaves no temporary file; the same output written twice gives the same bytes. Under 5 s on
+2 cores."""
 import errno
 import hashlib
 import io
