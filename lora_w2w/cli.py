@@ -6,11 +6,11 @@ prints one line `w2w: error: ...` and exits with code 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
+from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, SEED, SIZE
 from .errors import W2WError
 
 DEFAULT_SPACE = "files/tiny/space"
@@ -36,13 +36,6 @@ def _parse_edit(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected ATTRIBUTE=STRENGTH such as Bald=-2, got {text!r}") from None
 
 
-def _save_image(image, path: Path) -> None:
-    from .storage import atomic_output
-
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
 # ----------------------------------------------------------------------------- commands
 
 def cmd_info(args) -> None:
@@ -52,13 +45,14 @@ def cmd_info(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .formats import save_lora
-    from .storage import load_model, load_space
+    from .formats import LORA_OUTPUTS, save_lora
+    from .storage import check_output, load_model, load_space
 
     if (args.model is None) == (args.dataset is None):
         raise W2WError("export needs either --model (a w2w model) or --dataset with --dataset-model")
     if (args.dataset is None) != (args.dataset_model is None):
         raise W2WError("--dataset and --dataset-model go together")
+    check_output(args.out, LORA_OUTPUTS[args.format], [args.model, args.dataset, args.space if args.model else None])
     if args.dataset:
         from .dataset import WeightsDataset
 
@@ -77,12 +71,15 @@ def cmd_export(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from .dataset import collect_all_weights, collect_folders, layout_of_lora, layout_of_space, read_names
+    from .dataset import (DATASET_FOLDER, collect_all_weights, collect_folders, layout_of_lora, layout_of_space,
+                          read_names)
+    from .storage import check_output
 
     if (args.root is None) == (args.from_all_weights is None):
         raise W2WError("collect needs either LORA_ROOT OUT or --from-all-weights all_weights.pt OUT")
     if args.from_all_weights is None and args.names:
         raise W2WError("--names goes with --from-all-weights")
+    check_output(args.out, DATASET_FOLDER, [args.root, args.from_all_weights, args.names, args.layout_from, args.space])
     layout, base_model = None, ""
     if args.space:
         layout, base_model = layout_of_space(args.space)
@@ -102,19 +99,20 @@ def cmd_build(args) -> None:
     import time
 
     from .dataset import WeightsDataset
-    from .pca import build_space
-    from .storage import save_space
+    from .pca import BUILD_STATE, build_space, remove_state
+    from .storage import SPACE_FOLDER, check_outputs, save_space
 
     if args.scheduler and args.backend != "dask":
         raise W2WError("--scheduler goes with --backend dask")
     start = time.perf_counter()
-    dataset = WeightsDataset(args.dataset)
     state = Path(args.state or f"{str(args.out).rstrip('/')}.build-state")
+    check_outputs([(args.out, SPACE_FOLDER), (state, BUILD_STATE)], [args.dataset, args.attributes])
+    dataset = WeightsDataset(args.dataset)
     space = build_space(dataset, args.components, args.memory, args.backend, args.method, args.oversamples,
                         args.power_iterations, args.attributes, args.scheduler, args.base_model, args.seed, _progress,
                         state)
     save_space(space, args.out)
-    shutil.rmtree(state, ignore_errors=True)
+    remove_state(state)
     variance = space.explained_variance
     print(f"wrote space {args.out}: N = {space.num_weights:,}, K = {space.num_components:,}, M = {space.num_models:,}; "
           f"the components explain {float(variance.sum()) / float((space.std > 0).sum()):.1%} of the variance "
@@ -124,9 +122,10 @@ def cmd_build(args) -> None:
 def cmd_import_official(args) -> None:
     from .official import import_official
     from .space import W2WModel
-    from .storage import load_model, save_model
+    from .storage import MODEL_FILE, check_output, load_model, save_model
 
     if args.model:
+        check_output(args.dst, MODEL_FILE, [args.src])
         model = load_model(args.src)
         save_model(W2WModel(model.coefficients, args.space_id), args.dst)
         print(f"wrote model {args.dst} ({len(model.coefficients)} coefficients)")
@@ -152,9 +151,16 @@ def cmd_project(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .pipeline import generate, image_grid, load_base_pipeline
-    from .storage import load_model, load_space
+    from .checks import check_int
+    from .pipeline import generate, image_grid, load_base_pipeline, num_train_timesteps
+    from .storage import FILES_FOLDER, IMAGE_FILE, check_outputs, load_model, load_space, output_lock, save_png
 
+    out = Path(args.out)
+    files = [out / f"seed_{seed:04d}.png" for seed in args.seeds] + [out / "grid.png"]
+    check_outputs([(out, FILES_FOLDER)] + [(file, IMAGE_FILE) for file in files],
+                  [args.model, args.edited, args.space, args.base])
+    if args.injection_timestep is not None:
+        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
     model = load_model(args.model) if args.model else None
     edited_model = load_model(args.edited) if args.edited else None
     layout = weights = edited = None
@@ -167,36 +173,39 @@ def cmd_generate(args) -> None:
     images = generate(pipe, layout, weights, args.prompt, negative_prompt=args.negative_prompt, seeds=args.seeds,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
                       width=args.size, edited=edited, injection_timestep=args.injection_timestep)
-    out = Path(args.out)
-    for seed, image in zip(args.seeds, images):
-        _save_image(image, out / f"seed_{seed:04d}.png")
-    _save_image(image_grid(images), out / "grid.png")
+    with output_lock(out, _progress):  # a second run into the same folder writes after this one
+        for file, image in zip(files, images + [image_grid(images)]):
+            save_png(image, file)
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
 def cmd_sample(args) -> None:
     from .formats import save_lora
-    from .sampling import sample_models
-    from .storage import load_space, save_model
+    from .sampling import iter_sample_models
+    from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, load_space, output_lock, save_model
 
+    out = check_output(args.out, FILES_FOLDER, [args.space])
     space = load_space(args.space)
-    models = sample_models(space, args.num, args.seed, args.components, args.factor)
-    if args.export:
-        models[0].weights(space)  # NaN/inf in the components used shows in every model: refused before writing
-    out = Path(args.out)
-    for i, model in enumerate(models):
-        save_model(model, out / f"sample_{i:03d}.safetensors")
-        if args.export:
-            suffix = "" if args.export == "peft" else ".safetensors"
-            save_lora(space.layout, model.weights(space), out / f"sample_{i:03d}_lora{suffix}", args.export,
-                      space.base_model)
-    print(f"wrote {len(models)} models ({len(models[0].coefficients)} coefficients each) to {out}")
+    models = iter_sample_models(space, args.num, args.seed, args.components, args.factor)  # one at a time
+    k = min(args.components or space.coefficients.shape[1], space.coefficients.shape[1])
+    lora_files = {None: 0, "kohya": 1, "peft": 2}[args.export]  # a PEFT folder holds the weights twice
+    check_disk(out, args.num, FILE_BLOCK_BYTES + 4 * k + lora_files * (FILE_BLOCK_BYTES + 4 * space.num_weights),
+               "models")
+    with output_lock(out, _progress):  # a second run into the same folder waits for this one
+        for i, model in enumerate(models):
+            weights = model.weights(space) if args.export else None  # NaN/inf in the components: refused before writing
+            save_model(model, out / f"sample_{i:03d}.safetensors")
+            if args.export:
+                suffix = "" if args.export == "peft" else ".safetensors"
+                save_lora(space.layout, weights, out / f"sample_{i:03d}_lora{suffix}", args.export, space.base_model)
+    print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
 def cmd_edit(args) -> None:
     from .editing import apply_edits, attribute_directions
-    from .storage import load_model, load_space, save_model
+    from .storage import MODEL_FILE, check_output, load_model, load_space, save_model
 
+    check_output(args.out, MODEL_FILE, [args.model, args.space])
     space = load_space(args.space)
     model = load_model(args.model)
     model.check_space(space)
@@ -231,10 +240,13 @@ def export_path(out: Path, fmt: str) -> Path:
 def cmd_invert(args) -> None:
     import torch
 
-    from .formats import save_lora
+    from .formats import LORA_OUTPUTS, save_lora
     from .inversion import invert_file, preset
-    from .storage import load_space, save_model
+    from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model
 
+    check_outputs([(args.out, MODEL_FILE), (args.checkpoint, FILE),
+                   (export_path(Path(args.out), args.export) if args.export else None, LORA_OUTPUTS.get(args.export))],
+                  [args.image, args.mask, args.space, args.base])
     space = load_space(args.space)  # memory-mapped: invert reads only the first K components
     config = preset(args.preset, space, components=args.components, steps=args.steps, lr=args.lr,
                     weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every)
@@ -256,8 +268,16 @@ def cmd_invert(args) -> None:
 
 # ----------------------------------------------------------------------------- parser
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (`w2w COMMAND: error: ...`, exit code 2), like every
+    other error of w2w; `w2w COMMAND --help` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -309,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", default=DEFAULT_BASE,
                        help="base pipeline folder or hub id (default: %(default)s; SD1.5: "
                             "stablediffusionapi/realistic-vision-v51)")
-        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
+        p.add_argument("--device", type=DEVICE, default="auto",
+                       help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
 
     project = commands.add_parser(
         "project", help="take an identity LoRA into the space as a w2w model",
@@ -335,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="w2w model file (.safetensors or the original w2wmodel.pt); omit for the base alone")
     gen.add_argument("--prompt", default="sks person", help="prompt; the identity's token is 'sks' (default: %(default)r)")
     gen.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
-    gen.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
-    gen.add_argument("--size", type=int, default=None, help="image size in pixels (default: the base model's)")
+    gen.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
+    gen.add_argument("--steps", type=COUNT, default=50, help="denoising steps (default: %(default)s)")
+    gen.add_argument("--guidance", type=FINITE, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    gen.add_argument("--size", type=SIZE, default=None,
+                     help="image size in pixels, a multiple of 8 (default: the base model's)")
     gen.add_argument("--edited", help="delayed injection: edited model used for timesteps t <= --injection-timestep")
-    gen.add_argument("--injection-timestep", type=int, default=None,
-                     help="T of delayed injection: 700-1000 for global edits, 400-700 for fine ones")
+    gen.add_argument("--injection-timestep", type=NON_NEGATIVE, default=None,
+                     help="T of delayed injection, 0 to the scheduler's training timesteps (1,000 for SD1.5: the "
+                          "edited model throughout): 700-1000 for global edits, 400-700 for fine ones")
     gen.add_argument("--out", required=True, help="output folder")
     gen.set_defaults(run=cmd_generate)
 
@@ -349,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Draw each of the first K coefficients from an independent Gaussian "
                                              "fitted to the dataset models' coefficients (the paper's sampling).")
     add_space(sample)
-    sample.add_argument("--num", type=int, default=4, help="models to sample (default: %(default)s)")
-    sample.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    sample.add_argument("--components", type=int, default=None, help="K (default: 1,000 or all the dataset has)")
-    sample.add_argument("--factor", type=float, default=1.0,
+    sample.add_argument("--num", type=COUNT, default=4, help="models to sample (default: %(default)s)")
+    sample.add_argument("--seed", type=SEED, default=0, help="random seed (default: %(default)s)")
+    sample.add_argument("--components", "-k", type=COUNT, default=None,
+                        help="K (default: 1,000 or all the dataset has)")
+    sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
     sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
@@ -373,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how directions are found: the difference of the two classes' mean coefficients "
                            "(default: the change that goes with the attribute), least squares (the paper's, "
                            "which detects the attribute better than it edits it) or logistic regression")
-    edit.add_argument("--components", type=int, default=None,
+    edit.add_argument("--components", "-k", type=COUNT, default=None,
                       help="K of the directions (default: 1,000 as in the paper; for least squares and "
                            "logistic at most M/10 of the space's M dataset models)")
     edit.add_argument("--out", required=True, help="edited model file (.safetensors)")
@@ -385,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_space(directions)
     directions.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
                             help="how directions are fitted (default: %(default)s)")
-    directions.add_argument("--components", type=int, default=None,
+    directions.add_argument("--components", "-k", type=COUNT, default=None,
                             help="K used (default: 1,000 as in the paper; for least squares and logistic at most "
                                  "M/10 of the space's M dataset models)")
     directions.set_defaults(run=cmd_directions)
@@ -420,19 +444,20 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="real: photographs of faces; ood: paintings and other out-of-distribution images "
                              "(default: %(default)s)")
-    invert.add_argument("--components", type=int, default=None,
+    invert.add_argument("--components", "-k", type=COUNT, default=None,
                         help="K, coefficients optimised; at most the space's K (default: the preset's, at most the "
                              "space's)")
-    invert.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
-    invert.add_argument("--lr", type=float, default=None,
+    invert.add_argument("--steps", type=COUNT, default=None, help="optimiser steps (default: the preset's)")
+    invert.add_argument("--lr", type=POSITIVE, default=None,
                         help="Adam learning rate (default: the preset's, or the one the space records for it)")
-    invert.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default: the preset's)")
-    invert.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise (default: %(default)s)")
+    invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
+                        help="Adam weight decay (default: the preset's)")
+    invert.add_argument("--seed", type=SEED, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     invert.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
     invert.add_argument("--base", default=DEFAULT_BASE,
                         help="base diffusers pipeline the space was built for: folder or hub id (default: %(default)s)")
-    invert.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... "
-                                                         "(default: %(default)s)")
+    invert.add_argument("--device", type=DEVICE, default="auto",
+                        help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     invert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="dtype of the base model: auto = bfloat16 on CUDA (as the original), float32 elsewhere")
     invert.add_argument("--out", required=True, help="model file to write (.safetensors)")
@@ -442,7 +467,7 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--checkpoint", default=None,
                         help="file to save the run's state in every --checkpoint-every steps; a run that finds "
                              "it resumes from it")
-    invert.add_argument("--checkpoint-every", type=int, default=None,
+    invert.add_argument("--checkpoint-every", type=COUNT, default=None,
                         help=f"steps between checkpoints (default: {InversionConfig.checkpoint_every})")
     invert.set_defaults(run=cmd_invert)
 
@@ -462,7 +487,7 @@ def add_dataset_parsers(commands) -> None:
                         help="take the LoRA layout from this PEFT LoRA folder (default: an existing OUT's, else the "
                              "first LoRA's; with --from-all-weights, Stable Diffusion 1.5's)")
     layout.add_argument("--space", metavar="DIR", help="take the LoRA layout and base model from this space")
-    collect.add_argument("--shard-size", type=int, default=1024,
+    collect.add_argument("--shard-size", type=COUNT, default=1024,
                          help="models per shard file of a new dataset (default: %(default)s; about 400 MB for "
                               "Stable Diffusion 1.5)")
     collect.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -485,7 +510,7 @@ def add_dataset_parsers(commands) -> None:
                     "from disk: peak memory follows --memory, not M x N.")
     build.add_argument("dataset", metavar="DATASET", help="weights dataset directory (made by `w2w collect`)")
     build.add_argument("out", metavar="OUT", help="space directory to write (replaced only once complete)")
-    build.add_argument("--components", "-k", type=int, required=True, help="K, the number of principal components")
+    build.add_argument("--components", "-k", type=COUNT, required=True, help="K, the number of principal components")
     build.add_argument("--backend", choices=("torch", "dask"), default="torch",
                        help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
                             "(default: %(default)s)")
@@ -496,12 +521,12 @@ def add_dataset_parsers(commands) -> None:
     build.add_argument("--memory", default="4GB",
                        help="memory budget of the torch backend, the interpreter included (per worker for a dask "
                             "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
-    build.add_argument("--oversamples", type=int, default=10,
+    build.add_argument("--oversamples", type=NON_NEGATIVE, default=10,
                        help="randomized: extra trial vectors beyond K (default: %(default)s)")
-    build.add_argument("--power-iterations", type=int, default=4,
+    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=4,
                        help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
                             "decays slowly (default: %(default)s)")
-    build.add_argument("--seed", type=int, default=0,
+    build.add_argument("--seed", type=SEED, default=0,
                        help="randomized: seed of the trial vectors (default: %(default)s)")
     build.add_argument("--attributes", metavar="TABLE_CSV",
                        help="attribute table: CSV, first column the model names, one row per dataset model")

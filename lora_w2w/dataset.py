@@ -19,7 +19,8 @@ to 11 significant bits (relative error at most 2^-11). Reads always give float32
 Rows are in plain string order of the model names (the training folder names), the rule that
 reproduces the released `all_weights.pt`. Shards are written under a temporary name and renamed,
 and `index.json` last: a collect killed midway leaves the previous dataset as it was, and a rerun
-finishes the job. One collect at a time per dataset.
+finishes the job. A second collect into the same dataset on this machine waits until the first
+is done (`storage.output_lock`).
 
 Adding models: collect skips names the dataset has. New names that sort after the last one fill the
 last shard and new ones. A new name that sorts before existing ones makes collect rewrite every
@@ -50,8 +51,9 @@ from .formats import (PEFT_CONFIG, find_peft_weights, load_lora, peft_weights_fi
 from .layout import LoraLayout
 from .schemas import dataset_index
 from .space import check_finite
-from .storage import (SAFETENSORS_DTYPES, SafetensorsWriter, atomic_output, read_description, read_safetensors_header,
-                      read_space_description, torch_load)
+from .storage import (SAFETENSORS_DTYPES, Output, SafetensorsWriter, atomic_output, check_output,
+                      is_temporary, output_lock, owns_only, read_description, read_safetensors_header,
+                      read_space_description, torch_load, write_file)
 
 DATASET_FORMAT = "w2w-weights"
 FORMAT_VERSION = 1
@@ -61,6 +63,8 @@ DEFAULT_SHARD_SIZE = 1024
 _SHARD_NAME = re.compile(r"weights-(\d{5,})\.safetensors")
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}  # of the shards, by index.json name
 INDEX_SCHEMA = dataset_index(list(DTYPES))
+# a dataset, or the shards a first collect killed before its index.json left
+DATASET_FOLDER = Output("weights dataset", folder=True, owns=owns_only(rf"{INDEX_JSON}|{_SHARD_NAME.pattern}"))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -378,6 +382,14 @@ def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | Non
         raise W2WError(f"the shard size must be >= 1, got {shard_size}")
     if dtype not in DTYPES:
         raise W2WError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_output(path, DATASET_FOLDER)
+    with output_lock(path, log):  # a second collect into the same dataset waits for this one
+        return _add_models(path, source, layout, base_model, shard_size, log, dtype)
+
+
+def _add_models(path: Path, source: Source, layout: LoraLayout | None, base_model: str, shard_size: int,
+                log: Callable[[str], None] | None, dtype: str) -> CollectReport:
+    """`add_models` while holding the dataset's lock."""
     old = None
     if (path / INDEX_JSON).exists():
         old = WeightsDataset(path)
@@ -385,8 +397,6 @@ def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | Non
         if mismatch:
             raise LayoutError(f"{path}: the dataset's LoRA layout differs from the new models' ({mismatch})")
         layout, shard_size, base_model, dtype = old.layout, old.shard_size, old.base_model or base_model, old.dtype_name
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileFormatError(f"{path}: exists and is not a weights dataset (no {INDEX_JSON}); choose another OUT")
     if layout is None:
         raise LayoutError(f"{path}: a new dataset needs a LoRA layout")
     n = layout.numel
@@ -409,8 +419,8 @@ def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | Non
     old_rows = (row for _, chunk in old.iter_chunks(shard_size, first_row) for row in chunk) if old else iter(())
     rows = _merge(rewrite, old_rows, new, source.rows(set(new)))
 
-    path.mkdir(parents=True, exist_ok=True)
-    number = max([k for k in map(_shard_number, os.listdir(path)) if k is not None], default=-1) + 1
+    # numbered after the listed shards: a shard a killed run left unlisted is written over
+    number = max([_shard_number(s.file) for s in shards], default=-1) + 1
     shards, names = shards[:keep], old_names[:first_row]
     total = first_row + len(rewrite) + len(new)
     for start in range(first_row, total, shard_size):
@@ -425,7 +435,7 @@ def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | Non
              "dtype": dtype, "base_model": base_model, "layout": layout.to_dict(),
              "shards": [{"file": s.file, "rows": s.rows} for s in shards], "names": names}
     with atomic_output(path / INDEX_JSON) as tmp:
-        tmp.write_text(json.dumps(index, indent=0))
+        write_file(tmp, json.dumps(index, indent=0))
     _remove_unlisted(path, {s.file for s in shards})
     return CollectReport(WeightsDataset(path), len(new), len(rewrite), [])
 
@@ -434,8 +444,7 @@ def _remove_unlisted(path: Path, listed: set[str]) -> None:
     """Delete shard files the index no longer lists and temporary files of killed runs."""
     for file in path.iterdir():
         stale_shard = _shard_number(file.name) is not None and file.name not in listed
-        partial = file.name.startswith((".weights-", f".{INDEX_JSON}.")) and ".partial-" in file.name
-        if stale_shard or partial:
+        if stale_shard or is_temporary(file.name):
             file.unlink()
 
 

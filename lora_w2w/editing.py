@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checks import check_int
 from .errors import SpaceError
 from .space import Space, W2WModel
 
@@ -203,5 +204,6 @@ def _coefficients(space: Space, k: int | None, method: str = DEFAULT_METHOD) -> 
     """The dataset's coefficients (M, k) on the first k components (default: edit_components)."""
     if space.coefficients is None:
         raise SpaceError("the space has no dataset coefficients: directions cannot be fitted")
-    k = edit_components(space, method) if k is None else k
-    return space.coefficients[:, : min(k, space.coefficients.shape[1])].float()
+    available = space.coefficients.shape[1]
+    k = min(edit_components(space, method), available) if k is None else check_int(k, "components", 1, available)
+    return space.coefficients[:, :k].float()

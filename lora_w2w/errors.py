@@ -19,3 +19,12 @@ class FileFormatError(W2WError):
 
 class PickleRefusedError(W2WError):
     """A file needs unpickling (which can run arbitrary code) and the user did not allow it."""
+
+
+class ArgumentError(W2WError):
+    """A number or choice given to a command or function is outside what it accepts."""
+
+
+class OutputError(W2WError):
+    """An output cannot be written where asked: it would replace an input, a directory or a folder
+    that is not an earlier output of its kind, or the disk refuses the write."""

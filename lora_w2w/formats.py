@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
 from .schemas import ADAPTER_CONFIG, FLOAT_DTYPES, read_json
-from .storage import atomic_output, read_safetensors_header, torch_load
+from .storage import Output, atomic_output, holds, read_safetensors_header, torch_load, write_file, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -40,6 +40,9 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads a LoRA
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
+PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=holds(PEFT_CONFIG))
+KOHYA_FILE = Output("kohya LoRA file")
+LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 
 
 def _weights(layout: LoraLayout, weights: torch.Tensor) -> torch.Tensor:
@@ -74,13 +77,13 @@ def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.Pat
     diffusers_state = {"unet." + key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
     metadata = {"unet." + key: value for key, value in
                 {"r": layout.rank, "lora_alpha": layout.alpha, "target_modules": sorted(layout.target_modules)}.items()}
-    with atomic_output(directory) as tmp:
+    with atomic_output(directory, PEFT_FOLDER) as tmp:
         tmp.mkdir()
         extra = {} if training is None else {TRAINING_METADATA_KEY: json.dumps(training, sort_keys=True)}
-        save_file(state, tmp / PEFT_WEIGHTS, {"format": "pt", **extra})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(diffusers_state, tmp / DIFFUSERS_WEIGHTS,
-                  {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        write_tensors(tmp / PEFT_WEIGHTS, state, {"format": "pt", **extra})
+        write_file(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True))
+        write_tensors(tmp / DIFFUSERS_WEIGHTS, diffusers_state,
+                      {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return Path(directory)
 
 
@@ -218,8 +221,8 @@ def save_kohya(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLik
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(layout.rank),
                 "ss_network_alpha": str(layout.alpha), "ss_base_model_version": "sd_v1",
                 "ss_sd_model_name": base_model, "w2w_target_modules": ",".join(layout.target_modules)}
-    with atomic_output(path) as tmp:
-        save_file(state, tmp, metadata)
+    with atomic_output(path, KOHYA_FILE) as tmp:
+        write_tensors(tmp, state, metadata)
     return Path(path)
 
 

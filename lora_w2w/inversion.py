@@ -46,6 +46,7 @@ from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .checks import check_int, check_number, check_seed
 from .dreambooth import Batch, StepSampler, encode_images, encode_prompt, prepare_image
 from .errors import SpaceError, W2WError
 from .images import eight_bit
@@ -81,12 +82,10 @@ class InversionConfig:
     checkpoint_every: int = 50   # steps between checkpoints, when a checkpoint path is given
 
     def __post_init__(self):
-        checks = [("components", self.components >= 1, ">= 1"), ("steps", self.steps >= 1, ">= 1"),
-                  ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                  ("checkpoint_every", self.checkpoint_every >= 1, ">= 1")]
-        for name, ok, expected in checks:
-            if not ok:
-                raise W2WError(f"inversion {name} must be {expected}, got {getattr(self, name)}")
+        for name in ("components", "steps", "checkpoint_every"):
+            check_int(getattr(self, name), f"inversion {name}", minimum=1)
+        check_number(self.lr, "inversion lr", above=0.0)
+        check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
 
 
 PRESETS = {
@@ -282,6 +281,7 @@ def invert(pipe, space: Space, image: torch.Tensor, mask: torch.Tensor | None = 
     `mask` (1, 1, h, w) when given. With `checkpoint`, the run's state is saved there every
     `config.checkpoint_every` steps and at the end, and a run finding it there resumes from it."""
     k = space.check_k(config.components)
+    check_seed(seed)
     device = pipe.unet.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
     target = encode_target(pipe, image, mask, space.prompt or TRIGGER_PROMPT)

@@ -23,7 +23,7 @@ from .errors import FileFormatError
 from .formats import read_adapter_config
 from .layout import DEFAULT_ALPHA, LoraLayout, sd15_layout
 from .space import Space, check_finite
-from .storage import load_space, save_space, torch_load
+from .storage import SPACE_FOLDER, check_output, load_space, save_space, torch_load
 
 OFFICIAL_BASE_MODEL = "stablediffusionapi/realistic-vision-v51"
 REQUIRED = ("mean.pt", "std.pt", "V.pt")
@@ -54,6 +54,7 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle
                     base_model: str = OFFICIAL_BASE_MODEL) -> Space:
     """Convert the released files in `src` into a space directory `dst`; returns the space (memory-mapped)."""
     src = Path(src)
+    check_output(dst, SPACE_FOLDER, [src])
     missing = [name for name in REQUIRED if not (src / name).is_file()]
     if missing:
         raise FileFormatError(f"{src}: missing {', '.join(missing)} (the released w2w files: "

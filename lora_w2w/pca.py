@@ -50,10 +50,12 @@ import pandas as pd
 import scipy.linalg
 import torch
 
+from .checks import check_seed
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
-from .storage import (WRITE_BLOCK_BYTES, atomic_output, mmap_tensor, read_attribute_table, read_safetensors_header,
+from .storage import (WRITE_BLOCK_BYTES, Output, atomic_output, mmap_tensor, owns_only, read_attribute_table,
+                      read_safetensors_header,
                       write_tensors)
 
 BACKENDS = ("torch", "dask")
@@ -337,6 +339,18 @@ class BuildState:
             return None
 
 
+BUILD_STATE = Output("build state folder", folder=True, owns=owns_only(r"(moments|basis)\.safetensors"))
+
+
+def remove_state(directory: str | os.PathLike) -> None:
+    """Delete a build's state folder, when it holds only a build's state."""
+    directory = Path(directory)
+    if directory.is_dir() and BUILD_STATE.owns(directory):
+        for file in directory.iterdir():
+            file.unlink()
+        directory.rmdir()
+
+
 def build_key(dataset: WeightsDataset, k: int, p: Plan, seed: int) -> dict:
     """What makes a build's passes the same: the dataset's files (names, sizes, modification times), K,
     the plan and the seed."""
@@ -587,6 +601,7 @@ def build_space(dataset: WeightsDataset, k: int, memory: int | str = DEFAULT_MEM
     directory), the torch backend keeps its finished passes there (`BuildState`) and resumes from them;
     the caller removes the directory once the space is saved."""
     log = log or (lambda message: None)
+    check_seed(seed)
     memory = parse_memory(memory)
     m, n = len(dataset), dataset.layout.numel
     check_components(m, n, k)

@@ -17,22 +17,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import W2WError
+from .checks import (SIZE_STEP, available_memory, check_int, check_number, check_seed, check_size, gigabytes,
+                     resolve_device)
+from .errors import ArgumentError, W2WError
 from .layout import LoraLayout
 from .network import FusedLora, check_layout
 
 DEFAULT_BASE = "files/tiny/base"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else Apple's MPS when present, else the CPU."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -68,9 +59,14 @@ def generate(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prom
     model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T."""
     if (edited is None) != (injection_timestep is None):
         raise W2WError("delayed injection needs both the edited weights and the injection timestep")
+    seeds = [check_seed(s) for s in seeds]
+    check_int(num_inference_steps, "steps", minimum=1)
+    check_number(guidance_scale, "guidance scale")
+    if injection_timestep is not None:
+        check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps)
+    check_generation_memory(pipe, len(seeds), *(None if s is None else check_size(s) for s in (height, width)))
     if weights is not None or edited is not None:
         check_layout(pipe.unet, layout)
-    seeds = [int(s) for s in seeds]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     state = {"fused": None}
 
@@ -95,6 +91,44 @@ def generate(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prom
     finally:
         use(None)
     return result.images
+
+
+def num_train_timesteps(base: str) -> int:
+    """The number of training timesteps of the base pipeline's scheduler, from its config file alone."""
+    from diffusers import DDPMScheduler
+
+    try:
+        config = DDPMScheduler.load_config(base, subfolder="scheduler", local_files_only=Path(base).is_dir())
+    except (OSError, ValueError) as error:
+        raise W2WError(f"{base}: cannot read the scheduler's config ({str(error).splitlines()[0]})") from None
+    return int(DDPMScheduler.from_config(config).config.num_train_timesteps)
+
+
+def generation_bytes(pipe, images: int, height: int, width: int) -> int:
+    """About the peak memory of generating `images` images of height x width at once: the VAE decoder's
+    full-resolution activations (3 alive at a time, per image) and the UNet's at latent resolution
+    (its skip connections, for both halves of classifier-free guidance), and the grid image."""
+    itemsize = torch.finfo(pipe.unet.dtype).bits // 8
+    pixels = height * width
+    vae = 3 * pipe.vae.config.block_out_channels[0] * pixels * itemsize * images
+    unet_channels = pipe.unet.config.block_out_channels
+    unet = 2 * 2 * len(unet_channels) * unet_channels[0] * pixels // pipe.vae_scale_factor**2 * itemsize * images
+    return vae + unet + 3 * pixels * images
+
+
+def check_generation_memory(pipe, images: int, height: int | None, width: int | None) -> None:
+    """ArgumentError when `generation_bytes` passes the memory free on the pipeline's device, saying
+    which size fits."""
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or default, width or default
+    free = available_memory(pipe.device)
+    if generation_bytes(pipe, images, height, width) <= free:
+        return
+    per_pixel = generation_bytes(pipe, images, SIZE_STEP, SIZE_STEP) / SIZE_STEP**2
+    side = int(math.sqrt(free / per_pixel)) // SIZE_STEP * SIZE_STEP
+    raise ArgumentError(f"{images} images of {width} x {height} pixels need about "
+                        f"{gigabytes(generation_bytes(pipe, images, height, width))}, the {pipe.device.type} has "
+                        f"{gigabytes(free)} free: at most --size {side} fits (or give fewer seeds)")
 
 
 def _first_timestep(pipe, num_inference_steps: int) -> int:

@@ -8,12 +8,16 @@ Letters: M dataset models, K components, S samples.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
-from .errors import SpaceError
+from .checks import available_memory, check_int, check_number, check_seed, gigabytes
+from .errors import ArgumentError, SpaceError
 from .space import Space, W2WModel
 
 DEFAULT_SAMPLE_COMPONENTS = 1000
+MODEL_OVERHEAD_BYTES = 512  # a W2WModel and its tensor in memory, besides the coefficients
 
 
 def fit_gaussian(coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,20 +37,34 @@ def sample_coefficients(mean: torch.Tensor, std: torch.Tensor, num: int, generat
     return (mean + factor * std * noise).float()
 
 
-def sample_models(space: Space, num: int, seed: int = 0, k: int | None = None, factor: float = 1.0) -> list[W2WModel]:
-    """`num` new models of `space` on its first k coefficients (default: 1,000, or fewer when the
-    dataset coefficients have fewer)."""
+def _components(space: Space, k: int | None) -> int:
+    """k checked against the dataset coefficients' K (default: 1,000, or all they have when fewer)."""
     if space.coefficients is None:
         raise SpaceError("the space has no dataset coefficients to fit the sampling distribution to")
     available = space.coefficients.shape[1]
-    k = min(DEFAULT_SAMPLE_COMPONENTS, available) if k is None else k
-    if not 1 <= k <= available:
-        raise SpaceError(f"{k} components asked for, the space's dataset coefficients have {available}")
-    if num < 1 or factor <= 0:
-        raise SpaceError(f"need num >= 1 and factor > 0, got num={num}, factor={factor}")
+    return min(DEFAULT_SAMPLE_COMPONENTS, available) if k is None else check_int(k, "components", 1, available)
+
+
+def iter_sample_models(space: Space, num: int, seed: int = 0, k: int | None = None,
+                       factor: float = 1.0) -> Iterator[W2WModel]:
+    """`num` new models of `space` on its first k coefficients (default: 1,000, or fewer when the
+    dataset coefficients have fewer), drawn one at a time: memory does not grow with `num`."""
+    k = _components(space, k)
+    check_int(num, "number of models", minimum=1)
+    check_number(factor, "factor", above=0.0)
     mean, std = fit_gaussian(space.coefficients[:, :k])
-    draws = sample_coefficients(mean, std, num, torch.Generator().manual_seed(seed), factor)  # (S, k)
-    return [W2WModel(c, space.id) for c in draws]
+    generator = torch.Generator().manual_seed(check_seed(seed))
+    return (W2WModel(sample_coefficients(mean, std, 1, generator, factor)[0], space.id) for _ in range(num))
+
+
+def sample_models(space: Space, num: int, seed: int = 0, k: int | None = None, factor: float = 1.0) -> list[W2WModel]:
+    """The models of `iter_sample_models` as a list; refused when the list would not fit in memory."""
+    each = 4 * _components(space, k) + MODEL_OVERHEAD_BYTES  # float32 coefficients
+    free = available_memory(torch.device("cpu"))
+    if check_int(num, "number of models", minimum=1) * each > free:
+        raise ArgumentError(f"{num:,} models need about {gigabytes(num * each)}, this machine has {gigabytes(free)} "
+                            f"free: at most {free // each:,} fit in a list (iter_sample_models draws one at a time)")
+    return list(iter_sample_models(space, num, seed, k, factor))
 
 
 def nearest_models(space: Space, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,28 +9,38 @@ The safetensors file is written block by block and read through memory maps, so 
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
 A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
 
-Every output is written under a temporary name and renamed when complete. Every file is checked once,
-where it is read: JSON against its schema (`schemas`), safetensors headers against the format and the
-file's size, spaces' tensors against space.json.
+Every output is checked before any work begins (`check_output`: not an input, not a directory where
+a file goes, not a foreign folder where a space goes), written under a temporary name and renamed
+when complete; a write the disk refuses is one line (`cannot write DIR: permission denied`).
+Safetensors files are written by this module with sorted metadata: the same output, the same bytes.
+Every file is checked once, where it is read: JSON against its schema (`schemas`), safetensors
+headers against the format and the file's size, spaces' tensors against space.json.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import hashlib
+import io
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
+import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
-from .errors import FileFormatError, PickleRefusedError, W2WError
+from .checks import gigabytes
+from .errors import FileFormatError, OutputError, PickleRefusedError, W2WError
 from .layout import LoraLayout
 from .schemas import SAFETENSORS_HEADER, SAFETENSORS_ITEMSIZE, SPACE_DESCRIPTION, check, read_json
 from .space import Space, W2WModel, check_finite
@@ -44,6 +54,120 @@ ATTRIBUTES_CSV = "attributes.csv"
 
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
 WRITE_BLOCK_BYTES = 64 * 2**20  # large matrices are written in blocks of about this size
+
+
+# ----------------------------------------------------------------------------- where outputs may go
+
+@dataclass(frozen=True)
+class Output:
+    """What a command writes at a path: a file, or a folder (`folder`). `owns` says whether an existing
+    folder is an earlier output of this kind, which may be replaced or added to; an empty folder
+    always is. A file output may replace an earlier file, never a directory."""
+
+    kind: str                                   # in messages: "model file", "space"
+    folder: bool = False
+    owns: Callable[[Path], bool] | None = None  # None: any existing folder is written into
+
+
+def holds(*names: str) -> Callable[[Path], bool]:
+    """A folder that holds one of `names`."""
+    return lambda path: any((path / name).exists() for name in names)
+
+
+FILE = Output("file")
+MODEL_FILE = Output("model file")
+IMAGE_FILE = Output("image file")
+SPACE_FOLDER = Output("space", folder=True, owns=holds(SPACE_JSON))
+FILES_FOLDER = Output("output folder", folder=True)
+FILE_BLOCK_BYTES = 4096  # the least disk space a file takes
+LOCKS_FOLDER = "w2w-locks"  # in the temporary folder: the lock files of `output_lock`
+WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST}
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary name of `atomic_output`."""
+    return name.startswith(".") and (".partial-" in name or ".old-" in name)
+
+
+def owns_only(pattern: str) -> Callable[[Path], bool]:
+    """A folder that holds only files whose names match the regular expression `pattern` and
+    temporary files of this project."""
+    compiled = re.compile(pattern)
+    return lambda path: all(compiled.fullmatch(entry.name) or is_temporary(entry.name) for entry in path.iterdir())
+
+
+def _cannot_write(path: Path, error: OSError) -> OutputError:
+    where = path if path.is_dir() else path.parent
+    return OutputError(f"cannot write {where}: {os.strerror(error.errno).lower()}" if error.errno else
+                       f"cannot write {where}: {error}")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of `path` that exists."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def check_writable(path: Path) -> None:
+    """OutputError unless `path` can be created: its nearest existing ancestor is a writable folder."""
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {ancestor}: permission denied")
+
+
+def check_output(path: str | os.PathLike, output: Output = FILE,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """`path`, checked before any work begins: not one of `inputs` nor a folder holding one, not a
+    directory where a file goes, not a file where a folder goes, not a non-empty folder that is not
+    an earlier output of its kind, and creatable. Temporary files of killed runs writing it are removed."""
+    path = Path(path)
+    target = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise OutputError(f"{path}: is {'' if source == target else 'a folder holding '}the input {given}; "
+                              f"writing there would destroy it: choose another output")
+    if path.is_symlink() or path.exists():
+        if output.folder and not path.is_dir():
+            raise OutputError(f"{path}: exists and is a file, but a {output.kind} is a folder: choose another path")
+        if not output.folder and path.is_dir():
+            raise OutputError(f"{path}: is a directory, expected the path of a {output.kind}: "
+                              f"name a file (nothing was written)")
+        if output.folder and output.owns and any(path.iterdir()) and not output.owns(path):
+            raise OutputError(f"{path}: a folder that is not a {output.kind} and not empty: choose another path "
+                              f"(nothing was written)")
+    check_writable(path)
+    _remove_stale(path)
+    return path
+
+
+def check_disk(folder: str | os.PathLike, count: int, each: int, what: str) -> None:
+    """OutputError when `count` outputs of about `each` bytes do not fit the disk free at `folder`."""
+    folder = Path(folder)
+    ancestor = folder if folder.is_dir() else _existing_ancestor(folder)
+    free = shutil.disk_usage(ancestor).free
+    if count * each > free:
+        raise OutputError(f"{count:,} {what} need about {gigabytes(count * each)} on disk, {ancestor} has "
+                          f"{gigabytes(free)} free: at most {free // each:,} fit")
+
+
+def check_outputs(outputs: Iterable[tuple[str | os.PathLike | None, Output]],
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """`check_output` for each of `outputs` (None: not written), which must also differ from each other."""
+    outputs = [(Path(path), output) for path, output in outputs if path is not None]
+    inputs = list(inputs)
+    for i, (path, output) in enumerate(outputs):
+        for other, _ in outputs[:i]:
+            if path.resolve() == other.resolve():
+                raise OutputError(f"{path}: named for two outputs of one command: choose two paths")
+        check_output(path, output, inputs)
 
 
 # ----------------------------------------------------------------------------- atomic output
@@ -66,29 +190,89 @@ def _alive(pid: str) -> bool:
     return True
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` (file or directory) to write; it replaces `path` only when
-    the block ends without error, and is deleted otherwise."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.partial-*"):  # left by a process that was killed
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
+def _remove_stale(path: Path) -> None:
+    """Delete temporary siblings of `path` left by processes that were killed."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        kind, _, pid = stale.name[len(path.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and not _alive(pid):
             _remove(stale)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, output: Output = FILE) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` (file or directory) to write; it replaces `path` only when
+    the block ends without error, and is deleted otherwise. An existing directory at `path` is
+    replaced only when `output` is a folder that owns it; a refused or failed write raises OutputError."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    _remove(tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            check_output(path, output)
+        _remove_stale(path)
+        _remove(tmp)
+    except OSError as error:
+        raise _cannot_write(path, error) from None
     try:
         yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except OSError as error:
+        _remove(tmp)
+        if error.errno in WRITE_ERRORS and (error.filename is None or str(error.filename).startswith(str(tmp))):
+            raise _cannot_write(path, error) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+
+
+def write_file(path: Path, data: bytes | str) -> None:
+    """`data` (text as UTF-8) as the file `path`, through this module's `open`."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """A PIL image as the PNG file `path` (same image, same bytes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with atomic_output(path, IMAGE_FILE) as tmp:
+        write_file(tmp, buffer.getvalue())
+    return Path(path)
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of the output `folder` while the block runs: a second process of this machine
+    writing the same folder waits until the first is done, so their files never mix. The lock files
+    live in the temporary folder, named by a hash of the folder's path, and stay out of outputs."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    locks = Path(tempfile.gettempdir()) / LOCKS_FOLDER
+    try:
+        locks.mkdir(exist_ok=True)
+        lock = FileLock(locks / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if log:
+                log(f"{folder}: another w2w process is writing here; waiting for it to finish")
+            lock.acquire()
+    except OSError as error:
+        raise _cannot_write(locks, error) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------- safetensors by memory map
@@ -104,7 +288,7 @@ class SafetensorsWriter:
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None,
                  dtype: np.dtype = np.float32):
         self.dtype = np.dtype(dtype)
-        header: dict = {"__metadata__": dict(metadata or {})}
+        header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))}  # same output, same bytes
         offset = 0
         for name, shape in shapes.items():
             size = self.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -237,7 +421,7 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
         tensors["coefficients"] = space.coefficients
     if space.explained_variance is not None:
         tensors["explained_variance"] = space.explained_variance
-    with atomic_output(directory) as tmp:
+    with atomic_output(directory, SPACE_FOLDER) as tmp:
         tmp.mkdir()
         write_tensors(tmp / SPACE_TENSORS, tensors, {"format": SPACE_FORMAT, "space_id": space.id})
         description = {
@@ -253,9 +437,9 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
         }
         if space.inversion_presets:
             description["inversion_presets"] = space.inversion_presets
-        (tmp / SPACE_JSON).write_text(json.dumps(description, indent=1))
+        write_file(tmp / SPACE_JSON, json.dumps(description, indent=1))
         if space.attributes is not None:
-            space.attributes.to_csv(tmp / ATTRIBUTES_CSV)
+            write_file(tmp / ATTRIBUTES_CSV, space.attributes.to_csv())
     return directory
 
 
@@ -369,8 +553,8 @@ def save_model(model: W2WModel, path: str | os.PathLike) -> Path:
     metadata = {"format": MODEL_FORMAT, "version": str(FORMAT_VERSION)}
     if model.space_id:
         metadata["space_id"] = model.space_id
-    with atomic_output(path) as tmp:
-        save_file({"coefficients": model.coefficients.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata)
+    with atomic_output(path, MODEL_FILE) as tmp:
+        write_tensors(tmp, {"coefficients": model.coefficients.detach()}, metadata)
     return path
 
 
@@ -400,8 +584,10 @@ def load_model(path: str | os.PathLike) -> W2WModel:
 def save_state(path: str | os.PathLike, kind: str, state: dict) -> None:
     """A run's state (tensors, numbers, strings, lists and dicts of them) written to `path` atomically,
     tagged `kind`, for `load_state`."""
+    buffer = io.BytesIO()
+    torch.save({"format": kind, **state}, buffer)
     with atomic_output(path) as tmp:
-        torch.save({"format": kind, **state}, tmp)
+        write_file(tmp, buffer.getvalue())
 
 
 def load_state(path: str | os.PathLike, kind: str) -> dict:

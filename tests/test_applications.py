@@ -7,7 +7,7 @@ from conftest import make_space
 
 from lora_w2w.editing import (DEFAULT_METHOD, METHODS, apply_edits, attribute_directions, debias, direction_report,
                               edit_components, least_squares_direction, mean_difference_direction, spread_along)
-from lora_w2w.errors import SpaceError, W2WError
+from lora_w2w.errors import ArgumentError, SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
 from lora_w2w.sampling import fit_gaussian, nearest_models, sample_models
 from lora_w2w.space import W2WModel
@@ -45,7 +45,7 @@ def test_sampling_fits_the_dataset_gaussian(labelled_space):
     assert all(torch.equal(a.coefficients, b.coefficients) for a, b in zip(again, models[:3]))  # deterministic
     index, distance = nearest_models(labelled_space, draws[:5])
     assert index.shape == (5,) and (distance > 0).all()
-    with pytest.raises(SpaceError, match="9 components asked for"):
+    with pytest.raises(ArgumentError, match="components: expected an integer from 1 to 8, got 9"):
         sample_models(labelled_space, 1, k=9)
 
 
@@ -171,8 +171,10 @@ def test_generation_fuses_the_model_and_delays_injection(toy_world):
     assert np.abs(with_model - base).mean() > 1  # the model changes the images
     assert np.array_equal(run(None, "a photo of a person"), base)  # and is removed afterwards
     only_edited = run(edited, "a photo of a person")
-    assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=10_000), only_edited)
-    assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=-1), with_model)
+    assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=1000), only_edited)
+    assert np.array_equal(run(weights, "a photo of a person", edited=edited, injection_timestep=0), with_model)
+    with pytest.raises(ArgumentError, match="injection timestep: expected an integer from 0 to 1000, got -1"):
+        run(weights, "a photo of a person", edited=edited, injection_timestep=-1)
     delayed = run(weights, "a photo of a person", edited=edited, injection_timestep=500)
     assert np.abs(delayed - only_edited).mean() > 0.5 and np.abs(delayed - with_model).mean() > 0.5
     assert len(generate(pipe, None, None, "a photo", seeds=[3, 4, 5], num_inference_steps=2)) == 3

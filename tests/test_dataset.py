@@ -7,7 +7,7 @@ import torch
 from lora_w2w.cli import main
 from lora_w2w.dataset import (INDEX_JSON, WeightsDataset, add_models, collect_all_weights, collect_folders,
                               discover_loras, matrix_source)
-from lora_w2w.errors import FileFormatError, LayoutError, SpaceError, W2WError
+from lora_w2w.errors import FileFormatError, LayoutError, OutputError, SpaceError, W2WError
 from lora_w2w.formats import load_kohya, load_peft, save_kohya, save_peft
 from lora_w2w.layout import LoraLayer, LoraLayout
 from lora_w2w.storage import read_safetensors_header
@@ -123,7 +123,7 @@ def test_empty_folders_and_name_clashes(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     write_loras(tmp_path / "runs", ["a"])
-    with pytest.raises(FileFormatError, match="is not a weights dataset"):
+    with pytest.raises(OutputError, match="is not a weights dataset"):
         collect_folders(tmp_path / "runs", tmp_path / "full")
     only_kohya = tmp_path / "kohya"
     save_kohya(SMALL, torch.zeros(SMALL.numel), only_kohya / "k.safetensors")

@@ -21,11 +21,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..storage import atomic_output
+from ..storage import Output, atomic_output, holds
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"  # also CLIP's pad and unknown token
 END_OF_WORD = "</w>"
+PIPELINE_FOLDER = Output("diffusers pipeline folder", folder=True, owns=holds("model_index.json"))
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | os.PathLike, ext
     `tokenizer.json`; transformers 4 needs them). `extra_files` maps file names to bytes written
     beside `model_index.json`.
     """
-    with atomic_output(out_dir) as tmp:
+    with atomic_output(out_dir, PIPELINE_FOLDER) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         backend = json.loads(pipe.tokenizer.backend_tokenizer.to_str())["model"]
         merges = [m.split(" ") if isinstance(m, str) else m for m in backend["merges"]]
