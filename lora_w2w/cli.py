@@ -35,10 +35,9 @@ def _parse_edit(text: str) -> tuple[str, float]:
 
 
 def _save_image(image, path: Path) -> None:
-    from .storage import atomic_output
+    from .images import save_png
 
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG")
+    save_png(image, path)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -99,7 +98,7 @@ def cmd_build(args) -> None:
     import time
 
     from .dataset import WeightsDataset
-    from .pca import build_space
+    from .pca import BuildConfig, build_space
     from .storage import save_space
 
     if args.scheduler and args.backend != "dask":
@@ -107,9 +106,10 @@ def cmd_build(args) -> None:
     start = time.perf_counter()
     dataset = WeightsDataset(args.dataset)
     state = Path(args.state or f"{str(args.out).rstrip('/')}.build-state")
-    space = build_space(dataset, args.components, args.memory, args.backend, args.method, args.oversamples,
-                        args.power_iterations, args.attributes, args.scheduler, args.base_model, args.seed, _progress,
-                        state)
+    config = BuildConfig(memory=args.memory, backend=args.backend, method=args.method, oversamples=args.oversamples,
+                         power_iterations=args.power_iterations, seed=args.seed, attributes=args.attributes,
+                         scheduler=args.scheduler, base_model=args.base_model, state=state)
+    space = build_space(dataset, k=args.components, config=config, log=_progress)
     save_space(space, args.out)
     shutil.rmtree(state, ignore_errors=True)
     variance = space.explained_variance
