@@ -45,7 +45,7 @@ def add_dreambooth_arguments(parser: argparse.ArgumentParser, kebab: bool) -> No
 
     base = spellings("pretrained_model_name_or_path", kebab=False)
     group.add_argument(*(["--base", *base] if kebab else [*base, "--base"]), dest="pretrained_model_name_or_path",
-                       default="files/tiny/base",
+                       metavar="BASE" if kebab else None, default="files/tiny/base",
                        help="base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)")
     add("instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
     add("class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")
