@@ -1,11 +1,12 @@
-"""Dreambooth LoRA training of identities (Ruiz et al. 2023; the w2w paper's Sec. 3.1 recipe):
-"sks person" on an identity's images, prior preservation with "person" images of the base model,
-rank-1 LoRA on to_q/to_v, 800 steps at lr 1e-4.
+"""Dreambooth LoRA training of identities (Ruiz et al. 2023) with the w2w paper's Sec. 3.1 recipe, the
+defaults of `add_dreambooth_arguments`: "sks person" on an identity's images, prior preservation with
+"person" images of the base model, a LoRA on to_q/to_v.
 
 The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
 (many identities in one pass): reading an instance folder, generating class images once, caching
-latent distributions and text embeddings, and a per-identity random stream (`StepSampler`) so that
-an identity trained among many sees exactly the batches, noise and timesteps of a solo run.
+latent distributions and text embeddings, a per-identity random stream (`StepSampler`) so that
+an identity trained among many sees exactly the batches, noise and timesteps of a solo run, and
+the optimizer step over accumulated batches (`accumulated_step`).
 
 Letters: I images, b batch per identity, C latent channels, h x w latent size.
 """
@@ -163,8 +164,8 @@ def encode_batch_size(resolution: int) -> int:
 def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, resolution: int, steps: int,
                         seed: int, device: torch.device) -> None:
     """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards),
-    float16 on CUDA; batches of 16 at 64 px, 1 at 512 px (on SD1.5 the phase peaks at 6.3 GiB with the
-    base held, rather than 20 GiB: benchmarks/README.md)."""
+    float16 on CUDA, `class_image_batch_size` at a time, so that the phase stays below a training step's
+    memory with the base held (benchmarks/README.md)."""
     class_dir.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (class_dir / f"{i:05d}.png").is_file()]
     if not missing:
@@ -187,8 +188,8 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled; batches of 32 at
-    64 px, 1 at 512 px (a float32 SD1.5 VAE encoding 32 images at 512 px would take 24 GB)."""
+    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled; `encode_batch_size`
+    images at a time, so that the phase stays below a training step's memory (benchmarks/README.md)."""
     means, stds = [], []
     for chunk in images.split(encode_batch_size(images.shape[-1])):
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
