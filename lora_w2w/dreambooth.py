@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import W2WError
-from .flags import flag, spellings
+from .flags import add_flag, flag, spellings
 from .images import save_png
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 
@@ -40,10 +41,7 @@ def add_dreambooth_arguments(parser: argparse.ArgumentParser, kebab: bool) -> No
     """The hyper-parameter flags of the original train_dreambooth.py, with the paper's values as defaults;
     kebab-case first for a `w2w` subcommand (`flags.spellings`)."""
     group = parser.add_argument_group("Dreambooth")
-
-    def add(name: str, **kwargs) -> None:
-        group.add_argument(*spellings(name, kebab), dest=name, **kwargs)
-
+    add = functools.partial(add_flag, group, kebab=kebab)
     base = spellings("pretrained_model_name_or_path", kebab=False)
     group.add_argument(*(["--base", *base] if kebab else [*base, "--base"]), dest="pretrained_model_name_or_path",
                        metavar="BASE" if kebab else None, default="files/tiny/base",

@@ -12,6 +12,12 @@ def spellings(name: str, kebab: bool) -> list[str]:
     return list(dict.fromkeys([dashed, underscore] if kebab else [underscore, dashed]))
 
 
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, kebab: bool,
+             **kwargs) -> argparse.Action:
+    """Add flag `name` in both spellings, the command's own first, stored at `name` (underscores)."""
+    return parser.add_argument(*spellings(name, kebab), dest=name.replace("-", "_"), **kwargs)
+
+
 def flag(name: str, kebab: bool) -> str:
     """Flag `name` as the command spells it in --help and in its errors."""
     return spellings(name, kebab)[0]

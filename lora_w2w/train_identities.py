@@ -24,6 +24,7 @@ train_dreambooth.py's `--learning_rate` ...) are taken too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -44,7 +45,7 @@ from .dreambooth import (IdentityData, SharedData, accumulated_step, add_dreambo
                          training_settings)
 from .dataset import WeightsDataset
 from .errors import LayoutError, W2WError
-from .flags import OneSpellingFormatter, spellings
+from .flags import OneSpellingFormatter, add_flag
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .layout import LoraLayout
 from .storage import load_state, save_state
@@ -240,10 +241,7 @@ def collected(dataset: Path, layout: LoraLayout) -> set[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
                                      formatter_class=OneSpellingFormatter)
-
-    def add(name: str, **kwargs) -> None:
-        parser.add_argument(*spellings(name, kebab=True), dest=name, **kwargs)
-
+    add = functools.partial(add_flag, parser, kebab=True)
     add("instance_root", required=True, help="folder with one sub-folder of images per identity")
     add("output_root", required=True, help="<output-root>/<identity>/unet/ is written per identity")
     add("identities_per_batch", type=int, default=16,

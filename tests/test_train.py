@@ -302,7 +302,8 @@ def test_train_identities_flags_are_kebab_case_and_take_the_original_spellings(c
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     shown = capsys.readouterr().out  # the original's script keeps the original's spellings
-    assert "--max_train_steps" in shown and "--pretrained_model_name_or_path" in shown and "--max-train-steps" not in shown
+    assert "--max_train_steps" in shown and "--pretrained_model_name_or_path" in shown
+    assert "--max-train-steps" not in shown
 
 
 def test_an_accumulated_step_is_one_step_on_the_batches_mean_gradient():

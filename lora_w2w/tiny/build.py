@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..dataset import INDEX_JSON, WeightsDataset, collect_folders
 from ..errors import W2WError
-from ..flags import OneSpellingFormatter, spellings
+from ..flags import OneSpellingFormatter, add_flag
 from ..space import Space
 from ..storage import atomic_output, save_space
 
@@ -197,11 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
     parser.add_argument("--components", type=int, default=250,
-                        help="K kept in the space, at most M - 1 (default: %(default)s, chosen in files/tiny/README.md)")
+                        help="K kept in the space, at most M - 1 (default: %(default)s, chosen in "
+                             "files/tiny/README.md)")
     parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
                         help="the explained-variance plot of the space (default: %(default)s)")
-    parser.add_argument(*spellings("identities_per_batch", kebab=True), type=int, default=32,
-                        help="identities trained together (default: %(default)s)")
+    add_flag(parser, "identities_per_batch", kebab=True, type=int, default=32,
+             help="identities trained together (default: %(default)s)")
     parser.add_argument("--processes", type=int, default=None,
                         help="training processes sharing the cores (default: one per core on a CPU, 1 with CUDA)")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import torch
 
 from .. import train_identities
 from ..errors import W2WError
-from ..flags import OneSpellingFormatter, spellings
+from ..flags import OneSpellingFormatter, add_flag
 from ..formats import load_peft
 from ..layout import LoraLayout
 from ..images import save_png
@@ -77,9 +77,11 @@ def score_images(evaluator: Evaluator, images, identity, references) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=OneSpellingFormatter)
     parser.add_argument("--identities", type=int, default=16, help="held-out identities trained (default: %(default)s)")
-    parser.add_argument(*spellings("images_per_identity", kebab=True), type=int, default=10, help="instance images each (default: %(default)s)")
+    add_flag(parser, "images_per_identity", kebab=True, type=int, default=10,
+             help="instance images each (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=8, help="'sks person' images scored per identity (default: %(default)s)")
-    parser.add_argument(*spellings("inference_steps", kebab=True), type=int, default=25, help="denoising steps of the samples (default: %(default)s)")
+    add_flag(parser, "inference_steps", kebab=True, type=int, default=25,
+             help="denoising steps of the samples (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the samples (default: %(default)s)")
     parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator file")
     parser.add_argument("--out", required=True, help="work folder: faces, LoRAs, a picture, the JSON row")
