@@ -15,17 +15,18 @@ import sys
 
 from lora_w2w.dreambooth import add_dreambooth_arguments, check_dreambooth_arguments, train_one
 from lora_w2w.errors import W2WError
+from lora_w2w.flags import OneSpellingFormatter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=OneSpellingFormatter)
     parser.add_argument("--instance_data_dir", required=True, help="folder of the identity's images")
     parser.add_argument("--output_dir", required=True, help="where <output_dir>/unet/ is written")
-    add_dreambooth_arguments(parser)
+    add_dreambooth_arguments(parser, kebab=False)
     args = parser.parse_args(argv)
     try:
-        check_dreambooth_arguments(args)
+        check_dreambooth_arguments(args, kebab=False)
     except W2WError as error:
         parser.error(str(error))
     return args

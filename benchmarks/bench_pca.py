@@ -114,14 +114,14 @@ def run_child(method: str, data: Path, k: int, memory: str, out: Path) -> None:
     from safetensors.torch import save_file
 
     from lora_w2w.dataset import WeightsDataset
-    from lora_w2w.pca import build_space
+    from lora_w2w.pca import BuildConfig, build_space
 
     dataset = WeightsDataset(data)
     m = len(dataset)
     started = time.perf_counter()
     if method.startswith("project"):
         route = "randomized" if method == "project-randomized" else "auto"
-        space = build_space(dataset, k, memory=memory, method=route,
+        space = build_space(dataset, k=k, config=BuildConfig(memory=memory, method=route),
                             log=lambda message: print(f"  [{method} {time.perf_counter() - started:6.0f} s] {message}",
                                                       flush=True))
         components, variance = space.components, space.explained_variance

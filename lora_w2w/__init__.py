@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 
 class _NoTorchvisionNotice(logging.Filter):
     """Drops transformers' notice that an image processor falls back to its PIL version without torchvision:
-    the project installs no torchvision on purpose (PIL and torch do what is needed), and diffusers' pipeline
-    module touches two such processors on import, which printed two lines before every generation."""
+    the project needs no torchvision (PIL and torch do its work), and diffusers' pipeline module would print
+    the notice for two processors on import."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "requires torchvision (not installed); falling back to" not in record.getMessage()

@@ -99,7 +99,7 @@ def cmd_build(args) -> None:
     import time
 
     from .dataset import WeightsDataset
-    from .pca import BUILD_STATE, build_space, remove_state
+    from .pca import BUILD_STATE, BuildConfig, build_space, remove_state
     from .storage import SPACE_FOLDER, check_outputs, save_space
 
     if args.scheduler and args.backend != "dask":
@@ -108,9 +108,10 @@ def cmd_build(args) -> None:
     state = Path(args.state or f"{str(args.out).rstrip('/')}.build-state")
     check_outputs([(args.out, SPACE_FOLDER), (state, BUILD_STATE)], [args.dataset, args.attributes])
     dataset = WeightsDataset(args.dataset)
-    space = build_space(dataset, args.components, args.memory, args.backend, args.method, args.oversamples,
-                        args.power_iterations, args.attributes, args.scheduler, args.base_model, args.seed, _progress,
-                        state)
+    config = BuildConfig(memory=args.memory, backend=args.backend, method=args.method, oversamples=args.oversamples,
+                         power_iterations=args.power_iterations, seed=args.seed, attributes=args.attributes,
+                         scheduler=args.scheduler, base_model=args.base_model, state=state)
+    space = build_space(dataset, k=args.components, config=config, log=_progress)
     save_space(space, args.out)
     remove_state(state)
     variance = space.explained_variance

@@ -78,6 +78,18 @@ class Shard:
     rows: int
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """The part of a read of rows start .. stop that one shard holds: its rows lo .. hi, `offset` the file
+    position of row lo, and `target` the rows of the read (0 = `start`) they fill."""
+
+    shard: Shard
+    offset: int
+    lo: int
+    hi: int
+    target: slice
+
+
 class WeightsDataset:
     """A weights dataset on disk (see the module docstring), read chunk by chunk."""
 
@@ -145,13 +157,14 @@ class WeightsDataset:
         elif out.shape != (stop - start, n) or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 ({stop - start}, {n}) tensor, got {tuple(out.shape)} "
                              f"{out.dtype}")
-        for shard, data_start, lo, hi in self._pieces(start, stop):
-            target = out[shard.start + lo - start: shard.start + hi - start].numpy()
+        for piece in self._pieces(start, stop):
+            target = out[piece.target].numpy()
             stored = target if self.dtype == target.dtype else np.empty(target.shape, self.dtype)
-            with open(self.path / shard.file, "rb") as f:
-                f.seek(data_start + self.dtype.itemsize * lo * n)
+            with open(self.path / piece.shard.file, "rb") as f:
+                f.seek(piece.offset)
                 if f.readinto(memoryview(stored).cast("B")) != stored.nbytes:
-                    raise FileFormatError(f"{self.path / shard.file}: truncated while reading rows {lo}..{hi}")
+                    raise FileFormatError(f"{self.path / piece.shard.file}: truncated while reading rows "
+                                          f"{piece.lo}..{piece.hi}")
             if stored is not target:
                 target[...] = stored
         return out
@@ -161,11 +174,9 @@ class WeightsDataset:
         strided read of each shard through a memory map dropped after the copy."""
         n = self.layout.numel
         out = torch.empty(row_stop - row_start, column_stop - column_start)
-        for shard, data_start, lo, hi in self._pieces(row_start, row_stop):
-            rows = np.memmap(self.path / shard.file, self.dtype, "r", data_start + self.dtype.itemsize * lo * n,
-                             (hi - lo, n))
-            first = shard.start + lo - row_start
-            out[first:first + hi - lo].numpy()[...] = rows[:, column_start:column_stop]
+        for piece in self._pieces(row_start, row_stop):
+            rows = np.memmap(self.path / piece.shard.file, self.dtype, "r", piece.offset, (piece.hi - piece.lo, n))
+            out[piece.target].numpy()[...] = rows[:, column_start:column_stop]
             del rows  # unmap: the pages read stay in the page cache, not in this process
         return out
 
@@ -180,15 +191,16 @@ class WeightsDataset:
         for first in range(start, len(self), rows):
             yield first, self.read_rows(first, min(first + rows, len(self)))
 
-    def _pieces(self, start: int, stop: int):
-        """(shard, data offset, first row, end row within the shard) covering rows start .. stop."""
+    def _pieces(self, start: int, stop: int) -> Iterator[_Piece]:
+        """The shards' parts of rows start .. stop, in row order."""
         first = max(0, bisect.bisect_right([s.start for s in self.shards], start) - 1)
         for shard, data_start in zip(self.shards[first:], self._data_starts[first:]):
             if shard.start >= stop:
                 break
             lo, hi = max(start - shard.start, 0), min(stop - shard.start, shard.rows)
             if hi > lo:
-                yield shard, data_start, lo, hi
+                yield _Piece(shard, data_start + self.dtype.itemsize * lo * self.layout.numel, lo, hi,
+                             slice(shard.start + lo - start, shard.start + hi - start))
 
 
 def read_index(path: Path) -> dict:

@@ -1,11 +1,12 @@
-"""Dreambooth LoRA training of identities (Ruiz et al. 2023; the w2w paper's Sec. 3.1 recipe):
-"sks person" on an identity's images, prior preservation with "person" images of the base model,
-rank-1 LoRA on to_q/to_v, 800 steps at lr 1e-4.
+"""Dreambooth LoRA training of identities (Ruiz et al. 2023) with the w2w paper's Sec. 3.1 recipe, the
+defaults of `add_dreambooth_arguments`: "sks person" on an identity's images, prior preservation with
+"person" images of the base model, a LoRA on to_q/to_v.
 
 The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
 (many identities in one pass): reading an instance folder, generating class images once, caching
-latent distributions and text embeddings, and a per-identity random stream (`StepSampler`) so that
-an identity trained among many sees exactly the batches, noise and timesteps of a solo run.
+latent distributions and text embeddings, a per-identity random stream (`StepSampler`) so that
+an identity trained among many sees exactly the batches, noise and timesteps of a solo run, and
+the optimizer step over accumulated batches (`accumulated_step`).
 
 Letters: I images, b batch per identity, C latent channels, h x w latent size.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,51 +28,56 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import W2WError
+from .flags import add_flag, flag, spellings
 from .images import eight_bit
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
-from .storage import atomic_output
+from .storage import save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- arguments
 
-def add_dreambooth_arguments(parser: argparse.ArgumentParser) -> None:
-    """The hyper-parameter flags of the original train_dreambooth.py, with the paper's values as defaults."""
+def add_dreambooth_arguments(parser: argparse.ArgumentParser, kebab: bool) -> None:
+    """The hyper-parameter flags of the original train_dreambooth.py, with the paper's values as defaults;
+    kebab-case first for a `w2w` subcommand (`flags.spellings`)."""
     group = parser.add_argument_group("Dreambooth")
-    group.add_argument("--pretrained_model_name_or_path", "--base", default="files/tiny/base",
+    add = functools.partial(add_flag, group, kebab=kebab)
+    base = spellings("pretrained_model_name_or_path", kebab=False)
+    group.add_argument(*(["--base", *base] if kebab else [*base, "--base"]), dest="pretrained_model_name_or_path",
+                       metavar="BASE" if kebab else None, default="files/tiny/base",
                        help="base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)")
-    group.add_argument("--instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
-    group.add_argument("--class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")
-    group.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
-                       help="add the prior-preservation loss on class images (default: on)")
-    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (default: %(default)s)")
-    group.add_argument("--class_data_dir", default=None,
-                       help="folder of class images; missing ones are generated once with the base model "
-                            "(default: <output_dir>/class_images)")
-    group.add_argument("--num_class_images", type=int, default=200, help="class images used (default: %(default)s)")
-    group.add_argument("--class_inference_steps", type=int, default=50,
-                       help="denoising steps when generating class images (default: %(default)s)")
-    group.add_argument("--resolution", type=int, default=None,
-                       help="training resolution in pixels (default: the base model's, 512 for SD1.5)")
-    group.add_argument("--train_batch_size", type=int, default=1,
-                       help="instance images per step, plus as many class images (default: %(default)s)")
-    group.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    group.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default="constant",
-                       help="learning-rate schedule (default: %(default)s)")
-    group.add_argument("--max_train_steps", type=int, default=800, help="optimizer steps (default: %(default)s)")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="batches averaged per optimizer step (default: %(default)s)")
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=True,
-                       help="train a LoRA (the only mode; kept for the original's command lines)")
-    group.add_argument("--lora_r", type=int, default=DEFAULT_RANK, help="LoRA rank (default: %(default)s)")
-    group.add_argument("--lora_alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
-    group.add_argument("--lora_target_modules", nargs="+", default=["to_q", "to_v"],
-                       help="Linear layers that get a LoRA (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    group.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                       help="autocast of the frozen model's forward on GPUs (default: %(default)s)")
+    add("instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
+    add("class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")
+    add("with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
+        help="add the prior-preservation loss on class images (default: on)")
+    add("prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (default: %(default)s)")
+    add("class_data_dir", default=None,
+        help="folder of class images; missing ones are generated once with the base model "
+             "(default: <output_dir>/class_images)")
+    add("num_class_images", type=int, default=200, help="class images used (default: %(default)s)")
+    add("class_inference_steps", type=int, default=50,
+        help="denoising steps when generating class images (default: %(default)s)")
+    add("resolution", type=int, default=None,
+        help="training resolution in pixels (default: the base model's, 512 for SD1.5)")
+    add("train_batch_size", type=int, default=1,
+        help="instance images per step, plus as many class images (default: %(default)s)")
+    add("learning_rate", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    add("lr_scheduler", choices=("constant", "cosine", "linear"), default="constant",
+        help="learning-rate schedule (default: %(default)s)")
+    add("max_train_steps", type=int, default=800, help="optimizer steps (default: %(default)s)")
+    add("gradient_accumulation_steps", type=int, default=1,
+        help="batches averaged per optimizer step (default: %(default)s)")
+    add("adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
+    add("use_lora", action=argparse.BooleanOptionalAction, default=True,
+        help="train a LoRA (the only mode; kept for the original's command lines)")
+    add("lora_r", type=int, default=DEFAULT_RANK, help="LoRA rank (default: %(default)s)")
+    add("lora_alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
+    add("lora_target_modules", nargs="+", default=["to_q", "to_v"],
+        help="Linear layers that get a LoRA (default: %(default)s)")
+    add("seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add("mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+        help="autocast of the frozen model's forward on GPUs (default: %(default)s)")
 
 
 # flags that do not change the weights a run trains: where files go, and a flag with one value
@@ -79,25 +87,26 @@ NOT_TRAINING_SETTINGS = ("class_data_dir", "use_lora")
 def training_settings(args: argparse.Namespace) -> dict:
     """The Dreambooth flags that decide a LoRA's weights, as recorded with each trained adapter."""
     parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser)
+    add_dreambooth_arguments(parser, kebab=False)
     return {key: getattr(args, key) for key in vars(parser.parse_args([])) if key not in NOT_TRAINING_SETTINGS}
 
 
-def check_dreambooth_arguments(args: argparse.Namespace) -> None:
-    """Reject impossible values right after parsing."""
+def check_dreambooth_arguments(args: argparse.Namespace, kebab: bool) -> None:
+    """Reject impossible values right after parsing, naming the flags as the command spells them."""
     checks = [
-        (args.max_train_steps >= 1, f"--max_train_steps must be >= 1, got {args.max_train_steps}"),
-        (args.train_batch_size >= 1, f"--train_batch_size must be >= 1, got {args.train_batch_size}"),
-        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
-        (args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}"),
-        (args.lora_r >= 1, f"--lora_r must be >= 1, got {args.lora_r}"),
-        (args.use_lora, "only LoRA training is supported: drop --no-use_lora"),
-        (not args.with_prior_preservation or args.num_class_images >= 1,
-         "--with_prior_preservation needs --num_class_images >= 1"),
+        ("max_train_steps", args.max_train_steps >= 1, ">= 1"),
+        ("train_batch_size", args.train_batch_size >= 1, ">= 1"),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps >= 1, ">= 1"),
+        ("learning_rate", args.learning_rate > 0, "> 0"),
+        ("lora_r", args.lora_r >= 1, ">= 1"),
     ]
-    for ok, message in checks:
+    for name, ok, expected in checks:
         if not ok:
-            raise W2WError(message)
+            raise W2WError(f"{flag(name, kebab)} must be {expected}, got {getattr(args, name)}")
+    if not args.use_lora:
+        raise W2WError(f"only LoRA training is supported: drop --no-{flag('use_lora', kebab)[2:]}")
+    if args.with_prior_preservation and args.num_class_images < 1:
+        raise W2WError(f"{flag('with_prior_preservation', kebab)} needs {flag('num_class_images', kebab)} >= 1")
 
 
 # ----------------------------------------------------------------------------- images
@@ -155,8 +164,8 @@ def encode_batch_size(resolution: int) -> int:
 def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, resolution: int, steps: int,
                         seed: int, device: torch.device) -> None:
     """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards),
-    float16 on CUDA; batches of 16 at 64 px, 1 at 512 px (on SD1.5 the phase peaks at 6.3 GiB with the
-    base held, rather than 20 GiB: benchmarks/README.md)."""
+    float16 on CUDA, `class_image_batch_size` at a time, so that the phase stays below a training step's
+    memory with the base held (benchmarks/README.md)."""
     class_dir.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(count) if not (class_dir / f"{i:05d}.png").is_file()]
     if not missing:
@@ -171,8 +180,7 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
         images = pipe([prompt] * len(indices), num_inference_steps=steps, generator=generators,
                       height=resolution, width=resolution).images
         for i, image in zip(indices, images):
-            with atomic_output(class_dir / f"{i:05d}.png") as tmp:
-                image.save(tmp, format="PNG")
+            save_png(image, class_dir / f"{i:05d}.png")
     del pipe
 
 
@@ -180,8 +188,8 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled; batches of 32 at
-    64 px, 1 at 512 px (a float32 SD1.5 VAE encoding 32 images at 512 px would take 24 GB)."""
+    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled; `encode_batch_size`
+    images at a time, so that the phase stays below a training step's memory (benchmarks/README.md)."""
     means, stds = [], []
     for chunk in images.split(encode_batch_size(images.shape[-1])):
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
@@ -315,6 +323,18 @@ def initial_lora_weights(layout: LoraLayout, seed: int) -> torch.Tensor:
     return layout.join(parts)
 
 
+def accumulated_step(batch_loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, batches: int,
+                     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> torch.Tensor:
+    """One optimizer step on the mean gradient of `batches` calls of `batch_loss` (each loss / batches goes
+    through `backward`); returns the last batch's loss."""
+    for _ in range(batches):
+        loss = batch_loss()
+        backward(loss / batches)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
 def lr_lambda(kind: str, total_steps: int):
     """Multiplier of the learning rate at each optimizer step."""
     if kind == "constant":
@@ -406,8 +426,7 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
 
     from .formats import save_peft
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     base = load_base(args.pretrained_model_name_or_path, accelerator.device)
     layout = lora_layout(base, args)
     resolution = args.resolution or base.resolution
@@ -424,12 +443,8 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
 
     progress = tqdm(range(args.max_train_steps), desc=f"dreambooth {identity.name}", disable=not accelerator.is_main_process)
     for _ in progress:
-        for _ in range(args.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
-                loss = identities_loss(unet, [identity], shared, args, accelerator.autocast)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
+        loss = accumulated_step(lambda: identities_loss(unet, [identity], shared, args, accelerator.autocast),
+                                optimizer, args.gradient_accumulation_steps, accelerator.backward)
         schedule.step()
         progress.set_postfix(loss=f"{loss.item():.4f}")
 

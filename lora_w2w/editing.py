@@ -36,8 +36,8 @@ from .errors import SpaceError
 from .space import Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
-MODELS_PER_COMPONENT = 10  # least squares on fewer models per unknown overfits (the tiny world: K 100 beats 500)
-DEFAULT_METHOD = "mean_difference"  # it edits; least squares detects (the tiny world: files/tiny/README.md)
+MODELS_PER_COMPONENT = 10  # least squares overfits with fewer than ~10 models per unknown
+DEFAULT_METHOD = "mean_difference"  # moves along what the attribute changes; least squares finds what tells it apart
 DEBIAS_MODES = ("project", "orthogonalize")
 
 

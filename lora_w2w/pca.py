@@ -1,7 +1,7 @@
 """PCA of a weights dataset larger than memory: the w2w space (Dravid et al. 2024, Sec. 3).
 
     dataset = WeightsDataset("data/weights")
-    space = build_space(dataset, k=1000, memory="4GB")      # streamed from disk, in bounded memory
+    space = build_space(dataset, k=1000, config=BuildConfig(memory="4GB"))  # streamed from disk, in bounded memory
     save_space(space, "files/my_space")
 
     w2w build data/weights files/my_space --components 1000 --memory 4GB [--backend dask]
@@ -41,7 +41,7 @@ import os
 import re
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -591,26 +591,48 @@ def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataF
     return table
 
 
-def build_space(dataset: WeightsDataset, k: int, memory: int | str = DEFAULT_MEMORY, backend: str = "torch",
-                method: str = "auto", oversamples: int = DEFAULT_OVERSAMPLES,
-                power_iterations: int = DEFAULT_POWER_ITERATIONS, attributes: str | os.PathLike | None = None,
-                scheduler: str | None = None, base_model: str | None = None, seed: int = 0,
-                log: Callable[[str], None] | None = None, state: str | os.PathLike | None = None) -> Space:
+@dataclass(frozen=True)
+class BuildConfig:
+    """How `build_space` computes the PCA and what the space records (a field left None: what its help says)."""
+
+    memory: int | str = field(default=DEFAULT_MEMORY, metadata={
+        "help": "memory budget of the torch backend, the interpreter included (per worker for a dask LocalCluster): "
+                "bytes, or text such as 4GB, 16GiB"})
+    backend: str = field(default="torch", metadata={
+        "help": f"one of {', '.join(BACKENDS)}: streamed on this machine, or dask.array on a dask.distributed cluster"})
+    method: str = field(default="auto", metadata={
+        "help": f"torch backend, one of {', '.join(METHODS)}: auto takes the exact route when it fits `memory` and "
+                f"costs at most {EXACT_PREFERENCE}x the randomized one"})
+    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={"help": "randomized: extra trial vectors beyond K"})
+    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS,
+                                  metadata={"help": "randomized: passes of subspace iteration"})
+    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors"})
+    attributes: str | os.PathLike | None = field(default=None, metadata={
+        "help": "attribute table, a CSV whose first column names the dataset's models (None: no attributes)"})
+    scheduler: str | None = field(default=None, metadata={
+        "help": "dask backend: address of a dask.distributed scheduler (None: a LocalCluster in this process)"})
+    base_model: str | None = field(default=None, metadata={"help": "base model id to record (None: the dataset's)"})
+    state: str | os.PathLike | None = field(default=None, metadata={
+        "help": "torch backend: directory that keeps the finished passes, to resume from (None: none kept)"})
+
+
+def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildConfig(),
+                log: Callable[[str], None] | None = None) -> Space:
     """The w2w space of the top `k` components of `dataset`, with every model's coefficients (M, K)
-    and explained variance (K,). See the module docstring for backends and methods. With `state` (a
-    directory), the torch backend keeps its finished passes there (`BuildState`) and resumes from them;
-    the caller removes the directory once the space is saved."""
+    and explained variance (K,). See the module docstring for backends and methods. With `config.state`
+    (a directory), the torch backend keeps its finished passes there (`BuildState`) and resumes from
+    them; the caller removes the directory once the space is saved."""
     log = log or (lambda message: None)
-    check_seed(seed)
-    memory = parse_memory(memory)
+    check_seed(config.seed)
+    memory = parse_memory(config.memory)
     m, n = len(dataset), dataset.layout.numel
     check_components(m, n, k)
-    table = read_attributes(attributes, dataset.names) if attributes is not None else None
-    if backend == "torch":
-        p = plan(m, n, k, memory, method, oversamples, power_iterations)
+    table = read_attributes(config.attributes, dataset.names) if config.attributes is not None else None
+    if config.backend == "torch":
+        p = plan(m, n, k, memory, config.method, config.oversamples, config.power_iterations)
         log(f"plan: {p.describe()}")
         chunks = _Chunks(dataset, p.rows)
-        kept = BuildState(state, build_key(dataset, k, p, seed))
+        kept = BuildState(config.state, build_key(dataset, k, p, config.seed))
         saved = kept.load("moments")
         if saved is not None:
             (mean, std), _ = saved
@@ -621,18 +643,19 @@ def build_space(dataset: WeightsDataset, k: int, memory: int | str = DEFAULT_MEM
             log("mean and std done")
         args = (chunks, mean, safe_scale(std), k, p)
         if p.method == "randomized":
-            components, coefficients, values = _randomized(*args, seed, kept, log)
+            components, coefficients, values = _randomized(*args, config.seed, kept, log)
         elif p.side == "models":
             components, coefficients, values = _exact_models(*args, log)
         else:
             components, coefficients, values = _exact_weights(*args, log)
-    elif backend == "dask":
-        if method == "exact":
+    elif config.backend == "dask":
+        if config.method == "exact":
             raise W2WError("the dask backend computes randomized PCA only; use --backend torch for --method exact")
-        mean, std, components, coefficients, values = _dask(dataset, k, memory, oversamples, power_iterations,
-                                                            seed, scheduler, log)
+        mean, std, components, coefficients, values = _dask(dataset, k, memory, config.oversamples,
+                                                            config.power_iterations, config.seed,
+                                                            config.scheduler, log)
     else:
-        raise W2WError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise W2WError(f"backend {config.backend!r}: expected one of {', '.join(BACKENDS)}")
     fix_signs(components, coefficients)
     return Space(mean.float(), std.float(), components, dataset.layout, coefficients, table,
-                 (values / (m - 1)).float(), base_model if base_model is not None else dataset.base_model)
+                 (values / (m - 1)).float(), config.base_model if config.base_model is not None else dataset.base_model)

@@ -1,28 +1,30 @@
 """Train many identity LoRAs in one pass over the frozen base model.
 
-    w2w train-identities --instance_root data/faces/celeba_generated --output_root loras --identities_per_batch 16
-    accelerate launch --num_processes 8 -m lora_w2w.train_identities --instance_root ... --output_root ...
+    w2w train-identities --instance-root data/faces/celeba_generated --output-root loras --identities-per-batch 16
+    accelerate launch --num_processes 8 -m lora_w2w.train_identities --instance-root ... --output-root ...
 
-Each sub-folder of --instance_root is one identity. K identities share every forward pass: each
+Each sub-folder of --instance-root is one identity. K identities share every forward pass: each
 LoRA layer holds K rank-r LoRAs (`LoraBank`, lora_A (K, r, in), lora_B (K, out, r)) and sample k of
 the batch goes through LoRA k (a batched matmul, the batch ordered identity-major). The loss is the
 sum of the identities' Dreambooth losses, so each identity's gradients and AdamW state are those of
 its solo `train_dreambooth.py` run with the same seed; its batches, latents, noise and timesteps
 come from its own `StepSampler`. Instance latents, text embeddings and class latents are cached once.
 
-Each finished identity is written as `<output_root>/<name>/unet/` (the format of train_dreambooth.py)
+Each finished identity is written as `<output-root>/<name>/unet/` (the format of train_dreambooth.py)
 atomically, with its training settings in the metadata; on restart finished identities are skipped, and
 a restart with other settings is refused (one weights dataset must not mix recipes). With
---skip_collected DATASET the identities a weights dataset holds count as finished too, so that folders
-may be deleted once `w2w collect` has them. The K identities
-in flight save their state every --checkpointing_steps steps, and a restart resumes them from it, so a
-killed job loses at most those steps.
+--skip-collected DATASET the identities a weights dataset holds count as finished too, so that folders
+may be deleted once `w2w collect` has them. The K identities in flight save their state every
+--checkpointing-steps steps, and a restart resumes them from it, so a killed job loses at most those steps.
 Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...; on
 one machine without accelerate (single-thread processes on a CPU), `--shard r/P` does the same.
+The flags are kebab-case; their underscore spellings (`--identities_per_batch`, the original
+train_dreambooth.py's `--learning_rate` ...) are taken too.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -37,11 +39,13 @@ from diffusers.models.activations import GEGLU
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, check_dreambooth_arguments,
-                         identities_loss, initial_lora_weights, load_base, load_image_folder, lora_layout, lr_lambda,
-                         prepare_identity, prepare_shared, training_settings)
+from .dreambooth import (IdentityData, SharedData, accumulated_step, add_dreambooth_arguments,
+                         check_dreambooth_arguments, ensure_class_images, identities_loss, initial_lora_weights,
+                         load_base, load_image_folder, lora_layout, lr_lambda, prepare_identity, prepare_shared,
+                         training_settings)
 from .dataset import WeightsDataset
 from .errors import LayoutError, W2WError
+from .flags import OneSpellingFormatter, add_flag
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .layout import LoraLayout
 from .storage import load_state, save_state
@@ -83,9 +87,8 @@ def install_banks(unet: nn.Module, layout: LoraLayout, initial: torch.Tensor) ->
 
 class SplitGEGLU(nn.Module):
     """diffusers' GEGLU, h * gelu(g) with (h, g) = proj(x), as two Linears over proj's halves: h and g come out
-    contiguous, where chunking proj(x) leaves both strided. On a CPU, gelu, the product and their backward
-    run 2-5x faster on contiguous tensors: a tiny-world step of K = 16-32 identities is 5-12% faster (one
-    thread), a solo step no faster (its tensors are small)."""
+    contiguous, where chunking proj(x) leaves both strided, and a CPU runs gelu and its backward faster on
+    contiguous tensors (benchmarks/README.md, "GEGLU split")."""
 
     def __init__(self, geglu: GEGLU):
         super().__init__()
@@ -143,11 +146,8 @@ def train_group(unet: nn.Module, layout: LoraLayout, identities: list[IdentityDa
         progress = tqdm(range(start, args.max_train_steps), initial=start, total=args.max_train_steps,
                         desc=f"{k} identities ({names})", leave=False, disable=not accelerator.is_local_main_process)
         for step in progress:
-            for _ in range(args.gradient_accumulation_steps):
-                loss = identities_loss(unet, identities, shared, args, accelerator.autocast)
-                (loss / args.gradient_accumulation_steps).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            loss = accumulated_step(lambda: identities_loss(unet, identities, shared, args, accelerator.autocast),
+                                    optimizer, args.gradient_accumulation_steps)
             schedule.step()
             progress.set_postfix(loss=f"{loss.item() / k:.4f}")
             if checkpoint is not None and (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps:
@@ -223,7 +223,7 @@ def finished(output_root: Path, folders: list[Path], settings: dict) -> set[str]
         changes = ", ".join(f"{key} {recorded.get(key)!r} (asked now: {value!r})" for key, value in settings.items()
                             if recorded.get(key) != value)
         raise W2WError(f"{output_root}: {len(other)} identities (the first: {name}) were trained with other settings: "
-                       f"{changes}; give another --output_root, or delete them to train them again")
+                       f"{changes}; give another --output-root, or delete them to train them again")
     return done
 
 
@@ -240,30 +240,30 @@ def collected(dataset: Path, layout: LoraLayout) -> set[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instance_root", required=True, help="folder with one sub-folder of images per identity")
-    parser.add_argument("--output_root", required=True, help="<output_root>/<identity>/unet/ is written per identity")
-    parser.add_argument("--identities_per_batch", type=int, default=16,
-                        help="K, identities trained together in one pass (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="train only the first LIMIT identities")
-    parser.add_argument("--shard", default=None, metavar="R/P",
-                        help="train only share R of P (identities R, R + P, ...; R from 0), for P processes on one "
-                             "machine without accelerate (default: accelerate's process index and count)")
-    parser.add_argument("--skip_collected", metavar="DATASET",
-                        help="a weights dataset (made by `w2w collect` from earlier runs): the identities it holds "
-                             "count as finished, so their folders may be deleted once collected")
-    parser.add_argument("--checkpointing_steps", type=int, default=100,
-                        help="save the state of the identities in flight every N steps (0: never), in "
-                             "<output_root>/.checkpoint-<first identity>.pt; a restart resumes from it (default: "
-                             "%(default)s)")
-    add_dreambooth_arguments(parser)
+                                     formatter_class=OneSpellingFormatter)
+    add = functools.partial(add_flag, parser, kebab=True)
+    add("instance_root", required=True, help="folder with one sub-folder of images per identity")
+    add("output_root", required=True, help="<output-root>/<identity>/unet/ is written per identity")
+    add("identities_per_batch", type=int, default=16,
+        help="K, identities trained together in one pass (default: %(default)s)")
+    add("limit", type=int, default=None, help="train only the first LIMIT identities")
+    add("shard", default=None, metavar="R/P",
+        help="train only share R of P (identities R, R + P, ...; R from 0), for P processes on one machine without "
+             "accelerate (default: accelerate's process index and count)")
+    add("skip_collected", metavar="DATASET",
+        help="a weights dataset (made by `w2w collect` from earlier runs): the identities it holds count as "
+             "finished, so their folders may be deleted once collected")
+    add("checkpointing_steps", type=int, default=100,
+        help="save the state of the identities in flight every N steps (0: never), in "
+             "<output-root>/.checkpoint-<first identity>.pt; a restart resumes from it (default: %(default)s)")
+    add_dreambooth_arguments(parser, kebab=True)
     args = parser.parse_args(argv)
     try:
-        check_dreambooth_arguments(args)
+        check_dreambooth_arguments(args, kebab=True)
         if args.identities_per_batch < 1:
-            raise W2WError(f"--identities_per_batch must be >= 1, got {args.identities_per_batch}")
+            raise W2WError(f"--identities-per-batch must be >= 1, got {args.identities_per_batch}")
         if args.checkpointing_steps < 0:
-            raise W2WError(f"--checkpointing_steps must be >= 0, got {args.checkpointing_steps}")
+            raise W2WError(f"--checkpointing-steps must be >= 0, got {args.checkpointing_steps}")
         if args.shard is not None:
             args.shard = parse_shard(args.shard)
     except W2WError as error:
@@ -283,50 +283,88 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Train every unfinished identity of this process's share; returns the names trained and the names
     of the identities whose folders were refused (no images, a corrupt image), which are skipped."""
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    output_root = Path(args.output_root)
-    folders = identity_folders(Path(args.instance_root))[: args.limit]
-    index, count = args.shard or (accelerator.process_index, accelerator.num_processes)
-    share = folders[index::count]
+    share, (index, count) = process_share(args, accelerator)
     settings = training_settings(args)
-    done = finished(output_root, share, settings)
+    done = finished(Path(args.output_root), share, settings)  # before the base loads: a wrong restart fails fast
     base = load_base(args.pretrained_model_name_or_path, accelerator.device)
     layout = lora_layout(base, args)
     if args.skip_collected:
         done |= collected(Path(args.skip_collected), layout)
     todo = [f for f in share if f.name not in done]
     resolution = args.resolution or base.resolution
-    class_dir = Path(args.class_data_dir or output_root / "class_images")
     with accelerator.main_process_first():  # the main process generates the shared class images once
-        shared = prepare_shared(base, args, resolution, class_dir)
+        shared = prepare_shared(base, args, resolution, class_folder(args))
     trained, refused = [], []
     groups = range(0, len(todo), args.identities_per_batch)
     for start in tqdm(groups, desc=f"identity groups (share {index} of {count})", unit="group",
                       disable=not accelerator.is_local_main_process):
-        identities = []
-        for folder in todo[start:start + args.identities_per_batch]:
-            try:
-                images = load_image_folder(folder, resolution)
-            except W2WError as error:  # one bad folder must not stop hours of training
-                warnings.warn(f"identity {folder.name} skipped: {error}", stacklevel=2)
-                refused.append(folder.name)
-                continue
-            identities.append(prepare_identity(folder.name, images, base, shared, args))
-        if not identities:
-            continue
-        checkpoint = output_root / f".checkpoint-{identities[0].name}.pt" if args.checkpointing_steps else None
-        try:
-            weights = train_group(base.unet, layout, identities, shared, args, accelerator, checkpoint)  # (K, N)
-        except torch.OutOfMemoryError:
-            raise W2WError(f"out of memory training {len(identities)} identities at once on {accelerator.device}: "
-                           f"pass a smaller --identities_per_batch (on SD1.5 at 512 px a step needs about "
-                           f"4.0 + 3.1 K GiB in float32); the {len(trained)} identities finished are kept and a "
-                           f"restart goes on from there") from None
-        for identity, w in zip(identities, weights):
-            save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
-            trained.append(identity.name)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
+        identities = prepare_group(todo[start:start + args.identities_per_batch], base, shared, args, resolution,
+                                   refused)
+        if identities:
+            train_and_save_group(base.unet, layout, identities, shared, args, accelerator, settings, len(trained))
+            trained += [identity.name for identity in identities]
     return trained, refused
+
+
+def process_share(args: argparse.Namespace, accelerator: Accelerator) -> tuple[list[Path], tuple[int, int]]:
+    """The identity folders this process trains (share R of P: --shard, else accelerate's process index
+    and count, of the first --limit identities) and (R, P)."""
+    folders = identity_folders(Path(args.instance_root))[: args.limit]
+    index, count = args.shard or (accelerator.process_index, accelerator.num_processes)
+    return folders[index::count], (index, count)
+
+
+def class_folder(args: argparse.Namespace) -> Path:
+    """Where the run's class images are: --class-data-dir, else <output-root>/class_images."""
+    return Path(args.class_data_dir or Path(args.output_root) / "class_images")
+
+
+def generate_class_images(args: argparse.Namespace) -> None:
+    """Generate the class images that training with `args` needs and its class folder lacks, as training
+    does first: processes started afterwards over shares of the identities find them made."""
+    if not args.with_prior_preservation:
+        return
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    base = load_base(args.pretrained_model_name_or_path, accelerator.device)
+    ensure_class_images(args.pretrained_model_name_or_path, class_folder(args), args.class_prompt,
+                        args.num_class_images, args.resolution or base.resolution, args.class_inference_steps,
+                        args.seed, accelerator.device)
+
+
+def prepare_group(folders: list[Path], base, shared: SharedData, args: argparse.Namespace, resolution: int,
+                  refused: list[str]) -> list[IdentityData]:
+    """The cached inputs of the identities of `folders`; a folder that cannot be read is warned about,
+    added to `refused` and left out (one bad folder must not stop hours of training)."""
+    identities = []
+    for folder in folders:
+        try:
+            images = load_image_folder(folder, resolution)
+        except W2WError as error:
+            warnings.warn(f"identity {folder.name} skipped: {error}", stacklevel=3)
+            refused.append(folder.name)
+            continue
+        identities.append(prepare_identity(folder.name, images, base, shared, args))
+    return identities
+
+
+def train_and_save_group(unet: nn.Module, layout: LoraLayout, identities: list[IdentityData], shared: SharedData,
+                         args: argparse.Namespace, accelerator: Accelerator, settings: dict,
+                         finished_before: int) -> None:
+    """Train a group (checkpointed under --output-root when --checkpointing-steps asks), write each
+    identity's adapter, then drop the group's checkpoint; out of memory is an error that says what to do."""
+    output_root = Path(args.output_root)
+    checkpoint = output_root / f".checkpoint-{identities[0].name}.pt" if args.checkpointing_steps else None
+    try:
+        weights = train_group(unet, layout, identities, shared, args, accelerator, checkpoint)  # (K, N)
+    except torch.OutOfMemoryError:
+        raise W2WError(f"out of memory training {len(identities)} identities at once on {accelerator.device}: "
+                       f"pass a smaller --identities-per-batch (on SD1.5 at 512 px a step needs about "
+                       f"4.0 + 3.1 K GiB in float32); the {finished_before} identities finished are kept and a "
+                       f"restart goes on from there") from None
+    for identity, w in zip(identities, weights):
+        save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
 """PCA of a weights dataset: every route against an exact SVD, streaming within the budget, faults."""
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from lora_w2w.dataset import WeightsDataset, add_models, matrix_source
 from lora_w2w.errors import FileFormatError, SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
 from lora_w2w import pca
-from lora_w2w.pca import OVERHEAD_BYTES, Moments, build_space, parse_memory, plan
+from lora_w2w.pca import OVERHEAD_BYTES, BuildConfig, Moments, build_space, parse_memory, plan
 from lora_w2w.storage import load_space
 
 WIDE = LoraLayout((LoraLayer("a.to_q", 40, 30), LoraLayer("a.to_v", 40, 30)))  # N = 140 > M
@@ -56,7 +57,7 @@ def exact_pca(weights: torch.Tensor, k: int):
 def test_every_route_matches_an_exact_svd(tmp_path, layout, m, options):
     weights = low_rank_weights(m, layout.numel)
     dataset = make_dataset(tmp_path / "data", weights, layout)
-    space = build_space(dataset, K, memory="2GB", **options)
+    space = build_space(dataset, K, config=BuildConfig(memory="2GB", **options))
     mean, std, variance, components, z = exact_pca(weights, K)
     assert torch.allclose(space.mean.double(), mean, atol=1e-6) and torch.allclose(space.std.double(), std, atol=1e-6)
     assert torch.equal(space.std[:2], torch.zeros(2))                                  # zero variance kept as 0
@@ -78,7 +79,7 @@ def test_rebuilds_are_identical_and_the_cli_writes_the_space(tmp_path, capsys):
     names = list(dataset.names)
     table = pd.DataFrame({"Male": [1, -1] * 20, "Bald": [-1] * 40}, index=pd.Index(names, name="name"))
     table.sample(frac=1, random_state=0).to_csv(tmp_path / "attributes.csv")           # rows in another order
-    first = build_space(dataset, K, method="randomized", attributes=tmp_path / "attributes.csv")
+    first = build_space(dataset, K, config=BuildConfig(method="randomized", attributes=tmp_path / "attributes.csv"))
     assert main(["build", str(tmp_path / "data"), str(tmp_path / "space"), "--components", str(K), "--method",
                  "randomized", "--attributes", str(tmp_path / "attributes.csv"), "--base-model", "other"]) == 0
     assert "wrote space" in capsys.readouterr().out
@@ -105,7 +106,7 @@ def test_streams_in_chunks_within_the_memory_budget(tmp_path, monkeypatch):
         p = plan(64, layout.numel, K, budget, method)
         assert p.peak_bytes <= budget - OVERHEAD_BYTES and p.rows < 64, p
         rows.clear(), columns.clear()
-        space = build_space(dataset, K, memory=budget, method=method)
+        space = build_space(dataset, K, config=BuildConfig(memory=budget, method=method))
         assert max(rows) <= p.rows and max(columns, default=0) <= max(p.columns, 1) < layout.numel, (p, rows, columns)
         assert ((space.explained_variance.double() - variance).abs() / variance).max() < 1e-3
     with pytest.raises(W2WError, match="too small for K = 6 .* needs at least"):
@@ -139,15 +140,15 @@ def test_bad_datasets_are_refused_with_clear_messages(tmp_path):
     rank3 = make_dataset(tmp_path / "rank3", weights[:4].repeat(3, 1), WIDE)       # 4 distinct rows: rank 3
     for method in ("exact", "randomized"):
         with pytest.raises(SpaceError, match="only 3 components carry variance"):
-            build_space(rank3, 5, method=method)
+            build_space(rank3, 5, config=BuildConfig(method=method))
 
     table = pd.DataFrame({"Male": [1] * 12}, index=pd.Index(dataset.names, name="name"))
     table.iloc[:11].to_csv(tmp_path / "short.csv")
     with pytest.raises(FileFormatError, match="1 dataset models have no row, e.g. 'id011'"):
-        build_space(dataset, K, attributes=tmp_path / "short.csv")
+        build_space(dataset, K, config=BuildConfig(attributes=tmp_path / "short.csv"))
     pd.concat([table, pd.DataFrame({"Male": [1]}, index=["stranger"])]).to_csv(tmp_path / "long.csv")
     with pytest.raises(FileFormatError, match="1 rows name no dataset model, e.g. 'stranger'"):
-        build_space(dataset, K, attributes=tmp_path / "long.csv")
+        build_space(dataset, K, config=BuildConfig(attributes=tmp_path / "long.csv"))
 
     shard = tmp_path / "data" / dataset.shards[1].file                           # rows 5..9
     header_end = shard.stat().st_size - 4 * 5 * WIDE.numel
@@ -156,7 +157,7 @@ def test_bad_datasets_are_refused_with_clear_messages(tmp_path):
         f.write(np.float32(np.nan).tobytes())
     for backend in ("torch", "dask"):
         with pytest.raises(SpaceError, match="model 'id007' \\(row 7\\) holds NaN/inf"):
-            build_space(WeightsDataset(tmp_path / "data"), K, backend=backend)
+            build_space(WeightsDataset(tmp_path / "data"), K, config=BuildConfig(backend=backend))
 
 
 def test_a_build_killed_midway_leaves_nothing_and_the_rerun_gives_the_same_space(tmp_path):
@@ -193,8 +194,8 @@ def test_a_randomized_build_killed_in_a_pass_resumes_after_the_last_finished_one
     """Killed in power iteration 3 of 4: the rerun reads mean, std and P from the state and runs
     iterations 3 and 4 only, and the space is the one an uninterrupted build gives, bit for bit."""
     dataset = make_dataset(tmp_path / "data", low_rank_weights(40, WIDE.numel, seed=3), WIDE)
-    options = dict(k=K, method="randomized", power_iterations=4, state=tmp_path / "state")
-    reference = build_space(dataset, K, method="randomized", power_iterations=4)
+    config = BuildConfig(method="randomized", power_iterations=4, state=tmp_path / "state")
+    reference = build_space(dataset, K, config=BuildConfig(method="randomized", power_iterations=4))
     product = pca._power_product
     calls = []
 
@@ -205,19 +206,19 @@ def test_a_randomized_build_killed_in_a_pass_resumes_after_the_last_finished_one
         return product(*args)
 
     with mock.patch.object(pca, "_power_product", side_effect=killed_in_third), pytest.raises(KeyboardInterrupt):
-        build_space(dataset, **options)
+        build_space(dataset, K, config=config)
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["basis.safetensors", "moments.safetensors"]
     with mock.patch.object(pca, "_power_product", wraps=product) as resumed, \
             mock.patch.object(pca, "_column_moments", wraps=pca._column_moments) as moments:
-        space = build_space(dataset, **options)
+        space = build_space(dataset, K, config=config)
     assert resumed.call_count == 2 and moments.call_count == 0
     for name in ("mean", "std", "components", "coefficients", "explained_variance"):
         assert torch.equal(getattr(space, name), getattr(reference, name)), name
     # the state of another build (another seed) is not used: a warning, and the other build's own space
     with pytest.warns(UserWarning, match="the state of another build"):
-        other = build_space(dataset, **options, seed=1)
-    assert torch.equal(other.components, build_space(dataset, K, method="randomized", power_iterations=4,
-                                                      seed=1).components)
+        other = build_space(dataset, K, config=dataclasses.replace(config, seed=1))
+    alone = build_space(dataset, K, config=BuildConfig(method="randomized", power_iterations=4, seed=1))
+    assert torch.equal(other.components, alone.components)
 
 
 def test_the_cli_keeps_the_build_state_beside_out_until_the_space_is_written(tmp_path, capsys):
@@ -236,5 +237,5 @@ def test_a_float16_dataset_builds_the_space_of_its_rounded_weights(tmp_path):
     half = add_models(tmp_path / "f16", matrix_source(weights, names), WIDE, "base/model", 16, dtype="float16").dataset
     single = make_dataset(tmp_path / "f32", weights.half().float(), WIDE)
     for method in ("exact", "randomized"):
-        a, b = build_space(half, K, method=method), build_space(single, K, method=method)
+        a, b = (build_space(d, K, config=BuildConfig(method=method)) for d in (half, single))
         assert torch.equal(a.components, b.components) and torch.equal(a.coefficients, b.coefficients)

@@ -82,7 +82,7 @@ def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_
             [*skip, "--output_root", str(tmp_path / "new"), "--lora_r", "2"]))
     # a restart with another recipe would mix two recipes in one weights dataset: refused before training
     with pytest.raises(W2WError, match=r"3 identities \(the first: 000000\) were trained with other settings: "
-                                       r"max_train_steps 1 \(asked now: 2\); give another --output_root"):
+                                       r"max_train_steps 1 \(asked now: 2\); give another --output-root"):
         train_identities.train_identities(train_identities.parse_args(argv + ["--max_train_steps", "2"]))
 
 
@@ -148,7 +148,7 @@ def test_running_out_of_memory_says_to_train_fewer_identities_at_once(toy_world,
     with mock.patch.object(train_identities, "identities_loss", side_effect=torch.OutOfMemoryError("CUDA OOM")):
         assert train_identities.main(argv) == 2
     err = capsys.readouterr().err
-    assert "error: out of memory training 2 identities at once on cpu: pass a smaller --identities_per_batch" in err
+    assert "error: out of memory training 2 identities at once on cpu: pass a smaller --identities-per-batch" in err
     assert "Traceback" not in err
 
 
@@ -281,3 +281,61 @@ def test_train_sh_trains_a_tiny_world_identity_through_accelerate(tmp_path):
               if key in settings and key not in ("max_train_steps", "num_class_images")}
     assert recipe and all(settings[key] == value for key, value in recipe.items()), (recipe, settings)
     assert len(list((tmp_path / "out" / "class_images").glob("*.png"))) == 2
+
+
+def test_train_identities_flags_are_kebab_case_and_take_the_original_spellings(capsys):
+    kebab = train_identities.parse_args(["--instance-root", "i", "--output-root", "o", "--identities-per-batch", "3",
+                                         "--learning-rate", "0.5", "--lora-target-modules", "to_k", "--base", "b",
+                                         "--no-with-prior-preservation"])
+    original = train_identities.parse_args(["--instance_root", "i", "--output_root", "o", "--identities_per_batch",
+                                            "3", "--learning_rate", "0.5", "--lora_target_modules", "to_k",
+                                            "--pretrained_model_name_or_path", "b", "--no-with_prior_preservation"])
+    assert vars(kebab) == vars(original) and kebab.identities_per_batch == 3 and kebab.with_prior_preservation is False
+    with pytest.raises(SystemExit):
+        train_identities.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert "--identities-per-batch" in shown and "--max-train-steps" in shown and "--no-use-lora" in shown
+    assert "--identities_per_batch" not in shown and "--max_train_steps" not in shown  # one form in --help
+    with pytest.raises(SystemExit):
+        train_identities.parse_args(["--instance-root", "i", "--output-root", "o", "--max_train_steps", "0"])
+    assert "--max-train-steps must be >= 1, got 0" in capsys.readouterr().err  # named as --help names it
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    shown = capsys.readouterr().out  # the original's script keeps the original's spellings
+    assert "--max_train_steps" in shown and "--pretrained_model_name_or_path" in shown
+    assert "--max-train-steps" not in shown
+
+
+def test_an_accumulated_step_is_one_step_on_the_batches_mean_gradient():
+    from lora_w2w.dreambooth import accumulated_step
+
+    batches = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))  # 3 batches of 4 samples
+
+    def trained(accumulate: bool) -> torch.Tensor:
+        layer = torch.nn.Linear(2, 1, bias=False)
+        torch.nn.init.constant_(layer.weight, 0.5)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        if accumulate:
+            draws = iter(batches)
+            last = accumulated_step(lambda: layer(next(draws)).square().mean(), optimizer, batches=3)
+            assert torch.isclose(last, (batches[2].sum(1) * 0.5).square().mean())  # the last batch's, unscaled
+        else:
+            layer(batches.reshape(12, 2)).square().mean().backward()
+            optimizer.step()
+        return layer.weight.detach().clone()
+
+    assert torch.allclose(trained(accumulate=True), trained(accumulate=False), atol=1e-6)
+    assert not torch.equal(trained(accumulate=True), torch.full((1, 2), 0.5))
+
+
+def test_class_images_are_generated_before_the_shares_as_training_makes_them(toy_world, tmp_path):
+    faces = toy_world / "faces" / "celeba_generated"
+    argv = ["--instance-root", str(faces), "--output-root", str(tmp_path / "out"), *_common(toy_world, steps=1)]
+    args = train_identities.parse_args([*argv, "--class-data-dir", str(tmp_path / "before"), "--limit", "1"])
+    train_identities.generate_class_images(args)
+    made = sorted(p.name for p in (tmp_path / "before").iterdir())
+    assert made == ["00000.png", "00001.png", "00002.png", "00003.png"] and not (tmp_path / "out").exists()
+    train_identities.train_identities(train_identities.parse_args([*argv, "--class-data-dir", str(tmp_path / "during"),
+                                                                   "--limit", "1"]))
+    for name in made:  # the images training would have made itself
+        assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "during" / name).read_bytes()

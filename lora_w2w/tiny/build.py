@@ -33,23 +33,21 @@ from tqdm.auto import tqdm
 
 from ..dataset import INDEX_JSON, WeightsDataset, collect_folders
 from ..errors import W2WError
+from ..flags import OneSpellingFormatter, add_flag
 from ..space import Space
 from ..storage import atomic_output, save_space
 
-# The LoRA recipe of the tiny world's space; files/tiny/README.md has the ablation behind it.
+# The LoRA recipe of the tiny world's space (its ablation: files/tiny/README.md, "The LoRA recipe").
 LORA_RECIPE = {"lora_r": 4, "lora_alpha": 108, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
                "learning_rate": 3e-3, "train_batch_size": 1, "num_class_images": 200, "class_inference_steps": 25}
-# Inversion settings measured on the tiny space and recorded in it (files/tiny/README.md): held-out faces inverted
-# with the real preset (400 steps) match their identity best at lr 0.3 (identity similarity 0.69; 0.59 at the
-# paper's 0.1, which has not converged, 0.60 at 1); at the ood preset's lr 1 (sized for SD1.5's space) the example
-# drawing's coefficients walk to 6.7x the norm of the largest dataset model's, far off the dataset; at 0.1 they
-# end at 1.0x (800 steps).
+# The inversion learning rates that suit the tiny space's coefficient scale, recorded in it (measured in
+# files/tiny/README.md, "space/").
 INVERSION_PRESETS = {"real": {"lr": 0.3}, "ood": {"lr": 0.1}}
-WEIGHTS_SHARD_SIZE = 128  # models per shard file of weights/ (3.7 MB in float16 at rank 4)
+WEIGHTS_SHARD_SIZE = 128  # models per shard file of weights/: files of a few MB
 
 
 def recipe_flags(recipe: dict) -> list[str]:
-    """The recipe as train_dreambooth.py / w2w train-identities flags."""
+    """The recipe as flags in the original's spelling, which train_dreambooth.py and w2w train-identities take."""
     flags = []
     for key, value in recipe.items():
         flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
@@ -90,15 +88,15 @@ def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: in
         print(f"identity LoRAs: all {identities} in {out / 'weights'}, skipped")
         return
     write_dataset(work / "faces", identities, first_seed=0)
-    argv = ["--pretrained_model_name_or_path", str(out / "base"), "--instance_root", str(work / "faces" / "celeba_generated"),
-            "--output_root", str(work / "loras"), "--class_data_dir", str(work / "class_images"),
-            "--identities_per_batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)]
+    argv = ["--base", str(out / "base"), "--instance-root", str(work / "faces" / "celeba_generated"),
+            "--output-root", str(work / "loras"), "--class-data-dir", str(work / "class_images"),
+            "--identities-per-batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)]
     if collected(out / "weights"):
-        argv += ["--skip_collected", str(out / "weights")]
+        argv += ["--skip-collected", str(out / "weights")]
     if processes == 1:
         code = train_identities.main(argv)
     else:
-        train_identities.main([*argv, "--limit", "0"])  # the shared class images, generated once, before the shares
+        train_identities.generate_class_images(train_identities.parse_args(argv))  # once, before the shares start
         command = [sys.executable, "-m", "lora_w2w.train_identities", *argv]
         code = train_in_processes(command, processes, work / "loras", identities, work)
     if code:
@@ -150,7 +148,7 @@ def stage_weights(out: Path, work: Path) -> None:
 def stage_space(out: Path, work: Path, identities: int, components: int, picture: Path) -> None:
     """PCA of out/weights with all M - 1 components, its explained-variance plot, and the space with the
     first `components` of them written to out/space."""
-    from ..pca import build_space
+    from ..pca import BuildConfig, build_space
 
     dataset = WeightsDataset(out / "weights")
     table = identity_table(identities)
@@ -160,8 +158,8 @@ def stage_space(out: Path, work: Path, identities: int, components: int, picture
     work.mkdir(parents=True, exist_ok=True)
     with atomic_output(work / "attributes.csv") as tmp:
         table.to_csv(tmp)
-    space = build_space(dataset, len(dataset) - 1, attributes=work / "attributes.csv", base_model=str(out / "base"),
-                        log=print)
+    space = build_space(dataset, k=len(dataset) - 1,
+                        config=BuildConfig(attributes=work / "attributes.csv", base_model=str(out / "base")), log=print)
     kept = min(components, space.num_components)
     plot_explained_variance(space, kept, picture)
     save_space(dataclasses.replace(space.truncate(kept), inversion_presets=INVERSION_PRESETS), out / "space")
@@ -194,18 +192,17 @@ def plot_explained_variance(space: Space, kept: int, picture: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=OneSpellingFormatter)
     parser.add_argument("--out", default="files/tiny", help="where the committed artifacts go (default: %(default)s)")
     parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
     parser.add_argument("--components", type=int, default=250,
-                        help="K kept in the space, at most M - 1 (default: %(default)s: the 1,000 rank-4 LoRAs in "
-                             "15 MB; they invert better than 500 and edit somewhat worse, files/tiny/README.md)")
+                        help="K kept in the space, at most M - 1 (default: %(default)s, chosen in "
+                             "files/tiny/README.md)")
     parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
                         help="the explained-variance plot of the space (default: %(default)s)")
-    parser.add_argument("--identities_per_batch", type=int, default=32,
-                        help="identities trained together (default: %(default)s)")
+    add_flag(parser, "identities_per_batch", kebab=True, type=int, default=32,
+             help="identities trained together (default: %(default)s)")
     parser.add_argument("--processes", type=int, default=None,
                         help="training processes sharing the cores (default: one per core on a CPU, 1 with CUDA)")
     args = parser.parse_args(argv)

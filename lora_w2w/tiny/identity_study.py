@@ -3,7 +3,7 @@ configuration, generate "sks person" with each, and let the evaluator read the i
 agreement with the identity and identity similarity to its renders, against the base model without
 a LoRA as baseline. One row of the ablation table in files/tiny/README.md.
 
-    python -m lora_w2w.tiny.identity_study --identities 16 --lora_r 1 --max_train_steps 800 --out outputs/study
+    python -m lora_w2w.tiny.identity_study --identities 16 --lora-r 1 --max-train-steps 800 --out outputs/study
 
 With `--having Blond_Hair=1 No_Beard=-1 ...` only identities with those attribute values are studied
 (each value's identities in turn), and the agreement on each of those attributes says how often a
@@ -23,10 +23,11 @@ import torch
 
 from .. import train_identities
 from ..errors import W2WError
+from ..flags import OneSpellingFormatter, add_flag
 from ..formats import load_peft
 from ..layout import LoraLayout
 from ..pipeline import generate, image_grid, load_base_pipeline
-from ..storage import atomic_output
+from ..storage import save_png
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
 from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
 
@@ -74,11 +75,13 @@ def score_images(evaluator: Evaluator, images, identity, references) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=OneSpellingFormatter)
     parser.add_argument("--identities", type=int, default=16, help="held-out identities trained (default: %(default)s)")
-    parser.add_argument("--images_per_identity", type=int, default=10, help="instance images each (default: %(default)s)")
+    add_flag(parser, "images_per_identity", kebab=True, type=int, default=10,
+             help="instance images each (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=8, help="'sks person' images scored per identity (default: %(default)s)")
-    parser.add_argument("--inference_steps", type=int, default=25, help="denoising steps of the samples (default: %(default)s)")
+    add_flag(parser, "inference_steps", kebab=True, type=int, default=25,
+             help="denoising steps of the samples (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the samples (default: %(default)s)")
     parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator file")
     parser.add_argument("--out", required=True, help="work folder: faces, LoRAs, a picture, the JSON row")
@@ -93,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     out = Path(args.out)
     args.train = train_identities.parse_args([
-        "--instance_root", str(out / "faces" / "celeba_generated"), "--output_root", str(out / "loras"),
-        "--identities_per_batch", str(args.identities), "--class_data_dir", str(out.parent / "class_images"), *rest])
+        "--instance-root", str(out / "faces" / "celeba_generated"), "--output-root", str(out / "loras"),
+        "--identities-per-batch", str(args.identities), "--class-data-dir", str(out.parent / "class_images"), *rest])
     return args
 
 
@@ -123,8 +126,7 @@ def main(args: argparse.Namespace) -> dict:
         rows.append({"name": identity.name, "lora": score_images(evaluator, images, identity, references),
                      "base": score_images(evaluator, baseline_images, identity, references)})
         picture += references[:4] + images[:4]
-    with atomic_output(out / "study.png") as tmp:
-        image_grid(picture, columns=8).save(tmp, format="PNG")
+    save_png(image_grid(picture, columns=8), out / "study.png")
 
     def mean(kind, key):
         return float(np.mean([row[kind][key] for row in rows]))
