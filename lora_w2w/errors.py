@@ -19,3 +19,7 @@ class FileFormatError(W2WError):
 
 class PickleRefusedError(W2WError):
     """A file needs unpickling (which can run arbitrary code) and the user did not allow it."""
+
+
+class NoFaceError(W2WError):
+    """A photograph in which the face detector finds no face."""
