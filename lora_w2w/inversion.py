@@ -245,6 +245,24 @@ def read_photos(images: Sequence[str | os.PathLike | Image.Image],
     return photos
 
 
+def masks_in_folder(images: Sequence[str | os.PathLike], folder: str | os.PathLike) -> list[Path]:
+    """The mask of each image in `folder`, paired by file name: FOLDER/NAME.<any image suffix> for NAME.jpg."""
+    from .dreambooth import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise W2WError(f"{folder}: no such mask folder")
+    masks = []
+    for image in images:
+        found = [folder / (Path(image).stem + suffix) for suffix in IMAGE_SUFFIXES
+                 if (folder / (Path(image).stem + suffix)).is_file()]
+        if len(found) != 1:
+            raise W2WError(f"{folder}: {'no mask' if not found else f'{len(found)} masks'} for the image {image}; "
+                           f"expected one file {Path(image).stem}.png (or another image suffix) there")
+        masks.append(found[0])
+    return masks
+
+
 def photo_targets(photos: Sequence[Photo], resolution: int,
                   latent_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Photos -> images (I, 3, R, R) in [-1, 1], resized and centre-cropped, and masks (I, 1, h, w) in
