@@ -197,7 +197,8 @@ MULTI_VIEWS = (1, 3, 5)  # views of an identity inverted together
 SCORED_VIEWS = range(5, 10)  # the views the multi-image inversions are scored against: none of them saw these
 
 
-def evaluate_multi_image_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
+def evaluate_multi_image_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings,
+                                   views_inverted: tuple[int, ...] = MULTI_VIEWS) -> dict:
     """Each held-out identity inverted from its first 1, 3 and 5 views (one drawn per step, the same steps),
     scored against views 5-9 by identity similarity and against the identity's attributes."""
     from ..dreambooth import prepare_image
@@ -207,14 +208,14 @@ def evaluate_multi_image_inversion(pipe, space: Space, evaluator: Evaluator, set
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = preset("real", space, components=settings.inversion_components or None,
                     lr=settings.inversion_lr or None, steps=settings.inversion_steps or None)
-    scores = {views: [] for views in MULTI_VIEWS}
+    scores = {views: [] for views in views_inverted}
     detected = []
     for i in tqdm(range(settings.inversions), desc="multi-image inversion: identities"):
         identity = sample_identity(HELD_OUT_SEEDS + i)
         renders = [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(max(SCORED_VIEWS) + 1)]
         detected += [bool(detect_faces(image)) for image in renders]
         truth = evaluator.predict([renders[k] for k in SCORED_VIEWS])
-        for views in MULTI_VIEWS:
+        for views in views_inverted:
             images = torch.stack([prepare_image(image, resolution) for image in renders[:views]])  # (I, 3, R, R)
             model = invert(pipe, space, images, None, config, progress=False)
             pred = evaluator.predict(generate(pipe, space.layout, model.weights(space), space.prompt,
