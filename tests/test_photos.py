@@ -1,6 +1,6 @@
 """Photographs: the face detector on a real photograph (scikit-image's astronaut) and on the tiny world's
 drawn faces, the face crop and the automatic mask, multi-image inversion (deterministic, and with one
-image bit for bit the single-image inversion), and the command lines' one-line errors. About 25 s."""
+X
 import importlib.util
 import warnings
 from pathlib import Path
@@ -11,21 +11,19 @@ import torch
 from conftest import make_space
 from PIL import Image
 from skimage import data
+from test_inversion import K, pipe, run_cli, toy_space  # noqa: F401 (pipe, toy_space: the toy world's fixtures)
 
-from lora_w2w.cli import main as w2w
 from lora_w2w.errors import NoFaceError, W2WError
 from lora_w2w.faces import FACE_FRACTION, FaceBox, centred_box, detect_faces, face_crop, face_mask, largest_face
 from lora_w2w.inversion import (AUTO_MASK, InversionConfig, check_mask, invert, load_target, photo_targets,
                                 read_photos, target_sizes)
 from lora_w2w.layout import LoraLayout
 from lora_w2w.pipeline import load_base_pipeline
-from lora_w2w.space import Space
 from lora_w2w.storage import load_model, load_space, save_space
 
 ROOT = Path(__file__).resolve().parents[1]
 FACE = ROOT / "inversion" / "images" / "face.png"
 FACE_MASK = ROOT / "inversion" / "images" / "face_mask.png"
-K = 8
 CONFIG = InversionConfig(components=K, lr=1.0, weight_decay=0.0, steps=6, checkpoint_every=2)
 # invert(pipe, toy_space, *load_target(FACE, FACE_MASK), CONFIG, seed=3) and (FACE, no mask, seed=5) as
 # computed by the single-image code before multi-image inversion existed (commit f169816), float.hex
@@ -40,18 +38,6 @@ SINGLE_IMAGE = {
 @pytest.fixture(scope="module")
 def astronaut():
     return Image.fromarray(data.astronaut())  # shipped in the scikit-image wheel (skimage/data/astronaut.png)
-
-
-@pytest.fixture(scope="module")
-def pipe(toy_world):
-    return load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
-
-
-@pytest.fixture(scope="module")
-def toy_space(pipe):
-    """As tests/test_inversion.py's: K = 8 random components whose std moves the toy UNet visibly."""
-    space = make_space(LoraLayout.from_unet(pipe.unet), k=K)
-    return Space(space.mean, 10 * space.std, space.components, space.layout, prompt=space.prompt)
 
 
 # ----------------------------------------------------------------------------- detection, crop, mask
@@ -152,16 +138,6 @@ def test_a_multi_image_run_resumes_from_its_checkpoint(pipe, toy_space, tmp_path
 @pytest.fixture(scope="module")
 def space_dir(toy_space, tmp_path_factory):
     return save_space(toy_space, tmp_path_factory.mktemp("photos") / "space")
-
-
-def run_cli(capsys, *args):
-    """(exit code, stdout, stderr) of `w2w ARGS` run in this process."""
-    try:
-        code = w2w([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_crops_to_the_face_and_shows_the_automatic_masks(toy_world, space_dir, astronaut, tmp_path, capsys):
