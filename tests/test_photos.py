@@ -1,6 +1,7 @@
 """Photographs: the face detector on a real photograph (scikit-image's astronaut) and on the tiny world's
 drawn faces, the face crop and the automatic mask, multi-image inversion (deterministic, and with one
-X
+image bit for bit the single-image inversion), and the command lines' one-line errors. 18 s of CPU (85 s
+on the shared 2-core machine)."""
 import importlib.util
 import warnings
 from pathlib import Path
