@@ -1,7 +1,10 @@
-"""Invert one image into a w2w model, with the original inversion/invert.py's flags.
+"""Invert an image, or a folder of one person's images, into a w2w model, with the original inversion/invert.py's flags.
 
     # the tiny world (the defaults: --space files/tiny/space --base files/tiny/base)
     python inversion/invert.py --image inversion/images/face.png --save_name outputs/face
+
+    # several photographs of one person, each cut around its face with an automatic mask
+    python inversion/invert.py --imfolder photos/ --crop face --mask_path auto --save_name outputs/me
 
     # Stable Diffusion 1.5 with the released files, converted on the fly (the .pt files are pickles:
     # --trust_pickle only for files from a source you trust)
@@ -23,7 +26,7 @@ from pathlib import Path
 from lora_w2w.dreambooth import IMAGE_SUFFIXES
 from lora_w2w.errors import W2WError
 from lora_w2w.formats import save_peft
-from lora_w2w.inversion import PRESETS, invert_file, preset
+from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS, invert_file, masks_in_folder, preset
 from lora_w2w.layout import LoraLayout, sd15_layout
 from lora_w2w.official import OFFICIAL_BASE_MODEL
 from lora_w2w.space import Space
@@ -47,14 +50,26 @@ def released_space(args: argparse.Namespace) -> Space:
     return Space(mean.float().reshape(-1), std.float().reshape(-1), basis.T, layout, base_model=OFFICIAL_BASE_MODEL)
 
 
-def first_image(folder: Path) -> Path:
-    """The first image of a folder by name, looking into sub-folders too (the original's ImageFolder layout)."""
+def folder_images(folder: Path) -> list[Path]:
+    """The images of a folder by name, looking into sub-folders too (the original's ImageFolder layout)."""
     if not folder.is_dir():
         raise W2WError(f"{folder}: no such image folder")
     images = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise W2WError(f"{folder}: no image ({', '.join(IMAGE_SUFFIXES[:3])} ...) in the folder")
-    return images[0]
+    return images
+
+
+def image_masks(args: argparse.Namespace, images: list[Path]) -> list | None:
+    """--mask_path (one image, or `auto` for all) or --mask_dir -> a mask per image, or None."""
+    if args.mask_dir:
+        return masks_in_folder(images, args.mask_dir)
+    if args.mask_path is None:
+        return None
+    if len(images) > 1 and args.mask_path != AUTO_MASK:
+        raise W2WError(f"--mask_path {args.mask_path}: one mask for {len(images)} images; give --mask_dir with a mask "
+                       f"per image (same file names), or --mask_path {AUTO_MASK}")
+    return [args.mask_path] * len(images)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,9 +88,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"base diffusers pipeline: folder or hub id (default: files/tiny/base, or "
                              f"{OFFICIAL_BASE_MODEL} with the released files)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--imfolder", default=None, help="folder whose first image (by name) is inverted")
+    source.add_argument("--imfolder", default=None,
+                        help="folder of one person's images (sub-folders too), all inverted together: each step "
+                             "draws one of them")
     source.add_argument("--image", default=None, help="the image to invert (default: inversion/images/face.png)")
-    parser.add_argument("--mask_path", default=None, help="binary mask, white where the image is fitted")
+    masks = parser.add_mutually_exclusive_group()
+    masks.add_argument("--mask_path", default=None,
+                       help=f"binary mask, white where the image is fitted; or {AUTO_MASK}: a soft ellipse over each "
+                            f"image's detected face and hair")
+    masks.add_argument("--mask_dir", default=None,
+                       help="folder of masks paired with --imfolder's images by file name (NAME.png for NAME.jpg)")
+    parser.add_argument("--crop", choices=CROPS, default="center",
+                        help="center: resize and centre-crop; face: the square around the largest detected face "
+                             "(default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=REAL.steps, help="optimiser steps (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"Adam learning rate (default: {REAL.lr:g}, or the one the space records for the real "
@@ -107,8 +132,9 @@ def main(args: argparse.Namespace) -> None:
         space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
     # the flags, as the original's; K (and lr, when not given) as the space records them for the real preset
     config = preset("real", space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay, steps=args.epochs)
-    image = first_image(Path(args.imfolder)) if args.imfolder else Path(args.image or "inversion/images/face.png")
-    model = invert_file(base, space, image, args.mask_path, config, args.seed, args.device)
+    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
+    model, _ = invert_file(base, space, images, image_masks(args, images), config, args.seed, args.device,
+                           crop=args.crop)
     out = Path(args.save_name)
     save_model(model, out / "w2wmodel.safetensors")
     print(f"wrote {out / 'w2wmodel.safetensors'}")

@@ -238,29 +238,63 @@ def export_path(out: Path, fmt: str) -> Path:
     return stem.with_name(f"{stem.name}_lora" + (".safetensors" if fmt == "kohya" else ""))
 
 
+def fitted_path(out: Path, what: str, index: int, count: int) -> Path:
+    """Where `w2w invert` shows what it fitted beside the model OUT.safetensors: OUT.mask.png, OUT.crop.png,
+    or OUT.mask.1.png ... with several images (numbered in --image order)."""
+    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
+    return stem.with_name(f"{stem.name}.{what}" + (f".{index + 1}" if count > 1 else "") + ".png")
+
+
+def invert_masks(args) -> list | None:
+    """--mask (one per --image, or one `auto` for all) or --mask-dir -> a mask (file, AUTO_MASK or None) per image."""
+    from .inversion import AUTO_MASK, masks_in_folder
+
+    if args.mask_dir:
+        return masks_in_folder(args.image, args.mask_dir)
+    if args.mask is None:
+        return None
+    if args.mask == [AUTO_MASK]:
+        return args.mask * len(args.image)
+    if len(args.mask) != len(args.image):
+        raise W2WError(f"--mask given {len(args.mask)} times for {len(args.image)} --image; expected one --mask per "
+                       f"--image, in the same order (or one --mask {AUTO_MASK} for all)")
+    return args.mask
+
+
 def cmd_invert(args) -> None:
     import torch
+    from PIL import Image
 
     from .formats import LORA_OUTPUTS, save_lora
     from .inversion import invert_file, preset
-    from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model
+    from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model, save_png
 
     check_outputs([(args.out, MODEL_FILE), (args.checkpoint, FILE),
                    (export_path(Path(args.out), args.export) if args.export else None, LORA_OUTPUTS.get(args.export))],
-                  [args.image, args.mask, args.space, args.base])
+                  [*args.image, *(args.mask or []), args.mask_dir, args.space, args.base])
+    masks = invert_masks(args)
     space = load_space(args.space)  # memory-mapped: invert reads only the first K components
     config = preset(args.preset, space, components=args.components, steps=args.steps, lr=args.lr,
-                    weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every)
+                    weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
+                    images_per_step=args.images_per_step)
     if config.components > space.num_components:
         raise W2WError(f"--components {config.components}: the space {args.space} has K = {space.num_components}; "
                        f"pass {space.num_components} or fewer")
-    print(f"inverting with K {config.components:,}, lr {config.lr:g}, weight decay {config.weight_decay:g}, "
-          f"{config.steps} steps (preset {args.preset} on this space, and the flags given)")
+    print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
+          f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
+          f"this space, and the flags given)")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = invert_file(args.base, space, args.image, args.mask, config, args.seed, args.device, dtype,
-                        args.checkpoint)
+    model, photos = invert_file(args.base, space, args.image, masks, config, args.seed, args.device, dtype,
+                                args.checkpoint, crop=args.crop)
     save_model(model, args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
+    for index, photo in enumerate(photos):  # what was fitted: the face crop and the automatic mask
+        shown = [("crop", photo.picture)] if args.crop == "face" else []
+        shown += [("mask", Image.fromarray(photo.mask))] if photo.auto else []
+        for what, picture in shown:
+            path = fitted_path(Path(args.out), what, index, len(photos))
+            save_png(picture, path)
+            print(f"wrote {what} of {photo.name}: {path}")
     if args.export:
         path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
                          space.base_model)
@@ -427,21 +461,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_invert_parser(commands) -> None:
-    from .inversion import PRESETS, InversionConfig
+    from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
                         for name, c in PRESETS.items())
     invert = commands.add_parser(
-        "invert", help="invert one image into a w2w model (the paper's Sec. 4.3)",
+        "invert", help="invert a person's images (one or several) into a w2w model (the paper's Sec. 4.3)",
         description="Find the model of the space that reproduces IMAGE: Adam on its first K coefficients, from "
-                    f"zero, on the diffusion loss of the image (inside MASK). Presets (the paper's): {presets}; "
+                    f"zero, on the diffusion loss of the image (inside MASK). With several --image of one person, "
+                    f"each step draws one of them, so the loss is averaged over the person's photographs. "
+                    f"Presets (the paper's): {presets}; "
                     "on a space with fewer components, all of them; a space may record its own settings for a "
                     "preset (the tiny space: lr 0.3 for real, 0.1 for ood). Defaults: the "
                     "tiny world; for Stable Diffusion 1.5: --base stablediffusionapi/realistic-vision-v51 "
                     "--space files/official.")
-    invert.add_argument("--image", required=True, help="the image to invert: any size and mode (resized and centre-cropped)")
-    invert.add_argument("--mask", default=None,
-                        help="binary mask image, white where the image is fitted (the image's size or aspect ratio)")
+    invert.add_argument("--image", required=True, action="append",
+                        help="an image to invert: any size and mode; repeat it for several photographs of one person")
+    invert.add_argument("--crop", choices=CROPS, default="center",
+                        help="center: resize and centre-crop each image as it is; face: cut the square around its "
+                             "largest detected face, the face about 45%% of its width (FFHQ-like framing), written "
+                             "to OUT.crop.png (default: %(default)s)")
+    masks = invert.add_mutually_exclusive_group()
+    masks.add_argument("--mask", action="append", default=None,
+                       help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
+                            f"or {AUTO_MASK}: a soft ellipse over the detected face and hair, written to OUT.mask.png; "
+                            f"one per --image in order, or one {AUTO_MASK} for all")
+    masks.add_argument("--mask-dir", default=None,
+                       help="folder of masks paired with the images by file name (DIR/NAME.png for NAME.jpg)")
     invert.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="real: photographs of faces; ood: paintings and other out-of-distribution images "
                              "(default: %(default)s)")
@@ -470,6 +516,9 @@ def add_invert_parser(commands) -> None:
                              "it resumes from it")
     invert.add_argument("--checkpoint-every", type=COUNT, default=None,
                         help=f"steps between checkpoints (default: {InversionConfig.checkpoint_every})")
+    invert.add_argument("--images-per-step", type=COUNT, default=None,
+                        help=f"images of the person each step draws and averages (default: "
+                             f"{InversionConfig.images_per_step}; more cost more per step)")
     invert.set_defaults(run=cmd_invert)
 
 

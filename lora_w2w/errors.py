@@ -28,3 +28,7 @@ class ArgumentError(W2WError):
 class OutputError(W2WError):
     """An output cannot be written where asked: it would replace an input, a directory or a folder
     that is not an earlier output of its kind, or the disk refuses the write."""
+
+
+class NoFaceError(W2WError):
+    """A photograph in which the face detector finds no face."""

@@ -1,16 +1,21 @@
-"""Inversion (Dravid et al. 2024, Sec. 4.3): the model of a w2w space that best reproduces one image.
+"""Inversion (Dravid et al. 2024, Sec. 4.3): the model of a w2w space that best reproduces a person's images.
 
 Adam on the first K coefficients c, started from zero, minimises the diffusion loss of the model with
-weights w = unproject(c) on the image: mean |m * (eps_theta(x_t, t, "sks person"; w) - eps)|^2 over
-random timesteps t and noise eps, with x_0 drawn from the image's VAE latent distribution and m an
-optional mask at latent resolution. The latent distribution and the prompt's embedding are computed
-once; every step draws a new latent from them.
+weights w = unproject(c) on the images: mean |m * (eps_theta(x_t, t, "sks person"; w) - eps)|^2 over
+random timesteps t and noise eps, with x_0 drawn from an image's VAE latent distribution and m its
+optional mask at latent resolution. The latent distributions and the prompt's embedding are computed
+once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
+so that the loss is averaged over the photographs. With one image this is the paper's inversion.
 
     pipe = load_base_pipeline("files/tiny/base")
     space = load_space("files/tiny/space")
     image, mask = load_target("inversion/images/drawing.png", "inversion/images/drawing_mask.png", *target_sizes(pipe))
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
+
+    # photographs: cut around the face, an automatic mask over face and hair, several images of one person
+    photos = read_photos(["me1.jpg", "me2.jpg"], [AUTO_MASK, AUTO_MASK], crop="face")
+    model = invert(pipe, space, *photo_targets(photos, *target_sizes(pipe)), preset("real", space))
 
 Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps; "ood"
 paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `preset(name, space)` fits
@@ -21,12 +26,13 @@ converged in 400 steps). A model that ends far outside the dataset's spread (a l
 high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
+The automatic mask (AUTO_MASK) is a soft ellipse over the face and hair that `faces` detects.
 A checkpoint (coefficients, Adam state, step, random state) is written every `checkpoint_every`
 steps; a run given an existing checkpoint resumes from it and ends exactly where an uninterrupted
 run ends.
 
-Letters: K components, N flattened LoRA numbers, C latent channels, h x w latent size, R image size,
-L tokens, D text width.
+Letters: K components, N flattened LoRA numbers, I images of the person, B images drawn per step,
+C latent channels, h x w latent size, R image size, L tokens, D text width.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +73,8 @@ ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios under which a ma
 # off the space's distribution (a learning rate too high for its scale) and draws noise: on the tiny space,
 # good inversions end within 1.3x, a run at 10x the tiny space's learning rate at 6.7x.
 FAR_FROM_DATASET = 3.0
+CROPS = ("center", "face")  # how a photograph becomes the square the model sees (see read_photos)
+AUTO_MASK = "auto"          # the mask value asking for a soft ellipse over the detected face and hair
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -80,9 +88,10 @@ class InversionConfig:
     weight_decay: float = 1e-10  # Adam's L2 penalty on the coefficients
     steps: int = 400             # optimiser steps (the original's "epochs" over its one image)
     checkpoint_every: int = 50   # steps between checkpoints, when a checkpoint path is given
+    images_per_step: int = 1     # B: images of the person each step draws (with replacement) and averages
 
     def __post_init__(self):
-        for name in ("components", "steps", "checkpoint_every"):
+        for name in ("components", "steps", "checkpoint_every", "images_per_step"):
             check_int(getattr(self, name), f"inversion {name}", minimum=1)
         check_number(self.lr, "inversion lr", above=0.0)
         check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
@@ -160,11 +169,15 @@ def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask
 
 def load_mask(mask: str | os.PathLike | Image.Image, image_size: tuple[int, int], resolution: int,
               latent_size: int) -> torch.Tensor:
-    """A binary mask image -> (1, 1, h, w) in [0, 1] at latent resolution: cropped like the image, then each
-    latent cell holds the fraction of its pixels that are white."""
+    """A binary mask image -> (1, 1, h, w) in [0, 1] at latent resolution (see `pool_mask`)."""
     name = "mask" if isinstance(mask, Image.Image) else str(mask)
-    binary = check_mask(open_image(mask, "mask"), image_size, name)
-    pixels = (prepare_image(Image.fromarray(binary), resolution)[:1] + 1) / 2  # (1, R, R)
+    return pool_mask(check_mask(open_image(mask, "mask"), image_size, name), resolution, latent_size, name)
+
+
+def pool_mask(values: np.ndarray, resolution: int, latent_size: int, name: str = "mask") -> torch.Tensor:
+    """A mask (H, W) of 0..255 -> (1, 1, h, w) in [0, 1]: cropped like its image, then each latent cell
+    holds the mean of its pixels (the fraction that is white, for a binary mask)."""
+    pixels = (prepare_image(Image.fromarray(values), resolution)[:1] + 1) / 2  # (1, R, R)
     cells = F.adaptive_avg_pool2d(pixels.clamp(0, 1)[None], latent_size)      # (1, 1, h, w)
     if not cells.any():
         raise W2WError(f"{name}: the white region lies outside the image's centre crop; nothing left to fit")
@@ -180,50 +193,136 @@ def load_target(image: str | os.PathLike | Image.Image, mask: str | os.PathLike 
     return target, None if mask is None else load_mask(mask, picture.size, resolution, latent_size)
 
 
+@dataclass
+class Photo:
+    """One image as it is fitted: the picture after the crop, and its mask over it (or None)."""
+
+    name: str
+    picture: Image.Image
+    mask: np.ndarray | None  # (H, W) 0..255 over the picture: binary from a file, soft when automatic
+    auto: bool               # the mask was drawn around the detected face (AUTO_MASK)
+
+
+def read_photos(images: Sequence[str | os.PathLike | Image.Image],
+                masks: Sequence[str | os.PathLike | Image.Image | None] | None = None,
+                crop: str = "center") -> list[Photo]:
+    """I images and their masks (a file or image, AUTO_MASK or None each) -> the photos to fit, checked.
+    crop "center" keeps the image (the model's resize and centre crop follow); "face" cuts the square
+    around its largest face (`faces.face_crop`) and a mask file with it. AUTO_MASK draws a soft ellipse
+    over the detected face and hair; where no face is found, with a warning, over where a face framed as
+    the paper's crops sits."""
+    from . import faces
+
+    if crop not in CROPS:
+        raise W2WError(f"unknown crop {crop!r}; expected one of {', '.join(CROPS)}")
+    masks = [None] * len(images) if masks is None else list(masks)
+    if len(masks) != len(images):
+        raise W2WError(f"{len(masks)} masks for {len(images)} images; expected one mask per image, in the images' "
+                       f"order")
+    photos = []
+    for source, mask in zip(images, masks):
+        name = "image" if isinstance(source, Image.Image) else str(source)
+        picture = open_image(source, "image")
+        size, box, square = picture.size, None, None
+        if crop == "face":
+            box = faces.largest_face(picture, name)
+            square = faces.face_square(picture.size, box)
+            picture, box = faces.face_crop(picture, box)
+        values, auto = None, isinstance(mask, str) and mask == AUTO_MASK
+        if auto:
+            found = box or next(iter(faces.detect_faces(picture)), None)
+            if found is None:
+                warnings.warn(f"{name}: no face found for the automatic mask; fitting an ellipse over the centre of "
+                              f"the image, where a face framed as the paper's crops sits (draw one and pass "
+                              f"--mask FILE otherwise)", stacklevel=2)
+            values = np.asarray(faces.face_mask(picture.size, found or faces.centred_box(picture.size)))
+        elif mask is not None:
+            values = check_mask(open_image(mask, "mask"), size, "mask" if isinstance(mask, Image.Image) else str(mask))
+            if square:  # the mask, at the original image's size, cut like the image
+                values = np.asarray(Image.fromarray(values).resize(size, Image.Resampling.NEAREST).crop(square))
+        photos.append(Photo(name, picture, values, auto))
+    return photos
+
+
+def masks_in_folder(images: Sequence[str | os.PathLike], folder: str | os.PathLike) -> list[Path]:
+    """The mask of each image in `folder`, paired by file name: FOLDER/NAME.<any image suffix> for NAME.jpg."""
+    from .dreambooth import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise W2WError(f"{folder}: no such mask folder")
+    masks = []
+    for image in images:
+        found = [folder / (Path(image).stem + suffix) for suffix in IMAGE_SUFFIXES
+                 if (folder / (Path(image).stem + suffix)).is_file()]
+        if len(found) != 1:
+            raise W2WError(f"{folder}: {'no mask' if not found else f'{len(found)} masks'} for the image {image}; "
+                           f"expected one file {Path(image).stem}.png (or another image suffix) there")
+        masks.append(found[0])
+    return masks
+
+
+def photo_targets(photos: Sequence[Photo], resolution: int,
+                  latent_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Photos -> images (I, 3, R, R) in [-1, 1], resized and centre-cropped, and masks (I, 1, h, w) in
+    [0, 1] over the same crops (None when no photo has one; a photo without a mask among others with one
+    is fitted everywhere). One photo with a mask file gives what `load_target` gives."""
+    images = torch.cat([prepare_image(photo.picture, resolution)[None] for photo in photos])  # (I, 3, R, R)
+    if all(photo.mask is None for photo in photos):
+        return images, None
+    ones = torch.ones(1, 1, latent_size, latent_size)
+    return images, torch.cat([ones if photo.mask is None else pool_mask(photo.mask, resolution, latent_size,
+                                                                        f"{photo.name}'s mask") for photo in photos])
+
+
 # ----------------------------------------------------------------------------- the loss
 
 @dataclass
 class Target:
     """What every step needs of the image and the prompt, computed once."""
 
-    latent_mean: torch.Tensor    # (1, C, h, w), unscaled
-    latent_std: torch.Tensor     # (1, C, h, w)
-    mask: torch.Tensor | None    # (1, 1, h, w) in [0, 1]
+    latent_mean: torch.Tensor    # (I, C, h, w), unscaled, one row per image
+    latent_std: torch.Tensor     # (I, C, h, w)
+    mask: torch.Tensor | None    # (I, 1, h, w) in [0, 1]
     text: torch.Tensor           # (1, L, D) embedding of the prompt, in the UNet's dtype
     scaling_factor: float        # vae.config.scaling_factor
     dtype: torch.dtype           # the UNet's (reading unet.dtype walks all its parameters)
 
 
-def encode_target(pipe, image: torch.Tensor, mask: torch.Tensor | None, prompt: str) -> Target:
-    """Encode the image (1, 3, R, R) with the VAE and the prompt with the text encoder, once."""
-    mean, std = encode_images(pipe.vae, image)  # (1, C, h, w) each
-    if mask is not None and mask.shape != (1, 1, *mean.shape[2:]):
-        raise W2WError(f"mask {tuple(mask.shape)} does not fit the latent {tuple(mean.shape)}: expected "
-                       f"(1, 1, {mean.shape[2]}, {mean.shape[3]}); load it with load_target")
+def encode_target(pipe, images: torch.Tensor, masks: torch.Tensor | None, prompt: str) -> Target:
+    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder, once."""
+    mean, std = encode_images(pipe.vae, images)  # (I, C, h, w) each
+    if masks is not None and masks.shape != (len(mean), 1, *mean.shape[2:]):
+        raise W2WError(f"masks {tuple(masks.shape)} do not fit the latents {tuple(mean.shape)}: expected "
+                       f"({len(mean)}, 1, {mean.shape[2]}, {mean.shape[3]}); load them with photo_targets")
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    return Target(mean.to(device), std.to(device), None if mask is None else mask.to(device),
+    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device),
                   encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt).to(device, dtype),
                   float(pipe.vae.config.scaling_factor), dtype)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of (m * (prediction - target))^2 over all elements, as the original (masked cells count as 0)."""
-    error = prediction.float() - target.float()  # (1, C, h, w)
+    error = prediction.float() - target.float()  # (B, C, h, w)
     return (error if mask is None else mask * error).square().mean()
 
 
 def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coefficients: torch.Tensor,
                    target: Target, scheduler, batch: Batch) -> torch.Tensor:
-    """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw."""
+    """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw:
+    on the B images of the target that `batch.instance` picks."""
     device = target.latent_mean.device
     latent_noise, noise, timesteps = (x.to(device) for x in (batch.latent_noise, batch.noise, batch.timesteps))
-    latents = (target.latent_mean + target.latent_std * latent_noise) * target.scaling_factor  # (1, C, h, w)
-    noisy = scheduler.add_noise(latents, noise, timesteps)                                    # (1, C, h, w)
-    weights = unproject(coefficients, *basis)                                                 # (N,)
-    prediction = lora_unet(weights, noisy.to(target.dtype), timesteps, target.text).sample      # (1, C, h, w)
+    picked = batch.instance.to(device)                                                          # (B,)
+    mean, std = target.latent_mean[picked], target.latent_std[picked]                           # (B, C, h, w)
+    latents = (mean + std * latent_noise) * target.scaling_factor                               # (B, C, h, w)
+    noisy = scheduler.add_noise(latents, noise, timesteps)                                      # (B, C, h, w)
+    weights = unproject(coefficients, *basis)                                                   # (N,)
+    text = target.text.expand(len(picked), -1, -1)                                              # (B, L, D)
+    prediction = lora_unet(weights, noisy.to(target.dtype), timesteps, text).sample             # (B, C, h, w)
     if scheduler.config.prediction_type == "v_prediction":
         noise = scheduler.get_velocity(latents, noise, timesteps)
-    return masked_mse(prediction, noise, target.mask)
+    return masked_mse(prediction, noise, None if target.mask is None else target.mask[picked])
 
 
 @contextmanager
@@ -239,14 +338,15 @@ def differentiable_unet(unet, layout: LoraLayout) -> Iterator[LoraUNet]:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def run_fingerprint(space: Space, config: InversionConfig, seed: int, image: torch.Tensor,
-                    mask: torch.Tensor | None) -> dict:
+def run_fingerprint(space: Space, config: InversionConfig, seed: int, images: torch.Tensor,
+                    masks: torch.Tensor | None) -> dict:
     """What a checkpoint must share with a run to resume it (the number of steps may grow)."""
-    digest = hashlib.sha256(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    if mask is not None:
-        digest.update(mask.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    digest = hashlib.sha256(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    if masks is not None:
+        digest.update(masks.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    batch = {"images_per_step": config.images_per_step} if config.images_per_step > 1 else {}  # as before it existed
     return {"space": space.id, "components": config.components, "lr": config.lr,
-            "weight_decay": config.weight_decay, "seed": seed, "image": digest.hexdigest()[:16]}
+            "weight_decay": config.weight_decay, "seed": seed, "image": digest.hexdigest()[:16]} | batch
 
 
 def save_checkpoint(path: str | os.PathLike, fingerprint: dict, step: int, coefficients: torch.Tensor,
@@ -274,22 +374,28 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: dict, coefficients: to
 
 # ----------------------------------------------------------------------------- inversion
 
-def invert(pipe, space: Space, image: torch.Tensor, mask: torch.Tensor | None = None,
+def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
+           masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
            checkpoint: str | os.PathLike | None = None) -> W2WModel:
-    """The model (K coefficients) of `space` that best reproduces `image` (1, 3, R, R) in [-1, 1], inside
-    `mask` (1, 1, h, w) when given. With `checkpoint`, the run's state is saved there every
-    `config.checkpoint_every` steps and at the end, and a run finding it there resumes from it."""
+    """The model (K coefficients) of `space` that best reproduces `images`, I photographs of one person,
+    (I, 3, R, R) in [-1, 1] or a list of (1, 3, R, R), inside `masks` (I, 1, h, w) or a list of (1, 1, h, w)
+    or None (an image fitted everywhere) when given. Every step draws one of the images (seeded), so the
+    loss is averaged over them; with one image this is the paper's single-image inversion. With
+    `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps and at the end, and
+    a run finding it there resumes from it."""
+    images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
     device = pipe.unet.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
-    target = encode_target(pipe, image, mask, space.prompt or TRIGGER_PROMPT)
+    target = encode_target(pipe, images, masks, space.prompt or TRIGGER_PROMPT)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-    sampler = StepSampler(seed, 1, 0, 1, tuple(target.latent_mean.shape[1:]), scheduler.config.num_train_timesteps)
+    sampler = StepSampler(seed, len(images), 0, config.images_per_step, tuple(target.latent_mean.shape[1:]),
+                          scheduler.config.num_train_timesteps)
     coefficients = torch.zeros(k, device=device, requires_grad=True)  # (K,)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr, weight_decay=config.weight_decay)
-    fingerprint = run_fingerprint(space, config, seed, image, mask)
+    fingerprint = run_fingerprint(space, config, seed, images, masks)
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         start = load_checkpoint(checkpoint, fingerprint, coefficients, optimizer, sampler)
@@ -317,6 +423,25 @@ def invert(pipe, space: Space, image: torch.Tensor, mask: torch.Tensor | None = 
     return model
 
 
+def stack_targets(images: torch.Tensor | Sequence[torch.Tensor],
+                  masks: torch.Tensor | Sequence[torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and masks as `invert` takes them -> (I, 3, R, R) and (I, 1, h, w) or None (a None among
+    masks fits its image everywhere)."""
+    if not isinstance(images, torch.Tensor):
+        if not images:
+            raise W2WError("no image to invert; expected at least one")
+        images = torch.cat([image.reshape(-1, *image.shape[-3:]) for image in images])  # (I, 3, R, R)
+    if masks is None or isinstance(masks, torch.Tensor):
+        return images, masks
+    if len(masks) != len(images):
+        raise W2WError(f"{len(masks)} masks for {len(images)} images; expected one mask (or None) per image")
+    given = [m for m in masks if m is not None]
+    if not given:
+        return images, None
+    ones = torch.ones_like(given[0].reshape(1, *given[0].shape[-3:]))  # (1, 1, h, w)
+    return images, torch.cat([ones if m is None else m.reshape(1, *m.shape[-3:]) for m in masks])
+
+
 def norm_over_dataset(space: Space, coefficients: torch.Tensor) -> float | None:
     """|c| over the largest norm of a dataset model, on the first coefficients both have (None when the
     space has no dataset coefficients)."""
@@ -326,19 +451,23 @@ def norm_over_dataset(space: Space, coefficients: torch.Tensor) -> float | None:
     return float(coefficients[:k].float().norm() / space.coefficients[:, :k].float().norm(dim=1).max())
 
 
-def invert_file(base: str, space: Space, image: str | os.PathLike, mask: str | os.PathLike | None = None,
+def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[str | os.PathLike],
+                masks: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
                 config: InversionConfig = PRESETS["real"], seed: int = 0, device: str | torch.device = "auto",
                 dtype: torch.dtype | None = None, checkpoint: str | os.PathLike | None = None,
-                progress: bool = True) -> W2WModel:
+                progress: bool = True, crop: str = "center") -> tuple[W2WModel, list[Photo]]:
     """Load the base pipeline (a folder or hub id), check that the space fits its UNet, load the image
-    and mask files and invert (for the CLI and inversion/invert.py)."""
+    files with their masks (a file, AUTO_MASK or None each; see `read_photos`) and invert (for the CLI
+    and inversion/invert.py); returns the model and the photos as fitted."""
     from .network import check_layout
     from .pipeline import load_base_pipeline, resolve_device
 
+    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    masks = [masks] if isinstance(masks, (str, os.PathLike)) else masks
     space.check_k(config.components)
-    open_image(image, "image")  # a missing or corrupt file fails before the pipeline loads
+    photos = read_photos(images, masks, crop)  # bad files, masks and faceless photos fail before the pipeline loads
     device = resolve_device(device)
     pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
     check_layout(pipe.unet, space.layout)
-    target, target_mask = load_target(image, mask, *target_sizes(pipe))
-    return invert(pipe, space, target, target_mask, config, seed, progress, checkpoint)
+    targets, target_masks = photo_targets(photos, *target_sizes(pipe))
+    return invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint), photos

@@ -288,7 +288,7 @@ def test_cli_fits_the_preset_to_a_smaller_space(toy_world, space_dir, tmp_path, 
     code, out, err = run_cli(capsys, "invert", "--image", FACE, "--steps", 1, "--space", space_dir,
                              "--base", toy_world / "base", "--device", "cpu", "--out", tmp_path / "face.safetensors")
     assert code == 0, err
-    assert f"inverting with K {K}, lr 0.1, weight decay 1e-10, 1 steps" in out
+    assert f"inverting 1 image with K {K}, lr 0.1, weight decay 1e-10, 1 steps" in out
     assert load_model(tmp_path / "face.safetensors").coefficients.shape == (K,)
 
 
