@@ -36,7 +36,7 @@ from .network import LoraUNet
 class SliderConfig:
     """Hyper-parameters of one slider's training."""
 
-    steps: int = field(default=200, metadata={"help": "Adam steps"})
+    steps: int = field(default=60, metadata={"help": "Adam steps"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (the tiny world's Dreambooth-LoRA one)"})
     eta: float = field(default=1.0, metadata={"help": "guidance scale of the target: how far c+ - c- moves it"})
     batch_size: int = field(default=4, metadata={"help": "noised latents per step"})

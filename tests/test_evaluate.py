@@ -9,7 +9,7 @@ import torch
 from lora_w2w.dataset import add_models, matrix_source
 from lora_w2w.errors import W2WError
 from lora_w2w.storage import load_space
-from lora_w2w.tiny import evaluate
+from lora_w2w.tiny import evaluate, scaling_plots
 from lora_w2w.tiny.evaluator import Evaluator, EvaluatorConfig, feature_distance
 from lora_w2w.tiny.faces import ATTRIBUTES, render, sample_identity
 
@@ -96,6 +96,11 @@ def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
     # K 100 is more than the 60 models' 59 components: all of them
     assert [r["components"] for r in report["scaling_components"]] == [3, 59]
 
+    pictures = scaling_plots.main(scaling_plots.parse_args(["--report", str(tmp_path / "report.json"),
+                                                            "--out", str(tmp_path / "assets")]))
+    assert [p.name for p in pictures] == ["tiny_scaling_models.png", "tiny_scaling_components.png"]
+    assert all(p.stat().st_size > 10_000 for p in pictures)
+
 
 def test_one_section_updates_a_report_and_reruns_alike(toy_world, toy_space, toy_weights, tmp_path):
     out = tmp_path / "report.json"
@@ -108,6 +113,12 @@ def test_one_section_updates_a_report_and_reruns_alike(toy_world, toy_space, toy
     out.write_text(json.dumps({"space_id": "another"}))
     with pytest.raises(W2WError, match="report.json: a report of space another"):
         evaluate.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
+
+
+def test_plots_need_the_scaling_sections(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"scaling_models": []}))
+    with pytest.raises(W2WError, match="no scaling_components section"):
+        scaling_plots.main(scaling_plots.parse_args(["--report", str(tmp_path / "report.json")]))
 
 
 def test_settings_are_checked():
