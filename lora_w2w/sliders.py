@@ -5,8 +5,8 @@ that with it the model predicts, on a target prompt c_t,
     eps_slider(x_t, c_t, t) = eps(x_t, c_t, t) + eta * (eps(x_t, c+, t) - eps(x_t, c-, t))
 
 and with the LoRA negated (lora_B -> -lora_B) the same with -eta; eps is the frozen base. The slider is
-then fused into the UNet at a chosen scale (negative: toward c-) under any model. x_t: the base model's own latents of c_t, noised
-to a random timestep (the sliders' code denoises to t with the LoRA'd model instead).
+then fused into the UNet at a chosen scale (negative: toward c-) under any model. x_t: the base model's
+own latents of c_t, noised to a random timestep (the sliders' code denoises to t with the LoRA'd model).
 
     latents = target_latents(pipe, "a photo of a person", count=32, steps=25, guidance=5.0)
     slider = train_slider(pipe, layout, "a photo of a person with glasses", "a photo of a person",

@@ -118,7 +118,8 @@ class Settings:
     slider_steps: int = field(default=60, metadata={"help": "Adam steps of each text slider"})
     slider_eta: float = field(default=1.0, metadata={"help": "the sliders' guidance scale eta"})
     slider_scale: float = field(default=2.0, metadata={
-        "help": "scale a slider is applied at (a tiny glasses slider of 60 steps on 2 models x 3 seeds: glasses in 1 image at 1, all 6 at 2)"})
+        "help": "scale a slider is applied at (a glasses slider of 60 steps, 2 models x 3 seeds: glasses in 1 "
+                "image at 1, in all 6 at 2)"})
     slider_latents: int = field(default=32, metadata={"help": "base-model latents of the target prompt the "
                                                               "sliders train on"})
     scaling_models: tuple[int, ...] = field(default=(25, 50, 100, 250, 500, 1000), metadata={
@@ -373,7 +374,7 @@ def evaluate_table1(ctx: Context, settings: Settings) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- Table 2 and Table 4: inversion against Dreambooth
+# ----------------------------------------------------------------------------- Tables 2 and 4: inversion vs Dreambooth
 
 def evaluate_table2(ctx: Context, settings: Settings) -> dict:
     identities = _held_out(settings.inversions, settings.views)
