@@ -16,11 +16,11 @@ from ..storage import atomic_output
 
 MODELS_PNG = "tiny_scaling_models.png"
 COMPONENTS_PNG = "tiny_scaling_components.png"
-# (report key, axis label, title) of each panel of the models figure
+# (report key, axis label, title, y range or None for matplotlib's) of each panel of the models figure
 MODEL_PANELS = (
-    ("inversion_identity_similarity", "identity similarity", "inversion (Fig 10: ID score)"),
-    ("edit_entanglement", "other attributes changed", "3-std edits (Fig 9: entanglement)"),
-    ("sampling_consistency", "attributes agreeing across seeds", "sampling"),
+    ("inversion_identity_similarity", "identity similarity", "inversion (Fig 10: ID score)", None),
+    ("edit_entanglement", "share of the other attributes changed", "3-std edits (Fig 9: entanglement)", (0, None)),
+    ("sampling_consistency", "attributes agreeing across seeds", "sampling consistency", (0.5, 1)),
 )
 
 
@@ -34,13 +34,15 @@ def plot_models(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = [row["models"] for row in rows]
-    figure, axes = plt.subplots(1, len(MODEL_PANELS), figsize=(4 * len(MODEL_PANELS), 3.4))
-    for ax, (key, label, title) in zip(axes, MODEL_PANELS):
+    figure, axes = plt.subplots(1, len(MODEL_PANELS), figsize=(4.8 * len(MODEL_PANELS), 3.8), layout="constrained")
+    for ax, (key, label, title, limits) in zip(axes, MODEL_PANELS):
         ax.plot(models, [row[key] for row in rows], "o-")
         ax.set_xscale("log")
-        ax.set_xlabel("models in the space (M)")
+        ax.set_xlabel("models in the space (M; K = min(M - 1, the space's))")
         ax.set_ylabel(label)
         ax.set_title(title)
+        if limits is not None:
+            ax.set_ylim(*limits)
         ax.grid(alpha=0.3)
     figure.suptitle("The tiny world against the number of models in the space (paper: Figs 9 and 10)")
     _save(figure, path)
@@ -51,12 +53,12 @@ def plot_components(rows: list[dict], path: Path) -> None:
     """Inversion identity similarity against K, log scale."""
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(5, 3.4))
+    figure, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
     ax.plot([row["components"] for row in rows], [row["inversion_identity_similarity"] for row in rows], "o-")
     ax.set_xscale("log")
     ax.set_xlabel("components optimised (K)")
     ax.set_ylabel("identity similarity")
-    ax.set_title("Tiny world: inversion against K (paper: Fig 30)")
+    ax.set_title("Tiny world: inversion against K, 1,000 models (paper: Fig 30)")
     ax.grid(alpha=0.3)
     _save(figure, path)
     plt.close(figure)
