@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("train-identities", add_help=False,
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     commands.add_parser("evaluate", add_help=False,
-                        help="score sampling, editing and inversion on the tiny world (see `w2w evaluate --help`)")
+                        help="score sampling, editing, inversion, the paper's tables and its scaling curves on the "
+                             "tiny world (see `w2w evaluate --help`)")
     return parser
 
 

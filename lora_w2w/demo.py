@@ -128,17 +128,17 @@ class Demo:
         """The evaluator's scores of sampling and editing, measured here with fewer models than w2w evaluate,
         and from w2w evaluate's report of the same space (--evaluation): its editing scores over more models
         and its inversion scores."""
-        from .tiny.evaluate import Settings, evaluate_editing, evaluate_sampling
+        from .tiny.evaluate import Context, Settings, evaluate_editing, evaluate_sampling
 
         settings = Settings(samples=4, seeds=3, steps=self.args.steps, guidance=self.args.guidance)
-        result = {"sampling": evaluate_sampling(self.pipe, self.space, self.evaluator, settings),
-                  "editing": evaluate_editing(self.pipe, self.space, self.evaluator, settings)}
+        context = Context(self.pipe, self.space, self.evaluator)
+        result = {"sampling": evaluate_sampling(context, settings), "editing": evaluate_editing(context, settings)}
         # inversion against Dreambooth baselines trains LoRAs: too slow for the demo, read from w2w evaluate's report
         evaluation = Path(self.args.evaluation)
         if evaluation.is_file():
             report = json.loads(evaluation.read_text())
             if report.get("space_id") == self.space.id:
-                result |= {f"{key}_report": report[key] for key in ("editing", "inversion") if key in report}
+                result |= {f"{key}_report": report[key] for key in ("editing", "table2") if key in report}
                 result["report_source"] = str(evaluation)
         return result
 
@@ -191,12 +191,9 @@ def _evaluation_table(result: dict) -> list[str]:
             met = e["changed"] >= targets["changed"] and e["others_kept"] >= targets["others_kept"]
             rows.append(f"| editing {attribute} ({label}): changed / others kept / identity similarity | "
                         f"qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
-                        f"{e['identity_similarity']:.2f} | "
-                        f"{_met(met, edit_target)} |")
-    if "inversion_report" in result:
-        inversion = result["inversion_report"]
-        ours, one, many = (inversion[k] for k in ("w2w, 1 image", "Dreambooth-LoRA, 1 image",
-                                                   "Dreambooth-LoRA, many images"))
+                        f"{e['identity_similarity']:.2f} | {_met(met, edit_target)} |")
+    if "table2_report" in result:
+        ours, one, many = (result["table2_report"][k] for k in ("w2w", "dreambooth_1", "dreambooth_multi"))
         rows.append(f"| inversion of one image: identity similarity, w2w / Dreambooth-LoRA 1 image / 10 images "
                     f"(from {result['report_source']}) | ID score 0.64 / 0.43 / 0.69 (Table 2) | "
                     f"{ours['identity_similarity']:.2f} / {one['identity_similarity']:.2f} / "

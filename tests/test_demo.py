@@ -7,13 +7,13 @@ from lora_w2w.storage import load_space
 
 def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
     out = tmp_path / "demo"
-    scores = {"w2w, 1 image": {"identity_similarity": 0.5, "attribute_agreement": 0.9},
-              "Dreambooth-LoRA, 1 image": {"identity_similarity": 0.6, "attribute_agreement": 0.8},
-              "Dreambooth-LoRA, many images": {"identity_similarity": 0.7, "attribute_agreement": 0.95}}
+    scores = {"w2w": {"identity_similarity": 0.5, "attribute_agreement": 0.9},
+              "dreambooth_1": {"identity_similarity": 0.6, "attribute_agreement": 0.8},
+              "dreambooth_multi": {"identity_similarity": 0.7, "attribute_agreement": 0.95}}
     evaluation = tmp_path / "evaluation.json"  # w2w evaluate's report of the same space
     edits = {a: {"changed": 0.25, "others_kept": 0.95, "identity_similarity": 0.7}
              for a in ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")} | {"models_by_sex": {"men": 12, "women": 20}}
-    evaluation.write_text(json.dumps({"space_id": load_space(toy_space).id, "inversion": scores, "editing": edits}))
+    evaluation.write_text(json.dumps({"space_id": load_space(toy_space).id, "table2": scores, "editing": edits}))
     assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(toy_space),
                       "--device", "cpu", "--steps", "2", "--inversion-steps", "2", "--evaluation", str(evaluation)]) == 0
     report = json.loads((out / "report.json").read_text())

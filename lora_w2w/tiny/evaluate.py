@@ -1,79 +1,175 @@
-"""The applications scored by the evaluator on the tiny world, next to the paper's claims:
+"""The applications scored by the evaluator on the tiny world, next to the paper's claims. Sections
+(`--only NAME ...`; each seeded, so a rerun gives the same numbers):
 
 - sampling: images of one sampled model across seeds agree on attributes (target >= 85%); sampled
   models differ from each other and from their nearest dataset model;
 - editing: Eyeglasses, Bald, No_Beard, Blond_Hair edits change the attribute in >= 80% of cases and
   keep the other attributes in >= 90%, with a high identity similarity to the original (each change
   rate also split by the sex the evaluator reads: an edit may work on one sex only);
-- inversion: a single held-out image inverted into the space, versus single-image and multi-image
-  Dreambooth-LoRA of the same identity (the paper's Table 2: ID score 0.64 vs 0.43 vs 0.69);
-- multi-image inversion: held-out identities inverted from 1, 3 and 5 of their views with the same
+- table1 (the paper's Table 1): one edit per attribute by prompting ("sks person" plus the caption
+  words), by a Concept-Sliders-style text slider (`lora_w2w.sliders`) and by w2w, on the same sampled
+  models and seeds: attribute changed, others kept, identity similarity and the evaluator's feature
+  distance (LPIPS-style; LPIPS itself needs torchvision's downloaded backbones) to the unedited images;
+- table2 (Table 2): a held-out image inverted into the space, against single-image and multi-image
+  Dreambooth-LoRA of the same identity (the paper: ID score 0.64 vs 0.43 vs 0.69);
+- timing (Table 4): wall time of one inversion and of training one 1-image and one multi-image
+  Dreambooth-LoRA, in the same run;
+- scaling_models (Figs 9 and 10): spaces PCA'd from the first M of the weights dataset's LoRAs
+  (no retraining): inversion identity similarity, edit entanglement, sampling consistency;
+- scaling_components (Fig 30): inversion identity similarity against K on the full dataset's PCA.
+- multi_image_inversion: held-out identities inverted from 1, 3 and 5 of their views with the same
   steps, scored against views none of them saw (and how often the photo face detector finds the faces).
 
     python -m lora_w2w.tiny.evaluate --out outputs/evaluation.json      # w2w evaluate does the same
+    w2w evaluate --only table1 --out files/tiny/evaluation.json         # refresh one section of a report
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from ..editing import METHODS, apply_edits, attribute_directions, attribute_labels
+from ..dataset import WeightsDataset, add_models, matrix_source
+from ..editing import METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
+from ..errors import W2WError
+from ..network import FusedLora
 from ..pipeline import generate, load_base_pipeline
 from ..sampling import nearest_models, sample_models
-from ..space import Space
+from ..space import Space, W2WModel
 from ..storage import atomic_output, load_space
 from .build import LORA_RECIPE
-from .evaluator import Evaluator, Prediction, attribute_agreement, identity_similarity
-from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity
+from .evaluator import (Evaluator, Prediction, attribute_agreement, feature_distance, identity_similarity)
+from .faces import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
 
 EDITED = ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")
 HELD_OUT_SEEDS = 6_000_000  # identities of no training set
-PAPER = {"inversion_id_score": {"w2w, 1 image": 0.64, "Dreambooth-LoRA, 1 image": 0.43,
-                                "Dreambooth-LoRA, many images": 0.69}}
-
-
-SETTINGS_HELP = {
-    "samples": "sampled models scored (sampling, editing)", "seeds": "images generated per model",
-    "steps": "denoising steps per image", "guidance": "classifier-free guidance scale",
-    "edit_strength": "edit strength in standard deviations of the dataset along the direction",
-    "edit_method": "how the directions are found",
-    "edit_components": "K of the directions (0: the method's default)",
-    "inversions": "held-out identities inverted",
-    "inversion_components": "K of the inversions (0: the space's real preset's)",
-    "inversion_steps": "Adam steps of an inversion (0: the preset's)",
-    "inversion_lr": "Adam learning rate of an inversion (0: the preset's)",
-    "dreambooth_steps": "steps of the Dreambooth-LoRA baselines",
-    "dreambooth_lr": "learning rate of the Dreambooth-LoRA baselines",
+PAPER = {
+    "table2_id_score": {"w2w": 0.64, "dreambooth_1": 0.43, "dreambooth_multi": 0.69},
+    "table4_a100_s": {"inversion_s": 55, "dreambooth_1_s": 200, "dreambooth_multi_s": 220},
+    # Table 1 (prompting / sliders / w2w): ID score, LPIPS, CLIP score; the tiny world's Male is the paper's
+    # gender edit; it has no narrow eyes (its eye traits carry no attribute or caption word)
+    "table1": {"Male": {"prompting": (0.39, 0.30, 1.98), "slider": (0.33, 0.39, 3.50), "w2w": (0.45, 0.31, 4.13)},
+               "Chubby": {"prompting": (0.29, 0.41, 1.12), "slider": (0.33, 0.38, 2.21), "w2w": (0.45, 0.36, 2.16)}},
 }
+
+# Table 1's attributes, each with the caption words that draw it: the prompt (and negative prompt) that
+# gives a model the attribute, the one that takes it away (the vocabulary has no "thin" or "without": the
+# negative prompt takes those), and the slider's prompt pair (c+ shows it, c- does not) on SLIDER_TARGET.
+TABLE1 = {
+    "Male": {"add": ("sks man", ""), "remove": ("sks woman", ""),
+             "slider": ("a photo of a man", "a photo of a woman")},
+    "Eyeglasses": {"add": ("sks person with glasses", ""), "remove": ("sks person", "glasses"),
+                   "slider": ("a photo of a person with glasses", "a photo of a person")},
+    "Blond_Hair": {"add": ("sks person with blond hair", ""), "remove": ("sks person", "blond hair"),
+                   "slider": ("a photo of a person with blond hair", "a photo of a person")},
+    "No_Beard": {"add": ("sks person", "a beard"), "remove": ("sks person with a beard", ""),
+                 "slider": ("a photo of a person", "a photo of a person with a beard")},
+    "Young": {"add": ("young sks person", ""), "remove": ("old sks person", ""),
+              "slider": ("a photo of a young person", "a photo of an old person")},
+    "Chubby": {"add": ("chubby sks person", ""), "remove": ("sks person", "chubby"),
+               "slider": ("a photo of a chubby person", "a photo of a person")},
+}
+TABLE1_METHODS = ("prompting", "slider", "w2w")
+SLIDER_TARGET = "a photo of a person"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `w2w evaluate` measures with; None: the default named in the help."""
+
+    samples: int = field(default=32, metadata={"help": "sampled models scored (sampling, editing; each edit rate "
+                                                       "moves in steps of 1/32)"})
+    seeds: int = field(default=4, metadata={"help": "images generated per model"})
+    steps: int = field(default=25, metadata={"help": "denoising steps per image"})
+    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    edit_strength: float = field(default=3.0, metadata={
+        "help": "edit strength in standard deviations of the dataset along the direction"})
+    edit_method: str = field(default="mean_difference", metadata={"help": "how the directions are found",
+                                                                  "choices": METHODS})
+    edit_components: int | None = field(default=None, metadata={
+        "help": "K of the directions (default: the method's, editing.edit_components)"})
+    inversions: int = field(default=4, metadata={"help": "held-out identities inverted (table2)"})
+    inversion_components: int | None = field(default=None, metadata={
+        "help": "K of the inversions (default: the real preset's, as the space records it)"})
+    inversion_steps: int | None = field(default=None, metadata={"help": "Adam steps of an inversion "
+                                                                        "(default: the preset's)"})
+    inversion_lr: float | None = field(default=None, metadata={"help": "Adam learning rate of an inversion "
+                                                                       "(default: the preset's)"})
+    views: int = field(default=10, metadata={"help": "renders of a held-out identity: the multi-image "
+                                                     "Dreambooth's training set and the identity's reference"})
+    dreambooth_steps: int = field(default=LORA_RECIPE["max_train_steps"], metadata={
+        "help": "steps of the 1-image Dreambooth-LoRA baseline (the space's recipe)"})
+    dreambooth_multi_steps: int | None = field(default=None, metadata={
+        "help": "steps of the multi-image Dreambooth-LoRA baseline (default: DREAMBOOTH_MULTI_STEPS_PER_VIEW "
+                "per view)"})
+    dreambooth_lr: float = field(default=LORA_RECIPE["learning_rate"], metadata={
+        "help": "learning rate of the Dreambooth-LoRA baselines"})
+    class_images: int = field(default=LORA_RECIPE["num_class_images"], metadata={
+        "help": "prior-preservation images of the Dreambooth-LoRA baselines (the space's recipe)"})
+    table1_samples: int = field(default=8, metadata={"help": "sampled models edited in table1"})
+    slider_steps: int = field(default=60, metadata={"help": "Adam steps of each text slider"})
+    slider_eta: float = field(default=1.0, metadata={"help": "the sliders' guidance scale eta"})
+    slider_scale: float = field(default=2.0, metadata={
+        "help": "scale a slider is applied at (a glasses slider of 60 steps, 2 models x 3 seeds: glasses in 1 "
+                "image at 1, in all 6 at 2)"})
+    slider_latents: int = field(default=32, metadata={"help": "base-model latents of the target prompt the "
+                                                              "sliders train on"})
+    scaling_models: tuple[int, ...] = field(default=(25, 50, 100, 250, 500, 1000), metadata={
+        "help": "M of the scaling spaces: the first M models of --weights"})
+    scaling_components: tuple[int, ...] = field(default=(10, 25, 50, 100, 250, 999), metadata={
+        "help": "K of the inversions on the full dataset's PCA (at most M - 1)"})
+    scaling_inversions: int = field(default=2, metadata={"help": "held-out identities inverted per scaling "
+                                                                 "point"})
+    scaling_samples: int = field(default=4, metadata={"help": "sampled models edited per scaling space"})
+
+    def __post_init__(self):
+        positive = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), int)
+                    and not isinstance(getattr(self, f.name), bool) and getattr(self, f.name) < 1]
+        if positive:
+            raise W2WError(f"evaluate settings {', '.join(positive)} must be >= 1")
+        if self.edit_method not in METHODS:
+            raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(METHODS)}")
+
+
+# Multi-image Dreambooth steps per training view: the recipe's 800 steps over 10 views show each view 80
+# times, and the recipe's LoRAs still gain identity from 400 to 800 steps, while the 1-image baseline sees
+# its one image 800 times (files/tiny/README.md: why 10-view Dreambooth scored below 1-view)
+DREAMBOOTH_MULTI_STEPS_PER_VIEW = 160
 
 
 @dataclass
-class Settings:
-    samples: int = 32           # sampled models (each edit rate moves in steps of 1/32)
-    seeds: int = 4              # images per model
-    steps: int = 25             # denoising steps
-    guidance: float = 5.0
-    edit_strength: float = 3.0  # standard deviations of the dataset along a direction
-    edit_method: str = "mean_difference"
-    edit_components: int = 0    # 0: the method's default (editing.edit_components)
-    inversions: int = 4         # held-out identities inverted
-    inversion_components: int = 0  # 0: the real preset's, as the space records it (inversion.preset)
-    inversion_steps: int = 0
-    inversion_lr: float = 0.0
-    dreambooth_steps: int = LORA_RECIPE["max_train_steps"]
-    dreambooth_lr: float = LORA_RECIPE["learning_rate"]
+class Context:
+    """What every section works on."""
+
+    pipe: object
+    space: Space
+    evaluator: Evaluator
+    work: Path = Path("outputs/evaluation")  # scratch folder: training images, Dreambooth LoRAs, scaling spaces
+    weights: Path = Path("files/tiny/weights")  # the weights dataset the scaling spaces are cut from
+    base: str = "files/tiny/base"  # the base pipeline's folder
 
 
-def _images(pipe, space: Space, model, settings: Settings, seed0: int = 0):
-    return generate(pipe, space.layout, model.weights(space), space.prompt,
-                    seeds=range(seed0, seed0 + settings.seeds), num_inference_steps=settings.steps,
+# ----------------------------------------------------------------------------- shared pieces
+
+def _generate(ctx: Context, weights: torch.Tensor, settings: Settings, prompt: str | None = None,
+              negative_prompt: str = "", seeds: int | None = None) -> list[Image.Image]:
+    """Images of LoRA `weights` (N,) in the space's layout, seeds 0 .. seeds - 1 (default settings.seeds)."""
+    return generate(ctx.pipe, ctx.space.layout, weights, prompt or ctx.space.prompt, negative_prompt=negative_prompt,
+                    seeds=range(seeds or settings.seeds), num_inference_steps=settings.steps,
                     guidance_scale=settings.guidance)
+
+
+def _images(ctx: Context, space: Space, model: W2WModel, settings: Settings) -> list[Image.Image]:
+    return _generate(ctx, model.weights(space), settings)
 
 
 def _majority(pred: Prediction) -> dict[str, bool]:
@@ -85,9 +181,76 @@ def _pairwise_similarity(a: Prediction, b: Prediction) -> float:
     return float(np.mean([identity_similarity(a.select([i]), b).mean() for i in range(len(a))]))
 
 
-def evaluate_sampling(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
+def _held_out(count: int, views: int) -> list[tuple[Identity, list[Image.Image]]]:
+    """The first `count` held-out identities with `views` renders each (view 0: the one inverted)."""
+    identities = [sample_identity(HELD_OUT_SEEDS + i) for i in range(count)]
+    return [(identity, [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(views)])
+            for i, identity in enumerate(identities)]
+
+
+def _identity_scores(ctx: Context, weights: torch.Tensor, identity: Identity, renders: list[Image.Image],
+                     settings: Settings) -> dict[str, float]:
+    """How a model's "sks person" images match an identity: identity similarity to its renders (all pairs)
+    and the share of its attributes read as they are."""
+    pred = ctx.evaluator.predict(_generate(ctx, weights, settings))
+    return {"identity_similarity": _pairwise_similarity(pred, ctx.evaluator.predict(renders)),
+            "attribute_agreement": attribute_agreement(pred, identity.attributes)}
+
+
+def _inversion_config(space: Space, settings: Settings, components: int | None = None):
+    from ..inversion import preset
+
+    return preset("real", space, components=components or settings.inversion_components, lr=settings.inversion_lr,
+                  steps=settings.inversion_steps)
+
+
+def _invert(ctx: Context, space: Space, image: Image.Image, config) -> torch.Tensor:
+    """The LoRA weights (N,) of `image` inverted into `space` (seed 0)."""
+    from ..dreambooth import prepare_image
+    from ..inversion import invert
+
+    resolution = ctx.pipe.unet.config.sample_size * ctx.pipe.vae_scale_factor
+    return invert(ctx.pipe, space, prepare_image(image, resolution)[None], None, config, progress=False).weights(space)
+
+
+def _write_views(root: Path, identities: list[tuple[Identity, list[Image.Image]]], views: int) -> None:
+    """<root>/<identity>/<k>.png for the first `views` renders of each identity: Dreambooth's instance folders."""
+    for identity, renders in identities:
+        folder = root / identity.name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for k, image in enumerate(renders[:views]):
+            image.save(folder / f"{k}.png")
+
+
+def _dreambooth(ctx: Context, instances: Path, out: Path, steps: int, settings: Settings) -> None:
+    """Dreambooth-LoRAs of every identity folder of `instances`, trained together in one pass with the space's
+    recipe (rank, alpha, targets) and `steps` steps, into <out>/<identity>/unet/."""
+    from .. import train_identities
+
+    layout = ctx.space.layout
+    shutil.rmtree(out, ignore_errors=True)
+    train_identities.train_identities(train_identities.parse_args([
+        "--pretrained_model_name_or_path", ctx.base, "--instance_root", str(instances), "--output_root", str(out),
+        "--class_data_dir", str(ctx.work / "class_images"),
+        "--identities_per_batch", str(len(list(instances.iterdir()))),
+        "--max_train_steps", str(steps), "--learning_rate", str(settings.dreambooth_lr),
+        "--num_class_images", str(settings.class_images), "--class_inference_steps", str(settings.steps),
+        "--lora_r", str(layout.rank), "--lora_alpha", str(layout.alpha), "--lora_target_modules",
+        *layout.target_modules, "--checkpointing_steps", "0"]))
+
+
+def multi_steps(settings: Settings) -> int:
+    """Steps of the multi-image Dreambooth-LoRA baseline."""
+    return settings.dreambooth_multi_steps or DREAMBOOTH_MULTI_STEPS_PER_VIEW * settings.views
+
+
+# ----------------------------------------------------------------------------- sampling and editing
+
+def evaluate_sampling(ctx: Context, settings: Settings) -> dict:
+    space, evaluator = ctx.space, ctx.evaluator
     models = sample_models(space, settings.samples, seed=0)
-    preds = [evaluator.predict(_images(pipe, space, m, settings)) for m in tqdm(models, desc="sampling: models")]
+    preds = [evaluator.predict(_images(ctx, space, m, settings)) for m in tqdm(models, desc="sampling: models")]
     reads = [_majority(p) for p in preds]
     consistency = [attribute_agreement(p, read) for p, read in zip(preds, reads)]
     within = [_pairwise_similarity(p, p) for p in preds]
@@ -112,31 +275,41 @@ def _frequencies(space: Space, reads: list[dict[str, bool]]) -> dict[str, dict[s
                 "dataset": float((attribute_labels(space, a) > 0).double().mean())} for a in ATTRIBUTES if a in columns}
 
 
-def evaluate_editing(pipe, space: Space, evaluator: Evaluator, settings: Settings) -> dict:
-    directions = attribute_directions(space, list(EDITED), settings.edit_components or None, settings.edit_method,
+def _edit_scores(ctx: Context, space: Space, models: list[W2WModel], attributes: list[str], settings: Settings
+                 ) -> tuple[list[Prediction], dict[str, dict[str, list]]]:
+    """The models' unedited predictions, and per attribute, model by model: whether a `settings.edit_strength`
+    edit toward its absence or presence changed it, the share of the other attributes (but Male) kept, and
+    the identity similarity to the unedited images."""
+    directions = attribute_directions(space, attributes, settings.edit_components, settings.edit_method,
                                       debias_against=["Male"])
-    models = sample_models(space, settings.samples, seed=1)
-    results = {a: {"changed": [], "kept": [], "similarity": []} for a in EDITED}
-    male = []  # how the evaluator reads each model before its edits
+    befores, results = [], {a: {"changed": [], "kept": [], "similarity": []} for a in attributes}
     for model in tqdm(models, desc="editing: models"):
-        before = evaluator.predict(_images(pipe, space, model, settings))
+        before = ctx.evaluator.predict(_images(ctx, space, model, settings))
+        befores.append(before)
         read = _majority(before)
-        male.append(read["Male"])
-        for attribute in EDITED:
+        for attribute in attributes:
             strength = -settings.edit_strength if read[attribute] else settings.edit_strength
-            edited = apply_edits(model, {attribute: strength}, directions)
-            after = evaluator.predict(_images(pipe, space, edited, settings))
+            after = ctx.evaluator.predict(_images(ctx, space, apply_edits(model, {attribute: strength}, directions),
+                                                  settings))
             now = _majority(after)
             others = [a for a in ATTRIBUTES if a not in (attribute, "Male")]
             results[attribute]["changed"].append(now[attribute] != read[attribute])
             results[attribute]["kept"].append(np.mean([now[a] == read[a] for a in others]))
             results[attribute]["similarity"].append(float(identity_similarity(before, after).mean()))
+    return befores, results
+
+
+def evaluate_editing(ctx: Context, settings: Settings) -> dict:
+    models = sample_models(ctx.space, settings.samples, seed=1)
+    befores, results = _edit_scores(ctx, ctx.space, models, list(EDITED), settings)
+    male = [_majority(before)["Male"] for before in befores]  # how the evaluator reads each model before its edits
+    components = settings.edit_components or edit_components(ctx.space, settings.edit_method)
     return {a: {"changed": float(np.mean(r["changed"])), "changed_by_sex": _by_sex(r["changed"], male),
                 "others_kept": float(np.mean(r["kept"])), "identity_similarity": float(np.mean(r["similarity"]))}
             for a, r in results.items()} | {
         "models_by_sex": {"men": sum(male), "women": len(male) - sum(male)},
         "targets": {"changed": 0.8, "others_kept": 0.9}, "strength_std": settings.edit_strength,
-        "method": settings.edit_method, "components": len(next(iter(directions.values())).vector)}
+        "method": settings.edit_method, "components": min(components, ctx.space.num_components)}
 
 
 def _by_sex(changed: list[bool], male: list[bool]) -> dict[str, float | None]:
@@ -146,65 +319,206 @@ def _by_sex(changed: list[bool], male: list[bool]) -> dict[str, float | None]:
     return {group: float(np.mean(values)) if values else None for group, values in groups.items()}
 
 
-def evaluate_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings, work: Path) -> dict:
-    from .. import train_identities
-    from ..dreambooth import prepare_image
-    from ..formats import load_peft
-    from ..inversion import invert, preset
+# ----------------------------------------------------------------------------- Table 1: prompting, sliders, w2w
 
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    config = preset("real", space, components=settings.inversion_components or None,
-                    lr=settings.inversion_lr or None, steps=settings.inversion_steps or None)
-    identities = [sample_identity(HELD_OUT_SEEDS + i) for i in range(settings.inversions)]
-    renders = {identity.name: [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(10)]
-               for i, identity in enumerate(identities)}
-    candidates = {name: {} for name in PAPER["inversion_id_score"]}
-    for identity in tqdm(identities, desc="inversion: w2w"):
-        for kind, images in (("one", renders[identity.name][:1]), ("many", renders[identity.name])):
-            folder = work / kind / identity.name
-            folder.mkdir(parents=True, exist_ok=True)
-            for k, image in enumerate(images):
-                image.save(folder / f"{k}.png")
-        target = prepare_image(renders[identity.name][0], resolution)[None]
-        candidates["w2w, 1 image"][identity.name] = invert(pipe, space, target, None, config,
-                                                           progress=False).weights(space)
+def _sliders(ctx: Context, settings: Settings) -> dict[str, torch.Tensor]:
+    """A text slider (N,) per Table 1 attribute, trained on the base model from its prompt pair."""
+    from ..sliders import SliderConfig, target_latents, train_slider
+
+    latents = target_latents(ctx.pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
+    config = SliderConfig(steps=settings.slider_steps, eta=settings.slider_eta)
+    return {a: train_slider(ctx.pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
+            for a in tqdm(TABLE1, desc="table1: sliders")}
+
+
+def _edited_images(ctx: Context, method: str, model: W2WModel, attribute: str, add: bool, directions,
+                   sliders: dict[str, torch.Tensor], settings: Settings) -> list[Image.Image]:
+    """The model's images with `attribute` given (add) or taken away by one of TABLE1_METHODS."""
+    space = ctx.space
+    if method == "prompting":
+        prompt, negative = TABLE1[attribute]["add" if add else "remove"]
+        return _generate(ctx, model.weights(space), settings, prompt, negative)
+    if method == "slider":
+        with FusedLora(ctx.pipe.unet, space.layout, sliders[attribute], settings.slider_scale * (1 if add else -1)):
+            return _images(ctx, space, model, settings)
+    strength = settings.edit_strength * (1 if add else -1)
+    return _images(ctx, space, apply_edits(model, {attribute: strength}, directions), settings)
+
+
+def evaluate_table1(ctx: Context, settings: Settings) -> list[dict]:
+    space, evaluator = ctx.space, ctx.evaluator
+    directions = attribute_directions(space, list(TABLE1), settings.edit_components, settings.edit_method,
+                                      debias_against=["Male"])
+    sliders = _sliders(ctx, settings)
+    scores = {(a, m): {"changed": [], "kept": [], "identity_similarity": [], "image_distance": []}
+              for a in TABLE1 for m in TABLE1_METHODS}
+    for model in tqdm(sample_models(space, settings.table1_samples, seed=1), desc="table1: models"):
+        images = _images(ctx, space, model, settings)
+        before = evaluator.predict(images)
+        read = _majority(before)
+        for attribute in TABLE1:
+            for method in TABLE1_METHODS:
+                edited = _edited_images(ctx, method, model, attribute, not read[attribute], directions, sliders,
+                                        settings)
+                after = evaluator.predict(edited)
+                now = _majority(after)
+                row = scores[attribute, method]
+                row["changed"].append(now[attribute] != read[attribute])
+                row["kept"].append(np.mean([now[a] == read[a] for a in ATTRIBUTES if a != attribute]))
+                row["identity_similarity"].append(float(identity_similarity(before, after).mean()))
+                row["image_distance"].append(float(feature_distance(evaluator, images, edited).mean()))
+    rows = []
+    for (attribute, method), row in scores.items():
+        paper = PAPER["table1"].get(attribute, {}).get(method)
+        rows.append({"attribute": attribute, "method": method, **{k: float(np.mean(v)) for k, v in row.items()},
+                     "paper": dict(zip(("id_score", "lpips", "clip"), paper)) if paper else None})
+    return rows
+
+
+# ----------------------------------------------------------------------------- Tables 2 and 4: inversion vs Dreambooth
+
+def evaluate_table2(ctx: Context, settings: Settings) -> dict:
+    identities = _held_out(settings.inversions, settings.views)
+    config = _inversion_config(ctx.space, settings)
+    weights = {"w2w": {identity.name: _invert(ctx, ctx.space, renders[0], config)
+                       for identity, renders in tqdm(identities, desc="table2: w2w")}}
     # the baselines: every identity of a kind trained together in one pass, with the space's LoRA recipe
-    for name, kind in (("Dreambooth-LoRA, 1 image", "one"), ("Dreambooth-LoRA, many images", "many")):
-        train_identities.train_identities(train_identities.parse_args([
-            "--pretrained_model_name_or_path", pipe.name_or_path, "--instance_root", str(work / kind),
-            "--output_root", str(work / f"loras_{kind}"), "--class_data_dir", str(work / "class_images"),
-            "--identities_per_batch", str(len(identities)),
-            "--max_train_steps", str(settings.dreambooth_steps), "--learning_rate", str(settings.dreambooth_lr),
-            "--num_class_images", "50", "--class_inference_steps", str(settings.steps),
-            "--lora_r", str(space.layout.rank), "--lora_alpha", str(space.layout.alpha),
-            "--lora_target_modules", *space.layout.target_modules]))
-        candidates[name] = {i.name: load_peft(space.layout, work / f"loras_{kind}" / i.name) for i in identities}
+    steps = {"dreambooth_1": settings.dreambooth_steps, "dreambooth_multi": multi_steps(settings)}
+    for name, views in (("dreambooth_1", 1), ("dreambooth_multi", settings.views)):
+        _write_views(ctx.work / name, identities, views)
+        _dreambooth(ctx, ctx.work / name, ctx.work / f"loras_{name}", steps[name], settings)
+        weights[name] = {identity.name: _load_lora(ctx, ctx.work / f"loras_{name}" / identity.name)
+                         for identity, _ in identities}
+    report = {}
+    for name, models in weights.items():
+        rows = [_identity_scores(ctx, models[identity.name], identity, renders, settings)
+                for identity, renders in tqdm(identities, desc=f"table2: scoring {name}")]
+        report[name] = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} | {
+            "per_identity": [row["identity_similarity"] for row in rows],
+            "paper_id_score": PAPER["table2_id_score"][name]}
+    return report | {"views": settings.views, "steps": steps | {"w2w": config.steps},
+                     "identities": len(identities), "config": asdict(config),
+                     "renders": _render_similarity(ctx, identities), "dataset_loras": _dataset_loras(ctx, settings)}
 
-    scores = {name: [] for name in candidates}
-    for identity in tqdm(identities, desc="inversion: scoring"):
-        truth = evaluator.predict(renders[identity.name])
-        for name, models in candidates.items():
-            images = generate(pipe, space.layout, models[identity.name], space.prompt, seeds=range(settings.seeds),
-                              num_inference_steps=settings.steps, guidance_scale=settings.guidance)
-            pred = evaluator.predict(images)
-            scores[name].append({"identity_similarity": _pairwise_similarity(pred, truth),
-                                 "attribute_agreement": attribute_agreement(pred, identity.attributes)})
-    return {name: {key: float(np.mean([s[key] for s in rows])) for key in rows[0]} for name, rows in scores.items()} | {
-        "paper_id_score": PAPER["inversion_id_score"], "config": asdict(config)}
+
+def _render_similarity(ctx: Context, identities: list[tuple[Identity, list[Image.Image]]]) -> dict[str, float]:
+    """What a model that drew the identity's renders themselves would score: the first view (the one the
+    1-image baselines see) against all views, and all views against all."""
+    preds = [ctx.evaluator.predict(renders) for _, renders in identities]
+    return {"first_view_against_views": float(np.mean([_pairwise_similarity(p.select([0]), p) for p in preds])),
+            "views_against_views": float(np.mean([_pairwise_similarity(p, p) for p in preds]))}
+
+
+def _dataset_loras(ctx: Context, settings: Settings) -> dict[str, float | int]:
+    """The multi-image recipe of the weights dataset (each LoRA trained on 10 views with the recipe's steps),
+    scored as the baselines are, on its first settings.inversions identities (not held out: for the space)."""
+    dataset = WeightsDataset(ctx.weights)
+    rows = []
+    for name in dataset.names[: settings.inversions]:
+        identity = sample_identity(int(name))
+        renders = [render(identity, dataset_view_seed(int(name), k)) for k in range(settings.views)]
+        rows.append(_identity_scores(ctx, dataset[name], identity, renders, settings)["identity_similarity"])
+    return {"identity_similarity": float(np.mean(rows)), "per_identity": rows, "identities": len(rows)}
+
+
+def _load_lora(ctx: Context, folder: Path) -> torch.Tensor:
+    from ..formats import load_peft
+
+    return load_peft(ctx.space.layout, folder)
+
+
+def evaluate_timing(ctx: Context, settings: Settings) -> dict:
+    """Wall time of inverting one image against training one 1-image and one multi-image Dreambooth-LoRA,
+    the recipe's; the class images, shared by every identity, are generated before the clock starts."""
+    identities = _held_out(1, settings.views)
+    config = _inversion_config(ctx.space, settings)
+    _write_views(ctx.work / "timing_1", identities, 1)
+    _write_views(ctx.work / "timing_multi", identities, settings.views)
+    _dreambooth(ctx, ctx.work / "timing_1", ctx.work / "timing_warmup", 1, settings)  # class images, imports
+    seconds = {}
+    start = time.perf_counter()
+    _invert(ctx, ctx.space, identities[0][1][0], config)
+    seconds["inversion_s"] = time.perf_counter() - start
+    for name, views, steps in (("dreambooth_1_s", "timing_1", settings.dreambooth_steps),
+                               ("dreambooth_multi_s", "timing_multi", multi_steps(settings))):
+        start = time.perf_counter()
+        _dreambooth(ctx, ctx.work / views, ctx.work / f"loras_{views}", steps, settings)
+        seconds[name] = time.perf_counter() - start
+    return seconds | {"dreambooth_1_over_inversion": seconds["dreambooth_1_s"] / seconds["inversion_s"],
+                      "dreambooth_multi_over_inversion": seconds["dreambooth_multi_s"] / seconds["inversion_s"],
+                      "steps": {"inversion": config.steps, "dreambooth_1": settings.dreambooth_steps,
+                                "dreambooth_multi": multi_steps(settings)},
+                      "threads": torch.get_num_threads(), "paper_a100_s": PAPER["table4_a100_s"]}
+
+
+# ----------------------------------------------------------------------------- Figs 9, 10 and 30: scaling
+
+def _scaling_space(ctx: Context, models: int) -> Space:
+    """The space of all M - 1 components PCA'd from the first `models` models of the weights dataset, built in
+    the work folder, with the tiny space's attribute table and inversion presets."""
+    from ..pca import build_space
+
+    dataset = WeightsDataset(ctx.weights)
+    if not 2 <= models <= len(dataset):
+        raise W2WError(f"{ctx.weights}: {models} models asked for a scaling space, the dataset has {len(dataset)}")
+    folder = ctx.work / "scaling" / f"models_{models}"
+    shutil.rmtree(folder, ignore_errors=True)
+    names = list(dataset.names[:models])
+    add_models(folder / "weights", matrix_source(dataset.read_rows(0, models), names), dataset.layout,
+               dataset.base_model)
+    attributes = ctx.space.attributes.loc[names]
+    attributes.to_csv(folder / "attributes.csv")
+    space = build_space(WeightsDataset(folder / "weights"), models - 1, attributes=folder / "attributes.csv")
+    return dataclasses.replace(space, inversion_presets=ctx.space.inversion_presets)
+
+
+def _inversion_similarity(ctx: Context, space: Space, components: int, settings: Settings) -> float:
+    """Mean identity similarity of the first settings.scaling_inversions held-out identities inverted into
+    the first `components` of `space`."""
+    config = _inversion_config(space, settings, components)
+    return float(np.mean([_identity_scores(ctx, _invert(ctx, space, renders[0], config), identity, renders,
+                                           settings)["identity_similarity"]
+                          for identity, renders in _held_out(settings.scaling_inversions, settings.views)]))
+
+
+def evaluate_scaling_models(ctx: Context, settings: Settings) -> list[dict]:
+    rows = []
+    for models in tqdm(settings.scaling_models, desc="scaling: models"):
+        full = _scaling_space(ctx, models)
+        space = full.truncate(min(full.num_components, ctx.space.num_components))
+        # an attribute that all of the first M models share (or none) has no direction in their space
+        edited = [a for a in EDITED if len(attribute_labels(space, a).unique()) == 2]
+        befores, results = _edit_scores(ctx, space, sample_models(space, settings.scaling_samples, seed=1), edited,
+                                        settings)
+        consistency = [attribute_agreement(before, _majority(before)) for before in befores]
+        rows.append({"models": models, "components": space.num_components,
+                     "inversion_identity_similarity": _inversion_similarity(ctx, space, space.num_components,
+                                                                            settings),
+                     "edit_entanglement": 1 - float(np.mean([r["kept"] for r in results.values()])),
+                     "sampling_consistency": float(np.mean(consistency)), "edited": edited})
+    return rows
+
+
+def evaluate_scaling_components(ctx: Context, settings: Settings) -> list[dict]:
+    space = _scaling_space(ctx, len(WeightsDataset(ctx.weights)))
+    return [{"components": min(k, space.num_components),
+             "inversion_identity_similarity": _inversion_similarity(ctx, space, min(k, space.num_components), settings)}
+            for k in tqdm(settings.scaling_components, desc="scaling: components")]
 
 
 MULTI_VIEWS = (1, 3, 5)  # views of an identity inverted together
 SCORED_VIEWS = range(5, 10)  # the views the multi-image inversions are scored against: none of them saw these
 
 
-def evaluate_multi_image_inversion(pipe, space: Space, evaluator: Evaluator, settings: Settings,
-                                   views_inverted: tuple[int, ...] = MULTI_VIEWS) -> dict:
+def evaluate_multi_image_inversion(ctx: Context, settings: Settings, views_inverted: tuple[int, ...] = MULTI_VIEWS
+                                   ) -> dict:
     """Each held-out identity inverted from its first 1, 3 and 5 views (one drawn per step, the same steps),
     scored against views 5-9 by identity similarity and against the identity's attributes."""
     from ..dreambooth import prepare_image
     from ..faces import detect_faces
     from ..inversion import invert, preset
 
+    pipe, space, evaluator = ctx.pipe, ctx.space, ctx.evaluator
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = preset("real", space, components=settings.inversion_components or None,
                     lr=settings.inversion_lr or None, steps=settings.inversion_steps or None)
@@ -230,40 +544,91 @@ def evaluate_multi_image_inversion(pipe, space: Space, evaluator: Evaluator, set
         "paper_id_score": PAPER["inversion_id_score"]}
 
 
+SECTIONS = {
+    "sampling": evaluate_sampling,
+    "editing": evaluate_editing,
+    "table1": evaluate_table1,
+    "table2": evaluate_table2,
+    "timing": evaluate_timing,
+    "scaling_models": evaluate_scaling_models,
+    "scaling_components": evaluate_scaling_components,
+    "multi_image_inversion": evaluate_multi_image_inversion,
+}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _flag_type(hint: str):
+    """(argparse type, nargs) of a Settings field's annotation: int, float, str, X | None, tuple[X, ...]."""
+    base = hint.replace(" | None", "")
+    if base.startswith("tuple["):
+        return {"int": int, "float": float}[base[len("tuple["):].split(",")[0]], "+"
+    return {"int": int, "float": float, "str": str}[base], None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="files/tiny/base", help="base pipeline (default: %(default)s)")
-    parser.add_argument("--space", default="files/tiny/space", help="space (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base", default="files/tiny/base", help="base pipeline")
+    parser.add_argument("--space", default="files/tiny/space", help="space")
+    parser.add_argument("--weights", default="files/tiny/weights",
+                        help="weights dataset the scaling sections cut their spaces from (the space's models)")
     parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
-    parser.add_argument("--out", default="outputs/evaluation.json", help="JSON report (default: %(default)s)")
-    parser.add_argument("--work", default="outputs/evaluation", help="work folder (default: %(default)s)")
-    parser.add_argument("--only", nargs="+", choices=("sampling", "editing", "inversion", "multi_image_inversion"),
-                        default=["sampling", "editing", "inversion", "multi_image_inversion"],
-                        help="which applications to score")
-    for field, value in asdict(Settings()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value,
-                            choices=METHODS if field == "edit_method" else None,
-                            help=f"{SETTINGS_HELP[field]} (default: %(default)s)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default="outputs/evaluation.json",
+                        help="JSON report; when it exists, the sections run replace theirs and the others are kept")
+    parser.add_argument("--work", default="outputs/evaluation", help="work folder")
+    parser.add_argument("--only", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS), metavar="NAME",
+                        help=f"sections to run, of {', '.join(SECTIONS)}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; on a shared CPU 1 runs the tiny models fastest)")
+    group = parser.add_argument_group("settings")
+    for f in dataclasses.fields(Settings):
+        kind, nargs = _flag_type(f.type)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, nargs=nargs, default=f.default,
+                           choices=f.metadata.get("choices"), help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def _existing_report(path: Path, space: Space) -> dict:
+    """The report at `path` to update (none: a new one); a report of another space is refused."""
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise W2WError(f"{path}: not a readable JSON report to update ({error}); pass another --out") from None
+    if not isinstance(report, dict) or report.get("space_id") != space.id:
+        raise W2WError(f"{path}: a report of space {report.get('space_id') if isinstance(report, dict) else None}, "
+                       f"not of {space.id}; pass another --out")
+    return report
 
 
 def main(args: argparse.Namespace) -> dict:
-    settings = Settings(**{f: getattr(args, f) for f in asdict(Settings())})
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = Settings(**{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
+                                    else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
     pipe = load_base_pipeline(args.base, "auto", progress=False)
     space = load_space(args.space)
-    evaluator = Evaluator.load(args.evaluator)
-    report = {"space_id": space.id, "settings": asdict(settings)}
-    if "sampling" in args.only:
-        report["sampling"] = evaluate_sampling(pipe, space, evaluator, settings)
-    if "editing" in args.only:
-        report["editing"] = evaluate_editing(pipe, space, evaluator, settings)
-    if "inversion" in args.only:
-        report["inversion"] = evaluate_inversion(pipe, space, evaluator, settings, Path(args.work))
-    if "multi_image_inversion" in args.only:
-        report["multi_image_inversion"] = evaluate_multi_image_inversion(pipe, space, evaluator, settings)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    ctx = Context(pipe, space, Evaluator.load(args.evaluator), Path(args.work), Path(args.weights), args.base)
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    _existing_report(out, space)  # a report of another space is refused before any work
+    for name in args.only:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        result = SECTIONS[name](ctx, settings)
+        # read again just before writing, so that runs of other sections into the same report are kept
+        report = _existing_report(out, space) | {"space_id": space.id, name: result}
+        report["runs"] = report.get("runs", {}) | {name: {"settings": asdict(settings),
+                                                          "threads": torch.get_num_threads(),
+                                                          "wall_s": round(time.perf_counter() - start, 1)}}
+        with atomic_output(out) as tmp:  # after each section, so that a long run keeps what it finished
+            tmp.write_text(json.dumps(report, indent=1))
+    print(json.dumps({name: report[name] for name in args.only}, indent=1))
     return report
 
 

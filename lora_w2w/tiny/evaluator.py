@@ -173,6 +173,20 @@ class Evaluator(nn.Module):
             face_confidence=face.sigmoid().numpy(),
         )
 
+    @torch.no_grad()
+    def stage_features(self, images) -> list[torch.Tensor]:
+        """The conv feature maps (B, C_s, H_s, W_s) after the stem and after each stage, of `images` as
+        `predict` takes them."""
+        x = 2 * images_to_tensor(images, self.config.image_size).to(next(self.parameters()).device) - 1
+        maps = []
+        for i, layer in enumerate(self.features):
+            if isinstance(layer, nn.Flatten):
+                break
+            x = layer(x)
+            if i == 0 or isinstance(layer, nn.MaxPool2d):  # the stem, then the end of each stage
+                maps.append(x)
+        return maps
+
     def save(self, path: str | os.PathLike) -> None:
         """Weights and config in one safetensors file, written to a temporary name then renamed."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -254,6 +268,17 @@ def identity_similarity(a: Prediction, b: Prediction) -> np.ndarray:
     ea = ea / np.linalg.norm(ea, axis=1, keepdims=True)
     eb = eb / np.linalg.norm(eb, axis=1, keepdims=True)
     return (ea * eb).sum(axis=1)
+
+
+def feature_distance(evaluator: Evaluator, a, b) -> np.ndarray:
+    """(B,) LPIPS-style distance of image a[i] to b[i] (Zhang et al. 2018, without the learned channel
+    weights): at each of the evaluator's conv stages, the squared difference of the channel-normalized
+    feature vectors averaged over positions; then the mean over stages (0: same features, at most 4)."""
+    distances = []
+    for fa, fb in zip(evaluator.stage_features(a), evaluator.stage_features(b)):  # (B, C, H, W) each
+        fa, fb = F.normalize(fa, dim=1), F.normalize(fb, dim=1)
+        distances.append((fa - fb).pow(2).sum(dim=1).mean(dim=(1, 2)))          # (B,)
+    return torch.stack(distances).mean(dim=0).cpu().numpy()
 
 
 def attribute_agreement(pred: Prediction, truth, attributes=ATTRIBUTES) -> float:
