@@ -37,7 +37,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -276,10 +276,12 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: dict, coefficients: to
 
 def invert(pipe, space: Space, image: torch.Tensor, mask: torch.Tensor | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
-           checkpoint: str | os.PathLike | None = None) -> W2WModel:
+           checkpoint: str | os.PathLike | None = None,
+           on_step: Callable[[int, int, float], None] | None = None) -> W2WModel:
     """The model (K coefficients) of `space` that best reproduces `image` (1, 3, R, R) in [-1, 1], inside
     `mask` (1, 1, h, w) when given. With `checkpoint`, the run's state is saved there every
-    `config.checkpoint_every` steps and at the end, and a run finding it there resumes from it."""
+    `config.checkpoint_every` steps and at the end, and a run finding it there resumes from it.
+    `on_step(done, total, loss)` is called after every step (the app's progress bar)."""
     k = space.check_k(config.components)
     device = pipe.unet.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
@@ -305,6 +307,8 @@ def invert(pipe, space: Space, image: torch.Tensor, mask: torch.Tensor | None = 
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
+            if on_step is not None:
+                on_step(done, config.steps, loss.item())
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 save_checkpoint(checkpoint, fingerprint, done, coefficients, optimizer, sampler)
     model = W2WModel(coefficients.detach().cpu(), space.id)
