@@ -232,14 +232,13 @@ class Engine:
 
 @dataclass
 class Session:
-    """One browser session: the model edits start from, the current model (edited), its name, the
-    images of the original (the 'before' of the comparison) and the image to invert."""
+    """One browser session: the model edits start from, the current model (edited), its name and the
+    images of the original (the 'before' of the comparison)."""
 
     original: W2WModel | None = None
     current: W2WModel | None = None
     name: str = "w2w_model"
     before: list = field(default_factory=list)
-    target: Image.Image | None = None
 
     def require(self) -> W2WModel:
         if self.current is None:
@@ -290,7 +289,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                     invert_file = gr.File(label="Image to invert (any image file)", type="filepath",
                                           elem_id="invert-file")
                     editor = gr.ImageEditor(label="Draw the mask (the region to fit); no stroke: the whole image",
-                                            type="pil", image_mode="RGBA", sources=(), layers=False,
+                                            type="pil", image_mode="RGBA", format="png", layers=False,
                                             transforms=(), brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed"),
                                             elem_id="invert-editor", height=420)
                     with gr.Row():
@@ -363,19 +362,20 @@ def build_app(engine: Engine) -> gr.Blocks:
             return new_model(session, model, Path(path).stem, f"uploaded {Path(path).name}")
 
         @reporting
-        def on_invert_file(session, path):
+        def on_invert_file(path):
             if path is None:
-                return session, None
-            image = open_image(path).convert("RGB")
-            shown_image = display_copy(image)
-            return replace(session, target=image), {"background": shown_image, "layers": [], "composite": shown_image}
+                return None
+            image = display_copy(open_image(path).convert("RGB"))
+            return {"background": image, "layers": [], "composite": image}
 
         @reporting
         def on_invert(session, editor_value, preset_name, steps_value, progress=gr.Progress()):
-            if session.target is None:
+            background = (editor_value or {}).get("background")
+            if background is None:
                 raise W2WError("no image to invert: upload one first")
-            mask = mask_from_layers((editor_value or {}).get("layers") or [], session.target.size)
-            model = engine.invert(session.target, mask, preset_name, steps_value,
+            image = background.convert("RGB")
+            mask = mask_from_layers(editor_value.get("layers") or [], image.size)
+            model = engine.invert(image, mask, preset_name, steps_value,
                                   on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
             masked = "with the mask drawn" if mask is not None else "without a mask"
             return new_model(session, model, "inverted", f"inverted ({preset_name}, {int(steps_value)} steps, {masked})")
@@ -414,7 +414,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                             ).then(on_downloads, state, downloads, **private)
         model_file.upload(on_upload_model, [state, model_file], new_outputs, **device, **private
                           ).then(on_downloads, state, downloads, **private)
-        invert_file.upload(on_invert_file, [state, invert_file], [state, editor], **private)
+        invert_file.upload(on_invert_file, invert_file, editor, **private)
         invert_button.click(on_invert, [state, editor, preset_radio, invert_steps], new_outputs, **device, **private
                             ).then(on_downloads, state, downloads, **private)
         preset_radio.change(lambda name: PRESETS[name].steps, preset_radio, invert_steps, **private)
