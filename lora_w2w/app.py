@@ -17,6 +17,7 @@ Gradio's queue. Every action is also an API endpoint for `gradio_client` (`w2w a
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -247,13 +248,14 @@ class Session:
 
 
 def reporting(fn):
-    """Run a handler; bad input becomes a gr.Error holding the CLI's one line (never a traceback)."""
+    """Run a handler; bad input becomes a gr.Error holding the CLI's one line (never a traceback). The
+    wrapper keeps fn's signature, where Gradio finds the gr.Progress parameter."""
+    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (W2WError, OSError) as error:
             raise gr.Error(html.escape(error_line(error), quote=False), print_exception=False) from None
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
 
