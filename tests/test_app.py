@@ -350,3 +350,41 @@ def _file(path):
     from gradio_client import handle_file
 
     return handle_file(str(path))
+
+
+def test_help_documents_every_endpoint():
+    from lora_w2w.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    text = commands.choices["app"].format_help()
+    for endpoint in ("/sample(seed)", "/edit(model file, edits, debias)", "/invert(image file, mask file or None, "
+                     "preset, steps)", "/generate(model file, prompt, seeds, steps)", "/export(model file, format)"):
+        assert endpoint in text
+
+
+def test_the_mask_is_the_brush_strokes_at_the_image_size():
+    from lora_w2w.app import mask_from_layers
+
+    layer = Image.new("RGBA", (512, 256), (0, 0, 0, 0))
+    layer.paste((255, 64, 160, 90), (256, 0, 512, 128))  # a half-transparent stroke: still inside the mask
+    mask = np.asarray(mask_from_layers([Image.new("RGBA", (512, 256)), layer], (128, 64)))
+    assert mask.shape == (64, 128) and set(np.unique(mask)) == {0, 255}
+    assert (mask[:32, 64:] == 255).all() and (mask[32:] == 0).all() and (mask[:, :64] == 0).all()
+    assert mask_from_layers([Image.new("RGBA", (512, 256))], (128, 64)) is None  # no stroke: no mask
+
+
+def test_seeds_steps_and_edits_are_checked():
+    from lora_w2w.app import check_steps, parse_seeds, parse_strengths
+    from lora_w2w.errors import W2WError
+
+    assert parse_seeds("0, 1 2", 4) == [0, 1, 2]
+    with pytest.raises(W2WError, match="expected 1 to 4 seeds, got 5"):
+        parse_seeds("0 1 2 3 4", 4)
+    with pytest.raises(W2WError, match="expected whole numbers"):
+        parse_seeds("zero", 4)
+    assert check_steps(20.0, 50) == 20
+    with pytest.raises(W2WError, match="steps 2.5: expected a whole number from 1 to 50"):
+        check_steps(2.5, 50)
+    assert parse_strengths('{"Bald": -2}', ["Bald"]) == {"Bald": -2.0}
+    with pytest.raises(W2WError, match="expected a JSON object of attribute names and numbers"):
+        parse_strengths('{"Bald": "a lot"}', ["Bald"])
