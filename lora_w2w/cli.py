@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .errors import W2WError
 
 DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
+DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
 # editing.METHODS and editing.DEFAULT_METHOD, without importing torch
 EDIT_METHODS, DEFAULT_EDIT_METHOD = ("least_squares", "logistic", "mean_difference"), "mean_difference"
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
@@ -301,6 +303,13 @@ def cmd_invert(args) -> None:
         print(f"wrote {args.export} LoRA {path}")
 
 
+def cmd_app(args) -> None:
+    from .app import AppConfig, launch
+
+    launch(AppConfig(space=args.space, base=args.base, device=args.device, max_upload=args.max_upload),
+           host=args.host, port=args.port, share=args.share)
+
+
 # ----------------------------------------------------------------------------- parser
 
 class OneLineParser(argparse.ArgumentParser):
@@ -451,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_invert_parser(commands)
     add_dataset_parsers(commands)
+    add_app_parser(commands, add_space, add_base)
 
     # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
     commands.add_parser("train-identities", add_help=False,
@@ -521,6 +531,49 @@ def add_invert_parser(commands) -> None:
                         help=f"images of the person each step draws and averages (default: "
                              f"{InversionConfig.images_per_step}; more cost more per step)")
     invert.set_defaults(run=cmd_invert)
+
+
+APP_API = """\
+API (gradio_client; every model travels as a w2w model file, every image list is a gallery):
+  /sample(seed)                              -> (model file, images)
+  /edit(model file, edits, debias)           -> (model file, images)
+        edits: {"ATTRIBUTE": STRENGTH, ...} as JSON, strengths in standard deviations of the dataset;
+        debias: a list of attributes whose directions are removed (default: Male and Young)
+  /invert(image file, mask file or None, preset, steps) -> (model file, images)
+        preset: real or ood; the mask is white where the image is fitted
+  /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
+  /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)
+Example:
+  from gradio_client import Client, handle_file
+  client = Client("http://127.0.0.1:7860/")
+  model, images = client.predict(0, api_name="/sample")
+  edited, images = client.predict(handle_file(model), '{"Eyeglasses": 3}', ["Male", "Young"], api_name="/edit")
+  kohya = client.predict(handle_file(edited), "kohya", api_name="/export")
+Bad input gets the one line `w2w: error: ...` the other commands print, as a Gradio error."""
+
+
+def add_app_parser(commands, add_space, add_base) -> None:
+    app = commands.add_parser(
+        "app", help="the weights2weights app in the browser: sample, invert, edit, generate, download",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill("Serve a Gradio page on HOST:PORT: sample a new identity; upload an image, draw its mask with "
+                    "a brush and invert it (preset, steps, the loss in a progress bar); edit the model with a slider "
+                    "per attribute (standard deviations of the dataset, -4 to +4), debiased against the ticked "
+                    "attributes, with an injection timestep and a before/after comparison; generate with any "
+                    "prompt; download the model as a w2w model, a kohya/ComfyUI/A1111 .safetensors or a "
+                    "diffusers/PEFT folder (zip); upload any model `w2w export --model` reads. Each browser has its "
+                    "own current model; the pipeline and space are loaded once; device jobs run one at a time. "
+                    "Defaults: the tiny world on the CPU; for Stable Diffusion 1.5: --base "
+                    "stablediffusionapi/realistic-vision-v51 --space files/official.", 100) + "\n\n" + APP_API)
+    add_space(app)
+    add_base(app)
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: the network)")
+    app.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    app.add_argument("--share", action="store_true", help="also open a public gradio.live link (goes online)")
+    app.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD,
+                     help="largest file a browser or client may upload, e.g. 20mb, 1gb (default: %(default)s)")
+    app.set_defaults(run=cmd_app)
 
 
 def add_dataset_parsers(commands) -> None:

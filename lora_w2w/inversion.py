@@ -43,7 +43,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -377,13 +377,15 @@ def load_checkpoint(path: str | os.PathLike, fingerprint: dict, coefficients: to
 def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
            masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
-           checkpoint: str | os.PathLike | None = None) -> W2WModel:
+           checkpoint: str | os.PathLike | None = None,
+           on_step: Callable[[int, int, float], None] | None = None) -> W2WModel:
     """The model (K coefficients) of `space` that best reproduces `images`, I photographs of one person,
     (I, 3, R, R) in [-1, 1] or a list of (1, 3, R, R), inside `masks` (I, 1, h, w) or a list of (1, 1, h, w)
     or None (an image fitted everywhere) when given. Every step draws one of the images (seeded), so the
     loss is averaged over them; with one image this is the paper's single-image inversion. With
     `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps and at the end, and
-    a run finding it there resumes from it."""
+    a run finding it there resumes from it. `on_step(done, total, loss)` is called after every step (the
+    app's progress bar)."""
     images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
@@ -412,6 +414,8 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
+            if on_step is not None:
+                on_step(done, config.steps, loss.item())
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 save_checkpoint(checkpoint, fingerprint, done, coefficients, optimizer, sampler)
     model = W2WModel(coefficients.detach().cpu(), space.id)

@@ -28,6 +28,14 @@ def make_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
     return UNet2DConditionModel(**{**TINY_UNET, **overrides}).eval()
 
 
+def unet_pipeline(unet):
+    """A pipeline holding only the UNet: enough for diffusers' load_lora_weights."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=None,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 @pytest.fixture
 def unet():
     return make_unet()

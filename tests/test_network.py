@@ -4,20 +4,13 @@ import copy
 
 import pytest
 import torch
-from conftest import make_space, make_unet
-from diffusers import StableDiffusionPipeline
+from conftest import make_space, make_unet, unet_pipeline
 from peft import PeftModel
 
 from lora_w2w.errors import LayoutError, SpaceError
 from lora_w2w.formats import save_kohya, save_peft
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora, LoraUNet
-
-
-def _pipeline(unet):
-    """A pipeline holding only the UNet: enough for diffusers' load_lora_weights."""
-    return StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=None,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def test_differentiable_fused_peft_and_kohya_agree(unet, unet_inputs, space, tmp_path):
@@ -34,7 +27,7 @@ def test_differentiable_fused_peft_and_kohya_agree(unet, unet_inputs, space, tmp
         save_kohya(space.layout, weights, tmp_path / "kohya.safetensors")
         outputs = {}
         for name, path in (("peft", tmp_path / "peft"), ("kohya", tmp_path / "kohya.safetensors")):
-            pipe = _pipeline(copy.deepcopy(unet))
+            pipe = unet_pipeline(copy.deepcopy(unet))
             pipe.load_lora_weights(str(path))
             outputs[name] = pipe.unet(*unet_inputs).sample
         peft_model = PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "peft"))
@@ -100,7 +93,7 @@ def test_fused_scale_is_linear(unet, unet_inputs, space):
 def test_differentiable_weights_stack_on_a_loaded_lora_and_removal_restores_it(unet, unet_inputs, space, tmp_path):
     loaded, extra = (space.unproject(3 * torch.randn(space.num_components)) for _ in range(2))
     save_peft(space.layout, loaded, tmp_path / "peft")
-    pipe = _pipeline(unet)
+    pipe = unet_pipeline(unet)
     pipe.load_lora_weights(str(tmp_path / "peft"))
     name = space.layout.layers[0].name
     peft_layer, linear = unet.get_submodule(name), unet.get_submodule(name).base_layer
