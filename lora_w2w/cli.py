@@ -177,7 +177,8 @@ def cmd_generate(args) -> None:
                       num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
                       width=args.size, edited=edited, injection_timestep=args.injection_timestep)
     with output_lock(out, _progress):  # a second run into the same folder writes after this one
-        for file, image in zip(files, images + [image_grid(images)]):
+        grid = image_grid(images, columns=len(images), column_labels=[f"seed {seed}" for seed in args.seeds])
+        for file, image in zip(files, images + [grid]):
             save_png(image, file)
     print(f"wrote {len(images)} images and grid.png to {out}")
 

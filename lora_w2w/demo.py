@@ -21,6 +21,7 @@ from .storage import save_png
 
 FACE_SEEDS = range(3_000_000, 3_000_016)  # identities of no training set
 EXAMPLES = Path(__file__).resolve().parents[1] / "inversion" / "images"
+SEED_LABELS = [f"seed {s}" for s in range(4)]  # the columns of the pictures: images(..., seeds=range(4))
 
 
 class Demo:
@@ -70,7 +71,8 @@ class Demo:
         prompts = ["a photo of a person", "a photo of a young woman with blond hair",
                    "a photo of an old man with a bald head and glasses", "a photo of a man with black hair and a beard"]
         images = [im for prompt in prompts for im in self.images(None, prompt)]
-        save_png(image_grid(images, columns=4), self.out / "base_samples.png")
+        save_png(image_grid(images, columns=4, row_labels=prompts, column_labels=SEED_LABELS),
+                 self.out / "base_samples.png")
         return {"images": "base_samples.png", "prompts": prompts}
 
     def sampling(self) -> dict:
@@ -82,7 +84,8 @@ class Demo:
         for i, model in enumerate(models):
             save_model(model, self.out / "models" / f"sample_{i}.safetensors")
         images = [im for m in models for im in self.images(m.weights(self.space))]
-        save_png(image_grid(images, columns=4), self.out / "sampling.png")
+        save_png(image_grid(images, columns=4, row_labels=[f"sample {i}" for i in range(len(models))],
+                            column_labels=SEED_LABELS), self.out / "sampling.png")
         return {"images": "sampling.png", "models": len(models)}
 
     def editing(self) -> dict:
@@ -96,7 +99,9 @@ class Demo:
         rows = [model] + [apply_edits(model, {a: s}, directions) for a, s in edits.items()]
         rows.append(apply_edits(model, edits, directions))  # all at once: edits compose
         images = [im for m in rows for im in self.images(m.weights(self.space), seeds=range(3))]
-        save_png(image_grid(images, columns=3), self.out / "editing.png")
+        save_png(image_grid(images, columns=3, row_labels=["original", *(f"{a} {s:+g} std" for a, s in edits.items()),
+                                                         "all four"], column_labels=SEED_LABELS[:3]),
+                 self.out / "editing.png")
         return {"images": "editing.png", "rows": ["original", *edits, "all four"]}
 
     def inversion(self) -> dict:
@@ -121,7 +126,8 @@ class Demo:
             resolution = target_sizes(self.pipe)[0]
             images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model.weights(self.space), seeds=range(3))
-        save_png(image_grid(images, columns=4), self.out / "inversion.png")
+        save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
+                            column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")
         return {"images": "inversion.png", **results, "loras": "loras/"}
 
     def evaluation(self) -> dict:
