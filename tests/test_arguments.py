@@ -11,7 +11,7 @@ from lora_w2w.checks import SEED_MAX, check_int, check_number, check_seed, check
 from lora_w2w.cli import main
 from lora_w2w.errors import ArgumentError
 from lora_w2w.inversion import InversionConfig
-from lora_w2w.pca import build_space
+from lora_w2w.pca import BuildConfig, build_space
 from lora_w2w.sampling import iter_sample_models, sample_models
 
 BIG_SEED = str(2**63)
@@ -97,7 +97,7 @@ def test_the_library_refuses_the_same_values(toy_space):
     with pytest.raises(ArgumentError, match="inversion lr: expected a finite number"):
         InversionConfig(lr=math.inf)
     with pytest.raises(ArgumentError, match="seed: expected an integer from 0"):
-        build_space(None, 2, seed=-1)
+        build_space(None, 2, config=BuildConfig(seed=-1))
     from lora_w2w.editing import attribute_directions
 
     with pytest.raises(ArgumentError, match=f"components: expected an integer from 1 to {k}, got {k + 1}"):

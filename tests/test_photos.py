@@ -222,8 +222,8 @@ def test_the_multi_image_evaluation_scores_each_number_of_views(toy_world, tmp_p
     toy = load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
     space = make_space(LoraLayout.from_unet(toy.unet), k=4)
     settings = evaluate.Settings(seeds=1, steps=2, inversions=1, inversion_steps=2)
-    report = evaluate.evaluate_multi_image_inversion(toy, space, Evaluator.load(ROOT / "files/tiny/evaluator.safetensors"),
-                                                     settings)
+    context = evaluate.Context(toy, space, Evaluator.load(ROOT / "files/tiny/evaluator.safetensors"))
+    report = evaluate.evaluate_multi_image_inversion(context, settings)
     assert {"1 view", "3 views", "5 views"} <= set(report) and report["scored_against_views"] == [5, 6, 7, 8, 9]
     for views in ("1 view", "3 views", "5 views"):
         assert -1 <= report[views]["identity_similarity"] <= 1

@@ -456,7 +456,7 @@ def evaluate_timing(ctx: Context, settings: Settings) -> dict:
 def _scaling_space(ctx: Context, models: int) -> Space:
     """The space of all M - 1 components PCA'd from the first `models` models of the weights dataset, built in
     the work folder, with the tiny space's attribute table and inversion presets."""
-    from ..pca import build_space
+    from ..pca import BuildConfig, build_space
 
     dataset = WeightsDataset(ctx.weights)
     if not 2 <= models <= len(dataset):
@@ -468,7 +468,8 @@ def _scaling_space(ctx: Context, models: int) -> Space:
                dataset.base_model)
     attributes = ctx.space.attributes.loc[names]
     attributes.to_csv(folder / "attributes.csv")
-    space = build_space(WeightsDataset(folder / "weights"), models - 1, attributes=folder / "attributes.csv")
+    space = build_space(WeightsDataset(folder / "weights"), models - 1,
+                        config=BuildConfig(attributes=folder / "attributes.csv"))
     return dataclasses.replace(space, inversion_presets=ctx.space.inversion_presets)
 
 
@@ -541,7 +542,7 @@ def evaluate_multi_image_inversion(ctx: Context, settings: Settings, views_inver
             for views, rows in scores.items()} | {
         "scored_against_views": list(SCORED_VIEWS), "identities": settings.inversions,
         "face_detection_rate": float(np.mean(detected)), "config": asdict(config),
-        "paper_id_score": PAPER["inversion_id_score"]}
+        "paper_id_score": PAPER["table2_id_score"]}
 
 
 SECTIONS = {
