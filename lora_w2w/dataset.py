@@ -38,6 +38,7 @@ import bisect
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -395,8 +396,14 @@ def add_models(path: str | os.PathLike, source: Source, layout: LoraLayout | Non
     if dtype not in DTYPES:
         raise W2WError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check_output(path, DATASET_FOLDER)
+    created = not path.exists()
     with output_lock(path, log):  # a second collect into the same dataset waits for this one
-        return _add_models(path, source, layout, base_model, shard_size, log, dtype)
+        try:
+            return _add_models(path, source, layout, base_model, shard_size, log, dtype)
+        except W2WError:  # a refused model: a folder this run created holds nothing collected, so it goes
+            if created and not (path / INDEX_JSON).exists():
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
 
 def _add_models(path: Path, source: Source, layout: LoraLayout | None, base_model: str, shard_size: int,

@@ -294,16 +294,9 @@ def report(failures: list[str]) -> str:
     return f"{len(failures)} failures:\n" + "\n".join(failures[:30])
 
 
-COLLECT_LEAVES_ITS_FOLDER = ("i21b: `w2w collect` into a new folder leaves that folder (and the shards it finished) "
-                             "when a later LoRA is refused")
-
 
 def assert_none(failures: list[str]) -> None:
-    """Fail on any failure; xfail when the only ones are a refused collect's leftover folder (issue 21, i21b)."""
-    left = [f for f in failures if f.endswith("exit 2 but changed ['collected']")]
-    assert not (others := [f for f in failures if f not in left]), report(others)
-    if left:
-        pytest.xfail(f"{COLLECT_LEAVES_ITS_FOLDER} ({len(left)} cases, e.g. {left[0]})")
+    assert not failures, report(failures)
 
 
 # ----------------------------------------------------------------------------- which command reads which file
