@@ -24,12 +24,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from lora_w2w.cli import main
 from lora_w2w.formats import save_kohya, save_peft

@@ -18,7 +18,7 @@ from lora_w2w.formats import load_kohya, save_kohya, save_peft
 from lora_w2w.images import eight_bit
 from lora_w2w.inversion import check_mask, load_target
 from lora_w2w.space import W2WModel
-from lora_w2w.storage import SPACE_TENSORS, read_safetensors_header, save_model, save_space
+from lora_w2w.storage import SPACE_TENSORS, save_model, save_space
 
 
 def run_cli(capsys, *args):
@@ -86,7 +86,7 @@ def test_space_shapes_beyond_the_file_and_overlapping_offsets_are_refused(saved,
     k, n = header["components"]["shape"]
     write_header(path, {**header, "components": {**header["components"], "shape": [4 * k, n]}}, body)
     code, err = run_cli(capsys, "sample", "--space", saved / "space", "--out", saved / "s")
-    assert code == 2 and f"tensor 'components' has data_offsets" in err and f"shape [{4 * k}, {n}] need" in err, err
+    assert code == 2 and "tensor 'components' has data_offsets" in err and f"shape [{4 * k}, {n}] need" in err, err
     overlapping = {**header, "std": {**header["std"], "data_offsets": header["mean"]["data_offsets"]}}
     write_header(path, overlapping, body)
     code, err = export(saved, capsys)
