@@ -62,10 +62,10 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lora_w2w.dreambooth import (IdentityData, SharedData, StepSampler, add_dreambooth_arguments, add_identity_lora,
-                                 class_image_batch_size, encode_batch_size, encode_images, encode_prompt,
-                                 identities_loss, initial_lora_weights, load_base, lora_layout)
-from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss, target_sizes
+from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, encode_prompt, image_sizes
+from lora_w2w.dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, add_identity_lora,
+                                 class_image_batch_size, identities_loss, initial_lora_weights, load_base, lora_layout)
+from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
 from lora_w2w.pipeline import generate, resolve_dtype
@@ -225,7 +225,7 @@ def denoise_and_decode(pipe, prompts: list[str], steps: int, tracker: LiveTensor
     """What StableDiffusionPipeline.__call__ does for `prompts` with classifier-free guidance: encode the
     prompts and the empty negative prompts, `steps` denoising steps, decode the latents."""
     n, device, dtype = len(prompts), pipe.unet.device, pipe.unet.dtype
-    _, latent_size = target_sizes(pipe)
+    _, latent_size = image_sizes(pipe)
     guidance_scale = default_of(generate, "guidance_scale")
     with tracker.phase(prefix + "text", peaks):
         positive, negative = pipe.encode_prompt(prompts, device, 1, True)  # (n, L, D) each
@@ -262,13 +262,15 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
     pipe = build(default_dtype(CUDA))
     layout = LoraLayout.from_unet(pipe.unet)
     basis = (torch.zeros(layout.numel), torch.ones(layout.numel), torch.randn(k, layout.numel))  # (N,) (N,) (K, N)
-    resolution, _ = target_sizes(pipe)
+    resolution, _ = image_sizes(pipe)
     image = torch.rand(1, 3, resolution, resolution) * 2 - 1  # (1, 3, R, R)
     resident(tracker, peaks)
     with tracker.phase("encode", peaks):
         target = encode_target(pipe, image, None, TRIGGER_PROMPT)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    sampler = StepSampler(0, 1, 0, 1, tuple(target.latent_mean.shape[1:]), scheduler.config.num_train_timesteps)
+    sampler = StepSampler(0, num_instance=1, num_class=0, batch_size=1,
+                          latent_shape=tuple(target.latent_mean.shape[1:]),
+                          num_train_timesteps=scheduler.config.num_train_timesteps)
     coefficients = torch.zeros(k, requires_grad=True)  # (K,)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr, weight_decay=config.weight_decay)
     with differentiable_unet(pipe.unet, layout) as lora_unet:
@@ -292,7 +294,7 @@ def training_base(build):
 def training_inputs(pipe, identities: int) -> tuple[list[IdentityData], SharedData]:
     """What `prepare_shared` and `prepare_identity` cache on the GPU (the values do not matter): the
     class and instance latent distributions (I, C, h, w), the two prompts' embeddings (1, L, D)."""
-    _, latent_size = target_sizes(pipe)
+    _, latent_size = image_sizes(pipe)
     latent = (pipe.unet.config.in_channels, latent_size, latent_size)
     classes, instances = DREAMBOOTH.num_class_images, NUM_INSTANCE_IMAGES
     embeddings = [encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt)
@@ -301,8 +303,9 @@ def training_inputs(pipe, identities: int) -> tuple[list[IdentityData], SharedDa
     shared = SharedData(torch.randn(classes, *latent), torch.rand(classes, *latent), *embeddings,
                         pipe.vae.config.scaling_factor, scheduler)
     data = [IdentityData(f"{i:06d}", torch.randn(instances, *latent), torch.rand(instances, *latent),
-                         StepSampler(DREAMBOOTH.seed, instances, classes, DREAMBOOTH.train_batch_size, latent,
-                                     scheduler.config.num_train_timesteps))
+                         StepSampler(DREAMBOOTH.seed, num_instance=instances, num_class=classes,
+                                     batch_size=DREAMBOOTH.train_batch_size, latent_shape=latent,
+                                     num_train_timesteps=scheduler.config.num_train_timesteps))
             for i in range(identities)]
     return data, shared
 
@@ -314,7 +317,7 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     args = DREAMBOOTH
     pipe = training_base(build)
     layout = lora_layout(pipe, args)
-    resolution, _ = target_sizes(pipe)
+    resolution, _ = image_sizes(pipe)
     resident(tracker, peaks)
     with tracker.phase("class_images_load", peaks):  # ensure_class_images: a second pipeline
         generator = build(resolve_dtype(None, CUDA))  # load_base_pipeline's dtype

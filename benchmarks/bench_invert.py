@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from lora_w2w.dreambooth import StepSampler, encode_images, encode_prompt, prepare_image
+from lora_w2w.diffusion import StepSampler, encode_images, encode_prompt, image_sizes, prepare_image
 from lora_w2w.inversion import (InversionConfig, default_dtype, differentiable_unet, encode_target, inversion_loss,
-                                invert, load_target, target_sizes)
+                                invert, load_target)
 from lora_w2w.layout import LoraLayout
 from lora_w2w.pipeline import generate, load_base_pipeline
 from lora_w2w.space import Space, W2WModel
@@ -124,7 +124,7 @@ def baseline_run(pipe, unet, space: Space, image_path: Path, steps: int, lr: flo
     optimizer = torch.optim.Adam([coefficients], lr=lr)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     vae, text_encoder = pipe.vae, pipe.text_encoder
-    resolution, latent_size = target_sizes(pipe)
+    resolution, latent_size = image_sizes(pipe)
     mask = torch.ones(1, 1, latent_size, latent_size, dtype=dtype, device=device)
     for _ in range(steps):
         with Image.open(image_path) as picture:
@@ -193,7 +193,9 @@ def sd15_flops(k: int) -> dict[str, float]:
         image = torch.rand(1, 3, 512, 512) * 2 - 1                                                 # (1, 3, R, R)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         target = encode_target(pipe, image, None, "sks person")
-        sampler = StepSampler(0, 1, 0, 1, tuple(target.latent_mean.shape[1:]), scheduler.config.num_train_timesteps)
+        sampler = StepSampler(0, num_instance=1, num_class=0, batch_size=1,
+                              latent_shape=tuple(target.latent_mean.shape[1:]),
+                              num_train_timesteps=scheduler.config.num_train_timesteps)
         coefficients = torch.zeros(k, requires_grad=True)
         with differentiable_unet(pipe.unet, layout) as lora_unet:
             parts = {"vae_encode": lambda: encode_images(pipe.vae, image),
@@ -218,7 +220,7 @@ def main_sd15(args: argparse.Namespace) -> None:
         module.requires_grad_(False)
     baseline_unet = copy.deepcopy(pipe.unet)
     space = random_space(LoraLayout.from_unet(pipe.unet), args.components)
-    image, _ = load_target(IMAGE, None, *target_sizes(pipe))
+    image, _ = load_target(IMAGE, None, *image_sizes(pipe))
     config = InversionConfig(components=args.components, lr=1.0, weight_decay=0.0, steps=args.steps)
     timed = {"invert": lambda: invert(pipe, space, image, None, config, progress=False),
              "encode_target": lambda: encode_target(pipe, image, None, "sks person"),
@@ -254,7 +256,7 @@ def main() -> None:
     for module in (pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     space = random_space(tiny_layout(pipe.unet), args.components)
-    image, _ = load_target(IMAGE, None, *target_sizes(pipe))
+    image, _ = load_target(IMAGE, None, *image_sizes(pipe))
     config = InversionConfig(components=args.components, lr=1.0, weight_decay=0.0, steps=args.steps)
     bf16 = copy.deepcopy(pipe).to(dtype=torch.bfloat16)
     baselines = {torch.float32: (pipe, copy.deepcopy(pipe.unet).requires_grad_(False)),

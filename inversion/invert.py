@@ -23,9 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_w2w.dreambooth import IMAGE_SUFFIXES
 from lora_w2w.errors import W2WError
 from lora_w2w.formats import save_peft
+from lora_w2w.images import IMAGE_SUFFIXES
 from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS, invert_file, masks_in_folder, preset
 from lora_w2w.layout import LoraLayout, sd15_layout
 from lora_w2w.official import OFFICIAL_BASE_MODEL

@@ -36,10 +36,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .cli import DEFAULT_MAX_UPLOAD, DEFAULT_SPACE  # noqa: E402
+from .diffusion import image_sizes  # noqa: E402
 from .editing import apply_edits, attribute_directions  # noqa: E402
 from .errors import W2WError  # noqa: E402
 from .formats import save_lora  # noqa: E402
-from .inversion import PRESETS, invert, load_target, open_image, preset, target_sizes  # noqa: E402
+from .inversion import PRESETS, invert, load_target, open_image, preset  # noqa: E402
 from .network import check_layout  # noqa: E402
 from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline  # noqa: E402
 from .sampling import sample_models  # noqa: E402
@@ -192,7 +193,7 @@ class Engine:
             raise W2WError(f"unknown inversion preset {preset_name!r}; expected one of {', '.join(PRESETS)}")
         steps = check_steps(steps, self.config.max_inversion_steps, "inversion steps")
         config = preset(preset_name, self.space, steps=steps)
-        target, target_mask = load_target(image, mask, *target_sizes(self.pipe))
+        target, target_mask = load_target(image, mask, *image_sizes(self.pipe))
         with self.lock:
             return invert(self.pipe, self.space, target, target_mask, config, seed=0, progress=False,
                           on_step=on_step)

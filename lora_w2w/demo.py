@@ -106,13 +106,14 @@ class Demo:
 
     def inversion(self) -> dict:
         """A held-out face (with its mask) and a drawing inverted into the space, then generated."""
+        from .diffusion import image_sizes
         from .formats import save_lora
-        from .inversion import invert, load_target, preset, target_sizes
+        from .inversion import invert, load_target, preset
         from .storage import save_model
 
         results, images = {}, []
         for name, kind in (("face", "real"), ("drawing", "ood")):
-            image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *target_sizes(self.pipe))
+            image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *image_sizes(self.pipe))
             config = preset(kind, self.space, steps=self.args.inversion_steps)  # the tiny space records ood's lr
             start = time.perf_counter()
             model = invert(self.pipe, self.space, image, mask, config, seed=0, progress=False)
@@ -123,7 +124,7 @@ class Demo:
                       self.space.base_model)
             save_lora(self.space.layout, model.weights(self.space),
                       self.out / "loras" / f"inverted_{name}_kohya.safetensors", "kohya", self.space.base_model)
-            resolution = target_sizes(self.pipe)[0]
+            resolution = image_sizes(self.pipe)[0]
             images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model.weights(self.space), seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],

@@ -4,9 +4,9 @@ defaults of `add_dreambooth_arguments`: "sks person" on an identity's images, pr
 
 The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
 (many identities in one pass): reading an instance folder, generating class images once, caching
-latent distributions and text embeddings, a per-identity random stream (`StepSampler`) so that
-an identity trained among many sees exactly the batches, noise and timesteps of a solo run, and
-the optimizer step over accumulated batches (`accumulated_step`).
+latent distributions and text embeddings (`diffusion`), a per-identity random stream
+(`diffusion.StepSampler`) so that an identity trained among many sees exactly the batches, noise and
+timesteps of a solo run, and the optimizer step over accumulated batches (`accumulated_step`).
 
 Letters: I images, b batch per identity, C latent channels, h x w latent size.
 """
@@ -21,19 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .diffusion import Batch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import W2WError
 from .flags import add_flag, flag, spellings
-from .images import eight_bit
+from .images import IMAGE_SUFFIXES, eight_bit
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import save_png
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -111,19 +109,6 @@ def check_dreambooth_arguments(args: argparse.Namespace, kebab: bool) -> None:
 
 # ----------------------------------------------------------------------------- images
 
-def prepare_image(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Any mode and size -> RGB, shorter side resized to `resolution`, centre-cropped; (3, R, R) in [-1, 1]."""
-    image = eight_bit(image)
-    image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "RGBA") else image.convert("RGB")
-    scale = resolution / min(image.size)
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - resolution) // 2, (height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
 def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
     """The images of a folder (sorted by name) as (I, 3, R, R) in [-1, 1]. Other files are skipped with a
     warning; a corrupt image or a folder without images is an error naming it."""
@@ -156,11 +141,6 @@ def class_image_batch_size(resolution: int) -> int:
     return max(1, 2**16 // resolution**2)
 
 
-def encode_batch_size(resolution: int) -> int:
-    """Images VAE-encoded at once: 32 at 64 px, 1 at 512 px."""
-    return max(1, 2**17 // resolution**2)
-
-
 def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, resolution: int, steps: int,
                         seed: int, device: torch.device) -> None:
     """Generate the class images that `class_dir` lacks with the base model (once; reused afterwards),
@@ -186,57 +166,6 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
 
 # ----------------------------------------------------------------------------- cached inputs
 
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (I, 3, R, R) -> latent distribution mean and std (I, C, h, w), unscaled; `encode_batch_size`
-    images at a time, so that the phase stays below a training step's memory (benchmarks/README.md)."""
-    means, stds = [], []
-    for chunk in images.split(encode_batch_size(images.shape[-1])):
-        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
-    """prompt -> text embedding (1, L, D), as the pipeline computes it."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].float()
-
-
-@dataclass
-class Batch:
-    """One step's randomness for one identity: b instance then b class samples."""
-
-    instance: torch.Tensor   # (b,) indices into the instance images
-    prior: torch.Tensor      # (b,) indices into the class images (empty without prior preservation)
-    latent_noise: torch.Tensor  # (n, C, h, w) draws from N(0, 1) for sampling the latent distributions
-    noise: torch.Tensor      # (n, C, h, w) the diffusion noise
-    timesteps: torch.Tensor  # (n,)
-
-
-class StepSampler:
-    """The random stream of one identity's run, from its seed alone: a run among many identities sees
-    the batches, latents, noise and timesteps of a solo run with the same seed."""
-
-    def __init__(self, seed: int, num_instance: int, num_class: int, batch_size: int, latent_shape: tuple[int, ...],
-                 num_train_timesteps: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.num_instance, self.num_class, self.batch_size = num_instance, num_class, batch_size
-        self.latent_shape, self.num_train_timesteps = latent_shape, num_train_timesteps
-
-    def next(self) -> Batch:
-        g, b = self.generator, self.batch_size
-        instance = torch.randint(self.num_instance, (b,), generator=g)
-        prior = torch.randint(self.num_class, (b,), generator=g) if self.num_class else torch.zeros(0, dtype=torch.long)
-        n = b + len(prior)
-        return Batch(instance, prior, torch.randn(n, *self.latent_shape, generator=g),
-                     torch.randn(n, *self.latent_shape, generator=g),
-                     torch.randint(self.num_train_timesteps, (n,), generator=g))
-
-
 @dataclass
 class IdentityData:
     """An identity's cached inputs: instance latent distributions (I, C, h, w) and the step sampler."""
@@ -261,18 +190,13 @@ class SharedData:
 
 def noisy_inputs(identity: IdentityData, shared: SharedData, batch: Batch):
     """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w)), on
-    the device of the cached latents (the sampler draws on the CPU, so runs agree across devices)."""
-    mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])
-    std = torch.cat([identity.std[batch.instance], shared.class_std[batch.prior]])
-    latent_noise, noise, timesteps = (t.to(mean.device) for t in (batch.latent_noise, batch.noise, batch.timesteps))
-    latents = (mean + std * latent_noise) * shared.scaling_factor
-    noisy = shared.scheduler.add_noise(latents, noise, timesteps)
+    the device of the cached latents."""
+    mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])  # (n, C, h, w)
+    std = torch.cat([identity.std[batch.instance], shared.class_std[batch.prior]])     # (n, C, h, w)
+    noisy, timesteps, target = noisy_latents(mean, std, batch, scaling_factor=shared.scaling_factor,
+                                             scheduler=shared.scheduler)
     b, n = len(batch.instance), len(timesteps)
     text = torch.cat([shared.instance_embedding.expand(b, -1, -1), shared.class_embedding.expand(n - b, -1, -1)])
-    if shared.scheduler.config.prediction_type == "v_prediction":
-        target = shared.scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
     return noisy, timesteps, text, target
 
 
@@ -359,7 +283,7 @@ class Base:
     @property
     def resolution(self) -> int:
         """The base model's native image size (512 for SD1.5)."""
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return image_sizes(self)[0]
 
 
 def load_base(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Base:
@@ -403,8 +327,9 @@ def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: Shared
     """An identity's cached latent distributions of its images (I, 3, R, R) and its random stream
     (seeded by --seed, like a solo run)."""
     mean, std = encode_images(base.vae, images)
-    sampler = StepSampler(args.seed, len(mean), len(shared.class_mean), args.train_batch_size, tuple(mean.shape[1:]),
-                          shared.scheduler.config.num_train_timesteps)
+    sampler = StepSampler(args.seed, num_instance=len(mean), num_class=len(shared.class_mean),
+                          batch_size=args.train_batch_size, latent_shape=tuple(mean.shape[1:]),
+                          num_train_timesteps=shared.scheduler.config.num_train_timesteps)
     return IdentityData(name, mean.to(base.unet.device), std.to(base.unet.device), sampler)
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from .errors import W2WError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # the files read as images
 SIXTEEN_BIT_MAX = 65535  # white of a 16-bit image (I;16, and I holding 16-bit values)
 FLOAT_MAX = 1.0  # white of a float image
 EIGHT_BIT_MAX = 255

@@ -9,21 +9,20 @@ so that the loss is averaged over the photographs. With one image this is the pa
 
     pipe = load_base_pipeline("files/tiny/base")
     space = load_space("files/tiny/space")
-    image, mask = load_target("inversion/images/drawing.png", "inversion/images/drawing_mask.png", *target_sizes(pipe))
+    image, mask = load_target("inversion/images/drawing.png", "inversion/images/drawing_mask.png", *image_sizes(pipe))
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
 
     # photographs: cut around the face, an automatic mask over face and hair, several images of one person
     photos = read_photos(["me1.jpg", "me2.jpg"], [AUTO_MASK, AUTO_MASK], crop="face")
-    model = invert(pipe, space, *photo_targets(photos, *target_sizes(pipe)), preset("real", space))
+    model = invert(pipe, space, *photo_targets(photos, *image_sizes(pipe)), preset("real", space))
 
 Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps; "ood"
 paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `preset(name, space)` fits
-one to a space: K at most the space's, and the settings the space records for it (the tiny space
-records lr 0.1 for "ood": with 14,336 standardized weights instead of 99,648 its coefficients are
-smaller, and at lr 1 they walk far off the dataset; and lr 0.3 for "real": at 0.1 they have not
-converged in 400 steps). A model that ends far outside the dataset's spread (a learning rate too
-high for the space) draws a warning.
+one to a space: K at most the space's, and the settings the space records for it (Adam moves each
+coefficient by about lr a step, so the right lr depends on the scale of the space's coefficients;
+files/tiny/README.md). A model that ends far outside the dataset's spread (a learning rate too high
+for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
 The automatic mask (AUTO_MASK) is a soft ellipse over the face and hair that `faces` detects.
@@ -53,9 +52,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .checks import check_int, check_number, check_seed
-from .dreambooth import Batch, StepSampler, encode_images, encode_prompt, prepare_image
+from .diffusion import Batch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
-from .images import eight_bit
+from .images import IMAGE_SUFFIXES, eight_bit
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
@@ -70,8 +69,7 @@ MASK_BLACK, MASK_WHITE = 16, 239
 MASK_GREY_FRACTION = 0.05
 ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios under which a mask fits its image
 # An inverted model whose coefficients' norm passes FAR_FROM_DATASET x the largest dataset model's has walked
-# off the space's distribution (a learning rate too high for its scale) and draws noise: on the tiny space,
-# good inversions end within 1.3x, a run at 10x the tiny space's learning rate at 6.7x.
+# off the space's distribution (a learning rate too high for its scale) and draws noise (files/tiny/README.md).
 FAR_FROM_DATASET = 3.0
 CROPS = ("center", "face")  # how a photograph becomes the square the model sees (see read_photos)
 AUTO_MASK = "auto"          # the mask value asking for a soft ellipse over the detected face and hair
@@ -128,10 +126,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- target image and mask
 
-def target_sizes(pipe) -> tuple[int, int]:
-    """(image resolution R, latent size h) of a pipeline: (512, 64) for SD1.5, (64, 16) for the tiny world."""
-    latent_size = int(pipe.unet.config.sample_size)
-    return latent_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1), latent_size
+# (R, h) of a pipeline, the sizes load_target and photo_targets take; the notebooks' name for image_sizes
+target_sizes = image_sizes
 
 
 def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
@@ -246,8 +242,6 @@ def read_photos(images: Sequence[str | os.PathLike | Image.Image],
 
 def masks_in_folder(images: Sequence[str | os.PathLike], folder: str | os.PathLike) -> list[Path]:
     """The mask of each image in `folder`, paired by file name: FOLDER/NAME.<any image suffix> for NAME.jpg."""
-    from .dreambooth import IMAGE_SUFFIXES
-
     folder = Path(folder)
     if not folder.is_dir():
         raise W2WError(f"{folder}: no such mask folder")
@@ -311,18 +305,14 @@ def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coeffic
                    target: Target, scheduler, batch: Batch) -> torch.Tensor:
     """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw:
     on the B images of the target that `batch.instance` picks."""
-    device = target.latent_mean.device
-    latent_noise, noise, timesteps = (x.to(device) for x in (batch.latent_noise, batch.noise, batch.timesteps))
-    picked = batch.instance.to(device)                                                          # (B,)
-    mean, std = target.latent_mean[picked], target.latent_std[picked]                           # (B, C, h, w)
-    latents = (mean + std * latent_noise) * target.scaling_factor                               # (B, C, h, w)
-    noisy = scheduler.add_noise(latents, noise, timesteps)                                      # (B, C, h, w)
+    picked = batch.instance.to(target.latent_mean.device)                                       # (B,)
+    noisy, timesteps, expected = noisy_latents(target.latent_mean[picked], target.latent_std[picked], batch,
+                                               scaling_factor=target.scaling_factor,
+                                               scheduler=scheduler)                             # (B, C, h, w) each
     weights = unproject(coefficients, *basis)                                                   # (N,)
     text = target.text.expand(len(picked), -1, -1)                                              # (B, L, D)
     prediction = lora_unet(weights, noisy.to(target.dtype), timesteps, text).sample             # (B, C, h, w)
-    if scheduler.config.prediction_type == "v_prediction":
-        noise = scheduler.get_velocity(latents, noise, timesteps)
-    return masked_mse(prediction, noise, None if target.mask is None else target.mask[picked])
+    return masked_mse(prediction, expected, None if target.mask is None else target.mask[picked])
 
 
 @contextmanager
@@ -393,8 +383,9 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
     target = encode_target(pipe, images, masks, space.prompt or TRIGGER_PROMPT)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-    sampler = StepSampler(seed, len(images), 0, config.images_per_step, tuple(target.latent_mean.shape[1:]),
-                          scheduler.config.num_train_timesteps)
+    sampler = StepSampler(seed, num_instance=len(images), num_class=0, batch_size=config.images_per_step,
+                          latent_shape=tuple(target.latent_mean.shape[1:]),
+                          num_train_timesteps=scheduler.config.num_train_timesteps)
     coefficients = torch.zeros(k, device=device, requires_grad=True)  # (K,)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr, weight_decay=config.weight_decay)
     fingerprint = run_fingerprint(space, config, seed, images, masks)
@@ -473,5 +464,5 @@ def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[st
     device = resolve_device(device)
     pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
     check_layout(pipe.unet, space.layout)
-    targets, target_masks = photo_targets(photos, *target_sizes(pipe))
+    targets, target_masks = photo_targets(photos, *image_sizes(pipe))
     return invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint), photos

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .checks import (SIZE_STEP, available_memory, check_int, check_number, check_seed, check_size, gigabytes,
                      resolve_device)
+from .diffusion import image_sizes
 from .errors import ArgumentError, W2WError
 from .layout import LoraLayout
 from .network import FusedLora, check_layout
@@ -119,7 +120,7 @@ def generation_bytes(pipe, images: int, height: int, width: int) -> int:
 def check_generation_memory(pipe, images: int, height: int | None, width: int | None) -> None:
     """ArgumentError when `generation_bytes` passes the memory free on the pipeline's device, saying
     which size fits."""
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    default, _ = image_sizes(pipe)
     height, width = height or default, width or default
     free = available_memory(pipe.device)
     if generation_bytes(pipe, images, height, width) <= free:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .dreambooth import encode_prompt, initial_lora_weights
+from .diffusion import encode_prompt
+from .dreambooth import initial_lora_weights
 from .errors import W2WError
 from .layout import LoraLayout
 from .network import LoraUNet

@@ -18,11 +18,11 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from lora_w2w.cli import main as w2w
-from lora_w2w.dreambooth import StepSampler
+from lora_w2w.diffusion import StepSampler, image_sizes
 from lora_w2w.errors import SpaceError, W2WError
 from lora_w2w.formats import load_peft
 from lora_w2w.inversion import (FAR_FROM_DATASET, InversionConfig, differentiable_unet, encode_target, invert,
-                                inversion_loss, load_target, masked_mse, norm_over_dataset, preset, target_sizes)
+                                inversion_loss, load_target, masked_mse, norm_over_dataset, preset)
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import DeltaLinear
 from lora_w2w.pipeline import load_base_pipeline
@@ -59,14 +59,15 @@ def toy_space(pipe):
 
 @pytest.fixture(scope="module")
 def target(pipe):
-    return load_target(FACE, FACE_MASK, *target_sizes(pipe))
+    return load_target(FACE, FACE_MASK, *image_sizes(pipe))
 
 
 def mean_loss(pipe, space, image, coefficients, mask=None, draws=16):
     """The loss of a model averaged over fixed draws (seed 123), without gradients."""
     cached = encode_target(pipe, image, mask, space.prompt)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    sampler = StepSampler(123, 1, 0, 1, tuple(cached.latent_mean.shape[1:]), 1000)
+    sampler = StepSampler(123, num_instance=1, num_class=0, batch_size=1,
+                          latent_shape=tuple(cached.latent_mean.shape[1:]), num_train_timesteps=1000)
     basis = (space.mean, space.std, space.components[:len(coefficients)])
     with torch.no_grad(), differentiable_unet(pipe.unet, space.layout) as lora_unet:
         return sum(inversion_loss(lora_unet, basis, coefficients, cached, scheduler, sampler.next()).item()
@@ -95,7 +96,8 @@ def test_only_the_coefficients_get_gradients(pipe, toy_space, target):
     image, mask = target
     cached = encode_target(pipe, image, mask, toy_space.prompt)
     coefficients = torch.zeros(K, requires_grad=True)
-    batch = StepSampler(0, 1, 0, 1, (4, 8, 8), 1000).next()
+    batch = StepSampler(0, num_instance=1, num_class=0, batch_size=1, latent_shape=(4, 8, 8),
+                        num_train_timesteps=1000).next()
     with differentiable_unet(pipe.unet, toy_space.layout) as lora_unet:
         basis = (toy_space.mean, toy_space.std, toy_space.components)
         inversion_loss(lora_unet, basis, coefficients, cached, DDPMScheduler(), batch).backward()

@@ -14,10 +14,10 @@ from PIL import Image
 from skimage import data
 from test_inversion import K, pipe, run_cli, toy_space  # noqa: F401 (pipe, toy_space: the toy world's fixtures)
 
+from lora_w2w.diffusion import image_sizes
 from lora_w2w.errors import NoFaceError, W2WError
 from lora_w2w.faces import FACE_FRACTION, FaceBox, centred_box, detect_faces, face_crop, face_mask, largest_face
-from lora_w2w.inversion import (AUTO_MASK, InversionConfig, check_mask, invert, load_target, photo_targets,
-                                read_photos, target_sizes)
+from lora_w2w.inversion import AUTO_MASK, InversionConfig, check_mask, invert, load_target, photo_targets, read_photos
 from lora_w2w.layout import LoraLayout
 from lora_w2w.pipeline import load_base_pipeline
 from lora_w2w.storage import load_model, load_space, save_space
@@ -96,9 +96,9 @@ def test_a_mask_file_is_cut_like_the_face_crop(astronaut, tmp_path):
 # ----------------------------------------------------------------------------- multi-image inversion
 
 def test_one_image_is_the_single_image_inversion_bit_for_bit(pipe, toy_space):
-    image, mask = load_target(FACE, FACE_MASK, *target_sizes(pipe))
+    image, mask = load_target(FACE, FACE_MASK, *image_sizes(pipe))
     photos = read_photos([FACE], [FACE_MASK])
-    images, masks = photo_targets(photos, *target_sizes(pipe))
+    images, masks = photo_targets(photos, *image_sizes(pipe))
     assert torch.equal(images, image) and torch.equal(masks, mask)
     for seed, used in ((3, mask), (5, None)):
         expected = torch.tensor([float.fromhex(x) for x in SINGLE_IMAGE[seed]])
@@ -108,7 +108,7 @@ def test_one_image_is_the_single_image_inversion_bit_for_bit(pipe, toy_space):
 
 
 def test_several_images_are_deterministic_and_all_used(pipe, toy_space):
-    sizes = target_sizes(pipe)
+    sizes = image_sizes(pipe)
     images, _ = photo_targets(read_photos([FACE, Image.open(FACE).transpose(Image.Transpose.FLIP_LEFT_RIGHT),
                                            ROOT / "inversion" / "images" / "drawing.png"]), *sizes)
     assert images.shape == (3, 3, *[sizes[0]] * 2)
@@ -123,7 +123,7 @@ def test_several_images_are_deterministic_and_all_used(pipe, toy_space):
 
 
 def test_a_multi_image_run_resumes_from_its_checkpoint(pipe, toy_space, tmp_path):
-    images, masks = photo_targets(read_photos([FACE, FACE], [FACE_MASK, None]), *target_sizes(pipe))
+    images, masks = photo_targets(read_photos([FACE, FACE], [FACE_MASK, None]), *image_sizes(pipe))
     assert masks.shape == (2, 1, 8, 8) and torch.equal(masks[1], torch.ones(1, 8, 8))  # None: fitted everywhere
     uninterrupted = invert(pipe, toy_space, images, masks, CONFIG, seed=2, progress=False)
     half = InversionConfig(**{**CONFIG.__dict__, "steps": 4})
@@ -199,7 +199,7 @@ def test_invert_script_inverts_a_folder_of_images_together(toy_world, space_dir,
     model = load_model(tmp_path / "out" / "w2wmodel.safetensors")
     photos = read_photos(sorted((tmp_path / "photos").iterdir()), sorted((tmp_path / "masks").iterdir()))
     pipe = load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
-    expected = invert(pipe, load_space(space_dir), *photo_targets(photos, *target_sizes(pipe)),
+    expected = invert(pipe, load_space(space_dir), *photo_targets(photos, *image_sizes(pipe)),
                       InversionConfig(components=K, lr=1.0, steps=2), progress=False)
     assert torch.equal(model.coefficients, expected.coefficients)
     with pytest.raises(W2WError, match="one mask for 2 images; give --mask_dir"):

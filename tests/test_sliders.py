@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_w2w.dreambooth import encode_prompt
+from lora_w2w.diffusion import encode_prompt
 from lora_w2w.errors import W2WError
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import LoraUNet

@@ -206,10 +206,10 @@ def _inversion_config(space: Space, settings: Settings, components: int | None =
 
 def _invert(ctx: Context, space: Space, image: Image.Image, config) -> torch.Tensor:
     """The LoRA weights (N,) of `image` inverted into `space` (seed 0)."""
-    from ..dreambooth import prepare_image
+    from ..diffusion import image_sizes, prepare_image
     from ..inversion import invert
 
-    resolution = ctx.pipe.unet.config.sample_size * ctx.pipe.vae_scale_factor
+    resolution, _ = image_sizes(ctx.pipe)
     return invert(ctx.pipe, space, prepare_image(image, resolution)[None], None, config, progress=False).weights(space)
 
 
@@ -515,12 +515,12 @@ def evaluate_multi_image_inversion(ctx: Context, settings: Settings, views_inver
                                    ) -> dict:
     """Each held-out identity inverted from its first 1, 3 and 5 views (one drawn per step, the same steps),
     scored against views 5-9 by identity similarity and against the identity's attributes."""
-    from ..dreambooth import prepare_image
+    from ..diffusion import image_sizes, prepare_image
     from ..faces import detect_faces
     from ..inversion import invert, preset
 
     pipe, space, evaluator = ctx.pipe, ctx.space, ctx.evaluator
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution, _ = image_sizes(pipe)
     config = preset("real", space, components=settings.inversion_components or None,
                     lr=settings.inversion_lr or None, steps=settings.inversion_steps or None)
     scores = {views: [] for views in views_inverted}

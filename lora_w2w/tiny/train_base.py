@@ -33,6 +33,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from lora_w2w.diffusion import image_sizes
 from lora_w2w.storage import atomic_output
 from lora_w2w.tiny import faces
 from lora_w2w.tiny.pipeline import (
@@ -333,7 +334,7 @@ def train_unet(pipe, posteriors: torch.Tensor, input_ids: torch.Tensor, empty_id
 def sample_grid(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int = 25, guidance: float = 5.0,
                 text_width: int = 300) -> Image.Image:
     """One row per prompt: the prompt's text, then `per_prompt` images from seeds seed, seed + 1, ..."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size, _ = image_sizes(pipe)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for k in range(per_prompt):
