@@ -452,9 +452,10 @@ def build_app(engine: Engine) -> gr.Blocks:
             masks = [drawn if i == drawn_on else None for i in range(len(images))]
             try:
                 with warnings_shown():
-                    model, photos = engine.invert(images, masks, preset_name, steps_value, crop="face" if crop else "center",
-                                                  auto_mask=bool(auto), on_step=lambda done, total, loss: progress(
-                                                      (done, total), desc=f"loss {loss:.4f}"))
+                    model, photos = engine.invert(
+                        images, masks, preset_name, steps_value, crop="face" if crop else "center",
+                        auto_mask=bool(auto),
+                        on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
             except NoFaceError as error:
                 raise NoFaceError(f"{error} (here: untick Crop to face)") from None
             what = [preset_name, f"{int(steps_value)} steps"] + [f"{len(images)} images"] * (len(images) > 1)
@@ -563,9 +564,10 @@ def build_app(engine: Engine) -> gr.Blocks:
                 raise W2WError("no image file given")
             images = [image_path, *(more or [])]
             with warnings_shown():
-                model, _ = engine.invert(images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value,
-                                         crop=crop, auto_mask=bool(auto), on_step=lambda done, total, loss: progress(
-                                             (done, total), desc=f"loss {loss:.4f}"))
+                model, _ = engine.invert(
+                    images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value, crop=crop,
+                    auto_mask=bool(auto),
+                    on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
             return engine.export(model, "w2w", "inverted"), engine.images(model)
 
         @reporting
@@ -583,8 +585,7 @@ def build_app(engine: Engine) -> gr.Blocks:
         sample_b.click(api_sample_fn, api_seed, [api_out, api_images], api_name="sample", **device)
         edit_b.click(api_edit_fn, [api_model, api_edits, api_debias], [api_out, api_images], api_name="edit", **device)
         invert_b.click(api_invert_fn, [api_image, api_mask, api_preset, api_steps, api_crop, api_auto, api_more],
-                       [api_out, api_images],
-                       api_name="invert", **device)
+                       [api_out, api_images], api_name="invert", **device)
         generate_b.click(api_generate_fn, [api_model, api_prompt, api_seeds, api_gen_steps], api_images,
                          api_name="generate", **device)
         export_b.click(api_export_fn, [api_model, api_format], api_file, api_name="export")
