@@ -306,7 +306,7 @@ def reporting(fn):
 # ----------------------------------------------------------------------------- the page
 
 ABOUT = """# weights2weights
-Every point of this space is a model: **sample** a new identity, **invert** a photo into the space,
+Every point of this space is a model: **sample** a new identity, **invert** photos into the space,
 **edit** it along attribute directions, **generate** with any prompt and **download** it as a LoRA.
 Space `{space}` (K = {k:,}, M = {m:,} models), base `{base}`."""
 
@@ -332,12 +332,11 @@ def build_app(engine: Engine) -> gr.Blocks:
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="sample-seed")
                     sample_button = gr.Button("Sample a new model", variant="primary", elem_id="sample-button")
                 with gr.Tab("Invert"):
-                    invert_file = gr.File(label="Images to invert: one or several photos of one person (any image "
-                                                "files)", type="filepath", file_count="multiple", elem_id="invert-file")
+                    invert_file = gr.File(label="Photos of one person to invert (one or several)", type="filepath",
+                                          file_count="multiple", elem_id="invert-file")
                     invert_shown = gr.Dropdown([], label="Image in the editor (the mask drawn applies to it)",
                                                interactive=True, elem_id="invert-shown")
-                    editor = gr.ImageEditor(label="Draw the mask (the region to fit); no stroke: the whole image, or "
-                                                  "the auto mask",
+                    editor = gr.ImageEditor(label="Mask: draw the region to fit",
                                             type="pil", image_mode="RGBA", format="png", layers=False,
                                             transforms=(), brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed"),
                                             elem_id="invert-editor", height=420)
@@ -353,7 +352,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                         invert_steps = gr.Number(PRESETS["real"].steps, precision=0, label="Steps",
                                                  elem_id="invert-steps")
                     invert_button = gr.Button("Invert", variant="primary", elem_id="invert-button")
-                    fitted = gr.Gallery(label="What was fitted (after the crop; dimmed outside the mask)", columns=4,
+                    fitted = gr.Gallery(label="Fitted: the crop, dimmed outside the mask", columns=4,
                                         height=200, format="png", elem_id="invert-fitted")
                 with gr.Tab("Upload a model"):
                     model_file = gr.File(label="w2w model (.safetensors, or the original w2wmodel.pt)",
