@@ -477,3 +477,19 @@ def test_no_face_under_crop_to_face_is_the_clis_error(engine, tmp_path):
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
     with pytest.raises(NoFaceError, match=r"coffee\.jpg: no face found \(the detector finds frontal faces\)"):
         engine.invert([FACE, tmp_path / "coffee.jpg"], None, "real", 1, crop="face")
+
+
+def test_the_librarys_warnings_become_toasts_and_others_stay_in_the_log(engine, monkeypatch):
+    import warnings
+
+    from lora_w2w import app
+
+    toasts = []
+    monkeypatch.setattr(app.gr, "Warning", toasts.append)
+    grey = Image.new("RGB", (80, 64), "grey")  # no face: the auto mask falls back to the centre, with a warning
+    with pytest.warns(UserWarning, match="a torch warning") as logged:
+        with app.warnings_shown():
+            _, (photo,) = engine.invert(grey, None, "real", 1, auto_mask=True)
+            warnings.warn("a torch warning")
+    assert photo.auto and len(toasts) == 1 and "image: no face found for the automatic mask" in toasts[0]
+    assert [str(w.message) for w in logged] == ["a torch warning"]
