@@ -3,7 +3,8 @@
     w2w app                                    # http://127.0.0.1:7860: files/tiny/base + files/tiny/space
     w2w app --base stablediffusionapi/realistic-vision-v51 --space files/official --device cuda
 
-One page: sample a new identity, invert an uploaded image (the mask drawn on it with a brush), edit
+One page: sample a new identity, invert uploaded photos of one person (cut around the face, inside an
+automatic face ellipse or a mask drawn with a brush), edit
 the current model with a slider per attribute (debiased, with delayed injection, before/after),
 generate with any prompt, download it as a w2w model, a kohya/ComfyUI/A1111 LoRA or a PEFT folder
 (zipped), or upload a model. The current model lives in each browser session's `gr.State`; the
@@ -26,6 +27,8 @@ import re
 import shutil
 import tempfile
 import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,9 +41,10 @@ from PIL import Image  # noqa: E402
 from .cli import DEFAULT_MAX_UPLOAD, DEFAULT_SPACE  # noqa: E402
 from .diffusion import image_sizes  # noqa: E402
 from .editing import apply_edits, attribute_directions  # noqa: E402
-from .errors import W2WError  # noqa: E402
+from .errors import NoFaceError, W2WError  # noqa: E402
 from .formats import save_lora  # noqa: E402
-from .inversion import PRESETS, invert, load_target, open_image, preset  # noqa: E402
+from .inversion import (AUTO_MASK, CROPS, PRESETS, Photo, invert, open_image, photo_targets, preset,  # noqa: E402
+                        read_photos)
 from .network import check_layout  # noqa: E402
 from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline  # noqa: E402
 from .sampling import sample_models  # noqa: E402
@@ -53,6 +57,7 @@ STRENGTH_STEP = 0.25
 DEBIAS_DEFAULT = ("Male", "Young")
 DISPLAY_SIZE = 512  # an uploaded image smaller than this (short side) is shown enlarged, to draw the mask on
 BRUSH_COLOR = "rgb(255, 64, 160)"  # the mask brush: any stroke (alpha > 0) is inside the mask
+OUTSIDE_MASK = 0.3  # brightness of what lies outside the mask in the page's picture of what was fitted
 SYSTEM_FONTS, SYSTEM_MONO_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "monospace"]
 
 
@@ -142,6 +147,33 @@ def display_copy(image: Image.Image) -> Image.Image:
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
 
 
+def fitted_view(photo: Photo) -> Image.Image:
+    """The picture a photo is fitted on (after its crop), dimmed to OUTSIDE_MASK outside its mask."""
+    picture = np.asarray(photo.picture.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    if photo.mask is not None:
+        weight = photo.mask.astype(np.float32)[..., None] / 255  # (H, W, 1), soft for the automatic mask
+        picture = picture * (OUTSIDE_MASK + (1 - OUTSIDE_MASK) * weight)
+    return Image.fromarray(np.round(picture).astype(np.uint8))
+
+
+def fitted_caption(photo: Photo) -> str:
+    name = Path(photo.name).name
+    return f"{name}: {'auto mask' if photo.auto else 'no mask' if photo.mask is None else 'mask drawn'}"
+
+
+@contextmanager
+def warnings_shown():
+    """The library's warnings to the user (a learning rate too high, no face for an automatic mask) become
+    toasts on the page: they are raised with stacklevel=2, so they name this file; others go to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for warning in caught:
+        if warning.filename == __file__:
+            gr.Warning(html.escape(str(warning.message), quote=False))
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 # ----------------------------------------------------------------------------- the engine (one per process)
 
 class Engine:
@@ -185,18 +217,30 @@ class Engine:
             self._directions[key] = attribute_directions(self.space, list(key[0]), debias_against=list(key[1]))
         return apply_edits(model, strengths, self._directions[key])
 
-    def invert(self, image: Image.Image | str, mask: Image.Image | str | None, preset_name: str, steps,
-               on_step=None) -> W2WModel:
-        """The model of the space that reproduces `image` inside `mask`, with the preset's settings for
-        this space and `steps` optimiser steps."""
+    def invert(self, images, masks, preset_name: str, steps, on_step=None, crop: str = "center",
+               auto_mask: bool = False) -> tuple[W2WModel, list[Photo]]:
+        """The model of the space that reproduces `images` (an image or a list: photos of one person, files
+        or PIL images) inside `masks` (one per image: a file, an image or None; or one for a single image),
+        with the preset's settings for this space, `steps` optimiser steps and seed 0: what `w2w invert
+        --image ... --crop CROP` computes. `auto_mask` gives every image without a mask the ellipse over
+        its detected face and hair (`--mask auto`). Returns the model and the photos as fitted."""
         if preset_name not in PRESETS:
             raise W2WError(f"unknown inversion preset {preset_name!r}; expected one of {', '.join(PRESETS)}")
         steps = check_steps(steps, self.config.max_inversion_steps, "inversion steps")
         config = preset(preset_name, self.space, steps=steps)
-        target, target_mask = load_target(image, mask, *image_sizes(self.pipe))
+        single = (str, os.PathLike, Image.Image)
+        images = [images] if isinstance(images, single) else list(images)
+        if not images:
+            raise W2WError("no image to invert: upload one first")
+        masks = [None] * len(images) if masks is None else [masks] if isinstance(masks, single) else list(masks)
+        if auto_mask:
+            masks = [AUTO_MASK if mask is None else mask for mask in masks]  # a mask given wins over the automatic one
+        photos = read_photos(images, masks, crop)
+        targets, target_masks = photo_targets(photos, *image_sizes(self.pipe))
         with self.lock:
-            return invert(self.pipe, self.space, target, target_mask, config, seed=0, progress=False,
-                          on_step=on_step)
+            model = invert(self.pipe, self.space, targets, target_masks, config, seed=0, progress=False,
+                           on_step=on_step)
+        return model, photos
 
     # ------------------------------------------------------------------------- images
 
@@ -263,7 +307,7 @@ def reporting(fn):
 # ----------------------------------------------------------------------------- the page
 
 ABOUT = """# weights2weights
-Every point of this space is a model: **sample** a new identity, **invert** a photo into the space,
+Every point of this space is a model: **sample** a new identity, **invert** photos into the space,
 **edit** it along attribute directions, **generate** with any prompt and **download** it as a LoRA.
 Space `{space}` (K = {k:,}, M = {m:,} models), base `{base}`."""
 
@@ -289,18 +333,28 @@ def build_app(engine: Engine) -> gr.Blocks:
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="sample-seed")
                     sample_button = gr.Button("Sample a new model", variant="primary", elem_id="sample-button")
                 with gr.Tab("Invert"):
-                    invert_file = gr.File(label="Image to invert (any image file)", type="filepath",
-                                          elem_id="invert-file")
-                    editor = gr.ImageEditor(label="Draw the mask (the region to fit); no stroke: the whole image",
+                    invert_file = gr.File(label="Photos of one person to invert (one or several)", type="filepath",
+                                          file_count="multiple", elem_id="invert-file")
+                    invert_shown = gr.Dropdown([], label="Image in the editor (the mask drawn applies to it)",
+                                               interactive=True, elem_id="invert-shown")
+                    editor = gr.ImageEditor(label="Mask: draw the region to fit",
                                             type="pil", image_mode="RGBA", format="png", layers=False,
                                             transforms=(), brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed"),
                                             elem_id="invert-editor", height=420)
+                    with gr.Row():
+                        crop_box = gr.Checkbox(False, label="Crop to face", elem_id="invert-crop",
+                                               info="the square around the largest face, framed as the paper's crops")
+                        auto_box = gr.Checkbox(False, label="Auto mask (face ellipse)", elem_id="invert-auto-mask",
+                                               info="images without a drawn mask: fitted inside an ellipse over the "
+                                                    "face and hair")
                     with gr.Row():
                         preset_radio = gr.Radio(list(PRESETS), value="real", label="Preset",
                                                 info="real: photos of faces; ood: paintings, drawings")
                         invert_steps = gr.Number(PRESETS["real"].steps, precision=0, label="Steps",
                                                  elem_id="invert-steps")
                     invert_button = gr.Button("Invert", variant="primary", elem_id="invert-button")
+                    fitted = gr.Gallery(label="Fitted: the crop, dimmed outside the mask", columns=4,
+                                        height=200, format="png", elem_id="invert-fitted")
                 with gr.Tab("Upload a model"):
                     model_file = gr.File(label="w2w model (.safetensors, or the original w2wmodel.pt)",
                                          type="filepath", elem_id="model-file")
@@ -364,24 +418,54 @@ def build_app(engine: Engine) -> gr.Blocks:
             model = engine.load(path)
             return new_model(session, model, Path(path).stem, f"uploaded {Path(path).name}")
 
-        @reporting
-        def on_invert_file(path):
-            if path is None:
-                return None
+        def editor_picture(path):
             image = display_copy(open_image(path).convert("RGB"))
             return {"background": image, "layers": [], "composite": image}
 
         @reporting
-        def on_invert(session, editor_value, preset_name, steps_value, progress=gr.Progress()):
-            background = (editor_value or {}).get("background")
-            if background is None:
-                raise W2WError("no image to invert: upload one first")
-            image = background.convert("RGB")
-            mask = mask_from_layers(editor_value.get("layers") or [], image.size)
-            model = engine.invert(image, mask, preset_name, steps_value,
-                                  on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
-            masked = "with the mask drawn" if mask is not None else "without a mask"
-            return new_model(session, model, "inverted", f"inverted ({preset_name}, {int(steps_value)} steps, {masked})")
+        def on_invert_file(paths):
+            if not paths:
+                return None, gr.update(choices=[], value=None)
+            for path in paths:  # a file that is not an image is named now, not at the Invert click
+                open_image(path)
+            return editor_picture(paths[0]), gr.update(choices=[(Path(path).name, i) for i, path in enumerate(paths)],
+                                                     value=0)
+
+        @reporting
+        def on_invert_shown(paths, index):
+            return editor_picture(paths[index]) if paths and index is not None else gr.skip()
+
+        @reporting
+        def on_invert(session, paths, editor_value, shown_index, crop, auto, preset_name, steps_value,
+                      progress=gr.Progress()):
+            """The uploaded files as `w2w invert` fits them; without files, the image put into the editor."""
+            layers = (editor_value or {}).get("layers") or []
+            if paths:
+                images, drawn_on = list(paths), shown_index or 0
+                drawn = mask_from_layers(layers, open_image(images[drawn_on]).size)
+            else:
+                background = (editor_value or {}).get("background")
+                if background is None:
+                    raise W2WError("no image to invert: upload one first")
+                images, drawn_on = [background.convert("RGB")], 0
+                drawn = mask_from_layers(layers, background.size)
+            masks = [drawn if i == drawn_on else None for i in range(len(images))]
+            try:
+                with warnings_shown():
+                    model, photos = engine.invert(
+                        images, masks, preset_name, steps_value, crop="face" if crop else "center",
+                        auto_mask=bool(auto),
+                        on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
+            except NoFaceError as error:
+                raise NoFaceError(f"{error} (here: untick Crop to face)") from None
+            what = [preset_name, f"{int(steps_value)} steps"] + [f"{len(images)} images"] * (len(images) > 1)
+            what += ["face crop"] * bool(crop)
+            auto_used = sum(photo.auto for photo in photos)  # a drawn mask wins over the automatic one
+            how = [text for text, used in (("the mask drawn", drawn is not None),
+                                           ("auto masks" if auto_used > 1 else "the auto mask", auto_used)) if used]
+            what += ["with " + " and ".join(how) if how else "without a mask"]
+            return (*new_model(session, model, "inverted", f"inverted ({', '.join(what)})"),
+                    [(fitted_view(photo), fitted_caption(photo)) for photo in photos])
 
         @reporting
         def on_edit(session, timestep, debias_against, *strengths):
@@ -417,8 +501,10 @@ def build_app(engine: Engine) -> gr.Blocks:
                             ).then(on_downloads, state, downloads, **private)
         model_file.upload(on_upload_model, [state, model_file], new_outputs, **device, **private
                           ).then(on_downloads, state, downloads, **private)
-        invert_file.upload(on_invert_file, invert_file, editor, **private)
-        invert_button.click(on_invert, [state, editor, preset_radio, invert_steps], new_outputs, **device, **private
+        invert_file.upload(on_invert_file, invert_file, [editor, invert_shown], **private)
+        invert_shown.input(on_invert_shown, [invert_file, invert_shown], editor, **private)
+        invert_button.click(on_invert, [state, invert_file, editor, invert_shown, crop_box, auto_box, preset_radio,
+                                        invert_steps], [*new_outputs, fitted], **device, **private
                             ).then(on_downloads, state, downloads, **private)
         preset_radio.change(lambda name: PRESETS[name].steps, preset_radio, invert_steps, **private)
         gr.on([slider.release for slider in sliders] + [debias.input, injection.release], on_edit,
@@ -441,6 +527,10 @@ def build_app(engine: Engine) -> gr.Blocks:
             api_mask = gr.File(label="mask file (white: fitted) or None", type="filepath")
             api_preset = gr.Radio(list(PRESETS), value="real", label="preset")
             api_steps = gr.Number(PRESETS["real"].steps, precision=0, label="steps")
+            api_crop = gr.Radio(list(CROPS), value="center", label="crop: center or face")
+            api_auto = gr.Checkbox(False, label="auto mask (face ellipse) for images without a mask file")
+            api_more = gr.File(label="more image files of the same person (no mask file)", type="filepath",
+                               file_count="multiple")
             api_prompt = gr.Textbox(engine.space.prompt, label="prompt")
             api_seeds = gr.Textbox(" ".join(map(str, config.seeds)), label="seeds")
             api_gen_steps = gr.Number(config.steps, precision=0, label="steps")
@@ -466,12 +556,18 @@ def build_app(engine: Engine) -> gr.Blocks:
             return engine.export(edited, "w2w", "edited"), engine.images(edited)
 
         @reporting
-        def api_invert_fn(image_path, mask_path, preset_name, steps_value, progress=gr.Progress()):
-            """The model that reproduces the image (inside the mask): (model file, images of it)."""
+        def api_invert_fn(image_path, mask_path, preset_name, steps_value, crop="center", auto=False, more=None,
+                          progress=gr.Progress()):
+            """The model that reproduces the image (inside the mask) and any more images of the person, cut by
+            `crop`, with the auto mask on those without a mask: (model file, images of it)."""
             if image_path is None:
                 raise W2WError("no image file given")
-            model = engine.invert(image_path, mask_path, preset_name, steps_value,
-                                  on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
+            images = [image_path, *(more or [])]
+            with warnings_shown():
+                model, _ = engine.invert(
+                    images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value, crop=crop,
+                    auto_mask=bool(auto),
+                    on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
             return engine.export(model, "w2w", "inverted"), engine.images(model)
 
         @reporting
@@ -488,8 +584,8 @@ def build_app(engine: Engine) -> gr.Blocks:
         sample_b, edit_b, invert_b, generate_b, export_b = api_buttons
         sample_b.click(api_sample_fn, api_seed, [api_out, api_images], api_name="sample", **device)
         edit_b.click(api_edit_fn, [api_model, api_edits, api_debias], [api_out, api_images], api_name="edit", **device)
-        invert_b.click(api_invert_fn, [api_image, api_mask, api_preset, api_steps], [api_out, api_images],
-                       api_name="invert", **device)
+        invert_b.click(api_invert_fn, [api_image, api_mask, api_preset, api_steps, api_crop, api_auto, api_more],
+                       [api_out, api_images], api_name="invert", **device)
         generate_b.click(api_generate_fn, [api_model, api_prompt, api_seeds, api_gen_steps], api_images,
                          api_name="generate", **device)
         export_b.click(api_export_fn, [api_model, api_format], api_file, api_name="export")

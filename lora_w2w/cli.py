@@ -540,8 +540,10 @@ API (gradio_client; every model travels as a w2w model file, every image list is
   /edit(model file, edits, debias)           -> (model file, images)
         edits: {"ATTRIBUTE": STRENGTH, ...} as JSON, strengths in standard deviations of the dataset;
         debias: a list of attributes whose directions are removed (default: Male and Young)
-  /invert(image file, mask file or None, preset, steps) -> (model file, images)
-        preset: real or ood; the mask is white where the image is fitted
+  /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
+        preset: real or ood; the mask is white where the image is fitted; crop: center (default) or face;
+        auto mask: True fits the images without a mask file inside an ellipse over the detected face and hair;
+        more image files: a list of further photos of the same person, inverted together with the first
   /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
   /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)
 Example:

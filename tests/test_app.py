@@ -1,6 +1,7 @@
 """`w2w app` served on 127.0.0.1 and driven by a real browser (Debian's chromium through Playwright)
-and by gradio_client, on the tiny world. About 2 minutes on 2 cores (most of it the server's start
-and its images).
+and by gradio_client, on the tiny world, and its engine in-process (crop to face, the auto mask and
+several images, against the CLI's inversion). About 3 minutes on 2 cores (most of it the server's
+start and its images).
 
 Without chromium the browser test is skipped (`apt-get install -y chromium`); with CI=true that skip
 is a failure. W2W_APP_BENCH=FILE.json also inverts 100 steps in the browser, writes the click-to-image
@@ -25,9 +26,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data
 
+from lora_w2w.diffusion import image_sizes
 from lora_w2w.editing import attribute_directions
+from lora_w2w.errors import NoFaceError
+from lora_w2w.faces import face_crop, largest_face
 from lora_w2w.formats import load_kohya, load_peft
+from lora_w2w.inversion import AUTO_MASK, invert, invert_file, photo_targets, preset, read_photos
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import load_model, load_space, save_model
 
@@ -36,6 +42,7 @@ SPACE = ROOT / "files" / "tiny" / "space"
 BASE = ROOT / "files" / "tiny" / "base"
 FACE = ROOT / "inversion" / "images" / "face.png"
 FACE_MASK = ROOT / "inversion" / "images" / "face_mask.png"
+FACE_256 = ROOT / "inversion" / "images" / "face_256.png"  # the same face, larger: a second photo of the person
 MAX_UPLOAD_MB = 1  # the server's --max-upload in these tests
 START_TIMEOUT = 240  # seconds for the server to load the pipeline on a busy machine
 JOB_TIMEOUT = 180_000  # ms a click may take to show its images on a busy machine
@@ -239,6 +246,30 @@ def test_browser_sample_edit_invert_download_and_errors(server, server_process, 
     status = page.inner_text("#status")
     assert f"inverted (real, {steps} steps, with the mask drawn)" in status
 
+    # two photos of the face, cut around it, inside the auto mask: a new model and the two fitted crops
+    page.click("#invert-file button[aria-label=Clear]")
+    page.set_input_files("#invert-file input[type=file]", [str(FACE), str(FACE_256)])
+    page.wait_for_function("document.querySelector('#invert-file').innerText.includes('face_256.png')",
+                           timeout=JOB_TIMEOUT)
+    page.check("#invert-crop input[type=checkbox]")
+    page.check("#invert-auto-mask input[type=checkbox]")
+    page.fill("#invert-steps input", "3")
+    timed("invert_2_images_3_steps", lambda: page.click("#invert-button"))
+    assert "inverted (real, 3 steps, 2 images, face crop, with auto masks)" in page.inner_text("#status")
+    page.wait_for_function("document.querySelectorAll('#invert-fitted img').length == 2", timeout=JOB_TIMEOUT)
+    assert "face_256.png: auto mask" in page.inner_text("#invert-fitted")
+
+    # a photo without a face under Crop to face: one line saying so, before any inversion
+    page.click("#invert-file button[aria-label=Clear]")
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
+    page.set_input_files("#invert-file input[type=file]", str(tmp_path / "coffee.jpg"))
+    page.wait_for_function("document.querySelector('#invert-file').innerText.includes('coffee.jpg')",
+                           timeout=JOB_TIMEOUT)
+    page.click("#invert-button")
+    page.get_by_text(re.compile(r"w2w: error: coffee\.jpg: no face found .*untick Crop to face")).wait_for(
+        timeout=JOB_TIMEOUT)
+    page.locator(".toast-close").first.click()  # later checks look for a new toast
+
     # bad input: a text file as the image to invert shows the CLI's one line
     page.click("#invert-file button[aria-label=Clear]")
     notes = tmp_path / "notes.txt"
@@ -307,6 +338,14 @@ def test_api_endpoints(client, space, tmp_path):
     inverted = load_model(inverted_path)
     assert len(inverted.coefficients) == space.num_components and inverted.coefficients.abs().sum() > 0
 
+    # the optional crop, auto mask and more images: what `w2w invert` computes for the same photos
+    both_path, images = client.predict(_file(FACE), _file(FACE_MASK), "real", 3, "face", True, [_file(FACE_256)],
+                                       api_name="/invert")
+    expected, _ = invert_file(str(BASE), space, [FACE, FACE_256], [FACE_MASK, AUTO_MASK],
+                              preset("real", space, steps=3), seed=0, device="cpu", progress=False, crop="face")
+    torch.testing.assert_close(load_model(both_path).coefficients, expected.coefficients, rtol=1e-4, atol=1e-5)
+    assert len(images) == 4
+
 
 def test_api_errors_are_the_cli_line(client, space, tmp_path):
     from gradio_client.exceptions import AppError
@@ -358,7 +397,8 @@ def test_help_documents_every_endpoint():
     commands = next(a for a in build_parser()._actions if a.dest == "command")
     text = commands.choices["app"].format_help()
     for endpoint in ("/sample(seed)", "/edit(model file, edits, debias)", "/invert(image file, mask file or None, "
-                     "preset, steps)", "/generate(model file, prompt, seeds, steps)", "/export(model file, format)"):
+                     "preset, steps[, crop, auto mask, more image files])",
+                     "/generate(model file, prompt, seeds, steps)", "/export(model file, format)"):
         assert endpoint in text
 
 
@@ -388,3 +428,69 @@ def test_seeds_steps_and_edits_are_checked():
     assert parse_strengths('{"Bald": -2}', ["Bald"]) == {"Bald": -2.0}
     with pytest.raises(W2WError, match="expected a JSON object of attribute names and numbers"):
         parse_strengths('{"Bald": "a lot"}', ["Bald"])
+
+
+# ----------------------------------------------------------------------------- the engine, in-process
+
+@pytest.fixture(scope="module")
+def engine():
+    from lora_w2w.app import AppConfig, Engine
+
+    return Engine(AppConfig(space=str(SPACE), base=str(BASE), device="cpu"))
+
+
+def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
+    from lora_w2w.app import OUTSIDE_MASK, fitted_caption, fitted_view
+
+    astronaut = Image.fromarray(data.astronaut())
+    _, (photo,) = engine.invert(astronaut, None, "real", 1, crop="face", auto_mask=True)
+    crop, box = face_crop(astronaut, largest_face(astronaut))  # box: the detected face in the crop's pixels
+    assert photo.auto and photo.picture.size == crop.size == (220, 220)
+    mask = photo.mask.astype(float)  # (H, W) 0..255
+    rows, columns = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+    centroid = (rows * mask).sum() / mask.sum(), (columns * mask).sum() / mask.sum()
+    assert box.contains(*centroid), (centroid, box)
+    shown = np.asarray(fitted_view(photo), dtype=float)  # what the page shows: dimmed outside the mask
+    np.testing.assert_allclose(shown[0, 0], OUTSIDE_MASK * np.asarray(crop)[0, 0], atol=0.5)
+    np.testing.assert_array_equal(shown[110, 110], np.asarray(crop)[110, 110])
+    assert fitted_caption(photo) == "image: auto mask"
+
+
+def test_several_images_are_the_cli_and_api_inversion(engine, space):
+    """Two photos, a mask file on the first (it wins over the auto mask) and the auto mask on the second:
+    the engine computes what `w2w invert` (invert_file) and the Python API compute, run after run."""
+    model, photos = engine.invert([FACE, FACE_256], [FACE_MASK, None], "real", 3, auto_mask=True)
+    assert [photo.auto for photo in photos] == [False, True]
+    again, _ = engine.invert([FACE, FACE_256], [FACE_MASK, None], "real", 3, auto_mask=True)
+    assert torch.equal(model.coefficients, again.coefficients)
+    config = preset("real", space, steps=3)
+    cli, _ = invert_file(str(BASE), space, [FACE, FACE_256], [FACE_MASK, AUTO_MASK], config, seed=0, device="cpu",
+                         progress=False)
+    assert torch.equal(model.coefficients, cli.coefficients)
+    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(engine.pipe))
+    api = invert(engine.pipe, space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
+    assert torch.equal(model.coefficients, api.coefficients)
+    alone, _ = engine.invert(FACE, FACE_MASK, "real", 3)
+    assert not torch.allclose(alone.coefficients, model.coefficients, atol=1e-3)  # the second photo counts
+
+
+def test_no_face_under_crop_to_face_is_the_clis_error(engine, tmp_path):
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
+    with pytest.raises(NoFaceError, match=r"coffee\.jpg: no face found \(the detector finds frontal faces\)"):
+        engine.invert([FACE, tmp_path / "coffee.jpg"], None, "real", 1, crop="face")
+
+
+def test_the_librarys_warnings_become_toasts_and_others_stay_in_the_log(engine, monkeypatch):
+    import warnings
+
+    from lora_w2w import app
+
+    toasts = []
+    monkeypatch.setattr(app.gr, "Warning", toasts.append)
+    grey = Image.new("RGB", (80, 64), "grey")  # no face: the auto mask falls back to the centre, with a warning
+    with pytest.warns(UserWarning, match="a torch warning") as logged:
+        with app.warnings_shown():
+            _, (photo,) = engine.invert(grey, None, "real", 1, auto_mask=True)
+            warnings.warn("a torch warning")
+    assert photo.auto and len(toasts) == 1 and "image: no face found for the automatic mask" in toasts[0]
+    assert [str(w.message) for w in logged] == ["a torch warning"]

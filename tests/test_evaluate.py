@@ -1,6 +1,7 @@
 """The tiny world's evaluation runs end to end, section by section (on the toy world here: the figures
 themselves come from `python -m lora_w2w.tiny.evaluate` on the tiny world). About 60 s on one thread."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,17 @@ def test_settings_are_checked():
         evaluate.Settings(slider_steps=0)
     assert evaluate.Settings().dreambooth_multi_steps is None
     assert evaluate.multi_steps(evaluate.Settings(views=5)) == 5 * evaluate.DREAMBOOTH_MULTI_STEPS_PER_VIEW
+
+
+def test_table2_defaults_are_the_committed_run():
+    """A plain `w2w evaluate --only table2` trains the baselines as the committed report's Table 2 did, and
+    both baselines train the same number of steps."""
+    committed = json.loads((Path(evaluate.__file__).parents[2] / "files/tiny/evaluation.json").read_text())
+    defaults = evaluate.Settings()
+    assert committed["table2"]["views"] == defaults.views
+    assert committed["table2"]["steps"]["dreambooth_1"] == defaults.dreambooth_steps
+    assert committed["table2"]["steps"]["dreambooth_multi"] == evaluate.multi_steps(defaults)
+    assert evaluate.multi_steps(defaults) == defaults.dreambooth_steps
 
 
 def test_feature_distance():

@@ -126,6 +126,8 @@ def test_a_multi_image_run_resumes_from_its_checkpoint(pipe, toy_space, tmp_path
     images, masks = photo_targets(read_photos([FACE, FACE], [FACE_MASK, None]), *image_sizes(pipe))
     assert masks.shape == (2, 1, 8, 8) and torch.equal(masks[1], torch.ones(1, 8, 8))  # None: fitted everywhere
     uninterrupted = invert(pipe, toy_space, images, masks, CONFIG, seed=2, progress=False)
+    as_lists = invert(pipe, toy_space, list(images.split(1)), [masks[:1], None], CONFIG, seed=2, progress=False)
+    assert torch.equal(as_lists.coefficients, uninterrupted.coefficients)  # lists, a None mask: fitted everywhere
     half = InversionConfig(**{**CONFIG.__dict__, "steps": 4})
     invert(pipe, toy_space, images, masks, half, seed=2, progress=False, checkpoint=tmp_path / "run.ckpt")
     resumed = invert(pipe, toy_space, images, masks, CONFIG, seed=2, progress=False, checkpoint=tmp_path / "run.ckpt")

@@ -104,8 +104,9 @@ class Settings:
                                                                         "(default: the preset's)"})
     inversion_lr: float | None = field(default=None, metadata={"help": "Adam learning rate of an inversion "
                                                                        "(default: the preset's)"})
-    views: int = field(default=10, metadata={"help": "renders of a held-out identity: the multi-image "
-                                                     "Dreambooth's training set and the identity's reference"})
+    views: int = field(default=5, metadata={"help": "renders of a held-out identity: the multi-image "
+                                                    "Dreambooth's training set and the identity's reference "
+                                                    "(5: the multi-image baseline trains the 1-image one's steps)"})
     dreambooth_steps: int = field(default=LORA_RECIPE["max_train_steps"], metadata={
         "help": "steps of the 1-image Dreambooth-LoRA baseline (the space's recipe)"})
     dreambooth_multi_steps: int | None = field(default=None, metadata={
@@ -140,9 +141,8 @@ class Settings:
             raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(METHODS)}")
 
 
-# Multi-image Dreambooth steps per training view: the recipe's 800 steps over 10 views show each view 80
-# times, and the recipe's LoRAs still gain identity from 400 to 800 steps, while the 1-image baseline sees
-# its one image 800 times (files/tiny/README.md: why 10-view Dreambooth scored below 1-view)
+# Multi-image Dreambooth steps per view: over the default 5 views, the 1-image baseline's 800 steps
+# (files/tiny/README.md, Table 2: 80 per view scored below 1-view)
 DREAMBOOTH_MULTI_STEPS_PER_VIEW = 160
 
 
