@@ -17,8 +17,6 @@ from .errors import W2WError
 DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
-# editing.METHODS and editing.DEFAULT_METHOD, without importing torch
-EDIT_METHODS, DEFAULT_EDIT_METHOD = ("least_squares", "logistic", "mean_difference"), "mean_difference"
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")
 
@@ -439,6 +437,8 @@ def add_generate_parser(commands) -> None:
 
 
 def add_sample_parser(commands) -> None:
+    from .sampling import DEFAULT_SAMPLE_COMPONENTS
+
     sample = commands.add_parser("sample", help="sample new identity models from the space",
                                  description="Draw each of the first K coefficients from an independent Gaussian "
                                              "fitted to the dataset models' coefficients (the paper's sampling).")
@@ -446,7 +446,7 @@ def add_sample_parser(commands) -> None:
     sample.add_argument("--num", type=COUNT, default=4, help="models to sample (default: %(default)s)")
     sample.add_argument("--seed", type=SEED, default=0, help="random seed (default: %(default)s)")
     sample.add_argument("--components", "-k", type=COUNT, default=None,
-                        help="K (default: 1,000 or all the dataset has)")
+                        help=f"K (default: {DEFAULT_SAMPLE_COMPONENTS:,} or all the dataset has)")
     sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
@@ -456,6 +456,10 @@ def add_sample_parser(commands) -> None:
 
 def add_edit_parsers(commands) -> None:
     """`w2w edit` and `w2w directions`: the attribute directions of a space."""
+    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_METHOD, METHODS, MODELS_PER_COMPONENT
+
+    components = (f"(default: {DEFAULT_EDIT_COMPONENTS:,} as in the paper; for least squares and logistic at most "
+                  f"M/{MODELS_PER_COMPONENT} of the space's M dataset models)")
     edit = commands.add_parser("edit", help="edit a model along attribute directions",
                                description="Move a model along attribute directions fitted to the space's "
                                            "attribute table; strengths are in standard deviations of the dataset "
@@ -467,13 +471,12 @@ def add_edit_parsers(commands) -> None:
     edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
-    edit.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
+    edit.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                       help="how directions are found: the difference of the two classes' mean coefficients "
                            "(default: the change that goes with the attribute), least squares (the paper's, "
                            "which detects the attribute better than it edits it) or logistic regression")
     edit.add_argument("--components", "-k", type=COUNT, default=None,
-                      help="K of the directions (default: 1,000 as in the paper; for least squares and "
-                           "logistic at most M/10 of the space's M dataset models)")
+                      help=f"K of the directions {components}")
     edit.add_argument("--out", required=True, help="edited model file (.safetensors)")
     edit.set_defaults(run=cmd_edit)
 
@@ -481,11 +484,10 @@ def add_edit_parsers(commands) -> None:
                                      description="For every ±1 attribute of the space: frequency and held-out "
                                                  "(balanced) accuracy of its linear direction.")
     add_space(directions)
-    directions.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
+    directions.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                             help="how directions are fitted (default: %(default)s)")
     directions.add_argument("--components", "-k", type=COUNT, default=None,
-                            help="K used (default: 1,000 as in the paper; for least squares and logistic at most "
-                                 "M/10 of the space's M dataset models)")
+                            help=f"K used {components}")
     directions.set_defaults(run=cmd_directions)
 
 
@@ -500,6 +502,7 @@ def add_handed_over_parsers(commands) -> None:
 
 
 def add_invert_parser(commands) -> None:
+    from .faces import FACE_FRACTION
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
@@ -518,8 +521,8 @@ def add_invert_parser(commands) -> None:
                         help="an image to invert: any size and mode; repeat it for several photographs of one person")
     invert.add_argument("--crop", choices=CROPS, default="center",
                         help="center: resize and centre-crop each image as it is; face: cut the square around its "
-                             "largest detected face, the face about 45%% of its width (FFHQ-like framing), written "
-                             "to OUT.crop.png (default: %(default)s)")
+                             f"largest detected face, the face about {FACE_FRACTION:.0%}% of its width (FFHQ-like "
+                             "framing), written to OUT.crop.png (default: %(default)s)")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
@@ -603,6 +606,10 @@ def add_app_parser(commands) -> None:
 
 def add_dataset_parsers(commands) -> None:
     """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
+    from .dataset import DEFAULT_SHARD_SIZE
+    from .pca import (BACKENDS, DEFAULT_MEMORY, DEFAULT_OVERSAMPLES, DEFAULT_POWER_ITERATIONS, EXACT_PREFERENCE,
+                      METHODS)
+
     collect = commands.add_parser(
         "collect", help="gather LoRAs (or the released all_weights.pt) into a weights dataset on disk",
         usage="w2w collect [-h] (LORA_ROOT | --from-all-weights ALL_WEIGHTS) OUT [options]",
@@ -616,7 +623,7 @@ def add_dataset_parsers(commands) -> None:
                         help="take the LoRA layout from this PEFT LoRA folder (default: an existing OUT's, else the "
                              "first LoRA's; with --from-all-weights, Stable Diffusion 1.5's)")
     layout.add_argument("--space", metavar="DIR", help="take the LoRA layout and base model from this space")
-    collect.add_argument("--shard-size", type=COUNT, default=1024,
+    collect.add_argument("--shard-size", type=COUNT, default=DEFAULT_SHARD_SIZE,
                          help="models per shard file of a new dataset (default: %(default)s; about 400 MB for "
                               "Stable Diffusion 1.5)")
     collect.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -640,19 +647,19 @@ def add_dataset_parsers(commands) -> None:
     build.add_argument("dataset", metavar="DATASET", help="weights dataset directory (made by `w2w collect`)")
     build.add_argument("out", metavar="OUT", help="space directory to write (replaced only once complete)")
     build.add_argument("--components", "-k", type=COUNT, required=True, help="K, the number of principal components")
-    build.add_argument("--backend", choices=("torch", "dask"), default="torch",
+    build.add_argument("--backend", choices=BACKENDS, default="torch",
                        help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
                             "(default: %(default)s)")
-    build.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto",
+    build.add_argument("--method", choices=METHODS, default="auto",
                        help="torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized "
-                            "(subspace iteration); auto: exact when it fits --memory and costs at most 1.25x the "
-                            "randomized route (default: %(default)s)")
-    build.add_argument("--memory", default="4GB",
+                            f"(subspace iteration); auto: exact when it fits --memory and costs at most "
+                            f"{EXACT_PREFERENCE}x the randomized route (default: %(default)s)")
+    build.add_argument("--memory", default=DEFAULT_MEMORY,
                        help="memory budget of the torch backend, the interpreter included (per worker for a dask "
                             "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
-    build.add_argument("--oversamples", type=NON_NEGATIVE, default=10,
+    build.add_argument("--oversamples", type=NON_NEGATIVE, default=DEFAULT_OVERSAMPLES,
                        help="randomized: extra trial vectors beyond K (default: %(default)s)")
-    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=4,
+    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=DEFAULT_POWER_ITERATIONS,
                        help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
                             "decays slowly (default: %(default)s)")
     build.add_argument("--seed", type=SEED, default=0,
