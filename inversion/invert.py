@@ -35,6 +35,7 @@ from lora_w2w.official import OFFICIAL_BASE_MODEL
 from lora_w2w.space import Space
 from lora_w2w.storage import load_space, save_model, torch_load
 
+
 def preset_defaults(setting: str, format_spec: str = "") -> str:
     """What a flag defaults to: the preset's `setting` as the space records it, else the paper's."""
     paper = ", ".join(f"{name} {format(getattr(config, setting), format_spec)}" for name, config in PRESETS.items())

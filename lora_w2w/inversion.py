@@ -22,8 +22,8 @@ paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `prese
 one to a space: K at most the space's, and the settings the space records for it (the tiny space
 records its own learning rates, tiny/build.py's INVERSION_PRESETS: with 14,336 standardized weights
 instead of 99,648 its coefficients are smaller, and at the paper's "ood" lr they walk far off the
-dataset, while at its "real" lr they have not converged in the preset's steps). A model that ends far outside the dataset's spread (a learning rate too
-high for the space) draws a warning.
+dataset, while at its "real" lr they have not converged in the preset's steps). A model that ends
+far outside the dataset's spread (a learning rate too high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
 The automatic mask (AUTO_MASK) is a soft ellipse over the face and hair that `faces` detects.
