@@ -200,8 +200,9 @@ def _evaluation_table(result: dict) -> list[str]:
                         f"{e['identity_similarity']:.2f} | {_met(met, edit_target)} |")
     if "table2_report" in result:
         ours, one, many = (result["table2_report"][k] for k in ("w2w", "dreambooth_1", "dreambooth_multi"))
+        paper = " / ".join(f"{scores['paper_id_score']:.2f}" for scores in (ours, one, many))
         rows.append(f"| inversion of one image: identity similarity, w2w / Dreambooth-LoRA 1 image / 10 images "
-                    f"(from {result['report_source']}) | ID score 0.64 / 0.43 / 0.69 (Table 2) | "
+                    f"(from {result['report_source']}) | ID score {paper} (Table 2) | "
                     f"{ours['identity_similarity']:.2f} / {one['identity_similarity']:.2f} / "
                     f"{many['identity_similarity']:.2f} | "
                     f"{_met(ours['identity_similarity'] > one['identity_similarity'], 'w2w > 1-image Dreambooth')} |")
