@@ -6,12 +6,15 @@
     # several photographs of one person, each cut around its face with an automatic mask
     python inversion/invert.py --imfolder photos/ --crop face --mask_path auto --save_name outputs/me
 
+    # a painting: the out-of-distribution preset's settings
+    python inversion/invert.py --image inversion/images/drawing.png --preset ood --save_name outputs/drawing
+
     # Stable Diffusion 1.5 with the released files, converted on the fly (the .pt files are pickles:
-    # --trust_pickle only for files from a source you trust)
+    # --trust_pickle only for files from a source you trust); --epochs, --lr, --weight_decay and --dim
+    # default to the original's settings
     python inversion/invert.py --base stablediffusionapi/realistic-vision-v51 --mean_path files/mean.pt \\
         --std_path files/std.pt --v_path files/V.pt --dim_path files/weight_dimensions.pt --trust_pickle \\
-        --imfolder inversion/images/real --epochs 400 --lr 1e-1 --weight_decay 1e-10 --dim 10000 \\
-        --diffusers_format --save_name outputs/inversion1
+        --imfolder inversion/images/real --diffusers_format --save_name outputs/inversion1
 
 Writes SAVE_NAME/w2wmodel.safetensors (the coefficients and the id of their space; `w2w export`
 turns it into a LoRA) and, with --diffusers_format, SAVE_NAME/unet/, a PEFT/diffusers LoRA folder
@@ -32,7 +35,11 @@ from lora_w2w.official import OFFICIAL_BASE_MODEL
 from lora_w2w.space import Space
 from lora_w2w.storage import load_space, save_model, torch_load
 
-REAL = PRESETS["real"]  # the original's defaults
+
+def preset_defaults(setting: str, format_spec: str = "") -> str:
+    """What a flag defaults to: the preset's `setting` as the space records it, else the paper's."""
+    paper = ", ".join(f"{name} {format(getattr(config, setting), format_spec)}" for name, config in PRESETS.items())
+    return f"default: the preset's as the space records it, else the paper's: {paper}"
 
 
 def released_space(args: argparse.Namespace) -> Space:
@@ -101,15 +108,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop", choices=CROPS, default="center",
                         help="center: resize and centre-crop; face: the square around the largest detected face "
                              "(default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=REAL.steps, help="optimiser steps (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"Adam learning rate (default: {REAL.lr:g}, or the one the space records for the real "
-                             f"preset: 0.3 on the tiny space)")
-    parser.add_argument("--weight_decay", type=float, default=REAL.weight_decay,
-                        help="Adam weight decay (default: %(default)s)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="real",
+                        help="the settings --epochs, --lr, --weight_decay and --dim default to; real: photographs "
+                             "of faces (the original's), ood: paintings and other out-of-distribution images "
+                             "(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"optimiser steps ({preset_defaults('steps')})")
+    parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate ({preset_defaults('lr', 'g')})")
+    parser.add_argument("--weight_decay", type=float, default=None,
+                        help=f"Adam weight decay ({preset_defaults('weight_decay', 'g')})")
     parser.add_argument("--dim", type=int, default=None,
-                        help=f"K, principal-component coefficients optimised (default: {REAL.components:,}, or all of "
-                             f"a space with fewer)")
+                        help=f"K, principal-component coefficients optimised ({preset_defaults('components', ',')}; "
+                             f"at most the space's K)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     parser.add_argument("--diffusers_format", action="store_true",
                         help="also write SAVE_NAME/unet/, a PEFT/diffusers LoRA folder")
@@ -130,8 +139,9 @@ def main(args: argparse.Namespace) -> None:
         space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
     else:
         space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
-    # the flags, as the original's; K (and lr, when not given) as the space records them for the real preset
-    config = preset("real", space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay, steps=args.epochs)
+    # the flags given, the others as the space records them for the preset (else the paper's)
+    config = preset(args.preset, space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
+                    steps=args.epochs)
     images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
     model, _ = invert_file(base, space, images, image_masks(args, images), config, args.seed, args.device,
                            crop=args.crop)

@@ -17,8 +17,6 @@ from .errors import W2WError
 DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
-# editing.METHODS and editing.DEFAULT_METHOD, without importing torch
-EDIT_METHODS, DEFAULT_EDIT_METHOD = ("least_squares", "logistic", "mean_difference"), "mean_difference"
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")
 
@@ -198,10 +196,10 @@ def cmd_sample(args) -> None:
     with output_lock(out, _progress):  # a second run into the same folder waits for this one
         for i, model in enumerate(models):
             weights = model.weights(space) if args.export else None  # NaN/inf in the components: refused before writing
-            save_model(model, out / f"sample_{i:03d}.safetensors")
+            model_file = out / f"sample_{i:03d}.safetensors"
+            save_model(model, model_file)
             if args.export:
-                suffix = "" if args.export == "peft" else ".safetensors"
-                save_lora(space.layout, weights, out / f"sample_{i:03d}_lora{suffix}", args.export, space.base_model)
+                save_lora(space.layout, weights, export_path(model_file, args.export), args.export, space.base_model)
     print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
@@ -234,18 +232,22 @@ def cmd_directions(args) -> None:
     print(report.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
-def export_path(out: Path, fmt: str) -> Path:
-    """Where `--export` writes the LoRA beside the model OUT.safetensors: OUT_lora/ (peft) or
-    OUT_lora.safetensors (kohya), as `w2w sample` does."""
+def beside_model(out: Path, tail: str) -> Path:
+    """OUT + tail for the model file OUT.safetensors (or OUT): the name of a file written beside it."""
     stem = out.with_suffix("") if out.suffix == ".safetensors" else out
-    return stem.with_name(f"{stem.name}_lora" + (".safetensors" if fmt == "kohya" else ""))
+    return stem.with_name(stem.name + tail)
+
+
+def export_path(out: Path, fmt: str) -> Path:
+    """Where `--export` (`w2w invert`, `w2w sample`) writes the LoRA beside the model OUT.safetensors:
+    OUT_lora/ (peft) or OUT_lora.safetensors (kohya)."""
+    return beside_model(out, "_lora" + (".safetensors" if fmt == "kohya" else ""))
 
 
 def fitted_path(out: Path, what: str, index: int, count: int) -> Path:
     """Where `w2w invert` shows what it fitted beside the model OUT.safetensors: OUT.mask.png, OUT.crop.png,
     or OUT.mask.1.png ... with several images (numbered in --image order)."""
-    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
-    return stem.with_name(f"{stem.name}.{what}" + (f".{index + 1}" if count > 1 else "") + ".png")
+    return beside_model(out, f".{what}" + (f".{index + 1}" if count > 1 else "") + ".png")
 
 
 def invert_masks(args) -> list | None:
@@ -322,11 +324,34 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`w2w` and its subcommands, in the order `w2w --help` lists them."""
     parser = OneLineParser(
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_project_parser,
+                       add_generate_parser, add_sample_parser, add_edit_parsers, add_invert_parser,
+                       add_dataset_parsers, add_app_parser, add_handed_over_parsers):
+        add_parser(commands)
+    return parser
 
+
+def add_space(parser) -> None:
+    """--space: the space a command reads."""
+    parser.add_argument("--space", default=DEFAULT_SPACE,
+                        help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
+
+
+def add_base(parser) -> None:
+    """--base and --device: the pipeline a command runs."""
+    parser.add_argument("--base", default=DEFAULT_BASE,
+                        help="base diffusers pipeline the space was built for: folder or hub id (default: %(default)s; "
+                             "SD1.5: stablediffusionapi/realistic-vision-v51)")
+    parser.add_argument("--device", type=DEVICE, default="auto",
+                        help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... (default: %(default)s)")
+
+
+def add_info_parser(commands) -> None:
     info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
                                            "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
@@ -336,10 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
+
+def add_export_parser(commands) -> None:
     export = commands.add_parser("export", help="write a w2w model as a LoRA (PEFT/diffusers or kohya/A1111/ComfyUI)",
                                  description="Turn a w2w model (coefficients) into LoRA weights and write them in a "
                                              "format other tools load.")
-    export.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
+    add_space(export)
     export.add_argument("--model", help="model file: the project's .safetensors or the original w2wmodel.pt")
     export.add_argument("--dataset", help="instead of --model: a weights dataset (made by `w2w collect`)")
     export.add_argument("--dataset-model", metavar="NAME_OR_INDEX",
@@ -350,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (peft) or .safetensors file (kohya)")
     export.set_defaults(run=cmd_export)
 
+
+def add_import_official_parser(commands) -> None:
     official = commands.add_parser(
         "import-official", help="convert the released w2w files into the project's safe space format",
         description="Read mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt "
@@ -366,17 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --model: id of the imported space the model belongs to (see `w2w info`)")
     official.set_defaults(run=cmd_import_official)
 
-    def add_space(p):
-        p.add_argument("--space", default=DEFAULT_SPACE,
-                       help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
 
-    def add_base(p):
-        p.add_argument("--base", default=DEFAULT_BASE,
-                       help="base pipeline folder or hub id (default: %(default)s; SD1.5: "
-                            "stablediffusionapi/realistic-vision-v51)")
-        p.add_argument("--device", type=DEVICE, default="auto",
-                       help="auto (CUDA when present), cpu, cuda, cuda:1 ... (default: auto)")
-
+def add_project_parser(commands) -> None:
     project = commands.add_parser(
         "project", help="take an identity LoRA into the space as a w2w model",
         description="Project LORA, an identity LoRA of the space's layout, onto the space's first K components "
@@ -393,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     project.set_defaults(run=cmd_project)
 
+
+def add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate images with a w2w model (or the base model alone)",
                               description="Generate one image per seed with a w2w model fused into the base UNet; "
                                           "writes seed_XXXX.png files and grid.png.")
@@ -413,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output folder")
     gen.set_defaults(run=cmd_generate)
 
+
+def add_sample_parser(commands) -> None:
+    from .sampling import DEFAULT_SAMPLE_COMPONENTS
+
     sample = commands.add_parser("sample", help="sample new identity models from the space",
                                  description="Draw each of the first K coefficients from an independent Gaussian "
                                              "fitted to the dataset models' coefficients (the paper's sampling).")
@@ -420,13 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=COUNT, default=4, help="models to sample (default: %(default)s)")
     sample.add_argument("--seed", type=SEED, default=0, help="random seed (default: %(default)s)")
     sample.add_argument("--components", "-k", type=COUNT, default=None,
-                        help="K (default: 1,000 or all the dataset has)")
+                        help=f"K (default: {DEFAULT_SAMPLE_COMPONENTS:,} or all the dataset has)")
     sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
     sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
     sample.set_defaults(run=cmd_sample)
 
+
+def add_edit_parsers(commands) -> None:
+    """`w2w edit` and `w2w directions`: the attribute directions of a space."""
+    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_METHOD, METHODS, MODELS_PER_COMPONENT
+
+    components = (f"(default: {DEFAULT_EDIT_COMPONENTS:,} as in the paper; for least squares and logistic at most "
+                  f"M/{MODELS_PER_COMPONENT} of the space's M dataset models)")
     edit = commands.add_parser("edit", help="edit a model along attribute directions",
                                description="Move a model along attribute directions fitted to the space's "
                                            "attribute table; strengths are in standard deviations of the dataset "
@@ -438,13 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
-    edit.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
+    edit.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                       help="how directions are found: the difference of the two classes' mean coefficients "
                            "(default: the change that goes with the attribute), least squares (the paper's, "
                            "which detects the attribute better than it edits it) or logistic regression")
     edit.add_argument("--components", "-k", type=COUNT, default=None,
-                      help="K of the directions (default: 1,000 as in the paper; for least squares and "
-                           "logistic at most M/10 of the space's M dataset models)")
+                      help=f"K of the directions {components}")
     edit.add_argument("--out", required=True, help="edited model file (.safetensors)")
     edit.set_defaults(run=cmd_edit)
 
@@ -452,27 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="For every ±1 attribute of the space: frequency and held-out "
                                                  "(balanced) accuracy of its linear direction.")
     add_space(directions)
-    directions.add_argument("--method", choices=EDIT_METHODS, default=DEFAULT_EDIT_METHOD,
+    directions.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                             help="how directions are fitted (default: %(default)s)")
     directions.add_argument("--components", "-k", type=COUNT, default=None,
-                            help="K used (default: 1,000 as in the paper; for least squares and logistic at most "
-                                 "M/10 of the space's M dataset models)")
+                            help=f"K used {components}")
     directions.set_defaults(run=cmd_directions)
 
-    add_invert_parser(commands)
-    add_dataset_parsers(commands)
-    add_app_parser(commands, add_space, add_base)
 
+def add_handed_over_parsers(commands) -> None:
+    """`w2w train-identities` and `w2w evaluate`: listed here, parsed by their modules (see `run`)."""
     # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
     commands.add_parser("train-identities", add_help=False,
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     commands.add_parser("evaluate", add_help=False,
                         help="score sampling, editing, inversion, the paper's tables and its scaling curves on the "
                              "tiny world (see `w2w evaluate --help`)")
-    return parser
 
 
 def add_invert_parser(commands) -> None:
+    from .faces import FACE_FRACTION
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
@@ -484,15 +514,15 @@ def add_invert_parser(commands) -> None:
                     f"each step draws one of them, so the loss is averaged over the person's photographs. "
                     f"Presets (the paper's): {presets}; "
                     "on a space with fewer components, all of them; a space may record its own settings for a "
-                    "preset (the tiny space: lr 0.3 for real, 0.1 for ood). Defaults: the "
+                    "preset, which replace the paper's (`w2w info SPACE` lists them). Defaults: the "
                     "tiny world; for Stable Diffusion 1.5: --base stablediffusionapi/realistic-vision-v51 "
                     "--space files/official.")
     invert.add_argument("--image", required=True, action="append",
                         help="an image to invert: any size and mode; repeat it for several photographs of one person")
     invert.add_argument("--crop", choices=CROPS, default="center",
                         help="center: resize and centre-crop each image as it is; face: cut the square around its "
-                             "largest detected face, the face about 45%% of its width (FFHQ-like framing), written "
-                             "to OUT.crop.png (default: %(default)s)")
+                             f"largest detected face, the face about {FACE_FRACTION:.0%}% of its width (FFHQ-like "
+                             "framing), written to OUT.crop.png (default: %(default)s)")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
@@ -512,11 +542,8 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
                         help="Adam weight decay (default: the preset's)")
     invert.add_argument("--seed", type=SEED, default=0, help="seed of the timesteps and noise (default: %(default)s)")
-    invert.add_argument("--space", default=DEFAULT_SPACE, help="space directory (default: %(default)s)")
-    invert.add_argument("--base", default=DEFAULT_BASE,
-                        help="base diffusers pipeline the space was built for: folder or hub id (default: %(default)s)")
-    invert.add_argument("--device", type=DEVICE, default="auto",
-                        help="auto (CUDA when present), cpu, cuda, cuda:1, mps ... (default: %(default)s)")
+    add_space(invert)
+    add_base(invert)
     invert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="dtype of the base model: auto = bfloat16 on CUDA (as the original), float32 elsewhere")
     invert.add_argument("--out", required=True, help="model file to write (.safetensors)")
@@ -555,7 +582,7 @@ Example:
 Bad input gets the one line `w2w: error: ...` the other commands print, as a Gradio error."""
 
 
-def add_app_parser(commands, add_space, add_base) -> None:
+def add_app_parser(commands) -> None:
     app = commands.add_parser(
         "app", help="the weights2weights app in the browser: sample, invert, edit, generate, download",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -581,6 +608,10 @@ def add_app_parser(commands, add_space, add_base) -> None:
 
 def add_dataset_parsers(commands) -> None:
     """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
+    from .dataset import DEFAULT_SHARD_SIZE
+    from .pca import (BACKENDS, DEFAULT_MEMORY, DEFAULT_OVERSAMPLES, DEFAULT_POWER_ITERATIONS, EXACT_PREFERENCE,
+                      METHODS)
+
     collect = commands.add_parser(
         "collect", help="gather LoRAs (or the released all_weights.pt) into a weights dataset on disk",
         usage="w2w collect [-h] (LORA_ROOT | --from-all-weights ALL_WEIGHTS) OUT [options]",
@@ -594,7 +625,7 @@ def add_dataset_parsers(commands) -> None:
                         help="take the LoRA layout from this PEFT LoRA folder (default: an existing OUT's, else the "
                              "first LoRA's; with --from-all-weights, Stable Diffusion 1.5's)")
     layout.add_argument("--space", metavar="DIR", help="take the LoRA layout and base model from this space")
-    collect.add_argument("--shard-size", type=COUNT, default=1024,
+    collect.add_argument("--shard-size", type=COUNT, default=DEFAULT_SHARD_SIZE,
                          help="models per shard file of a new dataset (default: %(default)s; about 400 MB for "
                               "Stable Diffusion 1.5)")
     collect.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -618,19 +649,19 @@ def add_dataset_parsers(commands) -> None:
     build.add_argument("dataset", metavar="DATASET", help="weights dataset directory (made by `w2w collect`)")
     build.add_argument("out", metavar="OUT", help="space directory to write (replaced only once complete)")
     build.add_argument("--components", "-k", type=COUNT, required=True, help="K, the number of principal components")
-    build.add_argument("--backend", choices=("torch", "dask"), default="torch",
+    build.add_argument("--backend", choices=BACKENDS, default="torch",
                        help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
                             "(default: %(default)s)")
-    build.add_argument("--method", choices=("auto", "exact", "randomized"), default="auto",
+    build.add_argument("--method", choices=METHODS, default="auto",
                        help="torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized "
-                            "(subspace iteration); auto: exact when it fits --memory and costs at most 1.25x the "
-                            "randomized route (default: %(default)s)")
-    build.add_argument("--memory", default="4GB",
+                            f"(subspace iteration); auto: exact when it fits --memory and costs at most "
+                            f"{EXACT_PREFERENCE}x the randomized route (default: %(default)s)")
+    build.add_argument("--memory", default=DEFAULT_MEMORY,
                        help="memory budget of the torch backend, the interpreter included (per worker for a dask "
                             "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
-    build.add_argument("--oversamples", type=NON_NEGATIVE, default=10,
+    build.add_argument("--oversamples", type=NON_NEGATIVE, default=DEFAULT_OVERSAMPLES,
                        help="randomized: extra trial vectors beyond K (default: %(default)s)")
-    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=4,
+    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=DEFAULT_POWER_ITERATIONS,
                        help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
                             "decays slowly (default: %(default)s)")
     build.add_argument("--seed", type=SEED, default=0,

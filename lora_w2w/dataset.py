@@ -210,12 +210,17 @@ def read_index(path: Path) -> dict:
     index = read_description(file, DATASET_FORMAT,
                              f"{path}: not a weights dataset (no {INDEX_JSON}); make one with `w2w collect`",
                              INDEX_SCHEMA)
-    names = index["names"]
+    check_name_order(index["names"], str(file))
+    return index
+
+
+def check_name_order(names: Sequence[str], what: str) -> None:
+    """FileFormatError naming the first row where `names`, the model names of rows 0 .. M - 1 of `what`,
+    are not unique and in string order."""
     for i in range(1, len(names)):
         if not names[i - 1] < names[i]:
-            raise FileFormatError(f"{file}: model names out of order or repeated at row {i}: "
-                                  f"{names[i - 1]!r}, {names[i]!r}")
-    return index
+            raise FileFormatError(f"{what}: model names must be unique and in string order (the order of the "
+                                  f"rows), but {names[i - 1]!r} comes before {names[i]!r} (row {i})")
 
 
 # ----------------------------------------------------------------------------- sources of new models
@@ -313,10 +318,7 @@ def matrix_source(matrix, names: Sequence[str], block_rows: int = DEFAULT_SHARD_
     names = list(names)
     if len(names) != matrix.shape[0]:
         raise FileFormatError(f"{what}: {matrix.shape[0]} rows but {len(names)} model names")
-    for i in range(1, len(names)):
-        if not names[i - 1] < names[i]:
-            raise FileFormatError(f"{what}: model names must be unique and in string order (the order of the "
-                                  f"rows), but {names[i - 1]!r} comes before {names[i]!r} (row {i})")
+    check_name_order(names, what)
 
     def rows(wanted):
         for start in range(0, len(names), block_rows):

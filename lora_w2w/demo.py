@@ -173,7 +173,7 @@ def _met(ok: bool, target: str) -> str:
 
 def _evaluation_table(result: dict) -> list[str]:
     """The evaluator's figures next to the paper's claims, each with its target and whether it is met."""
-    from .tiny.evaluate import EDITED
+    from .tiny.evaluate import EDITED, PAPER
 
     sampling, editing = result["sampling"], result["editing"]
     consistency_target, targets = sampling["target"], editing["targets"]
@@ -200,9 +200,11 @@ def _evaluation_table(result: dict) -> list[str]:
                         f"qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
                         f"{e['identity_similarity']:.2f} | {_met(met, edit_target)} |")
     if "table2_report" in result:
-        ours, one, many = (result["table2_report"][k] for k in ("w2w", "dreambooth_1", "dreambooth_multi"))
+        kinds = ("w2w", "dreambooth_1", "dreambooth_multi")
+        ours, one, many = (result["table2_report"][k] for k in kinds)
+        paper = " / ".join(f"{PAPER['table2_id_score'][k]:.2f}" for k in kinds)
         rows.append(f"| inversion of one image: identity similarity, w2w / Dreambooth-LoRA 1 image / 10 images "
-                    f"(from {result['report_source']}) | ID score 0.64 / 0.43 / 0.69 (Table 2) | "
+                    f"(from {result['report_source']}) | ID score {paper} (Table 2) | "
                     f"{ours['identity_similarity']:.2f} / {one['identity_similarity']:.2f} / "
                     f"{many['identity_similarity']:.2f} | "
                     f"{_met(ours['identity_similarity'] > one['identity_similarity'], 'w2w > 1-image Dreambooth')} |")

@@ -32,6 +32,11 @@ def describe_space(directory: Path) -> str:
              *_layout_lines(layout),
              f"  K            {_count(description['num_components'], 'component')}",
              f"  M            {_count(description['num_models'], 'dataset model')}"]
+    presets = description.get("inversion_presets") or {}
+    if presets:  # the settings `w2w invert --preset NAME` takes from this space instead of the paper's
+        shown = (f"{name}: " + ", ".join(f"{key} {value}" for key, value in settings.items())
+                 for name, settings in presets.items())
+        lines.append(f"  inversion    {'; '.join(shown)}")
     if (directory / ATTRIBUTES_CSV).is_file():
         columns = [str(c) for c in read_attribute_table(directory / ATTRIBUTES_CSV).columns]
         lines.append(f"  attributes   {len(columns)}: {', '.join(columns)}")

@@ -19,10 +19,10 @@ so that the loss is averaged over the photographs. With one image this is the pa
 
 Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps; "ood"
 paintings and other out-of-distribution images, K 1,000, lr 1, 800 steps. `preset(name, space)` fits
-one to a space: K at most the space's, and the settings the space records for it (Adam moves each
-coefficient by about lr a step, so the right lr depends on the scale of the space's coefficients;
-files/tiny/README.md). A model that ends far outside the dataset's spread (a learning rate too high
-for the space) draws a warning.
+one to a space: K at most the space's, and the settings the space records for it (the tiny space
+records its own learning rates, tiny/build.py's INVERSION_PRESETS: Adam moves each coefficient by
+about lr a step, so the right lr depends on the scale of the space's coefficients). A model that ends
+far outside the dataset's spread (a learning rate too high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
 The automatic mask (AUTO_MASK) is a soft ellipse over the face and hair that `faces` detects.
@@ -69,7 +69,8 @@ MASK_BLACK, MASK_WHITE = 16, 239
 MASK_GREY_FRACTION = 0.05
 ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios under which a mask fits its image
 # An inverted model whose coefficients' norm passes FAR_FROM_DATASET x the largest dataset model's has walked
-# off the space's distribution (a learning rate too high for its scale) and draws noise (files/tiny/README.md).
+# off the space's distribution (a learning rate too high for its scale) and draws noise (measured on the tiny
+# space: files/tiny/README.md, "Inversion learning rates and distance from the dataset").
 FAR_FROM_DATASET = 3.0
 CROPS = ("center", "face")  # how a photograph becomes the square the model sees (see read_photos)
 AUTO_MASK = "auto"          # the mask value asking for a soft ellipse over the detected face and hair

@@ -148,9 +148,12 @@ def test_fitted_directions_default_to_at_most_m_over_10_components(labelled_spac
 
 
 def test_the_cli_offers_every_editing_method():
-    from lora_w2w.cli import DEFAULT_EDIT_METHOD, EDIT_METHODS
+    from lora_w2w.cli import build_parser
 
-    assert (EDIT_METHODS, DEFAULT_EDIT_METHOD) == (METHODS, DEFAULT_METHOD)
+    for command in (["edit", "--model", "m", "--edit", "Bald=1", "--out", "o"], ["directions"]):
+        assert build_parser().parse_args(command).method == DEFAULT_METHOD
+        for method in METHODS:
+            assert build_parser().parse_args([*command, "--method", method]).method == method
 
 
 def test_generation_fuses_the_model_and_delays_injection(toy_world):

@@ -153,6 +153,16 @@ def test_truncated_or_corrupt_shards_are_named(tmp_path):
         WeightsDataset(tmp_path)
 
 
+def test_an_index_with_names_out_of_order_is_refused_as_a_source_would_be(tmp_path):
+    add_models(tmp_path / "data", matrix_source(torch.randn(3, SMALL.numel), list("abc")), SMALL)
+    index = json.loads((tmp_path / "data" / INDEX_JSON).read_text())
+    index["names"] = ["a", "c", "b"]
+    (tmp_path / "data" / INDEX_JSON).write_text(json.dumps(index))
+    with pytest.raises(FileFormatError, match=r"index.json: model names must be unique and in string order .*"
+                                              r"'c' comes before 'b' \(row 2\)"):
+        WeightsDataset(tmp_path / "data")
+
+
 def test_all_weights_pt_is_copied_memory_mapped(tmp_path):
     matrix = torch.randn(7, SMALL.numel)
     torch.save(matrix, tmp_path / "all_weights.pt")

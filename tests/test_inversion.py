@@ -147,6 +147,38 @@ def test_the_tiny_space_records_the_learning_rates_its_inversions_need():
     assert preset("real", tiny) == InversionConfig(components=tiny.num_components, lr=0.3, weight_decay=1e-10, steps=400)
 
 
+def test_the_tiny_space_records_its_learning_rates_once_and_the_help_texts_point_at_them(tmp_path, capsys):
+    """The lrs live in tiny/build.py's INVERSION_PRESETS, written into the space; `w2w info` lists them,
+    and neither `w2w invert --help`, invert.py's help nor run_inversion.sh repeats them."""
+    from lora_w2w.tiny.build import INVERSION_PRESETS
+
+    tiny = load_space(ROOT / "files" / "tiny" / "space")
+    assert tiny.inversion_presets == INVERSION_PRESETS
+    real_lr = f"{INVERSION_PRESETS['real']['lr']:g}"  # not the paper's lr of either preset
+    assert w2w(["info", str(ROOT / "files" / "tiny" / "space")]) == 0
+    assert "inversion    real: lr 0.3; ood: lr 0.1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        w2w(["invert", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a space may record its own settings for a preset, which replace the paper's (`w2w info SPACE` lists " \
+           "them)" in help_text and real_lr not in help_text
+    with pytest.raises(SystemExit):
+        load_invert_script().parse_args(["--help"])
+    script_help = " ".join(capsys.readouterr().out.split())
+    assert "Adam learning rate (default: the preset's as the space records it, else the paper's: real 0.1, ood 1)" \
+        in script_help and real_lr not in script_help
+    # run_inversion.sh with a python that records its arguments: no --lr, each run names its preset
+    calls = tmp_path / "calls.txt"
+    (tmp_path / "py").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (tmp_path / "py").chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "inversion" / "run_inversion.sh")], capture_output=True, text=True,
+                          env=dict(os.environ, PY=str(tmp_path / "py"), OUT=str(tmp_path / "out")))
+    assert done.returncode == 0, done.stderr
+    face, drawing = calls.read_text().splitlines()
+    assert "--preset real" in face and "--preset ood" in drawing
+    assert not any(flag in face + drawing for flag in ("--lr", "--epochs", "--weight_decay", "--dim"))
+
+
 @pytest.mark.parametrize("dataset_scale, warned", [(1e-3, True), (1e3, False)])
 def test_a_model_far_outside_the_dataset_draws_a_warning(pipe, toy_space, target, dataset_scale, warned):
     """Norm over the largest dataset model's: a toy space whose dataset models sit near 0 makes any

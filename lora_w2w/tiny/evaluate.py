@@ -204,13 +204,19 @@ def _inversion_config(space: Space, settings: Settings, components: int | None =
                   steps=settings.inversion_steps)
 
 
-def _invert(ctx: Context, space: Space, image: Image.Image, config) -> torch.Tensor:
-    """The LoRA weights (N,) of `image` inverted into `space` (seed 0)."""
+def _invert(ctx: Context, space: Space, images: list[Image.Image], config) -> torch.Tensor:
+    """The LoRA weights (N,) of one person's `images` inverted together into `space` (seed 0)."""
     from ..diffusion import image_sizes, prepare_image
     from ..inversion import invert
 
     resolution, _ = image_sizes(ctx.pipe)
-    return invert(ctx.pipe, space, prepare_image(image, resolution)[None], None, config, progress=False).weights(space)
+    targets = torch.stack([prepare_image(image, resolution) for image in images])  # (I, 3, R, R)
+    return invert(ctx.pipe, space, targets, None, config, progress=False).weights(space)
+
+
+def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each score over the rows (identities)."""
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
 def _write_views(root: Path, identities: list[tuple[Identity, list[Image.Image]]], views: int) -> None:
@@ -380,7 +386,7 @@ def evaluate_table1(ctx: Context, settings: Settings) -> list[dict]:
 def evaluate_table2(ctx: Context, settings: Settings) -> dict:
     identities = _held_out(settings.inversions, settings.views)
     config = _inversion_config(ctx.space, settings)
-    weights = {"w2w": {identity.name: _invert(ctx, ctx.space, renders[0], config)
+    weights = {"w2w": {identity.name: _invert(ctx, ctx.space, renders[:1], config)
                        for identity, renders in tqdm(identities, desc="table2: w2w")}}
     # the baselines: every identity of a kind trained together in one pass, with the space's LoRA recipe
     steps = {"dreambooth_1": settings.dreambooth_steps, "dreambooth_multi": multi_steps(settings)}
@@ -393,7 +399,7 @@ def evaluate_table2(ctx: Context, settings: Settings) -> dict:
     for name, models in weights.items():
         rows = [_identity_scores(ctx, models[identity.name], identity, renders, settings)
                 for identity, renders in tqdm(identities, desc=f"table2: scoring {name}")]
-        report[name] = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} | {
+        report[name] = _mean_scores(rows) | {
             "per_identity": [row["identity_similarity"] for row in rows],
             "paper_id_score": PAPER["table2_id_score"][name]}
     return report | {"views": settings.views, "steps": steps | {"w2w": config.steps},
@@ -437,7 +443,7 @@ def evaluate_timing(ctx: Context, settings: Settings) -> dict:
     _dreambooth(ctx, ctx.work / "timing_1", ctx.work / "timing_warmup", 1, settings)  # class images, imports
     seconds = {}
     start = time.perf_counter()
-    _invert(ctx, ctx.space, identities[0][1][0], config)
+    _invert(ctx, ctx.space, identities[0][1][:1], config)
     seconds["inversion_s"] = time.perf_counter() - start
     for name, views, steps in (("dreambooth_1_s", "timing_1", settings.dreambooth_steps),
                                ("dreambooth_multi_s", "timing_multi", multi_steps(settings))):
@@ -477,7 +483,7 @@ def _inversion_similarity(ctx: Context, space: Space, components: int, settings:
     """Mean identity similarity of the first settings.scaling_inversions held-out identities inverted into
     the first `components` of `space`."""
     config = _inversion_config(space, settings, components)
-    return float(np.mean([_identity_scores(ctx, _invert(ctx, space, renders[0], config), identity, renders,
+    return float(np.mean([_identity_scores(ctx, _invert(ctx, space, renders[:1], config), identity, renders,
                                            settings)["identity_similarity"]
                           for identity, renders in _held_out(settings.scaling_inversions, settings.views)]))
 
@@ -515,31 +521,18 @@ def evaluate_multi_image_inversion(ctx: Context, settings: Settings, views_inver
                                    ) -> dict:
     """Each held-out identity inverted from its first 1, 3 and 5 views (one drawn per step, the same steps),
     scored against views 5-9 by identity similarity and against the identity's attributes."""
-    from ..diffusion import image_sizes, prepare_image
     from ..faces import detect_faces
-    from ..inversion import invert, preset
 
-    pipe, space, evaluator = ctx.pipe, ctx.space, ctx.evaluator
-    resolution, _ = image_sizes(pipe)
-    config = preset("real", space, components=settings.inversion_components or None,
-                    lr=settings.inversion_lr or None, steps=settings.inversion_steps or None)
+    identities = _held_out(settings.inversions, max(SCORED_VIEWS) + 1)
+    config = _inversion_config(ctx.space, settings)
     scores = {views: [] for views in views_inverted}
-    detected = []
-    for i in tqdm(range(settings.inversions), desc="multi-image inversion: identities"):
-        identity = sample_identity(HELD_OUT_SEEDS + i)
-        renders = [render(identity, dataset_view_seed(HELD_OUT_SEEDS + i, k)) for k in range(max(SCORED_VIEWS) + 1)]
-        detected += [bool(detect_faces(image)) for image in renders]
-        truth = evaluator.predict([renders[k] for k in SCORED_VIEWS])
+    for identity, renders in tqdm(identities, desc="multi-image inversion: identities"):
+        scored = [renders[k] for k in SCORED_VIEWS]
         for views in views_inverted:
-            images = torch.stack([prepare_image(image, resolution) for image in renders[:views]])  # (I, 3, R, R)
-            model = invert(pipe, space, images, None, config, progress=False)
-            pred = evaluator.predict(generate(pipe, space.layout, model.weights(space), space.prompt,
-                                              seeds=range(settings.seeds), num_inference_steps=settings.steps,
-                                              guidance_scale=settings.guidance))
-            scores[views].append({"identity_similarity": _pairwise_similarity(pred, truth),
-                                  "attribute_agreement": attribute_agreement(pred, identity.attributes)})
-    return {f"{views} view{'s' * (views > 1)}": {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
-            for views, rows in scores.items()} | {
+            weights = _invert(ctx, ctx.space, renders[:views], config)
+            scores[views].append(_identity_scores(ctx, weights, identity, scored, settings))
+    detected = [bool(detect_faces(image)) for _, renders in identities for image in renders]
+    return {f"{views} view{'s' * (views > 1)}": _mean_scores(rows) for views, rows in scores.items()} | {
         "scored_against_views": list(SCORED_VIEWS), "identities": settings.inversions,
         "face_detection_rate": float(np.mean(detected)), "config": asdict(config),
         "paper_id_score": PAPER["table2_id_score"]}
