@@ -4,7 +4,9 @@
 # Shorter runs to try it: REAL_EPOCHS=50 OOD_EPOCHS=50 inversion/run_inversion.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# the project's .venv (make demo and make test create it) comes first, so no activation is needed
+if [[ -x .venv/bin/python ]]; then PATH="$PWD/.venv/bin:$PATH"; fi
+PY=${PY:-python}
 OUT=${OUT:-outputs/inversion}
 
 # a face of the tiny world ("real" preset: lr 0.1, weight decay 1e-10, 400 steps; K 10,000, or all of the
