@@ -130,7 +130,7 @@ class Demo:
             image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *target_sizes(self.pipe))
             config = preset(kind, self.space, steps=self.args.inversion_steps)  # the tiny space records ood's lr
             start = time.perf_counter()
-            model = invert(self.pipe, self.space, image, mask, config, seed=0, progress=False)
+            model = invert(self.pipe, self.space, image, mask, config, seed=0)  # its bar: "inversion"
             results[name] = {"preset": kind, "components": config.components, "steps": config.steps, "lr": config.lr,
                              "seconds": round(time.perf_counter() - start, 1)}
             save_model(model, self.out / "models" / f"inverted_{name}.safetensors")

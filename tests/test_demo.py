@@ -7,7 +7,7 @@ from lora_w2w import demo
 from lora_w2w.storage import load_space
 
 
-def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
+def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path, capsys):
     out = tmp_path / "demo"
     scores = {"w2w": {"identity_similarity": 0.5, "attribute_agreement": 0.9},
               "dreambooth_1": {"identity_similarity": 0.6, "attribute_agreement": 0.8},
@@ -19,6 +19,9 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
     assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(toy_space),
                       "--device", "cpu", "--steps", "2", "--inversion-steps", "2", "--evaluation", str(evaluation),
                       "--assets", str(tmp_path / "assets")]) == 0
+    shown = capsys.readouterr()
+    assert "inversion and export ..." in shown.out  # each stage says it starts, then shows its bars
+    assert "denoising:" in shown.err and "inversion:" in shown.err and "editing: models" in shown.err
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["synthetic identities", "base model", "sampling", "editing", "inversion and export",
                             "evaluation", "teaser"]
