@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
+.PHONY: demo test assets tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lora_w2w.demo --out outputs/demo
+
+# The README's pictures (assets/tiny_*.png) are the demo's, labelled: this regenerates them.
+assets: $(STAMP)
+	$(PY) -m lora_w2w.demo --out outputs/demo --assets assets
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -4,6 +4,10 @@
 #   bash train.sh sd15 IMAGES OUT      Stable Diffusion 1.5 (realistic-vision), the paper's command (GPU)
 # Many identities at once: w2w train-identities --help
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,5s/^# \{0,1\}//p' "$0"; exit 0; fi
+# the project's .venv (make demo and make test create it) comes first, so no activation is needed
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [[ -x "$root/.venv/bin/python" ]]; then PATH="$root/.venv/bin:$PATH"; fi
 
 if [[ "${1:-tiny}" == "sd15" ]]; then
   instance_dir=${2:?usage: bash train.sh sd15 INSTANCE_IMAGES_DIR OUTPUT_DIR}

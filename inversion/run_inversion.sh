@@ -4,7 +4,9 @@
 # Shorter runs to try it: REAL_EPOCHS=50 OOD_EPOCHS=50 inversion/run_inversion.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# the project's .venv (make demo and make test create it) comes first, so no activation is needed
+if [[ -x .venv/bin/python ]]; then PATH="$PWD/.venv/bin:$PATH"; fi
+PY=${PY:-python}
 OUT=${OUT:-outputs/inversion}
 
 # Each run takes its preset's settings as the tiny space records them (`w2w info files/tiny/space`), the

@@ -1,16 +1,19 @@
 """`make demo`: the tiny world end to end on the CPU, written to outputs/demo/ with a report.
 
     python -m lora_w2w.demo --out outputs/demo [--base files/tiny/base --space files/tiny/space]
+    python -m lora_w2w.demo --out outputs/demo --assets assets   # `make assets`: the README's pictures
 
 Stages: the synthetic identities; the base model's samples; sampling new identities; editing one
 along several attributes; inverting a held-out face and an out-of-distribution drawing; exporting
-LoRAs; and the evaluator's scores next to the paper's claims (report.md, report.json). A stage
-whose artifacts are not built yet (`make tiny-world`) is reported as skipped.
+LoRAs; and the evaluator's scores next to the paper's claims (report.md, report.json); then teaser.png,
+one labelled picture of sampling, editing and inversion. A stage whose artifacts are not built yet
+(`make tiny-world`) is reported as skipped. Every stage shows a progress bar (denoising, inversion, models).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -19,9 +22,10 @@ from PIL import Image
 from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline
 from .storage import save_png
 
-FACE_SEEDS = range(3_000_000, 3_000_016)  # identities of no training set
+FACE_SEEDS = range(3_000_000, 3_000_008)  # identities of no training set
 EXAMPLES = Path(__file__).resolve().parents[1] / "inversion" / "images"
 SEED_LABELS = [f"seed {s}" for s in range(4)]  # the columns of the pictures: images(..., seeds=range(4))
+TEASER_SIZE = 96  # px of each image in teaser.png, up from the tiny world's 64 so that it reads at a glance
 
 
 class Demo:
@@ -30,11 +34,13 @@ class Demo:
     def __init__(self, args: argparse.Namespace):
         self.out, self.args = Path(args.out), args
         self._pipe = self._space = self._evaluator = None
+        self.teaser_parts: dict[str, tuple[list[Image.Image], list[str]]] = {}  # panel -> (images, their labels)
 
     @property
     def pipe(self):
         if self._pipe is None:
-            self._pipe = load_base_pipeline(self.args.base, self.args.device, progress=False)
+            self._pipe = load_base_pipeline(self.args.base, self.args.device)
+            self._pipe.set_progress_bar_config(desc="denoising", leave=False)  # one bar per batch of seeds
         return self._pipe
 
     @property
@@ -60,10 +66,15 @@ class Demo:
     # ------------------------------------------------------------------------- stages
 
     def faces(self) -> dict:
-        """Synthetic identities of the tiny world, 4 views each."""
-        from .tiny.faces import render_grid
+        """Synthetic identities of the tiny world, 4 views each, labelled with their attributes."""
+        from .tiny.faces import caption, dataset_view_seed, render, sample_identity
 
-        save_png(render_grid(list(FACE_SEEDS), views=4), self.out / "faces.png")
+        identities = [sample_identity(seed) for seed in FACE_SEEDS]
+        images = [render(identity, dataset_view_seed(seed, k)) for seed, identity in zip(FACE_SEEDS, identities)
+                  for k in range(4)]
+        labels = [caption(identity).removeprefix("a photo of ") for identity in identities]
+        save_png(image_grid(images, columns=4, row_labels=labels, column_labels=[f"view {k}" for k in range(4)]),
+                 self.out / "faces.png")
         return {"images": "faces.png"}
 
     def base(self) -> dict:
@@ -86,6 +97,7 @@ class Demo:
         images = [im for m in models for im in self.images(m.weights(self.space))]
         save_png(image_grid(images, columns=4, row_labels=[f"sample {i}" for i in range(len(models))],
                             column_labels=SEED_LABELS), self.out / "sampling.png")
+        self.teaser_parts["sample: new identities"] = (images[::4][:4], [f"sample {i}" for i in range(4)])
         return {"images": "sampling.png", "models": len(models)}
 
     def editing(self) -> dict:
@@ -102,6 +114,9 @@ class Demo:
         save_png(image_grid(images, columns=3, row_labels=["original", *(f"{a} {s:+g} std" for a, s in edits.items()),
                                                          "all four"], column_labels=SEED_LABELS[:3]),
                  self.out / "editing.png")
+        first_seed = images[::3]  # original, the edits in order, all four
+        self.teaser_parts["edit: one sampled identity"] = ([first_seed[i] for i in (0, 1, 3, 4)],
+                                                           ["original", "+glasses", "+blond", "older"])
         return {"images": "editing.png", "rows": ["original", *edits, "all four"]}
 
     def inversion(self) -> dict:
@@ -116,7 +131,7 @@ class Demo:
             image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *image_sizes(self.pipe))
             config = preset(kind, self.space, steps=self.args.inversion_steps)  # the tiny space records ood's lr
             start = time.perf_counter()
-            model = invert(self.pipe, self.space, image, mask, config, seed=0, progress=False)
+            model = invert(self.pipe, self.space, image, mask, config, seed=0)  # its bar: "inversion"
             results[name] = {"preset": kind, "components": config.components, "steps": config.steps, "lr": config.lr,
                              "seconds": round(time.perf_counter() - start, 1)}
             save_model(model, self.out / "models" / f"inverted_{name}.safetensors")
@@ -129,6 +144,8 @@ class Demo:
             images += self.images(model.weights(self.space), seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
                             column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")
+        self.teaser_parts["invert: one image into a model"] = ([images[i] for i in (0, 1, 4, 5)],
+                                                               ["face", "its model", "drawing", "its model"])
         return {"images": "inversion.png", **results, "loras": "loras/"}
 
     def evaluation(self) -> dict:
@@ -148,6 +165,23 @@ class Demo:
                 result |= {f"{key}_report": report[key] for key in ("editing", "table2") if key in report}
                 result["report_source"] = str(evaluation)
         return result
+
+    def teaser(self) -> dict:
+        """Sampling, editing and inversion side by side, each panel labelled (the README's first picture)."""
+        panels = [image_grid([im.resize((TEASER_SIZE, TEASER_SIZE), Image.LANCZOS) for im in images],
+                             columns=len(images), column_labels=labels)
+                  for images, labels in self.teaser_parts.values()]
+        save_png(image_grid(panels, columns=len(panels), column_labels=list(self.teaser_parts)),
+                 self.out / "teaser.png")
+        return {"images": "teaser.png"}
+
+
+def copy_assets(out: Path, stages: dict, assets: Path) -> None:
+    """The stages' pictures copied to assets/ as tiny_<name>.png, the names the README links."""
+    assets.mkdir(parents=True, exist_ok=True)
+    for result in stages.values():
+        if "images" in result:
+            shutil.copyfile(out / result["images"], assets / f"tiny_{result['images']}")
 
 
 def write_report(out: Path, stages: dict) -> None:
@@ -227,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
     parser.add_argument("--inversion-steps", type=int, default=200,
                         help="Adam steps of each inversion (the paper's presets: 400 and 800; default: %(default)s)")
+    parser.add_argument("--assets", metavar="DIR",
+                        help="also copy the pictures to DIR as tiny_<name>.png (`make assets`: DIR = assets)")
     args = parser.parse_args(argv)
     demo = Demo(args)
     demo.out.mkdir(parents=True, exist_ok=True)
@@ -238,17 +274,21 @@ def main(argv: list[str] | None = None) -> int:
             ("sampling", demo.sampling, None if have_base and have_space else f"{args.space} {missing}"),
             ("editing", demo.editing, None if have_base and have_space else f"{args.space} {missing}"),
             ("inversion and export", demo.inversion, None if have_base and have_space else f"{args.space} {missing}"),
-            ("evaluation", demo.evaluation, None if have_base and have_space else f"{args.space} {missing}")]
+            ("evaluation", demo.evaluation, None if have_base and have_space else f"{args.space} {missing}"),
+            ("teaser", demo.teaser, None if have_base and have_space else f"{args.space} {missing}")]
     stages = {}
     for name, run, skipped in plan:
         if skipped:
             stages[name] = {"skipped": skipped}
             print(f"{name}: skipped ({skipped})")
             continue
+        print(f"{name} ...", flush=True)
         start = time.perf_counter()
         stages[name] = {**run(), "seconds": time.perf_counter() - start}
-        print(f"{name}: {stages[name]['seconds']:.1f} s")
+        print(f"{name}: {stages[name]['seconds']:.1f} s", flush=True)
     write_report(demo.out, stages)
+    if args.assets:
+        copy_assets(demo.out, stages, Path(args.assets))
     print(f"wrote {demo.out / 'report.md'}")
     return 0
 

@@ -1,11 +1,13 @@
 """`make demo` runs every stage and writes the report (here on the toy world, with few steps)."""
 import json
 
+from PIL import Image
+
 from lora_w2w import demo
 from lora_w2w.storage import load_space
 
 
-def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
+def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path, capsys):
     out = tmp_path / "demo"
     scores = {"w2w": {"identity_similarity": 0.5, "attribute_agreement": 0.9},
               "dreambooth_1": {"identity_similarity": 0.6, "attribute_agreement": 0.8},
@@ -15,13 +17,21 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path):
              for a in ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")} | {"models_by_sex": {"men": 12, "women": 20}}
     evaluation.write_text(json.dumps({"space_id": load_space(toy_space).id, "table2": scores, "editing": edits}))
     assert demo.main(["--out", str(out), "--base", str(toy_world / "base"), "--space", str(toy_space),
-                      "--device", "cpu", "--steps", "2", "--inversion-steps", "2", "--evaluation", str(evaluation)]) == 0
+                      "--device", "cpu", "--steps", "2", "--inversion-steps", "2", "--evaluation", str(evaluation),
+                      "--assets", str(tmp_path / "assets")]) == 0
+    shown = capsys.readouterr()
+    assert "inversion and export ..." in shown.out  # each stage says it starts, then shows its bars
+    assert "denoising:" in shown.err and "inversion:" in shown.err and "editing: models" in shown.err
     report = json.loads((out / "report.json").read_text())
     assert list(report) == ["synthetic identities", "base model", "sampling", "editing", "inversion and export",
-                            "evaluation"]
+                            "evaluation", "teaser"]
     assert not any("skipped" in stage for stage in report.values())
-    for picture in ("faces.png", "base_samples.png", "sampling.png", "editing.png", "inversion.png"):
+    for picture in ("faces.png", "base_samples.png", "sampling.png", "editing.png", "inversion.png", "teaser.png"):
         assert (out / picture).stat().st_size > 1000, picture
+        assert (tmp_path / "assets" / f"tiny_{picture}").read_bytes() == (out / picture).read_bytes()  # make assets
+    # the teaser: three panels of four images each, TEASER_SIZE px, under two lines of labels
+    width, height = Image.open(out / "teaser.png").size
+    assert width == 3 * 4 * demo.TEASER_SIZE and demo.TEASER_SIZE < height < demo.TEASER_SIZE + 60
     assert (out / "loras" / "inverted_face" / "adapter_model.safetensors").is_file()
     assert (out / "loras" / "inverted_drawing_kohya.safetensors").is_file()
     markdown = (out / "report.md").read_text()
