@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
+.PHONY: demo test notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lora_w2w.demo --out outputs/demo
+
+# Every notebook top to bottom with its default settings (the tiny world; the CPU unless there is CUDA); the executed
+# copies go to outputs/notebooks/, the committed notebooks stay without outputs.
+NOTEBOOKS := $(wildcard sampling/*.ipynb editing/*.ipynb inversion/*.ipynb other/*.ipynb)
+
+notebooks: $(STAMP)
+	mkdir -p outputs/notebooks
+	$(VENV)/bin/jupyter-execute --timeout=-1 --output='$(CURDIR)/outputs/notebooks/{notebook_name}' $(NOTEBOOKS)
 
 clean:
 	rm -rf outputs .pytest_cache
