@@ -19,8 +19,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m lora_w2w.demo --out outputs/demo
 
-# Every notebook top to bottom with its default settings (the tiny world; the CPU unless there is CUDA); the executed
-# copies go to outputs/notebooks/, the committed notebooks stay without outputs.
+# Every notebook top to bottom with its default settings (the tiny world; the CPU unless there is CUDA): about 5 minutes
+# on 2 idle CPU cores. The executed copies go to outputs/notebooks/; the committed notebooks stay without outputs.
 NOTEBOOKS := $(wildcard sampling/*.ipynb editing/*.ipynb inversion/*.ipynb other/*.ipynb)
 
 notebooks: $(STAMP)
