@@ -68,7 +68,7 @@ from lora_w2w.dreambooth import (IdentityData, SharedData, add_dreambooth_argume
 from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
-from lora_w2w.pipeline import generate, resolve_dtype
+from lora_w2w.pipeline import generate_from_weights, resolve_dtype
 from lora_w2w.space import TRIGGER_PROMPT
 from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, build_tokenizer
 from lora_w2w.train_identities import identity_banks
@@ -226,7 +226,7 @@ def denoise_and_decode(pipe, prompts: list[str], steps: int, tracker: LiveTensor
     prompts and the empty negative prompts, `steps` denoising steps, decode the latents."""
     n, device, dtype = len(prompts), pipe.unet.device, pipe.unet.dtype
     _, latent_size = image_sizes(pipe)
-    guidance_scale = default_of(generate, "guidance_scale")
+    guidance_scale = default_of(generate_from_weights, "guidance_scale")
     with tracker.phase(prefix + "text", peaks):
         positive, negative = pipe.encode_prompt(prompts, device, 1, True)  # (n, L, D) each
         text = torch.cat([negative, positive])                              # (2n, L, D)

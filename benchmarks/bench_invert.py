@@ -261,7 +261,7 @@ def main() -> None:
     bf16 = copy.deepcopy(pipe).to(dtype=torch.bfloat16)
     baselines = {torch.float32: (pipe, copy.deepcopy(pipe.unet).requires_grad_(False)),
                  torch.bfloat16: (bf16, bf16.unet.requires_grad_(False))}
-    weights = W2WModel(torch.randn(args.components, generator=torch.Generator().manual_seed(1)), space.id).weights(space)
+    model = W2WModel(torch.randn(args.components, generator=torch.Generator().manual_seed(1)), space.id)
 
     def ours():
         invert(pipe, space, image, None, config, progress=False)
@@ -270,10 +270,10 @@ def main() -> None:
         return lambda: baseline_run(baselines[dtype][0], baselines[dtype][1], space, IMAGE, args.steps, 1.0, dtype)
 
     def with_model():
-        generate(pipe, space.layout, weights, "sks person", num_inference_steps=args.generate_steps)
+        generate(pipe, space, model, num_inference_steps=args.generate_steps)
 
     def base_alone():
-        generate(pipe, None, None, "sks person", num_inference_steps=args.generate_steps)
+        generate(pipe, space, None, num_inference_steps=args.generate_steps)
 
     def vae_encode():
         encode_images(pipe.vae, image)

@@ -251,11 +251,10 @@ class Engine:
         seeds = parse_seeds(self.config.seeds if seeds is None else seeds, self.config.max_seeds)
         steps = check_steps(self.config.steps if steps is None else steps, self.config.max_steps)
         with self.lock:
-            return generate(self.pipe, self.space.layout, model.weights(self.space), prompt or self.space.prompt,
-                            negative_prompt=negative_prompt or "", seeds=seeds, num_inference_steps=steps,
+            return generate(self.pipe, self.space, model, prompt or None, negative_prompt=negative_prompt or "",
+                            seeds=seeds, num_inference_steps=steps,
                             guidance_scale=self.config.guidance if guidance is None else float(guidance),
-                            edited=None if edited is None else edited.weights(self.space),
-                            injection_timestep=None if edited is None else int(injection_timestep))
+                            edited=edited, injection_timestep=None if edited is None else int(injection_timestep))
 
     # ------------------------------------------------------------------------- files
 

@@ -153,7 +153,7 @@ def cmd_project(args) -> None:
 
 def cmd_generate(args) -> None:
     from .checks import check_int
-    from .pipeline import generate, image_grid, load_base_pipeline, num_train_timesteps
+    from .pipeline import generate, generate_from_weights, image_grid, load_base_pipeline, num_train_timesteps
     from .storage import FILES_FOLDER, IMAGE_FILE, check_outputs, load_model, load_space, output_lock, save_png
 
     out = Path(args.out)
@@ -163,17 +163,19 @@ def cmd_generate(args) -> None:
     if args.injection_timestep is not None:
         check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
     model = load_model(args.model) if args.model else None
-    edited_model = load_model(args.edited) if args.edited else None
-    layout = weights = edited = None
-    if model or edited_model:
-        space = load_space(args.space, k=max(len(m.coefficients) for m in (model, edited_model) if m))
-        layout = space.layout
-        weights = model.weights(space) if model else None
-        edited = edited_model.weights(space) if edited_model else None
+    edited = load_model(args.edited) if args.edited else None
+    # the base model alone with a --prompt needs no space; otherwise the space gives the layout and the prompt
+    space = None
+    if model or edited or args.prompt is None:
+        space = load_space(args.space, k=max((len(m.coefficients) for m in (model, edited) if m), default=None))
     pipe = load_base_pipeline(args.base, args.device)
-    images = generate(pipe, layout, weights, args.prompt, negative_prompt=args.negative_prompt, seeds=args.seeds,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
-                      width=args.size, edited=edited, injection_timestep=args.injection_timestep)
+    settings = dict(negative_prompt=args.negative_prompt, seeds=args.seeds, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance, height=args.size, width=args.size,
+                    injection_timestep=args.injection_timestep)
+    if space is None:
+        images = generate_from_weights(pipe, None, None, args.prompt, **settings)
+    else:
+        images = generate(pipe, space, model, args.prompt, edited=edited, **settings)
     with output_lock(out, _progress):  # a second run into the same folder writes after this one
         grid = image_grid(images, columns=len(images), column_labels=[f"seed {seed}" for seed in args.seeds])
         for file, image in zip(files, images + [grid]):
@@ -421,7 +423,8 @@ def add_generate_parser(commands) -> None:
     add_space(gen)
     add_base(gen)
     gen.add_argument("--model", help="w2w model file (.safetensors or the original w2wmodel.pt); omit for the base alone")
-    gen.add_argument("--prompt", default="sks person", help="prompt; the identity's token is 'sks' (default: %(default)r)")
+    gen.add_argument("--prompt", default=None,
+                     help="prompt; the identity's token is 'sks' (default: the space's trigger prompt, 'sks person')")
     gen.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     gen.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
     gen.add_argument("--steps", type=COUNT, default=50, help="denoising steps (default: %(default)s)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline
+from .pipeline import DEFAULT_BASE, generate, generate_from_weights, image_grid, load_base_pipeline
 from .storage import save_png
 
 FACE_SEEDS = range(3_000_000, 3_000_008)  # identities of no training set
@@ -59,9 +59,13 @@ class Demo:
             self._evaluator = Evaluator.load(self.args.evaluator)
         return self._evaluator
 
-    def images(self, weights, prompt: str = "sks person", seeds=range(4)):
-        return generate(self.pipe, self.space.layout if weights is not None else None, weights, prompt, seeds=seeds,
-                        num_inference_steps=self.args.steps, guidance_scale=self.args.guidance)
+    def images(self, model, prompt: str | None = None, seeds=range(4)):
+        """A w2w model's images of `prompt` (default: the space's); model None: the base model's, which needs
+        no space."""
+        settings = dict(seeds=seeds, num_inference_steps=self.args.steps, guidance_scale=self.args.guidance)
+        if model is None:
+            return generate_from_weights(self.pipe, None, None, prompt, **settings)
+        return generate(self.pipe, self.space, model, prompt, **settings)
 
     # ------------------------------------------------------------------------- stages
 
@@ -94,7 +98,7 @@ class Demo:
         models = sample_models(self.space, num=6, seed=0)
         for i, model in enumerate(models):
             save_model(model, self.out / "models" / f"sample_{i}.safetensors")
-        images = [im for m in models for im in self.images(m.weights(self.space))]
+        images = [im for m in models for im in self.images(m)]
         save_png(image_grid(images, columns=4, row_labels=[f"sample {i}" for i in range(len(models))],
                             column_labels=SEED_LABELS), self.out / "sampling.png")
         self.teaser_parts["sample: new identities"] = (images[::4][:4], [f"sample {i}" for i in range(4)])
@@ -110,7 +114,7 @@ class Demo:
         directions = attribute_directions(self.space, list(edits), debias_against=["Male"])
         rows = [model] + [apply_edits(model, {a: s}, directions) for a, s in edits.items()]
         rows.append(apply_edits(model, edits, directions))  # all at once: edits compose
-        images = [im for m in rows for im in self.images(m.weights(self.space), seeds=range(3))]
+        images = [im for m in rows for im in self.images(m, seeds=range(3))]
         save_png(image_grid(images, columns=3, row_labels=["original", *(f"{a} {s:+g} std" for a, s in edits.items()),
                                                          "all four"], column_labels=SEED_LABELS[:3]),
                  self.out / "editing.png")
@@ -141,7 +145,7 @@ class Demo:
                       self.out / "loras" / f"inverted_{name}_kohya.safetensors", "kohya", self.space.base_model)
             resolution = image_sizes(self.pipe)[0]
             images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
-            images += self.images(model.weights(self.space), seeds=range(3))
+            images += self.images(model, seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
                             column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")
         self.teaser_parts["invert: one image into a model"] = ([images[i] for i in (0, 1, 4, 5)],

@@ -127,9 +127,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- target image and mask
 
-# (R, h) of a pipeline, the sizes load_target and photo_targets take; the notebooks' name for image_sizes
-target_sizes = image_sizes
-
 
 def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
     """A PIL image from a path (loaded now) or as given; W2WError naming the file when it does not open."""

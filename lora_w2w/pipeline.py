@@ -2,12 +2,15 @@
 so that a step costs what the base model's step costs.
 
     pipe = load_base_pipeline("files/tiny/base", device="auto")   # or "stablediffusionapi/realistic-vision-v51"
-    images = generate(pipe, space.layout, model.weights(space), "sks person", seeds=[0, 1, 2, 3])
+    images = generate(pipe, space, model, seeds=[0, 1, 2, 3])     # prompt: the space's, "sks person"
+    images = generate(pipe, space, model, "sks person with a hat", seeds=[0])
 
-Delayed injection (the paper's Sec. 4.2): with `edited` and `injection_timestep` T, the model
-`weights` is used for timesteps t > T and `edited` for t <= T, so coarse structure comes from the
-original identity and the edit acts on the finer details (T 700-1000 for global edits, 400-700 for
-fine ones).
+`generate` takes a space and a w2w model; `generate_from_weights` takes raw LoRA weights (N,) in a
+layout, for weights that are no model of a space (a Dreambooth LoRA, a slider) or the base model alone.
+
+Delayed injection (the paper's Sec. 4.2): with `edited` and `injection_timestep` T, the model is used
+for timesteps t > T and `edited` for t <= T, so coarse structure comes from the original identity and
+the edit acts on the finer details (T 700-1000 for global edits, 400-700 for fine ones).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from .diffusion import image_sizes
 from .errors import ArgumentError, W2WError
 from .layout import LoraLayout
 from .network import FusedLora, check_layout
+from .space import Space, W2WModel
 
 DEFAULT_BASE = "files/tiny/base"
 
@@ -52,10 +56,30 @@ def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "a
     return pipe.to(device)
 
 
-def generate(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prompt: str, *,
-             negative_prompt: str = "", seeds=(0,), num_inference_steps: int = 50, guidance_scale: float = 7.5,
-             height: int | None = None, width: int | None = None, scale: float = 1.0,
-             edited: torch.Tensor | None = None, injection_timestep: int | None = None) -> list[Image.Image]:
+def generate(pipe, space: Space, model: W2WModel | torch.Tensor | None = None, prompt: str | None = None, *,
+             edited: W2WModel | torch.Tensor | None = None, **settings) -> list[Image.Image]:
+    """Images of `prompt` (default: the space's trigger prompt), one per seed, with a w2w `model` of
+    `space` fused into the UNet: a W2WModel, its coefficients (k,), or None for the base model alone.
+    `edited` (a model likewise) with `injection_timestep` T: `model` for t > T, `edited` for t <= T.
+    `settings`: those of `generate_from_weights` (seeds, num_inference_steps, guidance_scale, ...)."""
+    if not isinstance(space, Space):
+        raise TypeError(f"generate(pipe, space, model, prompt) takes a Space, got {type(space).__name__}; for a "
+                        f"layout and raw LoRA weights call generate_from_weights(pipe, layout, weights, prompt)")
+
+    def weights(m):
+        if m is None:
+            return None
+        return (m if isinstance(m, W2WModel) else W2WModel(m)).weights(space)
+
+    return generate_from_weights(pipe, space.layout, weights(model), space.prompt if prompt is None else prompt,
+                                 edited=weights(edited), **settings)
+
+
+def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prompt: str, *,
+                          negative_prompt: str = "", seeds=(0,), num_inference_steps: int = 50,
+                          guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                          scale: float = 1.0, edited: torch.Tensor | None = None,
+                          injection_timestep: int | None = None) -> list[Image.Image]:
     """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the UNet (None: the base
     model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T."""
     if (edited is None) != (injection_timestep is None):

@@ -12,7 +12,7 @@ own latents of c_t, noised to a random timestep (the sliders' code denoises to t
     slider = train_slider(pipe, layout, "a photo of a person with glasses", "a photo of a person",
                           "a photo of a person", latents, SliderConfig())
     with FusedLora(pipe.unet, layout, slider, scale=1.0):  # the identity's LoRA goes on top of it
-        images = generate(pipe, layout, identity_weights, "sks person", seeds=[0, 1])
+        images = generate(pipe, space, model, seeds=[0, 1])
 
 Letters: P pooled latents, B batch, C latent channels, h x w latent size, L tokens, D text width, N
 flattened LoRA numbers.

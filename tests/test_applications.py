@@ -158,7 +158,7 @@ def test_the_cli_offers_every_editing_method():
 
 def test_generation_fuses_the_model_and_delays_injection(toy_world):
     from lora_w2w.layout import LoraLayout
-    from lora_w2w.pipeline import generate, load_base_pipeline
+    from lora_w2w.pipeline import generate_from_weights, load_base_pipeline
 
     pipe = load_base_pipeline(str(toy_world / "base"), "cpu", progress=False)
     layout = LoraLayout.from_unet(pipe.unet)
@@ -167,7 +167,8 @@ def test_generation_fuses_the_model_and_delays_injection(toy_world):
     kwargs = dict(seeds=[0, 1], num_inference_steps=4, guidance_scale=3.0)
 
     def run(*args, **extra):
-        return np.stack([np.asarray(im, dtype=np.int16) for im in generate(pipe, layout, *args, **kwargs, **extra)])
+        images = generate_from_weights(pipe, layout, *args, **kwargs, **extra)
+        return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
     base = run(None, "a photo of a person")
     with_model = run(weights, "a photo of a person")
@@ -180,6 +181,46 @@ def test_generation_fuses_the_model_and_delays_injection(toy_world):
         run(weights, "a photo of a person", edited=edited, injection_timestep=-1)
     delayed = run(weights, "a photo of a person", edited=edited, injection_timestep=500)
     assert np.abs(delayed - only_edited).mean() > 0.5 and np.abs(delayed - with_model).mean() > 0.5
-    assert len(generate(pipe, None, None, "a photo", seeds=[3, 4, 5], num_inference_steps=2)) == 3
+    assert len(generate_from_weights(pipe, None, None, "a photo", seeds=[3, 4, 5], num_inference_steps=2)) == 3
     with pytest.raises(W2WError, match="needs both"):
-        generate(pipe, layout, weights, "x", edited=edited)
+        generate_from_weights(pipe, layout, weights, "x", edited=edited)
+
+
+def test_generate_takes_the_space_and_a_model():
+    """generate(pipe, space, model) is generate_from_weights with the model's weights and the space's prompt,
+    bit for bit, on the tiny world."""
+    from pathlib import Path
+
+    from lora_w2w.pipeline import generate, generate_from_weights, load_base_pipeline
+    from lora_w2w.storage import load_space
+
+    tiny = Path(__file__).resolve().parents[1] / "files" / "tiny"
+    pipe = load_base_pipeline(str(tiny / "base"), "cpu", progress=False)
+    space = load_space(tiny / "space")
+    model = sample_models(space, num=1, seed=0)[0]
+    kwargs = dict(seeds=[0, 1], num_inference_steps=2, guidance_scale=3.0)
+
+    def pixels(images):
+        return np.stack([np.asarray(im) for im in images])
+
+    assert space.prompt == "sks person"
+    expected = pixels(generate_from_weights(pipe, space.layout, model.weights(space), space.prompt, **kwargs))
+    assert np.array_equal(pixels(generate(pipe, space, model, **kwargs)), expected)
+    assert np.array_equal(pixels(generate(pipe, space, model.coefficients, **kwargs)), expected)
+    assert np.array_equal(pixels(generate(pipe, space, model, "sks person", **kwargs)), expected)
+    other = pixels(generate(pipe, space, model, "a photo of sks person smiling", **kwargs))
+    assert np.array_equal(other, pixels(generate_from_weights(pipe, space.layout, model.weights(space),
+                                                              "a photo of sks person smiling", **kwargs)))
+    assert not np.array_equal(other, expected)
+    base = pixels(generate_from_weights(pipe, None, None, space.prompt, **kwargs))
+    assert np.array_equal(pixels(generate(pipe, space, None, **kwargs)), base) and not np.array_equal(base, expected)
+    edited = sample_models(space, num=1, seed=1)[0]
+    delayed = dict(kwargs, injection_timestep=500)
+    assert np.array_equal(pixels(generate(pipe, space, model, edited=edited, **delayed)),
+                          pixels(generate_from_weights(pipe, space.layout, model.weights(space), space.prompt,
+                                                       edited=edited.weights(space), **delayed)))
+    old_style = r"takes a Space, got LoraLayout; .* call generate_from_weights\(pipe, layout, weights, prompt\)"
+    with pytest.raises(TypeError, match=old_style):
+        generate(pipe, space.layout, model.weights(space), space.prompt, **kwargs)
+    with pytest.raises(SpaceError, match="components asked for"):
+        generate(pipe, space, torch.zeros(space.num_components + 1), **kwargs)

@@ -141,7 +141,7 @@ def test_huge_counts_and_sizes_are_refused_with_what_fits(toy_world, toy_space, 
     assert exit_info.value.code == 2 and "--injection-timestep: expected an integer from 0 to 1000, got 5000" in \
         capsys.readouterr().err
     with pytest.raises(ArgumentError, match="injection timestep: expected an integer from 0 to 1000"):
-        pipeline.generate(pipe, None, None, "sks person", edited=torch.zeros(1), injection_timestep=1001)
+        pipeline.generate_from_weights(pipe, None, None, "sks person", edited=torch.zeros(1), injection_timestep=1001)
     with pytest.raises(ArgumentError, match="steps: expected an integer >= 1"):
-        pipeline.generate(pipe, None, None, "sks person", num_inference_steps=0)
+        pipeline.generate_from_weights(pipe, None, None, "sks person", num_inference_steps=0)
     assert not (tmp_path / "g").exists()

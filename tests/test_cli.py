@@ -133,3 +133,33 @@ def test_the_no_torchvision_notice_of_transformers_is_silenced(first):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ("requires torchvision (not installed)" in done.stderr) == (first is None), done.stderr[-2000:]
+
+
+def test_generate_prompts_with_the_space_s_prompt_by_default(toy_world, toy_space, tmp_path, monkeypatch):
+    """Without --prompt, w2w generate uses the space's trigger prompt, with a model or the base model alone;
+    the base model with a --prompt needs no space."""
+    import dataclasses
+
+    from PIL import Image
+
+    from lora_w2w import pipeline
+    from lora_w2w.storage import load_space
+
+    space = dataclasses.replace(load_space(toy_space), prompt="a photo of sks person")
+    save_space(space, tmp_path / "space")
+    save_model(W2WModel(torch.ones(3), space.id), tmp_path / "model.safetensors")
+    calls = []
+
+    def record(pipe, layout, weights, prompt, *, seeds, **settings):
+        calls.append((weights is not None, prompt))
+        return [Image.new("RGB", (8, 8))] * len(seeds)
+
+    monkeypatch.setattr(pipeline, "generate_from_weights", record)
+    common = ["--base", str(toy_world / "base"), "--device", "cpu", "--seeds", "0"]
+    model = str(tmp_path / "model.safetensors")
+    assert main(["generate", *common, "--space", str(tmp_path / "space"), "--model", model,
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["generate", *common, "--space", str(tmp_path / "space"), "--out", str(tmp_path / "b")]) == 0
+    assert main(["generate", *common, "--space", str(tmp_path / "none"), "--prompt", "a dog",
+                 "--out", str(tmp_path / "c")]) == 0
+    assert calls == [(True, "a photo of sks person"), (False, "a photo of sks person"), (False, "a dog")]

@@ -42,7 +42,7 @@ from ..dataset import WeightsDataset, add_models, matrix_source
 from ..editing import METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
 from ..errors import W2WError
 from ..network import FusedLora
-from ..pipeline import generate, load_base_pipeline
+from ..pipeline import generate, generate_from_weights, load_base_pipeline
 from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
 from ..storage import atomic_output, load_space
@@ -160,16 +160,20 @@ class Context:
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def _generate(ctx: Context, weights: torch.Tensor, settings: Settings, prompt: str | None = None,
-              negative_prompt: str = "", seeds: int | None = None) -> list[Image.Image]:
-    """Images of LoRA `weights` (N,) in the space's layout, seeds 0 .. seeds - 1 (default settings.seeds)."""
-    return generate(ctx.pipe, ctx.space.layout, weights, prompt or ctx.space.prompt, negative_prompt=negative_prompt,
-                    seeds=range(seeds or settings.seeds), num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance)
+def _generation(settings: Settings) -> dict:
+    """generate's settings: seeds 0 .. settings.seeds - 1, the steps and the guidance."""
+    return dict(seeds=range(settings.seeds), num_inference_steps=settings.steps, guidance_scale=settings.guidance)
 
 
-def _images(ctx: Context, space: Space, model: W2WModel, settings: Settings) -> list[Image.Image]:
-    return _generate(ctx, model.weights(space), settings)
+def _generate(ctx: Context, weights: torch.Tensor, settings: Settings) -> list[Image.Image]:
+    """Images of the space's prompt with LoRA `weights` (N,) in its layout (a Dreambooth LoRA, an inversion's)."""
+    return generate_from_weights(ctx.pipe, ctx.space.layout, weights, ctx.space.prompt, **_generation(settings))
+
+
+def _images(ctx: Context, space: Space, model: W2WModel, settings: Settings, prompt: str | None = None,
+            negative_prompt: str = "") -> list[Image.Image]:
+    """Images of a model of `space` (of the space's prompt by default)."""
+    return generate(ctx.pipe, space, model, prompt, negative_prompt=negative_prompt, **_generation(settings))
 
 
 def _majority(pred: Prediction) -> dict[str, bool]:
@@ -343,7 +347,7 @@ def _edited_images(ctx: Context, method: str, model: W2WModel, attribute: str, a
     space = ctx.space
     if method == "prompting":
         prompt, negative = TABLE1[attribute]["add" if add else "remove"]
-        return _generate(ctx, model.weights(space), settings, prompt, negative)
+        return _images(ctx, space, model, settings, prompt, negative)
     if method == "slider":
         with FusedLora(ctx.pipe.unet, space.layout, sliders[attribute], settings.slider_scale * (1 if add else -1)):
             return _images(ctx, space, model, settings)

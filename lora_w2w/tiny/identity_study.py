@@ -26,7 +26,7 @@ from ..errors import W2WError
 from ..flags import OneSpellingFormatter, add_flag
 from ..formats import load_peft
 from ..layout import LoraLayout
-from ..pipeline import generate, image_grid, load_base_pipeline
+from ..pipeline import generate_from_weights, image_grid, load_base_pipeline
 from ..storage import save_png
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
 from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
@@ -116,13 +116,13 @@ def main(args: argparse.Namespace) -> dict:
     evaluator = Evaluator.load(args.evaluator)
     seeds = range(args.samples)
     settings = dict(seeds=seeds, num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
-    baseline_images = generate(pipe, None, None, train.instance_prompt, **settings)
+    baseline_images = generate_from_weights(pipe, None, None, train.instance_prompt, **settings)
     rows, picture = [], []
     for seed in identity_seeds:
         identity = sample_identity(seed)
         references = [render(identity, dataset_view_seed(seed, k)) for k in range(args.images_per_identity)]
         weights = load_peft(layout, out / "loras" / identity.name)
-        images = generate(pipe, layout, weights, train.instance_prompt, **settings)
+        images = generate_from_weights(pipe, layout, weights, train.instance_prompt, **settings)
         rows.append({"name": identity.name, "lora": score_images(evaluator, images, identity, references),
                      "base": score_images(evaluator, baseline_images, identity, references)})
         picture += references[:4] + images[:4]
