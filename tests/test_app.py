@@ -173,6 +173,18 @@ def download(page, elem_id: str, folder: Path) -> Path:
     return path
 
 
+def replace_invert_files(page, paths: list[Path]) -> None:
+    """Clear the Invert tab's files, then upload `paths` and wait until the file list has a row for each
+    (a row names its file in its aria-label; its text splits the name into stem and extension)."""
+    rows = "#invert-file td.filename"
+    page.click("#invert-file button[aria-label=Clear]")
+    page.wait_for_function(f"!document.querySelector({rows!r})", timeout=JOB_TIMEOUT)
+    page.set_input_files("#invert-file input[type=file]", [str(p) for p in paths])
+    names = [p.name for p in paths]
+    page.wait_for_function(f"{names!r}.every(name => [...document.querySelectorAll({rows!r})]"
+                           f".some(row => row.getAttribute('aria-label') === name))", timeout=JOB_TIMEOUT)
+
+
 def test_browser_sample_edit_invert_download_and_errors(server, server_process, browser, space, tmp_path):
     page = browser.new_page()
     requests = []
@@ -225,8 +237,8 @@ def test_browser_sample_edit_invert_download_and_errors(server, server_process, 
     # invert: upload the face, draw a mask stroke, invert a few steps
     page.get_by_role("tab", name="Invert").click()
     page.set_input_files("#invert-file input[type=file]", str(FACE))
-    page.wait_for_function("document.querySelector('#invert-editor canvas') && "
-                           "document.querySelector('#invert-file').innerText.includes('face.png')", timeout=JOB_TIMEOUT)
+    page.wait_for_function("document.querySelector('#invert-editor canvas') && document.querySelector("
+                           "'#invert-file td.filename[aria-label=\"face.png\"]')", timeout=JOB_TIMEOUT)
     page.wait_for_timeout(500)  # the background drawn into the canvas
     page.get_by_role("button", name="Brush", exact=True).click()
     canvas = page.locator("#invert-editor canvas").first.bounding_box()
@@ -247,10 +259,7 @@ def test_browser_sample_edit_invert_download_and_errors(server, server_process, 
     assert f"inverted (real, {steps} steps, with the mask drawn)" in status
 
     # two photos of the face, cut around it, inside the auto mask: a new model and the two fitted crops
-    page.click("#invert-file button[aria-label=Clear]")
-    page.set_input_files("#invert-file input[type=file]", [str(FACE), str(FACE_256)])
-    page.wait_for_function("document.querySelector('#invert-file').innerText.includes('face_256.png')",
-                           timeout=JOB_TIMEOUT)
+    replace_invert_files(page, [FACE, FACE_256])
     page.check("#invert-crop input[type=checkbox]")
     page.check("#invert-auto-mask input[type=checkbox]")
     page.fill("#invert-steps input", "3")
@@ -260,11 +269,8 @@ def test_browser_sample_edit_invert_download_and_errors(server, server_process, 
     assert "face_256.png: auto mask" in page.inner_text("#invert-fitted")
 
     # a photo without a face under Crop to face: one line saying so, before any inversion
-    page.click("#invert-file button[aria-label=Clear]")
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
-    page.set_input_files("#invert-file input[type=file]", str(tmp_path / "coffee.jpg"))
-    page.wait_for_function("document.querySelector('#invert-file').innerText.includes('coffee.jpg')",
-                           timeout=JOB_TIMEOUT)
+    replace_invert_files(page, [tmp_path / "coffee.jpg"])
     page.click("#invert-button")
     page.get_by_text(re.compile(r"w2w: error: coffee\.jpg: no face found .*untick Crop to face")).wait_for(
         timeout=JOB_TIMEOUT)
