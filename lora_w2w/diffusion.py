@@ -9,8 +9,8 @@ timesteps that make the noisy latents x_t and the UNet's training target.
     sampler = StepSampler(0, num_instance=len(mean), num_class=0, batch_size=1,
                           latent_shape=tuple(mean.shape[1:]), num_train_timesteps=1000)
     batch = sampler.next()
-    noisy, target = noisy_latents(mean[batch.instance], std[batch.instance], batch,
-                                  scaling_factor=pipe.vae.config.scaling_factor, scheduler=scheduler)
+    noisy, timesteps, target = noisy_latents(mean[batch.instance], std[batch.instance], batch,
+                                             scaling_factor=pipe.vae.config.scaling_factor, scheduler=scheduler)
 
 Letters: I images, b instance samples per step, n samples per step (instance and class), C latent
 channels, h x w latent size, R image size, L tokens, D text width.
