@@ -28,7 +28,7 @@ if [[ "${1:-tiny}" == "sd15" ]]; then
 else
   # FACES, OUT, MAX_TRAIN_STEPS and NUM_CLASS_IMAGES may be set to try it quickly (the tests do)
   faces=${FACES:-data/faces} out=${OUT:-outputs}
-  [[ -d "$faces/celeba_generated/000000" ]] || python -m lora_w2w.tiny.faces --out "$faces" --num 4
+  [[ -d "$faces/celeba_generated/000000" ]] || python -m lora_w2w.tiny.synthetic --out "$faces" --num 4
   # without a GPU accelerate would run one thread (OMP_NUM_THREADS=1): give it the cores
   accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process "${OMP_NUM_THREADS:-$(nproc)}" \

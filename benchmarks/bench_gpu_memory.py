@@ -70,7 +70,7 @@ from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
 from lora_w2w.pipeline import generate_from_weights, resolve_dtype
 from lora_w2w.space import TRIGGER_PROMPT
-from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, build_tokenizer
+from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, build_tokenizer
 from lora_w2w.train_identities import identity_banks
 
 GIB = 2 ** 30

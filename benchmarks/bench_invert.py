@@ -63,7 +63,7 @@ def base_pipeline():
     """The trained tiny base when present, else a randomly initialised one of the same size (same cost)."""
     if (TINY_BASE / "model_index.json").is_file():
         return load_base_pipeline(str(TINY_BASE), device="cpu", progress=False), str(TINY_BASE)
-    from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline
+    from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline
 
     pipe = build_pipeline(TinyPipelineConfig(), seed=0)
     pipe.set_progress_bar_config(disable=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from lora_w2w.tiny.build import LORA_RECIPE, recipe_flags
-from lora_w2w.tiny.faces import write_dataset
+from lora_w2w.tiny.synthetic import write_dataset
 
 TINY_BASE = Path("files/tiny/base")
 TRAIN_DREAMBOOTH = Path(__file__).resolve().parents[1] / "train_dreambooth.py"
@@ -46,7 +46,7 @@ def base_model(workdir: Path) -> str:
     """The committed tiny base, or a randomly initialised one of the same architecture (same cost)."""
     if (TINY_BASE / "model_index.json").is_file():
         return str(TINY_BASE)
-    from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, save_pipeline
+    from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, save_pipeline
 
     save_pipeline(build_pipeline(TinyPipelineConfig(), seed=0), workdir / "base")
     return str(workdir / "base")

@@ -459,7 +459,7 @@ def add_sample_parser(commands) -> None:
 
 def add_edit_parsers(commands) -> None:
     """`w2w edit` and `w2w directions`: the attribute directions of a space."""
-    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_METHOD, METHODS, MODELS_PER_COMPONENT
+    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_DIRECTION_METHOD, DIRECTION_METHODS, MODELS_PER_COMPONENT
 
     components = (f"(default: {DEFAULT_EDIT_COMPONENTS:,} as in the paper; for least squares and logistic at most "
                   f"M/{MODELS_PER_COMPONENT} of the space's M dataset models)")
@@ -474,7 +474,7 @@ def add_edit_parsers(commands) -> None:
     edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
-    edit.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+    edit.add_argument("--method", choices=DIRECTION_METHODS, default=DEFAULT_DIRECTION_METHOD,
                       help="how directions are found: the difference of the two classes' mean coefficients "
                            "(default: the change that goes with the attribute), least squares (the paper's, "
                            "which detects the attribute better than it edits it) or logistic regression")
@@ -487,7 +487,7 @@ def add_edit_parsers(commands) -> None:
                                      description="For every ±1 attribute of the space: frequency and held-out "
                                                  "(balanced) accuracy of its linear direction.")
     add_space(directions)
-    directions.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+    directions.add_argument("--method", choices=DIRECTION_METHODS, default=DEFAULT_DIRECTION_METHOD,
                             help="how directions are fitted (default: %(default)s)")
     directions.add_argument("--components", "-k", type=COUNT, default=None,
                             help=f"K used {components}")
@@ -613,7 +613,7 @@ def add_dataset_parsers(commands) -> None:
     """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
     from .dataset import DEFAULT_SHARD_SIZE
     from .pca import (BACKENDS, DEFAULT_MEMORY, DEFAULT_OVERSAMPLES, DEFAULT_POWER_ITERATIONS, EXACT_PREFERENCE,
-                      METHODS)
+                      PCA_METHODS)
 
     collect = commands.add_parser(
         "collect", help="gather LoRAs (or the released all_weights.pt) into a weights dataset on disk",
@@ -655,7 +655,7 @@ def add_dataset_parsers(commands) -> None:
     build.add_argument("--backend", choices=BACKENDS, default="torch",
                        help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
                             "(default: %(default)s)")
-    build.add_argument("--method", choices=METHODS, default="auto",
+    build.add_argument("--method", choices=PCA_METHODS, default="auto",
                        help="torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized "
                             f"(subspace iteration); auto: exact when it fits --memory and costs at most "
                             f"{EXACT_PREFERENCE}x the randomized route (default: %(default)s)")
@@ -701,10 +701,10 @@ def run(argv: list[str]) -> int:
 
         return train_main(argv[1:])
     if argv[:1] == ["evaluate"]:
-        from .tiny import evaluate
+        from .tiny import tables
 
         try:
-            evaluate.main(evaluate.parse_args(argv[1:]))
+            tables.main(tables.parse_args(argv[1:]))
         except W2WError as error:
             print(f"w2w evaluate: error: {error}", file=sys.stderr)
             return 2

@@ -71,7 +71,7 @@ class Demo:
 
     def faces(self) -> dict:
         """Synthetic identities of the tiny world, 4 views each, labelled with their attributes."""
-        from .tiny.faces import caption, dataset_view_seed, render, sample_identity
+        from .tiny.synthetic import caption, dataset_view_seed, render, sample_identity
 
         identities = [sample_identity(seed) for seed in FACE_SEEDS]
         images = [render(identity, dataset_view_seed(seed, k)) for seed, identity in zip(FACE_SEEDS, identities)
@@ -156,7 +156,7 @@ class Demo:
         """The evaluator's scores of sampling and editing, measured here with fewer models than w2w evaluate,
         and from w2w evaluate's report of the same space (--evaluation): its editing scores over more models
         and its inversion scores."""
-        from .tiny.evaluate import Context, Settings, evaluate_editing, evaluate_sampling
+        from .tiny.tables import Context, Settings, evaluate_editing, evaluate_sampling
 
         settings = Settings(samples=4, seeds=3, steps=self.args.steps, guidance=self.args.guidance)
         context = Context(self.pipe, self.space, self.evaluator)
@@ -211,7 +211,7 @@ def _met(ok: bool, target: str) -> str:
 
 def _evaluation_table(result: dict) -> list[str]:
     """The evaluator's figures next to the paper's claims, each with its target and whether it is met."""
-    from .tiny.evaluate import EDITED, PAPER
+    from .tiny.tables import EDITED, PAPER
 
     sampling, editing = result["sampling"], result["editing"]
     consistency_target, targets = sampling["target"], editing["targets"]

@@ -78,7 +78,7 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- noise and timesteps
 
 @dataclass
-class Batch:
+class StepBatch:
     """One step's randomness: b instance then b class samples (n in all)."""
 
     instance: torch.Tensor   # (b,) indices into the instance images
@@ -99,17 +99,17 @@ class StepSampler:
         self.num_instance, self.num_class, self.batch_size = num_instance, num_class, batch_size
         self.latent_shape, self.num_train_timesteps = latent_shape, num_train_timesteps
 
-    def next(self) -> Batch:
+    def next(self) -> StepBatch:
         g, b = self.generator, self.batch_size
         instance = torch.randint(self.num_instance, (b,), generator=g)
         prior = torch.randint(self.num_class, (b,), generator=g) if self.num_class else torch.zeros(0, dtype=torch.long)
         n = b + len(prior)
-        return Batch(instance, prior, torch.randn(n, *self.latent_shape, generator=g),
+        return StepBatch(instance, prior, torch.randn(n, *self.latent_shape, generator=g),
                      torch.randn(n, *self.latent_shape, generator=g),
                      torch.randint(self.num_train_timesteps, (n,), generator=g))
 
 
-def noisy_latents(mean: torch.Tensor, std: torch.Tensor, batch: Batch, *, scaling_factor: float,
+def noisy_latents(mean: torch.Tensor, std: torch.Tensor, batch: StepBatch, *, scaling_factor: float,
                   scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The latent distributions (n, C, h, w) of a batch's n samples -> (noisy latents x_t (n, C, h, w),
     timesteps (n,), the UNet's target (n, C, h, w): the noise, or the velocity for a v-prediction

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .diffusion import Batch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
+from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import W2WError
 from .flags import add_flag, flag, spellings
 from .images import IMAGE_SUFFIXES, eight_bit
@@ -188,7 +188,7 @@ class SharedData:
     scheduler: object            # a diffusers DDPMScheduler
 
 
-def noisy_inputs(identity: IdentityData, shared: SharedData, batch: Batch):
+def noisy_inputs(identity: IdentityData, shared: SharedData, batch: StepBatch):
     """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w)), on
     the device of the cached latents."""
     mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])  # (n, C, h, w)

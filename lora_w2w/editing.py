@@ -37,7 +37,7 @@ from .space import Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
 MODELS_PER_COMPONENT = 10  # least squares overfits with fewer than ~10 models per unknown
-DEFAULT_METHOD = "mean_difference"  # moves along what the attribute changes; least squares finds what tells it apart
+DEFAULT_DIRECTION_METHOD = "mean_difference"  # moves along what the attribute changes; least squares finds what tells it apart
 DEBIAS_MODES = ("project", "orthogonalize")
 
 
@@ -65,7 +65,7 @@ def mean_difference_direction(coefficients: torch.Tensor, labels: torch.Tensor) 
 
 FITS = {"least_squares": least_squares_direction, "logistic": logistic_direction,
         "mean_difference": mean_difference_direction}  # method -> fit(C (M, K), y (M,)) -> d (K,)
-METHODS = tuple(FITS)
+DIRECTION_METHODS = tuple(FITS)
 
 
 def debias(direction: torch.Tensor, others: list[torch.Tensor], mode: str = "project") -> torch.Tensor:
@@ -117,11 +117,11 @@ class Direction:
         return strength * self.std * self.vector
 
 
-def fit_direction(space: Space, attribute: str, k: int | None = None, method: str = DEFAULT_METHOD,
+def fit_direction(space: Space, attribute: str, k: int | None = None, method: str = DEFAULT_DIRECTION_METHOD,
                   rows: np.ndarray | None = None) -> torch.Tensor:
     """The raw direction (k,) of `attribute` fitted on the dataset models `rows` (default: all)."""
-    if method not in METHODS:
-        raise SpaceError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in DIRECTION_METHODS:
+        raise SpaceError(f"unknown method {method!r}; expected one of {', '.join(DIRECTION_METHODS)}")
     coefficients = _coefficients(space, k, method)
     labels = attribute_labels(space, attribute)
     if rows is not None:
@@ -132,7 +132,7 @@ def fit_direction(space: Space, attribute: str, k: int | None = None, method: st
 
 
 def attribute_directions(space: Space, attributes: list[str], k: int | None = None,
-                         method: str = DEFAULT_METHOD, debias_against: list[str] | None = None,
+                         method: str = DEFAULT_DIRECTION_METHOD, debias_against: list[str] | None = None,
                          debias_mode: str = "project") -> dict[str, Direction]:
     """Unit directions of `attributes`, each debiased against `debias_against` (minus itself)."""
     coefficients = _coefficients(space, k, method)
@@ -161,7 +161,7 @@ def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[s
     return W2WModel(coefficients, model.space_id)
 
 
-def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_METHOD,
+def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_DIRECTION_METHOD,
                      held_out: float = 0.2, seed: int = 0) -> pd.DataFrame:
     """For each ±1 attribute: positives, and held-out accuracy / balanced accuracy of sign(C d + b)
     with d fitted on the other models (least squares: b = the training labels' mean, the intercept of
@@ -192,7 +192,7 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_M
     return pd.DataFrame(rows).set_index("attribute")
 
 
-def edit_components(space: Space, method: str = DEFAULT_METHOD) -> int:
+def edit_components(space: Space, method: str = DEFAULT_DIRECTION_METHOD) -> int:
     """The default K of directions: the paper's 1,000; for a fit (least squares, logistic) at most M / 10,
     so that it does not overfit. A mean difference fits nothing and takes all 1,000."""
     if method == "mean_difference":
@@ -200,7 +200,7 @@ def edit_components(space: Space, method: str = DEFAULT_METHOD) -> int:
     return max(1, min(DEFAULT_EDIT_COMPONENTS, space.num_models // MODELS_PER_COMPONENT))
 
 
-def _coefficients(space: Space, k: int | None, method: str = DEFAULT_METHOD) -> torch.Tensor:
+def _coefficients(space: Space, k: int | None, method: str = DEFAULT_DIRECTION_METHOD) -> torch.Tensor:
     """The dataset's coefficients (M, k) on the first k components (default: edit_components)."""
     if space.coefficients is None:
         raise SpaceError("the space has no dataset coefficients: directions cannot be fitted")

@@ -52,7 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .checks import check_int, check_number, check_seed
-from .diffusion import Batch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
+from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
 from .images import IMAGE_SUFFIXES, eight_bit
 from .layout import LoraLayout
@@ -300,7 +300,7 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coefficients: torch.Tensor,
-                   target: Target, scheduler, batch: Batch) -> torch.Tensor:
+                   target: Target, scheduler, batch: StepBatch) -> torch.Tensor:
     """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw:
     on the B images of the target that `batch.instance` picks."""
     picked = batch.instance.to(target.latent_mean.device)                                       # (B,)

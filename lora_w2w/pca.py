@@ -59,7 +59,7 @@ from .storage import (WRITE_BLOCK_BYTES, Output, atomic_output, mmap_tensor, own
                       write_tensors)
 
 BACKENDS = ("torch", "dask")
-METHODS = ("auto", "exact", "randomized")
+PCA_METHODS = ("auto", "exact", "randomized")
 DEFAULT_MEMORY = "4GB"
 DEFAULT_OVERSAMPLES = 10
 DEFAULT_POWER_ITERATIONS = 4
@@ -268,8 +268,8 @@ def plan(m: int, n: int, k: int, memory: int, method: str = "auto", oversamples:
     counted in). 'auto' takes the exact route when it fits and either costs at most EXACT_PREFERENCE
     times the randomized route or is small (SMALL_FLOPS), else the randomized route."""
     check_components(m, n, k)
-    if method not in METHODS:
-        raise W2WError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    if method not in PCA_METHODS:
+        raise W2WError(f"method {method!r}: expected one of {', '.join(PCA_METHODS)}")
     if oversamples < 0 or power_iterations < 0:
         raise W2WError(f"oversamples ({oversamples}) and power iterations ({power_iterations}) must be >= 0")
     budget = memory - OVERHEAD_BYTES
@@ -601,7 +601,7 @@ class BuildConfig:
     backend: str = field(default="torch", metadata={
         "help": f"one of {', '.join(BACKENDS)}: streamed on this machine, or dask.array on a dask.distributed cluster"})
     method: str = field(default="auto", metadata={
-        "help": f"torch backend, one of {', '.join(METHODS)}: auto takes the exact route when it fits `memory` and "
+        "help": f"torch backend, one of {', '.join(PCA_METHODS)}: auto takes the exact route when it fits `memory` and "
                 f"costs at most {EXACT_PREFERENCE}x the randomized one"})
     oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={"help": "randomized: extra trial vectors beyond K"})
     power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS,

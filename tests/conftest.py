@@ -75,8 +75,8 @@ def space(layout):
 def toy_world(tmp_path_factory):
     """A randomly initialised tiny pipeline (32 px, the tiny world's architecture at toy width) saved as a
     diffusers folder, and 3 identities of 4 faces each."""
-    from lora_w2w.tiny.faces import write_dataset
-    from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, save_pipeline
+    from lora_w2w.tiny.synthetic import write_dataset
+    from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, save_pipeline
 
     root = tmp_path_factory.mktemp("toy_world")
     config = TinyPipelineConfig(image_size=32, text_hidden=32, text_layers=1, text_heads=2, vae_channels=(16, 16, 16),
@@ -91,7 +91,7 @@ def toy_space(toy_world, tmp_path_factory):
     """A random space (K = 16, M = 60 with every attribute of the tiny world) for the toy pipeline's
     UNet; its std is scaled so that its models visibly change the toy UNet."""
     from lora_w2w.storage import save_space
-    from lora_w2w.tiny.faces import ATTRIBUTES
+    from lora_w2w.tiny.synthetic import ATTRIBUTES
 
     unet = UNet2DConditionModel.from_pretrained(toy_world / "base", subfolder="unet")
     space = make_space(LoraLayout.from_unet(unet), k=16, m=60, seed=0)

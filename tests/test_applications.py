@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_space
 
-from lora_w2w.editing import (DEFAULT_METHOD, METHODS, apply_edits, attribute_directions, debias, direction_report,
+from lora_w2w.editing import (DEFAULT_DIRECTION_METHOD, DIRECTION_METHODS, apply_edits, attribute_directions, debias, direction_report,
                               edit_components, least_squares_direction, mean_difference_direction, spread_along)
 from lora_w2w.errors import ArgumentError, SpaceError, W2WError
 from lora_w2w.layout import LoraLayer, LoraLayout
@@ -151,8 +151,8 @@ def test_the_cli_offers_every_editing_method():
     from lora_w2w.cli import build_parser
 
     for command in (["edit", "--model", "m", "--edit", "Bald=1", "--out", "o"], ["directions"]):
-        assert build_parser().parse_args(command).method == DEFAULT_METHOD
-        for method in METHODS:
+        assert build_parser().parse_args(command).method == DEFAULT_DIRECTION_METHOD
+        for method in DIRECTION_METHODS:
             assert build_parser().parse_args([*command, "--method", method]).method == method
 
 

@@ -43,7 +43,7 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path, 
     assert f"(from {evaluation}, 32 models)" in quoted and "| 25% / 95% / 0.70 | **no** (>= 80% / >= 90%) |" in quoted
     inversion = next(line for line in markdown.splitlines() if line.startswith("| inversion of one image"))
     assert "0.50 / 0.60 / 0.70" in inversion and "**no** (w2w > 1-image Dreambooth)" in inversion
-    assert "| ID score 0.64 / 0.43 / 0.69 (Table 2) |" in inversion  # the paper's, from evaluate.PAPER
+    assert "| ID score 0.64 / 0.43 / 0.69 (Table 2) |" in inversion  # the paper's, from tables.PAPER
     assert "90% / 80% / 95%" in markdown
 
 

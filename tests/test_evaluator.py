@@ -13,7 +13,7 @@ from lora_w2w.errors import FileFormatError
 from lora_w2w.tiny import evaluator as ev
 from lora_w2w.tiny.evaluator import (LABELS, Evaluator, attribute_agreement, identity_embedding,
                                      identity_similarity)
-from lora_w2w.tiny.faces import ATTRIBUTES, TRAITS, attribute_row, dataset_view_seed, render, sample_identity
+from lora_w2w.tiny.synthetic import ATTRIBUTES, TRAITS, attribute_row, dataset_view_seed, render, sample_identity
 
 ARTIFACT = Path(__file__).resolve().parents[1] / ev.DEFAULT_PATH
 READABLE_TRAITS = {"skin_tone": 0.06, "face_width": 0.09, "eye_spacing": 0.09, "nose_length": 0.11,
@@ -114,7 +114,7 @@ def test_load_errors(tmp_path):
 
 
 def test_toy_training_run(tmp_path, capsys):
-    from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, save_pipeline
+    from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, save_pipeline
 
     config = TinyPipelineConfig(text_hidden=32, text_layers=1, text_heads=2, vae_channels=(32, 32, 32),
                                 unet_channels=(32, 32, 32))

@@ -3,7 +3,7 @@ asked attribute values, an equal share each."""
 import pytest
 
 from lora_w2w.errors import W2WError
-from lora_w2w.tiny.faces import sample_identity, write_dataset
+from lora_w2w.tiny.synthetic import sample_identity, write_dataset
 from lora_w2w.tiny.identity_study import STUDY_SEEDS, parse_having, study_seeds
 
 

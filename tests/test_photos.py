@@ -218,18 +218,18 @@ def test_a_photo_with_a_face_draws_no_warning():
 def test_the_multi_image_evaluation_scores_each_number_of_views(toy_world, tmp_path):
     """`w2w evaluate`'s multi_image_inversion section, on the toy pipeline with a random space (the figures
     come from the tiny world: files/tiny/README.md)."""
-    from lora_w2w.tiny import evaluate
+    from lora_w2w.tiny import tables
     from lora_w2w.tiny.evaluator import Evaluator
 
     toy = load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
     space = make_space(LoraLayout.from_unet(toy.unet), k=4)
-    settings = evaluate.Settings(seeds=1, steps=2, inversions=1, inversion_steps=2)
-    context = evaluate.Context(toy, space, Evaluator.load(ROOT / "files/tiny/evaluator.safetensors"))
-    report = evaluate.evaluate_multi_image_inversion(context, settings)
+    settings = tables.Settings(seeds=1, steps=2, inversions=1, inversion_steps=2)
+    context = tables.Context(toy, space, Evaluator.load(ROOT / "files/tiny/evaluator.safetensors"))
+    report = tables.evaluate_multi_image_inversion(context, settings)
     assert {"1 view", "3 views", "5 views"} <= set(report) and report["scored_against_views"] == [5, 6, 7, 8, 9]
     for views in ("1 view", "3 views", "5 views"):
         assert -1 <= report[views]["identity_similarity"] <= 1
         assert report[views]["attribute_agreement"] in {a / 13 for a in range(14)}  # 13 attributes of one image
     assert report["config"]["steps"] == 2 and report["identities"] == 1
     assert report["face_detection_rate"] in {n / 10 for n in range(11)}  # the identity's 10 views
-    assert "multi_image_inversion" in evaluate.parse_args([]).only
+    assert "multi_image_inversion" in tables.parse_args([]).only

@@ -40,7 +40,7 @@ def test_train_sh_uses_the_venv_beside_it_without_activation(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "No module named" not in done.stderr
     calls = log.read_text().splitlines()
-    assert calls[0].startswith("python -m lora_w2w.tiny.faces") and calls[1].startswith("accelerate launch")
+    assert calls[0].startswith("python -m lora_w2w.tiny.synthetic") and calls[1].startswith("accelerate launch")
     assert "--pretrained_model_name_or_path files/tiny/base" in calls[1]
     assert (tmp_path / "faces" / "celeba_generated" / "000000").is_dir()
 

@@ -23,7 +23,7 @@ from lora_w2w.cli import main as w2w
 from lora_w2w.formats import load_kohya, load_peft
 from lora_w2w.layout import sd15_layout
 from lora_w2w.storage import load_model, load_space
-from lora_w2w.tiny.pipeline import build_tokenizer, save_pipeline
+from lora_w2w.tiny.base_model import build_tokenizer, save_pipeline
 
 pytestmark = pytest.mark.slow
 

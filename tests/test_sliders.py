@@ -9,7 +9,7 @@ from lora_w2w.errors import W2WError
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import LoraUNet
 from lora_w2w.sliders import SliderConfig, negate, slider_targets, train_slider
-from lora_w2w.tiny.pipeline import load_pipeline
+from lora_w2w.tiny.base_model import load_pipeline
 
 POSITIVE, NEGATIVE, TARGET = "a photo of a man", "a photo of a woman", "a photo of a person"
 

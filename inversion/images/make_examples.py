@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lora_w2w.tiny import faces
+from lora_w2w.tiny import synthetic
 
 HERE = Path(__file__).parent
 FACE_SEED = 3_000_123
@@ -25,15 +25,15 @@ DRAWING_SEED = 11
 SUPERSAMPLE = 4
 
 
-def face_mask(identity: faces.Identity, view_seed: int, size: int) -> Image.Image:
+def face_mask(identity: synthetic.Identity, view_seed: int, size: int) -> Image.Image:
     """White where render(identity, view_seed) draws the head (face, hair or bald cranium)."""
     side = size * SUPERSAMPLE
     mask = Image.new("L", (side, side), 0)
-    pen = faces._Pen(ImageDraw.Draw(mask), side, faces.sample_view(view_seed))
-    look = faces._look(identity)
-    cy, rx, ry = faces._hair_outer(look)
+    pen = synthetic._Pen(ImageDraw.Draw(mask), side, synthetic.sample_view(view_seed))
+    look = synthetic._look(identity)
+    cy, rx, ry = synthetic._hair_outer(look)
     pen.ellipse(0, cy, rx, ry, 255)
-    pen.polygon(faces._face_outline(look), 255)
+    pen.polygon(synthetic._face_outline(look), 255)
     return mask.resize((size, size), Image.LANCZOS)
 
 
@@ -83,8 +83,8 @@ def drawing(size: int = 256) -> tuple[Image.Image, Image.Image]:
 
 
 def main() -> None:
-    identity = faces.sample_identity(FACE_SEED)
-    face = faces.render(identity, FACE_VIEW_SEED, 64)
+    identity = synthetic.sample_identity(FACE_SEED)
+    face = synthetic.render(identity, FACE_VIEW_SEED, 64)
     face.save(HERE / "face.png", optimize=True)
     face.resize((256, 256), Image.LANCZOS).save(HERE / "face_256.png", optimize=True)
     face_mask(identity, FACE_VIEW_SEED, 64).save(HERE / "face_mask.png", optimize=True)

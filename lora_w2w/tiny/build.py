@@ -68,7 +68,7 @@ def stage_evaluator(out: Path, work: Path) -> None:
 
 def identity_table(identities: int) -> pd.DataFrame:
     """The attribute table (index "name") of the space's identities, seeds 0 .. identities - 1."""
-    from .faces import attribute_row, sample_identity
+    from .synthetic import attribute_row, sample_identity
 
     rows = [{"name": identity.name, **attribute_row(identity)} for identity in map(sample_identity, range(identities))]
     return pd.DataFrame(rows).set_index("name")
@@ -82,7 +82,7 @@ def collected(weights: Path) -> set[str]:
 def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: int, processes: int) -> None:
     """Train the identities that weights/ lacks."""
     from .. import train_identities
-    from .faces import write_dataset
+    from .synthetic import write_dataset
 
     if set(identity_table(identities).index) <= collected(out / "weights"):
         print(f"identity LoRAs: all {identities} in {out / 'weights'}, skipped")

@@ -1,5 +1,5 @@
 """The tiny world's evaluator: a small CNN that reads the CelebA attributes, the expression and the
-identity traits of `faces` off 64 x 64 images, and whether a face is there at all. It stands in for
+identity traits of `synthetic` off 64 x 64 images, and whether a face is there at all. It stands in for
 the paper's attribute classifiers and its FaceNet identity score: sampling, editing and inversion
 on the tiny world are scored with it.
 
@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from lora_w2w.images import eight_bit
 from lora_w2w.errors import FileFormatError
 from lora_w2w.storage import atomic_output
-from lora_w2w.tiny import faces
-from lora_w2w.tiny.faces import ATTRIBUTES, IMAGE_ATTRIBUTES, TRAITS
+from lora_w2w.tiny import synthetic
+from lora_w2w.tiny.synthetic import ATTRIBUTES, IMAGE_ATTRIBUTES, TRAITS
 
 DEFAULT_PATH = "files/tiny/evaluator.safetensors"
 FORMAT = "lora_w2w.tiny.evaluator/1"
@@ -232,7 +232,7 @@ def images_to_tensor(images, size: int = 64) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def _population(num_identities: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (D,) of the embedding features of `num_identities` true identities (seeds 0..)."""
-    people = [faces.sample_identity(seed) for seed in range(num_identities)]
+    people = [synthetic.sample_identity(seed) for seed in range(num_identities)]
     traits = np.stack([p.traits for p in people])  # (M, T)
     attributes = np.array([[p.attributes[a] for a in ATTRIBUTES] for p in people], np.float64)  # (M, A)
     features = _embedding_features(traits, 2 * attributes - 1)  # (M, D)
@@ -283,7 +283,7 @@ def feature_distance(evaluator: Evaluator, a, b) -> np.ndarray:
 
 def attribute_agreement(pred: Prediction, truth, attributes=ATTRIBUTES) -> float:
     """Fraction of `attributes` (over all rows of `pred`) read as in `truth`: a dict name -> bool or
-    a Series of bools or +1/-1 (a row of faces.attribute_row / attributes.csv)."""
+    a Series of bools or +1/-1 (a row of synthetic.attribute_row / attributes.csv)."""
     expected = np.array([bool(truth[a] > 0) for a in attributes])  # (A,)
     read = pred.attributes[list(attributes)].to_numpy() > 0  # (B, A)
     return float((read == expected).mean())
@@ -293,7 +293,7 @@ def attribute_agreement(pred: Prediction, truth, attributes=ATTRIBUTES) -> float
 # Data: faces with labels, non-faces, degradations like those of generated images
 
 @dataclass
-class Batch:
+class TrainingBatch:
     images: torch.Tensor      # (B, 3, S, S) in [0, 1]
     labels: torch.Tensor      # (B, len(LABELS)) 0/1, rows of non-faces are ignored
     traits: torch.Tensor      # (B, T) in [0, 1]
@@ -304,9 +304,9 @@ def render_faces(identity_seeds, view_seeds, size: int = 64):
     """PIL images, labels (B, len(LABELS)) and traits (B, T) of identities seen in views."""
     images, labels, traits = [], [], []
     for seed, view_seed in zip(identity_seeds, view_seeds):
-        person = faces.sample_identity(int(seed))
-        images.append(faces.render(person, int(view_seed), size))
-        labels.append([person.attributes[a] for a in ATTRIBUTES] + [faces.view_smiling(int(view_seed))])
+        person = synthetic.sample_identity(int(seed))
+        images.append(synthetic.render(person, int(view_seed), size))
+        labels.append([person.attributes[a] for a in ATTRIBUTES] + [synthetic.view_smiling(int(view_seed))])
         traits.append(person.traits)
     return images, np.array(labels, np.float32), np.stack(traits)
 
@@ -327,8 +327,8 @@ def non_face(rng: np.random.Generator, size: int = 64) -> Image.Image:
             w, h = rng.uniform(0.1, 0.7, 2) * size
             draw.ellipse([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         return image
-    person = faces.sample_identity(int(rng.integers(2**31)))  # a face in 4 x 4 shuffled tiles
-    tiles = np.asarray(faces.render(person, int(rng.integers(2**31)), size))  # (S, S, 3)
+    person = synthetic.sample_identity(int(rng.integers(2**31)))  # a face in 4 x 4 shuffled tiles
+    tiles = np.asarray(synthetic.render(person, int(rng.integers(2**31)), size))  # (S, S, 3)
     t = size // 4
     tiles = tiles.reshape(4, t, 4, t, 3).transpose(0, 2, 1, 3, 4).reshape(16, t, t, 3)
     tiles = tiles[rng.permutation(16)].reshape(4, 4, t, t, 3).transpose(0, 2, 1, 3, 4)
@@ -390,8 +390,8 @@ def vae_round_trip(vae, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def training_batch(step: int, args: argparse.Namespace, vae=None) -> Batch:
-    """Batch `step`: fresh identities (one view each), a share of non-faces, all augmented, and
+def training_batch(step: int, args: argparse.Namespace, vae=None) -> TrainingBatch:
+    """TrainingBatch `step`: fresh identities (one view each), a share of non-faces, all augmented, and
     a share passed through the VAE. Deterministic from (args.seed, step)."""
     rng = np.random.default_rng([args.seed, step])
     b = args.batch_size
@@ -411,7 +411,7 @@ def training_batch(step: int, args: argparse.Namespace, vae=None) -> Batch:
     all_labels = np.zeros((b, len(LABELS)), np.float32)
     all_traits = np.full((b, len(TRAITS)), 0.5, np.float32)
     all_labels[is_face], all_traits[is_face] = labels, traits
-    return Batch(x, torch.from_numpy(all_labels), torch.from_numpy(all_traits), torch.from_numpy(is_face))
+    return TrainingBatch(x, torch.from_numpy(all_labels), torch.from_numpy(all_traits), torch.from_numpy(is_face))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def trait_targets(traits: torch.Tensor) -> torch.Tensor:
                       for i, t in enumerate(TRAITS)], dim=1)
 
 
-def loss_fn(model: Evaluator, batch: Batch, trait_weight: float) -> torch.Tensor:
+def loss_fn(model: Evaluator, batch: TrainingBatch, trait_weight: float) -> torch.Tensor:
     """BCE on attributes and MSE on traits (faces only) plus BCE on face / not a face."""
     logits, trait_out, face_logit = model(batch.images)  # (B, A), (B, TRAIT_OUTPUTS), (B,)
     face = batch.is_face  # (B,)
@@ -445,7 +445,7 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.args.steps
 
-    def __getitem__(self, step: int) -> Batch:
+    def __getitem__(self, step: int) -> TrainingBatch:
         return training_batch(step, self.args, self.vae)
 
 
@@ -517,7 +517,7 @@ def measure(model: Evaluator, num_identities: int, views: int, vae=None,
     """Held-out numbers: per-attribute accuracy and trait MAE on clean, blurred+noisy and (with a
     VAE) VAE-round-tripped renders; identity verification; face confidence on faces vs non-faces."""
     people = np.repeat(np.arange(first_seed, first_seed + num_identities), views)  # (B,)
-    view_seeds = [faces.dataset_view_seed(int(s), k) for s in range(first_seed, first_seed + num_identities)
+    view_seeds = [synthetic.dataset_view_seed(int(s), k) for s in range(first_seed, first_seed + num_identities)
                   for k in range(views)]
     images, labels, traits = render_faces(people, view_seeds)
     rng = np.random.default_rng(first_seed)
@@ -538,7 +538,7 @@ def measure(model: Evaluator, num_identities: int, views: int, vae=None,
 def measure_samples(model: Evaluator, pipeline_path: str | os.PathLike, num_samples: int, steps: int) -> dict:
     """Score the base pipeline's samples of PERSON_PROMPT (seeds 0..num_samples-1): how often the
     evaluator sees a face, and the attribute frequencies it reads (beside those of `faces`)."""
-    from lora_w2w.tiny.pipeline import load_pipeline
+    from lora_w2w.tiny.base_model import load_pipeline
     pipe = load_pipeline(pipeline_path)
     generators = [torch.Generator().manual_seed(s) for s in range(num_samples)]
     images = pipe([PERSON_PROMPT] * num_samples, num_inference_steps=steps, generator=generators).images

@@ -29,7 +29,7 @@ from ..layout import LoraLayout
 from ..pipeline import generate_from_weights, image_grid, load_base_pipeline
 from ..storage import save_png
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
-from .faces import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
+from .synthetic import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
 
 STUDY_SEEDS = 4_000_000  # identities of no training set
 

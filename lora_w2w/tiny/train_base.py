@@ -1,4 +1,4 @@
-"""Train the tiny Stable Diffusion pipeline (lora_w2w.tiny.pipeline) on procedural faces, from a seed.
+"""Train the tiny Stable Diffusion pipeline (lora_w2w.tiny.base_model) on procedural faces, from a seed.
 
 Stages: render identities with their descriptive captions; (a) train the VAE; (b) encode every image
 once and set `scaling_factor` from the latents' std; (c) train UNet + CLIP text encoder jointly
@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from lora_w2w.diffusion import image_sizes
 from lora_w2w.storage import atomic_output
-from lora_w2w.tiny import faces
-from lora_w2w.tiny.pipeline import (
+from lora_w2w.tiny import synthetic
+from lora_w2w.tiny.base_model import (
     TinyPipelineConfig,
     build_pipeline,
     build_tokenizer,
@@ -77,11 +77,11 @@ def render_faces(first_seed: int, num_identities: int, images_per_identity: int,
     each image drawn with the view write_dataset() would use."""
     images, captions = [], []
     for seed in tqdm(range(first_seed, first_seed + num_identities), desc="render", disable=not progress):
-        identity = faces.sample_identity(seed)
+        identity = synthetic.sample_identity(seed)
         for k in range(images_per_identity):
-            view_seed = faces.dataset_view_seed(seed, k)
-            images.append(np.asarray(faces.render(identity, view_seed, size)))  # (H, W, 3)
-            captions.append(faces.caption(identity, smiling=faces.view_smiling(view_seed)))
+            view_seed = synthetic.dataset_view_seed(seed, k)
+            images.append(np.asarray(synthetic.render(identity, view_seed, size)))  # (H, W, 3)
+            captions.append(synthetic.caption(identity, smiling=synthetic.view_smiling(view_seed)))
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (M, 3, H, W)
     return images, captions
 
@@ -352,7 +352,7 @@ def sample_grid(pipe, prompts: list[str], per_prompt: int, seed: int, steps: int
 
 def held_out_prompts(count: int) -> list[str]:
     """Captions of identities the base never saw, smiling on every other one."""
-    return [faces.caption(faces.sample_identity(SAMPLE_SEED + i), smiling=i % 2 == 1) for i in range(count)]
+    return [synthetic.caption(synthetic.sample_identity(SAMPLE_SEED + i), smiling=i % 2 == 1) for i in range(count)]
 
 
 # -----------------------------------------------------------------------------
@@ -430,7 +430,7 @@ def main(args: argparse.Namespace) -> dict:
     images, captions = render_faces(args.first_seed, args.num_identities, args.images_per_identity,
                                     config.image_size, args.progress)  # (M, 3, H, W) uint8, (M,)
     render_seconds = time.time() - t0
-    tokenizer = build_tokenizer(faces.CAPTION_WORDS, work / "tokenizer", max_length=config.max_length)
+    tokenizer = build_tokenizer(synthetic.CAPTION_WORDS, work / "tokenizer", max_length=config.max_length)
     longest = max(len(ids) for ids in tokenizer(captions).input_ids)
     assert longest <= config.max_length, f"a caption has {longest} tokens > max_length {config.max_length}"
     tokens = tokenizer(captions, padding="max_length", max_length=config.max_length, return_tensors="pt")

@@ -1,5 +1,5 @@
 """The tiny world's evaluation runs end to end, section by section (on the toy world here: the figures
-themselves come from `python -m lora_w2w.tiny.evaluate` on the tiny world). About 60 s on one thread."""
+themselves come from `python -m lora_w2w.tiny.tables` on the tiny world). About 60 s on one thread."""
 import json
 from pathlib import Path
 
@@ -10,9 +10,9 @@ import torch
 from lora_w2w.dataset import add_models, matrix_source
 from lora_w2w.errors import W2WError
 from lora_w2w.storage import load_space
-from lora_w2w.tiny import evaluate, scaling_plots
+from lora_w2w.tiny import tables, scaling_plots
 from lora_w2w.tiny.evaluator import Evaluator, EvaluatorConfig, feature_distance
-from lora_w2w.tiny.faces import ATTRIBUTES, render, sample_identity
+from lora_w2w.tiny.synthetic import ATTRIBUTES, render, sample_identity
 
 TOY = ["--samples", "2", "--seeds", "2", "--steps", "2", "--inversions", "1", "--inversion-steps", "2",
        "--dreambooth-steps", "1", "--dreambooth-multi-steps", "2", "--views", "2", "--class-images", "2",
@@ -31,16 +31,16 @@ def toy_weights(toy_space, tmp_path_factory):
 
 
 def _args(toy_world, toy_space, toy_weights, tmp_path, *only):
-    return evaluate.parse_args(["--base", str(toy_world / "base"), "--space", str(toy_space), "--weights",
+    return tables.parse_args(["--base", str(toy_world / "base"), "--space", str(toy_space), "--weights",
                                 str(toy_weights), "--out", str(tmp_path / "report.json"), "--work",
                                 str(tmp_path / "work"), *TOY, *(["--only", *only] if only else [])])
 
 
 def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
-    report = evaluate.main(_args(toy_world, toy_space, toy_weights, tmp_path))
+    report = tables.main(_args(toy_world, toy_space, toy_weights, tmp_path))
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
-    assert set(report) == {"space_id", "runs", *evaluate.SECTIONS}
-    assert set(report["runs"]) == set(evaluate.SECTIONS)
+    assert set(report) == {"space_id", "runs", *tables.SECTIONS}
+    assert set(report["runs"]) == set(tables.SECTIONS)
     assert report["runs"]["table1"]["settings"]["slider_steps"] == 2
 
     sampling = report["sampling"]
@@ -51,11 +51,11 @@ def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
     assert frequency["Male"]["dataset"] == float((load_space(toy_space).attributes["Male"] > 0).mean())
 
     editing = report["editing"]
-    assert set(editing) == {*evaluate.EDITED, "models_by_sex", "targets", "strength_std", "method", "components"}
+    assert set(editing) == {*tables.EDITED, "models_by_sex", "targets", "strength_std", "method", "components"}
     # the change rate split by how the evaluator read each model's sex: the overall rate is their weighted mean
     men, women = editing["models_by_sex"]["men"], editing["models_by_sex"]["women"]
     assert men + women == 2
-    for attribute in evaluate.EDITED:
+    for attribute in tables.EDITED:
         split = editing[attribute]["changed_by_sex"]
         assert (split["men"] is None) == (men == 0) and (split["women"] is None) == (women == 0)
         weighted = (men * (split["men"] or 0) + women * (split["women"] or 0)) / 2
@@ -65,8 +65,8 @@ def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
 
     # table1: one row per attribute and method, on 1 model: changed is 0 or 1
     table1 = report["table1"]
-    assert [(r["attribute"], r["method"]) for r in table1] == [(a, m) for a in evaluate.TABLE1
-                                                              for m in evaluate.TABLE1_METHODS]
+    assert [(r["attribute"], r["method"]) for r in table1] == [(a, m) for a in tables.TABLE1
+                                                              for m in tables.TABLE1_METHODS]
     for row in table1:
         assert row["changed"] in (0, 1) and 0 <= row["kept"] <= 1 and -1 <= row["identity_similarity"] <= 1
         assert 0 < row["image_distance"] <= 4  # every method changes the images
@@ -93,7 +93,7 @@ def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
     for row in scaling:
         assert 0 <= row["edit_entanglement"] <= 1 and 0.5 <= row["sampling_consistency"] <= 1
         assert -1 <= row["inversion_identity_similarity"] <= 1
-        assert set(row["edited"]) <= set(evaluate.EDITED)
+        assert set(row["edited"]) <= set(tables.EDITED)
     # K 100 is more than the 60 models' 59 components: all of them
     assert [r["components"] for r in report["scaling_components"]] == [3, 59]
 
@@ -107,13 +107,13 @@ def test_one_section_updates_a_report_and_reruns_alike(toy_world, toy_space, toy
     out = tmp_path / "report.json"
     space_id = load_space(toy_space).id
     out.write_text(json.dumps({"space_id": space_id, "sampling": {"kept": True}, "runs": {"sampling": {}}}))
-    first = evaluate.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
+    first = tables.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
     assert first["sampling"] == {"kept": True} and set(first["runs"]) == {"sampling", "scaling_components"}
-    again = evaluate.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
+    again = tables.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
     assert again["scaling_components"] == first["scaling_components"]  # seeded
     out.write_text(json.dumps({"space_id": "another"}))
     with pytest.raises(W2WError, match="report.json: a report of space another"):
-        evaluate.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
+        tables.main(_args(toy_world, toy_space, toy_weights, tmp_path, "scaling_components"))
 
 
 def test_plots_need_the_scaling_sections(tmp_path):
@@ -124,20 +124,20 @@ def test_plots_need_the_scaling_sections(tmp_path):
 
 def test_settings_are_checked():
     with pytest.raises(W2WError, match="slider_steps must be >= 1"):
-        evaluate.Settings(slider_steps=0)
-    assert evaluate.Settings().dreambooth_multi_steps is None
-    assert evaluate.multi_steps(evaluate.Settings(views=5)) == 5 * evaluate.DREAMBOOTH_MULTI_STEPS_PER_VIEW
+        tables.Settings(slider_steps=0)
+    assert tables.Settings().dreambooth_multi_steps is None
+    assert tables.multi_steps(tables.Settings(views=5)) == 5 * tables.DREAMBOOTH_MULTI_STEPS_PER_VIEW
 
 
 def test_table2_defaults_are_the_committed_run():
     """A plain `w2w evaluate --only table2` trains the baselines as the committed report's Table 2 did, and
     both baselines train the same number of steps."""
-    committed = json.loads((Path(evaluate.__file__).parents[2] / "files/tiny/evaluation.json").read_text())
-    defaults = evaluate.Settings()
+    committed = json.loads((Path(tables.__file__).parents[2] / "files/tiny/evaluation.json").read_text())
+    defaults = tables.Settings()
     assert committed["table2"]["views"] == defaults.views
     assert committed["table2"]["steps"]["dreambooth_1"] == defaults.dreambooth_steps
-    assert committed["table2"]["steps"]["dreambooth_multi"] == evaluate.multi_steps(defaults)
-    assert evaluate.multi_steps(defaults) == defaults.dreambooth_steps
+    assert committed["table2"]["steps"]["dreambooth_multi"] == tables.multi_steps(defaults)
+    assert tables.multi_steps(defaults) == defaults.dreambooth_steps
 
 
 def test_feature_distance():
@@ -152,5 +152,5 @@ def test_feature_distance():
 
 def test_change_rate_by_sex():
     changed, male = [True, False, True, True], [True, True, False, False]
-    assert evaluate._by_sex(changed, male) == {"men": 0.5, "women": 1.0}
-    assert evaluate._by_sex([True, False], [False, False]) == {"men": None, "women": 0.5}
+    assert tables._by_sex(changed, male) == {"men": 0.5, "women": 1.0}
+    assert tables._by_sex([True, False], [False, False]) == {"men": None, "women": 0.5}

@@ -7,13 +7,13 @@ Everything is deterministic from integer seeds and drawn with numpy + PIL only: 
 polygons in *face units* (face centre at 0, y down, face half-width ~0.7) mapped to pixels by
 one affine transform per image, drawn at 4x resolution and downsampled with LANCZOS.
 
-    from lora_w2w.tiny.faces import sample_identity, render, caption, write_dataset
+    from lora_w2w.tiny.synthetic import sample_identity, render, caption, write_dataset
     person = sample_identity(7)
     render(person, view_seed=3).save("face.png")      # 64 x 64 RGB
     caption(person, smiling=True)  # "a photo of a smiling young woman with blond hair and glasses"
     write_dataset("data/faces", num_identities=1000)  # data/faces/celeba_generated/000000/0.png
 
-    python -m lora_w2w.tiny.faces --out data/faces --num 16 --grid assets/tiny_faces.png
+    python -m lora_w2w.tiny.synthetic --out data/faces --num 16 --grid assets/tiny_faces.png
 """
 
 from __future__ import annotations

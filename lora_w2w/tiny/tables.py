@@ -20,7 +20,7 @@
 - multi_image_inversion: held-out identities inverted from 1, 3 and 5 of their views with the same
   steps, scored against views none of them saw (and how often the photo face detector finds the faces).
 
-    python -m lora_w2w.tiny.evaluate --out outputs/evaluation.json      # w2w evaluate does the same
+    python -m lora_w2w.tiny.tables --out outputs/evaluation.json      # w2w evaluate does the same
     w2w evaluate --only table1 --out files/tiny/evaluation.json         # refresh one section of a report
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..dataset import WeightsDataset, add_models, matrix_source
-from ..editing import METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
+from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
 from ..errors import W2WError
 from ..network import FusedLora
 from ..pipeline import generate, generate_from_weights, load_base_pipeline
@@ -48,7 +48,7 @@ from ..space import Space, W2WModel
 from ..storage import atomic_output, load_space
 from .build import LORA_RECIPE
 from .evaluator import (Evaluator, Prediction, attribute_agreement, feature_distance, identity_similarity)
-from .faces import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
+from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
 
 EDITED = ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")
 HELD_OUT_SEEDS = 6_000_000  # identities of no training set
@@ -94,7 +94,7 @@ class Settings:
     edit_strength: float = field(default=3.0, metadata={
         "help": "edit strength in standard deviations of the dataset along the direction"})
     edit_method: str = field(default="mean_difference", metadata={"help": "how the directions are found",
-                                                                  "choices": METHODS})
+                                                                  "choices": DIRECTION_METHODS})
     edit_components: int | None = field(default=None, metadata={
         "help": "K of the directions (default: the method's, editing.edit_components)"})
     inversions: int = field(default=4, metadata={"help": "held-out identities inverted (table2)"})
@@ -137,8 +137,8 @@ class Settings:
                     and not isinstance(getattr(self, f.name), bool) and getattr(self, f.name) < 1]
         if positive:
             raise W2WError(f"evaluate settings {', '.join(positive)} must be >= 1")
-        if self.edit_method not in METHODS:
-            raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(METHODS)}")
+        if self.edit_method not in DIRECTION_METHODS:
+            raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
 
 
 # Multi-image Dreambooth steps per view: over the default 5 views, the 1-image baseline's 800 steps

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lora_w2w.tiny import faces
-from lora_w2w.tiny.faces import (ATTRIBUTES, CAPTION_WORDS, HAIR_COLOURS, TRAITS, caption,
+from lora_w2w.tiny import synthetic
+from lora_w2w.tiny.synthetic import (ATTRIBUTES, CAPTION_WORDS, HAIR_COLOURS, TRAITS, caption,
                                  dataset_view_seed, render, sample_identity, view_smiling,
                                  write_dataset)
 
@@ -21,7 +21,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def population() -> pd.DataFrame:
     """Attribute rows of 2,000 sampled identities."""
-    return pd.DataFrame([faces.attribute_row(sample_identity(seed)) for seed in range(2000)])
+    return pd.DataFrame([synthetic.attribute_row(sample_identity(seed)) for seed in range(2000)])
 
 
 def test_identity_fields():
@@ -108,7 +108,7 @@ def test_captions_use_the_vocabulary_and_tell_the_attributes():
 
 def test_write_dataset_matches_folders_and_resumes(tmp_path, monkeypatch):
     calls = []
-    real_render = faces.render
+    real_render = synthetic.render
     def counting_render(identity, *args, **kwargs):
         calls.append(identity.name)
         return real_render(identity, *args, **kwargs)
@@ -163,10 +163,10 @@ def test_render_speed():
 
 def test_command_line(tmp_path, capsys):
     grid = tmp_path / "grid.png"
-    faces.main(faces.parse_args(["--out", str(tmp_path / "data"), "--num", "2", "--size", "32",
+    synthetic.main(synthetic.parse_args(["--out", str(tmp_path / "data"), "--num", "2", "--size", "32",
                                  "--images-per-identity", "1", "--grid", str(grid)]))
     assert Image.open(grid).size[1] == 32
     with pytest.raises(SystemExit) as exit_info:
-        faces.parse_args(["--out", str(tmp_path), "--num", "0"])
+        synthetic.parse_args(["--out", str(tmp_path), "--num", "0"])
     assert exit_info.value.code == 2
     assert "--num" in capsys.readouterr().err

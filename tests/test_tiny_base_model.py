@@ -11,14 +11,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from lora_w2w.tiny import faces
-from lora_w2w.tiny.pipeline import TinyPipelineConfig, build_pipeline, build_tokenizer, load_pipeline, save_pipeline
+from lora_w2w.tiny import synthetic
+from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, build_tokenizer, load_pipeline, save_pipeline
 from lora_w2w.tiny.train_base import main, parse_args
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(faces.CAPTION_WORDS, tmp_path_factory.mktemp("tokenizer"), max_length=32)
+    return build_tokenizer(synthetic.CAPTION_WORDS, tmp_path_factory.mktemp("tokenizer"), max_length=32)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tokens(tokenizer, text):
 def test_tokenizer_words_are_single_tokens(tokenizer):
     assert isinstance(tokenizer, CLIPTokenizer)
     assert tokens(tokenizer, "a photo of sks person") == ["a</w>", "photo</w>", "of</w>", "sks</w>", "person</w>"]
-    for word in faces.CAPTION_WORDS:
+    for word in synthetic.CAPTION_WORDS:
         assert len(tokens(tokenizer, word)) == 1, (word, tokens(tokenizer, word))
 
 
@@ -58,7 +58,7 @@ def test_tokenizer_pads_to_max_length_and_fits_every_caption(tokenizer):
     assert batch.input_ids[0, :4].tolist() == [tokenizer.bos_token_id, *tokenizer("sks person",
                                                add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     assert (batch.input_ids[0, 4:] == tokenizer.pad_token_id).all()
-    longest = max(len(tokenizer(faces.caption(faces.sample_identity(s), smiling=True)).input_ids) for s in range(500))
+    longest = max(len(tokenizer(synthetic.caption(synthetic.sample_identity(s), smiling=True)).input_ids) for s in range(500))
     assert longest <= tokenizer.model_max_length, longest
 
 

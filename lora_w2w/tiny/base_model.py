@@ -168,7 +168,7 @@ def build_pipeline(config: TinyPipelineConfig, seed: int, tokenizer: CLIPTokeniz
     `tokenizer` defaults to one built by `build_tokenizer` on the tiny world's caption words.
     """
     if tokenizer is None:
-        from lora_w2w.tiny.faces import CAPTION_WORDS
+        from lora_w2w.tiny.synthetic import CAPTION_WORDS
 
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = build_tokenizer(CAPTION_WORDS, tmp, max_length=config.max_length)
