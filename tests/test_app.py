@@ -185,6 +185,7 @@ def replace_invert_files(page, paths: list[Path]) -> None:
                            f".some(row => row.getAttribute('aria-label') === name))", timeout=JOB_TIMEOUT)
 
 
+@pytest.mark.slow
 def test_browser_sample_edit_invert_download_and_errors(server, server_process, browser, space, tmp_path):
     page = browser.new_page()
     requests = []
@@ -317,6 +318,7 @@ def check_loads_in_diffusers(kohya_path: Path, weights: torch.Tensor, space) -> 
     torch.testing.assert_close(loaded, fused, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_api_endpoints(client, space, tmp_path):
     model_path, images = client.predict(3, api_name="/sample")
     sampled = load_model(model_path)
@@ -353,6 +355,7 @@ def test_api_endpoints(client, space, tmp_path):
     assert len(images) == 4
 
 
+@pytest.mark.slow
 def test_api_errors_are_the_cli_line(client, space, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -408,6 +411,7 @@ def test_help_documents_every_endpoint():
         assert endpoint in text
 
 
+@pytest.mark.slow
 def test_the_mask_is_the_brush_strokes_at_the_image_size():
     from lora_w2w.app import mask_from_layers
 
@@ -462,6 +466,7 @@ def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
     assert fitted_caption(photo) == "image: auto mask"
 
 
+@pytest.mark.slow
 def test_several_images_are_the_cli_and_api_inversion(engine, space):
     """Two photos, a mask file on the first (it wins over the auto mask) and the auto mask on the second:
     the engine computes what `w2w invert` (invert_file) and the Python API compute, run after run."""

@@ -60,6 +60,7 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "lora_w2w.cli", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved, capsys):
     tmp_path, space, model = saved
     save_model(W2WModel(torch.randn(9), space.id), tmp_path / "big.safetensors")
@@ -124,6 +125,7 @@ def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys)
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["lora_w2w", None])
 def test_the_no_torchvision_notice_of_transformers_is_silenced(first):
     """Loading diffusers' pipeline module makes transformers say twice that it falls back to PIL image

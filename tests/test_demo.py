@@ -1,12 +1,15 @@
 """`make demo` runs every stage and writes the report (here on the toy world, with few steps)."""
 import json
 
+import pytest
+
 from PIL import Image
 
 from lora_w2w import demo
 from lora_w2w.storage import load_space
 
 
+@pytest.mark.slow
 def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path, capsys):
     out = tmp_path / "demo"
     scores = {"w2w": {"identity_similarity": 0.5, "attribute_agreement": 0.9},

@@ -19,6 +19,8 @@ from lora_w2w.cli import main
 from lora_w2w.dataset import WeightsDataset, add_models, matrix_source
 from lora_w2w.storage import save_space
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 KILLS = 3  # kills before the run that finishes
 FACE = Path(__file__).resolve().parents[1] / "inversion" / "images" / "face.png"
 

@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.relative_to(ROOT) for p in ROOT.glob("*/*.ipynb"))
 TINY = ROOT / "files" / "tiny"

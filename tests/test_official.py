@@ -46,6 +46,7 @@ def test_import_gives_the_weights_of_the_papers_formula(released, tmp_path):
     torch.testing.assert_close(space.project(expected), c, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pickles_are_refused_without_consent(released, tmp_path):
     src = released[0]
     with pytest.raises(PickleRefusedError, match="identity_df.pt needs unpickling.*--trust-pickle"):

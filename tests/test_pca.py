@@ -54,6 +54,7 @@ def exact_pca(weights: torch.Tensor, k: int):
     (WIDE, 50, dict(method="randomized")),
     (WIDE, 50, dict(backend="dask")),
 ], ids=["exact-models", "exact-weights", "randomized", "dask"])
+@pytest.mark.slow
 def test_every_route_matches_an_exact_svd(tmp_path, layout, m, options):
     weights = low_rank_weights(m, layout.numel)
     dataset = make_dataset(tmp_path / "data", weights, layout)
@@ -160,6 +161,7 @@ def test_bad_datasets_are_refused_with_clear_messages(tmp_path):
             build_space(WeightsDataset(tmp_path / "data"), K, config=BuildConfig(backend=backend))
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_leaves_nothing_and_the_rerun_gives_the_same_space(tmp_path):
     weights = low_rank_weights(30, WIDE.numel, seed=2)
     make_dataset(tmp_path / "data", weights, WIDE)

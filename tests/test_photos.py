@@ -102,11 +102,14 @@ def test_one_image_is_the_single_image_inversion_bit_for_bit(pipe, toy_space):
     assert torch.equal(images, image) and torch.equal(masks, mask)
     for seed, used in ((3, mask), (5, None)):
         expected = torch.tensor([float.fromhex(x) for x in SINGLE_IMAGE[seed]])
-        assert torch.equal(invert(pipe, toy_space, image, used, CONFIG, seed, progress=False).coefficients, expected)
-    assert torch.equal(invert(pipe, toy_space, [image], [None], CONFIG, 5, progress=False).coefficients,
-                       torch.tensor([float.fromhex(x) for x in SINGLE_IMAGE[5]]))
+        single = invert(pipe, toy_space, image, used, CONFIG, seed, progress=False).coefficients
+        # the recorded values hold to rounding: the sums' order follows the BLAS thread count of the machine
+        torch.testing.assert_close(single, expected, rtol=1e-4, atol=1e-4)
+    listed = invert(pipe, toy_space, [image], [None], CONFIG, 5, progress=False).coefficients
+    assert torch.equal(listed, single)  # in one process, a list of one image is the single image bit for bit
 
 
+@pytest.mark.slow
 def test_several_images_are_deterministic_and_all_used(pipe, toy_space):
     sizes = image_sizes(pipe)
     images, _ = photo_targets(read_photos([FACE, Image.open(FACE).transpose(Image.Transpose.FLIP_LEFT_RIGHT),
@@ -122,6 +125,7 @@ def test_several_images_are_deterministic_and_all_used(pipe, toy_space):
     assert torch.isfinite(batched).all() and not torch.allclose(batched, first, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_multi_image_run_resumes_from_its_checkpoint(pipe, toy_space, tmp_path):
     images, masks = photo_targets(read_photos([FACE, FACE], [FACE_MASK, None]), *image_sizes(pipe))
     assert masks.shape == (2, 1, 8, 8) and torch.equal(masks[1], torch.ones(1, 8, 8))  # None: fitted everywhere
@@ -143,6 +147,7 @@ def space_dir(toy_space, tmp_path_factory):
     return save_space(toy_space, tmp_path_factory.mktemp("photos") / "space")
 
 
+@pytest.mark.slow
 def test_cli_crops_to_the_face_and_shows_the_automatic_masks(toy_world, space_dir, astronaut, tmp_path, capsys):
     astronaut.save(tmp_path / "astronaut.png")
     flags = ["--steps", 1, "--components", K, "--space", space_dir, "--base", toy_world / "base", "--device", "cpu"]
@@ -215,6 +220,7 @@ def test_a_photo_with_a_face_draws_no_warning():
         read_photos([FACE], [AUTO_MASK])
 
 
+@pytest.mark.slow
 def test_the_multi_image_evaluation_scores_each_number_of_views(toy_world, tmp_path):
     """`w2w evaluate`'s multi_image_inversion section, on the toy pipeline with a random space (the figures
     come from the tiny world: files/tiny/README.md)."""

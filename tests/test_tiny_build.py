@@ -14,6 +14,8 @@ from lora_w2w.pca import build_space
 from lora_w2w.storage import load_space
 from lora_w2w.tiny import build
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 TINY_SPACE = Path(__file__).resolve().parents[1] / "files" / "tiny" / "space"
 
 

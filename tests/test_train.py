@@ -31,6 +31,7 @@ def _common(world, steps=4):
             "--train_batch_size", "2", "--learning_rate", "1e-2"]
 
 
+@pytest.mark.slow
 def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
     solo = {}
@@ -56,6 +57,7 @@ def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
     argv = ["--instance_root", str(faces), "--output_root", str(tmp_path), "--identities_per_batch", "2",
@@ -99,6 +101,7 @@ def killed_in_call(n: int):
     return loss
 
 
+@pytest.mark.slow
 def test_a_group_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_uninterrupted(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
 
@@ -267,6 +270,7 @@ def test_identity_banks_compute_as_the_plain_unet_and_put_it_back(toy_world):
     assert dict(unet.named_modules()) == before  # the same module objects (nn.Module compares by identity)
 
 
+@pytest.mark.slow
 def test_train_sh_trains_a_tiny_world_identity_through_accelerate(tmp_path):
     """train.sh's tiny example, as a user runs it (accelerate launch, the committed tiny base), cut to 2 steps
     and 2 class images: a LoRA folder in the released format, trained with the tiny recipe's settings."""
@@ -330,6 +334,7 @@ def test_an_accumulated_step_is_one_step_on_the_batches_mean_gradient():
     assert not torch.equal(trained(accumulate=True), torch.full((1, 2), 0.5))
 
 
+@pytest.mark.slow
 def test_class_images_are_generated_before_the_shares_as_training_makes_them(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
     argv = ["--instance-root", str(faces), "--output-root", str(tmp_path / "out"), *_common(toy_world, steps=1)]

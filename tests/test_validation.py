@@ -213,6 +213,7 @@ def dataset(layout, tmp_path):
      "shards[0].file is '../outside.safetensors'; expected a plain file name"),
     (lambda i: i | {"shards": [i["shards"][0] | {"file": ".."}, *i["shards"][1:]]}, "shards[0].file is '..'"),
 ])
+@pytest.mark.slow
 def test_a_bad_dataset_index_is_refused(dataset, tmp_path, capsys, change, message):
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes((dataset / "weights-00000.safetensors").read_bytes())  # a shard that would read
