@@ -268,7 +268,21 @@ def invert_masks(args) -> list | None:
     return args.mask
 
 
+def invert_encoder(args, space):
+    """The encoder `w2w invert` starts from (--encoder PATH, or --init encoder: the space's), or None (zero)."""
+    from .encoder_files import default_encoder, load_encoder
+
+    if args.encoder is None and args.init == "encoder":
+        args.encoder = default_encoder(args.space)
+        if args.encoder is None:
+            raise W2WError(f"--init encoder: the space {args.space} names no default encoder; pass --encoder PATH "
+                           f"(train one with `w2w train-encoder`)")
+    return None if args.encoder is None else load_encoder(args.encoder, space)
+
+
 def cmd_invert(args) -> None:
+    import time
+
     import torch
     from PIL import Image
 
@@ -276,11 +290,16 @@ def cmd_invert(args) -> None:
     from .inversion import invert_file, preset
     from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model, save_png
 
+    start = time.perf_counter()
+    if args.steps == 0 and args.encoder is None and args.init != "encoder":
+        raise W2WError("--steps 0 inverts nothing from zero: it gives the encoder's prediction alone; add --init "
+                       "encoder or --encoder PATH, or pass --steps 1 or more")
     check_outputs([(args.out, MODEL_FILE), (args.checkpoint, FILE),
                    (export_path(Path(args.out), args.export) if args.export else None, LORA_OUTPUTS.get(args.export))],
-                  [*args.image, *(args.mask or []), args.mask_dir, args.space, args.base])
+                  [*args.image, *(args.mask or []), args.mask_dir, args.space, args.base, args.encoder])
     masks = invert_masks(args)
     space = load_space(args.space)  # memory-mapped: invert reads only the first K components
+    encoder = invert_encoder(args, space)
     config = preset(args.preset, space, components=args.components, steps=args.steps, lr=args.lr,
                     weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
                     images_per_step=args.images_per_step)
@@ -289,12 +308,15 @@ def cmd_invert(args) -> None:
                        f"pass {space.num_components} or fewer")
     print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
           f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
-          f"this space, and the flags given)")
+          f"this space, and the flags given), from {'zero' if encoder is None else f'the encoder {args.encoder}'}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    times = {"reading the space": time.perf_counter() - start}
     model, photos = invert_file(args.base, space, args.image, masks, config, args.seed, args.device, dtype,
-                                args.checkpoint, crop=args.crop)
+                                args.checkpoint, crop=args.crop, encoder=encoder, times=times)
     save_model(model, args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
+    print("times: " + ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in times.items()) +
+          f"; total {time.perf_counter() - start:.2f} s")
     for index, photo in enumerate(photos):  # what was fitted: the face crop and the automatic mask
         shown = [("crop", photo.picture)] if args.crop == "face" else []
         shown += [("mask", Image.fromarray(photo.mask))] if photo.auto else []
@@ -306,6 +328,38 @@ def cmd_invert(args) -> None:
         path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
                          space.base_model)
         print(f"wrote {args.export} LoRA {path}")
+
+
+def cmd_train_encoder(args) -> None:
+    import time
+
+    from .encoder import EncoderConfig, train_encoder
+    from .encoder_files import ENCODER_FILE, fit_path, model_folders, name_encoder, read_inputs, save_encoder
+    from .storage import FILE, check_outputs, load_space
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else beside_model(out, ".train-state")
+    check_outputs([(out, ENCODER_FILE), (fit_path(out), FILE), (checkpoint, FILE)], [args.space, args.images])
+    space = load_space(args.space)
+    settings = {name: getattr(args, name) for name in ENCODER_FLAGS if getattr(args, name) is not None}
+    config = EncoderConfig(**{"components": min(EncoderConfig.components, space.num_components), **settings})
+    space.check_k(config.components)
+    folders = model_folders(args.images, space)  # a folder count or name that does not fit fails before any work
+    inputs, owners = read_inputs(folders, config)
+    encoder = train_encoder(space, inputs, owners, config, args.seed, args.device, checkpoint)
+    save_encoder(encoder, out)
+    checkpoint.unlink(missing_ok=True)
+    if args.make_default:
+        name_encoder(args.space, out)
+        print(f"named {out} the default encoder of {args.space}")
+    fit = encoder.fit
+    print(f"wrote encoder {out} (K {config.components}, features {config.features}, {len(folders):,} models, "
+          f"{len(owners):,} images) and its fit {fit_path(out)}; {time.perf_counter() - start:.1f} s")
+    print(f"held-out fit ({fit['models']} models, {fit['images']} images): R^2 {fit['r2']:.3f} per image, "
+          f"{fit['r2_mean_of_images']:.3f} for the mean of a model's images (predicting the mean: "
+          f"{fit['r2_mean_predictor']:.3f}); cosine {fit['cosine']:.3f} per image, {fit['cosine_mean_of_images']:.3f} "
+          f"for the mean")
 
 
 def cmd_app(args) -> None:
@@ -333,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_project_parser,
                        add_generate_parser, add_sample_parser, add_edit_parsers, add_invert_parser,
-                       add_dataset_parsers, add_app_parser, add_handed_over_parsers):
+                       add_train_encoder_parser, add_dataset_parsers, add_app_parser, add_handed_over_parsers):
         add_parser(commands)
     return parser
 
@@ -539,7 +593,15 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--components", "-k", type=COUNT, default=None,
                         help="K, coefficients optimised; at most the space's K (default: the preset's, at most the "
                              "space's)")
-    invert.add_argument("--steps", type=COUNT, default=None, help="optimiser steps (default: the preset's)")
+    invert.add_argument("--steps", type=NON_NEGATIVE, default=None,
+                        help="optimiser steps (default: the preset's); 0 with an encoder: its prediction alone")
+    invert.add_argument("--init", choices=("zero", "encoder"), default="zero",
+                        help="where the coefficients start: zero (the paper's), or the prediction of the space's "
+                             "default encoder (`w2w info SPACE` names it), refined by the steps; several --image: "
+                             "the mean of their predictions (default: %(default)s)")
+    invert.add_argument("--encoder", default=None,
+                        help="start from this encoder's prediction (a `w2w train-encoder` file of the space; implies "
+                             "--init encoder)")
     invert.add_argument("--lr", type=POSITIVE, default=None,
                         help="Adam learning rate (default: the preset's, or the one the space records for it)")
     invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
@@ -562,6 +624,53 @@ def add_invert_parser(commands) -> None:
                         help=f"images of the person each step draws and averages (default: "
                              f"{InversionConfig.images_per_step}; more cost more per step)")
     invert.set_defaults(run=cmd_invert)
+
+
+ENCODER_FLAGS = ("features", "components", "image_size", "channels", "hidden", "epochs", "batch_size", "lr",
+                 "weight_decay", "shift", "held_out")  # EncoderConfig's fields, each a flag of `w2w train-encoder`
+
+
+def add_train_encoder_parser(commands) -> None:
+    import dataclasses
+
+    from .encoder import FEATURES, EncoderConfig
+
+    train = commands.add_parser(
+        "train-encoder", help="train an encoder from images to the space's coefficients (instant inversion)",
+        description="Learn images -> the first K coefficients of SPACE from its dataset models: each model's "
+                    "coefficients paired with the images its LoRA was trained on (ROOT: one folder of images per "
+                    "model, in the dataset's alphanumeric order, as `w2w train-identities` took them). Models are "
+                    "split into training and held-out ones; the fit on the held-out ones (R^2 of the coefficients, "
+                    "cosine of predicted and true coefficient vectors) is printed and written to ENCODER.fit.json. "
+                    "`w2w invert --encoder ENCODER` (or --init encoder, with --make-default) starts from its "
+                    "prediction. A killed run resumes from its checkpoint. Features: " +
+                    "; ".join(f"{name}: {f.description}" for name, f in FEATURES.items()) + ".")
+    add_space(train)
+    train.add_argument("--images", required=True, metavar="ROOT",
+                       help="folder of image folders, one per dataset model of the space, in the dataset's order")
+    train.add_argument("--out", required=True, metavar="ENCODER", help="encoder file to write (.safetensors)")
+    fields = {f.name: f for f in dataclasses.fields(EncoderConfig)}
+    kinds = {"features": dict(choices=tuple(FEATURES)), "channels": dict(type=COUNT, nargs="+"),
+             "lr": dict(type=POSITIVE), "weight_decay": dict(type=NON_NEGATIVE_NUMBER),
+             "held_out": dict(type=POSITIVE), "shift": dict(type=NON_NEGATIVE)}
+    for name in ENCODER_FLAGS:
+        default = fields[name].default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        if name == "components":
+            shown = f"{default}, at most the space's K"
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kinds.get(name, dict(type=COUNT)),
+                           help=f"{fields[name].metadata['help']} (default: {shown})")
+    train.add_argument("--seed", type=SEED, default=0,
+                       help="seed of the split, the network's initialisation and the order of the images "
+                            "(default: %(default)s)")
+    train.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:1, mps or auto (default: cpu)")
+    train.add_argument("--checkpoint", default=None,
+                       help="file the run's state is saved in after every epoch; a run that finds it resumes from it "
+                            "(default: ENCODER.train-state, removed once ENCODER is written)")
+    train.add_argument("--make-default", action="store_true",
+                       help="name ENCODER in SPACE/space.json as the space's default encoder (`w2w invert --init "
+                            "encoder`)")
+    train.set_defaults(run=cmd_train_encoder)
 
 
 APP_API = """\

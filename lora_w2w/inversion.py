@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,13 +86,14 @@ class InversionConfig:
     components: int = 10_000     # K: the first K coefficients are optimised; must be <= the space's K
     lr: float = 0.1              # Adam learning rate
     weight_decay: float = 1e-10  # Adam's L2 penalty on the coefficients
-    steps: int = 400             # optimiser steps (the original's "epochs" over its one image)
+    steps: int = 400             # optimiser steps (the original's "epochs" over its one image); 0: the init alone
     checkpoint_every: int = 50   # steps between checkpoints, when a checkpoint path is given
     images_per_step: int = 1     # B: images of the person each step draws (with replacement) and averages
 
     def __post_init__(self):
-        for name in ("components", "steps", "checkpoint_every", "images_per_step"):
+        for name in ("components", "checkpoint_every", "images_per_step"):
             check_int(getattr(self, name), f"inversion {name}", minimum=1)
+        check_int(self.steps, "inversion steps", minimum=0)
         check_number(self.lr, "inversion lr", above=0.0)
         check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
 
@@ -326,15 +328,20 @@ def differentiable_unet(unet, layout: LoraLayout) -> Iterator[LoraUNet]:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def run_fingerprint(space: Space, config: InversionConfig, seed: int, images: torch.Tensor,
-                    masks: torch.Tensor | None) -> dict:
+                    masks: torch.Tensor | None, init: torch.Tensor | None = None) -> dict:
     """What a checkpoint must share with a run to resume it (the number of steps may grow)."""
     digest = hashlib.sha256(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     if masks is not None:
         digest.update(masks.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     batch = {"images_per_step": config.images_per_step} if config.images_per_step > 1 else {}  # as before it existed
+    start = {"init": _digest(init)} if init is not None else {}  # as before init existed: from zero
     return {"space": space.id, "components": config.components, "lr": config.lr,
-            "weight_decay": config.weight_decay, "seed": seed, "image": digest.hexdigest()[:16]} | batch
+            "weight_decay": config.weight_decay, "seed": seed, "image": digest.hexdigest()[:16]} | batch | start
 
 
 def save_checkpoint(path: str | os.PathLike, fingerprint: dict, step: int, coefficients: torch.Tensor,
@@ -366,17 +373,21 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
            masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
            checkpoint: str | os.PathLike | None = None,
-           on_step: Callable[[int, int, float], None] | None = None) -> W2WModel:
+           on_step: Callable[[int, int, float], None] | None = None, init: W2WModel | None = None) -> W2WModel:
     """The model (K coefficients) of `space` that best reproduces `images`, I photographs of one person,
     (I, 3, R, R) in [-1, 1] or a list of (1, 3, R, R), inside `masks` (I, 1, h, w) or a list of (1, 1, h, w)
     or None (an image fitted everywhere) when given. Every step draws one of the images (seeded), so the
     loss is averaged over them; with one image this is the paper's single-image inversion. With
     `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps and at the end, and
     a run finding it there resumes from it. `on_step(done, total, loss)` is called after every step (the
-    app's progress bar)."""
+    app's progress bar). `init`: the model to start from (an encoder's prediction, `encoder.predict`)
+    instead of zero, its coefficients cut or padded with zeros to K; with `config.steps` 0 it is the result."""
     images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
+    start_at = initial_coefficients(space, init, config)  # (K,)
+    if config.steps == 0:
+        return W2WModel(start_at, space.id)
     device = pipe.unet.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
     target = encode_target(pipe, images, masks, space.prompt or TRIGGER_PROMPT)
@@ -384,9 +395,9 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
     sampler = StepSampler(seed, num_instance=len(images), num_class=0, batch_size=config.images_per_step,
                           latent_shape=tuple(target.latent_mean.shape[1:]),
                           num_train_timesteps=scheduler.config.num_train_timesteps)
-    coefficients = torch.zeros(k, device=device, requires_grad=True)  # (K,)
+    coefficients = start_at.to(device).requires_grad_()  # (K,)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr, weight_decay=config.weight_decay)
-    fingerprint = run_fingerprint(space, config, seed, images, masks)
+    fingerprint = run_fingerprint(space, config, seed, images, masks, None if init is None else start_at)
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         start = load_checkpoint(checkpoint, fingerprint, coefficients, optimizer, sampler)
@@ -414,6 +425,21 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
                       f"the largest dataset model's) and likely draws noise: the learning rate {config.lr:g} is too "
                       f"high for this space; try {config.lr / 10:g}", stacklevel=2)
     return model
+
+
+def initial_coefficients(space: Space, init: W2WModel | None, config: InversionConfig) -> torch.Tensor:
+    """Where an inversion of K coefficients starts: zero, or the model `init` of the space, its coefficients
+    cut to K or padded with zeros (its weights unchanged when K is at least its length). W2WError for 0 steps
+    from zero."""
+    if config.steps == 0 and init is None:
+        raise W2WError("0 inversion steps from zero: nothing to fit; start from an encoder's prediction (init) or "
+                       "take 1 step or more")
+    start = torch.zeros(space.check_k(config.components))  # (K,)
+    if init is not None:
+        init.check_space(space)
+        given = init.coefficients.detach().to("cpu", torch.float32)[:len(start)]
+        start[:len(given)] = given
+    return start
 
 
 def stack_targets(images: torch.Tensor | Sequence[torch.Tensor],
@@ -448,19 +474,43 @@ def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[st
                 masks: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
                 config: InversionConfig = PRESETS["real"], seed: int = 0, device: str | torch.device = "auto",
                 dtype: torch.dtype | None = None, checkpoint: str | os.PathLike | None = None,
-                progress: bool = True, crop: str = "center") -> tuple[W2WModel, list[Photo]]:
+                progress: bool = True, crop: str = "center", encoder=None,
+                times: dict[str, float] | None = None) -> tuple[W2WModel, list[Photo]]:
     """Load the base pipeline (a folder or hub id), check that the space fits its UNet, load the image
     files with their masks (a file, AUTO_MASK or None each; see `read_photos`) and invert (for the CLI
-    and inversion/invert.py); returns the model and the photos as fitted."""
+    and inversion/invert.py), from the prediction of `encoder` (a CoefficientEncoder of the space: the mean
+    over the photos) when given; with 0 steps that prediction is the model, and no pipeline loads. Returns
+    the model and the photos as fitted; `times` receives the seconds of each phase."""
     from .network import check_layout
     from .pipeline import load_base_pipeline, resolve_device
 
+    times = {} if times is None else times
     images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     masks = [masks] if isinstance(masks, (str, os.PathLike)) else masks
     space.check_k(config.components)
-    photos = read_photos(images, masks, crop)  # bad files, masks and faceless photos fail before the pipeline loads
-    device = resolve_device(device)
-    pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
-    check_layout(pipe.unet, space.layout)
-    targets, target_masks = photo_targets(photos, *image_sizes(pipe))
-    return invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint), photos
+    with timed(times, "reading the images"):
+        photos = read_photos(images, masks, crop)  # bad files, masks and faceless photos fail before the pipeline loads
+    init = None
+    if encoder is not None:
+        with timed(times, "encoder"):
+            init = encoder.predict([photo.picture for photo in photos])
+    if config.steps == 0:  # the encoder's prediction alone
+        return W2WModel(initial_coefficients(space, init, config), space.id), photos
+    with timed(times, "loading the base"):
+        device = resolve_device(device)
+        pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
+        check_layout(pipe.unet, space.layout)
+    with timed(times, f"inversion ({config.steps} steps)"):
+        targets, target_masks = photo_targets(photos, *image_sizes(pipe))
+        model = invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint, init=init)
+    return model, photos
+
+
+@contextmanager
+def timed(times: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds the block takes to times[phase]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[phase] = times.get(phase, 0.0) + time.perf_counter() - start

@@ -130,6 +130,8 @@ SPACE_DESCRIPTION = description_schema("w2w-space", ["id", "layout", "num_weight
     "layout": LAYOUT,
     "inversion_presets": {"type": "object", "additionalProperties": INVERSION_SETTINGS,
                           "description": "preset names mapped to settings, such as {\"ood\": {\"lr\": 0.1}}"},
+    "encoder": {"type": "string", "minLength": 1,
+                "description": "the default encoder file, a path relative to the space folder"},
 })
 
 SHARD_FILE = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\\x00]+$",

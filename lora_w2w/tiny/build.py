@@ -9,6 +9,8 @@ exists (so an interrupted build resumes):
                                 committed, so that the space is rebuilt without the hours of training
     6. space/                   PCA of weights/ with the identities' attribute table (w2w build), and
                                 its explained-variance curve (--plot, assets/tiny_explained_variance.png)
+    7. encoder.safetensors      images -> the space's coefficients (w2w train-encoder on <work>/faces,
+                                the images each LoRA was trained on), named in space/space.json
 
     python -m lora_w2w.tiny.build --out files/tiny --work data/tiny [--identities 1000] [--processes P]
 
@@ -44,6 +46,7 @@ LORA_RECIPE = {"lora_r": 4, "lora_alpha": 108, "lora_target_modules": ["to_q", "
 # files/tiny/README.md, "space/").
 INVERSION_PRESETS = {"real": {"lr": 0.3}, "ood": {"lr": 0.1}}
 WEIGHTS_SHARD_SIZE = 128  # models per shard file of weights/: files of a few MB
+ENCODER_FILE = "encoder.safetensors"
 
 
 def recipe_flags(recipe: dict) -> list[str]:
@@ -165,6 +168,27 @@ def stage_space(out: Path, work: Path, identities: int, components: int, picture
     save_space(dataclasses.replace(space.truncate(kept), inversion_presets=INVERSION_PRESETS), out / "space")
 
 
+def stage_encoder(out: Path, work: Path, identities: int) -> None:
+    """Train the encoder on the space's identities' dataset images (rendered again when <work>/faces lacks them)
+    with the tiny world's EncoderConfig (its defaults, measured in files/tiny/README.md) and name it the space's
+    default; an encoder of this space already there is only named."""
+    from ..encoder import EncoderConfig, train_encoder
+    from ..encoder_files import load_encoder, model_folders, name_encoder, read_inputs, save_encoder
+    from ..storage import load_space
+    from .synthetic import write_dataset
+
+    space, encoder = load_space(out / "space"), out / ENCODER_FILE
+    try:
+        load_encoder(encoder, space)
+    except W2WError:  # none, or of a space built before
+        write_dataset(work / "faces", identities, first_seed=0)
+        config = EncoderConfig(components=min(EncoderConfig.components, space.num_components))
+        inputs, owners = read_inputs(model_folders(work / "faces" / "celeba_generated", space), config)
+        save_encoder(train_encoder(space, inputs, owners, config, checkpoint=work / "encoder.train-state"), encoder)
+        (work / "encoder.train-state").unlink(missing_ok=True)
+    name_encoder(out / "space", encoder)
+
+
 def plot_explained_variance(space: Space, kept: int, picture: Path) -> None:
     """The cumulative explained variance of all of the space's components, marking the `kept` ones."""
     import matplotlib
@@ -223,6 +247,7 @@ def main(args: argparse.Namespace) -> int:
         ("weights", None, lambda: stage_weights(out, work)),
         ("space", out / "space" / "space.json", lambda: stage_space(out, work, args.identities, args.components,
                                                                    Path(args.plot))),
+        ("encoder", None, lambda: stage_encoder(out, work, args.identities)),
     ]
     for name, done, run in stages:
         if done is not None and done.exists():

@@ -19,6 +19,9 @@
 - scaling_components (Fig 30): inversion identity similarity against K on the full dataset's PCA.
 - multi_image_inversion: held-out identities inverted from 1, 3 and 5 of their views with the same
   steps, scored against views none of them saw (and how often the photo face detector finds the faces).
+- encoder: held-out identities inverted from one view after 0 .. 400 steps, from zero and from the
+  encoder's prediction (`lora_w2w.encoder`), scored against views none of them saw, against wall time
+  (assets/tiny_encoder.png: `python -m lora_w2w.tiny.encoder_plot`).
 
     python -m lora_w2w.tiny.tables --out outputs/evaluation.json      # w2w evaluate does the same
     w2w evaluate --only table1 --out files/tiny/evaluation.json         # refresh one section of a report
@@ -156,6 +159,7 @@ class Context:
     work: Path = Path("outputs/evaluation")  # scratch folder: training images, Dreambooth LoRAs, scaling spaces
     weights: Path = Path("files/tiny/weights")  # the weights dataset the scaling spaces are cut from
     base: str = "files/tiny/base"  # the base pipeline's folder
+    encoder: Path | None = None  # the encoder file the encoder section starts inversions from
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -542,6 +546,89 @@ def evaluate_multi_image_inversion(ctx: Context, settings: Settings, views_inver
         "paper_id_score": PAPER["table2_id_score"]}
 
 
+ENCODER_STEPS = (0, 10, 25, 40, 50, 100, 200, 400)  # 40: the steps the encoder's target allows (issue 33)
+ENCODER_TARGET_SPEEDUP = 10  # the time to the 400-step quality from zero, over the encoder's, at least
+DREAMBOOTH_1_SCORE = 0.54  # Table 2 here (table2.dreambooth_1): the identity similarity the encoder alone must reach
+
+
+def _inversion_curve(ctx: Context, image: Image.Image, config, init: W2WModel | None
+                     ) -> list[tuple[int, float, torch.Tensor]]:
+    """(steps, seconds, LoRA weights (N,)) after each of ENCODER_STEPS of one inversion of `image` from `init`
+    (None: zero): one seeded run, resumed from its checkpoint at each count (it ends where an uninterrupted run
+    of that many steps ends); the seconds are the inversion's alone, summed over the resumed parts."""
+    from ..diffusion import image_sizes, prepare_image
+    from ..inversion import invert
+
+    target = prepare_image(image, image_sizes(ctx.pipe)[0])[None]  # (1, 3, R, R)
+    checkpoint = ctx.work / "encoder_inversion.ckpt"
+    checkpoint.unlink(missing_ok=True)
+    start = init or W2WModel(torch.zeros(config.components), ctx.space.id)
+    points, seconds = [(0, 0.0, start.weights(ctx.space))], 0.0
+    for steps in ENCODER_STEPS[1:]:
+        began = time.perf_counter()
+        model = invert(ctx.pipe, ctx.space, target, None, dataclasses.replace(config, steps=steps),
+                       progress=False, checkpoint=checkpoint, init=init)
+        seconds += time.perf_counter() - began
+        points.append((steps, seconds, model.weights(ctx.space)))
+    checkpoint.unlink()
+    return points
+
+
+def _first_reaching(curve: list[dict], level: float) -> dict | None:
+    """The first point of a curve whose identity similarity reaches `level` (None: none does)."""
+    return next((point for point in curve if point["identity_similarity"] >= level), None)
+
+
+def evaluate_encoder(ctx: Context, settings: Settings) -> dict:
+    """Held-out identities inverted from their first view, from zero and from the encoder's prediction, scored after
+    each of ENCODER_STEPS against views 5-9 (none seen); the seconds of the encoder count to its curve."""
+    from ..encoder_files import load_encoder
+
+    if ctx.encoder is None:
+        raise W2WError("the encoder section needs an encoder: pass --encoder FILE, or a space naming its default")
+    encoder = load_encoder(ctx.encoder, ctx.space)
+    config = _inversion_config(ctx.space, settings)
+    points = {"zero": [], "encoder": []}
+    forward = []
+    for identity, renders in tqdm(_held_out(settings.inversions, max(SCORED_VIEWS) + 1), desc="encoder: identities"):
+        began = time.perf_counter()
+        init = encoder.predict(renders[0])
+        forward.append(time.perf_counter() - began)
+        scored = [renders[k] for k in SCORED_VIEWS]
+        for name, start, offset in (("zero", None, 0.0), ("encoder", init, forward[-1])):
+            points[name].append([{"steps": steps, "seconds": offset + seconds,
+                                  **_identity_scores(ctx, weights, identity, scored, settings)}
+                                 for steps, seconds, weights in _inversion_curve(ctx, renders[0], config, start)])
+    curves = {name: [_mean_scores([rows[i] for rows in runs]) | {"steps": steps} for i, steps in enumerate(ENCODER_STEPS)]
+              for name, runs in points.items()}  # the mean over identities at each step
+    return {"curves": curves, "targets": _encoder_targets(curves), "encoder_forward_s": float(np.mean(forward)),
+            "encoder": {"file": str(ctx.encoder), "components": encoder.components,
+                        "features": encoder.config.features, "fit": encoder.fit},
+            "per_identity": {name: [[row["identity_similarity"] for row in rows] for rows in runs]
+                             for name, runs in points.items()},
+            "steps": list(ENCODER_STEPS), "scored_against_views": list(SCORED_VIEWS),
+            "identities": settings.inversions, "config": asdict(config), "threads": torch.get_num_threads()}
+
+
+def _encoder_targets(curves: dict[str, list[dict]]) -> dict:
+    """The issue's targets: the encoder alone at least 1-image Dreambooth's score; the encoder and 40 steps at
+    least zero-init's 400 steps; the time to zero-init's 400-step score ENCODER_TARGET_SPEEDUP times shorter."""
+    at = {name: {point["steps"]: point for point in curve} for name, curve in curves.items()}
+    alone, forty, zero_400 = at["encoder"][0], at["encoder"][40], at["zero"][400]
+    reached = _first_reaching(curves["encoder"], zero_400["identity_similarity"])
+    speedup = None if reached is None else zero_400["seconds"] / reached["seconds"]
+    return {
+        "encoder_alone": {"identity_similarity": alone["identity_similarity"], "target": DREAMBOOTH_1_SCORE,
+                          "met": alone["identity_similarity"] >= DREAMBOOTH_1_SCORE},
+        "encoder_40_steps": {"identity_similarity": forty["identity_similarity"],
+                             "target": zero_400["identity_similarity"],
+                             "met": forty["identity_similarity"] >= zero_400["identity_similarity"]},
+        "time_to_zero_400": {"zero_s": zero_400["seconds"], "encoder_s": None if reached is None else reached["seconds"],
+                             "encoder_steps": None if reached is None else reached["steps"], "speedup": speedup,
+                             "target": ENCODER_TARGET_SPEEDUP,
+                             "met": speedup is not None and speedup >= ENCODER_TARGET_SPEEDUP}}
+
+
 SECTIONS = {
     "sampling": evaluate_sampling,
     "editing": evaluate_editing,
@@ -551,6 +638,7 @@ SECTIONS = {
     "scaling_models": evaluate_scaling_models,
     "scaling_components": evaluate_scaling_components,
     "multi_image_inversion": evaluate_multi_image_inversion,
+    "encoder": evaluate_encoder,
 }
 
 
@@ -572,6 +660,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default="files/tiny/weights",
                         help="weights dataset the scaling sections cut their spaces from (the space's models)")
     parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
+    parser.add_argument("--encoder", default=None,
+                        help="encoder the encoder section starts inversions from (default: the space's, space.json)")
     parser.add_argument("--out", default="outputs/evaluation.json",
                         help="JSON report; when it exists, the sections run replace theirs and the others are kept")
     parser.add_argument("--work", default="outputs/evaluation", help="work folder")
@@ -611,7 +701,11 @@ def main(args: argparse.Namespace) -> dict:
                                     else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
     pipe = load_base_pipeline(args.base, "auto", progress=False)
     space = load_space(args.space)
-    ctx = Context(pipe, space, Evaluator.load(args.evaluator), Path(args.work), Path(args.weights), args.base)
+    from ..encoder_files import default_encoder
+
+    encoder = args.encoder or default_encoder(args.space)
+    ctx = Context(pipe, space, Evaluator.load(args.evaluator), Path(args.work), Path(args.weights), args.base,
+                  None if encoder is None else Path(encoder))
     ctx.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     _existing_report(out, space)  # a report of another space is refused before any work

@@ -1,0 +1,186 @@
+"""The encoder's files: the image folders it learns from, the encoder file, its fit, and a space's default
+encoder.
+
+    folders = model_folders("data/faces/celeba_generated", space)   # one folder per dataset model, in order
+    inputs, owners = read_inputs(folders, EncoderConfig())           # every image, prepared; its model's row
+    save_encoder(encoder, "encoder.safetensors")                     # and encoder.fit.json beside it
+    encoder = load_encoder("encoder.safetensors", space)             # SpaceError for another space's
+    name_encoder("files/tiny/space", "files/tiny/encoder.safetensors")  # space.json names its default
+
+An encoder file is safetensors: the network's weights and the coefficients' mean and std (K,), and in its
+metadata the format, the space id, K, the features and the whole EncoderConfig, and the held-out fit. A
+space names its default encoder in space.json (`encoder`: a path relative to the space folder); the space
+id does not depend on it (it is space.json's `id`, a hash of the tensors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .encoder import FEATURES, CoefficientEncoder, EncoderConfig
+from .errors import FileFormatError, W2WError
+from .images import IMAGE_SUFFIXES
+from .space import Space
+from .storage import (FORMAT_VERSION, SPACE_JSON, Output, atomic_output, read_safetensors_header,
+                      read_space_description, write_file)
+
+ENCODER_FORMAT = "w2w-encoder"
+ENCODER_TENSORS = ("coefficient_mean", "coefficient_std")  # beside the network's weights
+ENCODER_FILE = Output("encoder file")
+
+
+# ----------------------------------------------------------------------------- the images of the dataset's models
+
+def model_names(space: Space) -> list[str] | None:
+    """The dataset models' names from the space's attribute table; None without one, or when its names are
+    the row numbers 0 .. M-1 (a table that does not name the models, like the released identity_df.pt)."""
+    if space.attributes is None:
+        return None
+    names = [str(name) for name in space.attributes.index]
+    return None if names == [str(i) for i in range(len(names))] else names
+
+
+def model_folders(root: str | os.PathLike, space: Space) -> list[Path]:
+    """The image folders under `root`, one per dataset model of `space`, in the dataset's (alphanumeric) order
+    as `w2w train-identities` took them; W2WError naming the first folder or model without a partner, and
+    the first folder named otherwise than its model when the space names its models."""
+    from .train_identities import identity_folders
+
+    root = Path(root)
+    folders = identity_folders(root)
+    names, count = model_names(space), space.num_models
+    if names is not None:
+        for i, (folder, name) in enumerate(zip(folders, names)):
+            if folder.name != name:
+                raise W2WError(f"{root}: folder {i + 1} is {folder.name}, the space's model {i + 1} is {name}; "
+                               f"expected one folder per model, named and ordered as the dataset's models")
+    if len(folders) != count:
+        first = (f"the first without a model: {folders[count].name}" if len(folders) > count else
+                 f"the first model without a folder: {names[len(folders)] if names else f'model {len(folders) + 1}'}")
+        raise W2WError(f"{root}: {len(folders)} folders for the {count} models of the space ({first}); expected one "
+                       f"folder of images per model, in the dataset's order")
+    return folders
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files of a model's folder, sorted by name; W2WError when it has none."""
+    images = sorted(path for path in folder.iterdir()
+                    if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise W2WError(f"{folder}: no images (expected {', '.join(IMAGE_SUFFIXES[:3])} ... files of the model's "
+                       f"person)")
+    return images
+
+
+def read_inputs(folders: Sequence[Path], config: EncoderConfig, progress: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of `folders` prepared by the config's features (I, ...), and the folder (model) each
+    belongs to (I,)."""
+    from .inversion import open_image
+
+    prepare = FEATURES[config.features].prepare
+    inputs, owners = [], []
+    for m, folder in enumerate(tqdm(folders, desc="reading images", unit="model", disable=not progress)):
+        images = folder_images(folder)
+        inputs.append(prepare([open_image(path) for path in images], config))   # (I_m, ...)
+        owners += [m] * len(images)
+    return torch.cat(inputs), torch.tensor(owners)
+
+
+# ----------------------------------------------------------------------------- encoder files
+
+def fit_path(path: str | os.PathLike) -> Path:
+    """Where the held-out fit of the encoder file `path` is written: ENCODER.fit.json beside ENCODER.safetensors."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix == ".safetensors" else path
+    return stem.with_name(stem.name + ".fit.json")
+
+
+def save_encoder(encoder: CoefficientEncoder, path: str | os.PathLike) -> Path:
+    """Write the encoder as `path` (safetensors: weights, the coefficients' mean and std; metadata: space id,
+    K, features, config, fit) and its fit as `fit_path(path)`, each atomically."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in encoder.state_dict().items()}
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(encoder.config).items()}
+    metadata = {"format": ENCODER_FORMAT, "version": str(FORMAT_VERSION), "space_id": encoder.space_id,
+                "components": str(encoder.components), "features": encoder.config.features,
+                "config": json.dumps(config, sort_keys=True), "fit": json.dumps(encoder.fit, sort_keys=True)}
+    with atomic_output(path) as tmp:
+        save_file(state, tmp, metadata=dict(sorted(metadata.items())))
+    with atomic_output(fit_path(path)) as tmp:
+        write_file(tmp, json.dumps({"encoder": Path(path).name, "space_id": encoder.space_id, **encoder.fit},
+                                   indent=1))
+    return Path(path)
+
+
+def _metadata(path: Path) -> dict:
+    """The encoder file's metadata, checked: format, version, features this lora_w2w knows."""
+    header, _ = read_safetensors_header(path)
+    metadata = header.get("__metadata__", {})
+    if metadata.get("format") != ENCODER_FORMAT:
+        raise FileFormatError(f"{path}: not a w2w encoder (format {metadata.get('format')!r}, expected "
+                              f"{ENCODER_FORMAT!r}); train one with `w2w train-encoder`")
+    if not metadata.get("version", "").isdigit() or int(metadata["version"]) > FORMAT_VERSION:
+        raise FileFormatError(f"{path}: encoder format version {metadata.get('version')!r}; this lora_w2w reads "
+                              f"versions up to {FORMAT_VERSION}")
+    if metadata.get("features") not in FEATURES:
+        raise FileFormatError(f"{path}: an encoder on features {metadata.get('features')!r}, which this lora_w2w "
+                              f"does not know (it knows {', '.join(FEATURES)})")
+    for key in ("space_id", "config"):
+        if key not in metadata:
+            raise FileFormatError(f"{path}: the encoder's metadata lacks {key!r}")
+    return metadata
+
+
+def load_encoder(path: str | os.PathLike, space: Space | None = None) -> CoefficientEncoder:
+    """The encoder file `path` on the CPU, in eval mode; with `space`, SpaceError unless it is that space's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such encoder file")
+    metadata = _metadata(path)
+    try:
+        config = EncoderConfig(**json.loads(metadata["config"]))
+        fit = json.loads(metadata.get("fit", "{}"))
+        state = load_file(path)
+        missing = [name for name in ENCODER_TENSORS if name not in state]
+        if missing:
+            raise FileFormatError(f"{path}: no tensor {missing[0]!r} in the encoder file")
+        encoder = CoefficientEncoder(config, metadata["space_id"], state["coefficient_mean"], state["coefficient_std"],
+                                     fit)
+        encoder.load_state_dict(state)
+    except (json.JSONDecodeError, TypeError, RuntimeError, W2WError) as error:
+        if isinstance(error, FileFormatError):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise FileFormatError(f"{path}: not a readable encoder ({reason})") from None
+    if space is not None:
+        encoder.check_space(space, f"the encoder {path}")
+    return encoder.eval()
+
+
+# ----------------------------------------------------------------------------- a space's default encoder
+
+def default_encoder(space_directory: str | os.PathLike) -> Path | None:
+    """The encoder the space at `space_directory` names in space.json (None when it names none)."""
+    description = read_space_description(space_directory)
+    return Path(space_directory) / description["encoder"] if description.get("encoder") else None
+
+
+def name_encoder(space_directory: str | os.PathLike, encoder: str | os.PathLike) -> None:
+    """Name `encoder` in the space's space.json as its default (a path relative to the space folder), after
+    checking that it is the space's; space.json is rewritten atomically, every other key as it was."""
+    from .storage import load_space
+
+    directory = Path(space_directory)
+    load_encoder(encoder, load_space(directory))
+    description = read_space_description(directory)
+    description["encoder"] = os.path.relpath(Path(encoder).resolve(), directory.resolve())
+    with atomic_output(directory / SPACE_JSON) as tmp:
+        write_file(tmp, json.dumps(description, indent=1))
+
