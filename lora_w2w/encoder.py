@@ -5,8 +5,12 @@ as HyperDreamBooth refines the LoRA its hypernetwork predicts.
 The encoder is a regression trained on the space's own dataset: every dataset model's coefficients c (the
 PCA coordinates of its LoRA, Sec. 3) paired with each image that LoRA was trained on. Its K outputs are the
 coefficients standardized per component over the training models, (c - mu) / sigma, fitted by mean squared
-error, so that every component counts alike; `coefficients` undoes the standardization. Several images of
-one person: the mean of their predictions.
+error, so that every component counts alike; `coefficients` undoes the standardization. A regression
+predicts the mean of the models that fit an image, a blend much closer to mu than any one model (on the tiny
+world a third of a dataset model's distance), which draws a faint person; `predict` moves it out by `gain`,
+the dataset models' mean distance from mu over the held-out predictions' (measured after training), so that
+the model it returns lies as far out as the dataset's. Several images of one person: the mean of their
+predictions, moved out alike.
 
     encoder, fit = train_encoder(space, inputs, owners, EncoderConfig(), seed=0)  # inputs: prepare_inputs(...)
     model = encoder.predict([Image.open("me.png")])                                # a W2WModel of the space
@@ -166,6 +170,7 @@ class CoefficientEncoder(nn.Module):
         self.network = FEATURES[config.features].network(config)
         self.register_buffer("coefficient_mean", coefficient_mean.float())  # (K,)
         self.register_buffer("coefficient_std", coefficient_std.float())    # (K,)
+        self.register_buffer("gain", torch.ones(()))                        # (): how far `predict` moves out
 
     @property
     def components(self) -> int:
@@ -186,16 +191,17 @@ class CoefficientEncoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Image.Image | Sequence[Image.Image]) -> W2WModel:
-        """The model of the person in `images` (one or several of them): the mean of their predictions."""
+        """The model of the person in `images` (one or several of them): the mean of their predictions, moved
+        `gain` times as far from the coefficients' mean."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         if not images:
             raise W2WError("no image to encode; expected at least one")
         was_training = self.training
         self.eval()
         device = self.coefficient_mean.device
-        coefficients = self.coefficients(self.prepare(images).to(device))  # (I, K)
+        coefficients = self.coefficients(self.prepare(images).to(device)).mean(0)  # (K,)
         self.train(was_training)
-        return W2WModel(coefficients.mean(0).cpu(), self.space_id)
+        return W2WModel((self.coefficient_mean + self.gain * (coefficients - self.coefficient_mean)).cpu(), self.space_id)
 
     def check_space(self, space: Space, name: str = "the encoder") -> None:
         """SpaceError when the encoder was trained for another space, or predicts more components than it has."""
@@ -232,9 +238,10 @@ def fit_scores(predicted: torch.Tensor, true: torch.Tensor, mean: torch.Tensor) 
 
 @torch.no_grad()
 def held_out_fit(encoder: CoefficientEncoder, inputs: torch.Tensor, owners: torch.Tensor, targets: torch.Tensor,
-                 held: torch.Tensor, batch_size: int = 256) -> dict:
-    """The fit on the held-out models' images: per image, per model (the mean of its images' predictions), and
-    the mean predictor's R^2 (what any encoder should beat)."""
+                 held: torch.Tensor, train: torch.Tensor, batch_size: int = 256) -> dict:
+    """The fit of the (unmoved) predictions on the held-out models' images: per image, per model (the mean of
+    its images' predictions), and the mean predictor's R^2 (what any encoder should beat); and the gain: the
+    training models' mean distance from the coefficients' mean over the held-out predictions'."""
     encoder.eval()
     device = encoder.coefficient_mean.device
     rows = torch.isin(owners, held).nonzero()[:, 0]                                        # (I_h,)
@@ -243,9 +250,10 @@ def held_out_fit(encoder: CoefficientEncoder, inputs: torch.Tensor, owners: torc
     true, mean = targets[owners[rows]], encoder.coefficient_mean.cpu()                    # (I_h, K), (K,)
     per_model = torch.stack([predicted[owners[rows] == m].mean(0) for m in held])         # (M_h, K)
     per_image, of_models = fit_scores(predicted, true, mean), fit_scores(per_model, targets[held], mean)
+    gain = (targets[train] - mean).norm(dim=1).mean() / (predicted - mean).norm(dim=1).mean()
     return {"models": len(held), "images": len(rows), "components": encoder.components, **per_image,
             "r2_mean_of_images": of_models["r2"], "cosine_mean_of_images": of_models["cosine"],
-            "r2_mean_predictor": fit_scores(mean.expand_as(true), true, mean)["r2"]}
+            "r2_mean_predictor": fit_scores(mean.expand_as(true), true, mean)["r2"], "gain": float(gain)}
 
 
 def run_fingerprint(space: Space, config: EncoderConfig, seed: int, inputs: torch.Tensor, owners: torch.Tensor
@@ -323,7 +331,8 @@ def train_encoder(space: Space, inputs: torch.Tensor, owners: torch.Tensor, conf
                     "fingerprint": fingerprint, "epoch": epoch + 1, "encoder": encoder.state_dict(),
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "rng": generator.get_state()})
-    encoder.fit = held_out_fit(encoder, inputs, owners, targets, held)
+    encoder.fit = held_out_fit(encoder, inputs, owners, targets, held, train)
+    encoder.gain.fill_(encoder.fit["gain"])
     return encoder.eval()
 
 

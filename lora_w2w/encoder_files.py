@@ -7,7 +7,7 @@ encoder.
     encoder = load_encoder("encoder.safetensors", space)             # SpaceError for another space's
     name_encoder("files/tiny/space", "files/tiny/encoder.safetensors")  # space.json names its default
 
-An encoder file is safetensors: the network's weights and the coefficients' mean and std (K,), and in its
+An encoder file is safetensors: the network's weights, the coefficients' mean and std (K,) and the gain, and in its
 metadata the format, the space id, K, the features and the whole EncoderConfig, and the held-out fit. A
 space names its default encoder in space.json (`encoder`: a path relative to the space folder); the space
 id does not depend on it (it is space.json's `id`, a hash of the tensors).
@@ -32,7 +32,7 @@ from .storage import (FORMAT_VERSION, SPACE_JSON, Output, atomic_output, read_sa
                       read_space_description, write_file)
 
 ENCODER_FORMAT = "w2w-encoder"
-ENCODER_TENSORS = ("coefficient_mean", "coefficient_std")  # beside the network's weights
+ENCODER_TENSORS = ("coefficient_mean", "coefficient_std", "gain")  # beside the network's weights
 ENCODER_FILE = Output("encoder file")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
+from .encoder_files import ENCODER_FORMAT, load_encoder
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
 from .layout import LoraLayout
@@ -40,7 +41,20 @@ def describe_space(directory: Path) -> str:
     if (directory / ATTRIBUTES_CSV).is_file():
         columns = [str(c) for c in read_attribute_table(directory / ATTRIBUTES_CSV).columns]
         lines.append(f"  attributes   {len(columns)}: {', '.join(columns)}")
+    if description.get("encoder"):  # what `w2w invert --init encoder` starts from
+        lines.append(f"  encoder      {description['encoder']}")
     return "\n".join(lines)
+
+
+def describe_encoder(path: Path) -> str:
+    """An encoder file (`w2w train-encoder`): its space, K, features and held-out fit."""
+    encoder = load_encoder(path)
+    fit = encoder.fit
+    return "\n".join([f"w2w encoder {path}", f"  space id     {encoder.space_id}",
+                      f"  K            {_count(encoder.components, 'coefficient')}",
+                      f"  features     {encoder.config.features}",
+                      f"  held-out fit R^2 {fit['r2']:.3f}, cosine {fit['cosine']:.3f} per image ({fit['models']} "
+                      f"models), gain {fit['gain']:.2f}"])
 
 
 def describe_dataset(directory: Path) -> str:
@@ -82,6 +96,8 @@ def describe(path: Path, trust_pickle: bool = False) -> str:
         return f"original w2w model {path}\n  K            {_count(len(model.coefficients), 'coefficient')}"
     header, _ = read_safetensors_header(path)
     metadata = header.get("__metadata__", {})
+    if metadata.get("format") == ENCODER_FORMAT:
+        return describe_encoder(path)
     if metadata.get("format") == MODEL_FORMAT:
         model = load_model(path)
         return "\n".join([f"w2w model {path}", f"  K            {_count(len(model.coefficients), 'coefficient')}",

@@ -36,7 +36,7 @@ CASES = [
     (["sample", "--num", "0", "--out", "o"], "--num: expected an integer >= 1, got 0"),
     (["sample", "--factor", "-1", "--out", "o"], "--factor: expected a number > 0, got -1"),
     (["sample", "--components", "2.5", "--out", "o"], "expected an integer, got '2.5'"),
-    (["invert", "--image", "i.png", "--steps", "0", "--out", "o"], "--steps: expected an integer >= 1"),
+    (["invert", "--image", "i.png", "--steps", "-1", "--out", "o"], "--steps: expected an integer >= 0"),
     (["invert", "--image", "i.png", "--lr", "nan", "--out", "o"], "--lr: expected a finite number"),
     (["invert", "--image", "i.png", "--weight-decay", "-1", "--out", "o"], "--weight-decay: expected a number >= 0"),
     (["invert", "--image", "i.png", "--checkpoint-every", "0", "--out", "o"], "--checkpoint-every: expected an"),
@@ -92,8 +92,8 @@ def test_the_library_refuses_the_same_values(toy_space):
                             ({"num": 1, "factor": math.nan}, "factor: expected a finite number")):
         with pytest.raises(ArgumentError, match=message):
             sample_models(space, **kwargs)
-    with pytest.raises(ArgumentError, match="inversion steps: expected an integer >= 1, got 0"):
-        InversionConfig(steps=0)
+    with pytest.raises(ArgumentError, match="inversion steps: expected an integer >= 0, got -1"):
+        InversionConfig(steps=-1)
     with pytest.raises(ArgumentError, match="inversion lr: expected a finite number"):
         InversionConfig(lr=math.inf)
     with pytest.raises(ArgumentError, match="seed: expected an integer from 0"):

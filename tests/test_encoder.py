@@ -102,6 +102,14 @@ def test_training_fits_held_out_models_better_than_the_mean(world, trained):
     assert encoder.fit == {k: v for k, v in fit.items() if k not in ("encoder", "space_id")}
     assert (encoder.space_id, encoder.components, encoder.config.features) == (space.id, K, "pixels")
     assert f"held-out fit (6 models, 12 images): R^2 {fit['r2']:.3f}" in stdout
+    # predict: the mean of the images' regressed coefficients, moved `gain` times as far from the coefficients' mean
+    assert fit["gain"] > 1 and float(encoder.gain) == pytest.approx(fit["gain"])
+    images = [Image.open(world[1] / "000002" / f"{k}.png") for k in range(2)]
+    raw = encoder.coefficients(encoder.prepare(images)).mean(0).detach()
+    expected = encoder.coefficient_mean + encoder.gain * (raw - encoder.coefficient_mean)
+    torch.testing.assert_close(encoder.predict(images).coefficients, expected)
+    code, info, _ = run(["info", out])
+    assert code == 0 and f"w2w encoder {out}" in info and f"space id     {space.id}" in info
 
 
 def test_fit_scores_are_r2_and_cosine():

@@ -329,7 +329,7 @@ def test_cli_fits_the_preset_to_a_smaller_space(toy_world, space_dir, tmp_path, 
 @pytest.mark.parametrize("change, message", [
     ({"--image": "bad.png"}, "bad.png: not a readable image"),
     ({"--components": "9"}, "--components 9: the space"),
-    ({"--steps": "0"}, "--steps: expected an integer >= 1, got 0"),
+    ({"--steps": "0"}, "--steps 0 inverts nothing from zero: it gives the encoder's prediction alone"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(toy_world, space_dir, tmp_path, capsys, change, message):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")

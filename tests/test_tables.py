@@ -10,7 +10,9 @@ import torch
 from lora_w2w.dataset import add_models, matrix_source
 from lora_w2w.errors import W2WError
 from lora_w2w.storage import load_space
-from lora_w2w.tiny import tables, scaling_plots
+from lora_w2w.encoder import EncoderConfig, train_encoder
+from lora_w2w.encoder_files import save_encoder
+from lora_w2w.tiny import encoder_plot, tables, scaling_plots
 from lora_w2w.tiny.evaluator import Evaluator, EvaluatorConfig, feature_distance
 from lora_w2w.tiny.synthetic import ATTRIBUTES, render, sample_identity
 
@@ -30,15 +32,27 @@ def toy_weights(toy_space, tmp_path_factory):
     return path
 
 
-def _args(toy_world, toy_space, toy_weights, tmp_path, *only):
+@pytest.fixture(scope="module")
+def toy_encoder(toy_space, tmp_path_factory):
+    """An encoder of the toy space, trained for an epoch on a random 16 px image per model."""
+    space = load_space(toy_space)
+    pixels = torch.randint(0, 256, (space.num_models, 3, 16, 16), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)  # (M, 3, 16, 16)
+    config = EncoderConfig(components=space.num_components, image_size=16, channels=(4,), hidden=8, epochs=1)
+    encoder = train_encoder(space, pixels, torch.arange(space.num_models), config, progress=False)
+    return save_encoder(encoder, tmp_path_factory.mktemp("toy_encoder") / "encoder.safetensors")
+
+
+def _args(toy_world, toy_space, toy_weights, tmp_path, *only, encoder=None):
     return tables.parse_args(["--base", str(toy_world / "base"), "--space", str(toy_space), "--weights",
                                 str(toy_weights), "--out", str(tmp_path / "report.json"), "--work",
-                                str(tmp_path / "work"), *TOY, *(["--only", *only] if only else [])])
+                                str(tmp_path / "work"), *TOY, *(["--only", *only] if only else []),
+                              *(["--encoder", str(encoder)] if encoder else [])])
 
 
 @pytest.mark.slow
-def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
-    report = tables.main(_args(toy_world, toy_space, toy_weights, tmp_path))
+def test_every_section(toy_world, toy_space, toy_weights, toy_encoder, tmp_path):
+    report = tables.main(_args(toy_world, toy_space, toy_weights, tmp_path, encoder=toy_encoder))
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     assert set(report) == {"space_id", "runs", *tables.SECTIONS}
     assert set(report["runs"]) == set(tables.SECTIONS)
@@ -103,6 +117,20 @@ def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
     assert [p.name for p in pictures] == ["tiny_scaling_models.png", "tiny_scaling_components.png"]
     assert all(p.stat().st_size > 10_000 for p in pictures)
 
+    # the encoder section: 0 steps (the encoder alone; zero-init's start, the mean model), then the 2 of --inversion-steps
+    encoder = report["encoder"]
+    assert encoder["steps"] == [0, 2] and encoder["identities"] == 1 and encoder["encoder"]["components"] == 16
+    for name, curve in encoder["curves"].items():
+        assert [point["steps"] for point in curve] == [0, 2] and len(encoder["per_identity"][name]) == 1
+        assert all(-1 <= point["identity_similarity"] <= 1 and 0 <= point["attribute_agreement"] <= 1 for point in curve)
+    assert encoder["curves"]["zero"][0]["seconds"] == 0 < encoder["curves"]["zero"][1]["seconds"]
+    assert encoder["curves"]["encoder"][0]["seconds"] == encoder["encoder_forward_s"] > 0
+    targets = encoder["targets"]
+    assert targets["encoder_40_steps"]["identity_similarity"] is None and not targets["encoder_40_steps"]["met"]
+    assert targets["time_to_zero_last"]["zero_steps"] == 2
+    encoder_plot.main(["--report", str(tmp_path / "report.json"), "--out", str(tmp_path / "assets" / "encoder.png")])
+    assert (tmp_path / "assets" / "encoder.png").stat().st_size > 10_000
+
 
 @pytest.mark.slow
 def test_one_section_updates_a_report_and_reruns_alike(toy_world, toy_space, toy_weights, tmp_path):
@@ -122,6 +150,24 @@ def test_plots_need_the_scaling_sections(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"scaling_models": []}))
     with pytest.raises(W2WError, match="no scaling_components section"):
         scaling_plots.main(scaling_plots.parse_args(["--report", str(tmp_path / "report.json")]))
+
+
+def test_the_encoder_targets():
+    """Met, not met, and a level the encoder never reaches."""
+    def curve(*points):
+        return [{"steps": s, "seconds": t, "identity_similarity": v} for s, t, v in points]
+
+    curves = {"zero": curve((0, 0, 0.0), (40, 4, 0.3), (400, 40, 0.6)),
+              "encoder": curve((0, 0.01, 0.55), (40, 4.01, 0.62), (400, 40.01, 0.7))}
+    targets = tables._encoder_targets(curves)
+    assert targets["encoder_alone"] == {"identity_similarity": 0.55, "target": tables.DREAMBOOTH_1_SCORE, "met": True}
+    assert targets["encoder_40_steps"] == {"identity_similarity": 0.62, "target": 0.6, "zero_steps": 400, "met": True}
+    assert targets["time_to_zero_last"]["encoder_steps"] == 40
+    assert targets["time_to_zero_last"]["speedup"] == pytest.approx(40 / 4.01) and not targets["time_to_zero_last"]["met"]
+    curves["encoder"] = curve((0, 0.01, 0.5), (40, 4.01, 0.5), (400, 40.01, 0.59))
+    targets = tables._encoder_targets(curves)
+    assert not targets["encoder_alone"]["met"] and not targets["encoder_40_steps"]["met"]
+    assert targets["time_to_zero_last"]["speedup"] is None and not targets["time_to_zero_last"]["met"]
 
 
 def test_settings_are_checked():
