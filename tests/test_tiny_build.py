@@ -1,6 +1,6 @@
 """`make tiny-world` (lora_w2w.tiny.build) at toy size: the base and evaluator stages are skipped because
-their outputs exist, the LoRA and space stages run for real on the toy pipeline, and a rerun skips or
-resumes everything."""
+their outputs exist, the LoRA, space and encoder stages run for real on the toy pipeline, and a rerun skips
+or resumes everything."""
 import shutil
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_w2w.dataset import WeightsDataset
+from lora_w2w.encoder_files import default_encoder, load_encoder
 from lora_w2w.errors import W2WError
 from lora_w2w.pca import build_space
 from lora_w2w.storage import load_space
@@ -58,12 +59,17 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     assert (space.attributes["Male"].to_numpy() == truth.loc[list(space.attributes.index), "Male"].to_numpy()).all()
     for name in list(space.attributes.index):
         assert (work / "loras" / name / "unet" / "adapter_model.safetensors").exists()
+    # the encoder, trained on the identities' renders (the images their LoRAs were trained on), named by the space
+    encoder = load_encoder(default_encoder(out / "space"), space)
+    assert default_encoder(out / "space").resolve() == (out / "encoder.safetensors").resolve()
+    assert encoder.components == 1 and encoder.fit["models"] == 1 and (out / "encoder.fit.json").is_file()
 
     capsys.readouterr()
     args.processes = 1
     assert build.main(args) == 0  # a rerun: everything exists
     log = capsys.readouterr().out
     assert "base model: " in log and "space: " in log and log.count("skipped") == 4
+    assert "encoder.safetensors is the space's, not trained again" in log
     assert "identity LoRAs: all 3 in" in log and "added 0 models" in log
 
     # a fresh checkout: no work folder, the space rebuilt from the committed weights alone, as before

@@ -180,6 +180,7 @@ def stage_encoder(out: Path, work: Path, identities: int) -> None:
     space, encoder = load_space(out / "space"), out / ENCODER_FILE
     try:
         load_encoder(encoder, space)
+        print(f"encoder: {encoder} is the space's, not trained again")
     except W2WError:  # none, or of a space built before
         write_dataset(work / "faces", identities, first_seed=0)
         config = EncoderConfig(components=min(EncoderConfig.components, space.num_components))
