@@ -281,6 +281,7 @@ def invert_encoder(args, space):
 
 
 def cmd_invert(args) -> None:
+    import dataclasses
     import time
 
     import torch
@@ -289,6 +290,8 @@ def cmd_invert(args) -> None:
     from .formats import LORA_OUTPUTS, save_lora
     from .inversion import invert_file, preset
     from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model, save_png
+
+    from .encoder import REFINEMENT_LR
 
     start = time.perf_counter()
     if args.steps == 0 and args.encoder is None and args.init != "encoder":
@@ -306,6 +309,8 @@ def cmd_invert(args) -> None:
     if config.components > space.num_components:
         raise W2WError(f"--components {config.components}: the space {args.space} has K = {space.num_components}; "
                        f"pass {space.num_components} or fewer")
+    if encoder is not None and args.lr is None:  # a refinement: a fraction of the preset's learning rate
+        config = dataclasses.replace(config, lr=config.lr * REFINEMENT_LR)
     print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
           f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
           f"this space, and the flags given), from {'zero' if encoder is None else f'the encoder {args.encoder}'}")
@@ -334,7 +339,8 @@ def cmd_train_encoder(args) -> None:
     import time
 
     from .encoder import EncoderConfig, train_encoder
-    from .encoder_files import ENCODER_FILE, fit_path, model_folders, name_encoder, read_inputs, save_encoder
+    from .encoder_files import (ENCODER_FILE, fit_path, image_features, image_sources, model_images, name_encoder,
+                                save_encoder)
     from .storage import FILE, check_outputs, load_space
 
     start = time.perf_counter()
@@ -345,21 +351,21 @@ def cmd_train_encoder(args) -> None:
     settings = {name: getattr(args, name) for name in ENCODER_FLAGS if getattr(args, name) is not None}
     config = EncoderConfig(**{"components": min(EncoderConfig.components, space.num_components), **settings})
     space.check_k(config.components)
-    folders = model_folders(args.images, space)  # a folder count or name that does not fit fails before any work
-    inputs, owners = read_inputs(folders, config)
-    encoder = train_encoder(space, inputs, owners, config, args.seed, args.device, checkpoint)
+    images = model_images(args.images, space)  # a folder count or name that does not fit fails before any work
+    encoder = train_encoder(space, image_features(images, config), config, args.seed, checkpoint,
+                            sources=image_sources(images))
     save_encoder(encoder, out)
     checkpoint.unlink(missing_ok=True)
     if args.make_default:
         name_encoder(args.space, out)
         print(f"named {out} the default encoder of {args.space}")
     fit = encoder.fit
-    print(f"wrote encoder {out} (K {config.components}, features {config.features}, {len(folders):,} models, "
-          f"{len(owners):,} images) and its fit {fit_path(out)}; {time.perf_counter() - start:.1f} s")
+    print(f"wrote encoder {out} (K {config.components}, features {config.features}, {len(images):,} models, "
+          f"{sum(map(len, images)):,} images) and its fit {fit_path(out)}; {time.perf_counter() - start:.1f} s")
     print(f"held-out fit ({fit['models']} models, {fit['images']} images): R^2 {fit['r2']:.3f} per image, "
-          f"{fit['r2_mean_of_images']:.3f} for the mean of a model's images (predicting the mean: "
-          f"{fit['r2_mean_predictor']:.3f}); cosine {fit['cosine']:.3f} per image, {fit['cosine_mean_of_images']:.3f} "
-          f"for the mean")
+          f"{fit['r2_mean_of_images']:.3f} for the mean of a model's images (0: no better than the mean model); "
+          f"cosine {fit['cosine']:.3f} per image, {fit['cosine_mean_of_images']:.3f} for the mean; predictions are "
+          f"moved out {fit['gain']:.2f}x")
 
 
 def cmd_app(args) -> None:
@@ -559,6 +565,7 @@ def add_handed_over_parsers(commands) -> None:
 
 
 def add_invert_parser(commands) -> None:
+    from .encoder import REFINEMENT_LR
     from .faces import FACE_FRACTION
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
@@ -597,8 +604,9 @@ def add_invert_parser(commands) -> None:
                         help="optimiser steps (default: the preset's); 0 with an encoder: its prediction alone")
     invert.add_argument("--init", choices=("zero", "encoder"), default="zero",
                         help="where the coefficients start: zero (the paper's), or the prediction of the space's "
-                             "default encoder (`w2w info SPACE` names it), refined by the steps; several --image: "
-                             "the mean of their predictions (default: %(default)s)")
+                             "default encoder (`w2w info SPACE` names it), refined by the steps at "
+                             f"{REFINEMENT_LR:g} x the preset's lr unless --lr; several --image: the mean of their "
+                             "predictions (default: %(default)s)")
     invert.add_argument("--encoder", default=None,
                         help="start from this encoder's prediction (a `w2w train-encoder` file of the space; implies "
                              "--init encoder)")
@@ -626,8 +634,7 @@ def add_invert_parser(commands) -> None:
     invert.set_defaults(run=cmd_invert)
 
 
-ENCODER_FLAGS = ("features", "components", "image_size", "channels", "hidden", "epochs", "batch_size", "lr",
-                 "weight_decay", "shift", "held_out")  # EncoderConfig's fields, each a flag of `w2w train-encoder`
+ENCODER_FLAGS = ("features", "components", "image_size", "ridge", "held_out")  # EncoderConfig's fields: flags
 
 
 def add_train_encoder_parser(commands) -> None:
@@ -639,9 +646,10 @@ def add_train_encoder_parser(commands) -> None:
         "train-encoder", help="train an encoder from images to the space's coefficients (instant inversion)",
         description="Learn images -> the first K coefficients of SPACE from its dataset models: each model's "
                     "coefficients paired with the images its LoRA was trained on (ROOT: one folder of images per "
-                    "model, in the dataset's alphanumeric order, as `w2w train-identities` took them). Models are "
-                    "split into training and held-out ones; the fit on the held-out ones (R^2 of the coefficients, "
-                    "cosine of predicted and true coefficient vectors) is printed and written to ENCODER.fit.json. "
+                    "model, in the dataset's alphanumeric order, as `w2w train-identities` took them), by ridge "
+                    "regression on the images' features, streamed model by model on the CPU. Models are split into "
+                    "fitted and held-out ones; the fit on the held-out ones (R^2 of the coefficients, cosine of "
+                    "predicted and true coefficient vectors) is printed and written to ENCODER.fit.json. "
                     "`w2w invert --encoder ENCODER` (or --init encoder, with --make-default) starts from its "
                     "prediction. A killed run resumes from its checkpoint. Features: " +
                     "; ".join(f"{name}: {f.description}" for name, f in FEATURES.items()) + ".")
@@ -650,23 +658,17 @@ def add_train_encoder_parser(commands) -> None:
                        help="folder of image folders, one per dataset model of the space, in the dataset's order")
     train.add_argument("--out", required=True, metavar="ENCODER", help="encoder file to write (.safetensors)")
     fields = {f.name: f for f in dataclasses.fields(EncoderConfig)}
-    kinds = {"features": dict(choices=tuple(FEATURES)), "channels": dict(type=COUNT, nargs="+"),
-             "lr": dict(type=POSITIVE), "weight_decay": dict(type=NON_NEGATIVE_NUMBER),
-             "held_out": dict(type=POSITIVE), "shift": dict(type=NON_NEGATIVE)}
+    kinds = {"features": dict(choices=tuple(FEATURES)), "ridge": dict(type=POSITIVE), "held_out": dict(type=POSITIVE)}
     for name in ENCODER_FLAGS:
         default = fields[name].default
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        if name == "components":
-            shown = f"{default}, at most the space's K"
+        shown = f"{default}, at most the space's K" if name == "components" else default
         train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kinds.get(name, dict(type=COUNT)),
                            help=f"{fields[name].metadata['help']} (default: {shown})")
     train.add_argument("--seed", type=SEED, default=0,
-                       help="seed of the split, the network's initialisation and the order of the images "
-                            "(default: %(default)s)")
-    train.add_argument("--device", type=DEVICE, default="cpu", help="cpu, cuda, cuda:1, mps or auto (default: cpu)")
+                       help="seed of the split into fitted and held-out models (default: %(default)s)")
     train.add_argument("--checkpoint", default=None,
-                       help="file the run's state is saved in after every epoch; a run that finds it resumes from it "
-                            "(default: ENCODER.train-state, removed once ENCODER is written)")
+                       help="file the run's sums are saved in every 1,000 models; a run that finds it resumes from "
+                            "it (default: ENCODER.train-state, removed once ENCODER is written)")
     train.add_argument("--make-default", action="store_true",
                        help="name ENCODER in SPACE/space.json as the space's default encoder (`w2w invert --init "
                             "encoder`)")

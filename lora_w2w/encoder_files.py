@@ -1,14 +1,15 @@
 """The encoder's files: the image folders it learns from, the encoder file, its fit, and a space's default
 encoder.
 
-    folders = model_folders("data/faces/celeba_generated", space)   # one folder per dataset model, in order
-    inputs, owners = read_inputs(folders, EncoderConfig())           # every image, prepared; its model's row
+    images = model_images("data/faces/celeba_generated", space)     # per dataset model, its images, in order
+    encoder = train_encoder(space, image_features(images, config), config)
     save_encoder(encoder, "encoder.safetensors")                     # and encoder.fit.json beside it
     encoder = load_encoder("encoder.safetensors", space)             # SpaceError for another space's
     name_encoder("files/tiny/space", "files/tiny/encoder.safetensors")  # space.json names its default
 
-An encoder file is safetensors: the network's weights, the coefficients' mean and std (K,) and the gain, and in its
-metadata the format, the space id, K, the features and the whole EncoderConfig, and the held-out fit. A
+An encoder file is safetensors: the ridge's feature mean (F,) and weights (F, K), the coefficients' mean and
+std (K,) and the gain, and in its metadata the format, the space id, K, the features and the whole
+EncoderConfig, and the held-out fit. A
 space names its default encoder in space.json (`encoder`: a path relative to the space folder); the space
 id does not depend on it (it is space.json's `id`, a hash of the tensors).
 """
@@ -18,11 +19,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .encoder import FEATURES, CoefficientEncoder, EncoderConfig
 from .errors import FileFormatError, W2WError
@@ -32,7 +32,7 @@ from .storage import (FORMAT_VERSION, SPACE_JSON, Output, atomic_output, read_sa
                       read_space_description, write_file)
 
 ENCODER_FORMAT = "w2w-encoder"
-ENCODER_TENSORS = ("coefficient_mean", "coefficient_std", "gain")  # beside the network's weights
+ENCODER_TENSORS = ("feature_mean", "weights", "coefficient_mean", "coefficient_std", "gain")
 ENCODER_FILE = Output("encoder file")
 
 
@@ -79,19 +79,23 @@ def folder_images(folder: Path) -> list[Path]:
     return images
 
 
-def read_inputs(folders: Sequence[Path], config: EncoderConfig, progress: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of `folders` prepared by the config's features (I, ...), and the folder (model) each
-    belongs to (I,)."""
+def model_images(root: str | os.PathLike, space: Space) -> list[list[Path]]:
+    """The image files of each dataset model of `space`, from its folder under `root` (`model_folders`), all
+    listed (and a folder without images refused) before any is read."""
+    return [folder_images(folder) for folder in model_folders(root, space)]
+
+
+def image_features(images: list[list[Path]], config: EncoderConfig) -> Callable[[int], torch.Tensor]:
+    """A function m -> the features (I_m, F) of model m's image files, read when asked (`train_encoder`'s)."""
     from .inversion import open_image
 
-    prepare = FEATURES[config.features].prepare
-    inputs, owners = [], []
-    for m, folder in enumerate(tqdm(folders, desc="reading images", unit="model", disable=not progress)):
-        images = folder_images(folder)
-        inputs.append(prepare([open_image(path) for path in images], config))   # (I_m, ...)
-        owners += [m] * len(images)
-    return torch.cat(inputs), torch.tensor(owners)
+    extract = FEATURES[config.features].extract
+    return lambda m: extract([open_image(path) for path in images[m]], config)
+
+
+def image_sources(images: list[list[Path]]) -> list[str]:
+    """What a training checkpoint records of the images: FOLDER/FILE of each, in order."""
+    return [f"{path.parent.name}/{path.name}" for paths in images for path in paths]
 
 
 # ----------------------------------------------------------------------------- encoder files

@@ -34,12 +34,11 @@ def toy_weights(toy_space, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_encoder(toy_space, tmp_path_factory):
-    """An encoder of the toy space, trained for an epoch on a random 16 px image per model."""
+    """An encoder of the toy space, fitted on a random 4 px image per model."""
     space = load_space(toy_space)
-    pixels = torch.randint(0, 256, (space.num_models, 3, 16, 16), generator=torch.Generator().manual_seed(0),
-                           dtype=torch.uint8)  # (M, 3, 16, 16)
-    config = EncoderConfig(components=space.num_components, image_size=16, channels=(4,), hidden=8, epochs=1)
-    encoder = train_encoder(space, pixels, torch.arange(space.num_models), config, progress=False)
+    pixels = torch.rand(space.num_models, 3 * 4 * 4, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (M, F)
+    config = EncoderConfig(components=space.num_components, image_size=4)
+    encoder = train_encoder(space, lambda m: pixels[m:m + 1], config, progress=False)
     return save_encoder(encoder, tmp_path_factory.mktemp("toy_encoder") / "encoder.safetensors")
 
 
@@ -120,12 +119,13 @@ def test_every_section(toy_world, toy_space, toy_weights, toy_encoder, tmp_path)
     # the encoder section: 0 steps (the encoder alone; zero-init's start, the mean model), then the 2 of --inversion-steps
     encoder = report["encoder"]
     assert encoder["steps"] == [0, 2] and encoder["identities"] == 1 and encoder["encoder"]["components"] == 16
+    assert set(encoder["curves"]) == set(tables.ENCODER_CURVES) and encoder["refinement_lr"] == pytest.approx(0.01)
     for name, curve in encoder["curves"].items():
         assert [point["steps"] for point in curve] == [0, 2] and len(encoder["per_identity"][name]) == 1
         assert all(-1 <= point["identity_similarity"] <= 1 and 0 <= point["attribute_agreement"] <= 1 for point in curve)
     assert encoder["curves"]["zero"][0]["seconds"] == 0 < encoder["curves"]["zero"][1]["seconds"]
     assert encoder["curves"]["encoder"][0]["seconds"] == encoder["encoder_forward_s"] > 0
-    targets = encoder["targets"]
+    targets = encoder["targets"]["encoder"]
     assert targets["encoder_40_steps"]["identity_similarity"] is None and not targets["encoder_40_steps"]["met"]
     assert targets["time_to_zero_last"]["zero_steps"] == 2
     encoder_plot.main(["--report", str(tmp_path / "report.json"), "--out", str(tmp_path / "assets" / "encoder.png")])
@@ -157,15 +157,13 @@ def test_the_encoder_targets():
     def curve(*points):
         return [{"steps": s, "seconds": t, "identity_similarity": v} for s, t, v in points]
 
-    curves = {"zero": curve((0, 0, 0.0), (40, 4, 0.3), (400, 40, 0.6)),
-              "encoder": curve((0, 0.01, 0.55), (40, 4.01, 0.62), (400, 40.01, 0.7))}
-    targets = tables._encoder_targets(curves)
+    zero = curve((0, 0, 0.0), (40, 4, 0.3), (400, 40, 0.6))
+    targets = tables._encoder_targets(zero, curve((0, 0.01, 0.55), (40, 4.01, 0.62), (400, 40.01, 0.7)))
     assert targets["encoder_alone"] == {"identity_similarity": 0.55, "target": tables.DREAMBOOTH_1_SCORE, "met": True}
     assert targets["encoder_40_steps"] == {"identity_similarity": 0.62, "target": 0.6, "zero_steps": 400, "met": True}
     assert targets["time_to_zero_last"]["encoder_steps"] == 40
     assert targets["time_to_zero_last"]["speedup"] == pytest.approx(40 / 4.01) and not targets["time_to_zero_last"]["met"]
-    curves["encoder"] = curve((0, 0.01, 0.5), (40, 4.01, 0.5), (400, 40.01, 0.59))
-    targets = tables._encoder_targets(curves)
+    targets = tables._encoder_targets(zero, curve((0, 0.01, 0.5), (40, 4.01, 0.5), (400, 40.01, 0.59)))
     assert not targets["encoder_alone"]["met"] and not targets["encoder_40_steps"]["met"]
     assert targets["time_to_zero_last"]["speedup"] is None and not targets["time_to_zero_last"]["met"]
 

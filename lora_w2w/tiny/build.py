@@ -173,7 +173,7 @@ def stage_encoder(out: Path, work: Path, identities: int) -> None:
     with the tiny world's EncoderConfig (its defaults, measured in files/tiny/README.md) and name it the space's
     default; an encoder of this space already there is only named."""
     from ..encoder import EncoderConfig, train_encoder
-    from ..encoder_files import load_encoder, model_folders, name_encoder, read_inputs, save_encoder
+    from ..encoder_files import image_features, image_sources, load_encoder, model_images, name_encoder, save_encoder
     from ..storage import load_space
     from .synthetic import write_dataset
 
@@ -184,8 +184,9 @@ def stage_encoder(out: Path, work: Path, identities: int) -> None:
     except W2WError:  # none, or of a space built before
         write_dataset(work / "faces", identities, first_seed=0)
         config = EncoderConfig(components=min(EncoderConfig.components, space.num_components))
-        inputs, owners = read_inputs(model_folders(work / "faces" / "celeba_generated", space), config)
-        save_encoder(train_encoder(space, inputs, owners, config, checkpoint=work / "encoder.train-state"), encoder)
+        images = model_images(work / "faces" / "celeba_generated", space)
+        save_encoder(train_encoder(space, image_features(images, config), config, checkpoint=work / "encoder.train-state",
+                                   sources=image_sources(images)), encoder)
         (work / "encoder.train-state").unlink(missing_ok=True)
     name_encoder(out / "space", encoder)
 

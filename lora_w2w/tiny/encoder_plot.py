@@ -15,7 +15,8 @@ from ..storage import atomic_output
 
 PANELS = (("identity_similarity", "identity similarity (evaluator)"),
           ("attribute_agreement", "attributes read as the identity's"))
-STYLES = {"zero": ("from zero (the paper's)", "o-"), "encoder": ("from the encoder's prediction", "s-")}
+STYLES = {"zero": ("from zero (the paper's)", "o-"), "encoder": ("from the encoder, lr x {factor:g} (--init encoder)", "s-"),
+          "encoder_preset_lr": ("from the encoder, the preset's lr", "^:")}
 
 
 def plot_encoder(section: dict, path: Path) -> None:
@@ -29,6 +30,7 @@ def plot_encoder(section: dict, path: Path) -> None:
     for ax, (key, label) in zip(axes, PANELS):
         for name, curve in section["curves"].items():
             legend, style = STYLES[name]
+            legend = legend.format(factor=section["refinement_lr"] / section["config"]["lr"])
             seconds = [max(point["seconds"], 1e-2) for point in curve]  # log axis: the zero start at 0 s drawn at 0.01
             ax.plot(seconds, [point[key] for point in curve], style, label=legend)
             for point, x in zip(curve, seconds):
@@ -37,7 +39,7 @@ def plot_encoder(section: dict, path: Path) -> None:
         ax.set_xlabel("seconds: CPU time of one thread, an idle core's wall time (log; labels: Adam steps)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    targets = section["targets"]
+    targets = section["targets"]["encoder"]
     axes[0].axhline(targets["encoder_alone"]["target"], color="gray", linestyle=":",
                     label="1-image Dreambooth-LoRA (Table 2)")
     axes[0].axhline(targets["encoder_40_steps"]["target"], color="gray", linestyle="--",

@@ -586,46 +586,55 @@ def _first_reaching(curve: list[dict], level: float) -> dict | None:
     return next((point for point in curve if point["identity_similarity"] >= level), None)
 
 
+ENCODER_CURVES = ("zero", "encoder", "encoder_preset_lr")  # the starts and learning rates the section compares
+
+
 def evaluate_encoder(ctx: Context, settings: Settings) -> dict:
-    """Held-out identities inverted from their first view, from zero and from the encoder's prediction, scored after
-    each of `encoder_steps` against views 5-9 (none seen); the encoder's seconds (CPU time, as the inversion's)
-    count to its curve."""
+    """Held-out identities inverted from their first view after each of `encoder_steps`, scored against views 5-9
+    (none seen): from zero, and from the encoder's prediction at REFINEMENT_LR x the preset's learning rate (what
+    `w2w invert --init encoder` does) and at the preset's own; the encoder's seconds (CPU time, as the
+    inversion's) count to its curves."""
+    from ..encoder import REFINEMENT_LR
     from ..encoder_files import load_encoder
 
     if ctx.encoder is None:
         raise W2WError("the encoder section needs an encoder: pass --encoder FILE, or a space naming its default")
     encoder = load_encoder(ctx.encoder, ctx.space)
     config = _inversion_config(ctx.space, settings)
-    points = {"zero": [], "encoder": []}
-    forward = []
+    refinement = dataclasses.replace(config, lr=config.lr * REFINEMENT_LR)
+    points, forward = {name: [] for name in ENCODER_CURVES}, []
     for identity, renders in tqdm(_held_out(settings.inversions, max(SCORED_VIEWS) + 1), desc="encoder: identities"):
         began = time.process_time()
         init = encoder.predict(renders[0])
         forward.append(time.process_time() - began)
         scored = [renders[k] for k in SCORED_VIEWS]
-        for name, start, offset in (("zero", None, 0.0), ("encoder", init, forward[-1])):
+        for name, start, offset, run in (("zero", None, 0.0, config), ("encoder", init, forward[-1], refinement),
+                                         ("encoder_preset_lr", init, forward[-1], config)):
             points[name].append([{"steps": steps, "seconds": offset + seconds,
                                   **_identity_scores(ctx, weights, identity, scored, settings)}
-                                 for steps, seconds, weights in _inversion_curve(ctx, renders[0], config, start)])
+                                 for steps, seconds, weights in _inversion_curve(ctx, renders[0], run, start)])
     curves = {name: [_mean_scores([rows[i] for rows in runs]) | {"steps": steps}
                      for i, steps in enumerate(encoder_steps(config))]
               for name, runs in points.items()}  # the mean over identities at each step
-    return {"curves": curves, "targets": _encoder_targets(curves), "encoder_forward_s": float(np.mean(forward)),
+    return {"curves": curves, "encoder_forward_s": float(np.mean(forward)),
+            "targets": {name: _encoder_targets(curves["zero"], curves[name]) for name in ENCODER_CURVES[1:]},
             "encoder": {"file": str(ctx.encoder), "components": encoder.components,
                         "features": encoder.config.features, "fit": encoder.fit},
             "per_identity": {name: [[row["identity_similarity"] for row in rows] for rows in runs]
                              for name, runs in points.items()},
             "steps": encoder_steps(config), "scored_against_views": list(SCORED_VIEWS),
-            "identities": settings.inversions, "config": asdict(config), "threads": torch.get_num_threads()}
+            "identities": settings.inversions, "config": asdict(config), "refinement_lr": refinement.lr,
+            "threads": torch.get_num_threads()}
 
 
-def _encoder_targets(curves: dict[str, list[dict]]) -> dict:
-    """The issue's targets: the encoder alone at least 1-image Dreambooth's score; the encoder and 40 steps at
-    least zero-init's last (400 steps); the time to zero-init's last score ENCODER_TARGET_SPEEDUP times shorter
-    (the encoder's seconds over zero-init's, where the encoder's curve first reaches that score)."""
-    alone, last = curves["encoder"][0], curves["zero"][-1]
-    forty = next((point for point in curves["encoder"] if point["steps"] == 40), None)
-    reached = _first_reaching(curves["encoder"], last["identity_similarity"])
+def _encoder_targets(zero: list[dict], encoder: list[dict]) -> dict:
+    """The issue's targets for an encoder curve against zero-init's: the encoder alone at least 1-image
+    Dreambooth's score; the encoder and 40 steps at least zero-init's last (400 steps); the time to zero-init's
+    last score ENCODER_TARGET_SPEEDUP times shorter (the encoder's seconds over zero-init's, where the encoder's
+    curve first reaches that score)."""
+    alone, last = encoder[0], zero[-1]
+    forty = next((point for point in encoder if point["steps"] == 40), None)
+    reached = _first_reaching(encoder, last["identity_similarity"])
     speedup = None if reached is None else last["seconds"] / max(reached["seconds"], 1e-9)
     return {
         "encoder_alone": {"identity_similarity": alone["identity_similarity"], "target": DREAMBOOTH_1_SCORE,
