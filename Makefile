@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
+.PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory bench-encoder clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,8 @@ tiny-world: $(STAMP)
 # 3.2 GB of data in outputs/bench_pca). BENCH_PCA_ARGS="--threads 1" on a shared machine.
 bench-pca: $(STAMP)
 	$(PY) benchmarks/bench_pca.py $(BENCH_PCA_ARGS)
+
+# Instant inversion: the time to an identity similarity from the encoder's prediction over from zero, and the
+# encoder's forward time, on the tiny world (one thread, CPU time).
+bench-encoder: $(STAMP)
+	$(PY) benchmarks/bench_encoder.py

@@ -309,11 +309,13 @@ def cmd_invert(args) -> None:
     if config.components > space.num_components:
         raise W2WError(f"--components {config.components}: the space {args.space} has K = {space.num_components}; "
                        f"pass {space.num_components} or fewer")
-    if encoder is not None and args.lr is None:  # a refinement: a fraction of the preset's learning rate
+    refining = encoder is not None and args.lr is None
+    if refining:  # from a prediction: a fraction of the preset's learning rate
         config = dataclasses.replace(config, lr=config.lr * REFINEMENT_LR)
-    print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
-          f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
-          f"this space, and the flags given), from {'zero' if encoder is None else f'the encoder {args.encoder}'}")
+    lr = f"lr {config.lr:g}" + (f" ({REFINEMENT_LR:g} x the preset's, from a prediction)" if refining else "")
+    print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, {lr}, "
+          f"weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on this space, and the "
+          f"flags given), from {'zero' if encoder is None else f'the encoder {args.encoder}'}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     times = {"reading the space": time.perf_counter() - start}
     model, photos = invert_file(args.base, space, args.image, masks, config, args.seed, args.device, dtype,
@@ -574,7 +576,8 @@ def add_invert_parser(commands) -> None:
     invert = commands.add_parser(
         "invert", help="invert a person's images (one or several) into a w2w model (the paper's Sec. 4.3)",
         description="Find the model of the space that reproduces IMAGE: Adam on its first K coefficients, from "
-                    f"zero, on the diffusion loss of the image (inside MASK). With several --image of one person, "
+                    f"zero (or from an encoder's prediction: --init encoder, --encoder; --steps 0 for the prediction "
+                    f"alone), on the diffusion loss of the image (inside MASK). With several --image of one person, "
                     f"each step draws one of them, so the loss is averaged over the person's photographs. "
                     f"Presets (the paper's): {presets}; "
                     "on a space with fewer components, all of them; a space may record its own settings for a "
