@@ -176,13 +176,13 @@ class CoefficientEncoder(nn.Module):
 # ----------------------------------------------------------------------------- fitting
 
 def split_models(num_models: int, held_out: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training models, held-out models): a seeded shuffle of 0 .. M-1, round(held_out * M) held out (at least
-    one of each)."""
-    if num_models < 2:
-        raise SpaceError(f"the space has {num_models} dataset model(s); an encoder needs at least 2 (one to fit, one "
+    """(fitted models, held-out models): a seeded shuffle of 0 .. M-1, round(held_out * M) held out (at least one,
+    and two fitted: a coefficient's spread needs two)."""
+    if num_models < 3:
+        raise SpaceError(f"the space has {num_models} dataset model(s); an encoder needs at least 3 (two to fit, one "
                          f"to hold out)")
     order = torch.randperm(num_models, generator=torch.Generator().manual_seed(seed))  # (M,)
-    held = min(max(1, round(held_out * num_models)), num_models - 1)
+    held = min(max(1, round(held_out * num_models)), num_models - 2)
     return order[held:].sort().values, order[:held].sort().values
 
 

@@ -14,7 +14,7 @@ from conftest import make_space
 from PIL import Image
 
 from lora_w2w.cli import main as w2w
-from lora_w2w.encoder import EncoderConfig, fit_scores, train_encoder
+from lora_w2w.encoder import EncoderConfig, fit_scores, split_models, train_encoder
 from lora_w2w.encoder_files import (default_encoder, fit_path, image_features, image_sources, load_encoder,
                                     model_images, name_encoder)
 from lora_w2w.errors import SpaceError, W2WError
@@ -29,16 +29,9 @@ CONFIG = EncoderConfig(components=K, image_size=4, ridge=0.01, held_out=0.25)
 FLAGS = ["--components", K, "--image-size", 4, "--ridge", 0.01, "--held-out", 0.25]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe(toy_world):
+    """The toy pipeline (one thread: conftest's)."""
     return load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
 
 
@@ -115,6 +108,18 @@ def test_fit_scores_are_r2_and_cosine():
     assert fit_scores(true, true, mean) == {"r2": 1.0, "cosine": 1.0}
     assert fit_scores(torch.zeros(2, 2) + 1e-9, true, mean)["r2"] == pytest.approx(0.0)
     assert fit_scores(-true, true, mean) == {"r2": -3.0, "cosine": -1.0}
+
+
+def test_the_split_is_seeded_and_the_config_checked():
+    train, held = split_models(1000, 0.1, seed=0)
+    assert len(held) == 100 and sorted(torch.cat([train, held]).tolist()) == list(range(1000))
+    assert torch.equal(held, split_models(1000, 0.1, seed=0)[1]) and not torch.equal(held, split_models(1000, 0.1, 1)[1])
+    with pytest.raises(SpaceError, match="an encoder needs at least 3"):
+        split_models(2, 0.1, seed=0)
+    with pytest.raises(W2WError, match="image_size 64: 3 S\\^2 = 12288 features, expected at most 8192"):
+        EncoderConfig(image_size=64)
+    with pytest.raises(W2WError, match="encoder features 'dlib': expected one of pixels"):
+        EncoderConfig(features="dlib")
 
 
 def test_a_killed_training_resumes_to_the_uninterrupted_result(world, tmp_path):
