@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> dict:
     level = curves["zero"][-1]["identity_similarity"] if args.level is None else args.level
     zero, started = (tables._first_reaching(curves[name], level) for name in ("zero", "encoder"))
     result = {"benchmark": "encoder", "level": level, "identities": args.identities,
-              "zero_s": None if zero is None else zero["seconds"], "zero_steps": None if zero is None else zero["steps"],
+              "zero_s": None if zero is None else zero["seconds"],
+              "zero_steps": None if zero is None else zero["steps"],
               "encoder_s": None if started is None else started["seconds"],
               "encoder_steps": None if started is None else started["steps"],
               "ratio": None if zero is None or started is None else started["seconds"] / zero["seconds"],

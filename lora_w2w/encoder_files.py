@@ -173,7 +173,9 @@ def load_encoder(path: str | os.PathLike, space: Space | None = None) -> Coeffic
 def default_encoder(space_directory: str | os.PathLike) -> Path | None:
     """The encoder the space at `space_directory` names in space.json (None when it names none)."""
     description = read_space_description(space_directory)
-    return Path(os.path.normpath(Path(space_directory) / description["encoder"])) if description.get("encoder") else None
+    if not description.get("encoder"):
+        return None
+    return Path(os.path.normpath(Path(space_directory) / description["encoder"]))
 
 
 def name_encoder(space_directory: str | os.PathLike, encoder: str | os.PathLike) -> None:

@@ -44,8 +44,8 @@ def test_bench_pca(tmp_path):
 
 
 def test_bench_encoder(tmp_path):
-    result = last_json("bench_encoder.py", "--identities", "1", "--steps", "2", "--seeds", "1", "--denoising-steps", "2",
-                       "--repeats", "2", "--work", str(tmp_path))
+    result = last_json("bench_encoder.py", "--identities", "1", "--steps", "2", "--seeds", "1",
+                       "--denoising-steps", "2", "--repeats", "2", "--work", str(tmp_path))
     assert result["benchmark"] == "encoder" and result["forward_ms"] > 0
     assert [p["steps"] for p in result["curves"]["encoder"]] == [0, 2]
     assert result["ratio"] is None or result["ratio"] == pytest.approx(result["encoder_s"] / result["zero_s"])

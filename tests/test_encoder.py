@@ -113,7 +113,8 @@ def test_fit_scores_are_r2_and_cosine():
 def test_the_split_is_seeded_and_the_config_checked():
     train, held = split_models(1000, 0.1, seed=0)
     assert len(held) == 100 and sorted(torch.cat([train, held]).tolist()) == list(range(1000))
-    assert torch.equal(held, split_models(1000, 0.1, seed=0)[1]) and not torch.equal(held, split_models(1000, 0.1, 1)[1])
+    assert torch.equal(held, split_models(1000, 0.1, seed=0)[1])
+    assert not torch.equal(held, split_models(1000, 0.1, seed=1)[1])
     with pytest.raises(SpaceError, match="an encoder needs at least 3"):
         split_models(2, 0.1, seed=0)
     with pytest.raises(W2WError, match="image_size 64: 3 S\\^2 = 12288 features, expected at most 8192"):
@@ -177,8 +178,8 @@ def test_a_refinement_starts_from_the_init(world, trained, pipe, tmp_path):
     config = InversionConfig(components=K, lr=0.05, weight_decay=0.0, steps=1)
     refined = invert(pipe, space, target, None, config, progress=False, init=init).coefficients
     assert 0 < (refined - init.coefficients).abs().max() <= 0.05 + 1e-5
-    assert torch.equal(invert(pipe, space, target, None, InversionConfig(components=K, steps=0), init=init).coefficients,
-                       init.coefficients)
+    alone = invert(pipe, space, target, None, InversionConfig(components=K, steps=0), init=init)
+    assert torch.equal(alone.coefficients, init.coefficients)
     with pytest.raises(W2WError, match="0 inversion steps from zero"):
         invert(pipe, space, target, None, InversionConfig(components=K, steps=0))
     # a checkpoint of a run from zero does not resume a run from the encoder

@@ -185,8 +185,8 @@ def stage_encoder(out: Path, work: Path, identities: int) -> None:
         write_dataset(work / "faces", identities, first_seed=0)
         config = EncoderConfig(components=min(EncoderConfig.components, space.num_components))
         images = model_images(work / "faces" / "celeba_generated", space)
-        save_encoder(train_encoder(space, image_features(images, config), config, checkpoint=work / "encoder.train-state",
-                                   sources=image_sources(images)), encoder)
+        save_encoder(train_encoder(space, image_features(images, config), config,
+                                   checkpoint=work / "encoder.train-state", sources=image_sources(images)), encoder)
         (work / "encoder.train-state").unlink(missing_ok=True)
     name_encoder(out / "space", encoder)
 

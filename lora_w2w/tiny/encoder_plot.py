@@ -15,7 +15,8 @@ from ..storage import atomic_output
 
 PANELS = (("identity_similarity", "identity similarity (evaluator)"),
           ("attribute_agreement", "attributes read as the identity's"))
-STYLES = {"zero": ("from zero (the paper's)", "o-"), "encoder": ("from the encoder, lr x {factor:g} (--init encoder)", "s-"),
+STYLES = {"zero": ("from zero (the paper's)", "o-"),
+          "encoder": ("from the encoder, lr x {factor:g} (--init encoder)", "s-"),
           "encoder_preset_lr": ("from the encoder, the preset's lr", "^:")}
 
 
