@@ -281,7 +281,6 @@ def invert_encoder(args, space):
 
 
 def cmd_invert(args) -> None:
-    import dataclasses
     import time
 
     import torch
@@ -290,8 +289,6 @@ def cmd_invert(args) -> None:
     from .formats import LORA_OUTPUTS, save_lora
     from .inversion import invert_file, preset
     from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model, save_png
-
-    from .encoder import REFINEMENT_LR
 
     start = time.perf_counter()
     if args.steps == 0 and args.encoder is None and args.init != "encoder":
@@ -309,12 +306,8 @@ def cmd_invert(args) -> None:
     if config.components > space.num_components:
         raise W2WError(f"--components {config.components}: the space {args.space} has K = {space.num_components}; "
                        f"pass {space.num_components} or fewer")
-    refining = encoder is not None and args.lr is None
-    if refining:  # from a prediction: a fraction of the preset's learning rate
-        config = dataclasses.replace(config, lr=config.lr * REFINEMENT_LR)
-    lr = f"lr {config.lr:g}" + (f" ({REFINEMENT_LR:g} x the preset's, from a prediction)" if refining else "")
-    print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, {lr}, "
-          f"weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on this space, and the "
+    print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
+          f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on this space, and the "
           f"flags given), from {'zero' if encoder is None else f'the encoder {args.encoder}'}")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     times = {"reading the space": time.perf_counter() - start}
@@ -567,7 +560,6 @@ def add_handed_over_parsers(commands) -> None:
 
 
 def add_invert_parser(commands) -> None:
-    from .encoder import REFINEMENT_LR
     from .faces import FACE_FRACTION
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
@@ -607,9 +599,8 @@ def add_invert_parser(commands) -> None:
                         help="optimiser steps (default: the preset's); 0 with an encoder: its prediction alone")
     invert.add_argument("--init", choices=("zero", "encoder"), default="zero",
                         help="where the coefficients start: zero (the paper's), or the prediction of the space's "
-                             "default encoder (`w2w info SPACE` names it), refined by the steps at "
-                             f"{REFINEMENT_LR:g} x the preset's lr unless --lr; several --image: the mean of their "
-                             "predictions (default: %(default)s)")
+                             "default encoder (`w2w info SPACE` names it), refined by the steps; several --image: the "
+                             "mean of their predictions (default: %(default)s)")
     invert.add_argument("--encoder", default=None,
                         help="start from this encoder's prediction (a `w2w train-encoder` file of the space; implies "
                              "--init encoder)")

@@ -50,11 +50,6 @@ from .storage import load_state, save_state
 
 CHECKPOINT_FORMAT = "w2w-encoder-checkpoint"
 MAX_FEATURES = 8192  # F: the ridge holds an F x F matrix (float64: 512 MB at this F)
-# Refinement from a prediction takes this fraction of the preset's learning rate: Adam's first steps move
-# every coefficient by about lr, which from zero starts the climb and from a prediction adds noise to it
-# (files/tiny/README.md, "encoder.safetensors": a tenth kept the prediction's score over 100 steps, the
-# preset's own lowered it for the first 40)
-REFINEMENT_LR = 0.1
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -119,7 +119,7 @@ def test_every_section(toy_world, toy_space, toy_weights, toy_encoder, tmp_path)
     # the encoder section: 0 steps (the encoder alone; zero-init's start: the mean model), then --inversion-steps 2
     encoder = report["encoder"]
     assert encoder["steps"] == [0, 2] and encoder["identities"] == 1 and encoder["encoder"]["components"] == 16
-    assert set(encoder["curves"]) == set(tables.ENCODER_CURVES) and encoder["refinement_lr"] == pytest.approx(0.01)
+    assert set(encoder["curves"]) == set(tables.ENCODER_CURVES) and encoder["low_lr"] == pytest.approx(0.01)
     for name, curve in encoder["curves"].items():
         assert [point["steps"] for point in curve] == [0, 2] and len(encoder["per_identity"][name]) == 1
         assert all(-1 <= p["identity_similarity"] <= 1 and 0 <= p["attribute_agreement"] <= 1 for p in curve)

@@ -16,8 +16,8 @@ from ..storage import atomic_output
 PANELS = (("identity_similarity", "identity similarity (evaluator)"),
           ("attribute_agreement", "attributes read as the identity's"))
 STYLES = {"zero": ("from zero (the paper's)", "o-"),
-          "encoder": ("from the encoder, lr x {factor:g} (--init encoder)", "s-"),
-          "encoder_preset_lr": ("from the encoder, the preset's lr", "^:")}
+          "encoder": ("from the encoder's prediction (--init encoder)", "s-"),
+          "encoder_low_lr": ("from the encoder's prediction, lr x {factor:g}", "^:")}
 
 
 def plot_encoder(section: dict, path: Path) -> None:
@@ -31,7 +31,7 @@ def plot_encoder(section: dict, path: Path) -> None:
     for ax, (key, label) in zip(axes, PANELS):
         for name, curve in section["curves"].items():
             legend, style = STYLES[name]
-            legend = legend.format(factor=section["refinement_lr"] / section["config"]["lr"])
+            legend = legend.format(factor=section["low_lr"] / section["config"]["lr"])
             seconds = [max(point["seconds"], 1e-2) for point in curve]  # log axis: the zero start at 0 s drawn at 0.01
             ax.plot(seconds, [point[key] for point in curve], style, label=legend)
             for point, x in zip(curve, seconds):

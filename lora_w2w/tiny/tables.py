@@ -586,30 +586,30 @@ def _first_reaching(curve: list[dict], level: float) -> dict | None:
     return next((point for point in curve if point["identity_similarity"] >= level), None)
 
 
-ENCODER_CURVES = ("zero", "encoder", "encoder_preset_lr")  # the starts and learning rates the section compares
+ENCODER_CURVES = ("zero", "encoder", "encoder_low_lr")  # the starts and learning rates the section compares
+LOW_LR = 0.1  # encoder_low_lr refines at this fraction of the preset's lr (not better: files/tiny/README.md)
 
 
 def evaluate_encoder(ctx: Context, settings: Settings) -> dict:
     """Held-out identities inverted from their first view after each of `encoder_steps`, scored against views 5-9
-    (none seen): from zero, and from the encoder's prediction at REFINEMENT_LR x the preset's learning rate (what
-    `w2w invert --init encoder` does) and at the preset's own; the encoder's seconds (CPU time, as the
-    inversion's) count to its curves."""
-    from ..encoder import REFINEMENT_LR
+    (none seen): from zero, and from the encoder's prediction at the preset's learning rate (what `w2w invert
+    --init encoder` does) and at LOW_LR x it; the encoder's seconds (CPU time, as the inversion's) count to its
+    curves."""
     from ..encoder_files import load_encoder
 
     if ctx.encoder is None:
         raise W2WError("the encoder section needs an encoder: pass --encoder FILE, or a space naming its default")
     encoder = load_encoder(ctx.encoder, ctx.space)
     config = _inversion_config(ctx.space, settings)
-    refinement = dataclasses.replace(config, lr=config.lr * REFINEMENT_LR)
+    low = dataclasses.replace(config, lr=config.lr * LOW_LR)
     points, forward = {name: [] for name in ENCODER_CURVES}, []
     for identity, renders in tqdm(_held_out(settings.inversions, max(SCORED_VIEWS) + 1), desc="encoder: identities"):
         began = time.process_time()
         init = encoder.predict(renders[0])
         forward.append(time.process_time() - began)
         scored = [renders[k] for k in SCORED_VIEWS]
-        for name, start, offset, run in (("zero", None, 0.0, config), ("encoder", init, forward[-1], refinement),
-                                         ("encoder_preset_lr", init, forward[-1], config)):
+        for name, start, offset, run in (("zero", None, 0.0, config), ("encoder", init, forward[-1], config),
+                                         ("encoder_low_lr", init, forward[-1], low)):
             points[name].append([{"steps": steps, "seconds": offset + seconds,
                                   **_identity_scores(ctx, weights, identity, scored, settings)}
                                  for steps, seconds, weights in _inversion_curve(ctx, renders[0], run, start)])
@@ -623,7 +623,7 @@ def evaluate_encoder(ctx: Context, settings: Settings) -> dict:
             "per_identity": {name: [[row["identity_similarity"] for row in rows] for rows in runs]
                              for name, runs in points.items()},
             "steps": encoder_steps(config), "scored_against_views": list(SCORED_VIEWS),
-            "identities": settings.inversions, "config": asdict(config), "refinement_lr": refinement.lr,
+            "identities": settings.inversions, "config": asdict(config), "low_lr": low.lr,
             "threads": torch.get_num_threads()}
 
 
