@@ -405,7 +405,8 @@ def add_import_official_parser(commands) -> None:
                     "(PEFT key -> [numel, shape] in flat order, numel a 1-element torch.Size as the original "
                     "reads it, weight_dimensions[key][0][0]), identity_df.pt and adapter_config.json from SRC "
                     "and write a space to DST. With --model, convert one saved w2wmodel.pt instead.")
-    official.add_argument("src", help="folder with the released files (or, with --model, a w2wmodel.pt)")
+    official.add_argument("src", help="folder with the released files, or the folder above their files/ (or, with "
+                                      "--model, a w2wmodel.pt)")
     official.add_argument("dst", help="space directory to write (or, with --model, a .safetensors model file)")
     official.add_argument("--trust-pickle", action="store_true",
                           help="allow unpickling identity_df.pt (and weight_dimensions.pt if it needs it); "

@@ -74,7 +74,7 @@ def download_base(repo_id: str, revision: str | None = None) -> Path:
     from diffusers import DiffusionPipeline
     from huggingface_hub import HfApi
 
-    command = f"w2w download base {repo_id}"
+    command = f"w2w download base {repo_id}" + (f" --revision {revision}" if revision else "")
     try:
         HfApi().model_info(repo_id, revision=revision)
         online = True

@@ -1,7 +1,7 @@
 """Many training processes over one set of identities: the launchers' environments, a lock per identity
 in the output root, and a watch on the launcher.
 
-    torchrun --nproc_per_node 4 -m lora_w2w.train_identities ...                       # 4 processes on a CPU
+    torchrun --standalone --nproc_per_node 4 -m lora_w2w.train_identities ...          # 4 processes on a CPU
     accelerate launch --multi_gpu --num_processes 8 -m lora_w2w.train_identities ...   # 8 GPUs
     for r in 0 1 2 3; do w2w train-identities ... --shard $r/4 & done; wait            # 4 processes, no launcher
 
@@ -23,7 +23,7 @@ LOCKS_FOLDER = ".locks"  # in the output root; `w2w collect` passes over dot-fol
 # every process that `accelerate launch` starts has ACCELERATE_MIXED_PRECISION (accelerate/utils/launch.py)
 LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
 
-CPU_COMMANDS = ("torchrun --nproc_per_node N -m lora_w2w.train_identities ..., or N processes of "
+CPU_COMMANDS = ("torchrun --standalone --nproc_per_node N -m lora_w2w.train_identities ..., or N processes of "
                 "`w2w train-identities ... --shard R/N`")
 
 

@@ -18,7 +18,7 @@ may be deleted once `w2w collect` has them. The K identities in flight save thei
 
 P processes split the identities: process r trains identities r, r + P, r + 2P, ...
 
-    torchrun --nproc_per_node P -m lora_w2w.train_identities ...                       # P processes on a CPU
+    torchrun --standalone --nproc_per_node P -m lora_w2w.train_identities ...          # P processes on a CPU
     accelerate launch --multi_gpu --num_processes P -m lora_w2w.train_identities ...   # P GPUs
     for r in 0 1 2 3; do w2w train-identities ... --shard $r/4 & done; wait            # no launcher
 
