@@ -69,7 +69,8 @@ def offline_hub(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_w2w_download_files_from_the_offline_cache_then_imports_as_the_released_files(released_cache, tmp_path):
     hf_home, src = released_cache
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")  # the cache is HF_HOME/hub unless those say otherwise
     command = [sys.executable, "-m", "lora_w2w.cli", "download", "files", "--out", str(tmp_path / "w2w")]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
