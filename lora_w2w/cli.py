@@ -135,6 +135,23 @@ def cmd_import_official(args) -> None:
     print(f"wrote space {args.dst}: N = {space.num_weights}, K = {space.num_components}, M = {space.num_models}")
 
 
+def cmd_download(args) -> None:
+    from .download import download_base, download_release
+
+    if args.what == "base":
+        folder = download_base(args.id, args.revision)
+        print(f"cached {args.id} in {folder}; commands load it from there with --base {args.id}")
+        return
+    name = args.dataset if args.what == "weights" else "files"
+    paths = download_release(name, args.out, args.repo, args.revision)
+    if name == "files":
+        print(f"wrote {len(paths)} files to {paths[0].parent}; convert them: w2w import-official {args.out} "
+              f"files/official --trust-pickle")
+    else:
+        print(f"wrote {paths[0]}; make a weights dataset of it: w2w collect --from-all-weights {paths[0]} "
+              f"data/{name}_weights")
+
+
 def cmd_project(args) -> None:
     from .formats import load_lora
     from .space import W2WModel, check_finite
@@ -331,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_project_parser,
+    for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_download_parser,
+                       add_project_parser,
                        add_generate_parser, add_sample_parser, add_edit_parsers, add_invert_parser,
                        add_dataset_parsers, add_app_parser, add_handed_over_parsers):
         add_parser(commands)
@@ -387,7 +405,8 @@ def add_import_official_parser(commands) -> None:
                     "(PEFT key -> [numel, shape] in flat order, numel a 1-element torch.Size as the original "
                     "reads it, weight_dimensions[key][0][0]), identity_df.pt and adapter_config.json from SRC "
                     "and write a space to DST. With --model, convert one saved w2wmodel.pt instead.")
-    official.add_argument("src", help="folder with the released files (or, with --model, a w2wmodel.pt)")
+    official.add_argument("src", help="folder with the released files, or the folder above their files/ (or, with "
+                                      "--model, a w2wmodel.pt)")
     official.add_argument("dst", help="space directory to write (or, with --model, a .safetensors model file)")
     official.add_argument("--trust-pickle", action="store_true",
                           help="allow unpickling identity_df.pt (and weight_dimensions.pt if it needs it); "
@@ -396,6 +415,37 @@ def add_import_official_parser(commands) -> None:
     official.add_argument("--space-id", default=None,
                           help="with --model: id of the imported space the model belongs to (see `w2w info`)")
     official.set_defaults(run=cmd_import_official)
+
+
+def add_download_parser(commands) -> None:
+    from .download import DEFAULT_OUT, RELEASES, W2W_REPO, WEIGHTS_DATASETS
+
+    download = commands.add_parser(
+        "download", help="fetch the released w2w files, a weights dataset or a base model from the Hugging Face Hub",
+        description="Fetch through huggingface_hub's cache (HF_HOME): progress bars, a killed download resumes, a "
+                    "finished one is not fetched again, and a cached one is found offline (HF_HUB_OFFLINE=1). files "
+                    "and weights are then put under --out at their paths in the repository (hard links into the "
+                    "cache where the filesystem allows, copies otherwise).")
+    what = download.add_subparsers(dest="what", required=True, metavar="WHAT")
+    files = what.add_parser("files", help=f"the released files ({RELEASES['files'][0]}: mean, std, components, "
+                                          f"coefficients, attributes), for `w2w import-official OUT DST`",
+                            description=f"Fetch {RELEASES['files'][0]} of the repository into OUT/files/.")
+    weights = what.add_parser("weights", help="a released weights dataset (M x N) for `w2w collect --from-all-weights`",
+                              description="Fetch a released weights dataset into OUT at its path in the repository: "
+                                          + "; ".join(f"{name}: {RELEASES[name][0]}" for name in WEIGHTS_DATASETS))
+    weights.add_argument("dataset", choices=WEIGHTS_DATASETS,
+                         help="identities: the paper's 64,974 identity LoRAs (26 GB); dogs: 120 dog-breed LoRAs")
+    for parser in (files, weights):
+        parser.add_argument("--out", default=DEFAULT_OUT, help="folder to put the files in (default: %(default)s)")
+        parser.add_argument("--repo", default=W2W_REPO,
+                            help="Hugging Face model repository of the release (default: %(default)s)")
+    base = what.add_parser("base", help="a base diffusers pipeline, into the cache that `--base ID` loads from",
+                           description="Fetch the files of the diffusers pipeline ID that loading it reads into "
+                                       "huggingface_hub's cache, so that `--base ID` works offline afterwards.")
+    base.add_argument("id", metavar="ID", help="hub id of the pipeline, e.g. stablediffusionapi/realistic-vision-v51")
+    for parser in (files, weights, base):
+        parser.add_argument("--revision", help="branch, tag or commit of the repository (default: main)")
+    download.set_defaults(run=cmd_download)
 
 
 def add_project_parser(commands) -> None:

@@ -1,6 +1,6 @@
 """Importing the released w2w files (torch.save pickles) into the project's safe space format.
 
-    import_official("downloads/weights2weights", "files/official", trust_pickle=True)
+    import_official("downloads/w2w", "files/official", trust_pickle=True)   # downloads/w2w/files/ holds them
 
 Files read, where present (DESIGN.md, "Facts of the released format"):
     mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt
@@ -50,15 +50,29 @@ def _layout(src: Path, trust_pickle: bool) -> LoraLayout:
     return sd15_layout(targets or ("to_q", "to_v"), int(rank or 1), alpha)
 
 
+def released_folder(src: str | os.PathLike) -> Path:
+    """The folder of the released files: `src`, or its `files/` (where `w2w download files --out SRC` puts
+    them); FileFormatError naming the folders up to two levels below `src` that hold them when neither does."""
+    src = Path(src)
+    for folder in (src, src / "files"):
+        if all((folder / name).is_file() for name in REQUIRED):
+            return folder
+    folder = src / "files" if (src / "files").is_dir() else src
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    below = sorted({str(path.parent) for depth in ("*", "*/*") for path in src.glob(f"{depth}/{REQUIRED[0]}")
+                    if all((path.parent / name).is_file() for name in REQUIRED)})
+    where = (f"they are in {' and '.join(below[:3])}: give that folder" if below else
+             "fetch them with `w2w download files --out DIR` and give DIR")
+    raise FileFormatError(f"{folder}: missing {', '.join(missing)}; {where} (the released w2w files: "
+                          f"{', '.join(REQUIRED)}, proj_1000pc.pt, weight_dimensions.pt, identity_df.pt)")
+
+
 def import_official(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False,
                     base_model: str = OFFICIAL_BASE_MODEL) -> Space:
-    """Convert the released files in `src` into a space directory `dst`; returns the space (memory-mapped)."""
-    src = Path(src)
+    """Convert the released files in `src` (or in its `files/`) into a space directory `dst`; returns the
+    space (memory-mapped)."""
     check_output(dst, SPACE_FOLDER, [src])
-    missing = [name for name in REQUIRED if not (src / name).is_file()]
-    if missing:
-        raise FileFormatError(f"{src}: missing {', '.join(missing)} (the released w2w files: "
-                              f"{', '.join(REQUIRED)}, proj_1000pc.pt, weight_dimensions.pt, identity_df.pt)")
+    src = released_folder(src)
     attributes = None
     if (src / "identity_df.pt").is_file():  # checked first: refusing it must not come after a 4 GB copy
         attributes = torch_load(src / "identity_df.pt", trust_pickle)

@@ -46,12 +46,14 @@ def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "a
     local = Path(base).is_dir()
     if not local and (base.startswith((".", "/")) or base.startswith("files/")):
         raise W2WError(f"{base}: no such pipeline folder (the tiny world's base is built by `make tiny-world`)")
+    if not local:
+        check_cached_offline(base)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(base, dtype=resolve_dtype(dtype, device),
                                                        safety_checker=None, requires_safety_checker=False,
                                                        local_files_only=local)
     except (OSError, ValueError) as error:
-        raise W2WError(f"{base}: cannot load the pipeline ({str(error).splitlines()[0]})") from None
+        raise loading_error(base, local, error, "the pipeline") from None
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
 
@@ -122,11 +124,37 @@ def num_train_timesteps(base: str) -> int:
     """The number of training timesteps of the base pipeline's scheduler, from its config file alone."""
     from diffusers import DDPMScheduler
 
+    local = Path(base).is_dir()
+    if not local:
+        check_cached_offline(base)
     try:
-        config = DDPMScheduler.load_config(base, subfolder="scheduler", local_files_only=Path(base).is_dir())
+        config = DDPMScheduler.load_config(base, subfolder="scheduler", local_files_only=local)
     except (OSError, ValueError) as error:
-        raise W2WError(f"{base}: cannot read the scheduler's config ({str(error).splitlines()[0]})") from None
+        raise loading_error(base, local, error, "the scheduler's config") from None
     return int(DDPMScheduler.from_config(config).config.num_train_timesteps)
+
+
+def check_cached_offline(base: str) -> None:
+    """W2WError, before diffusers logs its own attempts, when the hub model `base` is not in the Hugging Face
+    cache and HF_HUB_OFFLINE forbids fetching it."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        from .download import hub_error
+
+        raise hub_error(OfflineModeIsEnabled(), base, None, f"w2w download base {base}")
+
+
+def loading_error(base: str, local: bool, error: BaseException, what: str) -> W2WError:
+    """The one-line error for `error`, raised loading `what` of `base`: for a hub id, what the Hub said or
+    why it could not be reached, and the command that fetches the model."""
+    if not local:
+        from .download import hub_error
+
+        return hub_error(error, base, None, f"w2w download base {base}")
+    return W2WError(f"{base}: cannot load {what} ({str(error).splitlines()[0]})")
 
 
 def generation_bytes(pipe, images: int, height: int, width: int) -> int:
