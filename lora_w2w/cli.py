@@ -292,7 +292,7 @@ def cmd_invert(args) -> None:
           f"this space, and the flags given)")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, photos = invert_file(args.base, space, args.image, masks, config, args.seed, args.device, dtype,
-                                args.checkpoint, crop=args.crop)
+                                args.checkpoint, crop=args.crop, detector=args.detector)
     save_model(model, args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
     for index, photo in enumerate(photos):  # what was fitted: the face crop and the automatic mask
@@ -505,7 +505,7 @@ def add_handed_over_parsers(commands) -> None:
 
 
 def add_invert_parser(commands) -> None:
-    from .faces import FACE_FRACTION
+    from .faces import DETECTORS
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
@@ -523,13 +523,17 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--image", required=True, action="append",
                         help="an image to invert: any size and mode; repeat it for several photographs of one person")
     invert.add_argument("--crop", choices=CROPS, default="center",
-                        help="center: resize and centre-crop each image as it is; face: cut the square around its "
-                             f"largest detected face, the face about {FACE_FRACTION:.0%}% of its width (FFHQ-like "
-                             "framing), written to OUT.crop.png (default: %(default)s)")
+                        help="center: resize and centre-crop each image as it is; face: FFHQ's alignment of its "
+                             "largest face (68 landmarks; eyes level, the square about 4x the eye distance) at the "
+                             "pipeline's resolution, written to OUT.crop.png (default: %(default)s)")
+    invert.add_argument("--detector", choices=DETECTORS, default="hog",
+                        help="dlib's face detector for --crop face and --mask auto: hog (fast, frontal faces) or "
+                             "cnn (MMOD: finds turned faces, ~15x slower on the CPU) (default: %(default)s)")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
-                            f"or {AUTO_MASK}: a soft ellipse over the detected face and hair, written to OUT.mask.png; "
+                            f"or {AUTO_MASK}: the face's landmarks' hull raised over forehead and hair, feathered, "
+                            f"written to OUT.mask.png; "
                             f"one per --image in order, or one {AUTO_MASK} for all")
     masks.add_argument("--mask-dir", default=None,
                        help="folder of masks paired with the images by file name (DIR/NAME.png for NAME.jpg)")
@@ -572,7 +576,7 @@ API (gradio_client; every model travels as a w2w model file, every image list is
         debias: a list of attributes whose directions are removed (default: Male and Young)
   /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
         preset: real or ood; the mask is white where the image is fitted; crop: center (default) or face;
-        auto mask: True fits the images without a mask file inside an ellipse over the detected face and hair;
+        auto mask: True fits the images without a mask file over the face, forehead and hair their landmarks outline;
         more image files: a list of further photos of the same person, inverted together with the first
   /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
   /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)

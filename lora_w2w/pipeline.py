@@ -129,6 +129,22 @@ def num_train_timesteps(base: str) -> int:
     return int(DDPMScheduler.from_config(config).config.num_train_timesteps)
 
 
+def base_resolution(base: str) -> int:
+    """The image resolution R of the base pipeline (`diffusion.image_sizes`) from its UNet's and VAE's config
+    files alone: a face crop is cut at it before the pipeline loads."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        configs = {name: model.load_config(base, subfolder=name, local_files_only=Path(base).is_dir())
+                   for name, model in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))}
+    except (OSError, ValueError) as error:
+        raise W2WError(f"{base}: cannot read the UNet's and VAE's configs ({str(error).splitlines()[0]})") from None
+    return image_sizes(SimpleNamespace(**{name: SimpleNamespace(config=SimpleNamespace(**config))
+                                          for name, config in configs.items()}))[0]
+
+
 def generation_bytes(pipe, images: int, height: int, width: int) -> int:
     """About the peak memory of generating `images` images of height x width at once: the VAE decoder's
     full-resolution activations (3 alive at a time, per image) and the UNet's at latent resolution
