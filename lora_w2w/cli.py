@@ -17,6 +17,7 @@ from .errors import W2WError
 DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
+DEFAULT_SCORE_SEEDS = [0, 1, 2, 3]  # `w2w score`, `w2w invert --score`: one image per prompt and seed
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")
 
@@ -306,6 +307,35 @@ def cmd_invert(args) -> None:
         path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
                          space.base_model)
         print(f"wrote {args.export} LoRA {path}")
+    if args.score:  # the photographs' person, scored by dlib's face descriptor with generate's settings
+        print_score(argparse.Namespace(**{**vars(args), "images": args.image, "embedder": "dlib", "evaluator": None,
+                                          "prompts": None, "seeds": DEFAULT_SCORE_SEEDS, "steps": None,
+                                          "guidance": None, "json": False}), space, model)
+
+
+def print_score(args, space, model) -> None:
+    """`w2w score` and `w2w invert --score`: the model's identity score against args.images, a table or JSON."""
+    import json
+
+    from .pipeline import load_base_pipeline
+    from .scoring import embed_photos, format_report, make_embedder, score_model
+
+    embedder = make_embedder(args.embedder, args.detector, args.evaluator)
+    embed_photos(embedder, args.images)  # a photo without a face fails before the pipeline loads
+    pipe = load_base_pipeline(args.base, args.device)
+    settings = {key: value for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance))
+                if value is not None}
+    report = score_model(pipe, space, model, args.images, embedder, args.prompts, args.seeds, **settings)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
+def cmd_score(args) -> None:
+    from .storage import load_model, load_space
+
+    model = load_model(args.model)
+    space = load_space(args.space, k=len(model.coefficients))
+    model.check_space(space)
+    print_score(args, space, model)
 
 
 def cmd_app(args) -> None:
@@ -333,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_project_parser,
                        add_generate_parser, add_sample_parser, add_edit_parsers, add_invert_parser,
-                       add_dataset_parsers, add_app_parser, add_handed_over_parsers):
+                       add_score_parser, add_dataset_parsers, add_app_parser, add_handed_over_parsers):
         add_parser(commands)
     return parser
 
@@ -565,7 +595,44 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--images-per-step", type=COUNT, default=None,
                         help=f"images of the person each step draws and averages (default: "
                              f"{InversionConfig.images_per_step}; more cost more per step)")
+    invert.add_argument("--score", action="store_true",
+                        help="then generate with the model (seeds 0-3, the space's prompt) and print its identity "
+                             "similarity to the images (dlib's face descriptor; see `w2w score`)")
     invert.set_defaults(run=cmd_invert)
+
+
+def add_score_parser(commands) -> None:
+    from .faces import DETECTORS
+    from .scoring import DEFAULT_EVALUATOR, EMBEDDERS
+
+    score = commands.add_parser(
+        "score", help="how like the person of some photographs a model draws (identity similarity)",
+        description="Generate one image per prompt and seed with MODEL and compare the faces in them with the "
+                    "faces of the photographs: the mean cosine similarity of their embeddings over all (image, "
+                    "photo) pairs, the share of pairs dlib calls the same person (descriptor distance under 0.6) "
+                    "and the count of images without a face, per prompt and over all. dlib's descriptor is not "
+                    "the paper's FaceNet: the numbers are not the paper's ID scores.")
+    add_space(score)
+    add_base(score)
+    score.add_argument("--model", required=True, help="w2w model file (.safetensors or the original w2wmodel.pt)")
+    score.add_argument("--images", required=True, nargs="+", help="photographs of the person to compare with")
+    score.add_argument("--prompts", nargs="+", default=None,
+                       help="prompts to generate, each with every seed (default: the space's, 'sks person')")
+    score.add_argument("--seeds", type=SEED, nargs="+", default=DEFAULT_SCORE_SEEDS,
+                       help="one image per prompt and seed (default: 0 1 2 3)")
+    score.add_argument("--steps", type=COUNT, default=None, help="denoising steps (default: generate's, 50)")
+    score.add_argument("--guidance", type=FINITE, default=None,
+                       help="classifier-free guidance scale (default: generate's, 7.5)")
+    score.add_argument("--embedder", choices=EMBEDDERS, default="dlib",
+                       help="dlib: dlib's face descriptor, for photographs; tiny: the tiny world's evaluator, for "
+                            "its renders (default: %(default)s)")
+    score.add_argument("--detector", choices=DETECTORS, default="hog",
+                       help="dlib's face detector: hog (fast, frontal faces) or cnn (MMOD, slower) "
+                            "(default: %(default)s)")
+    score.add_argument("--evaluator", default=DEFAULT_EVALUATOR,
+                       help="the tiny world's evaluator file, for --embedder tiny (default: %(default)s)")
+    score.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    score.set_defaults(run=cmd_score)
 
 
 APP_API = """\
