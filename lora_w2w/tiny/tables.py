@@ -47,7 +47,8 @@ from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
 from ..storage import atomic_output, load_space
 from .build import LORA_RECIPE
-from .evaluator import (Evaluator, Prediction, attribute_agreement, feature_distance, identity_similarity)
+from ..identity import TinyIdentity, mean_similarity, pair_similarities
+from .evaluator import Evaluator, Prediction, attribute_agreement, feature_distance
 from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
 
 EDITED = ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")
@@ -181,8 +182,13 @@ def _majority(pred: Prediction) -> dict[str, bool]:
 
 
 def _pairwise_similarity(a: Prediction, b: Prediction) -> float:
-    """Mean identity similarity over all pairs (image of a, image of b)."""
-    return float(np.mean([identity_similarity(a.select([i]), b).mean() for i in range(len(a))]))
+    """Mean identity similarity over all pairs (image of a, image of b), of the tiny IdentityEmbedder."""
+    return mean_similarity(TinyIdentity.embed_prediction(a), TinyIdentity.embed_prediction(b))
+
+
+def _paired_similarity(a: Prediction, b: Prediction) -> float:
+    """Mean identity similarity of a's and b's images pair by pair (the same seeds), of the tiny IdentityEmbedder."""
+    return float(pair_similarities(TinyIdentity.embed_prediction(a), TinyIdentity.embed_prediction(b)).mean())
 
 
 def _held_out(count: int, views: int) -> list[tuple[Identity, list[Image.Image]]]:
@@ -305,7 +311,7 @@ def _edit_scores(ctx: Context, space: Space, models: list[W2WModel], attributes:
             others = [a for a in ATTRIBUTES if a not in (attribute, "Male")]
             results[attribute]["changed"].append(now[attribute] != read[attribute])
             results[attribute]["kept"].append(np.mean([now[a] == read[a] for a in others]))
-            results[attribute]["similarity"].append(float(identity_similarity(before, after).mean()))
+            results[attribute]["similarity"].append(_paired_similarity(before, after))
     return befores, results
 
 
@@ -375,7 +381,7 @@ def evaluate_table1(ctx: Context, settings: Settings) -> list[dict]:
                 row = scores[attribute, method]
                 row["changed"].append(now[attribute] != read[attribute])
                 row["kept"].append(np.mean([now[a] == read[a] for a in ATTRIBUTES if a != attribute]))
-                row["identity_similarity"].append(float(identity_similarity(before, after).mean()))
+                row["identity_similarity"].append(_paired_similarity(before, after))
                 row["image_distance"].append(float(feature_distance(evaluator, images, edited).mean()))
     rows = []
     for (attribute, method), row in scores.items():
