@@ -531,7 +531,7 @@ def add_handed_over_parsers(commands) -> None:
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     commands.add_parser("evaluate", add_help=False,
                         help="score sampling, editing, inversion, the paper's tables and its scaling curves on the "
-                             "tiny world (see `w2w evaluate --help`)")
+                             "tiny world, or Table 2 on photographs with --faces (see `w2w evaluate --help`)")
 
 
 def add_invert_parser(commands) -> None:
