@@ -558,7 +558,7 @@ def add_invert_parser(commands) -> None:
                              "pipeline's resolution, written to OUT.crop.png (default: %(default)s)")
     invert.add_argument("--detector", choices=DETECTORS, default="hog",
                         help="dlib's face detector for --crop face and --mask auto: hog (fast, frontal faces) or "
-                             "cnn (MMOD: finds turned faces, ~15x slower on the CPU) (default: %(default)s)")
+                             "cnn (MMOD: finds turned faces, 40-70x slower on the CPU) (default: %(default)s)")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
