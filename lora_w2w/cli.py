@@ -321,11 +321,12 @@ def print_score(args, space, model) -> None:
     from .scoring import embed_photos, format_report, make_embedder, score_model
 
     embedder = make_embedder(args.embedder, args.detector, args.evaluator)
-    embed_photos(embedder, args.images)  # a photo without a face fails before the pipeline loads
+    photos = embed_photos(embedder, args.images)  # (R, D): a photo without a face fails before the pipeline loads
     pipe = load_base_pipeline(args.base, args.device)
     settings = {key: value for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance))
                 if value is not None}
-    report = score_model(pipe, space, model, args.images, embedder, args.prompts, args.seeds, **settings)
+    report = score_model(pipe, space, model, photos, embedder, args.prompts, args.seeds, **settings)
+    report["photos"] = [str(photo) for photo in args.images]
     print(json.dumps(report, indent=1) if args.json else format_report(report))
 
 

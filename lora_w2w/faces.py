@@ -30,7 +30,6 @@ from .images import eight_bit
 DETECTORS = ("hog", "cnn")  # dlib's HOG + linear SVM frontal detector; its CNN (MMOD): slower, finds turned faces
 DETECT_MIN, DETECT_MAX = 256, 1024  # px: the working copy's shorter side at least, longer side at most
 UPSAMPLING = (0, 1)  # dlib's upsampling steps tried in turn until a face is found (1: twice the size)
-LANDMARKS = 68
 # FFHQ's alignment reduces a large photograph by an integer factor while the face's square stays at least
 # SUPERSAMPLE x the output size, renders the square at SUPERSAMPLE x, then resizes it down with antialiasing
 # (FFHQ renders at 4x: no sharper here at 512 px, 3.5x the time). The landmark mask is drawn at SUPERSAMPLE x.
@@ -189,8 +188,8 @@ def ffhq_square(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _affine(picture: Image.Image, to_source: np.ndarray, side: int, output: int, resample) -> Image.Image:
-    """`picture` resampled on the square grid (side, side) whose pixel (u, v) sits at to_source @ (u, v, 1) of
-    it scaled by side / output (to_source maps an output-sized grid), black outside."""
+    """`picture` resampled onto a square of `side` px, black outside it: `to_source` (2, 3) maps the continuous
+    coordinates (u, v, 1) of a square of `output` px into the picture's; `side` px cover that same square."""
     matrix = to_source * np.array([output / side, output / side, 1.0])  # (2, 3)
     return picture.transform((side, side), Image.Transform.AFFINE, tuple(matrix.ravel()), resample)
 
@@ -216,11 +215,12 @@ def _padded(picture: Image.Image, corners: np.ndarray, border: float) -> tuple[I
     outside = np.maximum(np.maximum(before[1] - rows, rows - (before[1] + height - 1)) / max(border, 1.0),
                          np.maximum(before[0] - columns, columns - (before[0] + width - 1)) / max(border, 1.0))
     ramp = np.clip(outside, 0, 1)[..., None]  # (H', W', 1): 0 inside and on the edge, 1 a border away
-    blurred = np.asarray(Image.fromarray(padded.astype(np.uint8)).filter(ImageFilter.GaussianBlur(float(border) / 4)),
-                         np.float32)
+    blur = ImageFilter.GaussianBlur(float(border) / 4)
+    blurred = np.asarray(Image.fromarray(padded.astype(np.uint8)).filter(blur), np.float32)  # (H', W', 3)
     padded += (blurred - padded) * np.clip(4 * ramp, 0, 1)
     padded += (np.median(pixels[::4, ::4].reshape(-1, 3), axis=0) - padded) * ramp  # (every 16th pixel's)
-    return Image.fromarray(np.clip(np.rint(padded), 0, 255).astype(np.uint8)), (before - inside_low).astype(np.float64)
+    offset = (before - inside_low).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(padded), 0, 255).astype(np.uint8)), offset
 
 
 def align_face(image: Image.Image, landmarks: np.ndarray, size: int) -> Alignment:
@@ -255,7 +255,8 @@ def landmark_mask(size: tuple[int, int], landmarks: np.ndarray) -> Image.Image:
     right, down = x / np.hypot(*x), y / np.hypot(*y)                  # (2,) each
     middle = brows.mean(0)                                            # (2,) on the brows' line
     across, depth = (jaw - middle) @ right, (jaw - middle) @ down     # (17,) each: px right of and below it
-    height = HAIR_RAISE * depth.max() * np.sqrt(np.clip(depth / depth.max(), 0, 1))  # (17,) rounder than the chin
+    chin = max(depth.max(), 1.0)                                      # px from the brows' line to the chin
+    height = HAIR_RAISE * chin * np.sqrt(np.clip(depth / chin, 0, 1))  # (17,) rounder than the chin
     raised = middle + np.outer(HAIR_WIDEN * across, right) - np.outer(height, down)  # (17, 2)
     outline = np.concatenate([jaw, raised[::-1]])                     # (34, 2) around the head
     canvas = Image.new("L", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), 0)

@@ -6,7 +6,8 @@ the score is the mean cosine similarity over all (image, photo) pairs with faces
 and the count of images in which no face was found, for each prompt and over all of them.
 
     embedder = make_embedder("dlib")
-    report = score_model(pipe, space, model, ["me.jpg"], embedder, prompts=["sks person"], seeds=[0, 1])
+    photos = embed_photos(embedder, ["me.jpg"])  # (R, D); NoFaceError for a photo without a face
+    report = score_model(pipe, space, model, photos, embedder, prompts=["sks person"], seeds=[0, 1])
     print(format_report(report))
 
 dlib's similarities are not FaceNet's: they are not the paper's ID scores (0.64 / 0.43 / 0.69).
@@ -50,13 +51,13 @@ def embed_photos(embedder: IdentityEmbedder, photos: Sequence[str | os.PathLike]
     return embeddings
 
 
-def score_model(pipe, space, model, photos: Sequence[str | os.PathLike], embedder: IdentityEmbedder,
+def score_model(pipe, space, model, references: np.ndarray, embedder: IdentityEmbedder,
                 prompts: Sequence[str] | None = None, seeds: Sequence[int] = DEFAULT_SEEDS, **settings) -> dict:
     """The identity score of `model`'s images (one per prompt and seed; `settings` those of `generate`, such
-    as num_inference_steps) against the photographs: over all prompts ("all") and per prompt."""
+    as num_inference_steps) against the photographs' embeddings (R, D) (`embed_photos`): over all prompts
+    ("all") and per prompt."""
     from .pipeline import generate
 
-    references = embed_photos(embedder, photos)  # (R, D): a photo without a face fails before generating
     prompts = list(prompts or [space.prompt])
     per_prompt, embeddings = {}, []
     for prompt in prompts:
@@ -65,8 +66,7 @@ def score_model(pipe, space, model, photos: Sequence[str | os.PathLike], embedde
         per_prompt[prompt] = embedder.score(embeddings[-1], references).as_dict()
     overall = embedder.score(np.concatenate(embeddings), references)  # (P * S, D) against (R, D)
     return {"embedder": embedder.name, "same_person_distance": embedder.same_person_distance,
-            "photos": [str(photo) for photo in photos], "seeds": list(seeds), "all": overall.as_dict(),
-            "per_prompt": per_prompt}
+            "seeds": list(seeds), "all": overall.as_dict(), "per_prompt": per_prompt}
 
 
 def _cells(score: dict) -> list[str]:
@@ -82,7 +82,8 @@ def format_report(report: dict) -> str:
     rows.append(["all", *_cells(report["all"])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     threshold = report["same_person_distance"]
-    lines = [f"identity against {len(report['photos'])} photo{'s' * (len(report['photos']) > 1)} "
+    photos = report["all"]["references"]
+    lines = [f"identity against {photos} photo{'s' * (photos > 1)} "
              f"({report['embedder']} embeddings, cosine similarity"
              + (f"; same person: distance under {threshold:g}" if threshold is not None else "") + ")"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -169,8 +169,10 @@ def test_cli_crops_to_the_face_and_shows_the_automatic_masks(toy_world, space_di
     astronaut.save(tmp_path / "astronaut.png")
     flags = ["--steps", 1, "--components", K, "--space", space_dir, "--base", toy_world / "base", "--device", "cpu"]
     code, out, err = run_cli(capsys, "invert", "--image", tmp_path / "astronaut.png", "--crop", "face", "--mask",
-                             AUTO_MASK, *flags, "--out", tmp_path / "a.safetensors")
+                             AUTO_MASK, *flags, "--out", tmp_path / "a.safetensors", "--score")
     assert code == 0, err
+    table = out.split("identity against 1 photo (dlib embeddings")[1].splitlines()  # --score: the model's images
+    assert table[-1].split()[0] == "all" and table[-1].split()[-1].endswith("/4")  # seeds 0-3, faces found or not
     crop, mask = Image.open(tmp_path / "a.crop.png"), Image.open(tmp_path / "a.mask.png")
     aligned = align_face(astronaut, find_face(astronaut).landmarks, 32)  # at the toy pipeline's resolution
     assert crop.size == mask.size == (32, 32) and mask.mode == "L"
