@@ -17,7 +17,6 @@ from .errors import W2WError
 DEFAULT_SPACE = "files/tiny/space"
 DEFAULT_BASE = "files/tiny/base"
 DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
-DEFAULT_SCORE_SEEDS = [0, 1, 2, 3]  # `w2w score`, `w2w invert --score`: one image per prompt and seed
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")
 
@@ -307,10 +306,12 @@ def cmd_invert(args) -> None:
         path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
                          space.base_model)
         print(f"wrote {args.export} LoRA {path}")
-    if args.score:  # the photographs' person, scored by dlib's face descriptor with generate's settings
+    if args.score:  # the photos' person, by dlib's descriptor (the pipeline loads again: invert_file's is gone)
+        from .scoring import DEFAULT_SEEDS
+
         print_score(argparse.Namespace(**{**vars(args), "images": args.image, "embedder": "dlib", "evaluator": None,
-                                          "prompts": None, "seeds": DEFAULT_SCORE_SEEDS, "steps": None,
-                                          "guidance": None, "json": False}), space, model)
+                                          "prompts": None, "seeds": DEFAULT_SEEDS, "steps": None, "guidance": None,
+                                          "json": False}), space, model)
 
 
 def print_score(args, space, model) -> None:
@@ -604,7 +605,7 @@ def add_invert_parser(commands) -> None:
 
 def add_score_parser(commands) -> None:
     from .faces import DETECTORS
-    from .scoring import DEFAULT_EVALUATOR, EMBEDDERS
+    from .scoring import DEFAULT_EVALUATOR, DEFAULT_SEEDS, EMBEDDERS
 
     score = commands.add_parser(
         "score", help="how like the person of some photographs a model draws (identity similarity)",
@@ -619,8 +620,8 @@ def add_score_parser(commands) -> None:
     score.add_argument("--images", required=True, nargs="+", help="photographs of the person to compare with")
     score.add_argument("--prompts", nargs="+", default=None,
                        help="prompts to generate, each with every seed (default: the space's, 'sks person')")
-    score.add_argument("--seeds", type=SEED, nargs="+", default=DEFAULT_SCORE_SEEDS,
-                       help="one image per prompt and seed (default: 0 1 2 3)")
+    score.add_argument("--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS),
+                       help=f"one image per prompt and seed (default: {' '.join(map(str, DEFAULT_SEEDS))})")
     score.add_argument("--steps", type=COUNT, default=None, help="denoising steps (default: generate's, 50)")
     score.add_argument("--guidance", type=FINITE, default=None,
                        help="classifier-free guidance scale (default: generate's, 7.5)")
