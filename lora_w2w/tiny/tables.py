@@ -48,13 +48,13 @@ from tqdm.auto import tqdm
 from ..dataset import WeightsDataset, add_models, matrix_source
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
 from ..errors import W2WError
+from ..identity import TinyIdentity, mean_similarity, pair_similarities
 from ..network import FusedLora
 from ..pipeline import generate, generate_from_weights, load_base_pipeline
 from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
 from ..storage import atomic_output, load_space
 from .build import LORA_RECIPE
-from ..identity import TinyIdentity, mean_similarity, pair_similarities
 from .evaluator import Evaluator, Prediction, attribute_agreement, feature_distance
 from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
 
