@@ -101,12 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--image", default=None, help="the image to invert (default: inversion/images/face.png)")
     masks = parser.add_mutually_exclusive_group()
     masks.add_argument("--mask_path", default=None,
-                       help=f"binary mask, white where the image is fitted; or {AUTO_MASK}: a soft ellipse over each "
-                            f"image's detected face and hair")
+                       help=f"binary mask, white where the image is fitted; or {AUTO_MASK}: a mask over each image's face, "
+                            f"forehead and hair from its landmarks")
     masks.add_argument("--mask_dir", default=None,
                        help="folder of masks paired with --imfolder's images by file name (NAME.png for NAME.jpg)")
     parser.add_argument("--crop", choices=CROPS, default="center",
-                        help="center: resize and centre-crop; face: the square around the largest detected face "
+                        help="center: resize and centre-crop; face: FFHQ's alignment of the largest face "
                              "(default: %(default)s)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="the settings --epochs, --lr, --weight_decay and --dim default to; real: photographs "

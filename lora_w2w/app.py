@@ -3,8 +3,8 @@
     w2w app                                    # http://127.0.0.1:7860: files/tiny/base + files/tiny/space
     w2w app --base stablediffusionapi/realistic-vision-v51 --space files/official --device cuda
 
-One page: sample a new identity, invert uploaded photos of one person (cut around the face, inside an
-automatic face ellipse or a mask drawn with a brush), edit
+One page: sample a new identity, invert uploaded photos of one person (FFHQ's face alignment, inside an
+automatic mask from the face's landmarks or a mask drawn with a brush), edit
 the current model with a slider per attribute (debiased, with delayed injection, before/after),
 generate with any prompt, download it as a w2w model, a kohya/ComfyUI/A1111 LoRA or a PEFT folder
 (zipped), or upload a model. The current model lives in each browser session's `gr.State`; the
@@ -222,8 +222,8 @@ class Engine:
         """The model of the space that reproduces `images` (an image or a list: photos of one person, files
         or PIL images) inside `masks` (one per image: a file, an image or None; or one for a single image),
         with the preset's settings for this space, `steps` optimiser steps and seed 0: what `w2w invert
-        --image ... --crop CROP` computes. `auto_mask` gives every image without a mask the ellipse over
-        its detected face and hair (`--mask auto`). Returns the model and the photos as fitted."""
+        --image ... --crop CROP` computes. `auto_mask` gives every image without a mask the mask of its
+        face's landmarks over face, forehead and hair (`--mask auto`). Returns the model and the photos as fitted."""
         if preset_name not in PRESETS:
             raise W2WError(f"unknown inversion preset {preset_name!r}; expected one of {', '.join(PRESETS)}")
         steps = check_steps(steps, self.config.max_inversion_steps, "inversion steps")
@@ -235,7 +235,7 @@ class Engine:
         masks = [None] * len(images) if masks is None else [masks] if isinstance(masks, single) else list(masks)
         if auto_mask:
             masks = [AUTO_MASK if mask is None else mask for mask in masks]  # a mask given wins over the automatic one
-        photos = read_photos(images, masks, crop)
+        photos = read_photos(images, masks, crop, image_sizes(self.pipe)[0])
         targets, target_masks = photo_targets(photos, *image_sizes(self.pipe))
         with self.lock:
             model = invert(self.pipe, self.space, targets, target_masks, config, seed=0, progress=False,
@@ -342,10 +342,10 @@ def build_app(engine: Engine) -> gr.Blocks:
                                             elem_id="invert-editor", height=420)
                     with gr.Row():
                         crop_box = gr.Checkbox(False, label="Crop to face", elem_id="invert-crop",
-                                               info="the square around the largest face, framed as the paper's crops")
-                        auto_box = gr.Checkbox(False, label="Auto mask (face ellipse)", elem_id="invert-auto-mask",
-                                               info="images without a drawn mask: fitted inside an ellipse over the "
-                                                    "face and hair")
+                                               info="FFHQ's alignment of the largest face")
+                        auto_box = gr.Checkbox(False, label="Auto mask (from the face)", elem_id="invert-auto-mask",
+                                               info="images without a drawn mask: fitted over the face, forehead "
+                                                    "and hair its landmarks outline")
                     with gr.Row():
                         preset_radio = gr.Radio(list(PRESETS), value="real", label="Preset",
                                                 info="real: photos of faces; ood: paintings, drawings")
@@ -527,7 +527,7 @@ def build_app(engine: Engine) -> gr.Blocks:
             api_preset = gr.Radio(list(PRESETS), value="real", label="preset")
             api_steps = gr.Number(PRESETS["real"].steps, precision=0, label="steps")
             api_crop = gr.Radio(list(CROPS), value="center", label="crop: center or face")
-            api_auto = gr.Checkbox(False, label="auto mask (face ellipse) for images without a mask file")
+            api_auto = gr.Checkbox(False, label="auto mask (from the face's landmarks) for images without a mask file")
             api_more = gr.File(label="more image files of the same person (no mask file)", type="filepath",
                                file_count="multiple")
             api_prompt = gr.Textbox(engine.space.prompt, label="prompt")

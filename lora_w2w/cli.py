@@ -309,7 +309,7 @@ def cmd_invert(args) -> None:
           f"this space, and the flags given)")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, photos = invert_file(args.base, space, args.image, masks, config, args.seed, args.device, dtype,
-                                args.checkpoint, crop=args.crop)
+                                args.checkpoint, crop=args.crop, detector=args.detector)
     save_model(model, args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
     for index, photo in enumerate(photos):  # what was fitted: the face crop and the automatic mask
@@ -323,6 +323,38 @@ def cmd_invert(args) -> None:
         path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
                          space.base_model)
         print(f"wrote {args.export} LoRA {path}")
+    if args.score:  # the photos' person, by dlib's descriptor (the pipeline loads again: invert_file's is gone)
+        from .scoring import DEFAULT_SEEDS
+
+        print_score(argparse.Namespace(**{**vars(args), "images": args.image, "embedder": "dlib", "evaluator": None,
+                                          "prompts": None, "seeds": DEFAULT_SEEDS, "steps": None, "guidance": None,
+                                          "json": False}), space, model)
+
+
+def print_score(args, space, model) -> None:
+    """`w2w score` and `w2w invert --score`: the model's identity score against args.images, a table or JSON."""
+    import json
+
+    from .pipeline import load_base_pipeline
+    from .scoring import embed_photos, format_report, make_embedder, score_model
+
+    embedder = make_embedder(args.embedder, args.detector, args.evaluator)
+    photos = embed_photos(embedder, args.images)  # (R, D): a photo without a face fails before the pipeline loads
+    pipe = load_base_pipeline(args.base, args.device)
+    settings = {key: value for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance))
+                if value is not None}
+    report = score_model(pipe, space, model, photos, embedder, args.prompts, args.seeds, **settings)
+    report["photos"] = [str(photo) for photo in args.images]
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
+def cmd_score(args) -> None:
+    from .storage import load_model, load_space
+
+    model = load_model(args.model)
+    space = load_space(args.space, k=len(model.coefficients))
+    model.check_space(space)
+    print_score(args, space, model)
 
 
 def cmd_app(args) -> None:
@@ -351,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_download_parser,
                        add_project_parser,
                        add_generate_parser, add_sample_parser, add_edit_parsers, add_invert_parser,
-                       add_dataset_parsers, add_app_parser, add_handed_over_parsers):
+                       add_score_parser, add_dataset_parsers, add_app_parser, add_handed_over_parsers):
         add_parser(commands)
     return parser
 
@@ -551,11 +583,11 @@ def add_handed_over_parsers(commands) -> None:
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     commands.add_parser("evaluate", add_help=False,
                         help="score sampling, editing, inversion, the paper's tables and its scaling curves on the "
-                             "tiny world (see `w2w evaluate --help`)")
+                             "tiny world, or Table 2 on photographs with --faces (see `w2w evaluate --help`)")
 
 
 def add_invert_parser(commands) -> None:
-    from .faces import FACE_FRACTION
+    from .faces import DETECTORS
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
@@ -573,13 +605,17 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--image", required=True, action="append",
                         help="an image to invert: any size and mode; repeat it for several photographs of one person")
     invert.add_argument("--crop", choices=CROPS, default="center",
-                        help="center: resize and centre-crop each image as it is; face: cut the square around its "
-                             f"largest detected face, the face about {FACE_FRACTION:.0%}% of its width (FFHQ-like "
-                             "framing), written to OUT.crop.png (default: %(default)s)")
+                        help="center: resize and centre-crop each image as it is; face: FFHQ's alignment of its "
+                             "largest face (68 landmarks; eyes level, the square about 4x the eye distance) at the "
+                             "pipeline's resolution, written to OUT.crop.png (default: %(default)s)")
+    invert.add_argument("--detector", choices=DETECTORS, default="hog",
+                        help="dlib's face detector for --crop face and --mask auto: hog (fast, frontal faces) or "
+                             "cnn (MMOD: finds turned faces, 40-70x slower on the CPU) (default: %(default)s)")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
-                            f"or {AUTO_MASK}: a soft ellipse over the detected face and hair, written to OUT.mask.png; "
+                            f"or {AUTO_MASK}: the face's landmarks' hull raised over forehead and hair, feathered, "
+                            f"written to OUT.mask.png; "
                             f"one per --image in order, or one {AUTO_MASK} for all")
     masks.add_argument("--mask-dir", default=None,
                        help="folder of masks paired with the images by file name (DIR/NAME.png for NAME.jpg)")
@@ -611,7 +647,44 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--images-per-step", type=COUNT, default=None,
                         help=f"images of the person each step draws and averages (default: "
                              f"{InversionConfig.images_per_step}; more cost more per step)")
+    invert.add_argument("--score", action="store_true",
+                        help="then generate with the model (seeds 0-3, the space's prompt) and print its identity "
+                             "similarity to the images (dlib's face descriptor; see `w2w score`)")
     invert.set_defaults(run=cmd_invert)
+
+
+def add_score_parser(commands) -> None:
+    from .faces import DETECTORS
+    from .scoring import DEFAULT_EVALUATOR, DEFAULT_SEEDS, EMBEDDERS
+
+    score = commands.add_parser(
+        "score", help="how like the person of some photographs a model draws (identity similarity)",
+        description="Generate one image per prompt and seed with MODEL and compare the faces in them with the "
+                    "faces of the photographs: the mean cosine similarity of their embeddings over all (image, "
+                    "photo) pairs, the share of pairs dlib calls the same person (descriptor distance under 0.6) "
+                    "and the count of images without a face, per prompt and over all. dlib's descriptor is not "
+                    "the paper's FaceNet: the numbers are not the paper's ID scores.")
+    add_space(score)
+    add_base(score)
+    score.add_argument("--model", required=True, help="w2w model file (.safetensors or the original w2wmodel.pt)")
+    score.add_argument("--images", required=True, nargs="+", help="photographs of the person to compare with")
+    score.add_argument("--prompts", nargs="+", default=None,
+                       help="prompts to generate, each with every seed (default: the space's, 'sks person')")
+    score.add_argument("--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS),
+                       help=f"one image per prompt and seed (default: {' '.join(map(str, DEFAULT_SEEDS))})")
+    score.add_argument("--steps", type=COUNT, default=None, help="denoising steps (default: generate's, 50)")
+    score.add_argument("--guidance", type=FINITE, default=None,
+                       help="classifier-free guidance scale (default: generate's, 7.5)")
+    score.add_argument("--embedder", choices=EMBEDDERS, default="dlib",
+                       help="dlib: dlib's face descriptor, for photographs; tiny: the tiny world's evaluator, for "
+                            "its renders (default: %(default)s)")
+    score.add_argument("--detector", choices=DETECTORS, default="hog",
+                       help="dlib's face detector: hog (fast, frontal faces) or cnn (MMOD, slower) "
+                            "(default: %(default)s)")
+    score.add_argument("--evaluator", default=DEFAULT_EVALUATOR,
+                       help="the tiny world's evaluator file, for --embedder tiny (default: %(default)s)")
+    score.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    score.set_defaults(run=cmd_score)
 
 
 APP_API = """\
@@ -622,7 +695,7 @@ API (gradio_client; every model travels as a w2w model file, every image list is
         debias: a list of attributes whose directions are removed (default: Male and Young)
   /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
         preset: real or ood; the mask is white where the image is fitted; crop: center (default) or face;
-        auto mask: True fits the images without a mask file inside an ellipse over the detected face and hair;
+        auto mask: True fits the images without a mask file over the face, forehead and hair their landmarks outline;
         more image files: a list of further photos of the same person, inverted together with the first
   /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
   /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)

@@ -13,8 +13,8 @@ so that the loss is averaged over the photographs. With one image this is the pa
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
 
-    # photographs: cut around the face, an automatic mask over face and hair, several images of one person
-    photos = read_photos(["me1.jpg", "me2.jpg"], [AUTO_MASK, AUTO_MASK], crop="face")
+    # photographs: FFHQ's aligned face crop, a mask from the face's landmarks, several images of one person
+    photos = read_photos(["me1.jpg", "me2.jpg"], [AUTO_MASK, AUTO_MASK], crop="face", size=image_sizes(pipe)[0])
     model = invert(pipe, space, *photo_targets(photos, *image_sizes(pipe)), preset("real", space))
 
 Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps; "ood"
@@ -25,7 +25,7 @@ about lr a step, so the right lr depends on the scale of the space's coefficient
 far outside the dataset's spread (a learning rate too high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
-The automatic mask (AUTO_MASK) is a soft ellipse over the face and hair that `faces` detects.
+The automatic mask (AUTO_MASK) covers the face, forehead and hair, from the landmarks `faces` finds.
 A checkpoint (coefficients, Adam state, step, random state) is written every `checkpoint_every`
 steps; a run given an existing checkpoint resumes from it and ends exactly where an uninterrupted
 run ends.
@@ -73,7 +73,8 @@ ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios under which a ma
 # space: files/tiny/README.md, "Inversion learning rates and distance from the dataset").
 FAR_FROM_DATASET = 3.0
 CROPS = ("center", "face")  # how a photograph becomes the square the model sees (see read_photos)
-AUTO_MASK = "auto"          # the mask value asking for a soft ellipse over the detected face and hair
+AUTO_MASK = "auto"          # the mask value asking for a mask over the face, forehead and hair from its landmarks
+ALIGNED_SIZE = 512          # px of a face crop where the pipeline's resolution is not given: SD1.5's
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -199,16 +200,18 @@ class Photo:
 
 def read_photos(images: Sequence[str | os.PathLike | Image.Image],
                 masks: Sequence[str | os.PathLike | Image.Image | None] | None = None,
-                crop: str = "center") -> list[Photo]:
+                crop: str = "center", size: int = ALIGNED_SIZE, detector: str = "hog") -> list[Photo]:
     """I images and their masks (a file or image, AUTO_MASK or None each) -> the photos to fit, checked.
-    crop "center" keeps the image (the model's resize and centre crop follow); "face" cuts the square
-    around its largest face (`faces.face_crop`) and a mask file with it. AUTO_MASK draws a soft ellipse
-    over the detected face and hair; where no face is found, with a warning, over where a face framed as
-    the paper's crops sits."""
+    crop "center" keeps the image (the model's resize and centre crop follow); "face" cuts FFHQ's aligned
+    square of its largest face at `size` px (`faces.align_face`; the pipeline's resolution) and a mask file
+    with it. AUTO_MASK draws the mask of the face's landmarks over face, forehead and hair
+    (`faces.landmark_mask`); where dlib's `detector` finds no face, with a warning, an ellipse over where
+    FFHQ's alignment puts a face (`faces.template_mask`)."""
     from . import faces
 
     if crop not in CROPS:
         raise W2WError(f"unknown crop {crop!r}; expected one of {', '.join(CROPS)}")
+    faces.check_detector(detector)
     masks = [None] * len(images) if masks is None else list(masks)
     if len(masks) != len(images):
         raise W2WError(f"{len(masks)} masks for {len(images)} images; expected one mask per image, in the images' "
@@ -217,23 +220,26 @@ def read_photos(images: Sequence[str | os.PathLike | Image.Image],
     for source, mask in zip(images, masks):
         name = "image" if isinstance(source, Image.Image) else str(source)
         picture = open_image(source, "image")
-        size, box, square = picture.size, None, None
+        original_size, alignment = picture.size, None
         if crop == "face":
-            box = faces.largest_face(picture, name)
-            square = faces.face_square(picture.size, box)
-            picture, box = faces.face_crop(picture, box)
+            alignment = faces.align_face(picture, faces.find_face(picture, name, detector).landmarks, size)
+            picture = alignment.image
         values, auto = None, isinstance(mask, str) and mask == AUTO_MASK
         if auto:
-            found = box or next(iter(faces.detect_faces(picture)), None)
+            found = alignment.landmarks if alignment else next(
+                (face.landmarks for face in faces.detect_faces(picture, detector)), None)
             if found is None:
                 warnings.warn(f"{name}: no face found for the automatic mask; fitting an ellipse over the centre of "
-                              f"the image, where a face framed as the paper's crops sits (draw one and pass "
-                              f"--mask FILE otherwise)", stacklevel=2)
-            values = np.asarray(faces.face_mask(picture.size, found or faces.centred_box(picture.size)))
+                              f"the image, where a face aligned as FFHQ's sits (draw one and pass --mask FILE "
+                              f"otherwise)", stacklevel=2)
+            values = np.asarray(faces.template_mask(picture.size) if found is None
+                                else faces.landmark_mask(picture.size, found))
         elif mask is not None:
-            values = check_mask(open_image(mask, "mask"), size, "mask" if isinstance(mask, Image.Image) else str(mask))
-            if square:  # the mask, at the original image's size, cut like the image
-                values = np.asarray(Image.fromarray(values).resize(size, Image.Resampling.NEAREST).crop(square))
+            values = check_mask(open_image(mask, "mask"), original_size,
+                                "mask" if isinstance(mask, Image.Image) else str(mask))
+            if alignment:  # the mask, at the original image's size, cut like the image
+                values = np.asarray(alignment.warp(Image.fromarray(values).resize(original_size,
+                                                                                   Image.Resampling.NEAREST)))
         photos.append(Photo(name, picture, values, auto))
     return photos
 
@@ -448,17 +454,18 @@ def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[st
                 masks: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
                 config: InversionConfig = PRESETS["real"], seed: int = 0, device: str | torch.device = "auto",
                 dtype: torch.dtype | None = None, checkpoint: str | os.PathLike | None = None,
-                progress: bool = True, crop: str = "center") -> tuple[W2WModel, list[Photo]]:
+                progress: bool = True, crop: str = "center", detector: str = "hog") -> tuple[W2WModel, list[Photo]]:
     """Load the base pipeline (a folder or hub id), check that the space fits its UNet, load the image
-    files with their masks (a file, AUTO_MASK or None each; see `read_photos`) and invert (for the CLI
-    and inversion/invert.py); returns the model and the photos as fitted."""
+    files with their masks (a file, AUTO_MASK or None each; see `read_photos`, which finds faces with
+    `detector`) and invert (for the CLI and inversion/invert.py); returns the model and the photos as fitted."""
     from .network import check_layout
-    from .pipeline import load_base_pipeline, resolve_device
+    from .pipeline import base_resolution, load_base_pipeline, resolve_device
 
     images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     masks = [masks] if isinstance(masks, (str, os.PathLike)) else masks
     space.check_k(config.components)
-    photos = read_photos(images, masks, crop)  # bad files, masks and faceless photos fail before the pipeline loads
+    size = base_resolution(base) if crop == "face" else ALIGNED_SIZE
+    photos = read_photos(images, masks, crop, size, detector)  # bad files and faceless photos fail before the load
     device = resolve_device(device)
     pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
     check_layout(pipe.unet, space.layout)

@@ -157,6 +157,25 @@ def loading_error(base: str, local: bool, error: BaseException, what: str) -> W2
     return W2WError(f"{base}: cannot load {what} ({str(error).splitlines()[0]})")
 
 
+def base_resolution(base: str) -> int:
+    """The image resolution R of the base pipeline (`diffusion.image_sizes`) from its UNet's and VAE's config
+    files alone: a face crop is cut at it before the pipeline loads."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    local = Path(base).is_dir()
+    if not local:
+        check_cached_offline(base)
+    try:
+        configs = {name: model.load_config(base, subfolder=name, local_files_only=local)
+                   for name, model in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))}
+    except (OSError, ValueError) as error:
+        raise loading_error(base, local, error, "the UNet's and VAE's configs") from None
+    return image_sizes(SimpleNamespace(**{name: SimpleNamespace(config=SimpleNamespace(**config))
+                                          for name, config in configs.items()}))[0]
+
+
 def generation_bytes(pipe, images: int, height: int, width: int) -> int:
     """About the peak memory of generating `images` images of height x width at once: the VAE decoder's
     full-resolution activations (3 alive at a time, per image) and the UNet's at latent resolution

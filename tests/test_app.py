@@ -31,7 +31,7 @@ from skimage import data
 from lora_w2w.diffusion import image_sizes
 from lora_w2w.editing import attribute_directions
 from lora_w2w.errors import NoFaceError
-from lora_w2w.faces import face_crop, largest_face
+from lora_w2w.faces import align_face, find_face
 from lora_w2w.formats import load_kohya, load_peft
 from lora_w2w.inversion import AUTO_MASK, invert, invert_file, photo_targets, preset, read_photos
 from lora_w2w.space import W2WModel
@@ -454,15 +454,17 @@ def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
 
     astronaut = Image.fromarray(data.astronaut())
     _, (photo,) = engine.invert(astronaut, None, "real", 1, crop="face", auto_mask=True)
-    crop, box = face_crop(astronaut, largest_face(astronaut))  # box: the detected face in the crop's pixels
-    assert photo.auto and photo.picture.size == crop.size == (220, 220)
+    aligned = align_face(astronaut, find_face(astronaut).landmarks, 64)  # at the tiny world's resolution
+    assert photo.auto and photo.picture.size == aligned.image.size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(photo.picture), np.asarray(aligned.image))
     mask = photo.mask.astype(float)  # (H, W) 0..255
     rows, columns = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
-    centroid = (rows * mask).sum() / mask.sum(), (columns * mask).sum() / mask.sum()
-    assert box.contains(*centroid), (centroid, box)
+    centroid = np.array([(columns * mask).sum(), (rows * mask).sum()]) / mask.sum()  # (x, y)
+    eyes, nose_tip = aligned.landmarks[36:48].mean(0), aligned.landmarks[30]  # the head's middle, as test_photos
+    assert abs(centroid[0] - eyes[0]) < 3.2 and 6.4 < centroid[1] < nose_tip[1], centroid
     shown = np.asarray(fitted_view(photo), dtype=float)  # what the page shows: dimmed outside the mask
-    np.testing.assert_allclose(shown[0, 0], OUTSIDE_MASK * np.asarray(crop)[0, 0], atol=0.5)
-    np.testing.assert_array_equal(shown[110, 110], np.asarray(crop)[110, 110])
+    np.testing.assert_allclose(shown[-1, 0], OUTSIDE_MASK * np.asarray(aligned.image)[-1, 0], atol=0.5)
+    np.testing.assert_array_equal(shown[32, 32], np.asarray(aligned.image)[32, 32])
     assert fitted_caption(photo) == "image: auto mask"
 
 
@@ -487,7 +489,7 @@ def test_several_images_are_the_cli_and_api_inversion(engine, space):
 
 def test_no_face_under_crop_to_face_is_the_clis_error(engine, tmp_path):
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
-    with pytest.raises(NoFaceError, match=r"coffee\.jpg: no face found \(the detector finds frontal faces\)"):
+    with pytest.raises(NoFaceError, match=r"coffee\.jpg: no face found \(dlib's HOG detector"):
         engine.invert([FACE, tmp_path / "coffee.jpg"], None, "real", 1, crop="face")
 
 

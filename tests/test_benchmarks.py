@@ -41,3 +41,13 @@ def test_bench_pca(tmp_path):
                                                                        "torch"}
     assert result["results"]["project"]["variance_max_relative_error"] == 0  # the reference
     assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
+
+
+@pytest.mark.slow
+def test_bench_faces():
+    result = last_json("bench_faces.py", "--renders", "2", "--cnn-renders", "1", "--repeats", "1")
+    assert result["benchmark"] == "faces" and result["renders"] == {"lbp_cascade": 2, "dlib_hog": 2, "dlib_cnn": 1}
+    per_render = result["seconds_per_render"]
+    assert result["ratio"] == pytest.approx(per_render["dlib_hog"] / per_render["lbp_cascade"])
+    assert all(0 <= rate <= 1 for rate in result["detection_rate"].values())
+    assert set(result["seconds_per_image"]) == {"astronaut", "grace_hopper"}

@@ -92,7 +92,7 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     for command in ("info", "export", "import-official", "sample", "edit", "directions", "generate", "invert",
-                    "collect", "build", "train-identities"):
+                    "score", "collect", "build", "train-identities"):
         assert command in out, command
     with pytest.raises(SystemExit):
         main(["import-official", "--help"])

@@ -20,8 +20,15 @@
 - multi_image_inversion: held-out identities inverted from 1, 3 and 5 of their views with the same
   steps, scored against views none of them saw (and how often the photo face detector finds the faces).
 
+`--faces DIR` runs Table 2's protocol on photographs instead, on any base and space (SD1.5 with the
+released files): each person's photograph inverted against 1-image and multi-image Dreambooth-LoRA, every
+model's images of several prompts scored by dlib's face descriptor (`identity.py`; not FaceNet, so not
+the paper's numbers), into the report's table2 section.
+
     python -m lora_w2w.tiny.tables --out outputs/evaluation.json      # w2w evaluate does the same
     w2w evaluate --only table1 --out files/tiny/evaluation.json         # refresh one section of a report
+    w2w evaluate --base stablediffusionapi/realistic-vision-v51 --space files/official --faces photos/ \
+        --dreambooth-steps 800 --class-images 200 --out outputs/table2_photos.json   # Table 2 on photographs
 """
 from __future__ import annotations
 
@@ -41,13 +48,14 @@ from tqdm.auto import tqdm
 from ..dataset import WeightsDataset, add_models, matrix_source
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
 from ..errors import W2WError
+from ..identity import TinyIdentity, mean_similarity, pair_similarities
 from ..network import FusedLora
 from ..pipeline import generate, generate_from_weights, load_base_pipeline
 from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
 from ..storage import atomic_output, load_space
 from .build import LORA_RECIPE
-from .evaluator import (Evaluator, Prediction, attribute_agreement, feature_distance, identity_similarity)
+from .evaluator import Evaluator, Prediction, attribute_agreement, feature_distance
 from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
 
 EDITED = ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")
@@ -181,8 +189,13 @@ def _majority(pred: Prediction) -> dict[str, bool]:
 
 
 def _pairwise_similarity(a: Prediction, b: Prediction) -> float:
-    """Mean identity similarity over all pairs (image of a, image of b)."""
-    return float(np.mean([identity_similarity(a.select([i]), b).mean() for i in range(len(a))]))
+    """Mean identity similarity over all pairs (image of a, image of b), of the tiny IdentityEmbedder."""
+    return mean_similarity(TinyIdentity.embed_prediction(a), TinyIdentity.embed_prediction(b))
+
+
+def _paired_similarity(a: Prediction, b: Prediction) -> float:
+    """Mean identity similarity of a's and b's images pair by pair (the same seeds), of the tiny IdentityEmbedder."""
+    return float(pair_similarities(TinyIdentity.embed_prediction(a), TinyIdentity.embed_prediction(b)).mean())
 
 
 def _held_out(count: int, views: int) -> list[tuple[Identity, list[Image.Image]]]:
@@ -223,8 +236,9 @@ def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
-def _write_views(root: Path, identities: list[tuple[Identity, list[Image.Image]]], views: int) -> None:
-    """<root>/<identity>/<k>.png for the first `views` renders of each identity: Dreambooth's instance folders."""
+def _write_views(root: Path, identities: list[tuple[Identity, list[Image.Image]]], views: int | None) -> None:
+    """<root>/<identity>/<k>.png for the first `views` renders of each identity (None: all), anything with a
+    name: Dreambooth's instance folders."""
     for identity, renders in identities:
         folder = root / identity.name
         shutil.rmtree(folder, ignore_errors=True)
@@ -305,7 +319,7 @@ def _edit_scores(ctx: Context, space: Space, models: list[W2WModel], attributes:
             others = [a for a in ATTRIBUTES if a not in (attribute, "Male")]
             results[attribute]["changed"].append(now[attribute] != read[attribute])
             results[attribute]["kept"].append(np.mean([now[a] == read[a] for a in others]))
-            results[attribute]["similarity"].append(float(identity_similarity(before, after).mean()))
+            results[attribute]["similarity"].append(_paired_similarity(before, after))
     return befores, results
 
 
@@ -375,7 +389,7 @@ def evaluate_table1(ctx: Context, settings: Settings) -> list[dict]:
                 row = scores[attribute, method]
                 row["changed"].append(now[attribute] != read[attribute])
                 row["kept"].append(np.mean([now[a] == read[a] for a in ATTRIBUTES if a != attribute]))
-                row["identity_similarity"].append(float(identity_similarity(before, after).mean()))
+                row["identity_similarity"].append(_paired_similarity(before, after))
                 row["image_distance"].append(float(feature_distance(evaluator, images, edited).mean()))
     rows = []
     for (attribute, method), row in scores.items():
@@ -459,6 +473,101 @@ def evaluate_timing(ctx: Context, settings: Settings) -> dict:
                       "steps": {"inversion": config.steps, "dreambooth_1": settings.dreambooth_steps,
                                 "dreambooth_multi": multi_steps(settings)},
                       "threads": torch.get_num_threads(), "paper_a100_s": PAPER["table4_a100_s"]}
+
+
+# ----------------------------------------------------------------------------- Table 2 on photographs
+
+# The prompts each model of Table 2 on photographs draws (every seed of each), scored against the photographs
+PHOTO_PROMPTS = ("sks person", "a photo of sks person", "a close-up photo of sks person smiling",
+                 "a photo of sks person outdoors")
+
+
+@dataclass
+class Person:
+    """A person of a --faces folder: a name and the photographs as fitted (FFHQ-aligned, automatic masks)."""
+
+    name: str
+    photos: list
+
+
+def read_people(faces: Path, resolution: int, detector: str = "hog") -> list[Person]:
+    """The people of a folder: an image file is a person with one photograph, a sub-folder a person with its
+    photographs (sorted by name; the first is the one inverted and the 1-image Dreambooth's)."""
+    from ..images import IMAGE_SUFFIXES
+    from ..inversion import AUTO_MASK, read_photos
+
+    if not faces.is_dir():
+        raise W2WError(f"{faces}: no such folder of photographs")
+    people = []
+    for entry in sorted(faces.iterdir()):
+        files = sorted(f for f in entry.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if entry.is_dir() else (
+            [entry] if entry.suffix.lower() in IMAGE_SUFFIXES else [])
+        if files:
+            people.append(Person(entry.stem, read_photos(files, [AUTO_MASK] * len(files), "face", resolution,
+                                                         detector)))
+    if not people:
+        raise W2WError(f"{faces}: no photographs; expected image files (a person each) or a folder of photographs "
+                       f"per person")
+    return people
+
+
+def _photo_scores(ctx: Context, embedder, weights: torch.Tensor, references: np.ndarray, prompts: tuple[str, ...],
+                  settings: Settings) -> dict:
+    """How a LoRA's images of each prompt (every seed) match a person's photographs (embeddings (R, D))."""
+    per_prompt, embeddings = {}, []
+    for prompt in prompts:
+        images = generate_from_weights(ctx.pipe, ctx.space.layout, weights, prompt, **_generation(settings))
+        embeddings.append(embedder.embed(images))  # (S, D)
+        per_prompt[prompt] = embedder.score(embeddings[-1], references).similarity
+    return embedder.score(np.concatenate(embeddings), references).as_dict() | {"per_prompt": per_prompt}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows if row[key] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_table2_photographs(ctx: Context, settings: Settings, faces: Path, prompts: tuple[str, ...] = PHOTO_PROMPTS,
+                                detector: str = "hog") -> dict:
+    """Table 2's protocol on photographs: each person's first photograph inverted (FFHQ-aligned, its landmark
+    mask), against a 1-image Dreambooth-LoRA on it and a multi-image one on all of the person's photographs
+    (when someone has several), each model's images of `prompts` scored against the person's photographs by
+    dlib's face descriptor (not FaceNet: not the paper's numbers)."""
+    from ..diffusion import image_sizes
+    from ..identity import DlibIdentity
+    from ..inversion import invert, photo_targets
+
+    people = read_people(faces, image_sizes(ctx.pipe)[0], detector)  # faceless photographs fail before any work
+    config = _inversion_config(ctx.space, settings)
+    sizes = image_sizes(ctx.pipe)
+    weights = {"w2w": {person.name: invert(ctx.pipe, ctx.space, *photo_targets(person.photos[:1], *sizes), config,
+                                           progress=False).weights(ctx.space)
+                       for person in tqdm(people, desc="table2 photographs: w2w")}}
+    runs = {"dreambooth_1": (1, settings.dreambooth_steps)}
+    if any(len(person.photos) > 1 for person in people):
+        runs["dreambooth_multi"] = (None, multi_steps(settings))
+    for name, (views, steps) in runs.items():
+        shutil.rmtree(ctx.work / f"photos_{name}", ignore_errors=True)  # the people of an earlier run
+        _write_views(ctx.work / f"photos_{name}", [(p, [photo.picture for photo in p.photos]) for p in people], views)
+        _dreambooth(ctx, ctx.work / f"photos_{name}", ctx.work / f"loras_photos_{name}", steps, settings)
+        weights[name] = {p.name: _load_lora(ctx, ctx.work / f"loras_photos_{name}" / p.name) for p in people}
+    embedder = DlibIdentity(detector)
+    references = {p.name: embedder.embed([photo.picture for photo in p.photos]) for p in people}  # (R, D) each
+    report = {}
+    for name, models in weights.items():
+        rows = [_photo_scores(ctx, embedder, models[p.name], references[p.name], prompts, settings)
+                for p in tqdm(people, desc=f"table2 photographs: scoring {name}")]
+        report[name] = {"identity_similarity": _mean_of(rows, "similarity"),
+                        "same_person_rate": _mean_of(rows, "same_person_rate"),
+                        "no_face": sum(row["no_face"] for row in rows), "images": sum(row["images"] for row in rows),
+                        "per_identity": [row["similarity"] for row in rows],
+                        "per_prompt": {prompt: _mean_of([row["per_prompt"] for row in rows], prompt)
+                                       for prompt in prompts},
+                        "paper_id_score": PAPER["table2_id_score"][name]}
+    return report | {"photographs": {p.name: [photo.name for photo in p.photos] for p in people},
+                     "prompts": list(prompts), "identities": len(people), "embedder": embedder.name,
+                     "steps": {name: steps for name, (_, steps) in runs.items()} | {"w2w": config.steps},
+                     "config": asdict(config)}
 
 
 # ----------------------------------------------------------------------------- Figs 9, 10 and 30: scaling
@@ -577,6 +686,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default="outputs/evaluation", help="work folder")
     parser.add_argument("--only", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS), metavar="NAME",
                         help=f"sections to run, of {', '.join(SECTIONS)}")
+    parser.add_argument("--faces", default=None, metavar="DIR",
+                        help="run Table 2's protocol on photographs instead of the tiny world's sections: DIR holds "
+                             "image files (a person each) or a folder of photographs per person (the first inverted; "
+                             "all train the multi-image Dreambooth); scored by dlib's face descriptor, not FaceNet; "
+                             "the report's table2 section")
+    parser.add_argument("--prompts", nargs="+", default=list(PHOTO_PROMPTS),
+                        help="with --faces: the prompts each model draws, every seed of each")
+    parser.add_argument("--detector", choices=("hog", "cnn"), default="hog",
+                        help="with --faces: dlib's face detector (cnn: turned faces, slower)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a shared CPU 1 runs the tiny models fastest)")
     group = parser.add_argument_group("settings")
@@ -611,14 +729,19 @@ def main(args: argparse.Namespace) -> dict:
                                     else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
     pipe = load_base_pipeline(args.base, "auto", progress=False)
     space = load_space(args.space)
-    ctx = Context(pipe, space, Evaluator.load(args.evaluator), Path(args.work), Path(args.weights), args.base)
+    evaluator = None if args.faces else Evaluator.load(args.evaluator)  # photographs are scored by dlib
+    ctx = Context(pipe, space, evaluator, Path(args.work), Path(args.weights), args.base)
     ctx.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     _existing_report(out, space)  # a report of another space is refused before any work
-    for name in args.only:
+    sections = {name: SECTIONS[name] for name in args.only}
+    if args.faces:
+        sections = {"table2": lambda ctx, settings: evaluate_table2_photographs(ctx, settings, Path(args.faces),
+                                                                              tuple(args.prompts), args.detector)}
+    for name, section in sections.items():
         start = time.perf_counter()
         torch.manual_seed(0)
-        result = SECTIONS[name](ctx, settings)
+        result = section(ctx, settings)
         # read again just before writing, so that runs of other sections into the same report are kept
         report = _existing_report(out, space) | {"space_id": space.id, name: result}
         report["runs"] = report.get("runs", {}) | {name: {"settings": asdict(settings),
@@ -626,7 +749,7 @@ def main(args: argparse.Namespace) -> dict:
                                                           "wall_s": round(time.perf_counter() - start, 1)}}
         with atomic_output(out) as tmp:  # after each section, so that a long run keeps what it finished
             tmp.write_text(json.dumps(report, indent=1))
-    print(json.dumps({name: report[name] for name in args.only}, indent=1))
+    print(json.dumps({name: report[name] for name in sections}, indent=1))
     return report
 
 
