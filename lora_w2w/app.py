@@ -38,7 +38,8 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .cli import DEFAULT_MAX_UPLOAD, DEFAULT_SPACE  # noqa: E402
+from .cli import DEFAULT_MAX_UPLOAD  # noqa: E402
+from .defaults import DEFAULT_BASE, DEFAULT_SPACE  # noqa: E402
 from .diffusion import image_sizes  # noqa: E402
 from .editing import apply_edits, attribute_directions  # noqa: E402
 from .errors import NoFaceError, W2WError  # noqa: E402
@@ -46,7 +47,7 @@ from .formats import save_lora  # noqa: E402
 from .inversion import (AUTO_MASK, CROPS, PRESETS, Photo, invert, open_image, photo_targets, preset,  # noqa: E402
                         read_photos)
 from .network import check_layout  # noqa: E402
-from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline  # noqa: E402
+from .pipeline import generate, image_grid, load_base_pipeline  # noqa: E402
 from .sampling import sample_models  # noqa: E402
 from .space import W2WModel  # noqa: E402
 from .storage import load_model, load_space, save_model  # noqa: E402

@@ -12,10 +12,9 @@ import warnings
 from pathlib import Path
 
 from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, SEED, SIZE
+from .defaults import DEFAULT_BASE, DEFAULT_SPACE
 from .errors import W2WError
 
-DEFAULT_SPACE = "files/tiny/space"
-DEFAULT_BASE = "files/tiny/base"
 DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .pipeline import DEFAULT_BASE, generate, generate_from_weights, image_grid, load_base_pipeline
+from .defaults import DEFAULT_BASE, DEFAULT_EVALUATION, DEFAULT_EVALUATOR, DEFAULT_SPACE, EXAMPLES
+from .pipeline import generate, generate_from_weights, image_grid, load_base_pipeline
 from .storage import save_png
 
 FACE_SEEDS = range(3_000_000, 3_000_008)  # identities of no training set
-EXAMPLES = Path(__file__).resolve().parents[1] / "inversion" / "images"
 SEED_LABELS = [f"seed {s}" for s in range(4)]  # the columns of the pictures: images(..., seeds=range(4))
 TEASER_SIZE = 96  # px of each image in teaser.png, up from the tiny world's 64 so that it reads at a glance
 
@@ -255,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the tiny world end to end and write a report.")
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline (default: %(default)s)")
-    parser.add_argument("--space", default="files/tiny/space", help="space (default: %(default)s)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
-    parser.add_argument("--evaluation", default="files/tiny/evaluation.json",
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="space (default: %(default)s)")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights")
+    parser.add_argument("--evaluation", default=DEFAULT_EVALUATION,
                         help="w2w evaluate's report of the space, whose inversion figures the report quotes "
                              "(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")

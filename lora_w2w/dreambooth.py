@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .defaults import DEFAULT_BASE
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import W2WError
 from .flags import add_flag, flag, spellings
@@ -43,7 +44,7 @@ def add_dreambooth_arguments(parser: argparse.ArgumentParser, kebab: bool) -> No
     add = functools.partial(add_flag, group, kebab=kebab)
     base = spellings("pretrained_model_name_or_path", kebab=False)
     group.add_argument(*(["--base", *base] if kebab else [*base, "--base"]), dest="pretrained_model_name_or_path",
-                       metavar="BASE" if kebab else None, default="files/tiny/base",
+                       metavar="BASE" if kebab else None, default=DEFAULT_BASE,
                        help="base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)")
     add("instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
     add("class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")

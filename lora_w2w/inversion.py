@@ -7,9 +7,9 @@ optional mask at latent resolution. The latent distributions and the prompt's em
 once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
 so that the loss is averaged over the photographs. With one image this is the paper's inversion.
 
-    pipe = load_base_pipeline("files/tiny/base")
-    space = load_space("files/tiny/space")
-    image, mask = load_target("inversion/images/drawing.png", "inversion/images/drawing_mask.png", *image_sizes(pipe))
+    pipe = load_base_pipeline(DEFAULT_BASE)  # lora_w2w.defaults: the tiny world
+    space = load_space(DEFAULT_SPACE)
+    image, mask = load_target(EXAMPLES / "drawing.png", EXAMPLES / "drawing_mask.png", *image_sizes(pipe))
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
 

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dataset import INDEX_JSON, WeightsDataset, collect_folders
+from ..defaults import TINY
 from ..errors import W2WError
 from ..flags import OneSpellingFormatter, add_flag
 from ..space import Space
@@ -193,12 +194,12 @@ def plot_explained_variance(space: Space, kept: int, picture: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=OneSpellingFormatter)
-    parser.add_argument("--out", default="files/tiny", help="where the committed artifacts go (default: %(default)s)")
+    parser.add_argument("--out", default=str(TINY), help="where the committed artifacts go (default: %(default)s)")
     parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
     parser.add_argument("--components", type=int, default=250,
                         help="K kept in the space, at most M - 1 (default: %(default)s, chosen in "
-                             "files/tiny/README.md)")
+                             "the tiny world's README.md)")
     parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
                         help="the explained-variance plot of the space (default: %(default)s)")
     add_flag(parser, "identities_per_batch", kebab=True, type=int, default=32,

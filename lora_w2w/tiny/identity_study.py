@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import train_identities
+from ..defaults import DEFAULT_EVALUATOR
 from ..errors import W2WError
 from ..flags import OneSpellingFormatter, add_flag
 from ..formats import load_peft
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(parser, "inference_steps", kebab=True, type=int, default=25,
              help="denoising steps of the samples (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the samples (default: %(default)s)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator file")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator file")
     parser.add_argument("--out", required=True, help="work folder: faces, LoRAs, a picture, the JSON row")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--having", nargs="+", default=[], metavar="ATTRIBUTE=±1",

@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..dataset import WeightsDataset, add_models, matrix_source
+from ..defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE, DEFAULT_WEIGHTS
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
 from ..errors import W2WError
 from ..network import FusedLora
@@ -154,8 +155,8 @@ class Context:
     space: Space
     evaluator: Evaluator
     work: Path = Path("outputs/evaluation")  # scratch folder: training images, Dreambooth LoRAs, scaling spaces
-    weights: Path = Path("files/tiny/weights")  # the weights dataset the scaling spaces are cut from
-    base: str = "files/tiny/base"  # the base pipeline's folder
+    weights: Path = Path(DEFAULT_WEIGHTS)  # the weights dataset the scaling spaces are cut from
+    base: str = DEFAULT_BASE  # the base pipeline's folder
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -567,11 +568,11 @@ def _flag_type(hint: str):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", default="files/tiny/base", help="base pipeline")
-    parser.add_argument("--space", default="files/tiny/space", help="space")
-    parser.add_argument("--weights", default="files/tiny/weights",
+    parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline")
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="space")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
                         help="weights dataset the scaling sections cut their spaces from (the space's models)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights")
     parser.add_argument("--out", default="outputs/evaluation.json",
                         help="JSON report; when it exists, the sections run replace theirs and the others are kept")
     parser.add_argument("--work", default="outputs/evaluation", help="work folder")
