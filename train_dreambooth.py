@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from lora_w2w.dreambooth import add_dreambooth_arguments, check_dreambooth_arguments, train_one
-from lora_w2w.errors import W2WError
+from lora_w2w.errors import W2WError, exit_code
 from lora_w2w.flags import OneSpellingFormatter
 
 
@@ -34,12 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train_one(args)
-    except W2WError as error:
-        print(f"train_dreambooth.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("train_dreambooth.py", lambda: train_one(args))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .checks import check_int, check_number, check_seed
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
+from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
 from .images import IMAGE_SUFFIXES, eight_bit
 from .layout import LoraLayout
@@ -118,11 +118,6 @@ def preset(name: str, space: Space | None = None, **overrides) -> InversionConfi
         config = dataclasses.replace(config, **recorded)
         config = dataclasses.replace(config, components=min(config.components, space.num_components))
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, as the original (float16 gradients can underflow), float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------- target image and mask
@@ -443,24 +438,3 @@ def norm_over_dataset(space: Space, coefficients: torch.Tensor) -> float | None:
     k = min(len(coefficients), space.coefficients.shape[1])
     return float(coefficients[:k].float().norm() / space.coefficients[:, :k].float().norm(dim=1).max())
 
-
-def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[str | os.PathLike],
-                masks: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
-                config: InversionConfig = PRESETS["real"], seed: int = 0, device: str | torch.device = "auto",
-                dtype: torch.dtype | None = None, checkpoint: str | os.PathLike | None = None,
-                progress: bool = True, crop: str = "center") -> tuple[W2WModel, list[Photo]]:
-    """Load the base pipeline (a folder or hub id), check that the space fits its UNet, load the image
-    files with their masks (a file, AUTO_MASK or None each; see `read_photos`) and invert (for the CLI
-    and inversion/invert.py); returns the model and the photos as fitted."""
-    from .network import check_layout
-    from .pipeline import load_base_pipeline, resolve_device
-
-    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    masks = [masks] if isinstance(masks, (str, os.PathLike)) else masks
-    space.check_k(config.components)
-    photos = read_photos(images, masks, crop)  # bad files, masks and faceless photos fail before the pipeline loads
-    device = resolve_device(device)
-    pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
-    check_layout(pipe.unet, space.layout)
-    targets, target_masks = photo_targets(photos, *image_sizes(pipe))
-    return invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint), photos

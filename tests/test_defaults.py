@@ -2,6 +2,7 @@
 and from an install that is not editable, which finds the tiny world through W2W_TINY (or says in one line
 that it lacks it) and ships the demo's example images."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,27 @@ def test_the_demo_runs_from_another_folder(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Skipped" not in report and (tmp_path / "demo" / "inversion.png").is_file()
+
+
+@pytest.mark.slow
+def test_an_install_that_is_not_editable(tmp_path):
+    """pip installs the package alone (its package data too); a default command says in one line that the
+    tiny world is missing, and W2W_TINY points it at one. About 15 s."""
+    source, target = tmp_path / "source", tmp_path / "site"  # built from a copy: nothing is written into the checkout
+    shutil.copytree(ROOT / "lora_w2w", source / "lora_w2w", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(ROOT / name, source / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(target), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (target / "lora_w2w" / "data" / "examples" / "face.png").is_file()
+    assert not (target / "files").exists()
+    work = tmp_path / "work"
+    work.mkdir()
+    missing = run(["-m", "lora_w2w.cli", "sample", "--num", "1", "--out", "samples"], work, target)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert missing.stderr.count("\n") == 1 and f"set {defaults.TINY_ENV} to a checkout's files/tiny" in missing.stderr
+    found = run(["-m", "lora_w2w.cli", "sample", "--num", "1", "--out", "samples"], work, target,
+                **{defaults.TINY_ENV: str(ROOT / "files" / "tiny")})
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert (work / "samples" / "sample_000.safetensors").is_file()

@@ -43,10 +43,11 @@ from ..defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE, DEFAULT_W
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
 from ..errors import W2WError
 from ..network import FusedLora
-from ..pipeline import generate, generate_from_weights, load_base_pipeline
+from ..pipeline import generate_from_weights
 from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
-from ..storage import atomic_output, load_space
+from ..storage import atomic_output
+from ..workbench import Workbench
 from .build import LORA_RECIPE
 from .evaluator import (Evaluator, Prediction, attribute_agreement, feature_distance, identity_similarity)
 from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
@@ -149,14 +150,25 @@ DREAMBOOTH_MULTI_STEPS_PER_VIEW = 160
 
 @dataclass
 class Context:
-    """What every section works on."""
+    """What every section works on: a Workbench (the base pipeline and the space) and the evaluator."""
 
-    pipe: object
-    space: Space
+    bench: Workbench
     evaluator: Evaluator
     work: Path = Path("outputs/evaluation")  # scratch folder: training images, Dreambooth LoRAs, scaling spaces
     weights: Path = Path(DEFAULT_WEIGHTS)  # the weights dataset the scaling spaces are cut from
-    base: str = DEFAULT_BASE  # the base pipeline's folder
+
+    @property
+    def space(self) -> Space:
+        return self.bench.space
+
+    @property
+    def pipe(self):
+        """The pipeline that generates (on CUDA float16; inversion takes the bench's own)."""
+        return self.bench.pipeline("generate")
+
+    @property
+    def base(self) -> str:
+        return self.bench.base
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -174,7 +186,8 @@ def _generate(ctx: Context, weights: torch.Tensor, settings: Settings) -> list[I
 def _images(ctx: Context, space: Space, model: W2WModel, settings: Settings, prompt: str | None = None,
             negative_prompt: str = "") -> list[Image.Image]:
     """Images of a model of `space` (of the space's prompt by default)."""
-    return generate(ctx.pipe, space, model, prompt, negative_prompt=negative_prompt, **_generation(settings))
+    return ctx.bench.using(space).images(model, prompt, negative_prompt=negative_prompt, seeds=range(settings.seeds),
+                                         steps=settings.steps, guidance=settings.guidance)
 
 
 def _majority(pred: Prediction) -> dict[str, bool]:
@@ -211,12 +224,8 @@ def _inversion_config(space: Space, settings: Settings, components: int | None =
 
 def _invert(ctx: Context, space: Space, images: list[Image.Image], config) -> torch.Tensor:
     """The LoRA weights (N,) of one person's `images` inverted together into `space` (seed 0)."""
-    from ..diffusion import image_sizes, prepare_image
-    from ..inversion import invert
-
-    resolution, _ = image_sizes(ctx.pipe)
-    targets = torch.stack([prepare_image(image, resolution) for image in images])  # (I, 3, R, R)
-    return invert(ctx.pipe, space, targets, None, config, progress=False).weights(space)
+    model, _ = ctx.bench.using(space).invert(images, None, config)
+    return model.weights(space)
 
 
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -336,9 +345,10 @@ def _sliders(ctx: Context, settings: Settings) -> dict[str, torch.Tensor]:
     """A text slider (N,) per Table 1 attribute, trained on the base model from its prompt pair."""
     from ..sliders import SliderConfig, target_latents, train_slider
 
-    latents = target_latents(ctx.pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
+    pipe = ctx.bench.pipeline("train")  # the bench's dtype for training (bfloat16 on CUDA)
+    latents = target_latents(pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
     config = SliderConfig(steps=settings.slider_steps, eta=settings.slider_eta)
-    return {a: train_slider(ctx.pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
+    return {a: train_slider(pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
             for a in tqdm(TABLE1, desc="table1: sliders")}
 
 
@@ -610,9 +620,9 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     settings = Settings(**{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
                                     else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
-    pipe = load_base_pipeline(args.base, "auto", progress=False)
-    space = load_space(args.space)
-    ctx = Context(pipe, space, Evaluator.load(args.evaluator), Path(args.work), Path(args.weights), args.base)
+    ctx = Context(Workbench(args.base, args.space, progress=False), Evaluator.load(args.evaluator), Path(args.work),
+                  Path(args.weights))
+    space = ctx.space
     ctx.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     _existing_report(out, space)  # a report of another space is refused before any work
