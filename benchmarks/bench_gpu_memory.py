@@ -63,7 +63,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, encode_prompt, image_sizes
-from lora_w2w.dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, add_identity_lora,
+from lora_w2w.dreambooth import (DreamboothConfig, IdentityData, SharedData, add_identity_lora,
                                  class_image_batch_size, identities_loss, initial_lora_weights, load_base, lora_layout)
 from lora_w2w.inversion import PRESETS, differentiable_unet, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
@@ -96,14 +96,7 @@ def default_of(function, parameter: str):
     return inspect.signature(function).parameters[parameter].default
 
 
-def dreambooth_defaults() -> argparse.Namespace:
-    """The defaults of the flags of train_dreambooth.py and w2w train-identities (the paper's recipe)."""
-    parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser)
-    return parser.parse_args([])
-
-
-DREAMBOOTH = dreambooth_defaults()
+DREAMBOOTH = DreamboothConfig()  # the defaults of train_dreambooth.py and w2w train-identities: the paper's recipe
 TRAINING_DTYPE = default_of(load_base, "dtype")  # float32 (with --mixed_precision no, the default)
 NUM_INSTANCE_IMAGES = 10  # an identity's images (their cached latents are tiny)
 

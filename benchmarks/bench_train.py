@@ -129,7 +129,7 @@ def main_sd15(args: argparse.Namespace) -> None:
     """Steps/s of the training step on a randomly initialised SD1.5 (CUDA when present, bf16 autocast
     there, as --mixed_precision bf16), solo and K identities at once, and the fraction of the chip's
     bf16 peak they reach."""
-    from bench_gpu_memory import dreambooth_defaults, sd15_pipeline, training_inputs
+    from bench_gpu_memory import DREAMBOOTH, sd15_pipeline, training_inputs
 
     from lora_w2w.layout import LoraLayout
 
@@ -145,7 +145,7 @@ def main_sd15(args: argparse.Namespace) -> None:
                                  instance_embedding=shared.instance_embedding.to(device),
                                  class_embedding=shared.class_embedding.to(device))
     identities = [dataclasses.replace(i, mean=i.mean.to(device), std=i.std.to(device)) for i in identities]
-    recipe = dreambooth_defaults()
+    recipe = DREAMBOOTH
     layout = LoraLayout.from_unet(pipe.unet, recipe.lora_target_modules, recipe.lora_r, recipe.lora_alpha)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     flops = flops_per_sample(pipe.unet, layout, identities, shared, recipe)

@@ -45,7 +45,7 @@ from . import workbench  # noqa: E402
 from .checks import COUNT, DEVICE, FINITE, SEED  # noqa: E402
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE  # noqa: E402
 from .errors import NoFaceError, W2WError, exit_code  # noqa: E402
-from .flags import add_config_flags, config_from_args  # noqa: E402
+from .flags import OneLineParser, add_config_flags, config_from_args  # noqa: E402
 from .inversion import CROPS, PRESETS, Photo, open_image  # noqa: E402
 from .pipeline import image_grid  # noqa: E402
 from .space import W2WModel  # noqa: E402
@@ -663,7 +663,7 @@ def add_api(actions: Actions) -> None:
 # ----------------------------------------------------------------------------- the command
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="w2w app", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(APP_DESCRIPTION, 100) + "\n\n" + APP_API)
     add_config_flags(parser, AppConfig)

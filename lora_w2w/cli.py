@@ -10,9 +10,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, SEED, SIZE
+from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, POSITIVE, SEED, SIZE
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE
 from .errors import W2WError, exit_code
+from .flags import OneLineParser, add_config_flags, config_from_args, named_as_flags
 
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")
@@ -92,6 +93,7 @@ def cmd_collect(args) -> None:
 
 
 def cmd_build(args) -> None:
+    import dataclasses
     import time
 
     from .dataset import WeightsDataset
@@ -104,9 +106,7 @@ def cmd_build(args) -> None:
     state = Path(args.state or f"{str(args.out).rstrip('/')}.build-state")
     check_outputs([(args.out, SPACE_FOLDER), (state, BUILD_STATE)], [args.dataset, args.attributes])
     dataset = WeightsDataset(args.dataset)
-    config = BuildConfig(memory=args.memory, backend=args.backend, method=args.method, oversamples=args.oversamples,
-                         power_iterations=args.power_iterations, seed=args.seed, attributes=args.attributes,
-                         scheduler=args.scheduler, base_model=args.base_model, state=state)
+    config = dataclasses.replace(config_from_args(BuildConfig, args), state=state)
     space = build_space(dataset, k=args.components, config=config, log=_progress)
     save_space(space, args.out)
     remove_state(state)
@@ -234,7 +234,7 @@ def cmd_invert(args) -> None:
     import torch
 
     from .formats import LORA_OUTPUTS
-    from .inversion import AUTO_MASK
+    from .inversion import AUTO_MASK, InversionConfig
     from .storage import FILE, MODEL_FILE, check_outputs
     from .workbench import Workbench, export_path, save_fitted
 
@@ -243,9 +243,8 @@ def cmd_invert(args) -> None:
                   [*args.image, *(args.mask or []), args.mask_dir, args.space, args.base])
     masks = invert_masks(args)
     bench = Workbench(args.base, args.space, args.device, None if args.dtype == "auto" else getattr(torch, args.dtype))
-    config = bench.inversion_config(args.preset, components=args.components, steps=args.steps, lr=args.lr,
-                                    weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                                    images_per_step=args.images_per_step)
+    with named_as_flags():
+        config = bench.inversion_config(args.preset, **{name: getattr(args, name) for name in vars(InversionConfig())})
     print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
           f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
           f"this space, and the flags given)")
@@ -260,14 +259,6 @@ def cmd_invert(args) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line (`w2w COMMAND: error: ...`, exit code 2), like every
-    other error of w2w; `w2w COMMAND --help` shows the usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def build_parser() -> argparse.ArgumentParser:
     """`w2w` and its subcommands, in the order `w2w --help` lists them."""
@@ -483,14 +474,8 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="real: photographs of faces; ood: paintings and other out-of-distribution images "
                              "(default: %(default)s)")
-    invert.add_argument("--components", "-k", type=COUNT, default=None,
-                        help="K, coefficients optimised; at most the space's K (default: the preset's, at most the "
-                             "space's)")
-    invert.add_argument("--steps", type=COUNT, default=None, help="optimiser steps (default: the preset's)")
-    invert.add_argument("--lr", type=POSITIVE, default=None,
-                        help="Adam learning rate (default: the preset's, or the one the space records for it)")
-    invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
-                        help="Adam weight decay (default: the preset's)")
+    settings = invert.add_argument_group("inversion settings: the preset's unless given")
+    add_config_flags(settings, InversionConfig, defaults=dict.fromkeys(vars(InversionConfig()), None))
     invert.add_argument("--seed", type=SEED, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     add_space(invert)
     add_base(invert)
@@ -503,19 +488,13 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--checkpoint", default=None,
                         help="file to save the run's state in every --checkpoint-every steps; a run that finds "
                              "it resumes from it")
-    invert.add_argument("--checkpoint-every", type=COUNT, default=None,
-                        help=f"steps between checkpoints (default: {InversionConfig.checkpoint_every})")
-    invert.add_argument("--images-per-step", type=COUNT, default=None,
-                        help=f"images of the person each step draws and averages (default: "
-                             f"{InversionConfig.images_per_step}; more cost more per step)")
     invert.set_defaults(run=cmd_invert)
 
 
 def add_dataset_parsers(commands) -> None:
     """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
     from .dataset import DEFAULT_SHARD_SIZE
-    from .pca import (BACKENDS, DEFAULT_MEMORY, DEFAULT_OVERSAMPLES, DEFAULT_POWER_ITERATIONS, EXACT_PREFERENCE,
-                      PCA_METHODS)
+    from .pca import BuildConfig
 
     collect = commands.add_parser(
         "collect", help="gather LoRAs (or the released all_weights.pt) into a weights dataset on disk",
@@ -554,32 +533,7 @@ def add_dataset_parsers(commands) -> None:
     build.add_argument("dataset", metavar="DATASET", help="weights dataset directory (made by `w2w collect`)")
     build.add_argument("out", metavar="OUT", help="space directory to write (replaced only once complete)")
     build.add_argument("--components", "-k", type=COUNT, required=True, help="K, the number of principal components")
-    build.add_argument("--backend", choices=BACKENDS, default="torch",
-                       help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
-                            "(default: %(default)s)")
-    build.add_argument("--method", choices=PCA_METHODS, default="auto",
-                       help="torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized "
-                            f"(subspace iteration); auto: exact when it fits --memory and costs at most "
-                            f"{EXACT_PREFERENCE}x the randomized route (default: %(default)s)")
-    build.add_argument("--memory", default=DEFAULT_MEMORY,
-                       help="memory budget of the torch backend, the interpreter included (per worker for a dask "
-                            "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
-    build.add_argument("--oversamples", type=NON_NEGATIVE, default=DEFAULT_OVERSAMPLES,
-                       help="randomized: extra trial vectors beyond K (default: %(default)s)")
-    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=DEFAULT_POWER_ITERATIONS,
-                       help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
-                            "decays slowly (default: %(default)s)")
-    build.add_argument("--seed", type=SEED, default=0,
-                       help="randomized: seed of the trial vectors (default: %(default)s)")
-    build.add_argument("--attributes", metavar="TABLE_CSV",
-                       help="attribute table: CSV, first column the model names, one row per dataset model")
-    build.add_argument("--scheduler", metavar="ADDRESS",
-                       help="dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); "
-                            "its workers must see DATASET at the same path")
-    build.add_argument("--base-model", metavar="ID", help="base model id to record (default: the dataset's)")
-    build.add_argument("--state", metavar="DIR",
-                       help="folder where the torch backend keeps its finished passes, so that a killed build "
-                            "resumes from them when run again (default: OUT.build-state; removed once OUT is written)")
+    add_config_flags(build, BuildConfig)
     build.set_defaults(run=cmd_build)
 
 

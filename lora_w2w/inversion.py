@@ -40,7 +40,7 @@ import hashlib
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -51,7 +51,7 @@ from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_number, check_seed
+from .checks import COUNT, NON_NEGATIVE_NUMBER, POSITIVE, check_int, check_number, check_seed
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
 from .images import IMAGE_SUFFIXES, eight_bit
@@ -80,14 +80,23 @@ AUTO_MASK = "auto"          # the mask value asking for a soft ellipse over the 
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """Hyper-parameters of one inversion."""
+    """Hyper-parameters of one inversion (the real preset's by default); its fields are `w2w invert`'s flags,
+    which default to the preset's."""
 
-    components: int = 10_000     # K: the first K coefficients are optimised; must be <= the space's K
-    lr: float = 0.1              # Adam learning rate
-    weight_decay: float = 1e-10  # Adam's L2 penalty on the coefficients
-    steps: int = 400             # optimiser steps (the original's "epochs" over its one image)
-    checkpoint_every: int = 50   # steps between checkpoints, when a checkpoint path is given
-    images_per_step: int = 1     # B: images of the person each step draws (with replacement) and averages
+    components: int = field(default=10_000, metadata={
+        "help": "K, the first K coefficients are optimised: at most the space's K (default: the preset's, at most "
+                "the space's)", "type": COUNT, "flags": ("-k",)})
+    lr: float = field(default=0.1, metadata={
+        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": POSITIVE})
+    weight_decay: float = field(default=1e-10, metadata={
+        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": NON_NEGATIVE_NUMBER})
+    steps: int = field(default=400, metadata={"help": "optimiser steps, the original's epochs (default: the preset's)",
+                                              "type": COUNT})
+    checkpoint_every: int = field(default=50, metadata={
+        "help": "steps between checkpoints, when a checkpoint file is given (default: 50)", "type": COUNT})
+    images_per_step: int = field(default=1, metadata={
+        "help": "B, images of the person each step draws (with replacement) and averages; more cost more per step "
+                "(default: 1)", "type": COUNT})
 
     def __post_init__(self):
         for name in ("components", "steps", "checkpoint_every", "images_per_step"):

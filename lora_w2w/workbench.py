@@ -27,7 +27,7 @@ from PIL import Image
 
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE, require
 from .editing import DEFAULT_DIRECTION_METHOD, Direction, apply_edits, attribute_directions
-from .errors import SpaceError, W2WError
+from .errors import SettingError, SpaceError, W2WError
 from .space import Space, W2WModel
 
 JOBS = ("generate", "invert", "train")
@@ -227,8 +227,8 @@ class Workbench:
 
         config = preset(preset_name, self.space, **overrides)
         if config.components > self.space.num_components:
-            raise SpaceError(f"components {config.components}: the space {self.source} has K = "
-                             f"{self.space.num_components}; pass {self.space.num_components} or fewer")
+            raise SettingError("components", f"{config.components}: the space {self.source} has K = "
+                               f"{self.space.num_components}; pass {self.space.num_components} or fewer")
         return config
 
     def invert(self, images, masks=None, config=None, *, mask_dir: str | os.PathLike | None = None,

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from ..dataset import WeightsDataset, add_models, matrix_source
 from ..defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE, DEFAULT_WEIGHTS
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
-from ..errors import W2WError
+from ..errors import SettingError, W2WError
+from ..flags import OneLineParser, add_config_flags, config_from_args
 from ..network import FusedLora
 from ..pipeline import generate_from_weights
 from ..sampling import nearest_models, sample_models
@@ -135,12 +136,12 @@ class Settings:
     scaling_samples: int = field(default=4, metadata={"help": "sampled models edited per scaling space"})
 
     def __post_init__(self):
-        positive = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), int)
-                    and not isinstance(getattr(self, f.name), bool) and getattr(self, f.name) < 1]
-        if positive:
-            raise W2WError(f"evaluate settings {', '.join(positive)} must be >= 1")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise SettingError(f.name, f"must be >= 1, got {value}")
         if self.edit_method not in DIRECTION_METHODS:
-            raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
+            raise SettingError("edit_method", f"{self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
 
 
 # Multi-image Dreambooth steps per view: over the default 5 views, the 1-image baseline's 800 steps
@@ -247,17 +248,16 @@ def _dreambooth(ctx: Context, instances: Path, out: Path, steps: int, settings: 
     """Dreambooth-LoRAs of every identity folder of `instances`, trained together in one pass with the space's
     recipe (rank, alpha, targets) and `steps` steps, into <out>/<identity>/unet/."""
     from .. import train_identities
+    from ..dreambooth import DreamboothConfig
 
     layout = ctx.space.layout
     shutil.rmtree(out, ignore_errors=True)
-    train_identities.train_identities(train_identities.parse_args([
-        "--pretrained_model_name_or_path", ctx.base, "--instance_root", str(instances), "--output_root", str(out),
-        "--class_data_dir", str(ctx.work / "class_images"),
-        "--identities_per_batch", str(len(list(instances.iterdir()))),
-        "--max_train_steps", str(steps), "--learning_rate", str(settings.dreambooth_lr),
-        "--num_class_images", str(settings.class_images), "--class_inference_steps", str(settings.steps),
-        "--lora_r", str(layout.rank), "--lora_alpha", str(layout.alpha), "--lora_target_modules",
-        *layout.target_modules, "--checkpointing_steps", "0"]))
+    recipe = DreamboothConfig(pretrained_model_name_or_path=ctx.base, class_data_dir=str(ctx.work / "class_images"),
+                              max_train_steps=steps, learning_rate=settings.dreambooth_lr,
+                              num_class_images=settings.class_images, class_inference_steps=settings.steps,
+                              lora_r=layout.rank, lora_alpha=layout.alpha, lora_target_modules=tuple(layout.target_modules))
+    train_identities.train_identities(train_identities.run_args(
+        recipe, instances, out, identities_per_batch=len(list(instances.iterdir())), checkpointing_steps=0))
 
 
 def multi_steps(settings: Settings) -> int:
@@ -567,37 +567,31 @@ SECTIONS = {
 
 # ----------------------------------------------------------------------------- command line
 
-def _flag_type(hint: str):
-    """(argparse type, nargs) of a Settings field's annotation: int, float, str, X | None, tuple[X, ...]."""
-    base = hint.replace(" | None", "")
-    if base.startswith("tuple["):
-        return {"int": int, "float": float}[base[len("tuple["):].split(",")[0]], "+"
-    return {"int": int, "float": float, "str": str}[base], None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline")
-    parser.add_argument("--space", default=DEFAULT_SPACE, help="space")
+    """The flags of `w2w evaluate`; args.settings: the Settings they make."""
+    parser = OneLineParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline (default: %(default)s)")
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="space (default: %(default)s)")
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                        help="weights dataset the scaling sections cut their spaces from (the space's models)")
-    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights")
+                        help="weights dataset the scaling sections cut their spaces from (the space's models; "
+                             "default: %(default)s)")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights (default: %(default)s)")
     parser.add_argument("--out", default="outputs/evaluation.json",
-                        help="JSON report; when it exists, the sections run replace theirs and the others are kept")
-    parser.add_argument("--work", default="outputs/evaluation", help="work folder")
+                        help="JSON report; when it exists, the sections run replace theirs and the others are kept "
+                             "(default: %(default)s)")
+    parser.add_argument("--work", default="outputs/evaluation", help="work folder (default: %(default)s)")
     parser.add_argument("--only", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS), metavar="NAME",
-                        help=f"sections to run, of {', '.join(SECTIONS)}")
+                        help=f"sections to run, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a shared CPU 1 runs the tiny models fastest)")
-    group = parser.add_argument_group("settings")
-    for f in dataclasses.fields(Settings):
-        kind, nargs = _flag_type(f.type)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, nargs=nargs, default=f.default,
-                           choices=f.metadata.get("choices"), help=f.metadata["help"])
+    add_config_flags(parser.add_argument_group("settings"), Settings)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        args.settings = config_from_args(Settings, args)
+    except W2WError as error:
+        parser.error(str(error))
     return args
 
 
@@ -618,8 +612,7 @@ def _existing_report(path: Path, space: Space) -> dict:
 def main(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
-                                    else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
+    settings = args.settings
     ctx = Context(Workbench(args.base, args.space, progress=False), Evaluator.load(args.evaluator), Path(args.work),
                   Path(args.weights))
     space = ctx.space
