@@ -288,8 +288,8 @@ class Actions:
         if fmt not in EXPORT_FORMATS:
             raise W2WError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         folder = Path(tempfile.mkdtemp(dir=self._outputs.name))  # a folder per file: names never collide
-        path = self.bench.export(model, fmt, folder / {"w2w": f"{name}.safetensors", "kohya": f"{name}_kohya.safetensors",
-                                                       "peft": f"{name}_peft"}[fmt])
+        names = {"w2w": f"{name}.safetensors", "kohya": f"{name}_kohya.safetensors", "peft": f"{name}_peft"}
+        path = self.bench.export(model, fmt, folder / names[fmt])
         return shutil.make_archive(str(path), "zip", root_dir=path) if fmt == "peft" else str(path)
 
 
@@ -309,6 +309,11 @@ class Session:
         if self.current is None:
             raise W2WError("no model yet: sample, invert or upload one first")
         return self.current
+
+
+def progress_bar(progress: gr.Progress):
+    """An inversion's on_step that moves a Gradio progress bar, the loss as its text."""
+    return lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}")
 
 
 def reporting(fn):
@@ -513,9 +518,9 @@ def wire_models(actions: Actions, ui: SimpleNamespace) -> None:
         images, masks = invert_inputs(paths, editor_value, shown_index)
         try:
             with warnings_shown():
-                model, photos = actions.invert(
-                    images, masks, preset_name, steps_value, crop="face" if crop else "center", auto_mask=bool(auto),
-                    on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
+                model, photos = actions.invert(images, masks, preset_name, steps_value,
+                                               crop="face" if crop else "center", auto_mask=bool(auto),
+                                               on_step=progress_bar(progress))
         except NoFaceError as error:
             raise NoFaceError(f"{error} (here: untick Crop to face)") from None
         what = inverted_what(preset_name, steps_value, images, crop, any(m is not None for m in masks), photos)
@@ -622,7 +627,8 @@ def add_api(actions: Actions) -> None:
     @reporting
     def edit(path, edits, debias_against):
         """The model moved along attribute directions: (edited model file, images of it)."""
-        edited = actions.edit(actions.load(path), parse_strengths(edits, actions.attributes), list(debias_against or []))
+        strengths = parse_strengths(edits, actions.attributes)
+        edited = actions.edit(actions.load(path), strengths, list(debias_against or []))
         return actions.export(edited, "w2w", "edited"), actions.images(edited)
 
     @reporting
@@ -635,8 +641,7 @@ def add_api(actions: Actions) -> None:
         images = [image_path, *(more or [])]
         with warnings_shown():
             model, _ = actions.invert(images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value,
-                                      crop=crop, auto_mask=bool(auto),
-                                      on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
+                                      crop=crop, auto_mask=bool(auto), on_step=progress_bar(progress))
         return actions.export(model, "w2w", "inverted"), actions.images(model)
 
     @reporting
@@ -682,7 +687,8 @@ def launch(config: AppConfig) -> None:
     print(f"w2w app: serving {config.space} on {config.base} at http://{config.host}:{config.port}/ (Ctrl+C stops)",
           flush=True)
     app.launch(server_name=config.host, server_port=config.port, share=config.share, max_file_size=config.max_upload,
-               quiet=True, theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS), footer_links=["api"])
+               quiet=True, theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS),
+               footer_links=["api"])
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class Demo:
 
         results, images = {}, []
         for name, kind in (("face", "real"), ("drawing", "ood")):
-            config = self.bench.inversion_config(kind, steps=self.args.inversion_steps)  # the tiny space records ood's lr
+            config = self.bench.inversion_config(kind, steps=self.args.inversion_steps)  # the tiny space's lr for ood
             start = time.perf_counter()
             model, _ = self.bench.invert(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", config)  # "inversion"
             results[name] = {"preset": kind, "components": config.components, "steps": config.steps, "lr": config.lr,

@@ -215,8 +215,8 @@ def add_identity_lora(unet, layout: LoraLayout, args: argparse.Namespace) -> tor
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
-    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=list(args.lora_target_modules),
-                                init_lora_weights=True))
+    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                target_modules=list(args.lora_target_modules), init_lora_weights=True))
     set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
     params = [p for p in unet.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)

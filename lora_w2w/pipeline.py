@@ -1,7 +1,7 @@
 """The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the UNet
 so that a step costs what the base model's step costs.
 
-    pipe = load_base_pipeline(DEFAULT_BASE, device="auto")  # the tiny world; or "stablediffusionapi/realistic-vision-v51"
+    pipe = load_base_pipeline(DEFAULT_BASE, device="auto")  # or "stablediffusionapi/realistic-vision-v51"
     images = generate(pipe, space, model, seeds=[0, 1, 2, 3])     # prompt: the space's, "sks person"
     images = generate(pipe, space, model, "sks person with a hat", seeds=[0])
 

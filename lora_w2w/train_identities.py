@@ -245,7 +245,8 @@ def run_args(recipe: DreamboothConfig, instance_root: str | Path, output_root: s
     defaults = {action.dest: action.default for action in build_parser()._actions if action.dest != "help"}
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
-        raise W2WError(f"no setting {', '.join(unknown)} in w2w train-identities; expected some of {', '.join(defaults)}")
+        raise W2WError(f"no setting {', '.join(unknown)} in w2w train-identities; expected some of "
+                       f"{', '.join(defaults)}")
     return argparse.Namespace(**defaults | dataclasses.asdict(recipe) | settings,
                               instance_root=str(instance_root), output_root=str(output_root))
 

@@ -474,8 +474,9 @@ def test_several_images_are_the_cli_and_api_inversion(engine, space):
     config = preset("real", space, steps=3)
     cli, _ = Workbench(BASE, space, "cpu", progress=False).invert([FACE, FACE_256], [FACE_MASK, AUTO_MASK], config)
     assert torch.equal(model.coefficients, cli.coefficients)
-    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(engine.bench.pipeline()))
-    api = invert(engine.bench.pipeline(), space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
+    pipe = engine.bench.pipeline()
+    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(pipe))
+    api = invert(pipe, space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
     assert torch.equal(model.coefficients, api.coefficients)
     alone, _ = engine.invert(FACE, FACE_MASK, "real", 3)
     assert not torch.allclose(alone.coefficients, model.coefficients, atol=1e-3)  # the second photo counts

@@ -26,7 +26,8 @@ def test_the_dtype_of_each_job():
 
 def test_the_names_of_the_files_beside_a_model(tmp_path):
     out = tmp_path / "me.safetensors"
-    assert export_path(out, "peft") == tmp_path / "me_lora" and export_path(out, "kohya") == tmp_path / "me_lora.safetensors"
+    assert export_path(out, "peft") == tmp_path / "me_lora"
+    assert export_path(out, "kohya") == tmp_path / "me_lora.safetensors"
     assert fitted_path(out, "mask", 0, 1) == tmp_path / "me.mask.png"
     assert fitted_path(out, "crop", 1, 2) == tmp_path / "me.crop.2.png"
 
@@ -48,7 +49,7 @@ def test_each_job_loads_the_pipeline_in_its_dtype_once(toy_world, toy_space, mon
     assert photos[0].auto and model.coefficients.abs().sum() > 0
     actions.images(model, seeds=[0], steps=1)
     assert loads == [torch.float32, torch.float64]  # both loaded once
-    assert bench.using(bench.space).pipeline("invert") is bench.pipeline("invert")  # a bench of another space shares them
+    assert bench.using(bench.space).pipeline("invert") is bench.pipeline("invert")  # another space's bench shares them
 
 
 def test_the_jobs_the_front_ends_share(toy_world, toy_space, tmp_path):

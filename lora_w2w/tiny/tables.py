@@ -255,7 +255,8 @@ def _dreambooth(ctx: Context, instances: Path, out: Path, steps: int, settings: 
     recipe = DreamboothConfig(pretrained_model_name_or_path=ctx.base, class_data_dir=str(ctx.work / "class_images"),
                               max_train_steps=steps, learning_rate=settings.dreambooth_lr,
                               num_class_images=settings.class_images, class_inference_steps=settings.steps,
-                              lora_r=layout.rank, lora_alpha=layout.alpha, lora_target_modules=tuple(layout.target_modules))
+                              lora_r=layout.rank, lora_alpha=layout.alpha,
+                              lora_target_modules=tuple(layout.target_modules))
     train_identities.train_identities(train_identities.run_args(
         recipe, instances, out, identities_per_batch=len(list(instances.iterdir())), checkpointing_steps=0))
 
