@@ -37,7 +37,8 @@ EXPORT_FORMATS = ("w2w", "peft", "kohya")  # a w2w model file, a PEFT/diffusers 
 
 def job_dtype(job: str, device: str | torch.device) -> torch.dtype:
     """The dtype a job runs the base model in on `device`: on CUDA float16 to generate (`pipeline.resolve_dtype`),
-    bfloat16 to invert and to train (as the original; float16 gradients underflow); float32 elsewhere."""
+    bfloat16 to invert and to train on the bench (text sliders; as the original; float16 gradients underflow);
+    float32 elsewhere. Dreambooth training loads its own float32 base (`--mixed_precision`, the original's)."""
     from .pipeline import resolve_dtype
 
     if job not in JOBS:
