@@ -134,14 +134,15 @@ def cmd_import_official(args) -> None:
 def cmd_project(args) -> None:
     from .formats import load_lora
     from .space import W2WModel, check_finite
-    from .storage import load_space, save_model
+    from .workbench import Workbench
 
-    space = load_space(args.space, k=args.components)  # memory-mapped: only the first K components are read
+    bench = Workbench(space=args.space)  # memory-mapped: only the first K components are read
+    space = bench.space if args.components is None else bench.space.truncate(args.components)
     weights = load_lora(space.layout, args.lora, args.trust_pickle)
     check_finite(weights, f"the weights of {args.lora}")
     coefficients = space.project(weights)
     residual = float(space.residual(weights, coefficients))
-    save_model(W2WModel(coefficients, space.id), args.out)
+    bench.export(W2WModel(coefficients, space.id), "w2w", args.out)
     print(f"wrote model {args.out} ({space.num_components:,} coefficients); standardized residual |z - cV| / |z| = "
           f"{residual:.4f} (0: the LoRA lies in the span of the space's first {space.num_components:,} components, "
           f"1: wholly outside it)")
@@ -212,9 +213,9 @@ def cmd_edit(args) -> None:
 
 def cmd_directions(args) -> None:
     from .editing import direction_report
-    from .storage import load_space
+    from .workbench import Workbench
 
-    report = direction_report(load_space(args.space), args.components, args.method)
+    report = direction_report(Workbench(space=args.space).space, args.components, args.method)
     print(report.to_string(float_format=lambda x: f"{x:.3f}"))
 
 

@@ -29,8 +29,9 @@ from ..errors import W2WError
 from ..flags import OneSpellingFormatter, add_flag, config_from_args
 from ..formats import load_peft
 from ..layout import LoraLayout
-from ..pipeline import generate_from_weights, image_grid, load_base_pipeline
+from ..pipeline import generate_from_weights, image_grid
 from ..storage import save_png
+from ..workbench import Workbench
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
 from .synthetic import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
 
@@ -116,7 +117,7 @@ def main(args: argparse.Namespace) -> dict:
     train_identities.train_identities(train)
     train_seconds = time.perf_counter() - start
 
-    pipe = load_base_pipeline(train.pretrained_model_name_or_path, "cpu", progress=False)
+    pipe = Workbench(train.pretrained_model_name_or_path, None, "cpu", progress=False).pipeline()
     layout = LoraLayout.from_unet(pipe.unet, train.lora_target_modules, train.lora_r, train.lora_alpha)
     evaluator = Evaluator.load(args.evaluator)
     seeds = range(args.samples)
