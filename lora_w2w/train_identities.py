@@ -247,8 +247,8 @@ def run_args(recipe: DreamboothConfig, instance_root: str | Path, output_root: s
     if unknown:
         raise W2WError(f"no setting {', '.join(unknown)} in w2w train-identities; expected some of "
                        f"{', '.join(defaults)}")
-    return argparse.Namespace(**defaults | dataclasses.asdict(recipe) | settings,
-                              instance_root=str(instance_root), output_root=str(output_root))
+    folders = dict(instance_root=str(instance_root), output_root=str(output_root))
+    return argparse.Namespace(**defaults | dataclasses.asdict(recipe) | settings | folders)
 
 
 def build_parser() -> argparse.ArgumentParser:
