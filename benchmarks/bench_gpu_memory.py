@@ -6,11 +6,11 @@ the bytes of the tensor storages alive after every op.
     python benchmarks/bench_gpu_memory.py [--steps 25] [--images 1 4] [--identities 8 16]  # make bench-gpu-memory
 
 The jobs, in the dtypes our code picks on CUDA and with its default flags:
-- generate (float16, `pipeline.resolve_dtype`): a w2w model fused into the UNet (`FusedLora`), the
+- generate (float16, `workbench.job_dtype`): a w2w model fused into the UNet (`FusedLora`), the
   prompt and the empty negative prompt encoded, `--steps` denoising steps (UNet at batch 2 for
   classifier-free guidance, 64 x 64 latents, DDIM step), the VAE decoding one 512 x 512 image; and
   the same for 4 images at once (`w2w generate`'s default: 4 seeds, so the UNet at batch 8);
-- invert (bfloat16, `inversion.default_dtype`): the preset "real" (K = 10,000 components, whose
+- invert (bfloat16, `workbench.job_dtype`): the preset "real" (K = 10,000 components, whose
   basis is held in float32), `encode_target`, then `invert`'s loop body (`inversion_loss`, backward to
   the coefficients, Adam);
 - train (float32, `dreambooth.load_base`, `--mixed_precision no`): `train_dreambooth.py`'s step (PEFT
@@ -63,15 +63,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, encode_prompt, image_sizes
-from lora_w2w.dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, add_identity_lora,
+from lora_w2w.dreambooth import (DreamboothConfig, IdentityData, SharedData, add_identity_lora,
                                  class_image_batch_size, identities_loss, initial_lora_weights, load_base, lora_layout)
-from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss
+from lora_w2w.inversion import PRESETS, differentiable_unet, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
-from lora_w2w.pipeline import generate_from_weights, resolve_dtype
+from lora_w2w.pipeline import generate_from_weights
 from lora_w2w.space import TRIGGER_PROMPT
 from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, build_tokenizer
 from lora_w2w.train_identities import identity_banks
+from lora_w2w.workbench import job_dtype
 
 GIB = 2 ** 30
 CUDA = torch.device("cuda")
@@ -95,14 +96,7 @@ def default_of(function, parameter: str):
     return inspect.signature(function).parameters[parameter].default
 
 
-def dreambooth_defaults() -> argparse.Namespace:
-    """The defaults of the flags of train_dreambooth.py and w2w train-identities (the paper's recipe)."""
-    parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser)
-    return parser.parse_args([])
-
-
-DREAMBOOTH = dreambooth_defaults()
+DREAMBOOTH = DreamboothConfig()  # the defaults of train_dreambooth.py and w2w train-identities: the paper's recipe
 TRAINING_DTYPE = default_of(load_base, "dtype")  # float32 (with --mixed_precision no, the default)
 NUM_INSTANCE_IMAGES = 10  # an identity's images (their cached latents are tiny)
 
@@ -245,7 +239,7 @@ def denoise_and_decode(pipe, prompts: list[str], steps: int, tracker: LiveTensor
 def generate_job(build, tracker: LiveTensorBytes, steps: int, images: int) -> dict[str, int]:
     """`pipeline.generate` of `images` images (one per seed) with a w2w model fused into the UNet."""
     peaks: dict[str, int] = {}
-    pipe = build(resolve_dtype(None, CUDA))
+    pipe = build(job_dtype("generate", CUDA))
     layout = LoraLayout.from_unet(pipe.unet)
     resident(tracker, peaks)
     with tracker.phase("fuse", peaks), unset_fake_temporarily():  # FusedLora checks the weights' values
@@ -259,7 +253,7 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
     """`inversion.invert` with K components: the basis and the pipeline held, `encode_target`, two steps."""
     peaks: dict[str, int] = {}
     config = PRESETS["real"]
-    pipe = build(default_dtype(CUDA))
+    pipe = build(job_dtype("invert", CUDA))
     layout = LoraLayout.from_unet(pipe.unet)
     basis = (torch.zeros(layout.numel), torch.ones(layout.numel), torch.randn(k, layout.numel))  # (N,) (N,) (K, N)
     resolution, _ = image_sizes(pipe)
@@ -320,7 +314,7 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     resolution, _ = image_sizes(pipe)
     resident(tracker, peaks)
     with tracker.phase("class_images_load", peaks):  # ensure_class_images: a second pipeline
-        generator = build(resolve_dtype(None, CUDA))  # load_base_pipeline's dtype
+        generator = build(job_dtype("generate", CUDA))  # load_base_pipeline's dtype
     denoise_and_decode(generator, [args.class_prompt] * class_image_batch_size(resolution), args.class_inference_steps, tracker,
                        peaks, prefix="class_images_")
     del generator
@@ -450,7 +444,7 @@ def main() -> None:
         "train_encode_latents_gib": gib(train["encode_latents"]),
         "phases_gib": {job: {phase: gib(v) for phase, v in peaks.items()} for job, peaks in sd15.items()},
         "cpu_allocator_over_tracked": {job: round(ratio, 3) for job, ratio in over_tracked.items()},
-        "dtypes": {"generate": str(resolve_dtype(None, CUDA)), "invert": str(default_dtype(CUDA)),
+        "dtypes": {"generate": str(job_dtype("generate", CUDA)), "invert": str(job_dtype("invert", CUDA)),
                    "train": str(TRAINING_DTYPE)},
         "steps": args.steps, "components": PRESETS["real"].components,
     }))

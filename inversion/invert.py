@@ -26,14 +26,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_w2w.errors import W2WError
-from lora_w2w.formats import save_peft
+from lora_w2w.defaults import DEFAULT_BASE, DEFAULT_SPACE
+from lora_w2w.errors import W2WError, exit_code
 from lora_w2w.images import IMAGE_SUFFIXES
-from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS, invert_file, masks_in_folder, preset
+from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS
 from lora_w2w.layout import LoraLayout, sd15_layout
 from lora_w2w.official import OFFICIAL_BASE_MODEL
 from lora_w2w.space import Space
-from lora_w2w.storage import load_space, save_model, torch_load
+from lora_w2w.storage import torch_load
+from lora_w2w.workbench import Workbench
+
+FACE = Path(__file__).resolve().parent / "images" / "face.png"  # the default image, wherever this is run from
 
 
 def preset_defaults(setting: str, format_spec: str = "") -> str:
@@ -68,15 +71,13 @@ def folder_images(folder: Path) -> list[Path]:
 
 
 def image_masks(args: argparse.Namespace, images: list[Path]) -> list | None:
-    """--mask_path (one image, or `auto` for all) or --mask_dir -> a mask per image, or None."""
-    if args.mask_dir:
-        return masks_in_folder(images, args.mask_dir)
-    if args.mask_path is None:
+    """--mask_path: the one image's mask; None for none, or for `auto` (every image's automatic mask)."""
+    if args.mask_path is None or args.mask_path == AUTO_MASK:
         return None
-    if len(images) > 1 and args.mask_path != AUTO_MASK:
+    if len(images) > 1:
         raise W2WError(f"--mask_path {args.mask_path}: one mask for {len(images)} images; give --mask_dir with a mask "
                        f"per image (same file names), or --mask_path {AUTO_MASK}")
-    return [args.mask_path] * len(images)
+    return [args.mask_path]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,26 +137,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     if args.mean_path:
-        space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
+        bench = Workbench(args.base or OFFICIAL_BASE_MODEL, released_space(args), args.device)
     else:
-        space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
+        bench = Workbench(args.base or DEFAULT_BASE, args.space or DEFAULT_SPACE, args.device)  # memory-mapped
     # the flags given, the others as the space records them for the preset (else the paper's)
-    config = preset(args.preset, space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
-                    steps=args.epochs)
-    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
-    model, _ = invert_file(base, space, images, image_masks(args, images), config, args.seed, args.device,
-                           crop=args.crop)
+    config = bench.inversion_config(args.preset, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
+                                    steps=args.epochs)
+    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or FACE)]
+    model, _ = bench.invert(images, image_masks(args, images), config, mask_dir=args.mask_dir,
+                            auto_mask=args.mask_path == AUTO_MASK, crop=args.crop, seed=args.seed)
     out = Path(args.save_name)
-    save_model(model, out / "w2wmodel.safetensors")
-    print(f"wrote {out / 'w2wmodel.safetensors'}")
+    print(f"wrote {bench.export(model, 'w2w', out / 'w2wmodel.safetensors')}")
     if args.diffusers_format:
-        save_peft(space.layout, model.weights(space), out / "unet", space.base_model)
-        print(f"wrote {out / 'unet'}")
+        print(f"wrote {bench.export(model, 'peft', out / 'unet')}")
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except W2WError as error:  # bad input: one line, exit code 2, like `w2w`
-        print(f"invert.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_code("invert.py", lambda: main(parse_args())))  # bad input: one line, exit code 2, like `w2w`

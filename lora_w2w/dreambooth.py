@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +25,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .defaults import DEFAULT_BASE
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
-from .errors import W2WError
-from .flags import add_flag, flag, spellings
+from .errors import SettingError, W2WError
+from .flags import add_config_flags, spellings
 from .images import IMAGE_SUFFIXES, eight_bit
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import save_png
@@ -36,75 +36,76 @@ from .storage import save_png
 
 # ----------------------------------------------------------------------------- arguments
 
+@dataclass(frozen=True)
+class DreamboothConfig:
+    """The Dreambooth recipe of an identity LoRA, as the original train_dreambooth.py's flags name it, with
+    the paper's values as defaults; its fields are the flags of train_dreambooth.py and `w2w
+    train-identities` (`add_dreambooth_arguments`)."""
+
+    pretrained_model_name_or_path: str = field(default=DEFAULT_BASE, metadata={
+        "help": "base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)"})
+    instance_prompt: str = field(default="sks person", metadata={"help": "prompt of the identity's images"})
+    class_prompt: str = field(default="person", metadata={"help": "prompt of the prior images"})
+    with_prior_preservation: bool = field(default=True, metadata={
+        "help": "add the prior-preservation loss on class images (default: on)"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior loss"})
+    class_data_dir: str | None = field(default=None, metadata={
+        "help": "folder of class images; missing ones are generated once with the base model "
+                "(default: <output_dir>/class_images)"})
+    num_class_images: int = field(default=200, metadata={"help": "class images used"})
+    class_inference_steps: int = field(default=50, metadata={"help": "denoising steps when generating class images"})
+    resolution: int | None = field(default=None, metadata={
+        "help": "training resolution in pixels (default: the base model's, 512 for SD1.5)"})
+    train_batch_size: int = field(default=1, metadata={"help": "instance images per step, plus as many class images"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "learning-rate schedule",
+                                                            "choices": ("constant", "cosine", "linear")})
+    max_train_steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches averaged per optimizer step"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    use_lora: bool = field(default=True, metadata={
+        "help": "train a LoRA (the only mode; kept for the original's command lines)"})
+    lora_r: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "LoRA alpha; scaling = alpha / r"})
+    lora_target_modules: tuple[str, ...] = field(default=("to_q", "to_v"), metadata={
+        "help": "Linear layers that get a LoRA"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    mixed_precision: str = field(default="no", metadata={"help": "autocast of the frozen model's forward on GPUs",
+                                                         "choices": ("no", "fp16", "bf16")})
+
+    def __post_init__(self):
+        for name, ok, expected in [("max_train_steps", self.max_train_steps >= 1, ">= 1"),
+                                   ("train_batch_size", self.train_batch_size >= 1, ">= 1"),
+                                   ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+                                   ("learning_rate", self.learning_rate > 0, "> 0"),
+                                   ("lora_r", self.lora_r >= 1, ">= 1")]:
+            if not ok:
+                raise SettingError(name, f"must be {expected}, got {getattr(self, name)}")
+        if not self.use_lora:
+            raise SettingError("use_lora", "off: only LoRA training is supported")
+        if self.with_prior_preservation and self.num_class_images < 1:
+            raise SettingError("num_class_images", f"must be >= 1 with prior preservation, got {self.num_class_images}")
+
+
 def add_dreambooth_arguments(parser: argparse.ArgumentParser, kebab: bool) -> None:
-    """The hyper-parameter flags of the original train_dreambooth.py, with the paper's values as defaults;
-    kebab-case first for a `w2w` subcommand (`flags.spellings`)."""
+    """DreamboothConfig's flags, in both spellings, kebab-case first for a `w2w` subcommand
+    (`flags.spellings`); the base also as --base."""
     group = parser.add_argument_group("Dreambooth")
-    add = functools.partial(add_flag, group, kebab=kebab)
     base = spellings("pretrained_model_name_or_path", kebab=False)
     group.add_argument(*(["--base", *base] if kebab else [*base, "--base"]), dest="pretrained_model_name_or_path",
-                       metavar="BASE" if kebab else None, default="files/tiny/base",
-                       help="base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)")
-    add("instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
-    add("class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")
-    add("with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
-        help="add the prior-preservation loss on class images (default: on)")
-    add("prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (default: %(default)s)")
-    add("class_data_dir", default=None,
-        help="folder of class images; missing ones are generated once with the base model "
-             "(default: <output_dir>/class_images)")
-    add("num_class_images", type=int, default=200, help="class images used (default: %(default)s)")
-    add("class_inference_steps", type=int, default=50,
-        help="denoising steps when generating class images (default: %(default)s)")
-    add("resolution", type=int, default=None,
-        help="training resolution in pixels (default: the base model's, 512 for SD1.5)")
-    add("train_batch_size", type=int, default=1,
-        help="instance images per step, plus as many class images (default: %(default)s)")
-    add("learning_rate", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    add("lr_scheduler", choices=("constant", "cosine", "linear"), default="constant",
-        help="learning-rate schedule (default: %(default)s)")
-    add("max_train_steps", type=int, default=800, help="optimizer steps (default: %(default)s)")
-    add("gradient_accumulation_steps", type=int, default=1,
-        help="batches averaged per optimizer step (default: %(default)s)")
-    add("adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
-    add("use_lora", action=argparse.BooleanOptionalAction, default=True,
-        help="train a LoRA (the only mode; kept for the original's command lines)")
-    add("lora_r", type=int, default=DEFAULT_RANK, help="LoRA rank (default: %(default)s)")
-    add("lora_alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
-    add("lora_target_modules", nargs="+", default=["to_q", "to_v"],
-        help="Linear layers that get a LoRA (default: %(default)s)")
-    add("seed", type=int, default=0, help="random seed (default: %(default)s)")
-    add("mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-        help="autocast of the frozen model's forward on GPUs (default: %(default)s)")
+                       metavar="BASE" if kebab else None, default=DEFAULT_BASE,
+                       help=DreamboothConfig.__dataclass_fields__["pretrained_model_name_or_path"].metadata["help"])
+    add_config_flags(group, DreamboothConfig, kebab, both=True, skip=("pretrained_model_name_or_path",))
 
 
 # flags that do not change the weights a run trains: where files go, and a flag with one value
 NOT_TRAINING_SETTINGS = ("class_data_dir", "use_lora")
 
 
-def training_settings(args: argparse.Namespace) -> dict:
-    """The Dreambooth flags that decide a LoRA's weights, as recorded with each trained adapter."""
-    parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser, kebab=False)
-    return {key: getattr(args, key) for key in vars(parser.parse_args([])) if key not in NOT_TRAINING_SETTINGS}
-
-
-def check_dreambooth_arguments(args: argparse.Namespace, kebab: bool) -> None:
-    """Reject impossible values right after parsing, naming the flags as the command spells them."""
-    checks = [
-        ("max_train_steps", args.max_train_steps >= 1, ">= 1"),
-        ("train_batch_size", args.train_batch_size >= 1, ">= 1"),
-        ("gradient_accumulation_steps", args.gradient_accumulation_steps >= 1, ">= 1"),
-        ("learning_rate", args.learning_rate > 0, "> 0"),
-        ("lora_r", args.lora_r >= 1, ">= 1"),
-    ]
-    for name, ok, expected in checks:
-        if not ok:
-            raise W2WError(f"{flag(name, kebab)} must be {expected}, got {getattr(args, name)}")
-    if not args.use_lora:
-        raise W2WError(f"only LoRA training is supported: drop --no-{flag('use_lora', kebab)[2:]}")
-    if args.with_prior_preservation and args.num_class_images < 1:
-        raise W2WError(f"{flag('with_prior_preservation', kebab)} needs {flag('num_class_images', kebab)} >= 1")
+def training_settings(recipe: DreamboothConfig | argparse.Namespace) -> dict:
+    """The settings of a recipe (or of parsed flags) that decide a LoRA's weights, as recorded with each
+    trained adapter."""
+    return {f.name: getattr(recipe, f.name) for f in fields(DreamboothConfig) if f.name not in NOT_TRAINING_SETTINGS}
 
 
 # ----------------------------------------------------------------------------- images
@@ -214,8 +215,8 @@ def add_identity_lora(unet, layout: LoraLayout, args: argparse.Namespace) -> tor
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
-    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
-                                init_lora_weights=True))
+    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                target_modules=list(args.lora_target_modules), init_lora_weights=True))
     set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
     params = [p for p in unet.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)

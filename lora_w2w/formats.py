@@ -36,7 +36,6 @@ PEFT_PICKLE_WEIGHTS = "adapter_model.bin"  # older PEFT: torch.save(state_dict, 
 # original's save_model_for_diffusers and train_dreambooth.py write them
 PEFT_WEIGHT_FILES = (PEFT_WEIGHTS, f"unet/{PEFT_WEIGHTS}", PEFT_PICKLE_WEIGHTS, f"unet/{PEFT_PICKLE_WEIGHTS}")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads a LoRA's config from
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
@@ -71,6 +70,8 @@ def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.Pat
               training: dict | None = None) -> Path:
     """Write weights (N,) as a PEFT/diffusers LoRA folder; `training`, the settings it was trained with,
     goes into the metadata of adapter_model.safetensors (`recorded_training` reads it)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # where diffusers reads a LoRA's config from
+
     weights = _weights(layout, weights)
     state = layout.to_peft_state_dict(weights)
     config = _lora_config(layout, base_model)
@@ -83,7 +84,7 @@ def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.Pat
         write_tensors(tmp / PEFT_WEIGHTS, state, {"format": "pt", **extra})
         write_file(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True))
         write_tensors(tmp / DIFFUSERS_WEIGHTS, diffusers_state,
-                      {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+                      {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return Path(directory)
 
 

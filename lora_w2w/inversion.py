@@ -7,9 +7,9 @@ optional mask at latent resolution. The latent distributions and the prompt's em
 once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
 so that the loss is averaged over the photographs. With one image this is the paper's inversion.
 
-    pipe = load_base_pipeline("files/tiny/base")
-    space = load_space("files/tiny/space")
-    image, mask = load_target("inversion/images/drawing.png", "inversion/images/drawing_mask.png", *image_sizes(pipe))
+    pipe = load_base_pipeline(DEFAULT_BASE)  # lora_w2w.defaults: the tiny world
+    space = load_space(DEFAULT_SPACE)
+    image, mask = load_target(EXAMPLES / "drawing.png", EXAMPLES / "drawing_mask.png", *image_sizes(pipe))
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
 
@@ -40,7 +40,7 @@ import hashlib
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -51,8 +51,8 @@ from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_number, check_seed
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
+from .checks import COUNT, NON_NEGATIVE_NUMBER, POSITIVE, check_int, check_number, check_seed
+from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
 from .images import IMAGE_SUFFIXES, eight_bit
 from .layout import LoraLayout
@@ -81,14 +81,23 @@ ALIGNED_SIZE = 512          # px of a face crop where the pipeline's resolution 
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """Hyper-parameters of one inversion."""
+    """Hyper-parameters of one inversion (the real preset's by default); its fields are `w2w invert`'s flags,
+    which default to the preset's."""
 
-    components: int = 10_000     # K: the first K coefficients are optimised; must be <= the space's K
-    lr: float = 0.1              # Adam learning rate
-    weight_decay: float = 1e-10  # Adam's L2 penalty on the coefficients
-    steps: int = 400             # optimiser steps (the original's "epochs" over its one image)
-    checkpoint_every: int = 50   # steps between checkpoints, when a checkpoint path is given
-    images_per_step: int = 1     # B: images of the person each step draws (with replacement) and averages
+    components: int = field(default=10_000, metadata={
+        "help": "K, the first K coefficients are optimised: at most the space's K (default: the preset's, at most "
+                "the space's)", "type": COUNT, "flags": ("-k",)})
+    lr: float = field(default=0.1, metadata={
+        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": POSITIVE})
+    weight_decay: float = field(default=1e-10, metadata={
+        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": NON_NEGATIVE_NUMBER})
+    steps: int = field(default=400, metadata={"help": "optimiser steps, the original's epochs (default: the preset's)",
+                                              "type": COUNT})
+    checkpoint_every: int = field(default=50, metadata={
+        "help": "steps between checkpoints, when a checkpoint file is given (default: 50)", "type": COUNT})
+    images_per_step: int = field(default=1, metadata={
+        "help": "B, images of the person each step draws (with replacement) and averages; more cost more per step "
+                "(default: 1)", "type": COUNT})
 
     def __post_init__(self):
         for name in ("components", "steps", "checkpoint_every", "images_per_step"):
@@ -119,11 +128,6 @@ def preset(name: str, space: Space | None = None, **overrides) -> InversionConfi
         config = dataclasses.replace(config, **recorded)
         config = dataclasses.replace(config, components=min(config.components, space.num_components))
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, as the original (float16 gradients can underflow), float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------- target image and mask
@@ -448,26 +452,3 @@ def norm_over_dataset(space: Space, coefficients: torch.Tensor) -> float | None:
         return None
     k = min(len(coefficients), space.coefficients.shape[1])
     return float(coefficients[:k].float().norm() / space.coefficients[:, :k].float().norm(dim=1).max())
-
-
-def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[str | os.PathLike],
-                masks: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
-                config: InversionConfig = PRESETS["real"], seed: int = 0, device: str | torch.device = "auto",
-                dtype: torch.dtype | None = None, checkpoint: str | os.PathLike | None = None,
-                progress: bool = True, crop: str = "center", detector: str = "hog") -> tuple[W2WModel, list[Photo]]:
-    """Load the base pipeline (a folder or hub id), check that the space fits its UNet, load the image
-    files with their masks (a file, AUTO_MASK or None each; see `read_photos`, which finds faces with
-    `detector`) and invert (for the CLI and inversion/invert.py); returns the model and the photos as fitted."""
-    from .network import check_layout
-    from .pipeline import base_resolution, load_base_pipeline, resolve_device
-
-    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    masks = [masks] if isinstance(masks, (str, os.PathLike)) else masks
-    space.check_k(config.components)
-    size = base_resolution(base) if crop == "face" else ALIGNED_SIZE
-    photos = read_photos(images, masks, crop, size, detector)  # bad files and faceless photos fail before the load
-    device = resolve_device(device)
-    pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
-    check_layout(pipe.unet, space.layout)
-    targets, target_masks = photo_targets(photos, *image_sizes(pipe))
-    return invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint), photos

@@ -50,7 +50,7 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import check_seed
+from .checks import NON_NEGATIVE, SEED, check_seed
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
@@ -593,27 +593,36 @@ def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataF
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How `build_space` computes the PCA and what the space records (a field left None: what its help says)."""
+    """How `build_space` computes the PCA and what the space records; its fields are `w2w build`'s flags
+    (a field left None: what its help says)."""
 
     memory: int | str = field(default=DEFAULT_MEMORY, metadata={
         "help": "memory budget of the torch backend, the interpreter included (per worker for a dask LocalCluster): "
                 "bytes, or text such as 4GB, 16GiB"})
     backend: str = field(default="torch", metadata={
-        "help": f"one of {', '.join(BACKENDS)}: streamed on this machine, or dask.array on a dask.distributed cluster"})
+        "help": "torch: streamed on this machine; dask: dask.array on a dask.distributed cluster",
+        "choices": BACKENDS})
     method: str = field(default="auto", metadata={
-        "help": f"torch backend, one of {', '.join(PCA_METHODS)}: auto takes the exact route when it fits `memory` and "
-                f"costs at most {EXACT_PREFERENCE}x the randomized one"})
-    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={"help": "randomized: extra trial vectors beyond K"})
-    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS,
-                                  metadata={"help": "randomized: passes of subspace iteration"})
-    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors"})
+        "help": f"torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized (subspace "
+                f"iteration); auto: exact when it fits --memory and costs at most {EXACT_PREFERENCE}x the randomized "
+                f"route", "choices": PCA_METHODS})
+    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={
+        "help": "randomized: extra trial vectors beyond K", "type": NON_NEGATIVE})
+    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS, metadata={
+        "help": "randomized: passes of subspace iteration; more are more accurate when the spectrum decays slowly",
+        "type": NON_NEGATIVE})
+    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors", "type": SEED})
     attributes: str | os.PathLike | None = field(default=None, metadata={
-        "help": "attribute table, a CSV whose first column names the dataset's models (None: no attributes)"})
+        "help": "attribute table: CSV, first column the model names, one row per dataset model (default: none)",
+        "metavar": "TABLE_CSV"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "dask backend: address of a dask.distributed scheduler (None: a LocalCluster in this process)"})
-    base_model: str | None = field(default=None, metadata={"help": "base model id to record (None: the dataset's)"})
+        "help": "dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); its workers "
+                "must see the dataset at the same path", "metavar": "ADDRESS"})
+    base_model: str | None = field(default=None, metadata={"help": "base model id to record (default: the dataset's)",
+                                                           "metavar": "ID"})
     state: str | os.PathLike | None = field(default=None, metadata={
-        "help": "torch backend: directory that keeps the finished passes, to resume from (None: none kept)"})
+        "help": "folder where the torch backend keeps its finished passes, so that a killed build resumes from them "
+                "when run again (w2w build: default OUT.build-state, removed once OUT is written)", "metavar": "DIR"})
 
 
 def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildConfig(),

@@ -1,7 +1,7 @@
 """The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the UNet
 so that a step costs what the base model's step costs.
 
-    pipe = load_base_pipeline("files/tiny/base", device="auto")   # or "stablediffusionapi/realistic-vision-v51"
+    pipe = load_base_pipeline(DEFAULT_BASE, device="auto")  # or "stablediffusionapi/realistic-vision-v51"
     images = generate(pipe, space, model, seeds=[0, 1, 2, 3])     # prompt: the space's, "sks person"
     images = generate(pipe, space, model, "sks person with a hat", seeds=[0])
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .defaults import DEFAULT_BASE
 from .checks import (SIZE_STEP, available_memory, check_int, check_number, check_seed, check_size, gigabytes,
                      resolve_device)
 from .diffusion import image_sizes
@@ -28,7 +29,6 @@ from .layout import LoraLayout
 from .network import FusedLora, check_layout
 from .space import Space, W2WModel
 
-DEFAULT_BASE = "files/tiny/base"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

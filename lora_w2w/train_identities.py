@@ -31,6 +31,7 @@ train_dreambooth.py's `--learning_rate` ...) are taken too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -46,14 +47,12 @@ from diffusers.models.activations import GEGLU
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dreambooth import (IdentityData, SharedData, accumulated_step, add_dreambooth_arguments,
-                         check_dreambooth_arguments, ensure_class_images, identities_loss, initial_lora_weights,
-                         load_base, load_image_folder, lora_layout, lr_lambda, prepare_identity, prepare_shared,
-                         training_settings)
-from .cli import OneLineParser
+from .dreambooth import (DreamboothConfig, IdentityData, SharedData, accumulated_step, add_dreambooth_arguments,
+                         ensure_class_images, identities_loss, initial_lora_weights, load_base, load_image_folder,
+                         lora_layout, lr_lambda, prepare_identity, prepare_shared, training_settings)
 from .dataset import WeightsDataset
 from .errors import LayoutError, W2WError
-from .flags import OneSpellingFormatter, add_flag
+from .flags import OneLineParser, OneSpellingFormatter, add_flag, config_from_args
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
 from .launch import IdentityLocks, LauncherWatch, uses_cpu_backend, world_warning
 from .layout import LoraLayout
@@ -247,7 +246,20 @@ def collected(dataset: Path, layout: LoraLayout) -> set[str]:
     return set(held.names)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def run_args(recipe: DreamboothConfig, instance_root: str | Path, output_root: str | Path,
+             **settings) -> argparse.Namespace:
+    """What `train_identities` takes, for a library caller: the Dreambooth `recipe`, the two folders, and any
+    other setting of `w2w train-identities` by its name (identities_per_batch=16 ...; the rest its defaults)."""
+    defaults = {action.dest: action.default for action in build_parser()._actions if action.dest != "help"}
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise W2WError(f"no setting {', '.join(unknown)} in w2w train-identities; expected some of "
+                       f"{', '.join(defaults)}")
+    folders = dict(instance_root=str(instance_root), output_root=str(output_root))
+    return argparse.Namespace(**defaults | dataclasses.asdict(recipe) | settings | folders)
+
+
+def build_parser() -> argparse.ArgumentParser:
     launching = __doc__[__doc__.index("P processes split"):__doc__.index("The flags are kebab-case")]
     parser = OneLineParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
                            epilog=launching.strip(), formatter_class=OneSpellingFormatter)
@@ -267,9 +279,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="save the state of the identities in flight every N steps (0: never), in "
              "<output-root>/.checkpoint-<first identity>.pt; a restart resumes from it (default: %(default)s)")
     add_dreambooth_arguments(parser, kebab=True)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_dreambooth_arguments(args, kebab=True)
+        config_from_args(DreamboothConfig, args)  # the recipe's checks, naming the flags
         if args.identities_per_batch < 1:
             raise W2WError(f"--identities-per-batch must be >= 1, got {args.identities_per_batch}")
         if args.checkpointing_steps < 0:

@@ -33,9 +33,10 @@ from lora_w2w.editing import attribute_directions
 from lora_w2w.errors import NoFaceError
 from lora_w2w.faces import align_face, find_face
 from lora_w2w.formats import load_kohya, load_peft
-from lora_w2w.inversion import AUTO_MASK, invert, invert_file, photo_targets, preset, read_photos
+from lora_w2w.inversion import AUTO_MASK, invert, photo_targets, preset, read_photos
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import load_model, load_space, save_model
+from lora_w2w.workbench import Workbench
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "files" / "tiny" / "space"
@@ -349,8 +350,8 @@ def test_api_endpoints(client, space, tmp_path):
     # the optional crop, auto mask and more images: what `w2w invert` computes for the same photos
     both_path, images = client.predict(_file(FACE), _file(FACE_MASK), "real", 3, "face", True, [_file(FACE_256)],
                                        api_name="/invert")
-    expected, _ = invert_file(str(BASE), space, [FACE, FACE_256], [FACE_MASK, AUTO_MASK],
-                              preset("real", space, steps=3), seed=0, device="cpu", progress=False, crop="face")
+    expected, _ = Workbench(BASE, space, "cpu", progress=False).invert(
+        [FACE, FACE_256], [FACE_MASK, AUTO_MASK], preset("real", space, steps=3), crop="face")  # w2w invert's
     torch.testing.assert_close(load_model(both_path).coefficients, expected.coefficients, rtol=1e-4, atol=1e-5)
     assert len(images) == 4
 
@@ -400,11 +401,12 @@ def _file(path):
     return handle_file(str(path))
 
 
-def test_help_documents_every_endpoint():
-    from lora_w2w.cli import build_parser
+def test_help_documents_every_endpoint(capsys):
+    from lora_w2w.cli import main
 
-    commands = next(a for a in build_parser()._actions if a.dest == "command")
-    text = commands.choices["app"].format_help()
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    text = capsys.readouterr().out
     for endpoint in ("/sample(seed)", "/edit(model file, edits, debias)", "/invert(image file, mask file or None, "
                      "preset, steps[, crop, auto mask, more image files])",
                      "/generate(model file, prompt, seeds, steps)", "/export(model file, format)"):
@@ -444,9 +446,9 @@ def test_seeds_steps_and_edits_are_checked():
 
 @pytest.fixture(scope="module")
 def engine():
-    from lora_w2w.app import AppConfig, Engine
+    from lora_w2w.app import Actions, AppConfig
 
-    return Engine(AppConfig(space=str(SPACE), base=str(BASE), device="cpu"))
+    return Actions(AppConfig(space=str(SPACE), base=str(BASE), device="cpu"))
 
 
 def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
@@ -471,17 +473,17 @@ def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
 @pytest.mark.slow
 def test_several_images_are_the_cli_and_api_inversion(engine, space):
     """Two photos, a mask file on the first (it wins over the auto mask) and the auto mask on the second:
-    the engine computes what `w2w invert` (invert_file) and the Python API compute, run after run."""
+    the engine computes what `w2w invert` (its Workbench) and the Python API compute, run after run."""
     model, photos = engine.invert([FACE, FACE_256], [FACE_MASK, None], "real", 3, auto_mask=True)
     assert [photo.auto for photo in photos] == [False, True]
     again, _ = engine.invert([FACE, FACE_256], [FACE_MASK, None], "real", 3, auto_mask=True)
     assert torch.equal(model.coefficients, again.coefficients)
     config = preset("real", space, steps=3)
-    cli, _ = invert_file(str(BASE), space, [FACE, FACE_256], [FACE_MASK, AUTO_MASK], config, seed=0, device="cpu",
-                         progress=False)
+    cli, _ = Workbench(BASE, space, "cpu", progress=False).invert([FACE, FACE_256], [FACE_MASK, AUTO_MASK], config)
     assert torch.equal(model.coefficients, cli.coefficients)
-    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(engine.pipe))
-    api = invert(engine.pipe, space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
+    pipe = engine.bench.pipeline()
+    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(pipe))
+    api = invert(pipe, space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
     assert torch.equal(model.coefficients, api.coefficients)
     alone, _ = engine.invert(FACE, FACE_MASK, "real", 3)
     assert not torch.allclose(alone.coefficients, model.coefficients, atol=1e-3)  # the second photo counts

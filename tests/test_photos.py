@@ -253,10 +253,13 @@ def test_the_multi_image_evaluation_scores_each_number_of_views(toy_world, tmp_p
     from lora_w2w.tiny import tables
     from lora_w2w.tiny.evaluator import Evaluator
 
+    from lora_w2w.workbench import Workbench
+
     toy = load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
     space = make_space(LoraLayout.from_unet(toy.unet), k=4)
     settings = tables.Settings(seeds=1, steps=2, inversions=1, inversion_steps=2)
-    context = tables.Context(toy, space, Evaluator.load(ROOT / "files/tiny/evaluator.safetensors"))
+    bench = Workbench(toy_world / "base", space, "cpu", progress=False)
+    context = tables.Context(bench, Evaluator.load(ROOT / "files/tiny/evaluator.safetensors"))
     report = tables.evaluate_multi_image_inversion(context, settings)
     assert {"1 view", "3 views", "5 views"} <= set(report) and report["scored_against_views"] == [5, 6, 7, 8, 9]
     for views in ("1 view", "3 views", "5 views"):

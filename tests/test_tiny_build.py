@@ -27,8 +27,11 @@ def toy_recipe(monkeypatch):
 
 def test_recipe_flags_are_the_training_flags():
     from lora_w2w import train_identities
+    from lora_w2w.dreambooth import DreamboothConfig
+    from lora_w2w.flags import config_argv
 
-    args = train_identities.parse_args(["--instance_root", "i", "--output_root", "o", *build.recipe_flags(build.LORA_RECIPE)])
+    recipe = config_argv(DreamboothConfig(**build.LORA_RECIPE), kebab=False)
+    args = train_identities.parse_args(["--instance_root", "i", "--output_root", "o", *recipe])
     for key, value in build.LORA_RECIPE.items():
         assert getattr(args, key) == value
 

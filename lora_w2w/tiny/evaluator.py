@@ -40,13 +40,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from lora_w2w.defaults import DEFAULT_EVALUATOR
 from lora_w2w.images import eight_bit
 from lora_w2w.errors import FileFormatError
 from lora_w2w.storage import atomic_output
 from lora_w2w.tiny import synthetic
 from lora_w2w.tiny.synthetic import ATTRIBUTES, IMAGE_ATTRIBUTES, TRAITS
 
-DEFAULT_PATH = "files/tiny/evaluator.safetensors"
+DEFAULT_PATH = DEFAULT_EVALUATOR
 FORMAT = "lora_w2w.tiny.evaluator/1"
 LABELS: tuple[str, ...] = ATTRIBUTES + IMAGE_ATTRIBUTES   # the binary outputs
 CIRCULAR_TRAITS: tuple[str, ...] = ("clothes_hue",)       # hue 0 == hue 1: predicted as (cos, sin)

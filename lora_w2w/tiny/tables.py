@@ -46,14 +46,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..dataset import WeightsDataset, add_models, matrix_source
+from ..defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE, DEFAULT_WEIGHTS
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
-from ..errors import W2WError
+from ..errors import SettingError, W2WError
+from ..flags import OneLineParser, add_config_flags, config_from_args
 from ..identity import TinyIdentity, mean_similarity, pair_similarities
 from ..network import FusedLora
-from ..pipeline import generate, generate_from_weights, load_base_pipeline
+from ..pipeline import generate_from_weights
 from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
-from ..storage import atomic_output, load_space
+from ..storage import atomic_output
+from ..workbench import Workbench
 from .build import LORA_RECIPE
 from .evaluator import Evaluator, Prediction, attribute_agreement, feature_distance
 from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
@@ -141,12 +144,12 @@ class Settings:
     scaling_samples: int = field(default=4, metadata={"help": "sampled models edited per scaling space"})
 
     def __post_init__(self):
-        positive = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), int)
-                    and not isinstance(getattr(self, f.name), bool) and getattr(self, f.name) < 1]
-        if positive:
-            raise W2WError(f"evaluate settings {', '.join(positive)} must be >= 1")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise SettingError(f.name, f"must be >= 1, got {value}")
         if self.edit_method not in DIRECTION_METHODS:
-            raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
+            raise SettingError("edit_method", f"{self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
 
 
 # Multi-image Dreambooth steps per view: over the default 5 views, the 1-image baseline's 800 steps
@@ -156,14 +159,25 @@ DREAMBOOTH_MULTI_STEPS_PER_VIEW = 160
 
 @dataclass
 class Context:
-    """What every section works on."""
+    """What every section works on: a Workbench (the base pipeline and the space) and the evaluator."""
 
-    pipe: object
-    space: Space
+    bench: Workbench
     evaluator: Evaluator
     work: Path = Path("outputs/evaluation")  # scratch folder: training images, Dreambooth LoRAs, scaling spaces
-    weights: Path = Path("files/tiny/weights")  # the weights dataset the scaling spaces are cut from
-    base: str = "files/tiny/base"  # the base pipeline's folder
+    weights: Path = Path(DEFAULT_WEIGHTS)  # the weights dataset the scaling spaces are cut from
+
+    @property
+    def space(self) -> Space:
+        return self.bench.space
+
+    @property
+    def pipe(self):
+        """The pipeline that generates (on CUDA float16; inversion takes the bench's own)."""
+        return self.bench.pipeline("generate")
+
+    @property
+    def base(self) -> str:
+        return self.bench.base
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -181,7 +195,8 @@ def _generate(ctx: Context, weights: torch.Tensor, settings: Settings) -> list[I
 def _images(ctx: Context, space: Space, model: W2WModel, settings: Settings, prompt: str | None = None,
             negative_prompt: str = "") -> list[Image.Image]:
     """Images of a model of `space` (of the space's prompt by default)."""
-    return generate(ctx.pipe, space, model, prompt, negative_prompt=negative_prompt, **_generation(settings))
+    return ctx.bench.using(space).images(model, prompt, negative_prompt=negative_prompt, seeds=range(settings.seeds),
+                                         steps=settings.steps, guidance=settings.guidance)
 
 
 def _majority(pred: Prediction) -> dict[str, bool]:
@@ -223,12 +238,8 @@ def _inversion_config(space: Space, settings: Settings, components: int | None =
 
 def _invert(ctx: Context, space: Space, images: list[Image.Image], config) -> torch.Tensor:
     """The LoRA weights (N,) of one person's `images` inverted together into `space` (seed 0)."""
-    from ..diffusion import image_sizes, prepare_image
-    from ..inversion import invert
-
-    resolution, _ = image_sizes(ctx.pipe)
-    targets = torch.stack([prepare_image(image, resolution) for image in images])  # (I, 3, R, R)
-    return invert(ctx.pipe, space, targets, None, config, progress=False).weights(space)
+    model, _ = ctx.bench.using(space).invert(images, None, config)
+    return model.weights(space)
 
 
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -251,17 +262,17 @@ def _dreambooth(ctx: Context, instances: Path, out: Path, steps: int, settings: 
     """Dreambooth-LoRAs of every identity folder of `instances`, trained together in one pass with the space's
     recipe (rank, alpha, targets) and `steps` steps, into <out>/<identity>/unet/."""
     from .. import train_identities
+    from ..dreambooth import DreamboothConfig
 
     layout = ctx.space.layout
     shutil.rmtree(out, ignore_errors=True)
-    train_identities.train_identities(train_identities.parse_args([
-        "--pretrained_model_name_or_path", ctx.base, "--instance_root", str(instances), "--output_root", str(out),
-        "--class_data_dir", str(ctx.work / "class_images"),
-        "--identities_per_batch", str(len(list(instances.iterdir()))),
-        "--max_train_steps", str(steps), "--learning_rate", str(settings.dreambooth_lr),
-        "--num_class_images", str(settings.class_images), "--class_inference_steps", str(settings.steps),
-        "--lora_r", str(layout.rank), "--lora_alpha", str(layout.alpha), "--lora_target_modules",
-        *layout.target_modules, "--checkpointing_steps", "0"]))
+    recipe = DreamboothConfig(pretrained_model_name_or_path=ctx.base, class_data_dir=str(ctx.work / "class_images"),
+                              max_train_steps=steps, learning_rate=settings.dreambooth_lr,
+                              num_class_images=settings.class_images, class_inference_steps=settings.steps,
+                              lora_r=layout.rank, lora_alpha=layout.alpha,
+                              lora_target_modules=tuple(layout.target_modules))
+    train_identities.train_identities(train_identities.run_args(
+        recipe, instances, out, identities_per_batch=len(list(instances.iterdir())), checkpointing_steps=0))
 
 
 def multi_steps(settings: Settings) -> int:
@@ -349,9 +360,10 @@ def _sliders(ctx: Context, settings: Settings) -> dict[str, torch.Tensor]:
     """A text slider (N,) per Table 1 attribute, trained on the base model from its prompt pair."""
     from ..sliders import SliderConfig, target_latents, train_slider
 
-    latents = target_latents(ctx.pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
+    pipe = ctx.bench.pipeline("train")  # the bench's dtype for training (bfloat16 on CUDA)
+    latents = target_latents(pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
     config = SliderConfig(steps=settings.slider_steps, eta=settings.slider_eta)
-    return {a: train_slider(ctx.pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
+    return {a: train_slider(pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
             for a in tqdm(TABLE1, desc="table1: sliders")}
 
 
@@ -537,10 +549,11 @@ def evaluate_table2_photographs(ctx: Context, settings: Settings, faces: Path, p
     from ..identity import DlibIdentity
     from ..inversion import invert, photo_targets
 
-    people = read_people(faces, image_sizes(ctx.pipe)[0], detector)  # faceless photographs fail before any work
+    pipe = ctx.bench.pipeline("invert")  # inversion's dtype (bfloat16 on CUDA), as every front end inverts
+    sizes = image_sizes(pipe)
+    people = read_people(faces, sizes[0], detector)  # faceless photographs fail before any work
     config = _inversion_config(ctx.space, settings)
-    sizes = image_sizes(ctx.pipe)
-    weights = {"w2w": {person.name: invert(ctx.pipe, ctx.space, *photo_targets(person.photos[:1], *sizes), config,
+    weights = {"w2w": {person.name: invert(pipe, ctx.space, *photo_targets(person.photos[:1], *sizes), config,
                                            progress=False).weights(ctx.space)
                        for person in tqdm(people, desc="table2 photographs: w2w")}}
     runs = {"dreambooth_1": (1, settings.dreambooth_steps)}
@@ -665,46 +678,40 @@ SECTIONS = {
 
 # ----------------------------------------------------------------------------- command line
 
-def _flag_type(hint: str):
-    """(argparse type, nargs) of a Settings field's annotation: int, float, str, X | None, tuple[X, ...]."""
-    base = hint.replace(" | None", "")
-    if base.startswith("tuple["):
-        return {"int": int, "float": float}[base[len("tuple["):].split(",")[0]], "+"
-    return {"int": int, "float": float, "str": str}[base], None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", default="files/tiny/base", help="base pipeline")
-    parser.add_argument("--space", default="files/tiny/space", help="space")
-    parser.add_argument("--weights", default="files/tiny/weights",
-                        help="weights dataset the scaling sections cut their spaces from (the space's models)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
+    """The flags of `w2w evaluate`; args.settings: the Settings they make."""
+    parser = OneLineParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline (default: %(default)s)")
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="space (default: %(default)s)")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                        help="weights dataset the scaling sections cut their spaces from (the space's models; "
+                             "default: %(default)s)")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights (default: %(default)s)")
     parser.add_argument("--out", default="outputs/evaluation.json",
-                        help="JSON report; when it exists, the sections run replace theirs and the others are kept")
-    parser.add_argument("--work", default="outputs/evaluation", help="work folder")
+                        help="JSON report; when it exists, the sections run replace theirs and the others are kept "
+                             "(default: %(default)s)")
+    parser.add_argument("--work", default="outputs/evaluation", help="work folder (default: %(default)s)")
     parser.add_argument("--only", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS), metavar="NAME",
-                        help=f"sections to run, of {', '.join(SECTIONS)}")
+                        help=f"sections to run, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--faces", default=None, metavar="DIR",
                         help="run Table 2's protocol on photographs instead of the tiny world's sections: DIR holds "
                              "image files (a person each) or a folder of photographs per person (the first inverted; "
                              "all train the multi-image Dreambooth); scored by dlib's face descriptor, not FaceNet; "
-                             "the report's table2 section")
+                             "the report's table2 section (default: none)")
     parser.add_argument("--prompts", nargs="+", default=list(PHOTO_PROMPTS),
-                        help="with --faces: the prompts each model draws, every seed of each")
+                        help="with --faces: the prompts each model draws, every seed of each (default: %(default)s)")
     parser.add_argument("--detector", choices=("hog", "cnn"), default="hog",
-                        help="with --faces: dlib's face detector (cnn: turned faces, slower)")
+                        help="with --faces: dlib's face detector (cnn: turned faces, slower; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a shared CPU 1 runs the tiny models fastest)")
-    group = parser.add_argument_group("settings")
-    for f in dataclasses.fields(Settings):
-        kind, nargs = _flag_type(f.type)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, nargs=nargs, default=f.default,
-                           choices=f.metadata.get("choices"), help=f.metadata["help"])
+    add_config_flags(parser.add_argument_group("settings"), Settings)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        args.settings = config_from_args(Settings, args)
+    except W2WError as error:
+        parser.error(str(error))
     return args
 
 
@@ -725,12 +732,10 @@ def _existing_report(path: Path, space: Space) -> dict:
 def main(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
-                                    else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
-    pipe = load_base_pipeline(args.base, "auto", progress=False)
-    space = load_space(args.space)
+    settings = args.settings
     evaluator = None if args.faces else Evaluator.load(args.evaluator)  # photographs are scored by dlib
-    ctx = Context(pipe, space, evaluator, Path(args.work), Path(args.weights), args.base)
+    ctx = Context(Workbench(args.base, args.space, progress=False), evaluator, Path(args.work), Path(args.weights))
+    space = ctx.space
     ctx.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     _existing_report(out, space)  # a report of another space is refused before any work
