@@ -31,7 +31,7 @@ from lora_w2w.formats import save_peft
 from lora_w2w.images import IMAGE_SUFFIXES
 from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS, invert_file, masks_in_folder, preset
 from lora_w2w.layout import LoraLayout, sd15_layout
-from lora_w2w.official import OFFICIAL_BASE_MODEL
+from lora_w2w.official import OFFICIAL_BASE_MODEL, released_tensor
 from lora_w2w.space import Space
 from lora_w2w.storage import load_space, save_model, torch_load
 
@@ -45,8 +45,8 @@ def preset_defaults(setting: str, format_spec: str = "") -> str:
 def released_space(args: argparse.Namespace) -> Space:
     """The space of the released mean.pt, std.pt, V.pt (N x K, memory-mapped: only its first --dim columns
     are read) and weight_dimensions.pt, in memory; its id is the one `w2w import-official` gives."""
-    mean, std, basis = (torch_load(Path(p), args.trust_pickle, mmap=True)
-                        for p in (args.mean_path, args.std_path, args.v_path))
+    mean, std, basis = (released_tensor(Path(p), hint, args.trust_pickle, mmap=True)
+                        for p, hint in ((args.mean_path, "(N,)"), (args.std_path, "(N,)"), (args.v_path, "(N, K)")))
     if args.dim_path:
         layout = LoraLayout.from_weight_dimensions(torch_load(Path(args.dim_path), args.trust_pickle),
                                                    source=args.dim_path)

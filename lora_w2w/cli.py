@@ -11,7 +11,8 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, SEED, SIZE
+from .checks import (COUNT, DEVICE, FINITE, LEARNING_RATE, NON_NEGATIVE, POSITIVE, POWER_ITERATIONS, SEED, SIZE,
+                     WEIGHT_DECAY)
 from .errors import W2WError
 
 DEFAULT_SPACE = "files/tiny/space"
@@ -127,7 +128,7 @@ def cmd_import_official(args) -> None:
 
     if args.model:
         check_output(args.dst, MODEL_FILE, [args.src])
-        model = load_model(args.src)
+        model = load_model(args.src, args.trust_pickle)
         save_model(W2WModel(model.coefficients, args.space_id), args.dst)
         print(f"wrote model {args.dst} ({len(model.coefficients)} coefficients)")
         return
@@ -160,8 +161,10 @@ def cmd_generate(args) -> None:
     files = [out / f"seed_{seed:04d}.png" for seed in args.seeds] + [out / "grid.png"]
     check_outputs([(out, FILES_FOLDER)] + [(file, IMAGE_FILE) for file in files],
                   [args.model, args.edited, args.space, args.base])
+    timesteps = num_train_timesteps(args.base)
+    check_int(args.steps, "--steps", 1, timesteps)  # the scheduler takes at most its training timesteps
     if args.injection_timestep is not None:
-        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
+        check_int(args.injection_timestep, "--injection-timestep", 0, timesteps)
     model = load_model(args.model) if args.model else None
     edited = load_model(args.edited) if args.edited else None
     # the base model alone with a --prompt needs no space; otherwise the space gives the layout and the prompt
@@ -540,9 +543,9 @@ def add_invert_parser(commands) -> None:
                         help="K, coefficients optimised; at most the space's K (default: the preset's, at most the "
                              "space's)")
     invert.add_argument("--steps", type=COUNT, default=None, help="optimiser steps (default: the preset's)")
-    invert.add_argument("--lr", type=POSITIVE, default=None,
+    invert.add_argument("--lr", type=LEARNING_RATE, default=None,
                         help="Adam learning rate (default: the preset's, or the one the space records for it)")
-    invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
+    invert.add_argument("--weight-decay", type=WEIGHT_DECAY, default=None,
                         help="Adam weight decay (default: the preset's)")
     invert.add_argument("--seed", type=SEED, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     add_space(invert)
@@ -611,6 +614,7 @@ def add_app_parser(commands) -> None:
 
 def add_dataset_parsers(commands) -> None:
     """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
+    from .checks import POWER_ITERATIONS_MAX
     from .dataset import DEFAULT_SHARD_SIZE
     from .pca import (BACKENDS, DEFAULT_MEMORY, DEFAULT_OVERSAMPLES, DEFAULT_POWER_ITERATIONS, EXACT_PREFERENCE,
                       PCA_METHODS)
@@ -664,9 +668,11 @@ def add_dataset_parsers(commands) -> None:
                             "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
     build.add_argument("--oversamples", type=NON_NEGATIVE, default=DEFAULT_OVERSAMPLES,
                        help="randomized: extra trial vectors beyond K (default: %(default)s)")
-    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=DEFAULT_POWER_ITERATIONS,
+    build.add_argument("--power-iterations", type=POWER_ITERATIONS, default=DEFAULT_POWER_ITERATIONS,
                        help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
-                            "decays slowly (default: %(default)s)")
+                            f"decays slowly, up to {POWER_ITERATIONS_MAX} (each reads the whole dataset; at "
+                            f"{POWER_ITERATIONS_MAX} even a 10%% spectral gap converges below float32's rounding) "
+                            "(default: %(default)s)")
     build.add_argument("--seed", type=SEED, default=0,
                        help="randomized: seed of the trial vectors (default: %(default)s)")
     build.add_argument("--attributes", metavar="TABLE_CSV",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .images import read_image
 from .pipeline import DEFAULT_BASE, generate, generate_from_weights, image_grid, load_base_pipeline
 from .storage import save_png
 
@@ -144,7 +145,7 @@ class Demo:
             save_lora(self.space.layout, model.weights(self.space),
                       self.out / "loras" / f"inverted_{name}_kohya.safetensors", "kohya", self.space.base_model)
             resolution = image_sizes(self.pipe)[0]
-            images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
+            images += [read_image(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model, seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
                             column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")

@@ -23,13 +23,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .checks import check_int, check_learning_rate, check_number, check_weight_decay
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import W2WError
 from .flags import add_flag, flag, spellings
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, read_image
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import save_png
 
@@ -95,12 +95,15 @@ def check_dreambooth_arguments(args: argparse.Namespace, kebab: bool) -> None:
         ("max_train_steps", args.max_train_steps >= 1, ">= 1"),
         ("train_batch_size", args.train_batch_size >= 1, ">= 1"),
         ("gradient_accumulation_steps", args.gradient_accumulation_steps >= 1, ">= 1"),
-        ("learning_rate", args.learning_rate > 0, "> 0"),
         ("lora_r", args.lora_r >= 1, ">= 1"),
     ]
     for name, ok, expected in checks:
         if not ok:
             raise W2WError(f"{flag(name, kebab)} must be {expected}, got {getattr(args, name)}")
+    check_learning_rate(args.learning_rate, flag("learning_rate", kebab))
+    check_weight_decay(args.adam_weight_decay, flag("adam_weight_decay", kebab))
+    check_number(args.prior_loss_weight, flag("prior_loss_weight", kebab), minimum=0.0)
+    check_number(args.lora_alpha, flag("lora_alpha", kebab), above=0.0)
     if not args.use_lora:
         raise W2WError(f"only LoRA training is supported: drop --no-{flag('use_lora', kebab)[2:]}")
     if args.with_prior_preservation and args.num_class_images < 1:
@@ -122,12 +125,7 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append(path.name)
             continue
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise W2WError(f"{path}: not a readable image ({error})") from None
-        images.append(prepare_image(eight_bit(image, str(path)), resolution))
+        images.append(prepare_image(read_image(path), resolution))
     if skipped:
         warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)
@@ -153,6 +151,7 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
     from .pipeline import load_base_pipeline
 
     pipe = load_base_pipeline(base, device, progress=False)
+    check_int(steps, "class inference steps", 1, pipe.scheduler.config.num_train_timesteps)
     batch_size = class_image_batch_size(resolution)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"class images of {prompt!r}", unit="batch"):
         indices = missing[start:start + batch_size]

@@ -166,6 +166,8 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_D
     """For each ±1 attribute: positives, and held-out accuracy / balanced accuracy of sign(C d + b)
     with d fitted on the other models (least squares: b = the training labels' mean, the intercept of
     a fit on centred coefficients; mean difference: the midpoint of the two training classes)."""
+    if space.attributes is None:
+        raise SpaceError("the space has no attribute table (attributes.csv): there are no attributes to list")
     coefficients = _coefficients(space, k, method)
     m = coefficients.shape[0]
     order = np.random.default_rng(seed).permutation(m)
@@ -189,6 +191,11 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_D
         rows.append({"attribute": attribute, "positives": float((labels > 0).float().mean()),
                      "accuracy": float((predicted == truth).float().mean()),
                      "balanced_accuracy": float(np.mean(recalls))})
+    if not rows:
+        names = [str(name) for name in space.attributes.columns]
+        columns = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "none"
+        raise SpaceError(f"the attribute table has no ±1 column with both values among the dataset models (its "
+                         f"columns: {columns}); expected CelebA-style attributes of +1 and -1")
     return pd.DataFrame(rows).set_index("attribute")
 
 

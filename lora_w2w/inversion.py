@@ -48,13 +48,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_number, check_seed
+from .checks import check_int, check_learning_rate, check_seed, check_weight_decay
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, check_picture, eight_bit, read_image
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
@@ -92,8 +92,8 @@ class InversionConfig:
     def __post_init__(self):
         for name in ("components", "steps", "checkpoint_every", "images_per_step"):
             check_int(getattr(self, name), f"inversion {name}", minimum=1)
-        check_number(self.lr, "inversion lr", above=0.0)
-        check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
+        check_learning_rate(self.lr, "inversion lr")
+        check_weight_decay(self.weight_decay, "inversion weight_decay")
 
 
 PRESETS = {
@@ -129,17 +129,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
-    """A PIL image from a path (loaded now) or as given; W2WError naming the file when it does not open."""
+    """A PIL image from a path (`images.read_image`: loaded now, upright, 8 bits) or as given, within the
+    reader's bounds; W2WError naming the file when it does not open."""
     if isinstance(source, Image.Image):
-        return source
-    try:
-        with Image.open(source) as image:
-            image.load()
-    except FileNotFoundError:
-        raise W2WError(f"{source}: no such {what} file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise W2WError(f"{source}: not a readable {what} ({error})") from None
-    return eight_bit(image, str(source))
+        return check_picture(source, what)
+    return read_image(source, what)
 
 
 def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask") -> np.ndarray:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import check_seed
+from .checks import check_power_iterations, check_seed, parse_memory
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
@@ -160,19 +159,6 @@ def check_rank(values: torch.Tensor, k: int) -> None:
 
 
 # ----------------------------------------------------------------------------- planning
-
-def parse_memory(text: str | int) -> int:
-    """'4GB', '512MB', '8GiB', '2e9' or a number of bytes -> bytes (GB = 10⁹, GiB = 2³⁰)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
-    try:
-        unit = (match.group(2) or "").lower()
-        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** " kmgt".index(unit[:1] or " "))
-    except (AttributeError, ValueError, KeyError):
-        raise W2WError(f"memory {text!r}: expected a size such as 4GB, 512MB or 8GiB") from None
-    return int(value)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -624,6 +610,7 @@ def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildC
     them; the caller removes the directory once the space is saved."""
     log = log or (lambda message: None)
     check_seed(config.seed)
+    check_power_iterations(config.power_iterations)
     memory = parse_memory(config.memory)
     m, n = len(dataset), dataset.layout.numel
     check_components(m, n, k)

@@ -85,7 +85,7 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
     if (edited is None) != (injection_timestep is None):
         raise W2WError("delayed injection needs both the edited weights and the injection timestep")
     seeds = [check_seed(s) for s in seeds]
-    check_int(num_inference_steps, "steps", minimum=1)
+    check_int(num_inference_steps, "steps", 1, pipe.scheduler.config.num_train_timesteps)  # before diffusers refuses
     check_number(guidance_scale, "guidance scale")
     if injection_timestep is not None:
         check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps)
