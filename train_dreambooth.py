@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except W2WError as error:
         print(f"train_dreambooth.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the class images made are kept; the adapter is written whole or not at all
+        print("train_dreambooth.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -27,13 +27,13 @@ import sys
 from pathlib import Path
 
 from lora_w2w.errors import W2WError
-from lora_w2w.formats import save_peft
+from lora_w2w.formats import PEFT_FOLDER, save_peft
 from lora_w2w.images import IMAGE_SUFFIXES
 from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS, invert_file, masks_in_folder, preset
 from lora_w2w.layout import LoraLayout, sd15_layout
 from lora_w2w.official import OFFICIAL_BASE_MODEL, released_tensor
 from lora_w2w.space import Space
-from lora_w2w.storage import load_space, save_model, torch_load
+from lora_w2w.storage import MODEL_FILE, check_outputs, load_space, save_model, torch_load
 
 
 def preset_defaults(setting: str, format_spec: str = "") -> str:
@@ -135,17 +135,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
+    out = Path(args.save_name)
+    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
+    space_path = None if args.mean_path else args.space or "files/tiny/space"
+    mask = None if args.mask_path == AUTO_MASK else args.mask_path
+    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE), (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
+    check_outputs(outputs, [*images, mask, args.mask_dir, space_path, args.mean_path, args.std_path, args.v_path,
+                            args.dim_path])  # before any work: not inside an input's space, not over a device
     if args.mean_path:
         space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
     else:
-        space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
+        space, base = load_space(space_path), args.base or "files/tiny/base"  # memory-mapped
     # the flags given, the others as the space records them for the preset (else the paper's)
     config = preset(args.preset, space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
                     steps=args.epochs)
-    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
     model, _ = invert_file(base, space, images, image_masks(args, images), config, args.seed, args.device,
                            crop=args.crop)
-    out = Path(args.save_name)
     save_model(model, out / "w2wmodel.safetensors")
     print(f"wrote {out / 'w2wmodel.safetensors'}")
     if args.diffusers_format:
@@ -159,3 +164,6 @@ if __name__ == "__main__":
     except W2WError as error:  # bad input: one line, exit code 2, like `w2w`
         print(f"invert.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # nothing half-written: a rerun starts again
+        print("invert.py: interrupted", file=sys.stderr)
+        sys.exit(130)

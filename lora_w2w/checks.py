@@ -98,12 +98,12 @@ def check_weight_decay(value, what: str = "weight decay") -> float:
 
 def check_power_iterations(value, what: str = "power iterations") -> int:
     """Passes of subspace iteration: 0 .. POWER_ITERATIONS_MAX (the reason in the message)."""
-    try:
-        return check_int(value, what, 0, POWER_ITERATIONS_MAX)
-    except ArgumentError as error:
-        raise ArgumentError(f"{error}: each is a pass over the whole dataset, and {POWER_ITERATIONS_MAX} make even "
-                            f"a 10% spectral gap converge below float32's rounding (a flatter spectrum: --method "
-                            f"exact)") from None
+    value = check_int(value, what, minimum=0)
+    if value > POWER_ITERATIONS_MAX:
+        raise ArgumentError(_named(what, f"expected at most {POWER_ITERATIONS_MAX}, got {value}: each is a pass over "
+                                         f"the whole dataset, and {POWER_ITERATIONS_MAX} make even a 10% spectral "
+                                         f"gap converge below float32's rounding (a flatter spectrum: --method exact)"))
+    return value
 
 
 def parse_memory(text: str | int) -> int:

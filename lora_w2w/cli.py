@@ -6,6 +6,7 @@ prints one line `w2w: error: ...` and exits with code 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 import warnings
@@ -174,7 +175,7 @@ def cmd_generate(args) -> None:
     pipe = load_base_pipeline(args.base, args.device)
     settings = dict(negative_prompt=args.negative_prompt, seeds=args.seeds, num_inference_steps=args.steps,
                     guidance_scale=args.guidance, height=args.size, width=args.size,
-                    injection_timestep=args.injection_timestep)
+                    injection_timestep=args.injection_timestep, log=_progress)
     if space is None:
         images = generate_from_weights(pipe, None, None, args.prompt, **settings)
     else:
@@ -187,6 +188,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .estimate import LARGE_SAMPLING, JobClock
     from .formats import save_lora
     from .sampling import iter_sample_models
     from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, load_space, output_lock, save_model
@@ -199,12 +201,14 @@ def cmd_sample(args) -> None:
     check_disk(out, args.num, FILE_BLOCK_BYTES + 4 * k + lora_files * (FILE_BLOCK_BYTES + 4 * space.num_weights),
                "models")
     with output_lock(out, _progress):  # a second run into the same folder waits for this one
+        clock = JobClock(args.num, "models", LARGE_SAMPLING, _progress)
         for i, model in enumerate(models):
             weights = model.weights(space) if args.export else None  # NaN/inf in the components: refused before writing
             model_file = out / f"sample_{i:03d}.safetensors"
             save_model(model, model_file)
             if args.export:
                 save_lora(space.layout, weights, export_path(model_file, args.export), args.export, space.base_model)
+            clock.tick()
     print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
@@ -695,9 +699,16 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    with warnings.catch_warnings():  # every subcommand's warnings, one line each
-        warnings.showwarning = one_line_warning
-        return run(sys.argv[1:] if argv is None else argv)
+    try:
+        with warnings.catch_warnings():  # every subcommand's warnings, one line each
+            warnings.showwarning = one_line_warning
+            return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # in any phase, the parser's imports included; outputs are whole or absent
+        print("w2w: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # the `w2w` command: its work is over, and a Ctrl-C in the seconds the interpreter
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # takes to shut down would kill it without a word
 
 
 def run(argv: list[str]) -> int:
@@ -723,8 +734,6 @@ def run(argv: list[str]) -> int:
         parser.exit(2, f"w2w: error: {error}\n")
     except OSError as error:
         parser.exit(2, f"w2w: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "w2w: interrupted\n")
     return 0
 
 if __name__ == "__main__":
