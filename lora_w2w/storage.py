@@ -9,9 +9,11 @@ The safetensors file is written block by block and read through memory maps, so 
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
 A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
 
-Every output is checked before any work begins (`check_output`: not an input, not a directory where
-a file goes, not a foreign folder where a space goes), written under a temporary name and renamed
-when complete; a write the disk refuses is one line (`cannot write DIR: permission denied`).
+Every output is checked before any work begins (`check_outputs`: not an input, not inside a space,
+dataset or PEFT folder an input belongs to, not a device, FIFO or socket, not a directory where a file
+goes, not a foreign folder where a space goes), written under a temporary name and renamed when
+complete; a write the disk refuses is one line (`cannot write DIR: permission denied`). Inputs are
+refused before they are opened when they are FIFOs, sockets or devices (`paths`).
 Safetensors files are written by this module with sorted metadata: the same output, the same bytes.
 Every file is checked once, where it is read: JSON against its schema (`schemas`), safetensors
 headers against the format and the file's size, spaces' tensors against space.json.
