@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
+from .paths import check_input
 from .schemas import ADAPTER_CONFIG, FLOAT_DTYPES, read_json
 from .storage import Output, atomic_output, owns_only, read_safetensors_header, torch_load, write_file, write_tensors
 
@@ -198,7 +199,7 @@ def find_peft_weights(folder: Path) -> Path | None:
 
 def peft_weights_file(path: Path) -> Path:
     """The weights file of a PEFT folder, or `path` itself when it is a file."""
-    if path.is_file():
+    if check_input(path, "a LoRA file or a PEFT LoRA folder").is_file():
         return path
     found = find_peft_weights(path) if path.is_dir() else None
     if found is None:

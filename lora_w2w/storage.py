@@ -527,7 +527,7 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
 def read_description(path: Path, expected_format: str, when_missing: str, schema: dict) -> dict:
     """The parsed JSON file `path` describing a folder in the project's format `expected_format`, checked
     for format, version and `schema`; `when_missing` is the error when there is no such file."""
-    if not path.is_file():
+    if not check_input(path, f"a {expected_format} description (JSON)").is_file():
         raise FileFormatError(when_missing)
     description = read_json(path)
     if isinstance(description, dict):
@@ -658,13 +658,15 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> W2WModel:
         if metadata.get("format") != MODEL_FORMAT:
             raise FileFormatError(f"{path}: not a w2w model (format {metadata.get('format')!r}, expected "
                                   f"{MODEL_FORMAT!r})")
-        if metadata.get("version") != str(FORMAT_VERSION):
-            raise FileFormatError(f"{path}: w2w model format version {metadata.get('version')!r}; this lora_w2w "
-                                  f"reads version {FORMAT_VERSION!r} (a newer file needs a newer lora_w2w)")
+        version = metadata.get("version")
+        if version != str(FORMAT_VERSION):
+            found = "without a format version" if version is None else f"format version {version!r}"
+            raise FileFormatError(f"{path}: w2w model {found}; this lora_w2w reads version {FORMAT_VERSION} (a newer "
+                                  f"file needs a newer lora_w2w)")
         extra = sorted(name for name in header if name not in ("__metadata__", "coefficients"))
         if extra:
-            raise FileFormatError(f"{path}: {len(extra):,} tensors besides 'coefficients' (first {extra[0]!r}); a w2w "
-                                  f"model holds that one tensor only")
+            raise FileFormatError(f"{path}: {len(extra):,} tensor{'s' * (len(extra) > 1)} besides 'coefficients' (first "
+                                  f"{extra[0]!r}); a w2w model holds that one tensor only")
         coefficients, space_id = mmap_tensor(path, header, start, "coefficients").clone(), metadata.get("space_id")
     try:
         model = W2WModel(coefficients, space_id)  # its dtype checked before the cast
