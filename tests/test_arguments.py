@@ -2,9 +2,12 @@
 and the library functions refuse the same values (ArgumentError). Under 5 s on 2 cores (3.5 s with
 test_outputs.py)."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lora_w2w import pipeline, sampling
 from lora_w2w.checks import SEED_MAX, check_int, check_number, check_seed, check_size, resolve_device
@@ -165,3 +168,27 @@ def test_huge_counts_and_sizes_are_refused_with_what_fits(toy_world, toy_space, 
         with pytest.raises(ArgumentError, match="steps: expected an integer from 1 to 1000"):
             pipeline.generate_from_weights(pipe, None, None, "sks person", num_inference_steps=steps)
     assert not (tmp_path / "g").exists()
+
+
+def test_a_job_far_beyond_the_usual_size_says_its_time_before_the_rest(toy_world, toy_space, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Thousands of seeds or models, here past a threshold lowered to 2: the first unit, timed, then the
+    estimate of the rest in one line; the images are those of one batch."""
+    from lora_w2w import estimate
+
+    generate = ["generate", "--base", toy_world / "base", "--space", toy_space, "--seeds", "0", "1", "2", "--steps", "1",
+                "--device", "cpu", "--out"]
+    assert main([str(a) for a in generate + [tmp_path / "usual"]]) == 0
+    assert "take about" not in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "LARGE_GENERATION", 2)
+    assert main([str(a) for a in generate + [tmp_path / "large"]]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "take about" in line]
+    assert len(said) == 1 and re.fullmatch(r"3 images: the first took [\d.]+ s; the other 2 take about [\d.]+ s",
+                                           said[0]), said
+    for seed in range(3):
+        usual, large = (np.asarray(Image.open(tmp_path / run / f"seed_{seed:04d}.png"), np.int16)
+                        for run in ("usual", "large"))
+        assert np.abs(usual - large).max() <= 1  # one batch or two: the same images (here bit for bit)
+    monkeypatch.setattr(estimate, "LARGE_SAMPLING", 2)
+    assert main(["sample", "--space", str(toy_space), "--num", "3", "--out", str(tmp_path / "samples")]) == 0
+    assert re.search(r"^3 models: the first took [\d.]+ s; the other 2 take about", capsys.readouterr().err, re.M)
