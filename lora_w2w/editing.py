@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_number
 from .errors import SpaceError
-from .space import Space, W2WModel
+from .space import MODEL_SCALE_MAX, Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
 MODELS_PER_COMPONENT = 10  # least squares overfits with fewer than ~10 models per unknown
@@ -154,6 +154,8 @@ def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[s
         raise SpaceError(f"no direction for {', '.join(unknown)}; fitted: {', '.join(directions)}")
     coefficients = model.coefficients.clone().float()
     for name, strength in strengths.items():
+        check_number(strength, f"strength of {name}", minimum=-MODEL_SCALE_MAX, maximum=MODEL_SCALE_MAX,
+                     why="an edit moves the model that many of the dataset's standard deviations")
         shift = directions[name].shift(strength)  # (K,)
         if len(coefficients) < len(shift):  # a model on fewer components gains the direction's
             coefficients = torch.cat([coefficients, coefficients.new_zeros(len(shift) - len(coefficients))])

@@ -39,3 +39,10 @@ def test_bench_pca(tmp_path):
                                                                        "torch"}
     assert result["results"]["project"]["variance_max_relative_error"] == 0  # the reference
     assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
+
+
+def test_bench_outputs():
+    result = last_json("bench_outputs.py", "--seeds", "40", "--baseline-seeds", "10", "--pairwise-seeds", "20",
+                       "--repeats", "1")
+    assert result["benchmark"] == "outputs" and (result["seeds"], result["baseline_seeds"]) == (40, 10)
+    assert result["ratio"] > 0 and result["pairwise_ratio"] > 0

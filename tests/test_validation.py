@@ -327,6 +327,11 @@ def test_a_model_far_from_the_dataset_is_refused_where_it_is_used(saved, space, 
         assert code == 2 and err.count("\n") == 1, err
         assert "times the typical norm of the space's dataset models" in err and "at most 1000 times" in err, err
     assert not (saved / "e.safetensors").exists() and not (saved / "lora").exists()
+    for strength, message in (("1e6", "expected a number <= 1000, got 1e+06: an edit moves the model that many"),
+                              ("nan", "expected a finite number")):
+        code, err = run_cli(capsys, "edit", "--space", saved / "space", "--model", saved / "model.safetensors",
+                            "--edit", f"Male={strength}", "--out", saved / "e.safetensors")
+        assert code == 2 and f"strength of Male: {message}" in err, err
 
 
 # ----------------------------------------------------------------------------- issue 37: directions, released files
