@@ -409,22 +409,23 @@ def _natural(value) -> bool:
     return type(value) is int and value >= 0
 
 
+def _plain_entry(info) -> bool:
+    """Whether a tensor entry of a safetensors header is {dtype, shape, data_offsets} as the schema says."""
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in SAFETENSORS_ITEMSIZE
+            and isinstance(info.get("shape"), list) and all(map(_natural, info["shape"]))
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and all(map(_natural, info["data_offsets"])))
+
+
 def _plain_header(header) -> bool:
     """Whether `header` fits SAFETENSORS_HEADER, checked in plain Python, without the schema's cost per
     tensor (a header listing 300,000 empty tensors took it half a minute); False sends it to the schema,
     which names what is wrong."""
     if not isinstance(header, dict):
         return False
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
-                return False
-        elif not (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_ITEMSIZE
-                  and isinstance(info.get("shape"), list) and all(map(_natural, info["shape"]))
-                  and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-                  and all(map(_natural, info["data_offsets"]))):
-            return False
-    return True
+    metadata = header.get("__metadata__", {})
+    return (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+            and all(_plain_entry(info) for name, info in header.items() if name != "__metadata__"))
 
 
 def _check_byte_ranges(path: Path, header: dict, start: int, size: int) -> None:
