@@ -2,7 +2,8 @@
 grid.png, with its inputs) at S seeds, against its time at 100 seeds in the same run, and against the
 check it replaced, which compared every output's resolved path with every earlier one's.
 
-    python benchmarks/bench_outputs.py [--seeds 2000] [--baseline-seeds 100] [--pairwise-seeds 500]   # or: make bench-outputs
+    python benchmarks/bench_outputs.py [--seeds 2000] [--baseline-seeds 100] [--pairwise-seeds 500]
+    make bench-outputs
 
 `ratio` is the time per output at --seeds over the time per output at --baseline-seeds: 1 when the
 check is linear in the number of outputs (the issue measured the pairwise check at 5 s for 500 seeds

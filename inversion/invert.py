@@ -139,7 +139,8 @@ def main(args: argparse.Namespace) -> None:
     images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
     space_path = None if args.mean_path else args.space or "files/tiny/space"
     mask = None if args.mask_path == AUTO_MASK else args.mask_path
-    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE), (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
+    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE),
+               (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
     check_outputs(outputs, [*images, mask, args.mask_dir, space_path, args.mean_path, args.std_path, args.v_path,
                             args.dim_path])  # before any work: not inside an input's space, not over a device
     if args.mean_path:

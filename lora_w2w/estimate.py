@@ -5,7 +5,7 @@ mistake learns it in seconds, not hours.
     clock = JobClock(len(seeds), "images", LARGE_GENERATION, log)
     for seed in seeds:
         ...                      # one image
-        clock.tick()             # after the first: "10,000 images: the first took 2.1 s; the other 9,999 take about 5.8 h"
+        clock.tick()   # after the first: "10,000 images: the first took 2.1 s; the other 9,999 take about 5.8 h"
 """
 from __future__ import annotations
 
@@ -39,5 +39,5 @@ class JobClock:
             return
         self.pending = False
         first = time.perf_counter() - self.start
-        self.log(f"{self.total:,} {self.what}: the first took {duration(first)}; the other {self.total - 1:,} take about "
-                 f"{duration(first * (self.total - 1))}")
+        self.log(f"{self.total:,} {self.what}: the first took {duration(first)}; the other {self.total - 1:,} take "
+                 f"about {duration(first * (self.total - 1))}")

@@ -45,8 +45,8 @@ TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained ada
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
 # what save_peft writes: a folder holding anything else is someone's and is not written into
-PEFT_FOLDER = Output("PEFT LoRA folder", folder=True,
-                     owns=owns_only("|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS))))
+PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=owns_only(
+    "|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS))))
 KOHYA_FILE = Output("kohya LoRA file")
 LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 

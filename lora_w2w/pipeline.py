@@ -116,7 +116,8 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
         use(weights if not delayed or injection_timestep < _first_timestep(pipe, num_inference_steps) else edited)
         return pipe([prompt] * len(batch), negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                    width=width, generator=batch, callback_on_step_end=swap_before_fine_steps if delayed else None).images
+                    width=width, generator=batch,
+                    callback_on_step_end=swap_before_fine_steps if delayed else None).images
 
     clock = JobClock(len(seeds), "images", LARGE_GENERATION, log)
     try:

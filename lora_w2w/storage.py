@@ -666,8 +666,8 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> W2WModel:
                                   f"file needs a newer lora_w2w)")
         extra = sorted(name for name in header if name not in ("__metadata__", "coefficients"))
         if extra:
-            raise FileFormatError(f"{path}: {len(extra):,} tensor{'s' * (len(extra) > 1)} besides 'coefficients' (first "
-                                  f"{extra[0]!r}); a w2w model holds that one tensor only")
+            raise FileFormatError(f"{path}: {len(extra):,} tensor{'s' * (len(extra) > 1)} besides 'coefficients' "
+                                  f"(first {extra[0]!r}); a w2w model holds that one tensor only")
         coefficients, space_id = mmap_tensor(path, header, start, "coefficients").clone(), metadata.get("space_id")
     try:
         model = W2WModel(coefficients, space_id)  # its dtype checked before the cast

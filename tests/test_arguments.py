@@ -176,8 +176,8 @@ def test_a_job_far_beyond_the_usual_size_says_its_time_before_the_rest(toy_world
     estimate of the rest in one line; the images are those of one batch."""
     from lora_w2w import estimate
 
-    generate = ["generate", "--base", toy_world / "base", "--space", toy_space, "--seeds", "0", "1", "2", "--steps", "1",
-                "--device", "cpu", "--out"]
+    generate = ["generate", "--base", toy_world / "base", "--space", toy_space, "--seeds", "0", "1", "2", "--steps",
+                "1", "--device", "cpu", "--out"]
     assert main([str(a) for a in generate + [tmp_path / "usual"]]) == 0
     assert "take about" not in capsys.readouterr().err
     monkeypatch.setattr(pipeline, "LARGE_GENERATION", 2)

@@ -198,7 +198,8 @@ def test_ctrl_c_in_any_phase_of_build_is_one_line_and_the_build_resumes(matrix):
     interrupted run prints `w2w: interrupted` and exits 130, and the last run ends as an uninterrupted one."""
     t, _ = matrix
     (t / "logs").mkdir()
-    run(["collect", "--from-all-weights", t / "all_weights.pt", "--space", t / "space", "--shard-size", "64", t / "data"])
+    run(["collect", "--from-all-weights", t / "all_weights.pt", "--space", t / "space", "--shard-size", "64",
+         t / "data"])
     build = ["build", t / "data", "--method", "randomized", "-k", "6", "--power-iterations", "12"]
     seconds = run(build + [t / "reference"])
     codes = interrupted_then_finished(build + [t / "built", "--state", t / "state"], seconds, seed=3, logs=t / "logs")
