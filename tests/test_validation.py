@@ -446,7 +446,8 @@ def test_fifos_given_as_any_input_are_refused_before_they_are_opened(saved, caps
     commands = [["edit", "--space", saved / "space", "--model", fifo, "--edit", "Male=1", "--out", saved / "e"],
                 ["info", fifo], ["sample", "--space", saved / "with_fifo", "--out", saved / "s"],
                 ["collect", "--from-all-weights", fifo, saved / "d"],
-                ["project", fifo, "--space", saved / "space", "--out", saved / "p.safetensors"]]
+                ["project", fifo, "--space", saved / "space", "--out", saved / "p.safetensors"],
+                ["build", saved / "space", saved / "built", "-k", 1, "--attributes", fifo]]
     signal.alarm(60)  # a hang fails the test instead of the CI run
     try:
         for command in commands:
