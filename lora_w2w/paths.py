@@ -69,10 +69,13 @@ def member_kind(folder: Path) -> str | None:
 
 def member_folders(inputs: Iterable[str | os.PathLike]) -> dict[Path, tuple[str, str]]:
     """{resolved folder: (its kind, the input given)} for every space, weights dataset or PEFT LoRA
-    folder that an input is, or lies inside (at any depth)."""
+    folder that an input is, or lies inside (at any depth); an input that does not exist (a hub id such
+    as a --base) lies in none."""
     folders: dict[Path, tuple[str, str]] = {}
     for given in inputs:
         source = Path(given).resolve()
+        if not source.exists():
+            continue
         for folder in ([source] if source.is_dir() else []) + list(source.parents):
             if folder not in folders:
                 kind = member_kind(folder)
