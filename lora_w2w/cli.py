@@ -6,6 +6,7 @@ prints one line `w2w: error: ...` and exits with code 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -123,7 +124,7 @@ def cmd_import_official(args) -> None:
 
     if args.model:
         check_output(args.dst, MODEL_FILE, [args.src])
-        model = load_model(args.src)
+        model = load_model(args.src, args.trust_pickle)
         save_model(W2WModel(model.coefficients, args.space_id), args.dst)
         print(f"wrote model {args.dst} ({len(model.coefficients)} coefficients)")
         return
@@ -175,13 +176,15 @@ def cmd_generate(args) -> None:
     files = [out / f"seed_{seed:04d}.png" for seed in args.seeds] + [out / "grid.png"]
     check_outputs([(out, FILES_FOLDER)] + [(file, IMAGE_FILE) for file in files],
                   [args.model, args.edited, args.space, args.base])
+    timesteps = num_train_timesteps(args.base)
+    check_int(args.steps, "--steps", 1, timesteps)  # the scheduler takes at most its training timesteps
     if args.injection_timestep is not None:
-        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
+        check_int(args.injection_timestep, "--injection-timestep", 0, timesteps)
     bench = Workbench(args.base, args.space, args.device)  # the base alone with a --prompt reads no space
     model, edited = (bench.load(path) if path else None for path in (args.model, args.edited))
     images = bench.images(model, args.prompt, edited=edited, injection_timestep=args.injection_timestep,
                           negative_prompt=args.negative_prompt, seeds=args.seeds, steps=args.steps,
-                          guidance=args.guidance, size=args.size)
+                          guidance=args.guidance, size=args.size, log=_progress)
     with output_lock(out, _progress):  # a second run into the same folder writes after this one
         grid = image_grid(images, columns=len(images), column_labels=[f"seed {seed}" for seed in args.seeds])
         for file, image in zip(files, images + [grid]):
@@ -190,6 +193,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .estimate import LARGE_SAMPLING, JobClock
     from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, output_lock
     from .workbench import Workbench, export_path
 
@@ -201,11 +205,13 @@ def cmd_sample(args) -> None:
     check_disk(out, args.num, FILE_BLOCK_BYTES + 4 * k + lora_files * (FILE_BLOCK_BYTES + 4 * bench.space.num_weights),
                "models")
     with output_lock(out, _progress):  # a second run into the same folder waits for this one
+        clock = JobClock(args.num, "models", LARGE_SAMPLING, _progress)
         for i, model in enumerate(models):
             model_file = out / f"sample_{i:03d}.safetensors"
             if args.export:  # first: a LoRA with NaN/inf (components holding them) is refused before any file
                 bench.export(model, args.export, export_path(model_file, args.export))
             bench.export(model, "w2w", model_file)
+            clock.tick()
     print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
@@ -666,9 +672,16 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    with warnings.catch_warnings():  # every subcommand's warnings, one line each
-        warnings.showwarning = one_line_warning
-        return run(sys.argv[1:] if argv is None else argv)
+    try:
+        with warnings.catch_warnings():  # every subcommand's warnings, one line each
+            warnings.showwarning = one_line_warning
+            return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # in any phase, the parser's imports included; outputs are whole or absent
+        print("w2w: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # the `w2w` command: its work is over, and a Ctrl-C in the seconds the interpreter
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # takes to shut down would kill it without a word
 
 
 def run(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from .defaults import DEFAULT_BASE, DEFAULT_EVALUATION, DEFAULT_EVALUATOR, DEFAULT_SPACE, EXAMPLES
+from .images import read_image
 from .pipeline import image_grid
 from .storage import save_png
 from .workbench import Workbench
@@ -115,7 +116,7 @@ class Demo:
             self.bench.export(model, "peft", self.out / "loras" / f"inverted_{name}")
             self.bench.export(model, "kohya", self.out / "loras" / f"inverted_{name}_kohya.safetensors")
             resolution = image_sizes(self.bench.pipeline())[0]
-            images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
+            images += [read_image(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model, seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
                             column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")

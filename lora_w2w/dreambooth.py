@@ -22,14 +22,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .checks import LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_number, check_weight_decay
 from .defaults import DEFAULT_BASE
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
-from .errors import SettingError, W2WError
+from .errors import ArgumentError, SettingError, W2WError
 from .flags import add_config_flags, spellings
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, read_image
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import save_png
 
@@ -57,12 +57,12 @@ class DreamboothConfig:
     resolution: int | None = field(default=None, metadata={
         "help": "training resolution in pixels (default: the base model's, 512 for SD1.5)"})
     train_batch_size: int = field(default=1, metadata={"help": "instance images per step, plus as many class images"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate", "type": LEARNING_RATE})
     lr_scheduler: str = field(default="constant", metadata={"help": "learning-rate schedule",
                                                             "choices": ("constant", "cosine", "linear")})
     max_train_steps: int = field(default=800, metadata={"help": "optimizer steps"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches averaged per optimizer step"})
-    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay", "type": WEIGHT_DECAY})
     use_lora: bool = field(default=True, metadata={
         "help": "train a LoRA (the only mode; kept for the original's command lines)"})
     lora_r: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank"})
@@ -77,10 +77,17 @@ class DreamboothConfig:
         for name, ok, expected in [("max_train_steps", self.max_train_steps >= 1, ">= 1"),
                                    ("train_batch_size", self.train_batch_size >= 1, ">= 1"),
                                    ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
-                                   ("learning_rate", self.learning_rate > 0, "> 0"),
                                    ("lora_r", self.lora_r >= 1, ">= 1")]:
             if not ok:
                 raise SettingError(name, f"must be {expected}, got {getattr(self, name)}")
+        checks = [("learning_rate", check_learning_rate), ("adam_weight_decay", check_weight_decay),
+                  ("prior_loss_weight", lambda value, what: check_number(value, what, minimum=0.0)),
+                  ("lora_alpha", lambda value, what: check_number(value, what, above=0.0))]
+        for name, check in checks:
+            try:
+                check(getattr(self, name), "")
+            except ArgumentError as error:
+                raise SettingError(name, str(error)) from None
         if not self.use_lora:
             raise SettingError("use_lora", "off: only LoRA training is supported")
         if self.with_prior_preservation and self.num_class_images < 1:
@@ -123,12 +130,7 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append(path.name)
             continue
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise W2WError(f"{path}: not a readable image ({error})") from None
-        images.append(prepare_image(eight_bit(image, str(path)), resolution))
+        images.append(prepare_image(read_image(path), resolution))
     if skipped:
         warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)
@@ -154,6 +156,7 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
     from .pipeline import load_base_pipeline
 
     pipe = load_base_pipeline(base, device, progress=False)
+    check_int(steps, "class inference steps", 1, pipe.scheduler.config.num_train_timesteps)
     batch_size = class_image_batch_size(resolution)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"class images of {prompt!r}", unit="batch"):
         indices = missing[start:start + batch_size]

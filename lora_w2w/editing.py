@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_number
 from .errors import SpaceError
-from .space import Space, W2WModel
+from .space import MODEL_SCALE_MAX, Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
 MODELS_PER_COMPONENT = 10  # least squares overfits with fewer than ~10 models per unknown
@@ -154,6 +154,8 @@ def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[s
         raise SpaceError(f"no direction for {', '.join(unknown)}; fitted: {', '.join(directions)}")
     coefficients = model.coefficients.clone().float()
     for name, strength in strengths.items():
+        check_number(strength, f"strength of {name}", minimum=-MODEL_SCALE_MAX, maximum=MODEL_SCALE_MAX,
+                     why="an edit moves the model that many of the dataset's standard deviations")
         shift = directions[name].shift(strength)  # (K,)
         if len(coefficients) < len(shift):  # a model on fewer components gains the direction's
             coefficients = torch.cat([coefficients, coefficients.new_zeros(len(shift) - len(coefficients))])
@@ -166,6 +168,8 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_D
     """For each ±1 attribute: positives, and held-out accuracy / balanced accuracy of sign(C d + b)
     with d fitted on the other models (least squares: b = the training labels' mean, the intercept of
     a fit on centred coefficients; mean difference: the midpoint of the two training classes)."""
+    if space.attributes is None:
+        raise SpaceError("the space has no attribute table (attributes.csv): there are no attributes to list")
     coefficients = _coefficients(space, k, method)
     m = coefficients.shape[0]
     order = np.random.default_rng(seed).permutation(m)
@@ -189,6 +193,11 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_D
         rows.append({"attribute": attribute, "positives": float((labels > 0).float().mean()),
                      "accuracy": float((predicted == truth).float().mean()),
                      "balanced_accuracy": float(np.mean(recalls))})
+    if not rows:
+        names = [str(name) for name in space.attributes.columns]
+        columns = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "none"
+        raise SpaceError(f"the attribute table has no ±1 column with both values among the dataset models (its "
+                         f"columns: {columns}); expected CelebA-style attributes of +1 and -1")
     return pd.DataFrame(rows).set_index("attribute")
 
 

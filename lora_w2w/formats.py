@@ -11,13 +11,16 @@
 - kohya / A1111 / ComfyUI: one safetensors file, keys `lora_unet_<module with _>.lora_down.weight`
   (r x in), `.lora_up.weight` (out x r) and `.alpha` (scaling alpha / r); diffusers converts it.
 
-A file's alpha may differ from the layout's: lora_B is rescaled so that scaling * B @ A is kept.
+A file's alpha may differ from the layout's: lora_B is rescaled so that scaling * B @ A is kept. A PEFT
+folder's adapter_config.json is read as PEFT reads it: use_rslora (scaling alpha / sqrt(r)), alpha_pattern
+and rank_pattern (per layer) change the scaling, and target_modules must cover the layers of the weights.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,8 +29,9 @@ from safetensors.torch import load_file
 
 from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
+from .paths import check_input
 from .schemas import ADAPTER_CONFIG, FLOAT_DTYPES, read_json
-from .storage import Output, atomic_output, holds, read_safetensors_header, torch_load, write_file, write_tensors
+from .storage import Output, atomic_output, owns_only, read_safetensors_header, torch_load, write_file, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -39,7 +43,9 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
-PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=holds(PEFT_CONFIG))
+# what save_peft writes: a folder holding anything else is someone's and is not written into
+PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=owns_only(
+    "|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS))))
 KOHYA_FILE = Output("kohya LoRA file")
 LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 
@@ -133,17 +139,55 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise FileFormatError(f"{path}: corrupt or not a safetensors file ({error})") from None
 
 
-def _rescale(layout: LoraLayout, weights: torch.Tensor, file_alpha: float, file_rank: int, path: Path) -> torch.Tensor:
-    """Express a LoRA saved with scaling file_alpha / file_rank in the layout's scaling."""
-    if file_rank != layout.rank:
-        raise LayoutError(f"{path}: LoRA rank {file_rank}, the layout expects rank {layout.rank}")
-    factor = (file_alpha / file_rank) / layout.scaling
-    if factor == 1.0:
+def _rescale(layout: LoraLayout, weights: torch.Tensor, scalings: dict[str, float]) -> torch.Tensor:
+    """Express a LoRA saved with each layer's `scalings` (layer name -> scaling) in the layout's scaling:
+    each lora_B times its scaling / layout.scaling, so that scaling * B @ A is kept."""
+    factors = {name: scaling / layout.scaling for name, scaling in scalings.items()}
+    if all(factor == 1.0 for factor in factors.values()):
         return weights
     parts = layout.split(weights.clone())
-    for _, lora_b in parts.values():
-        lora_b.mul_(factor)
+    for name, (_, lora_b) in parts.items():
+        lora_b.mul_(factors[name])
     return layout.join(parts)
+
+
+def targeted(name: str, targets: list[str] | str) -> bool:
+    """Whether PEFT's `target_modules` (a list of names or name endings, or a regular expression) puts a
+    LoRA on the module `name`, as peft.tuners.tuners_utils.check_target_module_exists decides (an invalid
+    expression puts none)."""
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error:
+            return False
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def layer_scalings(layout: LoraLayout, config: dict, path: Path) -> dict[str, float]:
+    """Each layer's scaling in a PEFT LoRA of adapter_config.json `config`, as PEFT computes it: lora_alpha / r,
+    or lora_alpha / sqrt(r) with use_rslora, with alpha and r of a layer from alpha_pattern and rank_pattern
+    (matched by PEFT's get_pattern_key). LayoutError naming `path` when a layer gets another rank than the
+    layout's, or target_modules leaves out a layer that the weights hold (PEFT would not load it)."""
+    from peft.utils.other import get_pattern_key
+
+    rank, alpha = int(config.get("r", layout.rank)), float(config.get("lora_alpha", layout.alpha))
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    targets = config.get("target_modules")
+    scalings = {}
+    for layer in layout.layers:
+        if targets is not None and not targeted(layer.name, targets):
+            raise LayoutError(f"{path}: target_modules {targets!r} leaves out {layer.name}, whose weights the LoRA "
+                              f"holds (PEFT would not load them)")
+        try:
+            layer_rank = int(ranks.get(get_pattern_key(ranks.keys(), layer.name), rank))
+            layer_alpha = float(alphas.get(get_pattern_key(alphas.keys(), layer.name), alpha))
+        except re.error as error:
+            raise FileFormatError(f"{path}: a key of rank_pattern or alpha_pattern is not a regular expression "
+                                  f"({error})") from None
+        if layer_rank != layout.rank:
+            raise LayoutError(f"{path}: LoRA rank {layer_rank} for {layer.name}, the layout expects rank {layout.rank}")
+        scalings[layer.name] = layer_alpha / (math.sqrt(layer_rank) if config.get("use_rslora") else layer_rank)
+    return scalings
 
 
 def find_peft_weights(folder: Path) -> Path | None:
@@ -156,7 +200,7 @@ def find_peft_weights(folder: Path) -> Path | None:
 
 def peft_weights_file(path: Path) -> Path:
     """The weights file of a PEFT folder, or `path` itself when it is a file."""
-    if path.is_file():
+    if check_input(path, "a LoRA file or a PEFT LoRA folder").is_file():
         return path
     found = find_peft_weights(path) if path.is_dir() else None
     if found is None:
@@ -197,9 +241,7 @@ def load_peft(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = 
         raise LayoutError(f"{weights_file}: {error}") from None
     config_file = weights_file.parent / PEFT_CONFIG
     if config_file.is_file():
-        config = read_adapter_config(config_file)
-        weights = _rescale(layout, weights, float(config.get("lora_alpha", layout.alpha)),
-                           int(config.get("r", layout.rank)), config_file)
+        weights = _rescale(layout, weights, layer_scalings(layout, read_adapter_config(config_file), config_file))
     return weights
 
 
@@ -254,7 +296,7 @@ def load_kohya(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
         raise LayoutError(f"{path}: {error}") from None
     weights = layout.join({name: (p["lora_down.weight"], p["lora_up.weight"]) for name, p in parts.items()})
     alpha = alphas.pop() if alphas else float(layout.rank)  # kohya: no alpha means alpha = rank
-    return _rescale(layout, weights, alpha, layout.rank, path)
+    return _rescale(layout, weights, {layer.name: alpha / layout.rank for layer in layout.layers})
 
 
 # ----------------------------------------------------------------------------- dispatch

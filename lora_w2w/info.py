@@ -7,6 +7,7 @@ from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
 from .layout import LoraLayout
+from .paths import check_input
 from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table,
                       read_safetensors_header, read_space_files)
 
@@ -73,12 +74,12 @@ def describe(path: Path, trust_pickle: bool = False) -> str:
             return describe_peft(path, trust_pickle)
         raise FileFormatError(f"{path}: neither a w2w space (no {SPACE_JSON}), a weights dataset (no {INDEX_JSON}) nor a "
                               f"PEFT LoRA folder (none of {', '.join(PEFT_WEIGHT_FILES)})")
-    if not path.is_file():
+    if not check_input(path, "a w2w file or folder").is_file():
         raise FileFormatError(f"{path}: no such file or folder")
     if path.suffix == ".bin":
         return describe_peft(path, trust_pickle)
     if path.suffix == ".pt":
-        model = load_model(path)
+        model = load_model(path, trust_pickle)
         return f"original w2w model {path}\n  K            {_count(len(model.coefficients), 'coefficient')}"
     header, _ = read_safetensors_header(path)
     metadata = header.get("__metadata__", {})

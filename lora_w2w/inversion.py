@@ -48,13 +48,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import COUNT, NON_NEGATIVE_NUMBER, POSITIVE, check_int, check_number, check_seed
+from .checks import (COUNT, LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_seed,
+                     check_weight_decay)
 from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, noisy_latents, prepare_image
 from .errors import SpaceError, W2WError
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, check_picture, eight_bit, read_image
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
@@ -88,9 +89,9 @@ class InversionConfig:
         "help": "K, the first K coefficients are optimised: at most the space's K (default: the preset's, at most "
                 "the space's)", "type": COUNT, "flags": ("-k",)})
     lr: float = field(default=0.1, metadata={
-        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": POSITIVE})
+        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": LEARNING_RATE})
     weight_decay: float = field(default=1e-10, metadata={
-        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": NON_NEGATIVE_NUMBER})
+        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": WEIGHT_DECAY})
     steps: int = field(default=400, metadata={"help": "optimiser steps, the original's epochs (default: the preset's)",
                                               "type": COUNT})
     checkpoint_every: int = field(default=50, metadata={
@@ -102,8 +103,8 @@ class InversionConfig:
     def __post_init__(self):
         for name in ("components", "steps", "checkpoint_every", "images_per_step"):
             check_int(getattr(self, name), f"inversion {name}", minimum=1)
-        check_number(self.lr, "inversion lr", above=0.0)
-        check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
+        check_learning_rate(self.lr, "inversion lr")
+        check_weight_decay(self.weight_decay, "inversion weight_decay")
 
 
 PRESETS = {
@@ -134,17 +135,11 @@ def preset(name: str, space: Space | None = None, **overrides) -> InversionConfi
 
 
 def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
-    """A PIL image from a path (loaded now) or as given; W2WError naming the file when it does not open."""
+    """A PIL image from a path (`images.read_image`: loaded now, upright, 8 bits) or as given, within the
+    reader's bounds; W2WError naming the file when it does not open."""
     if isinstance(source, Image.Image):
-        return source
-    try:
-        with Image.open(source) as image:
-            image.load()
-    except FileNotFoundError:
-        raise W2WError(f"{source}: no such {what} file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise W2WError(f"{source}: not a readable {what} ({error})") from None
-    return eight_bit(image, str(source))
+        return check_picture(source, what)
+    return read_image(source, what)
 
 
 def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask") -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -25,6 +26,7 @@ from .checks import (SIZE_STEP, available_memory, check_int, check_number, check
                      resolve_device)
 from .diffusion import image_sizes
 from .errors import ArgumentError, W2WError
+from .estimate import LARGE_GENERATION, JobClock
 from .layout import LoraLayout
 from .network import FusedLora, check_layout
 from .space import Space, W2WModel
@@ -81,13 +83,15 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
                           negative_prompt: str = "", seeds=(0,), num_inference_steps: int = 50,
                           guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                           scale: float = 1.0, edited: torch.Tensor | None = None,
-                          injection_timestep: int | None = None) -> list[Image.Image]:
+                          injection_timestep: int | None = None,
+                          log: Callable[[str], None] | None = None) -> list[Image.Image]:
     """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the UNet (None: the base
-    model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T."""
+    model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T.
+    More than LARGE_GENERATION seeds with a `log`: the first image alone, then the time the rest will take."""
     if (edited is None) != (injection_timestep is None):
         raise W2WError("delayed injection needs both the edited weights and the injection timestep")
     seeds = [check_seed(s) for s in seeds]
-    check_int(num_inference_steps, "steps", minimum=1)
+    check_int(num_inference_steps, "steps", 1, pipe.scheduler.config.num_train_timesteps)  # before diffusers refuses
     check_number(guidance_scale, "guidance scale")
     if injection_timestep is not None:
         check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps)
@@ -109,15 +113,23 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
         return callback_kwargs
 
     delayed = edited is not None
-    try:
+
+    def images_of(batch: list[torch.Generator]) -> list[Image.Image]:
         use(weights if not delayed or injection_timestep < _first_timestep(pipe, num_inference_steps) else edited)
-        result = pipe([prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                      width=width, generator=generators,
-                      callback_on_step_end=swap_before_fine_steps if delayed else None)
+        return pipe([prompt] * len(batch), negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                    width=width, generator=batch,
+                    callback_on_step_end=swap_before_fine_steps if delayed else None).images
+
+    clock = JobClock(len(seeds), "images", LARGE_GENERATION, log)
+    try:
+        if not clock.pending:
+            return images_of(generators)
+        first = images_of(generators[:1])
+        clock.tick()
+        return first + images_of(generators[1:])
     finally:
         use(None)
-    return result.images
 
 
 def num_train_timesteps(base: str) -> int:

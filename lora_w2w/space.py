@@ -19,6 +19,16 @@ from .errors import SpaceError
 from .layout import LoraLayout
 
 TRIGGER_PROMPT = "sks person"
+# A model whose coefficients' norm passes MODEL_SCALE_MAX times the dataset models' typical norm in the same
+# components (the root of the dataset's variance there) is refused where it is used: dataset models lie near
+# 1 times it, sampling at factor f near f times, an edit of a few standard deviations moves a model by a
+# fraction of it; a model a million standard deviations out draws noise or black images.
+MODEL_SCALE_MAX = 1000.0
+# The largest |coefficient| a model holds at all, whatever its space: MODEL_SCALE_MAX times the typical norm
+# of a space of 10^8 numbers per LoRA (each standardized number has variance 1, so at most sqrt(10^8));
+# SDXL's and Flux's rank-1 LoRAs have about 7 x 10^5 numbers.
+COEFFICIENT_MAX = MODEL_SCALE_MAX * 1e4
+REAL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what coefficients may be
 
 
 def standardize(weights: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -118,6 +128,14 @@ class Space:
         norm = z.norm(dim=-1)
         return torch.where(norm > 0, rest.norm(dim=-1) / norm, torch.zeros_like(norm))
 
+    def typical_norm(self, k: int) -> float:
+        """The root mean square norm of the dataset models' first k coefficients: the root of the variance
+        they explain (explained_variance), or, for a space without it, the root of the number of weights
+        of nonzero std (the standardized dataset's whole variance, which bounds it)."""
+        if self.explained_variance is not None:
+            return float(self.explained_variance[:k].double().clamp(min=0).sum().sqrt())
+        return float((self.std > 0).sum()) ** 0.5
+
     def unproject(self, coefficients: torch.Tensor) -> torch.Tensor:
         """coefficients (..., k), k <= K -> weights (..., N); differentiable in the coefficients."""
         k = self.check_k(coefficients.shape[-1])
@@ -169,7 +187,14 @@ class W2WModel:
             self.coefficients = self.coefficients[0]  # the original saves (1, k)
         if self.coefficients.ndim != 1:
             raise SpaceError(f"model coefficients must be (k,) or (1, k), got {tuple(self.coefficients.shape)}")
+        if self.coefficients.dtype not in REAL_FLOAT_DTYPES:
+            raise SpaceError(f"model coefficients of dtype {str(self.coefficients.dtype).removeprefix('torch.')}; "
+                             f"expected real floating point numbers (float16, bfloat16, float32 or float64)")
         check_finite(self.coefficients, "model coefficients")
+        largest = float(self.coefficients.abs().max()) if len(self.coefficients) else 0.0
+        if largest > COEFFICIENT_MAX:
+            raise SpaceError(f"model coefficients reach |c| = {largest:.3g}; expected at most {COEFFICIENT_MAX:.0e}: "
+                             f"no space's model lies that far from its dataset")
 
     def weights(self, space: Space) -> torch.Tensor:
         """The model's flat LoRA weights (N,) in `space`; SpaceError when they hold NaN/inf (a space whose
@@ -180,6 +205,13 @@ class W2WModel:
         return weights
 
     def check_space(self, space: Space) -> None:
+        """SpaceError when the model belongs to another space, has more coefficients than the space has
+        components, or lies further than MODEL_SCALE_MAX times the dataset's typical norm from its mean."""
         if self.space_id is not None and self.space_id != space.id:
             raise SpaceError(f"the model belongs to space {self.space_id}, not to this space ({space.id})")
-        space.check_k(len(self.coefficients))
+        k = space.check_k(len(self.coefficients))
+        norm, typical = float(self.coefficients.double().norm()), space.typical_norm(k)
+        if norm > MODEL_SCALE_MAX * typical:
+            raise SpaceError(f"the model's coefficients have norm {norm:.3g}, {norm / max(typical, 1e-300):.3g} times "
+                             f"the typical norm of the space's dataset models ({typical:.3g}); expected at most "
+                             f"{MODEL_SCALE_MAX:g} times: a model that far from the dataset draws noise")

@@ -442,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except W2WError as error:
         print(f"w2w train-identities: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished identities and the last checkpoint are kept: a rerun goes on from them
+        print("w2w train-identities: interrupted", file=sys.stderr)
+        return 130
     print(f"trained {len(trained)} identities into {args.output_root}")
     if refused:
         print(f"w2w train-identities: error: {len(refused)} identity folders refused: {', '.join(refused)}",

@@ -216,14 +216,16 @@ class Workbench:
 
     def images(self, model: W2WModel | None = None, prompt: str | None = None, *, edited: W2WModel | None = None,
                injection_timestep: int | None = None, negative_prompt: str = "", seeds: Sequence[int] = (0,),
-               steps: int = 50, guidance: float = 7.5, size: int | None = None) -> list[Image.Image]:
+               steps: int = 50, guidance: float = 7.5, size: int | None = None,
+               log: Callable[[str], None] | None = None) -> list[Image.Image]:
         """One image per seed of `prompt` (default: the space's) with `model` fused into the UNet, or the base
         model alone (model None; with a prompt it needs no space). Delayed injection: `edited` for the
-        timesteps t <= `injection_timestep`."""
+        timesteps t <= `injection_timestep`. `log` hears the estimated time of a job of many seeds."""
         from .pipeline import generate, generate_from_weights
 
         settings = dict(negative_prompt=negative_prompt, seeds=list(seeds), num_inference_steps=steps,
-                        guidance_scale=guidance, height=size, width=size, injection_timestep=injection_timestep)
+                        guidance_scale=guidance, height=size, width=size, injection_timestep=injection_timestep,
+                        log=log)
         with self.lock:
             pipe = self.pipeline("generate")
             if model is None and edited is None and prompt is not None:

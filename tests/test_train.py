@@ -305,6 +305,12 @@ def test_train_identities_flags_are_kebab_case_and_take_the_original_spellings(c
     with pytest.raises(SystemExit):
         train_identities.parse_args(["--instance-root", "i", "--output-root", "o", "--max_train_steps", "0"])
     assert "--max-train-steps must be >= 1, got 0" in capsys.readouterr().err  # named as --help names it
+    for flag, value, message in (("--learning_rate", "1e300", "--learning-rate: expected a number <= 10000, got "
+                                                              "1e+300: Adam moves each parameter"),
+                                 ("--adam_weight_decay", "nan", "--adam-weight-decay: expected a finite number")):
+        with pytest.raises(SystemExit):  # a number torch cannot use, refused before any model loads
+            train_identities.parse_args(["--instance-root", "i", "--output-root", "o", flag, value])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     shown = capsys.readouterr().out  # the original's script keeps the original's spellings
