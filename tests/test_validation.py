@@ -422,10 +422,10 @@ def test_image_bombs_strips_and_special_files_are_one_line_before_any_decoding(t
 
 def test_a_phone_photo_is_read_upright_by_its_exif_orientation(tmp_path):
     """A portrait photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to show), as
-    phones save them: read upright, the face cascade finds the astronaut's face, as in the upright photo."""
+    phones save them: read upright, dlib finds the astronaut's face, as in the upright photo."""
     from skimage.data import astronaut
 
-    from lora_w2w.faces import largest_face
+    from lora_w2w.faces import find_face
     from lora_w2w.images import read_image
 
     upright = Image.fromarray(astronaut())                                  # 512 x 512, one face
@@ -435,8 +435,8 @@ def test_a_phone_photo_is_read_upright_by_its_exif_orientation(tmp_path):
     stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     picture = read_image(tmp_path / "phone.jpg")
     assert np.abs(np.asarray(picture, np.float64) - np.asarray(upright, np.float64)).mean() < 4  # JPEG noise
-    found, expected = largest_face(picture, "phone.jpg"), largest_face(upright, "upright")
-    assert max(abs(found.top - expected.top), abs(found.left - expected.left), abs(found.size - expected.size)) <= 2
+    found, expected = find_face(picture, "phone.jpg"), find_face(upright, "upright")
+    assert np.abs(np.subtract(found.box, expected.box)).max() <= 2  # (left, top, right, bottom)
 
 
 def test_fifos_given_as_any_input_are_refused_before_they_are_opened(saved, capsys):
