@@ -38,6 +38,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .bases import family_of  # noqa: E402
 from .cli import DEFAULT_MAX_UPLOAD, DEFAULT_SPACE  # noqa: E402
 from .diffusion import image_sizes  # noqa: E402
 from .editing import apply_edits, attribute_directions  # noqa: E402
@@ -45,7 +46,6 @@ from .errors import NoFaceError, W2WError  # noqa: E402
 from .formats import save_lora  # noqa: E402
 from .inversion import (AUTO_MASK, CROPS, PRESETS, Photo, invert, open_image, photo_targets, preset,  # noqa: E402
                         read_photos)
-from .network import check_layout  # noqa: E402
 from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline  # noqa: E402
 from .sampling import sample_models  # noqa: E402
 from .space import W2WModel  # noqa: E402
@@ -183,7 +183,8 @@ class Engine:
         self.config = config
         self.space = load_space(config.space)
         self.pipe = load_base_pipeline(config.base, config.device, progress=False)
-        check_layout(self.pipe.unet, self.space.layout)  # a space of another base fails before any request
+        self.family = family_of(self.pipe)
+        self.family.check_layout(self.family.network(self.pipe), self.space.layout)  # another base's space: refused
         self.attributes = binary_attributes(self.space)
         self.lock = threading.Lock()
         self._outputs = tempfile.TemporaryDirectory(prefix="w2w-app-")  # files handed to Gradio; gone at exit
@@ -268,8 +269,9 @@ class Engine:
         weights = model.weights(self.space)
         if fmt == "kohya":
             return str(save_lora(self.space.layout, weights, folder / f"{name}_kohya.safetensors", "kohya",
-                                 self.space.base_model))
-        peft = save_lora(self.space.layout, weights, folder / f"{name}_peft", "peft", self.space.base_model)
+                                 self.space.base_model, self.family.lora_naming()))
+        peft = save_lora(self.space.layout, weights, folder / f"{name}_peft", "peft", self.space.base_model,
+                         self.family.lora_naming())
         return shutil.make_archive(str(peft), "zip", root_dir=peft)
 
 

@@ -39,12 +39,23 @@ def _parse_edit(text: str) -> tuple[str, float]:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_info(args) -> None:
-    from .info import describe
+    from .info import describe, describe_reference
 
-    print(describe(Path(args.path), args.trust_pickle))
+    if (args.path is None) == (args.layout is None):
+        raise W2WError("info needs either PATH (a file or folder) or --layout NAME (a full-size network)")
+    if args.layout is None and (args.target_modules or args.rank):
+        raise W2WError("--target-modules and --rank go with --layout")
+    if args.layout:
+        from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES
+
+        print(describe_reference(args.layout, tuple(args.target_modules or DEFAULT_TARGET_MODULES),
+                                 args.rank or DEFAULT_RANK))
+    else:
+        print(describe(Path(args.path), args.trust_pickle))
 
 
 def cmd_export(args) -> None:
+    from .bases import lora_naming_of_base
     from .formats import LORA_OUTPUTS, save_lora
     from .storage import check_output, load_model, load_space
 
@@ -66,7 +77,7 @@ def cmd_export(args) -> None:
         space = load_space(args.space, k=len(model.coefficients))
         layout, weights, base_model = space.layout, model.weights(space), space.base_model
         what = "w2w model"
-    out = save_lora(layout, weights, args.out, args.format, base_model)
+    out = save_lora(layout, weights, args.out, args.format, base_model, lora_naming_of_base(args.base, layout))
     print(f"wrote {what} as {args.format} LoRA {out}")
 
 
@@ -136,12 +147,13 @@ def cmd_import_official(args) -> None:
 
 
 def cmd_project(args) -> None:
+    from .bases import lora_naming_of_base
     from .formats import load_lora
     from .space import W2WModel, check_finite
     from .storage import load_space, save_model
 
     space = load_space(args.space, k=args.components)  # memory-mapped: only the first K components are read
-    weights = load_lora(space.layout, args.lora, args.trust_pickle)
+    weights = load_lora(space.layout, args.lora, args.trust_pickle, lora_naming_of_base(args.base, space.layout))
     check_finite(weights, f"the weights of {args.lora}")
     coefficients = space.project(weights)
     residual = float(space.residual(weights, coefficients))
@@ -184,12 +196,14 @@ def cmd_generate(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .bases import lora_naming_of_base
     from .formats import save_lora
     from .sampling import iter_sample_models
     from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, load_space, output_lock, save_model
 
     out = check_output(args.out, FILES_FOLDER, [args.space])
     space = load_space(args.space)
+    naming = lora_naming_of_base(args.base, space.layout) if args.export else None
     models = iter_sample_models(space, args.num, args.seed, args.components, args.factor)  # one at a time
     k = min(args.components or space.coefficients.shape[1], space.coefficients.shape[1])
     lora_files = {None: 0, "kohya": 1, "peft": 2}[args.export]  # a PEFT folder holds the weights twice
@@ -201,7 +215,8 @@ def cmd_sample(args) -> None:
             model_file = out / f"sample_{i:03d}.safetensors"
             save_model(model, model_file)
             if args.export:
-                save_lora(space.layout, weights, export_path(model_file, args.export), args.export, space.base_model)
+                save_lora(space.layout, weights, export_path(model_file, args.export), args.export, space.base_model,
+                          naming)
     print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
@@ -272,6 +287,7 @@ def cmd_invert(args) -> None:
     import torch
     from PIL import Image
 
+    from .bases import family_of_base
     from .formats import LORA_OUTPUTS, save_lora
     from .inversion import invert_file, preset
     from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model, save_png
@@ -304,7 +320,7 @@ def cmd_invert(args) -> None:
             print(f"wrote {what} of {photo.name}: {path}")
     if args.export:
         path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
-                         space.base_model)
+                         space.base_model, family_of_base(args.base).lora_naming())  # the layout fits: inverted
         print(f"wrote {args.export} LoRA {path}")
 
 
@@ -344,6 +360,15 @@ def add_space(parser) -> None:
                         help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
 
 
+def add_naming_base(parser) -> None:
+    """--base for the commands that write or read LoRA files but run no model: the key names of its family."""
+    parser.add_argument("--base", default=None,
+                        help="the base pipeline the space was built for, a folder or hub id of which only the config "
+                             "files are read: its family names the LoRA's keys (SDXL: kohya's input_blocks names) "
+                             "and its network must have the space's layout (default: Stable Diffusion 1 and 2's "
+                             "names, those of the tiny world and of the released files)")
+
+
 def add_base(parser) -> None:
     """--base and --device: the pipeline a command runs."""
     parser.add_argument("--base", default=DEFAULT_BASE,
@@ -354,12 +379,22 @@ def add_base(parser) -> None:
 
 
 def add_info_parser(commands) -> None:
+    from .layout import REFERENCE_NETWORKS
+
     info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
                                            "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
-                                           "id) or a LoRA (format, layers, rank).")
-    info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
-                                   "folder or a kohya file")
+                                           "id) or a LoRA (format, layers, rank). With --layout NAME instead: the "
+                                           "LoRA layout of a full-size base network, built on the meta device from "
+                                           "its config shipped with w2w (no download): N and every layer.")
+    info.add_argument("path", nargs="?", help="a space directory, a weights dataset directory, a model "
+                                              ".safetensors/.pt, a PEFT folder or a kohya file")
+    info.add_argument("--layout", choices=tuple(REFERENCE_NETWORKS), default=None,
+                      help="instead of PATH: " + "; ".join(f"{name}: {what}" for name, (what, _) in
+                                                           REFERENCE_NETWORKS.items()))
+    info.add_argument("--target-modules", nargs="+", default=None,
+                      help="with --layout: the Linear layers that get a LoRA (default: to_q to_v, as the paper)")
+    info.add_argument("--rank", type=COUNT, default=None, help="with --layout: the LoRA rank (default: 1)")
     info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
@@ -377,6 +412,7 @@ def add_export_parser(commands) -> None:
                         help="peft: a folder for pipe.load_lora_weights / PeftModel.from_pretrained; "
                              "kohya: one .safetensors for A1111, ComfyUI and diffusers (default: %(default)s)")
     export.add_argument("--out", required=True, help="output folder (peft) or .safetensors file (kohya)")
+    add_naming_base(export)
     export.set_defaults(run=cmd_export)
 
 
@@ -413,6 +449,7 @@ def add_project_parser(commands) -> None:
                          help="K, components projected on (default: all of the space's)")
     project.add_argument("--out", required=True, help="model file to write (.safetensors)")
     project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
+    add_naming_base(project)
     project.set_defaults(run=cmd_project)
 
 
@@ -453,6 +490,7 @@ def add_sample_parser(commands) -> None:
     sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
+    add_naming_base(sample)
     sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
     sample.set_defaults(run=cmd_sample)
 

@@ -32,3 +32,7 @@ class OutputError(W2WError):
 
 class NoFaceError(W2WError):
     """A photograph in which the face detector finds no face."""
+
+
+class FamilyError(W2WError):
+    """A base pipeline of no family w2w knows (bases.FAMILIES)."""
