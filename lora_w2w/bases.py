@@ -291,8 +291,8 @@ def sgm_module(module: str, layers_per_block: int) -> str:
         return "middle_block.1." + module.removeprefix("mid_block.attentions.0.")
     match = _UNET_BLOCK.fullmatch(module)
     if match is None:
-        raise LayoutError(f"{module}: kohya's SDXL names cover the UNet's attention blocks (down_blocks.B.attentions.J, "
-                          f"mid_block.attentions.0, up_blocks.B.attentions.J), not this layer")
+        raise LayoutError(f"{module}: kohya's SDXL names cover the UNet's attention blocks (down_blocks.B."
+                          f"attentions.J, mid_block.attentions.0, up_blocks.B.attentions.J), not this layer")
     block, layer, stride = int(match["block"]), int(match["layer"]), layers_per_block + 1
     if match["kind"] == "down_blocks":
         return f"input_blocks.{1 + block * stride + layer}.1.{match['rest']}"
@@ -349,7 +349,10 @@ def family_of_base(base: str) -> Family:
                                             read(loader, family.network_name, f"{family.network_name}'s config"))
         return configs[family.network_name]
 
-    family = choose_family(pipeline_class, network_config)
+    try:
+        family = choose_family(pipeline_class, network_config)
+    except FamilyError as error:
+        raise FamilyError(f"{base}: {error}") from None
     return family(network_config(family), read(diffusers.DDPMScheduler, "scheduler", "scheduler's config"))
 
 
