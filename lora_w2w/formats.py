@@ -59,13 +59,14 @@ class LoraNaming:
     """How a base family's LoRA files name the layers of its network (the defaults: Stable Diffusion 1's)."""
 
     network: str = "unet"  # diffusers' keys `<network>.<module>...`: the pipeline attribute load_lora_weights fills
+    kohya_prefix: str = KOHYA_PREFIX  # what kohya-style keys start with
     kohya_module: Callable[[str], str] = same_module  # diffusers' module path -> the one kohya-style keys spell
     kohya_metadata: dict[str, str] = field(default_factory=lambda: {"ss_base_model_version": "sd_v1"})
 
     def kohya_name(self, module: str) -> str:
         """'down_blocks.0.attentions.0...attn1.to_q' -> 'lora_unet_down_blocks_0_attentions_0_..._attn1_to_q'
         (through `kohya_module` first)."""
-        return KOHYA_PREFIX + self.kohya_module(module).replace(".", "_")
+        return self.kohya_prefix + self.kohya_module(module).replace(".", "_")
 
 
 SD_NAMING = LoraNaming()
@@ -302,7 +303,7 @@ def load_lora(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         keys = read_safetensors_header(path)[0].keys() - {"__metadata__"}
-        if keys and all(key.startswith(KOHYA_PREFIX) for key in keys):
+        if keys and all(key.startswith(naming.kohya_prefix) for key in keys):
             return load_kohya(layout, path, naming)
     return load_peft(layout, path, trust_pickle)
 
