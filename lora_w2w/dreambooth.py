@@ -341,12 +341,12 @@ def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: Shared
 
 
 def lora_layout(base: Base, args: argparse.Namespace) -> LoraLayout:
-    """The LoRA layout for the flags; an error before training when the UNet lacks the target modules."""
+    """The LoRA layout for the flags; an error before training when the network lacks the target modules."""
     try:
         return LoraLayout.from_unet(base.network, args.lora_target_modules, args.lora_r, args.lora_alpha)
     except W2WError:
-        raise W2WError(f"{args.pretrained_model_name_or_path}: the {base.family.network_name} has no Linear layer named "
-                       f"{args.lora_target_modules} to put a LoRA on") from None
+        raise W2WError(f"{args.pretrained_model_name_or_path}: the {type(base.network).__name__} has no Linear layer "
+                       f"named {args.lora_target_modules} to put a LoRA on") from None
 
 
 # ----------------------------------------------------------------------------- one identity (train_dreambooth.py)
