@@ -5,8 +5,9 @@ A family is chosen from the loaded pipeline's class and its network's config, ne
 before any weights load. A family says
 
 - how a prompt becomes the network's conditioning (`encode_prompt`, as the pipeline computes it);
-- which network carries the LoRA (`network`: pipe.unet or pipe.transformer) and its default target
-  layers (`target_modules`: to_q and to_v of every attention, as the paper; the flags change them);
+- which network carries the LoRA (`network`: pipe.unet or pipe.transformer); its target layers are
+  named as in every family (`layout.DEFAULT_TARGET_MODULES`: to_q and to_v of every attention, as the
+  paper; the --lora-target-modules flag changes them);
 - the training and inversion target (`training_scheduler`, `noisy_latents`: the noise or the velocity,
   from the scheduler's `prediction_type`) and how the network is called on noisy latents (`predict`);
 - the generation call (`generate`) and how latents are encoded (`diffusion.latent_factors`: the VAE's
@@ -46,7 +47,7 @@ from torch import nn
 from .diffusion import StepBatch, encode_prompt, image_sizes, noisy_latents
 from .errors import FamilyError, LayoutError, W2WError
 from .formats import LoraNaming
-from .layout import DEFAULT_TARGET_MODULES, LoraLayout
+from .layout import LoraLayout
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,6 @@ class Family(abc.ABC):
     pipeline: ClassVar[str]          # the diffusers pipeline class (or a base class of it)
     told_apart: ClassVar[str] = ""   # what tells it from other families of the same pipeline class
     network_name: ClassVar[str]      # the pipeline attribute of the network that carries the LoRA
-    target_modules: ClassVar[tuple[str, ...]] = DEFAULT_TARGET_MODULES
     loading_arguments: ClassVar[dict] = {}  # extra from_pretrained arguments
 
     def __init__(self, network_config: Mapping, scheduler_config: Mapping):

@@ -29,8 +29,9 @@ from .images import eight_bit
 # ----------------------------------------------------------------------------- images
 
 def image_sizes(pipe) -> tuple[int, int]:
-    """(image resolution R, latent size h) of anything with a `unet` and a `vae` (a pipeline, the frozen
-    training base): (512, 64) for SD1.5, (64, 16) for the tiny world. Each VAE stage but the last halves R."""
+    """(image resolution R, latent size h) of anything with a `unet` and a `vae` (a pipeline of a UNet family;
+    `bases.Family.image_sizes` for any family): (512, 64) for SD1.5, (64, 16) for the tiny world. Each VAE
+    stage but the last halves R."""
     latent_size = int(pipe.unet.config.sample_size)
     return latent_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1), latent_size
 
