@@ -46,7 +46,7 @@ from torch import nn
 
 from .diffusion import StepBatch, encode_prompt, image_sizes, noisy_latents
 from .errors import FamilyError, LayoutError, W2WError
-from .formats import LoraNaming
+from .formats import SD_NAMING, LoraNaming
 from .layout import LoraLayout
 
 
@@ -361,7 +361,7 @@ def lora_naming_of_base(base: str | None, layout: LoraLayout) -> LoraNaming:
     checking from its config files alone (a meta-device network, no weights) that the layout fits its
     network; Stable Diffusion 1's names for no base."""
     if base is None:
-        return LoraNaming()
+        return SD_NAMING
     family = family_of_base(base)
     family.check_layout(family.meta_network(), layout)
     return family.lora_naming()

@@ -51,6 +51,7 @@ LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writ
 
 
 def same_module(module: str) -> str:
+    """A module path as it is: kohya-style files of Stable Diffusion 1 and 2 spell diffusers' own."""
     return module
 
 
