@@ -233,6 +233,23 @@ def test_sd2_is_told_from_sd1_by_its_unet_and_takes_its_target_from_the_schedule
     assert isinstance(sd1, StableDiffusion1) and not isinstance(sd1, StableDiffusion2)
 
 
+def test_latents_are_the_vaes_shifted_and_scaled_as_its_config_says():
+    """x_0 = (z - shift) * scaling with the VAE config's factors: SD's have no shift, FLUX.1's VAE has one."""
+    from lora_w2w.diffusion import StepSampler, latent_factors, noisy_latents
+
+    assert latent_factors(tiny_vae()) == (0.18215, None)
+    flux_like = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, latent_channels=4, scaling_factor=0.3611,
+                              shift_factor=0.1159)
+    scaling, shift = latent_factors(flux_like)
+    assert (scaling, shift) == (0.3611, 0.1159)
+    batch = StepSampler(0, num_instance=1, num_class=0, batch_size=2, latent_shape=(4, 2, 2),
+                        num_train_timesteps=1000).next()
+    mean, std, scheduler = torch.randn(2, 4, 2, 2), torch.rand(2, 4, 2, 2), DDPMScheduler()
+    noisy, _, _ = noisy_latents(mean, std, batch, scaling_factor=scaling, scheduler=scheduler, shift_factor=shift)
+    latents = (mean + std * batch.latent_noise - shift) * scaling
+    assert torch.equal(noisy, scheduler.add_noise(latents, batch.noise, batch.timesteps))
+
+
 def test_sdxl_conditioning_is_what_its_pipeline_gives_the_unet(tmp_path):
     """Two encoders' hidden states, the pooled embedding and add_time_ids (R, R, 0, 0, R, R): the UNet call
     of the pipeline itself (no guidance, so one conditioning) gets the same."""
