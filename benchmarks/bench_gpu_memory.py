@@ -99,7 +99,7 @@ def default_of(function, parameter: str):
 def dreambooth_defaults() -> argparse.Namespace:
     """The defaults of the flags of train_dreambooth.py and w2w train-identities (the paper's recipe)."""
     parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser)
+    add_dreambooth_arguments(parser, kebab=False)
     return parser.parse_args([])
 
 
