@@ -38,12 +38,23 @@ def _parse_edit(text: str) -> tuple[str, float]:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_info(args) -> None:
-    from .info import describe
+    from .info import describe, describe_reference
 
-    print(describe(Path(args.path), args.trust_pickle))
+    if (args.path is None) == (args.layout is None):
+        raise W2WError("info needs either PATH (a file or folder) or --layout NAME (a full-size network)")
+    if args.layout is None and (args.target_modules or args.rank):
+        raise W2WError("--target-modules and --rank go with --layout")
+    if args.layout:
+        from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES
+
+        print(describe_reference(args.layout, tuple(args.target_modules or DEFAULT_TARGET_MODULES),
+                                 args.rank or DEFAULT_RANK))
+    else:
+        print(describe(Path(args.path), args.trust_pickle))
 
 
 def cmd_export(args) -> None:
+    from .bases import lora_naming_of_base
     from .formats import LORA_OUTPUTS, save_lora
     from .storage import check_output
 
@@ -55,7 +66,7 @@ def cmd_export(args) -> None:
     if args.model:
         from .workbench import Workbench
 
-        bench = Workbench(space=args.space)
+        bench = Workbench(args.base, args.space)  # the base's config files name the LoRA's keys
         out = bench.export(bench.load(args.model), args.format, args.out)
         print(f"wrote w2w model as {args.format} LoRA {out}")
         return
@@ -64,7 +75,8 @@ def cmd_export(args) -> None:
     dataset = WeightsDataset(args.dataset)
     key = args.dataset_model
     row = dataset.row(int(key) if key not in dataset.names and key.lstrip("-").isdigit() else key)
-    out = save_lora(dataset.layout, dataset[row], args.out, args.format, dataset.base_model)
+    out = save_lora(dataset.layout, dataset[row], args.out, args.format, dataset.base_model,
+                    lora_naming_of_base(args.base, dataset.layout))
     print(f"wrote dataset model {dataset.names[row]!r} as {args.format} LoRA {out}")
 
 
@@ -154,9 +166,9 @@ def cmd_project(args) -> None:
     from .space import W2WModel, check_finite
     from .workbench import Workbench
 
-    bench = Workbench(space=args.space)  # memory-mapped: only the first K components are read
+    bench = Workbench(args.base, args.space)  # memory-mapped: only the first K components are read
     space = bench.space if args.components is None else bench.space.truncate(args.components)
-    weights = load_lora(space.layout, args.lora, args.trust_pickle)
+    weights = load_lora(space.layout, args.lora, args.trust_pickle, bench.lora_naming())
     check_finite(weights, f"the weights of {args.lora}")
     coefficients = space.project(weights)
     residual = float(space.residual(weights, coefficients))
@@ -198,7 +210,9 @@ def cmd_sample(args) -> None:
     from .workbench import Workbench, export_path
 
     out = check_output(args.out, FILES_FOLDER, [args.space])
-    bench = Workbench(space=args.space)
+    bench = Workbench(args.base, args.space)  # the base's config files name the exported LoRAs' keys
+    if args.export:
+        bench.lora_naming()  # a base of another family is refused before any file
     models = bench.sample(args.num, args.seed, args.components, args.factor)  # one at a time
     k = min(args.components or bench.space.coefficients.shape[1], bench.space.coefficients.shape[1])
     lora_files = {None: 0, "kohya": 1, "peft": 2}[args.export]  # a PEFT folder holds the weights twice
@@ -333,6 +347,15 @@ def add_space(parser) -> None:
                         help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
 
 
+def add_naming_base(parser) -> None:
+    """--base for the commands that write or read LoRA files but run no model: the key names of its family."""
+    parser.add_argument("--base", default=None,
+                        help="the base pipeline the space was built for, a folder or hub id of which only the config "
+                             "files are read: its family names the LoRA's keys (SDXL: kohya's input_blocks names) "
+                             "and its network must have the space's layout (default: Stable Diffusion 1 and 2's "
+                             "names, those of the tiny world and of the released files)")
+
+
 def add_base(parser) -> None:
     """--base and --device: the pipeline a command runs."""
     parser.add_argument("--base", default=DEFAULT_BASE,
@@ -343,12 +366,22 @@ def add_base(parser) -> None:
 
 
 def add_info_parser(commands) -> None:
+    from .layout import REFERENCE_NETWORKS
+
     info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
                                            "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
-                                           "id) or a LoRA (format, layers, rank).")
-    info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
-                                   "folder or a kohya file")
+                                           "id) or a LoRA (format, layers, rank). With --layout NAME instead: the "
+                                           "LoRA layout of a full-size base network, built on the meta device from "
+                                           "its config shipped with w2w (no download): N and every layer.")
+    info.add_argument("path", nargs="?", help="a space directory, a weights dataset directory, a model "
+                                              ".safetensors/.pt, a PEFT folder or a kohya file")
+    info.add_argument("--layout", choices=tuple(REFERENCE_NETWORKS), default=None,
+                      help="instead of PATH: " + "; ".join(f"{name}: {what}" for name, (what, _) in
+                                                           REFERENCE_NETWORKS.items()))
+    info.add_argument("--target-modules", nargs="+", default=None,
+                      help="with --layout: the Linear layers that get a LoRA (default: to_q to_v, as the paper)")
+    info.add_argument("--rank", type=COUNT, default=None, help="with --layout: the LoRA rank (default: 1)")
     info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
@@ -366,6 +399,7 @@ def add_export_parser(commands) -> None:
                         help="peft: a folder for pipe.load_lora_weights / PeftModel.from_pretrained; "
                              "kohya: one .safetensors for A1111, ComfyUI and diffusers (default: %(default)s)")
     export.add_argument("--out", required=True, help="output folder (peft) or .safetensors file (kohya)")
+    add_naming_base(export)
     export.set_defaults(run=cmd_export)
 
 
@@ -434,6 +468,7 @@ def add_project_parser(commands) -> None:
                          help="K, components projected on (default: all of the space's)")
     project.add_argument("--out", required=True, help="model file to write (.safetensors)")
     project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
+    add_naming_base(project)
     project.set_defaults(run=cmd_project)
 
 
@@ -474,6 +509,7 @@ def add_sample_parser(commands) -> None:
     sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
+    add_naming_base(sample)
     sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
     sample.set_defaults(run=cmd_sample)
 

@@ -14,6 +14,9 @@
 A file's alpha may differ from the layout's: lora_B is rescaled so that scaling * B @ A is kept. A PEFT
 folder's adapter_config.json is read as PEFT reads it: use_rslora (scaling alpha / sqrt(r)), alpha_pattern
 and rank_pattern (per layer) change the scaling, and target_modules must cover the layers of the weights.
+Key names beyond PEFT's are a base family's (`LoraNaming`, given by `bases.Family.lora_naming`): the
+network diffusers loads a LoRA into (`unet.` keys), and the module names kohya-style files use (SD1/SD2:
+diffusers' own, `lora_unet_down_blocks_0_...`; SDXL: kohya sd-scripts' `lora_unet_input_blocks_4_1_...`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -50,6 +55,29 @@ KOHYA_FILE = Output("kohya LoRA file")
 LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 
 
+def same_module(module: str) -> str:
+    """A module path as it is: kohya-style files of Stable Diffusion 1 and 2 spell diffusers' own."""
+    return module
+
+
+@dataclass(frozen=True)
+class LoraNaming:
+    """How a base family's LoRA files name the layers of its network (the defaults: Stable Diffusion 1's)."""
+
+    network: str = "unet"  # diffusers' keys `<network>.<module>...`: the pipeline attribute load_lora_weights fills
+    kohya_prefix: str = KOHYA_PREFIX  # what kohya-style keys start with
+    kohya_module: Callable[[str], str] = same_module  # diffusers' module path -> the one kohya-style keys spell
+    kohya_metadata: dict[str, str] = field(default_factory=lambda: {"ss_base_model_version": "sd_v1"})
+
+    def kohya_name(self, module: str) -> str:
+        """'down_blocks.0.attentions.0...attn1.to_q' -> 'lora_unet_down_blocks_0_attentions_0_..._attn1_to_q'
+        (through `kohya_module` first)."""
+        return self.kohya_prefix + self.kohya_module(module).replace(".", "_")
+
+
+SD_NAMING = LoraNaming()
+
+
 def _weights(layout: LoraLayout, weights: torch.Tensor) -> torch.Tensor:
     weights = weights.detach().to("cpu", torch.float32)
     if weights.ndim == 2 and weights.shape[0] == 1:
@@ -73,16 +101,18 @@ def _lora_config(layout: LoraLayout, base_model: str) -> dict:
 # ----------------------------------------------------------------------------- PEFT / diffusers folder
 
 def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.PathLike, base_model: str = "",
-              training: dict | None = None) -> Path:
+              training: dict | None = None, naming: LoraNaming = SD_NAMING) -> Path:
     """Write weights (N,) as a PEFT/diffusers LoRA folder; `training`, the settings it was trained with,
-    goes into the metadata of adapter_model.safetensors (`recorded_training` reads it)."""
+    goes into the metadata of adapter_model.safetensors (`recorded_training` reads it); diffusers' file
+    names the family's network (`naming.network`)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # where diffusers reads a LoRA's config from
 
     weights = _weights(layout, weights)
     state = layout.to_peft_state_dict(weights)
     config = _lora_config(layout, base_model)
-    diffusers_state = {"unet." + key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
-    metadata = {"unet." + key: value for key, value in
+    network = naming.network + "."
+    diffusers_state = {network + key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
+    metadata = {network + key: value for key, value in
                 {"r": layout.rank, "lora_alpha": layout.alpha, "target_modules": sorted(layout.target_modules)}.items()}
     with atomic_output(directory, PEFT_FOLDER) as tmp:
         tmp.mkdir()
@@ -247,38 +277,36 @@ def load_peft(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = 
 
 # ----------------------------------------------------------------------------- kohya / A1111 / ComfyUI
 
-def kohya_name(module: str) -> str:
-    """'down_blocks.0.attentions.0...attn1.to_q' -> 'lora_unet_down_blocks_0_attentions_0_..._attn1_to_q'."""
-    return KOHYA_PREFIX + module.replace(".", "_")
-
-
-def save_kohya(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike, base_model: str = "") -> Path:
-    """Write weights (N,) as a kohya-style LoRA .safetensors file."""
+def save_kohya(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike, base_model: str = "",
+               naming: LoraNaming = SD_NAMING) -> Path:
+    """Write weights (N,) as a kohya-style LoRA .safetensors file, keys and base model version as the
+    family's `naming` says."""
     weights = _weights(layout, weights)
     state = {}
     for name, (lora_a, lora_b) in layout.split(weights).items():
-        key = kohya_name(name)
+        key = naming.kohya_name(name)
         state[f"{key}.lora_down.weight"] = lora_a.contiguous()  # (r, in)
         state[f"{key}.lora_up.weight"] = lora_b.contiguous()    # (out, r)
         state[f"{key}.alpha"] = torch.tensor(float(layout.alpha))
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(layout.rank),
-                "ss_network_alpha": str(layout.alpha), "ss_base_model_version": "sd_v1",
+                "ss_network_alpha": str(layout.alpha), **naming.kohya_metadata,
                 "ss_sd_model_name": base_model, "w2w_target_modules": ",".join(layout.target_modules)}
     with atomic_output(path, KOHYA_FILE) as tmp:
         write_tensors(tmp, state, metadata)
     return Path(path)
 
 
-def load_kohya(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
-    """A kohya-style LoRA .safetensors file -> weights (N,)."""
+def load_kohya(layout: LoraLayout, path: str | os.PathLike, naming: LoraNaming = SD_NAMING) -> torch.Tensor:
+    """A kohya-style LoRA .safetensors file, keys named as the family's `naming` says -> weights (N,)."""
     path = Path(path)
     state = _load_safetensors(path)
-    by_kohya = {kohya_name(layer.name): layer.name for layer in layout.layers}
+    by_kohya = {naming.kohya_name(layer.name): layer.name for layer in layout.layers}
     parts, alphas = {}, set()
     for key, tensor in state.items():
         stem, _, kind = key.partition(".")
         if stem not in by_kohya:
-            raise LayoutError(f"{path}: key {key!r} names no LoRA layer of the layout")
+            raise LayoutError(f"{path}: key {key!r} names no LoRA layer of the layout (or names it as another "
+                              f"base family's files do: give the base the space was built for, --base)")
         entry = parts.setdefault(by_kohya[stem], {})
         if kind == "alpha":
             alphas.add(kohya_alpha(tensor, key, path))
@@ -301,22 +329,25 @@ def load_kohya(layout: LoraLayout, path: str | os.PathLike) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- dispatch
 
-def save_lora(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike, fmt: str, base_model: str = "") -> Path:
-    """Write weights (N,) in format `fmt` ('peft': a folder, 'kohya': a file)."""
+def save_lora(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike, fmt: str, base_model: str = "",
+              naming: LoraNaming = SD_NAMING) -> Path:
+    """Write weights (N,) in format `fmt` ('peft': a folder, 'kohya': a file), keys named as the base
+    family's `naming` says."""
     if fmt == "peft":
-        return save_peft(layout, weights, path, base_model)
+        return save_peft(layout, weights, path, base_model, naming=naming)
     if fmt == "kohya":
-        return save_kohya(layout, weights, path, base_model)
+        return save_kohya(layout, weights, path, base_model, naming)
     raise FileFormatError(f"unknown LoRA format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def load_lora(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = False) -> torch.Tensor:
-    """A PEFT folder/file or kohya file, recognised by its keys -> weights (N,); `trust_pickle` lets a
-    PEFT folder's adapter_model.bin be read."""
+def load_lora(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = False,
+              naming: LoraNaming = SD_NAMING) -> torch.Tensor:
+    """A PEFT folder/file or kohya file (its keys named as the base family's `naming` says), recognised by
+    its keys -> weights (N,); `trust_pickle` lets a PEFT folder's adapter_model.bin be read."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         keys = read_safetensors_header(path)[0].keys() - {"__metadata__"}
-        if keys and all(key.startswith(KOHYA_PREFIX) for key in keys):
-            return load_kohya(layout, path)
+        if keys and all(key.startswith(naming.kohya_prefix) for key in keys):
+            return load_kohya(layout, path, naming)
     return load_peft(layout, path, trust_pickle)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
 from .formats import KOHYA_PREFIX, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
-from .layout import LoraLayout
+from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES, REFERENCE_NETWORKS, LoraLayout, reference_layout
 from .paths import check_input
 from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table,
                       read_safetensors_header, read_space_files)
@@ -60,6 +60,19 @@ def describe_peft(path: Path, trust_pickle: bool = False) -> str:
     layout, base_model = layout_of_lora(path, trust_pickle)
     return "\n".join([f"PEFT/diffusers LoRA {peft_weights_file(path)}", *_layout_lines(layout),
                       *([f"  base model   {base_model}"] if base_model else [])])
+
+
+def describe_reference(name: str, target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
+                       rank: int = DEFAULT_RANK) -> str:
+    """The LoRA layout of a full-size network (`layout.REFERENCE_NETWORKS`), built on the meta device: N and
+    every layer."""
+    layout = reference_layout(name, target_modules, rank)
+    what, config = REFERENCE_NETWORKS[name]
+    width = max(len(layer.name) for layer in layout.layers)
+    return "\n".join([f"{what} (lora_w2w/data/{config}, built on the meta device)", *_layout_lines(layout),
+                      "  layers       name, in -> out features",
+                      *(f"    {layer.name:<{width}}  {layer.in_features} -> {layer.out_features}"
+                        for layer in layout.layers)])
 
 
 def describe(path: Path, trust_pickle: bool = False) -> str:

@@ -5,7 +5,9 @@ weights w = unproject(c) on the images: mean |m * (eps_theta(x_t, t, "sks person
 random timesteps t and noise eps, with x_0 drawn from an image's VAE latent distribution and m its
 optional mask at latent resolution. The latent distributions and the prompt's embedding are computed
 once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
-so that the loss is averaged over the photographs. With one image this is the paper's inversion.
+so that the loss is averaged over the photographs. With one image this is the paper's inversion. The
+base's family (`bases`) conditions and calls its network and sets the target (the noise eps above, or the
+velocity of a v-prediction scheduler).
 
     pipe = load_base_pipeline(DEFAULT_BASE)  # lora_w2w.defaults: the tiny world
     space = load_space(DEFAULT_SPACE)
@@ -36,6 +38,7 @@ C latent channels, h x w latent size, R image size, L tokens, D text width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import warnings
@@ -47,13 +50,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .bases import Conditioning, Family, family_of
 from .checks import (COUNT, LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_seed,
                      check_weight_decay)
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, noisy_latents, prepare_image
+from .diffusion import StepBatch, StepSampler, encode_images, latent_factors, prepare_image
 from .errors import SpaceError, W2WError
 from .images import IMAGE_SUFFIXES, check_picture, eight_bit, read_image
 from .layout import LoraLayout
@@ -281,21 +284,24 @@ class Target:
     latent_mean: torch.Tensor    # (I, C, h, w), unscaled, one row per image
     latent_std: torch.Tensor     # (I, C, h, w)
     mask: torch.Tensor | None    # (I, 1, h, w) in [0, 1]
-    text: torch.Tensor           # (1, L, D) embedding of the prompt, in the UNet's dtype
-    scaling_factor: float        # vae.config.scaling_factor
-    dtype: torch.dtype           # the UNet's (reading unet.dtype walks all its parameters)
+    conditioning: Conditioning   # (1, ...) of the prompt, in the network's dtype: (1, L, D) text embeddings ...
+    latent_factors: tuple[float, float | None]  # the VAE's (scaling, shift)
+    dtype: torch.dtype           # the network's (reading unet.dtype walks all its parameters)
+    family: Family               # the base's
 
 
 def encode_target(pipe, images: torch.Tensor, masks: torch.Tensor | None, prompt: str) -> Target:
-    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder, once."""
+    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder(s), once."""
+    family = family_of(pipe)
     mean, std = encode_images(pipe.vae, images)  # (I, C, h, w) each
     if masks is not None and masks.shape != (len(mean), 1, *mean.shape[2:]):
         raise W2WError(f"masks {tuple(masks.shape)} do not fit the latents {tuple(mean.shape)}: expected "
                        f"({len(mean)}, 1, {mean.shape[2]}, {mean.shape[3]}); load them with photo_targets")
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device),
-                  encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt).to(device, dtype),
-                  float(pipe.vae.config.scaling_factor), dtype)
+    network = family.network(pipe)
+    device, dtype = network.device, network.dtype
+    conditioning = family.encode_prompt(pipe, prompt, images.shape[-1]).to(device, dtype)
+    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device), conditioning,
+                  latent_factors(pipe.vae), dtype, family)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -309,12 +315,13 @@ def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coeffic
     """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw:
     on the B images of the target that `batch.instance` picks."""
     picked = batch.instance.to(target.latent_mean.device)                                       # (B,)
-    noisy, timesteps, expected = noisy_latents(target.latent_mean[picked], target.latent_std[picked], batch,
-                                               scaling_factor=target.scaling_factor,
-                                               scheduler=scheduler)                             # (B, C, h, w) each
+    noisy, timesteps, expected = target.family.noisy_latents(target.latent_mean[picked], target.latent_std[picked],
+                                                             batch, target.latent_factors,
+                                                             scheduler)                         # (B, C, h, w) each
     weights = unproject(coefficients, *basis)                                                   # (N,)
-    text = target.text.expand(len(picked), -1, -1)                                              # (B, L, D)
-    prediction = lora_unet(weights, noisy.to(target.dtype), timesteps, text).sample             # (B, C, h, w)
+    conditioning = target.conditioning.repeat(len(picked))                                      # (B, L, D) ...
+    prediction = target.family.predict(functools.partial(lora_unet, weights), noisy.to(target.dtype), timesteps,
+                                       conditioning)                                            # (B, C, h, w)
     return masked_mse(prediction, expected, None if target.mask is None else target.mask[picked])
 
 
@@ -382,10 +389,13 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
     images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
-    device = pipe.unet.device
+    family = family_of(pipe)
+    network = family.network(pipe)
+    family.check_layout(network, space.layout)
+    device = network.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
     target = encode_target(pipe, images, masks, space.prompt or TRIGGER_PROMPT)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    scheduler = family.training_scheduler(pipe)
     sampler = StepSampler(seed, num_instance=len(images), num_class=0, batch_size=config.images_per_step,
                           latent_shape=tuple(target.latent_mean.shape[1:]),
                           num_train_timesteps=scheduler.config.num_train_timesteps)
@@ -398,7 +408,7 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
         if start > config.steps:
             raise W2WError(f"{checkpoint}: the checkpoint is at step {start}, past the {config.steps} steps asked for")
 
-    with differentiable_unet(pipe.unet, space.layout) as lora_unet:
+    with differentiable_unet(network, space.layout) as lora_unet:
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="inversion",
                    disable=not progress)
         for step in bar:

@@ -1,5 +1,6 @@
-"""The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the UNet
-so that a step costs what the base model's step costs.
+"""The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the network
+that carries them (the UNet of Stable Diffusion 1, 2 and XL; `bases`), so that a step costs what the
+base model's step costs.
 
     pipe = load_base_pipeline(DEFAULT_BASE, device="auto")  # or "stablediffusionapi/realistic-vision-v51"
     images = generate(pipe, space, model, seeds=[0, 1, 2, 3])     # prompt: the space's, "sks person"
@@ -21,14 +22,14 @@ from typing import Callable
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .defaults import DEFAULT_BASE
+from .bases import family_of, family_of_base
 from .checks import (SIZE_STEP, available_memory, check_int, check_number, check_seed, check_size, gigabytes,
                      resolve_device)
-from .diffusion import image_sizes
+from .defaults import DEFAULT_BASE
 from .errors import ArgumentError, W2WError
 from .estimate import LARGE_GENERATION, JobClock
 from .layout import LoraLayout
-from .network import FusedLora, check_layout
+from .network import FusedLora
 from .space import Space, W2WModel
 
 
@@ -41,19 +42,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "auto", dtype=None, progress: bool = True):
-    """A StableDiffusionPipeline from a folder or hub id, without safety checker, on `device`."""
-    from diffusers import StableDiffusionPipeline
-
+    """The pipeline of a folder or hub id, of a family w2w knows (`bases.FAMILIES`: chosen from its config
+    files, so that another kind of pipeline is refused before its weights load), without safety checker,
+    on `device`."""
     device = resolve_device(device)
     local = Path(base).is_dir()
     if not local and (base.startswith((".", "/")) or base.startswith("files/")):
         raise W2WError(f"{base}: no such pipeline folder (the tiny world's base is built by `make tiny-world`)")
     if not local:
         check_cached_offline(base)
+    family = family_of_base(base)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(base, dtype=resolve_dtype(dtype, device),
-                                                       safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=local)
+        pipe = family.load_pipeline(base, resolve_dtype(dtype, device), local_files_only=local)
     except (OSError, ValueError) as error:
         raise loading_error(base, local, error, "the pipeline") from None
     pipe.set_progress_bar_config(disable=not progress)
@@ -85,8 +85,8 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
                           scale: float = 1.0, edited: torch.Tensor | None = None,
                           injection_timestep: int | None = None,
                           log: Callable[[str], None] | None = None) -> list[Image.Image]:
-    """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the UNet (None: the base
-    model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T.
+    """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the base's network (None: the
+    base model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T.
     More than LARGE_GENERATION seeds with a `log`: the first image alone, then the time the rest will take."""
     if (edited is None) != (injection_timestep is None):
         raise W2WError("delayed injection needs both the edited weights and the injection timestep")
@@ -95,16 +95,18 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
     check_number(guidance_scale, "guidance scale")
     if injection_timestep is not None:
         check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps)
+    family = family_of(pipe)
     check_generation_memory(pipe, len(seeds), *(None if s is None else check_size(s) for s in (height, width)))
+    network = family.network(pipe)
     if weights is not None or edited is not None:
-        check_layout(pipe.unet, layout)
+        family.check_layout(network, layout)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     state = {"fused": None}
 
     def use(w):
         if state["fused"] is not None:
             state["fused"].remove()
-        state["fused"] = None if w is None else FusedLora(pipe.unet, layout, w.to(pipe.device), scale)
+        state["fused"] = None if w is None else FusedLora(network, layout, w.to(pipe.device), scale)
 
     def swap_before_fine_steps(pipeline, step_index, timestep, callback_kwargs):
         timesteps = pipeline.scheduler.timesteps
@@ -116,10 +118,9 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
 
     def images_of(batch: list[torch.Generator]) -> list[Image.Image]:
         use(weights if not delayed or injection_timestep < _first_timestep(pipe, num_inference_steps) else edited)
-        return pipe([prompt] * len(batch), negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                    width=width, generator=batch,
-                    callback_on_step_end=swap_before_fine_steps if delayed else None).images
+        return family.generate(pipe, [prompt] * len(batch), negative_prompt, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, height=height, width=width, generator=batch,
+                               callback_on_step_end=swap_before_fine_steps if delayed else None)
 
     clock = JobClock(len(seeds), "images", LARGE_GENERATION, log)
     try:
@@ -133,17 +134,13 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
 
 
 def num_train_timesteps(base: str) -> int:
-    """The number of training timesteps of the base pipeline's scheduler, from its config file alone."""
+    """The number of training timesteps of the base pipeline's scheduler, from its config files alone (a
+    pipeline of no family w2w knows is refused first)."""
     from diffusers import DDPMScheduler
 
-    local = Path(base).is_dir()
-    if not local:
+    if not Path(base).is_dir():
         check_cached_offline(base)
-    try:
-        config = DDPMScheduler.load_config(base, subfolder="scheduler", local_files_only=local)
-    except (OSError, ValueError) as error:
-        raise loading_error(base, local, error, "the scheduler's config") from None
-    return int(DDPMScheduler.from_config(config).config.num_train_timesteps)
+    return int(DDPMScheduler.from_config(family_of_base(base).scheduler_config).config.num_train_timesteps)
 
 
 def check_cached_offline(base: str) -> None:
@@ -170,32 +167,34 @@ def loading_error(base: str, local: bool, error: BaseException, what: str) -> W2
 
 
 def base_resolution(base: str) -> int:
-    """The image resolution R of the base pipeline (`diffusion.image_sizes`) from its UNet's and VAE's config
-    files alone: a face crop is cut at it before the pipeline loads."""
+    """The image resolution R of the base pipeline (its family's `image_sizes`) from its config files alone (the
+    network's and the VAE's): a face crop is cut at it before the pipeline loads."""
     from types import SimpleNamespace
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     local = Path(base).is_dir()
     if not local:
         check_cached_offline(base)
+    family = family_of_base(base)
     try:
-        configs = {name: model.load_config(base, subfolder=name, local_files_only=local)
-                   for name, model in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))}
+        vae = AutoencoderKL.load_config(base, subfolder="vae", local_files_only=local)
     except (OSError, ValueError) as error:
-        raise loading_error(base, local, error, "the UNet's and VAE's configs") from None
-    return image_sizes(SimpleNamespace(**{name: SimpleNamespace(config=SimpleNamespace(**config))
-                                          for name, config in configs.items()}))[0]
+        raise loading_error(base, local, error, "the VAE's config") from None
+    configs = {family.network_name: family.network_config, "vae": vae}
+    return family.image_sizes(SimpleNamespace(**{name: SimpleNamespace(config=SimpleNamespace(**config))
+                                                 for name, config in configs.items()}))[0]
 
 
 def generation_bytes(pipe, images: int, height: int, width: int) -> int:
     """About the peak memory of generating `images` images of height x width at once: the VAE decoder's
     full-resolution activations (3 alive at a time, per image) and the UNet's at latent resolution
     (its skip connections, for both halves of classifier-free guidance), and the grid image."""
-    itemsize = torch.finfo(pipe.unet.dtype).bits // 8
+    network = family_of(pipe).network(pipe)
+    itemsize = torch.finfo(network.dtype).bits // 8
     pixels = height * width
     vae = 3 * pipe.vae.config.block_out_channels[0] * pixels * itemsize * images
-    unet_channels = pipe.unet.config.block_out_channels
+    unet_channels = network.config.block_out_channels
     unet = 2 * 2 * len(unet_channels) * unet_channels[0] * pixels // pipe.vae_scale_factor**2 * itemsize * images
     return vae + unet + 3 * pixels * images
 
@@ -203,7 +202,7 @@ def generation_bytes(pipe, images: int, height: int, width: int) -> int:
 def check_generation_memory(pipe, images: int, height: int | None, width: int | None) -> None:
     """ArgumentError when `generation_bytes` passes the memory free on the pipeline's device, saying
     which size fits."""
-    default, _ = image_sizes(pipe)
+    default, _ = family_of(pipe).image_sizes(pipe)
     height, width = height or default, width or default
     free = available_memory(pipe.device)
     if generation_bytes(pipe, images, height, width) <= free:

@@ -13,7 +13,9 @@ Front ends parse and present; the jobs live here.
 The dtype of each job (`job_dtype`): on CUDA, generation runs in float16 and inversion and training in
 bfloat16 (float16 gradients underflow); float32 elsewhere. The pipeline is loaded once per dtype the jobs
 ask for: once on the CPU, and on CUDA once for generating and once for inverting when both are asked.
-Device jobs hold `lock` (a model is fused into the UNet's weights in place), so threads may share a bench.
+Device jobs hold `lock` (a model is fused into the network's weights in place), so threads may share a bench.
+The base may be of any family `bases` knows (Stable Diffusion 1, 2, XL): its family conditions and calls the
+network that carries the LoRA, and names the layers in the LoRA files `export` writes.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from PIL import Image
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE, require
 from .editing import DEFAULT_DIRECTION_METHOD, Direction, apply_edits, attribute_directions
 from .errors import SettingError, SpaceError, W2WError
+from .formats import SD_NAMING, LoraNaming
 from .space import Space, W2WModel
 
 JOBS = ("generate", "invert", "train")
@@ -107,15 +110,18 @@ def pair_masks(images: Sequence, masks: Sequence | None = None, mask_dir: str | 
 class Workbench:
     """A base pipeline (a diffusers folder or hub id) and a space (a directory, or a Space), each loaded on
     first use, once, on `device` ('auto': CUDA when present); `dtype` None follows `job_dtype`, a dtype
-    replaces it for every job. `progress`: progress bars (denoising, inversion)."""
+    replaces it for every job. `progress`: progress bars (denoising, inversion). A bench without a base
+    (base None) runs no model and writes LoRA files under Stable Diffusion 1's names."""
 
-    def __init__(self, base: str | os.PathLike = DEFAULT_BASE, space: str | os.PathLike | Space | None = DEFAULT_SPACE,
-                 device: str | torch.device = "auto", dtype: torch.dtype | None = None, progress: bool = True):
-        self.base, self.source, self.progress = str(base), space, progress
+    def __init__(self, base: str | os.PathLike | None = DEFAULT_BASE,
+                 space: str | os.PathLike | Space | None = DEFAULT_SPACE, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None, progress: bool = True):
+        self.base, self.source, self.progress = None if base is None else str(base), space, progress
         self._device, self.dtype = device, dtype
         self._space = space if isinstance(space, Space) else None
         self._pipes: dict[torch.dtype, object] = {}  # shared with the benches of `using`
         self._directions: dict[tuple, dict[str, Direction]] = {}
+        self._naming: LoraNaming | None = None
         self.lock = threading.RLock()
 
     @property
@@ -145,13 +151,19 @@ class Workbench:
     def resolution(self) -> int:
         """R, the base pipeline's image size: from a pipeline loaded already, else from its config files alone
         (a face crop is cut at it before the pipeline loads)."""
-        from .diffusion import image_sizes
+        from .bases import family_of
         from .pipeline import base_resolution
 
         if self._pipes:
-            return image_sizes(next(iter(self._pipes.values())))[0]
-        require(self.base)
+            pipe = next(iter(self._pipes.values()))
+            return family_of(pipe).image_sizes(pipe)[0]
+        self._require_base()
         return base_resolution(self.base)
+
+    def _require_base(self) -> None:
+        if self.base is None:
+            raise W2WError("no base pipeline given: pass --base (a folder or hub id)")
+        require(self.base)
 
     def pipeline(self, job: str = "generate"):
         """The base pipeline in the job's dtype, loaded on first use."""
@@ -160,17 +172,39 @@ class Workbench:
             if dtype not in self._pipes:
                 from .pipeline import load_base_pipeline
 
-                require(self.base)
+                self._require_base()
                 pipe = load_base_pipeline(self.base, self.device, dtype, progress=self.progress)
                 pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not self.progress)
                 self._pipes[dtype] = pipe
             return self._pipes[dtype]
 
     def check(self, job: str = "generate") -> None:
-        """Load the job's pipeline and the space; LayoutError when the space's LoRAs do not fit its UNet."""
-        from .network import check_layout
+        """Load the job's pipeline and the space; LayoutError when the space's LoRAs do not fit the network of
+        the base's family (the UNet of Stable Diffusion)."""
+        from .bases import family_of
 
-        check_layout(self.pipeline(job).unet, self.space.layout)
+        pipe = self.pipeline(job)
+        family = family_of(pipe)
+        family.check_layout(family.network(pipe), self.space.layout)
+
+    def lora_naming(self) -> LoraNaming:
+        """How LoRA files of this space name its layers: as the base's family names them, once the space's layout
+        is checked against the base's network (a pipeline loaded already, else one built on the meta device
+        from the base's config files alone); Stable Diffusion 1's names on a bench without a base."""
+        if self._naming is None:
+            from .bases import family_of, lora_naming_of_base
+
+            if self.base is None:
+                self._naming = SD_NAMING
+            elif self._pipes:
+                pipe = next(iter(self._pipes.values()))
+                family = family_of(pipe)
+                family.check_layout(family.network(pipe), self.space.layout)
+                self._naming = family.lora_naming()
+            else:
+                require(self.base)
+                self._naming = lora_naming_of_base(self.base, self.space.layout)
+        return self._naming
 
     def using(self, space: Space) -> "Workbench":
         """A bench of another space (a space cut from the same dataset, say) over this bench's pipelines."""
@@ -218,7 +252,7 @@ class Workbench:
                injection_timestep: int | None = None, negative_prompt: str = "", seeds: Sequence[int] = (0,),
                steps: int = 50, guidance: float = 7.5, size: int | None = None,
                log: Callable[[str], None] | None = None) -> list[Image.Image]:
-        """One image per seed of `prompt` (default: the space's) with `model` fused into the UNet, or the base
+        """One image per seed of `prompt` (default: the space's) with `model` fused into the network, or the base
         model alone (model None; with a prompt it needs no space). Delayed injection: `edited` for the
         timesteps t <= `injection_timestep`. `log` hears the estimated time of a job of many seeds."""
         from .pipeline import generate, generate_from_weights
@@ -256,7 +290,7 @@ class Workbench:
         space). With `checkpoint`, the run saves its state there and resumes from it; `on_step(done, total,
         loss)` after each step. Returns the model and the photos as fitted. Bad files, masks and faceless
         photos fail before the pipeline loads."""
-        from .diffusion import image_sizes
+        from .bases import family_of
         from .inversion import ALIGNED_SIZE, invert, photo_targets, read_photos
 
         single = (str, os.PathLike, Image.Image)
@@ -271,15 +305,15 @@ class Workbench:
         with self.lock:
             self.check("invert")
             pipe = self.pipeline("invert")
-            targets, target_masks = photo_targets(photos, *image_sizes(pipe))
+            targets, target_masks = photo_targets(photos, *family_of(pipe).image_sizes(pipe))
             model = invert(pipe, self.space, targets, target_masks, config, seed, self.progress, checkpoint, on_step)
         return model, photos
 
     # ------------------------------------------------------------------------- files
 
     def export(self, model: W2WModel, fmt: str, path: str | os.PathLike) -> Path:
-        """`model` written to `path` as a w2w model file, a PEFT/diffusers folder or a kohya .safetensors;
-        the path written."""
+        """`model` written to `path` as a w2w model file, a PEFT/diffusers folder or a kohya .safetensors (its
+        keys named as the base's family names them: `lora_naming`); the path written."""
         from .formats import save_lora
         from .storage import save_model
 
@@ -287,5 +321,6 @@ class Workbench:
             raise W2WError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         if fmt == "w2w":
             return Path(save_model(model, path))
-        return Path(save_lora(self.space.layout, model.weights(self.space), path, fmt, self.space.base_model))
+        return Path(save_lora(self.space.layout, model.weights(self.space), path, fmt, self.space.base_model,
+                              self.lora_naming()))
 

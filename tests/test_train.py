@@ -222,16 +222,18 @@ def test_noisy_inputs_follow_the_cached_latents_device():
     latents are (CUDA in practice; the meta device stands in for it here)."""
     from diffusers import DDPMScheduler
 
+    from lora_w2w.bases import Conditioning, StableDiffusion1
     from lora_w2w.diffusion import StepSampler
     from lora_w2w.dreambooth import IdentityData, SharedData, noisy_inputs
 
     latents = torch.zeros(3, 4, 8, 8, device="meta")
-    text = torch.zeros(1, 7, 16, device="meta")
-    shared = SharedData(latents, latents, text, text, 0.18215, DDPMScheduler())
+    text = Conditioning({"encoder_hidden_states": torch.zeros(1, 7, 16, device="meta")})
+    shared = SharedData(latents, latents, text, text, (0.18215, None), DDPMScheduler(), StableDiffusion1({}, {}))
     sampler = StepSampler(0, num_instance=3, num_class=3, batch_size=1, latent_shape=(4, 8, 8),
                           num_train_timesteps=1000)
-    noisy, timesteps, embeddings, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
-                                                        sampler.next())
+    noisy, timesteps, conditioning, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
+                                                          sampler.next())
+    embeddings = conditioning.batched["encoder_hidden_states"]
     assert {t.device.type for t in (noisy, timesteps, embeddings, target)} == {"meta"}
     assert noisy.shape == target.shape == (2, 4, 8, 8) and embeddings.shape == (2, 7, 16)
 
