@@ -35,7 +35,7 @@ CASES = [
     (["generate", "--device", "cuda:x", "--out", "o"], "expected auto, cpu, cuda, cuda:N or mps"),
     (["invert", "--image", "i.png", "--device", "meta", "--out", "o"], "expected auto, cpu, cuda, cuda:N or mps"),
     (["edit", "--model", "m", "--edit", "Bald=1", "--out", "o", "--components", "0"], "expected an integer >= 1"),
-    (["directions", "-k", "-5"], "--components/-k: expected an integer >= 1, got -5"),
+    (["directions", "-k", "-5"], "--components: expected an integer >= 1, got -5"),
     (["sample", "--num", "0", "--out", "o"], "--num: expected an integer >= 1, got 0"),
     (["sample", "--factor", "-1", "--out", "o"], "--factor: expected a number > 0, got -1"),
     (["sample", "--components", "2.5", "--out", "o"], "expected an integer, got '2.5'"),
@@ -44,7 +44,7 @@ CASES = [
     (["invert", "--image", "i.png", "--weight-decay", "-1", "--out", "o"], "--weight-decay: expected a number >= 0"),
     (["invert", "--image", "i.png", "--checkpoint-every", "0", "--out", "o"], "--checkpoint-every: expected an"),
     (["collect", "r", "o", "--shard-size", "0"], "--shard-size: expected an integer >= 1"),
-    (["build", "d", "o", "-k", "0"], "--components/-k: expected an integer >= 1, got 0"),
+    (["build", "d", "o", "-k", "0"], "--components: expected an integer >= 1, got 0"),
     (["build", "d", "o", "-k", "2", "--power-iterations", "-1"], "--power-iterations: expected an integer >= 0"),
     # numbers that overflow once converted, and unbounded work (issue 37)
     (["invert", "--image", "i.png", "--lr", "1e300", "--out", "o"],
