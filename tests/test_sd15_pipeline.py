@@ -146,7 +146,7 @@ def test_evaluate_runs_table2_on_a_photograph(sd15, astronaut, tmp_path):
     prompts = ["sks person", "a photo of sks person"]
     run("evaluate", "--base", root / "base", "--space", root / "official", "--faces", tmp_path / "faces",
         "--prompts", *prompts, "--steps", STEPS, "--seeds", 1, "--inversion-steps", STEPS, "--dreambooth-steps", STEPS,
-        "--class-images", 1, "--out", tmp_path / "report.json", "--work", tmp_path / "work", "--threads", 2)
+        "--class-images", 1, "--out", tmp_path / "report.json", "--work", tmp_path / "work")
     report = json.loads((tmp_path / "report.json").read_text())
     table2 = report["table2"]
     assert report["space_id"] == load_space(root / "official").id and report["runs"]["table2"]["wall_s"] > 0
