@@ -8,6 +8,7 @@
     edited.save("edited.safetensors")                  # its provenance in the file's metadata
     edited.save_lora("edited_kohya.safetensors", format="kohya")
     pipe = load_base_pipeline("files/tiny/base")
+    face = space.invert(pipe, "face.png", "face_mask.png", preset="real")  # on a Workbench around pipe
     images = edited.generate(pipe, seeds=[0, 1, 2, 3])  # fused into the UNet, as every front end generates
     edited.load_into(pipe)                             # or as a diffusers LoRA adapter: pipe("sks person")
 
@@ -47,6 +48,17 @@ class SpaceMethods:
         from .sampling import iter_sample_models
 
         model, = iter_sample_models(self, 1, seed, components, factor)
+        return model
+
+    def invert(self, pipe, images, masks=None, *, preset: str = "real", steps: int | None = None, **options):
+        """The model of this space that reproduces `images` (photographs of one person: files or PIL images, or
+        one of them) inside `masks`, with the settings of `preset` on this space ("real", or "ood" for paintings)
+        and `steps` when given; `options`: those of `Workbench.invert` (crop, auto_mask, seed, checkpoint ...).
+        It runs on a Workbench around `pipe` (`Workbench.around`), as `w2w invert` does."""
+        from .workbench import Workbench
+
+        bench = Workbench.around(pipe, self)
+        model, _ = bench.invert(images, masks, bench.inversion_config(preset, steps=steps), preset=preset, **options)
         return model
 
     def attribute_names(self) -> list[str]:

@@ -48,7 +48,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "auto", dtype=None, progress: bool = True):
     """The pipeline of a folder or hub id, of a family w2w knows (`bases.FAMILIES`: chosen from its config
     files, so that another kind of pipeline is refused before its weights load), without safety checker,
-    on `device`."""
+    on `device`; `progress`: the progress bars of its loading and of its denoising."""
     device = resolve_device(device)
     local = Path(base).is_dir()
     if not local and (base.startswith((".", "/")) or base.startswith("files/")):
@@ -57,11 +57,29 @@ def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "a
         check_cached_offline(base)
     family = family_of_base(base)
     try:
-        pipe = family.load_pipeline(base, resolve_dtype(dtype, device), local_files_only=local)
+        with loading_bars(progress):
+            pipe = family.load_pipeline(base, resolve_dtype(dtype, device), local_files_only=local)
     except (OSError, ValueError) as error:
         raise loading_error(base, local, error, "the pipeline") from None
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
+
+
+@contextmanager
+def loading_bars(shown: bool):
+    """diffusers' and transformers' loading progress bars shown or not while the block runs, through their own
+    switches, which are put back as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    switches = [(library, library.is_progress_bar_enabled()) for library in (diffusers_logging, transformers_logging)]
+    for library, _ in switches:
+        (library.enable_progress_bar if shown else library.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for library, was in switches:
+            (library.enable_progress_bar if was else library.disable_progress_bar)()
 
 
 def generate(pipe, space: Space, model: W2WModel | torch.Tensor | None = None, prompt: str | None = None, *,

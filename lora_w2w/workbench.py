@@ -205,6 +205,14 @@ class Workbench:
                 self._naming = lora_naming_of_base(self.base, self.space.layout)
         return self._naming
 
+    @classmethod
+    def around(cls, pipe, space: str | os.PathLike | Space | None, progress: bool = True) -> "Workbench":
+        """A bench over a pipeline loaded already, on its device: the jobs that run in its dtype use it, any
+        other loads its own from the pipeline's folder or hub id (inversion on CUDA in bfloat16, say)."""
+        bench = cls(pipe.name_or_path, space, pipe.device, progress=progress)
+        bench._pipes[pipe.unet.dtype] = pipe
+        return bench
+
     def using(self, space: Space) -> "Workbench":
         """A bench of another space (a space cut from the same dataset, say) over this bench's pipelines."""
         bench = Workbench(self.base, space, self._device, self.dtype, self.progress)

@@ -72,6 +72,8 @@ def test_a_model_loads_into_a_diffusers_pipeline_as_it_generates_and_quietly(toy
         logger.removeHandler(records)
     assert np.abs(np.asarray(loaded, float) - np.asarray(fused, float)).mean() < 1.0  # of 255
     pipe.unload_lora_weights()
+    face = model.space.invert(pipe, ROOT / "inversion" / "images" / "face.png", preset="ood", steps=1, seed=2)
+    assert face.space is model.space and face.made_by.startswith("invert 1 image (preset ood, 1 steps")
 
 
 def test_friendly_names_fold_the_sign_in():
