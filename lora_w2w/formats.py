@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
 from .paths import check_input
-from .provenance import LoraAbout, kohya_metadata, model_card
+from .provenance import MODEL_CARD_MARK, LoraAbout, kohya_metadata, model_card
 from .schemas import ADAPTER_CONFIG, FLOAT_DTYPES, read_json
 from .space import TRIGGER_PROMPT
 from .storage import Output, atomic_output, owns_only, read_safetensors_header, torch_load, write_file, write_tensors
@@ -55,9 +55,22 @@ MODEL_CARD = "README.md"  # a PEFT folder's model card, which the Hugging Face H
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"
 FORMATS = ("peft", "kohya")
+_PEFT_FILES = owns_only("|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS,
+                                                                MODEL_CARD)))
+
+
+def _earlier_export(folder: Path) -> bool:
+    """A folder holding only what save_peft writes, its README.md the model card it wrote (MODEL_CARD_MARK):
+    a README of anyone else's makes the folder theirs."""
+    card = folder / MODEL_CARD
+    if not _PEFT_FILES(folder) or not card.exists():
+        return _PEFT_FILES(folder)
+    with open(card, "rb") as file:
+        return card.is_file() and MODEL_CARD_MARK.encode() in file.read(2**16)
+
+
 # what save_peft writes: a folder holding anything else is someone's and is not written into
-PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=owns_only(
-    "|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS, MODEL_CARD))))
+PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=_earlier_export)
 KOHYA_FILE = Output("kohya LoRA file")
 LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 

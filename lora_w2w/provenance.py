@@ -225,6 +225,8 @@ class LoraAbout:
         return f"A LoRA, {where}. How it was made, oldest step first:\n\n" + "\n".join(lines)
 
 
+# The line that says a model card is lora_w2w's, which a new export of the folder replaces (formats.PEFT_FOLDER)
+MODEL_CARD_MARK = "<!-- written by lora_w2w: a new export of the model replaces this file -->"
 MODELSPEC_VERSION = "1.0.0"  # github.com/Stability-AI/ModelSpec
 # ModelSpec's architecture of a LoRA by kohya's ss_base_model_version (the base family's, `bases`), as kohya's
 # library/sai_model_spec.py writes them: ARCH_SD_V1, ARCH_SD_V2_512, ARCH_SD_V2_768_V, ARCH_SD_XL_V1_BASE + "/lora"
@@ -291,6 +293,7 @@ def model_card(about: LoraAbout, base_model: str, rank: int) -> str:
     return f"""---
 {data.to_yaml()}
 ---
+{MODEL_CARD_MARK}
 
 # {about.title}
 
