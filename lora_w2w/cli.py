@@ -72,7 +72,6 @@ def cmd_export(args) -> None:
         print(f"wrote w2w model as {args.format} LoRA {out}")
         return
     from .dataset import WeightsDataset
-
     from .provenance import LoraAbout
 
     dataset = WeightsDataset(args.dataset)
@@ -231,10 +230,9 @@ def cmd_sample(args) -> None:
 
 
 def cmd_edit(args) -> None:
+    from .editing import default_debias, resolve_attribute
     from .storage import MODEL_FILE, check_output
     from .workbench import Workbench
-
-    from .editing import default_debias, resolve_attribute
 
     check_output(args.out, MODEL_FILE, [args.model, args.space])
     bench = Workbench(space=args.space)

@@ -110,9 +110,15 @@ def resolve_attribute(name: str, space: Space | None = None) -> tuple[str, float
     return column, sign
 
 
+def friendly(column: str) -> tuple[str, float]:
+    """(the name an edit of the table's `column` goes by, the sign from the column to it): its alias when it has
+    one, else the column's own name and +1."""
+    return next(((alias, sign) for alias, (aliased, sign) in ALIASES.items() if aliased == column), (column, 1.0))
+
+
 def friendly_name(column: str) -> str:
-    """The name an edit of the table's `column` goes by: its alias when it has one, else the column's."""
-    return next((alias for alias, (aliased, _) in ALIASES.items() if aliased == column), column)
+    """The name an edit of the table's `column` goes by (`friendly`)."""
+    return friendly(column)[0]
 
 
 def binary_attributes(space: Space) -> list[str]:
@@ -234,7 +240,7 @@ def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[s
             coefficients = torch.cat([coefficients, coefficients.new_zeros(len(shift) - len(coefficients))])
         coefficients[: len(shift)] += shift
     used = [directions[name] for name in resolved]
-    step = edited({friendly_name(c): s * resolve_attribute(friendly_name(c))[1] for c, s in resolved.items()},
+    step = edited({friendly(c)[0]: friendly(c)[1] * s for c, s in resolved.items()},  # as the user names them
                   sorted({friendly_name(o) for d in used for o in d.debias}),
                   ",".join(sorted({d.method for d in used})), max((len(d.vector) for d in used), default=0))
     return replace(model, coefficients=coefficients, provenance=(*model.provenance, step))
@@ -268,8 +274,8 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_D
         predicted = torch.sign(coefficients[test] @ direction + intercept)
         truth = labels[test]
         recalls = [float((predicted[truth == v] == v).float().mean()) for v in (-1, 1) if (truth == v).any()]
-        sign = resolve_attribute(friendly_name(attribute))[1]
-        rows.append({"attribute": friendly_name(attribute), "positives": float((sign * labels > 0).float().mean()),
+        name, sign = friendly(attribute)
+        rows.append({"attribute": name, "positives": float((sign * labels > 0).float().mean()),
                      "accuracy": float((predicted == truth).float().mean()),
                      "balanced_accuracy": float(np.mean(recalls))})
     if not rows:

@@ -315,7 +315,7 @@ class Workbench:
         self.space.check_k(config.components)
         size = self.resolution() if crop == "face" else ALIGNED_SIZE
         photos = read_photos(images, pair_masks(images, masks, mask_dir, auto_mask), crop, size, detector)
-        record = {"images_sha256": [image_sha256(image) for image in images], "crop": crop,  # the files open: read_photos
+        record = {"images_sha256": [image_sha256(image) for image in images], "crop": crop,  # read_photos opened them
                   **({"preset": preset} if preset else {})}
         with self.lock:
             self.check("invert")
