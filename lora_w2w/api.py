@@ -15,7 +15,8 @@
 A model knows its space when the space made it (sample, edit, inversion), or once it is given: to
 `W2WModel.load(path, space)`, or as `space=` to any method, which the model then keeps. Underneath:
 sampling's `iter_sample_models`, editing's `attribute_directions` and `apply_edits`, `storage`,
-`formats.save_lora`, `pipeline.generate`; the Workbench (the front ends' engine) calls the same functions.
+`pipeline.generate`, and for inversion and LoRA files the Workbench (the front ends' engine) around the
+caller's pipeline: `Workbench.invert`, `Workbench.export`.
 """
 from __future__ import annotations
 
@@ -159,100 +160,6 @@ class ModelMethods:
 
         with tempfile.TemporaryDirectory(prefix="w2w-lora-") as folder:
             lora = self.save_lora(Path(folder) / "lora", space=space, pipe=pipe)  # the layout checked against it
-            with quiet_text_encoder_notice():
-                pipe.load_lora_weights(str(lora), adapter_name=adapter_name)
-
-    def __repr__(self) -> str:
-        attributes = 0 if self.attributes is None else len(self.attributes.columns)
-        return (f"Space(id={self.id!r}, N={self.num_weights:,}, K={self.num_components:,}, M={self.num_models:,}, "
-                f"base_model={self.base_model!r}, prompt={self.prompt!r}, attributes={attributes})")
-
-
-class ModelMethods:
-    """The object layer of `space.W2WModel`."""
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, space=None):
-        """A model file (the project's .safetensors or the original w2wmodel.pt), knowing `space` when given
-        (`storage.load_model`)."""
-        from .storage import load_model
-
-        model = load_model(path)
-        return model if space is None else model.using(space)
-
-    def using(self, space):
-        """This model, knowing `space` (checked: the model's own space, and no more coefficients than K)."""
-        return dataclasses.replace(self, space=space)
-
-    def known_space(self, space=None):
-        """`space` when given (checked, and kept by the model from then on), else the space the model knows."""
-        from .errors import SpaceError
-
-        if space is not None:
-            self.check_space(space)
-            self.space = space
-        if self.space is None:
-            raise SpaceError("the model knows no space: pass space=SPACE once, or load it with "
-                             "W2WModel.load(path, space)")
-        return self.space
-
-    @property
-    def made_by(self) -> str:
-        """How the model was made, in words ('sample seed 3; edit Beard +3 (debias Male)'); '' when not recorded."""
-        from .provenance import describe
-
-        return describe(self.provenance)
-
-    def edit(self, strengths: dict[str, float], debias=None, *, space=None, components: int | None = None,
-             method: str | None = None, debias_mode: str = "project"):
-        """The model moved by strengths[a] standard deviations of the dataset along each attribute a's direction
-        (friendly names or the attribute table's), debiased against `debias` (default: editing.DEFAULT_DEBIAS,
-        those the space has); `editing.attribute_directions` and `apply_edits`."""
-        from .editing import DEFAULT_DIRECTION_METHOD, apply_edits, attribute_directions, debias_or_default
-
-        space = self.known_space(space)
-        directions = attribute_directions(space, list(strengths), components, method or DEFAULT_DIRECTION_METHOD,
-                                          debias_or_default(space, debias), debias_mode)
-        return apply_edits(self, strengths, directions)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the model file `path` (.safetensors), its provenance in the metadata (`storage.save_model`)."""
-        from .storage import save_model
-
-        return save_model(self, path)
-
-    def save_lora(self, path: str | os.PathLike, format: str = "peft", *, space=None, pipe=None) -> Path:
-        """Write the model as a LoRA: 'peft' (a folder for diffusers and PEFT, with a model card) or 'kohya' (one
-        .safetensors for A1111 and ComfyUI, with ModelSpec's keys), as `Workbench.export` writes it: with `pipe`,
-        the base pipeline, its keys as its family names them and its resolution recorded; else Stable
-        Diffusion 1's names."""
-        from .workbench import Workbench
-
-        space = self.known_space(space)
-        bench = Workbench(None, space) if pipe is None else Workbench.around(pipe, space)
-        return bench.export(self, format, path)
-
-    def generate(self, pipe, prompt: str | None = None, *, space=None, **settings) -> list:
-        """Images of `prompt` (default: the space's trigger prompt) with the model fused into the pipeline's UNet,
-        one per seed: `pipeline.generate(pipe, space, model, prompt, seeds=..., num_inference_steps=...)`."""
-        from .pipeline import generate
-
-        return generate(pipe, self.known_space(space), self, prompt, **settings)
-
-    def load_into(self, pipe, adapter_name: str | None = None, *, space=None) -> None:
-        """Load the model into a diffusers pipeline as a LoRA adapter, its PEFT export read by diffusers'
-        `load_lora_weights`: `pipe(prompt)` then draws the identity and `pipe.unload_lora_weights()` removes it.
-        diffusers' notice that the LoRA holds no text-encoder weights, expected of a w2w LoRA, is not shown."""
-        from .formats import save_peft
-        from .network import check_layout
-        from .pipeline import quiet_text_encoder_notice
-        from .provenance import LoraAbout
-
-        space = self.known_space(space)
-        check_layout(pipe.unet, space.layout)  # before diffusers: one line naming the first difference
-        with tempfile.TemporaryDirectory(prefix="w2w-lora-") as folder:
-            lora = save_peft(space.layout, self.weights(space), Path(folder) / "lora", space.base_model,
-                             about=LoraAbout.of(self, space))
             with quiet_text_encoder_notice():
                 pipe.load_lora_weights(str(lora), adapter_name=adapter_name)
 

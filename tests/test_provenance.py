@@ -16,7 +16,7 @@ from safetensors import safe_open
 from lora_w2w.cli import main
 from lora_w2w.errors import FileFormatError
 from lora_w2w.formats import save_kohya, save_lora
-from lora_w2w.provenance import PROVENANCE_KEY, LoraAbout, hub_id, image_sha256
+from lora_w2w.provenance import PROVENANCE_KEY, LoraAbout, hub_id, image_sha256, kohya_metadata
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import load_model, save_model, save_png, write_tensors
 from lora_w2w.workbench import Workbench
@@ -70,7 +70,7 @@ def test_a_kohya_file_says_what_it_is_as_modelspec_a1111_and_comfyui_read_it(spa
                                                                             monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1718236800")  # 2024-06-13
     path = save_lora(space.layout, edited.weights(space), tmp_path / "alice.safetensors", "kohya", SD15,
-                     LoraAbout.of(edited, space, 512))
+                     about=LoraAbout.of(edited, space, 512))
     keys = metadata(path)
     assert {key: keys[key] for key in ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.title",
                                        "modelspec.date", "modelspec.resolution", "modelspec.trigger_phrase")} == {
@@ -90,6 +90,10 @@ def test_a_kohya_file_says_what_it_is_as_modelspec_a1111_and_comfyui_read_it(spa
     shown = info(path, capsys)
     assert f"base model   {SD15}" in shown and "date         2024-06-13" in shown and "made by      sample:" in shown
 
+    for version, architecture in (("sd_v2_v", "stable-diffusion-v2-768-v/lora"),  # the base family's keys name it
+                                  ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")):
+        keys = kohya_metadata(LoraAbout(), SD15, "x", "00", {"ss_base_model_version": version})
+        assert keys["modelspec.architecture"] == architecture and keys["ss_base_model_version"] == version
     save_kohya(space.layout, edited.weights(space), tmp_path / "plain.safetensors", str(tmp_path))
     plain = metadata(tmp_path / "plain.safetensors")  # no model known: a LoRA, named as kohya names a local base
     assert plain["ss_sd_model_name"] == tmp_path.name and "modelspec.resolution" not in plain
@@ -100,7 +104,7 @@ def test_a_kohya_file_says_what_it_is_as_modelspec_a1111_and_comfyui_read_it(spa
 
 def test_a_peft_folder_has_a_model_card_the_hub_reads(space, edited, tmp_path, capsys):
     folder = save_lora(space.layout, edited.weights(space), tmp_path / "alice", "peft", SD15,
-                       LoraAbout.of(edited, space))
+                       about=LoraAbout.of(edited, space))
     card = ModelCard.load(folder / "README.md")  # huggingface_hub's reader of the Hub's model cards
     assert (card.data.base_model, card.data.library_name, card.data.instance_prompt) == (SD15, "diffusers",
                                                                                         "sks person")
