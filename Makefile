@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory \
-	bench-encoder clean
+	bench-outputs bench-import bench-encoder clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ bench-train: $(STAMP)
 
 bench-invert: $(STAMP)
 	$(PY) benchmarks/bench_invert.py
+
+# The output check of `w2w generate` at 2,000 seeds against 100 (linear: a ratio near 1) and the pairwise
+# test it replaced.
+bench-outputs: $(STAMP)
+	$(PY) benchmarks/bench_outputs.py
+
+bench-import: $(STAMP)
+	$(PY) benchmarks/bench_import.py
 
 # Peak GPU memory of each job on SD1.5 at 512 px, estimated on the CPU on fake tensors (no GPU, no download;
 # ~2.5 minutes on one thread).

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lora_w2w.encoder_files import default_encoder, load_encoder
-from lora_w2w.pipeline import load_base_pipeline
-from lora_w2w.storage import load_space
+from lora_w2w.encoder_files import default_encoder
 from lora_w2w.tiny import tables
 from lora_w2w.tiny.evaluator import Evaluator
 from lora_w2w.tiny.synthetic import dataset_view_seed, render, sample_identity
+from lora_w2w.workbench import Workbench
 
 TINY = Path("files/tiny")
 
@@ -62,11 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
-    space = load_space(TINY / "space")
+    bench = Workbench(TINY / "base", TINY / "space", "cpu", progress=False)
     path = default_encoder(TINY / "space")
-    encoder = load_encoder(path, space)
-    ctx = tables.Context(load_base_pipeline(str(TINY / "base"), "cpu", progress=False), space,
-                         Evaluator.load(TINY / "evaluator.safetensors"), Path(args.work), encoder=path)
+    encoder = bench.encoder(path)
+    ctx = tables.Context(bench, Evaluator.load(TINY / "evaluator.safetensors"), Path(args.work), encoder=path)
     ctx.work.mkdir(parents=True, exist_ok=True)
     settings = tables.Settings(inversions=args.identities, inversion_steps=args.steps, seeds=args.seeds,
                                steps=args.denoising_steps)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import check_seed
+from .checks import (MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED, check_power_iterations,
+                     check_seed, parse_memory)
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
@@ -160,19 +160,6 @@ def check_rank(values: torch.Tensor, k: int) -> None:
 
 
 # ----------------------------------------------------------------------------- planning
-
-def parse_memory(text: str | int) -> int:
-    """'4GB', '512MB', '8GiB', '2e9' or a number of bytes -> bytes (GB = 10⁹, GiB = 2³⁰)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
-    try:
-        unit = (match.group(2) or "").lower()
-        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** " kmgt".index(unit[:1] or " "))
-    except (AttributeError, ValueError, KeyError):
-        raise W2WError(f"memory {text!r}: expected a size such as 4GB, 512MB or 8GiB") from None
-    return int(value)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -593,27 +580,37 @@ def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataF
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How `build_space` computes the PCA and what the space records (a field left None: what its help says)."""
+    """How `build_space` computes the PCA and what the space records; its fields are `w2w build`'s flags
+    (a field left None: what its help says)."""
 
     memory: int | str = field(default=DEFAULT_MEMORY, metadata={
         "help": "memory budget of the torch backend, the interpreter included (per worker for a dask LocalCluster): "
-                "bytes, or text such as 4GB, 16GiB"})
+                "bytes, or text such as 4GB, 16GiB", "type": MEMORY})
     backend: str = field(default="torch", metadata={
-        "help": f"one of {', '.join(BACKENDS)}: streamed on this machine, or dask.array on a dask.distributed cluster"})
+        "help": "torch: streamed on this machine; dask: dask.array on a dask.distributed cluster",
+        "choices": BACKENDS})
     method: str = field(default="auto", metadata={
-        "help": f"torch backend, one of {', '.join(PCA_METHODS)}: auto takes the exact route when it fits `memory` and "
-                f"costs at most {EXACT_PREFERENCE}x the randomized one"})
-    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={"help": "randomized: extra trial vectors beyond K"})
-    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS,
-                                  metadata={"help": "randomized: passes of subspace iteration"})
-    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors"})
+        "help": f"torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized (subspace "
+                f"iteration); auto: exact when it fits --memory and costs at most {EXACT_PREFERENCE}x the randomized "
+                f"route", "choices": PCA_METHODS})
+    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={
+        "help": "randomized: extra trial vectors beyond K", "type": NON_NEGATIVE})
+    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS, metadata={
+        "help": f"randomized: passes of subspace iteration; more are more accurate when the spectrum decays slowly, "
+                f"up to {POWER_ITERATIONS_MAX} (each reads the whole dataset; at {POWER_ITERATIONS_MAX} even a 10%% "
+                f"spectral gap converges below float32's rounding)", "type": POWER_ITERATIONS})
+    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors", "type": SEED})
     attributes: str | os.PathLike | None = field(default=None, metadata={
-        "help": "attribute table, a CSV whose first column names the dataset's models (None: no attributes)"})
+        "help": "attribute table: CSV, first column the model names, one row per dataset model (default: none)",
+        "metavar": "TABLE_CSV"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "dask backend: address of a dask.distributed scheduler (None: a LocalCluster in this process)"})
-    base_model: str | None = field(default=None, metadata={"help": "base model id to record (None: the dataset's)"})
+        "help": "dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); its workers "
+                "must see the dataset at the same path", "metavar": "ADDRESS"})
+    base_model: str | None = field(default=None, metadata={"help": "base model id to record (default: the dataset's)",
+                                                           "metavar": "ID"})
     state: str | os.PathLike | None = field(default=None, metadata={
-        "help": "torch backend: directory that keeps the finished passes, to resume from (None: none kept)"})
+        "help": "folder where the torch backend keeps its finished passes, so that a killed build resumes from them "
+                "when run again (w2w build: default OUT.build-state, removed once OUT is written)", "metavar": "DIR"})
 
 
 def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildConfig(),
@@ -624,6 +621,7 @@ def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildC
     them; the caller removes the directory once the space is saved."""
     log = log or (lambda message: None)
     check_seed(config.seed)
+    check_power_iterations(config.power_iterations)
     memory = parse_memory(config.memory)
     m, n = len(dataset), dataset.layout.numel
     check_components(m, n, k)
