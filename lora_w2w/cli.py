@@ -333,24 +333,30 @@ def cmd_train_encoder(args) -> None:
     import time
 
     from .encoder import EncoderConfig, train_encoder
-    from .encoder_files import (ENCODER_FILE, fit_path, image_features, image_sources, model_images, name_encoder,
-                                save_encoder)
+    from .encoder_files import (ENCODER_FILE, FEATURES_FOLDER, extract_features, fit_path, image_sources,
+                                model_images, name_encoder, save_encoder)
+    import shutil
+
     from .storage import FILE, check_outputs, load_space
     from .workbench import beside_model
 
     start = time.perf_counter()
     out = Path(args.out)
     checkpoint = Path(args.checkpoint) if args.checkpoint else beside_model(out, ".train-state")
-    check_outputs([(out, ENCODER_FILE), (fit_path(out), FILE), (checkpoint, FILE)], [args.space, args.images])
+    cache = Path(args.features_cache) if args.features_cache else beside_model(out, ".features")
+    check_outputs([(out, ENCODER_FILE), (fit_path(out), FILE), (checkpoint, FILE), (cache, FEATURES_FOLDER)],
+                  [args.space, args.images])
     space = load_space(args.space)
     settings = {name: getattr(args, name) for name in ENCODER_FLAGS if getattr(args, name) is not None}
     config = EncoderConfig(**{"components": min(EncoderConfig.components, space.num_components), **settings})
     space.check_k(config.components)
     images = model_images(args.images, space)  # a folder count or name that does not fit fails before any work
-    encoder = train_encoder(space, image_features(images, config), config, args.seed, checkpoint,
-                            sources=image_sources(images))
+    features = extract_features(images, config, cache, args.workers)  # resumes; faceless folders fail here
+    encoder = train_encoder(space, features, config, args.seed, checkpoint, sources=image_sources(images))
     save_encoder(encoder, out)
     checkpoint.unlink(missing_ok=True)
+    if not args.features_cache:
+        shutil.rmtree(cache)
     if args.make_default:
         name_encoder(args.space, out)
         print(f"named {out} the default encoder of {args.space}")
@@ -737,6 +743,13 @@ def add_train_encoder_parser(commands) -> None:
     train.add_argument("--checkpoint", default=None,
                        help="file the run's sums are saved in every 1,000 models; a run that finds it resumes from "
                             "it (default: ENCODER.train-state, removed once ENCODER is written)")
+    train.add_argument("--workers", type=COUNT, default=1,
+                       help="processes that extract the images' features in parallel (dlib: about one per core; "
+                            "default: %(default)s)")
+    train.add_argument("--features-cache", default=None, metavar="DIR",
+                       help="folder the features are cached in, a file per model: a run that finds them reads them "
+                            "instead (default: ENCODER.features, removed once ENCODER is written; a folder given "
+                            "here is kept, for fits with other settings)")
     train.add_argument("--make-default", action="store_true",
                        help="name ENCODER in SPACE/space.json as the space's default encoder (`w2w invert --init "
                             "encoder`)")

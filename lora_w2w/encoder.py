@@ -104,9 +104,19 @@ class Features:
     width: Callable[[EncoderConfig], int]
 
 
+def dlib_features(images: Sequence[Image.Image], config: EncoderConfig) -> torch.Tensor:
+    """PIL images -> (B, 128): dlib's face descriptor of each image's largest face (`identity.DlibIdentity`: the
+    face found by dlib's HOG detector, its chip aligned by its landmarks); a row of NaN where dlib finds none."""
+    from .identity import DlibIdentity
+
+    return torch.from_numpy(DlibIdentity().embed(list(images))).float()  # (B, 128)
+
+
 FEATURES = {
     "pixels": Features("the image averaged down to S x S pixels (the tiny world's renders)", pixel_features,
                        lambda config: 3 * config.image_size ** 2),
+    "dlib": Features("dlib's 128-D face descriptor of the largest face, aligned by its landmarks (photographs; "
+                     "the descriptor `w2w score` judges identity by)", dlib_features, lambda config: 128),
 }
 
 
@@ -149,12 +159,17 @@ class CoefficientEncoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Image.Image | Sequence[Image.Image]) -> W2WModel:
-        """The model of the person in `images` (one or several of them): the mean of their predictions, moved
-        `gain` times as far from the coefficients' mean."""
+        """The model of the person in `images` (one or several of them): the mean of their predictions (of those
+        with a face, for features of faces), moved `gain` times as far from the coefficients' mean."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         if not images:
             raise W2WError("no image to encode; expected at least one")
-        coefficients = self.coefficients(self.extract(images)).mean(0)  # (K,)
+        features = self.extract(images)                                  # (B, F): NaN rows where no face is found
+        found = ~features.isnan().any(1)                                 # (B,)
+        if not found.any():
+            raise W2WError(f"no face found in the {len(images)} image(s) to encode; the encoder reads "
+                           f"{self.config.features} features of a face: expected photographs of a face")
+        coefficients = self.coefficients(features[found]).mean(0)        # (K,)
         return W2WModel((self.coefficient_mean + self.gain * (coefficients - self.coefficient_mean)).cpu(),
                         self.space_id)
 

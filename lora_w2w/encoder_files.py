@@ -3,6 +3,7 @@ encoder.
 
     images = model_images("data/faces/celeba_generated", space)     # per dataset model, its images, in order
     encoder = train_encoder(space, image_features(images, config), config)
+    features = extract_features(images, config, "features/", workers=8)   # or: cached per model, in processes
     save_encoder(encoder, "encoder.safetensors")                     # and encoder.fit.json beside it
     encoder = load_encoder("encoder.safetensors", space)             # SpaceError for another space's
     name_encoder("files/tiny/space", "files/tiny/encoder.safetensors")  # space.json names its default
@@ -24,16 +25,18 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checks import check_int
 from .encoder import FEATURES, CoefficientEncoder, EncoderConfig
 from .errors import FileFormatError, W2WError
 from .images import IMAGE_SUFFIXES
 from .space import Space
-from .storage import (FORMAT_VERSION, SPACE_JSON, Output, atomic_output, read_safetensors_header,
+from .storage import (FORMAT_VERSION, SPACE_JSON, Output, atomic_output, owns_only, read_safetensors_header,
                       read_space_description, write_file)
 
 ENCODER_FORMAT = "w2w-encoder"
 ENCODER_TENSORS = ("feature_mean", "weights", "coefficient_mean", "coefficient_std", "gain")
 ENCODER_FILE = Output("encoder file")
+FEATURES_FOLDER = Output("encoder features folder", folder=True, owns=owns_only(r"\d{6}_.+\.safetensors"))
 
 
 # ----------------------------------------------------------------------------- the images of the dataset's models
@@ -91,6 +94,62 @@ def image_features(images: list[list[Path]], config: EncoderConfig) -> Callable[
 
     extract = FEATURES[config.features].extract
     return lambda m: extract([open_image(path) for path in images[m]], config)
+
+
+FEATURE_CACHE_FORMAT = "w2w-encoder-features"
+
+
+def _folder_features(folder: list[Path], config: EncoderConfig, cache: Path) -> tuple[int, int]:
+    """Extract and cache the features of one model's image files, unless `cache` holds them already for the same
+    files and features: `cache` (safetensors) gets the rows of the images with a face (all of them for pixels)
+    and, in its metadata, the files and the features. Returns (images kept, images). Runs in a worker process."""
+    from .inversion import open_image
+
+    record = {"format": FEATURE_CACHE_FORMAT, "features": json.dumps(dataclasses.asdict(config)),
+              "files": json.dumps([path.name for path in folder])}
+    if cache.is_file():
+        header = read_safetensors_header(cache).get("__metadata__", {})
+        if all(header.get(key) == value for key, value in record.items()):
+            return int(header["kept"]), len(folder)
+    features = FEATURES[config.features].extract([open_image(path) for path in folder], config)  # (I, F)
+    kept = features[~features.isnan().any(1)].contiguous()                                      # (I', F)
+    with atomic_output(cache) as tmp:
+        save_file({"features": kept}, str(tmp), metadata={**record, "kept": str(len(kept))})
+    return len(kept), len(folder)
+
+
+def extract_features(images: list[list[Path]], config: EncoderConfig, cache: str | os.PathLike, workers: int = 1,
+                     progress: bool = True) -> Callable[[int], torch.Tensor]:
+    """The features of every model's image files (`images`, per model) extracted into the folder `cache`, one
+    file per model (`_folder_features`), by `workers` processes: a run stopped part way resumes where it was.
+    Images in which dlib finds no face are left out (their count printed); W2WError naming the folders in
+    which it finds none. Returns m -> model m's features (I_m, F), read from the cache."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    check_int(workers, "workers", minimum=1)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    files = [cache / f"{m:06d}_{paths[0].parent.name}.safetensors" for m, paths in enumerate(images)]
+    jobs = (images, [config] * len(images), files)
+    bar = dict(total=len(images), desc=f"encoder: {config.features} features", disable=not progress)
+    if workers == 1:
+        counts = list(tqdm(map(_folder_features, *jobs), **bar))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            counts = list(tqdm(pool.map(_folder_features, *jobs, chunksize=8), **bar))
+    faceless = [paths[0].parent for paths, (kept, _) in zip(images, counts) if kept == 0]
+    if faceless:
+        more = f" and {len(faceless) - 1} more folder(s)" if len(faceless) > 1 else ""
+        raise W2WError(f"{faceless[0]}{more}: dlib finds no face in any of its images; expected photographs of "
+                       f"the model's person (the other folders' features are kept in {cache})")
+    skipped = [(paths[0].parent.name, total - kept) for paths, (kept, total) in zip(images, counts) if kept < total]
+    if skipped:
+        print(f"left out {sum(n for _, n in skipped):,} image(s) in which dlib finds no face, in "
+              f"{len(skipped):,} folder(s) (the first: {skipped[0][0]}, {skipped[0][1]} image(s))")
+    return lambda m: load_file(files[m])["features"]
 
 
 def image_sources(images: list[list[Path]]) -> list[str]:

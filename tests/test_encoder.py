@@ -194,7 +194,7 @@ def test_a_space_names_its_default_encoder_without_changing_its_id(world, traine
     assert default_encoder(space_dir) is None
     code, _, err = run(["invert", "--image", world[1] / "000001" / "0.png", "--init", "encoder", "--steps", 0,
                         "--space", space_dir, "--base", toy_world / "base", "--out", tmp_path / "m.safetensors"])
-    assert code == 2 and "names no default encoder; pass --encoder PATH" in err and len(err.splitlines()) == 1
+    assert code == 2 and "names no default encoder: pass an encoder file (--encoder PATH" in err and len(err.splitlines()) == 1
     name_encoder(space_dir, trained[0])
     after = read_space_description(space_dir)
     assert after == before | {"encoder": os.path.relpath(trained[0].resolve(), space_dir.resolve())}
