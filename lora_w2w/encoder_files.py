@@ -108,7 +108,7 @@ def _folder_features(folder: list[Path], config: EncoderConfig, cache: Path) -> 
     record = {"format": FEATURE_CACHE_FORMAT, "features": json.dumps(dataclasses.asdict(config)),
               "files": json.dumps([path.name for path in folder])}
     if cache.is_file():
-        header = read_safetensors_header(cache).get("__metadata__", {})
+        header = read_safetensors_header(cache)[0].get("__metadata__", {})
         if all(header.get(key) == value for key, value in record.items()):
             return int(header["kept"]), len(folder)
     features = FEATURES[config.features].extract([open_image(path) for path in folder], config)  # (I, F)
