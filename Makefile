@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory \
-	bench-outputs bench-import bench-encoder clean
+	bench-outputs bench-import bench-encoder bench-encoder-features clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,3 +71,7 @@ bench-pca: $(STAMP)
 # encoder's forward time, on the tiny world (one thread, CPU time).
 bench-encoder: $(STAMP)
 	$(PY) benchmarks/bench_encoder.py
+
+# The SD1.5 encoder's dlib features per image on one core, against the tiny world's pixel features.
+bench-encoder-features: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_encoder_features.py

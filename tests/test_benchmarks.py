@@ -51,6 +51,13 @@ def test_bench_encoder(tmp_path):
     assert result["ratio"] is None or result["ratio"] == pytest.approx(result["encoder_s"] / result["zero_s"])
 
 
+def test_bench_encoder_features():
+    result = last_json("bench_encoder_features.py", "--repeats", "1")
+    per_image = result["seconds_per_image"]
+    assert result["benchmark"] == "encoder_features" and set(per_image) == {"dlib", "pixels"}
+    assert result["ratio"] == pytest.approx(per_image["dlib"] / per_image["pixels"])
+
+
 @pytest.mark.slow
 def test_bench_faces():
     result = last_json("bench_faces.py", "--renders", "2", "--cnn-renders", "1", "--repeats", "1")
