@@ -119,8 +119,8 @@ def test_the_split_is_seeded_and_the_config_checked():
         split_models(2, 0.1, seed=0)
     with pytest.raises(W2WError, match="image_size 64: 3 S\\^2 = 12288 features, expected at most 8192"):
         EncoderConfig(image_size=64)
-    with pytest.raises(W2WError, match="encoder features 'dlib': expected one of pixels"):
-        EncoderConfig(features="dlib")
+    with pytest.raises(W2WError, match="encoder features 'facenet': expected one of pixels, dlib"):
+        EncoderConfig(features="facenet")
 
 
 def test_a_killed_training_resumes_to_the_uninterrupted_result(world, tmp_path):

@@ -51,6 +51,7 @@ def photos(astronaut, grace_hopper, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_features_are_cached_per_folder_and_a_rerun_reads_no_image(official, photos, tmp_path, monkeypatch):
     calls = []
     dlib = encoder_module.FEATURES["dlib"]
