@@ -347,8 +347,9 @@ def cmd_train_encoder(args) -> None:
     check_outputs([(out, ENCODER_FILE), (fit_path(out), FILE), (checkpoint, FILE), (cache, FEATURES_FOLDER)],
                   [args.space, args.images])
     space = load_space(args.space)
-    settings = {name: getattr(args, name) for name in ENCODER_FLAGS if getattr(args, name) is not None}
-    config = EncoderConfig(**{"components": min(EncoderConfig.components, space.num_components), **settings})
+    settings = {name: getattr(args, name) for name in vars(EncoderConfig()) if getattr(args, name) is not None}
+    with named_as_flags():
+        config = EncoderConfig(**{"components": min(EncoderConfig.components, space.num_components), **settings})
     space.check_k(config.components)
     images = model_images(args.images, space)  # a folder count or name that does not fit fails before any work
     features = extract_features(images, config, cache, args.workers)  # resumes; faceless folders fail here
@@ -708,12 +709,7 @@ def add_invert_parser(commands) -> None:
     invert.set_defaults(run=cmd_invert)
 
 
-ENCODER_FLAGS = ("features", "components", "image_size", "ridge", "held_out")  # EncoderConfig's fields: flags
-
-
 def add_train_encoder_parser(commands) -> None:
-    import dataclasses
-
     from .encoder import FEATURES, EncoderConfig
 
     train = commands.add_parser(
@@ -731,13 +727,8 @@ def add_train_encoder_parser(commands) -> None:
     train.add_argument("--images", required=True, metavar="ROOT",
                        help="folder of image folders, one per dataset model of the space, in the dataset's order")
     train.add_argument("--out", required=True, metavar="ENCODER", help="encoder file to write (.safetensors)")
-    fields = {f.name: f for f in dataclasses.fields(EncoderConfig)}
-    kinds = {"features": dict(choices=tuple(FEATURES)), "ridge": dict(type=POSITIVE), "held_out": dict(type=POSITIVE)}
-    for name in ENCODER_FLAGS:
-        default = fields[name].default
-        shown = f"{default}, at most the space's K" if name == "components" else default
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kinds.get(name, dict(type=COUNT)),
-                           help=f"{fields[name].metadata['help']} (default: {shown})")
+    add_config_flags(train.add_argument_group("encoder settings"), EncoderConfig,
+                     defaults=dict.fromkeys(vars(EncoderConfig()), None))
     train.add_argument("--seed", type=SEED, default=0,
                        help="seed of the split into fitted and held-out models (default: %(default)s)")
     train.add_argument("--checkpoint", default=None,

@@ -43,7 +43,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_number, check_seed
+from .checks import COUNT, POSITIVE, check_int, check_number, check_seed
 from .errors import ArgumentError, SpaceError, W2WError
 from .space import Space, W2WModel
 from .storage import load_state, save_state
@@ -58,15 +58,19 @@ MAX_FEATURES = 8192  # F: the ridge holds an F x F matrix (float64: 512 MB at th
 class EncoderConfig:
     """What an encoder reads and how it is fitted (defaults: the tiny world's, measured)."""
 
-    features: str = field(default="pixels", metadata={"help": "how images are read: an entry of FEATURES"})
-    components: int = field(default=250, metadata={"help": "K: the first K coefficients are predicted (at most "
-                                                           "the space's)"})
-    image_size: int = field(default=16, metadata={"help": "S: pixels: every image resized and centre-cropped to "
-                                                          "S x S (F = 3 S^2 features)"})
-    ridge: float = field(default=0.3, metadata={"help": "lambda: the ridge penalty, a multiple of the features' "
-                                                        "mean variance tr(X^T X) / F"})
-    held_out: float = field(default=0.1, metadata={"help": "fraction of the dataset's models held out of the fit, "
-                                                          "on which the fit is measured and the gain set"})
+    features: str = field(default="pixels", metadata={
+        "help": "how images are read: pixels (the tiny world's renders) or dlib (photographs; default: pixels)"})
+    components: int = field(default=250, metadata={
+        "help": "K: the first K coefficients are predicted (default: 250, at most the space's K)", "type": COUNT})
+    image_size: int = field(default=16, metadata={
+        "help": "S: pixels: every image resized and centre-cropped to S x S, F = 3 S^2 features (default: 16)",
+        "type": COUNT})
+    ridge: float = field(default=0.3, metadata={
+        "help": "lambda: the ridge penalty, a multiple of the features' mean variance tr(X^T X) / F (default: 0.3)",
+        "type": POSITIVE})
+    held_out: float = field(default=0.1, metadata={
+        "help": "fraction of the dataset's models held out of the fit, on which the fit is measured and the gain "
+                "set (default: 0.1)", "type": POSITIVE})
 
     def __post_init__(self):
         if self.features not in FEATURES:
