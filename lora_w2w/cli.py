@@ -330,13 +330,12 @@ def cmd_invert(args) -> None:
 
 
 def cmd_train_encoder(args) -> None:
+    import shutil
     import time
 
     from .encoder import EncoderConfig, train_encoder
     from .encoder_files import (ENCODER_FILE, FEATURES_FOLDER, extract_features, fit_path, image_sources,
                                 model_images, name_encoder, save_encoder)
-    import shutil
-
     from .storage import FILE, check_outputs, load_space
     from .workbench import beside_model
 

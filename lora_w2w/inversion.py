@@ -54,8 +54,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .bases import Conditioning, Family, family_of
-from .checks import (COUNT, LEARNING_RATE, NON_NEGATIVE, WEIGHT_DECAY, check_int, check_learning_rate, check_seed,
-                     check_weight_decay)
+from .checks import (COUNT, LEARNING_RATE, NON_NEGATIVE, WEIGHT_DECAY, check_int, check_learning_rate,
+                     check_seed, check_weight_decay)
 from .diffusion import StepBatch, StepSampler, encode_images, latent_factors, prepare_image
 from .errors import SpaceError, W2WError
 from .images import IMAGE_SUFFIXES, check_picture, eight_bit, read_image

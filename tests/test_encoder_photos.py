@@ -53,12 +53,13 @@ def photos(astronaut, grace_hopper, tmp_path_factory):
 
 @pytest.mark.slow
 def test_features_are_cached_per_folder_and_a_rerun_reads_no_image(official, photos, tmp_path, monkeypatch):
-    calls = []
-    dlib = encoder_module.FEATURES["dlib"]
-    counting = Features(dlib.description, lambda images, config: calls.append(len(images)) or dlib.extract(images,
-                                                                                                          config),
-                        dlib.width)
-    monkeypatch.setitem(encoder_module.FEATURES, "dlib", counting)
+    calls, dlib = [], encoder_module.FEATURES["dlib"]
+
+    def counted(images, config):
+        calls.append(len(images))
+        return dlib.extract(images, config)
+
+    monkeypatch.setitem(encoder_module.FEATURES, "dlib", Features(dlib.description, counted, dlib.width))
     images = model_images(photos, load_space(official))
     features = extract_features(images, CONFIG, tmp_path / "cache", progress=False)
     assert calls == [2, 2, 2, 1]
