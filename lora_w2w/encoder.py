@@ -23,7 +23,9 @@ person: the mean of their predictions, moved out alike.
     model = encoder.predict([Image.open("me.png")])                         # a W2WModel of the space
 
 How an encoder reads images is an entry of FEATURES, a function from PIL images to features (B, F):
-"pixels", the image at S x S. A reader of photographs (dlib's 128-D face descriptor) is one more entry.
+"pixels", the image at S x S (the tiny world's, which keeps clear of its evaluator's features); "dlib",
+dlib's 128-D face descriptor of the largest face (photographs, Stable Diffusion 1.5; a row of NaN where
+no face is found, left out of the fit and of a prediction's mean; inversion/encoder.md).
 Reading image folders and encoder files lives in `encoder_files`; this module is the math, on tensors.
 
 Letters: M models, K components, F features per image, I images, B batch, S image side.

@@ -118,6 +118,28 @@ def test_invert_exports_kohya_and_project_takes_it_back(sd15, tmp_path, capsys):
     assert float((back - model.coefficients).norm() / model.coefficients.norm()) < 1e-3
 
 
+def test_invert_starts_from_an_encoder_on_dlib_features(sd15, astronaut, grace_hopper, tmp_path):
+    """`w2w train-encoder --features dlib` on the imported space, photographs standing in for its 20 models'
+    folders, and `w2w invert --encoder` on SD1.5's architecture: two Adam steps from the encoder's prediction."""
+    from lora_w2w.encoder_files import load_encoder
+    from lora_w2w.inversion import read_photos
+
+    root, _ = sd15
+    for m in range(M):
+        (tmp_path / "celeba_generated" / str(m)).mkdir(parents=True)
+        (astronaut if m % 2 else grace_hopper).save(tmp_path / "celeba_generated" / str(m) / "0.png")
+    encoder, photo, out = tmp_path / "encoder.safetensors", tmp_path / "astronaut.png", tmp_path / "m.safetensors"
+    run("train-encoder", "--space", root / "official", "--images", tmp_path / "celeba_generated", "--features", "dlib",
+        "--components", K, "--out", encoder)
+    astronaut.save(photo)
+    run("invert", "--base", root / "base", "--space", root / "official", "--image", photo, "--encoder", encoder,
+        "--steps", STEPS, "--lr", 0.1, "--device", "cpu", "--out", out)
+    space = load_space(root / "official")
+    start = load_encoder(encoder, space).predict(read_photos([photo])[0].picture).coefficients  # (K,)
+    moved = (load_model(out).coefficients - start).abs()  # (K,): Adam moves each coefficient by about lr a step
+    assert 0 < float(moved.max()) <= STEPS * 0.1 * 1.01
+
+
 def test_invert_script_reads_the_released_files_as_they_are(sd15, tmp_path):
     """inversion/invert.py with --dim_path: the released weight_dimensions.pt converted on the fly into the
     space `w2w import-official` made (the same id)."""
