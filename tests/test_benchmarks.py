@@ -43,6 +43,7 @@ def test_bench_pca(tmp_path):
     assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
 
 
+@pytest.mark.slow
 def test_bench_encoder(tmp_path):
     result = last_json("bench_encoder.py", "--identities", "1", "--steps", "2", "--seeds", "1",
                        "--denoising-steps", "2", "--repeats", "2", "--work", str(tmp_path))
@@ -51,6 +52,7 @@ def test_bench_encoder(tmp_path):
     assert result["ratio"] is None or result["ratio"] == pytest.approx(result["encoder_s"] / result["zero_s"])
 
 
+@pytest.mark.slow
 def test_bench_encoder_features():
     result = last_json("bench_encoder_features.py", "--repeats", "1")
     per_image = result["seconds_per_image"]
