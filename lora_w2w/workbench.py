@@ -123,6 +123,7 @@ class Workbench:
         self._pipes: dict[torch.dtype, object] = {}  # shared with the benches of `using`
         self._directions: dict[tuple, dict[str, Direction]] = {}
         self._naming: LoraNaming | None = None
+        self._encoders: dict[Path, object] = {}  # CoefficientEncoders by resolved path, loaded once
         self.lock = threading.RLock()
 
     @property
@@ -343,7 +344,7 @@ class Workbench:
 
     def encoder(self, path: str | os.PathLike | None = None):
         """The CoefficientEncoder at `path` (SpaceError when it is another space's), or the one the space names
-        as its default (space.json's "encoder"; W2WError when it names none)."""
+        as its default (space.json's "encoder"; W2WError when it names none); each file loaded once."""
         from .encoder_files import default_encoder, load_encoder
 
         if path is None:
@@ -351,7 +352,10 @@ class Workbench:
             if path is None:
                 raise W2WError(f"the space {self.source} names no default encoder: pass an encoder file (--encoder "
                                f"PATH; `w2w train-encoder --make-default` makes one and names it)")
-        return load_encoder(path, self.space)
+        key = Path(path).resolve()
+        if key not in self._encoders:
+            self._encoders[key] = load_encoder(path, self.space)
+        return self._encoders[key]
 
     def project(self, lora: str | os.PathLike, components: int | None = None,
                 trust_pickle: bool = False) -> tuple[W2WModel, float]:

@@ -262,3 +262,17 @@ def test_the_tiny_world_ships_its_encoder():
     fit = json.loads(fit_path(path).read_text())
     assert encoder.fit == {k: v for k, v in fit.items() if k not in ("encoder", "space_id")}
     assert fit["r2"] > 0 and fit["cosine"] > 0 and fit["models"] == 100
+
+
+def test_the_workbench_loads_an_encoder_once_and_inverts_from_it_without_a_pipeline(world, trained, toy_world):
+    from lora_w2w.workbench import Workbench
+
+    bench = Workbench(toy_world / "base", world[0], "cpu", progress=False)
+    encoder = bench.encoder(trained[0])
+    assert bench.encoder(trained[0]) is encoder
+    config = bench.inversion_config("real", steps=0, components=K)
+    model, photos = bench.invert(world[1] / "000001" / "0.png", config=config, encoder=encoder, times=(times := {}))
+    assert torch.equal(model.coefficients, encoder.predict([photos[0].picture]).coefficients)
+    assert set(times) == {"reading the images", "encoder"} and not bench._pipes  # 0 steps: no pipeline loaded
+    with pytest.raises(W2WError, match="names no default encoder"):
+        bench.encoder()
