@@ -2,17 +2,18 @@
 encoder.
 
     images = model_images("data/faces/celeba_generated", space)     # per dataset model, its images, in order
-    encoder = train_encoder(space, image_features(images, config), config)
-    features = extract_features(images, config, "features/", workers=8)   # or: cached per model, in processes
+    features = image_features(images, config)                          # m -> model m's features, read when asked
+    features = extract_features(images, config, "features/", workers=8)  # or: cached per model, in 8 processes
+    encoder = train_encoder(space, features, config)
     save_encoder(encoder, "encoder.safetensors")                     # and encoder.fit.json beside it
     encoder = load_encoder("encoder.safetensors", space)             # SpaceError for another space's
     name_encoder("files/tiny/space", "files/tiny/encoder.safetensors")  # space.json names its default
 
 An encoder file is safetensors: the ridge's feature mean (F,) and weights (F, K), the coefficients' mean and
 std (K,) and the gain, and in its metadata the format, the space id, K, the features and the whole
-EncoderConfig, and the held-out fit. A
-space names its default encoder in space.json (`encoder`: a path relative to the space folder); the space
-id does not depend on it (it is space.json's `id`, a hash of the tensors).
+EncoderConfig, and the held-out fit. A space names its default encoder in space.json (`encoder`: a path
+relative to the space folder); the space id does not depend on it (it is space.json's `id`, a hash of the
+tensors). `extract_features` caches each model's features in a folder, a safetensors file per model.
 """
 from __future__ import annotations
 

@@ -719,11 +719,9 @@ def evaluate_encoder(ctx: Context, settings: Settings) -> dict:
     (none seen): from zero, and from the encoder's prediction at the preset's learning rate (what `w2w invert
     --init encoder` does) and at LOW_LR x it; the encoder's seconds (CPU time, as the inversion's) count to its
     curves."""
-    from ..encoder_files import load_encoder
-
     if ctx.encoder is None:
         raise W2WError("the encoder section needs an encoder: pass --encoder FILE, or a space naming its default")
-    encoder = load_encoder(ctx.encoder, ctx.space)
+    encoder = ctx.bench.encoder(ctx.encoder)
     config = _inversion_config(ctx.space, settings)
     low = dataclasses.replace(config, lr=config.lr * LOW_LR)
     points, forward = {name: [] for name in ENCODER_CURVES}, []
