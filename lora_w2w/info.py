@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
-from .formats import KOHYA_PREFIX, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
+from .formats import KOHYA_PREFIXES, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
 from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES, REFERENCE_NETWORKS, LoraLayout, reference_layout
 from .paths import check_input
 from .storage import (ATTRIBUTES_CSV, MODEL_FORMAT, SPACE_JSON, load_model, read_attribute_table,
@@ -101,7 +101,7 @@ def describe(path: Path, trust_pickle: bool = False) -> str:
         return "\n".join([f"w2w model {path}", f"  K            {_count(len(model.coefficients), 'coefficient')}",
                           f"  space id     {model.space_id or '(not recorded)'}"])
     shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-    if shapes and all(k.startswith(KOHYA_PREFIX) for k in shapes):
+    if shapes and all(k.startswith(KOHYA_PREFIXES) for k in shapes):
         layers = {k.split(".")[0] for k in shapes}
         down = [v for k, v in shapes.items() if k.endswith("lora_down.weight")]
         rank = down[0][0] if down else "?"
