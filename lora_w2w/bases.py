@@ -381,7 +381,8 @@ class Flux(Family):
         """FluxPipeline's call at R x R by default; `guidance_scale` is FLUX.1-dev's embedded guidance, and a
         negative prompt turns on the pipeline's true classifier-free guidance at the same scale."""
         resolution, _ = self.image_sizes(pipe)
-        settings["height"], settings["width"] = settings.get("height") or resolution, settings.get("width") or resolution
+        settings["height"] = settings.get("height") or resolution
+        settings["width"] = settings.get("width") or resolution
         guidance = settings.pop("guidance_scale", None)
         guidance = self.guidance if guidance is None else guidance
         negative = (dict(negative_prompt=[negative_prompt] * len(prompts), true_cfg_scale=guidance)

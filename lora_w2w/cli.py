@@ -643,7 +643,8 @@ def add_score_parser(commands) -> None:
                        help=f"one image per prompt and seed (default: {' '.join(map(str, DEFAULT_SEEDS))})")
     score.add_argument("--steps", type=COUNT, default=None, help="denoising steps (default: generate's, 50)")
     score.add_argument("--guidance", type=FINITE, default=None,
-                       help="guidance scale (default: generate's, the base's: 7.5 for Stable Diffusion, 3.5 for FLUX.1)")
+                       help="guidance scale (default: generate's, the base's: 7.5 for Stable Diffusion, 3.5 for "
+                            "FLUX.1)")
     score.add_argument("--embedder", choices=EMBEDDERS, default="dlib",
                        help="dlib: dlib's face descriptor, for photographs; tiny: the tiny world's evaluator, for "
                             "its renders (default: %(default)s)")

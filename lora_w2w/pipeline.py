@@ -1,6 +1,6 @@
 """The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the network
-that carries them (the UNet of Stable Diffusion 1, 2 and XL; `bases`), so that a step costs what the
-base model's step costs.
+that carries them (the UNet of Stable Diffusion 1, 2 and XL, FLUX's transformer; `bases`), so that a step
+costs what the base model's step costs.
 
     pipe = load_base_pipeline(DEFAULT_BASE, device="auto")  # or "stablediffusionapi/realistic-vision-v51"
     images = generate(pipe, space, model, seeds=[0, 1, 2, 3])     # prompt: the space's, "sks person"

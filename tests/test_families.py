@@ -23,9 +23,7 @@ from diffusers.loaders.lora_conversion_utils import (_convert_kohya_flux_lora_to
                                                      _maybe_map_sgm_blocks_to_diffusers)
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
-                          T5TokenizerFast)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from lora_w2w.bases import (Flux, StableDiffusion1, StableDiffusion2, StableDiffusionXL, family_of, family_of_base,
                             sgm_module)
@@ -34,7 +32,7 @@ from lora_w2w.errors import FamilyError, LayoutError
 from lora_w2w.layout import REFERENCE_NETWORKS, reference_layout, reference_network
 from lora_w2w.pipeline import generate, load_base_pipeline
 from lora_w2w.storage import load_model, load_space
-from lora_w2w.tiny.base_model import build_tokenizer, save_pipeline
+from lora_w2w.tiny.base_model import build_t5_tokenizer, build_tokenizer, save_pipeline
 from lora_w2w.tiny.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,18 +113,6 @@ def sdxl_pipeline(tokenizer_dir: Path) -> StableDiffusionXLPipeline:
                                      image_encoder=None, feature_extractor=None)
 
 
-def t5_tokenizer(words) -> T5TokenizerFast:
-    """A T5 tokenizer built here, as T5's own is made: a SentencePiece Unigram model (`<pad>` 0, `</s>` 1, `<unk>`
-    2, then one piece per word, each after the `▁` that marks a word start), `</s>` appended to every text,
-    instead of the downloaded hf-internal-testing/tiny-random-t5."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"▁{word}", -1.0) for word in words)]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
-    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                           extra_ids=0)
-
-
 def flux_pipeline(tokenizer_dir: Path) -> FluxPipeline:
     """A random-weight FLUX.1 pipeline built as diffusers' tests/pipelines/flux/test_pipeline_flux.py
     get_dummy_components builds its components (`FluxTransformer2DModel(patch_size=1, in_channels=4,
@@ -136,11 +122,12 @@ def flux_pipeline(tokenizer_dir: Path) -> FluxPipeline:
     T5EncoderModel(config)`, `AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
     layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
     shift_factor=0.0609, scaling_factor=1.5035)`, `FlowMatchEulerDiscreteScheduler()`), with one double and one
-    single block, tokenizers built here instead of the downloaded hf-internal-testing ones, a T5 encoder 32 wide
-    made from its config here (not hf-internal-testing/tiny-random-t5's, downloaded), and FLUX.1-dev's guidance
-    embedding and scheduler config (dynamic shifting), so that the guidance-distilled path runs."""
+    single block, tokenizers built here (CLIP's BPE, T5's Unigram: `build_t5_tokenizer`) instead of the downloaded
+    hf-internal-testing ones, a T5 encoder 32 wide made from its config here (not hf-internal-testing/
+    tiny-random-t5's, downloaded), and FLUX.1-dev's guidance embedding and scheduler config (dynamic shifting),
+    so that the guidance-distilled path runs."""
     tokenizer = build_tokenizer(WORDS, tokenizer_dir, max_length=MAX_TOKENS)
-    tokenizer_2 = t5_tokenizer(WORDS)
+    tokenizer_2 = build_t5_tokenizer(WORDS)  # T5's kind of tokenizer, made here
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
