@@ -383,6 +383,25 @@ def test_flux_conditioning_prediction_and_schedule_are_its_pipelines(tmp_path):
     assert family.first_timestep(pipe, 2, resolution, resolution) == int(schedules[0][0])
 
 
+def test_flux_generates_with_its_own_guidance_and_dtype(tmp_path):
+    """No guidance given: FLUX's 3.5 reaches the transformer (Stable Diffusion's default, 7.5, would be twice
+    FLUX.1-dev's); a negative prompt turns on the pipeline's true guidance at that scale; on CUDA FLUX generates
+    in bfloat16, the UNet families in float16."""
+    from lora_w2w.pipeline import generate_from_weights
+    from lora_w2w.workbench import job_dtype
+
+    pipe = flux_pipeline(tmp_path / "tokenizer")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    generate_from_weights(pipe, None, None, "sks person", num_inference_steps=1)
+    assert calls[0]["guidance"].tolist() == [Flux.guidance] and len(calls) == 1
+    calls.clear()
+    generate_from_weights(pipe, None, None, "sks person", negative_prompt="photo", num_inference_steps=1)
+    assert len(calls) == 2  # the prompt's and the negative prompt's calls: true classifier-free guidance
+    assert job_dtype("generate", "cuda", family_of(pipe)) == torch.bfloat16
+    assert job_dtype("generate", "cuda", StableDiffusionXL({}, {})) == job_dtype("generate", "cuda") == torch.float16
+
+
 def test_flux_trains_on_the_flow_matching_velocity():
     """x_t = (1 - sigma) x_0 + sigma eps and the target eps - x_0, with x_0 the VAE's shifted and scaled latent and
     (t, sigma) the scheduler's training pair at the draw's index, as diffusers' train_dreambooth_lora_flux.py
