@@ -4,7 +4,7 @@ tensors (`FakeTensorMode`: shapes, dtypes and lifetimes, no data, no compute) ov
 from their configs, while a dispatch mode adds up the bytes of the tensor storages alive after every op.
 
     python benchmarks/bench_gpu_memory.py [--steps 25] [--images 1 4] [--identities 8 16]  # make bench-gpu-memory
-    python benchmarks/bench_gpu_memory.py --families sdxl flux --family-identities 2      # the other families
+    python benchmarks/bench_gpu_memory.py --families-only --families sdxl flux            # the other families alone
 
 The jobs, in the dtypes our code picks on CUDA and with its default flags:
 - generate (float16, `workbench.job_dtype`): a w2w model fused into the UNet (`FusedLora`), the
@@ -515,6 +515,9 @@ def parse_args() -> argparse.Namespace:
                              "--identities_per_batch (default: %(default)s)")
     parser.add_argument("--families", nargs="*", choices=tuple(FAMILY_BUILDS), default=list(FAMILY_BUILDS),
                         help="the other families to estimate at their native size, after SD1.5 (default: all)")
+    parser.add_argument("--families-only", action="store_true",
+                        help="only those families: no validation, no SD1.5 (the last line is then "
+                             '{"benchmark": "gpu_memory_families", "families": ...})')
     parser.add_argument("--family-identities", type=int, nargs="+", default=[2],
                         help="K of train_identities for those families (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
@@ -552,6 +555,10 @@ def other_families(args: argparse.Namespace) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.families_only:
+        print(json.dumps({"benchmark": "gpu_memory_families", "steps": args.steps,
+                          "components": PRESETS["real"].components, "families": other_families(args)}))
+        return
 
     print("validation: the tiny world's pipeline, real tensors then fake ones", flush=True)
     small = PRESETS["ood"].components  # K = 1,000: the tiny layout's N is a few thousand
