@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory bench-outputs clean
+.PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory bench-outputs bench-import clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-invert: $(STAMP)
 # test it replaced.
 bench-outputs: $(STAMP)
 	$(PY) benchmarks/bench_outputs.py
+
+bench-import: $(STAMP)
+	$(PY) benchmarks/bench_import.py
 
 # Peak GPU memory of each job on SD1.5 at 512 px, estimated on the CPU on fake tensors (no GPU, no download;
 # ~2.5 minutes on one thread).

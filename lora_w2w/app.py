@@ -44,6 +44,7 @@ from PIL import Image  # noqa: E402
 from . import workbench  # noqa: E402
 from .checks import COUNT, DEVICE, FINITE, SEED  # noqa: E402
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE  # noqa: E402
+from .editing import DEFAULT_DEBIAS, binary_attributes, resolve_attribute  # noqa: E402
 from .errors import NoFaceError, W2WError, exit_code  # noqa: E402
 from .flags import OneLineParser, add_config_flags, config_from_args  # noqa: E402
 from .inversion import CROPS, PRESETS, Photo, open_image  # noqa: E402
@@ -55,7 +56,7 @@ EXPORT_FORMATS = ("w2w", "kohya", "peft")  # a w2w model file, a kohya .safetens
 DEFAULT_MAX_UPLOAD = "20mb"  # photos and SD1.5 models fit
 STRENGTH_RANGE = 4.0  # edit sliders span -4 ... +4 standard deviations of the dataset along the direction
 STRENGTH_STEP = 0.25
-DEBIAS_DEFAULT = ("Male", "Young")
+DEBIAS_DEFAULT = tuple(resolve_attribute(name)[0] for name in DEFAULT_DEBIAS)  # `w2w edit`'s, as the table names them
 DISPLAY_SIZE = 512  # an uploaded image smaller than this (short side) is shown enlarged, to draw the mask on
 BRUSH_COLOR = "rgb(255, 64, 160)"  # the mask brush: any stroke (alpha > 0) is inside the mask
 OUTSIDE_MASK = 0.3  # brightness of what lies outside the mask in the page's picture of what was fitted
@@ -107,7 +108,7 @@ API (gradio_client; every model travels as a w2w model file, every image list is
   /sample(seed)                              -> (model file, images)
   /edit(model file, edits, debias)           -> (model file, images)
         edits: {"ATTRIBUTE": STRENGTH, ...} as JSON, strengths in standard deviations of the dataset;
-        debias: a list of attributes whose directions are removed (default: Male and Young)
+        debias: a list of attributes whose directions are removed (default: Male and Young, as `w2w edit`)
   /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
         preset: real or ood; the mask is white where the image is fitted; crop: center (default) or face;
         auto mask: True fits the images without a mask file over the face, forehead and hair their landmarks outline;
@@ -129,14 +130,6 @@ def error_line(error: Exception) -> str:
     upload_folder = re.escape(str(Path(gr.utils.get_upload_folder()).resolve()))
     message = re.sub(upload_folder + r"/[^/\s]+/", "", str(error))
     return f"w2w: error: {message}"
-
-
-def binary_attributes(space) -> list[str]:
-    """The ±1 columns of the space's attribute table: the attributes an edit slider moves."""
-    if space.attributes is None:
-        return []
-    return [str(name) for name in space.attributes.columns if np.isin(space.attributes[name].to_numpy(), (-1, 1)).all()
-            and len(np.unique(space.attributes[name].to_numpy())) == 2]
 
 
 def parse_seeds(text: str | list | tuple, limit: int) -> list[int]:

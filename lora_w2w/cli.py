@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, POSITIVE, SEED, SIZE
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE
 from .errors import W2WError, exit_code
@@ -71,12 +72,15 @@ def cmd_export(args) -> None:
         print(f"wrote w2w model as {args.format} LoRA {out}")
         return
     from .dataset import WeightsDataset
+    from .provenance import LoraAbout
 
     dataset = WeightsDataset(args.dataset)
     key = args.dataset_model
     row = dataset.row(int(key) if key not in dataset.names and key.lstrip("-").isdigit() else key)
+    about = LoraAbout(f"dataset model {dataset.names[row]}", provenance=({"made": "dataset",
+                                                                         "model": dataset.names[row]},))
     out = save_lora(dataset.layout, dataset[row], args.out, args.format, dataset.base_model,
-                    lora_naming_of_base(args.base, dataset.layout))
+                    lora_naming_of_base(args.base, dataset.layout), about)
     print(f"wrote dataset model {dataset.names[row]!r} as {args.format} LoRA {out}")
 
 
@@ -135,9 +139,11 @@ def cmd_import_official(args) -> None:
     from .storage import MODEL_FILE, check_output, load_model, save_model
 
     if args.model:
+        from .provenance import imported
+
         check_output(args.dst, MODEL_FILE, [args.src])
         model = load_model(args.src, args.trust_pickle)
-        save_model(W2WModel(model.coefficients, args.space_id), args.dst)
+        save_model(W2WModel(model.coefficients, args.space_id, (*model.provenance, imported(args.src))), args.dst)
         print(f"wrote model {args.dst} ({len(model.coefficients)} coefficients)")
         return
     space = import_official(args.src, args.dst, trust_pickle=args.trust_pickle)
@@ -162,20 +168,14 @@ def cmd_download(args) -> None:
 
 
 def cmd_project(args) -> None:
-    from .formats import load_lora
-    from .space import W2WModel, check_finite
     from .workbench import Workbench
 
     bench = Workbench(args.base, args.space)  # memory-mapped: only the first K components are read
-    space = bench.space if args.components is None else bench.space.truncate(args.components)
-    weights = load_lora(space.layout, args.lora, args.trust_pickle, bench.lora_naming())
-    check_finite(weights, f"the weights of {args.lora}")
-    coefficients = space.project(weights)
-    residual = float(space.residual(weights, coefficients))
-    bench.export(W2WModel(coefficients, space.id), "w2w", args.out)
-    print(f"wrote model {args.out} ({space.num_components:,} coefficients); standardized residual |z - cV| / |z| = "
-          f"{residual:.4f} (0: the LoRA lies in the span of the space's first {space.num_components:,} components, "
-          f"1: wholly outside it)")
+    model, residual = bench.project(args.lora, args.components, args.trust_pickle)
+    bench.export(model, "w2w", args.out)
+    k = len(model.coefficients)
+    print(f"wrote model {args.out} ({k:,} coefficients); standardized residual |z - cV| / |z| = {residual:.4f} (0: "
+          f"the LoRA lies in the span of the space's first {k:,} components, 1: wholly outside it)")
 
 
 def cmd_generate(args) -> None:
@@ -230,6 +230,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_edit(args) -> None:
+    from .editing import default_debias, resolve_attribute
     from .storage import MODEL_FILE, check_output
     from .workbench import Workbench
 
@@ -237,14 +238,16 @@ def cmd_edit(args) -> None:
     bench = Workbench(space=args.space)
     model = bench.load(args.model)
     strengths = dict(args.edit)
-    fit = dict(debias=[name for name in (args.debias or "").split(",") if name], components=args.components,
-               method=args.method, debias_mode=args.debias_mode)
+    debias = (default_debias(bench.space) if args.debias is None else
+              [name for name in args.debias.split(",") if name and name != "none"])
+    fit = dict(debias=debias, components=args.components, method=args.method, debias_mode=args.debias_mode)
     bench.export(bench.edit(model, strengths, **fit), "w2w", args.out)
     directions = bench.directions(list(strengths), **fit)  # fitted once, for the edit
     for name, strength in strengths.items():
-        d = directions[name]
+        d = directions[resolve_attribute(name)[0]]
         print(f"{name}: {strength:+g} std = {strength * d.std:+.3f} along the direction "
               f"(dataset std {d.std:.3f}, largest projection {d.largest:.3f} = {d.largest / d.std:.1f} std)")
+    print(f"debiased against: {', '.join(debias) or 'nothing'}")
     print(f"wrote {args.out}")
 
 
@@ -286,8 +289,9 @@ def cmd_invert(args) -> None:
     print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
           f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
           f"this space, and the flags given)")
-    model, photos = bench.invert(args.image, masks, config, mask_dir=args.mask_dir, auto_mask=args.mask == [AUTO_MASK],
-                                 crop=args.crop, detector=args.detector, seed=args.seed, checkpoint=args.checkpoint)
+    model, photos = bench.invert(args.image, masks, config, preset=args.preset, mask_dir=args.mask_dir,
+                                 auto_mask=args.mask == [AUTO_MASK], crop=args.crop, detector=args.detector,
+                                 seed=args.seed, checkpoint=args.checkpoint)
     bench.export(model, "w2w", args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
     for what, name, path in save_fitted(args.out, photos, args.crop):  # the face crops and automatic masks
@@ -332,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
+    parser.add_argument("--version", action="version", version=f"w2w (lora_w2w) {__version__}",
+                        help="print the version of lora_w2w and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_download_parser,
                        add_project_parser,
@@ -368,14 +374,19 @@ def add_base(parser) -> None:
 def add_info_parser(commands) -> None:
     from .layout import REFERENCE_NETWORKS
 
-    info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
+    info = commands.add_parser("info", help="describe a space, a weights dataset, a model, a LoRA or an image, "
+                                            "and how it was made",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
                                            "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
-                                           "id) or a LoRA (format, layers, rank). With --layout NAME instead: the "
+                                           "id, how it was made: sampled, edited, inverted, projected), a LoRA "
+                                           "(format, layers, rank; a kohya file's ModelSpec keys, a PEFT folder's "
+                                           "model card, the model it was made from) or a generated image (prompt, "
+                                           "seed, steps, guidance, models). With --layout NAME instead: the "
                                            "LoRA layout of a full-size base network, built on the meta device from "
                                            "its config shipped with w2w (no download): N and every layer.")
     info.add_argument("path", nargs="?", help="a space directory, a weights dataset directory, a model "
-                                              ".safetensors/.pt, a PEFT folder or a kohya file")
+                                              ".safetensors/.pt, a PEFT folder, a kohya file or a PNG from "
+                                              "`w2w generate`")
     info.add_argument("--layout", choices=tuple(REFERENCE_NETWORKS), default=None,
                       help="instead of PATH: " + "; ".join(f"{name}: {what}" for name, (what, _) in
                                                            REFERENCE_NETWORKS.items()))
@@ -518,7 +529,8 @@ def add_sample_parser(commands) -> None:
 
 def add_edit_parsers(commands) -> None:
     """`w2w edit` and `w2w directions`: the attribute directions of a space."""
-    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_DIRECTION_METHOD, DIRECTION_METHODS, MODELS_PER_COMPONENT
+    from .editing import (ALIASES, DEFAULT_DEBIAS, DEFAULT_DIRECTION_METHOD, DEFAULT_EDIT_COMPONENTS, DIRECTION_METHODS,
+                          MODELS_PER_COMPONENT)
 
     components = (f"(default: {DEFAULT_EDIT_COMPONENTS:,} as in the paper; for least squares and logistic at most "
                   f"M/{MODELS_PER_COMPONENT} of the space's M dataset models)")
@@ -528,9 +540,14 @@ def add_edit_parsers(commands) -> None:
                                            "along each direction. Edits compose.")
     add_space(edit)
     edit.add_argument("--model", required=True, help="w2w model file to edit")
+    aliases = ", ".join(f"{name} = {'-' if sign < 0 else ''}{column}" for name, (column, sign) in ALIASES.items())
     edit.add_argument("--edit", type=_parse_edit, action="append", required=True, metavar="ATTRIBUTE=STRENGTH",
-                      help="e.g. --edit Bald=-2 --edit Chubby=+1.5 (repeatable)")
-    edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
+                      help=f"e.g. --edit Beard=2 --edit Chubby=-1.5 (repeatable); friendly names have the sign folded "
+                           f"in ({aliases}), the attribute table's own names work too (`w2w directions` lists them)")
+    edit.add_argument("--debias", default=None,
+                      help=f"comma-separated attributes to keep: their directions are removed from each edit's "
+                           f"(default: {','.join(DEFAULT_DEBIAS)}, those the space has, as in `w2w app`; none: "
+                           f"--debias none)")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
     edit.add_argument("--method", choices=DIRECTION_METHODS, default=DEFAULT_DIRECTION_METHOD,

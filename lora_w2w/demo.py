@@ -87,9 +87,10 @@ class Demo:
         return {"images": "sampling.png", "models": len(models)}
 
     def editing(self) -> dict:
-        """One sampled identity edited along several attributes (+-3 dataset standard deviations)."""
+        """One sampled identity edited along several attributes (+3 dataset standard deviations; friendly names:
+        Beard is -No_Beard, Age is -Young)."""
         model, = self.bench.sample(1, seed=3)
-        edits = {"Eyeglasses": 3.0, "No_Beard": -3.0, "Blond_Hair": 3.0, "Young": -3.0}
+        edits = {"Eyeglasses": 3.0, "Beard": 3.0, "Blond_Hair": 3.0, "Age": 3.0}
         rows = [model] + [self.bench.edit(model, {a: s}, debias=["Male"]) for a, s in edits.items()]
         rows.append(self.bench.edit(model, edits, debias=["Male"]))  # all at once: edits compose
         images = [im for m in rows for im in self.images(m, seeds=range(3))]
@@ -168,11 +169,24 @@ def write_report(out: Path, stages: dict) -> None:
         elif "images" in result:
             lines += [f"![{name}]({result['images']})", ""]
         if name == "evaluation" and "skipped" not in result:
-            lines += _evaluation_table(result)
+            lines += [_target_sentence(result), "", *_evaluation_table(result)]
         if "seconds" in result:
             lines.append(f"{result['seconds']:.1f} s")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _target_sentence(result: dict) -> str:
+    """What "target met" means, and why this run's editing rows may differ from those of w2w evaluate's report."""
+    run = sum(result["editing"]["models_by_sex"].values())
+    sentence = ("\"Target met\" says whether the tiny world's figure reaches the target in brackets, which this "
+                "project sets for each of the paper's claims (most are qualitative)")
+    if "editing_report" not in result:
+        return sentence + "."
+    quoted = sum(result["editing_report"]["models_by_sex"].values())
+    return (sentence + f"; this run edits {run} sampled models, so one model moves an editing row by "
+            f"{1 / run:.0%} and its rows may differ from the {quoted}-model rows quoted from "
+            f"{result['report_source']}, which `w2w evaluate` measured with more models.")
 
 
 def _met(ok: bool, target: str) -> str:
@@ -181,6 +195,7 @@ def _met(ok: bool, target: str) -> str:
 
 def _evaluation_table(result: dict) -> list[str]:
     """The evaluator's figures next to the paper's claims, each with its target and whether it is met."""
+    from .editing import friendly_name
     from .tiny.tables import EDITED, PAPER
 
     sampling, editing = result["sampling"], result["editing"]
@@ -204,8 +219,8 @@ def _evaluation_table(result: dict) -> list[str]:
         for attribute in EDITED:
             e = scores[attribute]
             met = e["changed"] >= targets["changed"] and e["others_kept"] >= targets["others_kept"]
-            rows.append(f"| editing {attribute} ({label}): changed / others kept / identity similarity | "
-                        f"qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
+            rows.append(f"| editing {friendly_name(attribute)} ({label}): changed / others kept / identity "
+                        f"similarity | qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
                         f"{e['identity_similarity']:.2f} | {_met(met, edit_target)} |")
     if "table2_report" in result:
         kinds = ("w2w", "dreambooth_1", "dreambooth_multi")

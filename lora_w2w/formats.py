@@ -11,6 +11,9 @@
 - kohya / A1111 / ComfyUI: one safetensors file, keys `lora_unet_<module with _>.lora_down.weight`
   (r x in), `.lora_up.weight` (out x r) and `.alpha` (scaling alpha / r); diffusers converts it.
 
+Each file says where it came from (`provenance.LoraAbout`): a PEFT folder in a README.md model card and
+in its weights' metadata, a kohya file in ModelSpec's and kohya's metadata keys.
+
 A file's alpha may differ from the layout's: lora_B is rescaled so that scaling * B @ A is kept. A PEFT
 folder's adapter_config.json is read as PEFT reads it: use_rslora (scaling alpha / sqrt(r)), alpha_pattern
 and rank_pattern (per layer) change the scaling, and target_modules must cover the layers of the weights.
@@ -21,6 +24,7 @@ FLUX: the `transformer.` keys diffusers loads and `lora_transformer_transformer_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,7 +40,9 @@ from safetensors.torch import load_file
 from .errors import FileFormatError, LayoutError, PickleRefusedError
 from .layout import PEFT_PREFIX, LoraLayout
 from .paths import check_input
+from .provenance import MODEL_CARD_MARK, LoraAbout, kohya_metadata, model_card
 from .schemas import ADAPTER_CONFIG, FLOAT_DTYPES, read_json
+from .space import TRIGGER_PROMPT
 from .storage import Output, atomic_output, owns_only, read_safetensors_header, torch_load, write_file, write_tensors
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -46,14 +52,28 @@ PEFT_PICKLE_WEIGHTS = "adapter_model.bin"  # older PEFT: torch.save(state_dict, 
 # original's save_model_for_diffusers and train_dreambooth.py write them
 PEFT_WEIGHT_FILES = (PEFT_WEIGHTS, f"unet/{PEFT_WEIGHTS}", PEFT_PICKLE_WEIGHTS, f"unet/{PEFT_PICKLE_WEIGHTS}")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+MODEL_CARD = "README.md"  # a PEFT folder's model card, which the Hugging Face Hub shows
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
 KOHYA_PREFIX = "lora_unet_"  # kohya-style keys of a UNet (Stable Diffusion 1, 2 and XL)
 KOHYA_TRANSFORMER_PREFIX = "lora_transformer_"  # of FLUX's transformer, as ComfyUI and diffusers read them
 KOHYA_PREFIXES = (KOHYA_PREFIX, KOHYA_TRANSFORMER_PREFIX)
 FORMATS = ("peft", "kohya")
+_PEFT_FILES = owns_only("|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS,
+                                                                MODEL_CARD)))
+
+
+def _earlier_export(folder: Path) -> bool:
+    """A folder holding only what save_peft writes, its README.md the model card it wrote (MODEL_CARD_MARK):
+    a README of anyone else's makes the folder theirs."""
+    card = folder / MODEL_CARD
+    if not _PEFT_FILES(folder) or not card.exists():
+        return _PEFT_FILES(folder)
+    with open(card, "rb") as file:
+        return card.is_file() and MODEL_CARD_MARK.encode() in file.read(2**16)
+
+
 # what save_peft writes: a folder holding anything else is someone's and is not written into
-PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=owns_only(
-    "|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS))))
+PEFT_FOLDER = Output("PEFT LoRA folder", folder=True, owns=_earlier_export)
 KOHYA_FILE = Output("kohya LoRA file")
 LORA_OUTPUTS = {"peft": PEFT_FOLDER, "kohya": KOHYA_FILE}  # what save_lora writes, by format
 
@@ -104,12 +124,18 @@ def _lora_config(layout: LoraLayout, base_model: str) -> dict:
 # ----------------------------------------------------------------------------- PEFT / diffusers folder
 
 def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.PathLike, base_model: str = "",
-              training: dict | None = None, naming: LoraNaming = SD_NAMING) -> Path:
-    """Write weights (N,) as a PEFT/diffusers LoRA folder; `training`, the settings it was trained with,
-    goes into the metadata of adapter_model.safetensors (`recorded_training` reads it); diffusers' file
-    names the family's network (`naming.network`)."""
+              training: dict | None = None, naming: LoraNaming = SD_NAMING,
+              about: LoraAbout | None = None) -> Path:
+    """Write weights (N,) as a PEFT/diffusers LoRA folder with its model card (`about`: what it says of itself;
+    default: a LoRA trained with `training`); `training`, the settings it was trained with, goes into the
+    metadata of adapter_model.safetensors (`recorded_training` reads it); diffusers' file names the family's
+    network (`naming.network`)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # where diffusers reads a LoRA's config from
 
+    if about is None:
+        about = LoraAbout() if training is None else LoraAbout(
+            "Dreambooth LoRA", training.get("instance_prompt", TRIGGER_PROMPT), provenance=({"made": "dreambooth",
+                                                                                              **training},))
     weights = _weights(layout, weights)
     state = layout.to_peft_state_dict(weights)
     config = _lora_config(layout, base_model)
@@ -120,10 +146,12 @@ def save_peft(layout: LoraLayout, weights: torch.Tensor, directory: str | os.Pat
     with atomic_output(directory, PEFT_FOLDER) as tmp:
         tmp.mkdir()
         extra = {} if training is None else {TRAINING_METADATA_KEY: json.dumps(training, sort_keys=True)}
-        write_tensors(tmp / PEFT_WEIGHTS, state, {"format": "pt", **extra})
+        write_tensors(tmp / PEFT_WEIGHTS, state, {"format": "pt", **extra, **about.metadata()})
         write_file(tmp / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True))
         write_tensors(tmp / DIFFUSERS_WEIGHTS, diffusers_state,
-                      {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+                      {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(metadata, sort_keys=True),
+                       **about.metadata()})
+        write_file(tmp / MODEL_CARD, model_card(about, base_model, layout.rank))
     return Path(directory)
 
 
@@ -281,9 +309,10 @@ def load_peft(layout: LoraLayout, path: str | os.PathLike, trust_pickle: bool = 
 # ----------------------------------------------------------------------------- kohya / A1111 / ComfyUI
 
 def save_kohya(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike, base_model: str = "",
-               naming: LoraNaming = SD_NAMING) -> Path:
+               naming: LoraNaming = SD_NAMING, about: LoraAbout | None = None) -> Path:
     """Write weights (N,) as a kohya-style LoRA .safetensors file, keys and base model version as the
-    family's `naming` says."""
+    family's `naming` says, with the ModelSpec and kohya keys that say what it is (`about`;
+    `provenance.kohya_metadata`)."""
     weights = _weights(layout, weights)
     state = {}
     for name, (lora_a, lora_b) in layout.split(weights).items():
@@ -291,9 +320,13 @@ def save_kohya(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLik
         state[f"{key}.lora_down.weight"] = lora_a.contiguous()  # (r, in)
         state[f"{key}.lora_up.weight"] = lora_b.contiguous()    # (out, r)
         state[f"{key}.alpha"] = torch.tensor(float(layout.alpha))
+    data = hashlib.sha256()  # of the tensors' bytes as written, in order: the file's data after its header
+    for tensor in state.values():
+        data.update(tensor.to(torch.float32).numpy().astype("<f4").tobytes())
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(layout.rank),
-                "ss_network_alpha": str(layout.alpha), **naming.kohya_metadata,
-                "ss_sd_model_name": base_model, "w2w_target_modules": ",".join(layout.target_modules)}
+                "ss_network_alpha": str(layout.alpha), "w2w_target_modules": ",".join(layout.target_modules),
+                **kohya_metadata(about or LoraAbout(), base_model, Path(path).stem, data.hexdigest(),
+                                 naming.kohya_metadata)}
     with atomic_output(path, KOHYA_FILE) as tmp:
         write_tensors(tmp, state, metadata)
     return Path(path)
@@ -333,13 +366,13 @@ def load_kohya(layout: LoraLayout, path: str | os.PathLike, naming: LoraNaming =
 # ----------------------------------------------------------------------------- dispatch
 
 def save_lora(layout: LoraLayout, weights: torch.Tensor, path: str | os.PathLike, fmt: str, base_model: str = "",
-              naming: LoraNaming = SD_NAMING) -> Path:
+              naming: LoraNaming = SD_NAMING, about: LoraAbout | None = None) -> Path:
     """Write weights (N,) in format `fmt` ('peft': a folder, 'kohya': a file), keys named as the base
-    family's `naming` says."""
+    family's `naming` says, saying `about` themselves."""
     if fmt == "peft":
-        return save_peft(layout, weights, path, base_model, naming=naming)
+        return save_peft(layout, weights, path, base_model, naming=naming, about=about or LoraAbout())
     if fmt == "kohya":
-        return save_kohya(layout, weights, path, base_model, naming)
+        return save_kohya(layout, weights, path, base_model, naming, about)
     raise FileFormatError(f"unknown LoRA format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

@@ -378,14 +378,17 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
            masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
            checkpoint: str | os.PathLike | None = None,
-           on_step: Callable[[int, int, float], None] | None = None) -> W2WModel:
+           on_step: Callable[[int, int, float], None] | None = None, record: dict | None = None) -> W2WModel:
     """The model (K coefficients) of `space` that best reproduces `images`, I photographs of one person,
     (I, 3, R, R) in [-1, 1] or a list of (1, 3, R, R), inside `masks` (I, 1, h, w) or a list of (1, 1, h, w)
     or None (an image fitted everywhere) when given. Every step draws one of the images (seeded), so the
     loss is averaged over them; with one image this is the paper's single-image inversion. With
     `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps and at the end, and
     a run finding it there resumes from it. `on_step(done, total, loss)` is called after every step (the
-    app's progress bar)."""
+    app's progress bar). The model records its settings and seed, and `record`, what the caller knows of the
+    images (their sha256, the preset's name: `provenance.inverted`)."""
+    from .provenance import inverted
+
     images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
@@ -422,7 +425,7 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
                 on_step(done, config.steps, loss.item())
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 save_checkpoint(checkpoint, fingerprint, done, coefficients, optimizer, sampler)
-    model = W2WModel(coefficients.detach().cpu(), space.id)
+    model = W2WModel(coefficients.detach().cpu(), space.id, (inverted(config, seed, len(images), record),), space)
     far = norm_over_dataset(space, model.coefficients)
     if far is not None and far > FAR_FROM_DATASET:
         warnings.warn(f"the inverted model lies far outside the space's dataset (its coefficients' norm is {far:.1f}x "

@@ -2,7 +2,9 @@
 
     import_official("downloads/w2w", "files/official", trust_pickle=True)   # downloads/w2w/files/ holds them
 
-Files read, where present (DESIGN.md, "Facts of the released format"):
+Files read, where present: `files/` of the Hugging Face repository snap-research/weights2weights (`w2w
+download files`), as the original code (github.com/snap-research/weights2weights, lora_w2w.py and
+utils.py) reads them; tests/conftest.py's `write_released_files` writes them that way:
     mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt
     (PEFT key -> [numel, shape], numel a 1-element torch.Size: the original reads
     `weight_dimensions[key][0][0]`), identity_df.pt (pandas DataFrame), adapter_config.json.

@@ -15,7 +15,9 @@ the edit acts on the finer details (T 700-1000 for global edits, 400-700 for fin
 """
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -30,8 +32,10 @@ from .errors import ArgumentError, W2WError
 from .estimate import LARGE_GENERATION, JobClock
 from .layout import LoraLayout
 from .network import FusedLora
+from .provenance import INFOTEXT_KEY, hub_id, infotext
 from .space import Space, W2WModel
 
+TEXT_ENCODER_NOTICE = "No LoRA keys associated to CLIPTextModel"  # diffusers' warning for a LoRA of the UNet alone
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family=None) -> torch.dtype:
@@ -45,7 +49,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family=
 def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "auto", dtype=None, progress: bool = True):
     """The pipeline of a folder or hub id, of a family w2w knows (`bases.FAMILIES`: chosen from its config
     files, so that another kind of pipeline is refused before its weights load), without safety checker,
-    on `device`."""
+    on `device`; `progress`: the progress bars of its loading and of its denoising."""
     device = resolve_device(device)
     local = Path(base).is_dir()
     if not local and (base.startswith((".", "/")) or base.startswith("files/")):
@@ -54,11 +58,29 @@ def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "a
         check_cached_offline(base)
     family = family_of_base(base)
     try:
-        pipe = family.load_pipeline(base, resolve_dtype(dtype, device, family), local_files_only=local)
+        with loading_bars(progress):
+            pipe = family.load_pipeline(base, resolve_dtype(dtype, device, family), local_files_only=local)
     except (OSError, ValueError) as error:
         raise loading_error(base, local, error, "the pipeline") from None
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
+
+
+@contextmanager
+def loading_bars(shown: bool):
+    """diffusers' and transformers' loading progress bars shown or not while the block runs, through their own
+    switches, which are put back as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    switches = [(library, library.is_progress_bar_enabled()) for library in (diffusers_logging, transformers_logging)]
+    for library, _ in switches:
+        (library.enable_progress_bar if shown else library.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for library, was in switches:
+            (library.enable_progress_bar if was else library.disable_progress_bar)()
 
 
 def generate(pipe, space: Space, model: W2WModel | torch.Tensor | None = None, prompt: str | None = None, *,
@@ -71,25 +93,29 @@ def generate(pipe, space: Space, model: W2WModel | torch.Tensor | None = None, p
         raise TypeError(f"generate(pipe, space, model, prompt) takes a Space, got {type(space).__name__}; for a "
                         f"layout and raw LoRA weights call generate_from_weights(pipe, layout, weights, prompt)")
 
-    def weights(m):
-        if m is None:
-            return None
-        return (m if isinstance(m, W2WModel) else W2WModel(m)).weights(space)
-
-    return generate_from_weights(pipe, space.layout, weights(model), space.prompt if prompt is None else prompt,
-                                 edited=weights(edited), **settings)
+    models = [m if m is None or isinstance(m, W2WModel) else W2WModel(m) for m in (model, edited)]
+    about = {"w2w space": space.id}
+    for name, m in zip(("w2w model", "w2w edited"), models):
+        if m is not None:
+            about |= {name: m.id} | ({f"{name} made by": m.made_by} if m.provenance else {})
+    return generate_from_weights(pipe, space.layout, None if models[0] is None else models[0].weights(space),
+                                 space.prompt if prompt is None else prompt,
+                                 edited=None if models[1] is None else models[1].weights(space), about=about,
+                                 **settings)
 
 
 def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prompt: str, *,
                           negative_prompt: str = "", seeds=(0,), num_inference_steps: int = 50,
                           guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                           scale: float = 1.0, edited: torch.Tensor | None = None,
-                          injection_timestep: int | None = None,
+                          injection_timestep: int | None = None, about: dict | None = None,
                           log: Callable[[str], None] | None = None) -> list[Image.Image]:
     """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the base's network (None: the
     base model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T.
     `guidance_scale` None: the family's default (7.5 for Stable Diffusion, 3.5 for FLUX.1).
-    More than LARGE_GENERATION seeds with a `log`: the first image alone, then the time the rest will take."""
+    More than LARGE_GENERATION seeds with a `log`: the first image alone, then the time the rest will take.
+    Each image's info holds its generation parameters as A1111 writes them (`provenance.infotext`: prompt,
+    seed, steps, guidance, size, the base model, and `about`'s fields), which `save_png` keeps."""
     if (edited is None) != (injection_timestep is None):
         raise W2WError("delayed injection needs both the edited weights and the injection timestep")
     seeds = [check_seed(s) for s in seeds]
@@ -130,12 +156,40 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
     clock = JobClock(len(seeds), "images", LARGE_GENERATION, log)
     try:
         if not clock.pending:
-            return images_of(generators)
-        first = images_of(generators[:1])
-        clock.tick()
-        return first + images_of(generators[1:])
+            images = images_of(generators)
+        else:
+            images = images_of(generators[:1])
+            clock.tick()
+            images += images_of(generators[1:])
     finally:
         use(None)
+    injection = {} if injection_timestep is None else {"w2w injection timestep": injection_timestep}
+    for seed, image in zip(seeds, images):
+        fields = generation_fields(pipe, image, seed, num_inference_steps, guidance_scale) | (about or {}) | injection
+        image.info[INFOTEXT_KEY] = infotext(prompt, negative_prompt, fields)
+    return images
+
+
+def generation_fields(pipe, image: Image.Image, seed: int, steps: int, guidance: float) -> dict:
+    """A1111's parameters of an image the pipeline generated: steps, sampler (the scheduler's class), CFG scale,
+    seed, size and the base model (`provenance.hub_id`)."""
+    base = {"Model": hub_id(pipe.name_or_path)} if getattr(pipe, "name_or_path", None) else {}
+    return {"Steps": steps, "Sampler": type(pipe.scheduler).__name__, "CFG scale": guidance, "Seed": seed,
+            "Size": f"{image.width}x{image.height}"} | base
+
+
+@contextmanager
+def quiet_text_encoder_notice():
+    """While the block runs, diffusers' warning that a LoRA holds no text-encoder weights (TEXT_ENCODER_NOTICE,
+    from its loaders.lora_base logger) is dropped: a w2w LoRA is the UNet's alone. Only that message."""
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    notice = logging.Filter()
+    notice.filter = lambda record: TEXT_ENCODER_NOTICE not in record.getMessage()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def num_train_timesteps(base: str) -> int:

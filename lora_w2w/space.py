@@ -4,6 +4,9 @@ A model's weights w (N,) are standardized column-wise, z = (w - mean) / std, and
 first K principal components: coefficients c = z Vᵀ with V = components[:K] (K x N, orthonormal
 rows). Back: w = (c V) * std + mean. Pure tensor math; reading and writing lives in `storage`.
 
+The classes' methods that read, write, sample, edit or generate (`Space.from_pretrained`, `space.sample`,
+`model.edit`, `model.save_lora` ...) are a thin layer over the library functions, in `api`.
+
 Letters: M dataset models, N flattened LoRA numbers, K components, B batch.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .api import ModelMethods, SpaceMethods
 from .errors import SpaceError
 from .layout import LoraLayout
 
@@ -55,8 +59,8 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         raise SpaceError(f"{what} holds {int(bad.sum())} NaN/inf values, first at index {index}")
 
 
-@dataclass
-class Space:
+@dataclass(repr=False)
+class Space(SpaceMethods):
     """A w2w space. `coefficients` (M, K_c <= K) are the dataset models' coordinates; `attributes`
     has one row per dataset model (CelebA columns, +1/-1)."""
 
@@ -174,13 +178,23 @@ def space_id(mean: torch.Tensor, std: torch.Tensor, components: torch.Tensor) ->
     return digest.hexdigest()[:16]
 
 
-@dataclass
-class W2WModel:
+def model_id(coefficients: torch.Tensor) -> str:
+    """A short fingerprint of a model: hash of its coefficients (k,) as float32."""
+    values = coefficients.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(values.astype("<f4").tobytes()).hexdigest()[:16]
+
+
+@dataclass(repr=False)
+class W2WModel(ModelMethods):
     """A point in a w2w space: coefficients (k,) on the first k components of the space `space_id`
-    (None for a model without provenance, such as the original `w2wmodel.pt`)."""
+    (None for a model of unknown space, such as the original `w2wmodel.pt`). `provenance`: how it was
+    made, its steps oldest first (`provenance` module); `space`: the space the object layer's methods
+    use (`api`), when known."""
 
     coefficients: torch.Tensor  # (k,)
     space_id: str | None = None
+    provenance: tuple[dict, ...] = ()
+    space: Space | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.coefficients.ndim == 2 and self.coefficients.shape[0] == 1:
@@ -195,6 +209,14 @@ class W2WModel:
         if largest > COEFFICIENT_MAX:
             raise SpaceError(f"model coefficients reach |c| = {largest:.3g}; expected at most {COEFFICIENT_MAX:.0e}: "
                              f"no space's model lies that far from its dataset")
+        self.provenance = tuple(self.provenance)
+        if self.space is not None:
+            self.check_space(self.space)
+
+    @property
+    def id(self) -> str:
+        """The model's fingerprint (`model_id`)."""
+        return model_id(self.coefficients)
 
     def weights(self, space: Space) -> torch.Tensor:
         """The model's flat LoRA weights (N,) in `space`; SpaceError when they hold NaN/inf (a space whose

@@ -7,7 +7,8 @@ A space is a directory:
     attributes.csv      optional, one row per dataset model
 The safetensors file is written block by block and read through memory maps, so a 4 GB components
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
-A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
+A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space and how
+the model was made (`provenance`; a file without it, from before, loads with none).
 
 Every output is checked before any work begins (`check_outputs`: not an input, not inside a space,
 dataset or PEFT folder an input belongs to, not a device, FIFO or socket, not a directory where a file
@@ -274,9 +275,17 @@ def write_file(path: Path, data: bytes | str) -> None:
 
 
 def save_png(image, path: str | os.PathLike) -> Path:
-    """A PIL image as the PNG file `path` (same image, same bytes)."""
+    """A PIL image as the PNG file `path` (same image, same bytes), with the generation parameters `generate`
+    put in its info as A1111's `parameters` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .provenance import INFOTEXT_KEY
+
+    text = PngInfo()
+    if isinstance(image.info.get(INFOTEXT_KEY), str):
+        text.add_text(INFOTEXT_KEY, image.info[INFOTEXT_KEY])
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=text)
     with atomic_output(path, IMAGE_FILE) as tmp:
         write_file(tmp, buffer.getvalue())
     return Path(path)
@@ -631,11 +640,15 @@ def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
 # ----------------------------------------------------------------------------- models
 
 def save_model(model: W2WModel, path: str | os.PathLike) -> Path:
-    """Write a model as `path` (a .safetensors file)."""
+    """Write a model as `path` (a .safetensors file), how it was made in its metadata."""
+    from .provenance import PROVENANCE_KEY, encode
+
     path = Path(path)
     metadata = {"format": MODEL_FORMAT, "version": str(FORMAT_VERSION)}
     if model.space_id:
         metadata["space_id"] = model.space_id
+    if model.provenance:
+        metadata[PROVENANCE_KEY] = encode(model.provenance)
     with atomic_output(path, MODEL_FILE) as tmp:
         write_tensors(tmp, {"coefficients": model.coefficients.detach()}, metadata)
     return path
@@ -645,6 +658,8 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> W2WModel:
     """A model from the project's .safetensors file, or from the original `w2wmodel.pt` (1 x k real floating
     point numbers; a pickle that needs more than tensors only with `trust_pickle`). The project's file is
     read strictly: a header of at most MODEL_HEADER_LIMIT bytes, this format version, one tensor."""
+    from .provenance import recorded
+
     path = check_input(path, "a w2w model file")
     if not path.is_file():
         raise FileFormatError(f"{path}: no such model file")
@@ -652,7 +667,7 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> W2WModel:
         coefficients = torch_load(path, trust_pickle)
         if not isinstance(coefficients, torch.Tensor):
             raise FileFormatError(f"{path}: expected a tensor of coefficients (1 x k), got {type(coefficients).__name__}")
-        space_id = None
+        space_id, provenance = None, ()
     else:
         header, start = read_safetensors_header(path, MODEL_HEADER_LIMIT, "w2w model")
         metadata = header.get("__metadata__", {})
@@ -669,11 +684,12 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> W2WModel:
             raise FileFormatError(f"{path}: {len(extra):,} tensor{'s' * (len(extra) > 1)} besides 'coefficients' "
                                   f"(first {extra[0]!r}); a w2w model holds that one tensor only")
         coefficients, space_id = mmap_tensor(path, header, start, "coefficients").clone(), metadata.get("space_id")
+        provenance = recorded(metadata, str(path))
     try:
-        model = W2WModel(coefficients, space_id)  # its dtype checked before the cast
+        model = W2WModel(coefficients, space_id, provenance)  # its dtype checked before the cast
     except W2WError as error:
         raise type(error)(f"{path}: {error}") from None
-    return W2WModel(model.coefficients.float(), space_id)
+    return W2WModel(model.coefficients.float(), space_id, provenance)
 
 
 def save_state(path: str | os.PathLike, kind: str, state: dict) -> None:

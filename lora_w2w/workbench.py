@@ -4,10 +4,9 @@ Front ends parse and present; the jobs live here.
 
     bench = Workbench(DEFAULT_BASE, DEFAULT_SPACE, device="auto")          # nothing is loaded yet
     model, = bench.sample(1, seed=0)
-    edited = bench.edit(model, {"Eyeglasses": 3.0}, debias=["Male"])        # directions cached
+    edited = bench.edit(model, {"Beard": 3.0})          # friendly names; debias: editing.DEFAULT_DEBIAS
     images = bench.images(model, edited=edited, injection_timestep=700, seeds=range(4))
-    model, photos = bench.invert(["me1.jpg", "me2.jpg"], auto_mask=True, config=bench.inversion_config("real"),
-                                 crop="face")
+    model, photos = bench.invert(["me1.jpg", "me2.jpg"], auto_mask=True, preset="real", crop="face")
     bench.export(model, "kohya", "me_kohya.safetensors")
 
 The dtype of each job (`job_dtype`): on CUDA, generation runs in float16 (bfloat16 for FLUX.1) and inversion
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE, require
-from .editing import DEFAULT_DIRECTION_METHOD, Direction, apply_edits, attribute_directions
+from .editing import DEFAULT_DIRECTION_METHOD, Direction, apply_edits, attribute_directions, debias_or_default
 from .errors import SettingError, SpaceError, W2WError
 from .formats import SD_NAMING, LoraNaming
 from .space import Space, W2WModel
@@ -222,6 +221,14 @@ class Workbench:
                 self._naming = lora_naming_of_base(self.base, self.space.layout)
         return self._naming
 
+    @classmethod
+    def around(cls, pipe, space: str | os.PathLike | Space | None, progress: bool = True) -> "Workbench":
+        """A bench over a pipeline loaded already, on its device: the jobs that run in its dtype use it, any
+        other loads its own from the pipeline's folder or hub id (inversion on CUDA in bfloat16, say)."""
+        bench = cls(pipe.name_or_path, space, pipe.device, progress=progress)
+        bench._pipes[pipe.unet.dtype] = pipe
+        return bench
+
     def using(self, space: Space) -> "Workbench":
         """A bench of another space (a space cut from the same dataset, say) over this bench's pipelines."""
         bench = Workbench(self.base, space, self._device, self.dtype, self.progress)
@@ -247,18 +254,22 @@ class Workbench:
 
     def directions(self, attributes: Sequence[str], debias: Sequence[str] = (), components: int | None = None,
                    method: str = DEFAULT_DIRECTION_METHOD, debias_mode: str = "project") -> dict[str, Direction]:
-        """The attributes' directions, each debiased against `debias` (but itself); fitted once per request."""
+        """The attributes' directions (friendly or table names; keyed by the table's columns), each debiased
+        against `debias` (but itself); fitted once per request."""
         key = (tuple(sorted(attributes)), tuple(sorted(debias)), components, method, debias_mode)
         if key not in self._directions:
             self._directions[key] = attribute_directions(self.space, list(key[0]), components, method, list(key[1]),
                                                          debias_mode)
         return self._directions[key]
 
-    def edit(self, model: W2WModel, strengths: dict[str, float], debias: Sequence[str] = (),
+    def edit(self, model: W2WModel, strengths: dict[str, float], debias: Sequence[str] | None = None,
              components: int | None = None, method: str = DEFAULT_DIRECTION_METHOD,
              debias_mode: str = "project") -> W2WModel:
-        """`model` moved by `strengths[a]` standard deviations of the dataset along each attribute a's direction."""
+        """`model` moved by `strengths[a]` standard deviations of the dataset along each attribute a's direction
+        (friendly names, `editing.attribute_names`, or the table's), debiased against `debias` (None:
+        `editing.default_debias`, what the CLI and the app keep by default)."""
         model.check_space(self.space)
+        debias = debias_or_default(self.space, debias)
         return apply_edits(model, strengths, self.directions(list(strengths), debias, components, method,
                                                              debias_mode))
 
@@ -296,48 +307,85 @@ class Workbench:
                                f"{self.space.num_components}; pass {self.space.num_components} or fewer")
         return config
 
-    def invert(self, images, masks=None, config=None, *, mask_dir: str | os.PathLike | None = None,
-               auto_mask: bool = False, crop: str = "center", detector: str = "hog", seed: int = 0,
-               checkpoint: str | os.PathLike | None = None,
+    def invert(self, images, masks=None, config=None, *, preset: str | None = None,
+               mask_dir: str | os.PathLike | None = None, auto_mask: bool = False, crop: str = "center",
+               detector: str = "hog", seed: int = 0, checkpoint: str | os.PathLike | None = None,
                on_step: Callable[[int, int, float], None] | None = None) -> tuple[W2WModel, list]:
         """The model of the space that reproduces `images` (photographs of one person: files or PIL images,
         or one of them) inside their masks (`pair_masks`: one per image, or one for a single image), each
         image cut by `crop` ("center", or "face": FFHQ's alignment at the pipeline's resolution, the face
-        found by dlib's `detector`), with `config` (an InversionConfig; default: the real preset on this
-        space). With `checkpoint`, the run saves its state there and resumes from it; `on_step(done, total,
-        loss)` after each step. Returns the model and the photos as fitted. Bad files, masks and faceless
-        photos fail before the pipeline loads."""
+        found by dlib's `detector`), with `config` (an InversionConfig; default: the settings of `preset`,
+        "real" unless named, on this space). With `checkpoint`, the run saves its state there and resumes
+        from it; `on_step(done, total, loss)` after each step. The model records the images' sha256, the
+        preset's name and the settings. Returns the model and the photos as fitted. Bad files, masks and
+        faceless photos fail before the pipeline loads."""
         from .bases import family_of
         from .inversion import ALIGNED_SIZE, invert, photo_targets, read_photos
+        from .provenance import image_sha256
 
         single = (str, os.PathLike, Image.Image)
         images = [images] if isinstance(images, single) else list(images)
         if not images:
             raise W2WError("no image to invert: give one at least")
         masks = [masks] if isinstance(masks, single) else masks
-        config = config or self.inversion_config("real")
+        config = config or self.inversion_config(preset or "real")
         self.space.check_k(config.components)
         size = self.resolution() if crop == "face" else ALIGNED_SIZE
         photos = read_photos(images, pair_masks(images, masks, mask_dir, auto_mask), crop, size, detector)
+        record = {"images_sha256": [image_sha256(image) for image in images], "crop": crop,  # read_photos opened them
+                  **({"preset": preset} if preset else {})}
         with self.lock:
             self.check("invert")
             pipe = self.pipeline("invert")
             targets, target_masks = photo_targets(photos, *family_of(pipe).image_sizes(pipe))
-            model = invert(pipe, self.space, targets, target_masks, config, seed, self.progress, checkpoint, on_step)
+            model = invert(pipe, self.space, targets, target_masks, config, seed, self.progress, checkpoint, on_step,
+                           record)
         return model, photos
+
+    def project(self, lora: str | os.PathLike, components: int | None = None,
+                trust_pickle: bool = False) -> tuple[W2WModel, float]:
+        """The model of the LoRA file or folder `lora` (of the space's layout) on the first `components`
+        components (default: all), and the standardized residual |z - cV| / |z| of what the space cannot
+        express; the model records the file's name and sha256."""
+        from .formats import load_lora, peft_weights_file
+        from .provenance import file_sha256, projected
+        from .space import check_finite
+
+        space = self.space if components is None else self.space.truncate(components)
+        weights = load_lora(space.layout, lora, trust_pickle, self.lora_naming())
+        check_finite(weights, f"the weights of {lora}")
+        coefficients = space.project(weights)  # (K,)
+        residual = float(space.residual(weights, coefficients))
+        step = projected(lora, file_sha256(peft_weights_file(Path(lora))), space.num_components, residual)
+        return W2WModel(coefficients, space.id, (step,), self.space), residual
 
     # ------------------------------------------------------------------------- files
 
     def export(self, model: W2WModel, fmt: str, path: str | os.PathLike) -> Path:
         """`model` written to `path` as a w2w model file, a PEFT/diffusers folder or a kohya .safetensors (its
-        keys named as the base's family names them: `lora_naming`); the path written."""
+        keys named as the base's family names them: `lora_naming`), each saying how the model was made
+        (`provenance`); the path written."""
         from .formats import save_lora
+        from .provenance import LoraAbout
         from .storage import save_model
 
         if fmt not in EXPORT_FORMATS:
             raise W2WError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         if fmt == "w2w":
             return Path(save_model(model, path))
+        about = LoraAbout.of(model, self.space, self.known_resolution())
         return Path(save_lora(self.space.layout, model.weights(self.space), path, fmt, self.space.base_model,
-                              self.lora_naming()))
+                              self.lora_naming(), about))
+
+    def known_resolution(self) -> int | None:
+        """R (`resolution`) of the space's base model when it is this bench's base and its config files can be
+        read here, else None: an export records it, and needs no base model."""
+        from .provenance import hub_id
+
+        if self.base is None or hub_id(self.base) != hub_id(self.space.base_model or self.base):
+            return None
+        try:
+            return self.resolution()
+        except W2WError:
+            return None
 

@@ -58,3 +58,9 @@ def test_bench_outputs():
                        "--repeats", "1")
     assert result["benchmark"] == "outputs" and (result["seeds"], result["baseline_seeds"]) == (40, 10)
     assert result["ratio"] > 0 and result["pairwise_ratio"] > 0
+
+
+def test_bench_import():
+    result = last_json("bench_import.py", "--repeats", "1")
+    assert result["benchmark"] == "import" and result["repeats"] == 1
+    assert result["ratio"] == pytest.approx(result["lazy_s"] / result["eager_s"], abs=1e-3) and result["ratio"] < 1
