@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
@@ -151,6 +152,10 @@ def flux_pipeline(tokenizer_dir: Path) -> FluxPipeline:
 
 BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline, "flux": flux_pipeline}
 KOHYA_VERSIONS = {"sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}  # ss_base_model_version
+# modelspec.architecture as kohya's library/sai_model_spec.py names them (ARCH_SD_V2_768_V, ARCH_SD_XL_V1_BASE,
+# ARCH_FLUX_1_UNKNOWN) + "/lora"
+ARCHITECTURES = {"sd2": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+                 "flux": "flux-1/lora"}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -207,6 +212,7 @@ def test_every_job_runs_on_the_family_and_exports_load_in_its_own_pipeline(world
         run("export", "--base", base, "--space", space_dir, "--model", model_file, "--format", fmt, "--out", out)
     with safe_open(tmp_path / "kohya.safetensors", "pt") as kohya:
         assert kohya.metadata()["ss_base_model_version"] == KOHYA_VERSIONS[name]
+        assert kohya.metadata()["modelspec.architecture"] == ARCHITECTURES[name]
         assert any(key.startswith("lora_unet_input_blocks_") for key in kohya.keys()) == (name == "sdxl")
         assert all(key.startswith("lora_transformer_") for key in kohya.keys()) == (name == "flux")
     for fmt, out in (("peft", "peft"), ("kohya", "kohya.safetensors")):  # the kohya file read under the family's names
@@ -225,6 +231,23 @@ def test_every_job_runs_on_the_family_and_exports_load_in_its_own_pipeline(world
         loaded = pipe(["sks person"], generator=[torch.Generator().manual_seed(0)], **settings).images
         pipe.unload_lora_weights()
         assert np.abs(images_array(loaded) - fused).max() <= 1, out  # float rounding of W + BA against Wx + BAx
+    check_the_app(space_dir, base, resolution, family)
+
+
+def check_the_app(space_dir: Path, base: Path, resolution: int, family) -> None:
+    """The app's actions on the family's base: its images at the family's size and guidance, an inversion, a
+    kohya file in the family's names."""
+    from lora_w2w.app import Actions, AppConfig
+
+    actions = Actions(AppConfig(space=str(space_dir), base=str(base), device="cpu", seeds=(0,), steps=STEPS))
+    model = actions.sample(0)
+    image, = actions.images(model)
+    assert image.size == (resolution, resolution)
+    assert f"CFG scale: {family.guidance}" in image.info["parameters"]  # the family's default guidance
+    inverted, _ = actions.invert(Image.open(FACE), None, "ood", 1)  # fitted at the family's size
+    assert inverted.coefficients.abs().sum() > 0
+    with safe_open(actions.export(model, "kohya"), "pt") as kohya:
+        assert kohya.metadata()["ss_base_model_version"] == KOHYA_VERSIONS[family.name]
 
 
 def layout_of_base(base: Path):
