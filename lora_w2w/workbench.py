@@ -10,8 +10,9 @@ Front ends parse and present; the jobs live here.
     bench.export(model, "kohya", "me_kohya.safetensors")
 
 The dtype of each job (`job_dtype`): on CUDA, generation runs in float16 (bfloat16 for FLUX.1) and inversion
-and training in bfloat16 (float16 gradients underflow); float32 elsewhere. The pipeline is loaded once per dtype the jobs
-ask for: once on the CPU, and on CUDA once for generating and once for inverting when both are asked.
+and training in bfloat16 (float16 gradients underflow); float32 elsewhere. The pipeline is loaded once per
+dtype the jobs ask for: once on the CPU, and on CUDA once for generating and once for inverting when both are
+asked.
 Device jobs hold `lock` (a model is fused into the network's weights in place), so threads may share a bench.
 The base may be of any family `bases` knows (Stable Diffusion 1, 2, XL, FLUX.1): its family conditions and calls
 the network that carries the LoRA, and names the layers in the LoRA files `export` writes.
