@@ -4,7 +4,8 @@ dummy components; the full-size layouts of SD1.5, SDXL and FLUX.1-dev from the c
 chosen from the pipelines' classes and configs, and what a pipeline of no known family or a space of
 another family gets.
 
-Each end-to-end test takes 5-15 s on 2 cores shared at load average 7-12 (FLUX's 5 s, SDXL's 15 s).
+Each end-to-end test takes 17-21 s on 2 cores shared at load average 9-10 (SD2 17 s, SDXL 20 s, FLUX 21 s;
+5-10 s when the machine is quieter).
 """
 import importlib.util
 import json
