@@ -110,7 +110,7 @@ def cmd_build(args) -> None:
     dataset = WeightsDataset(args.dataset)
     config = BuildConfig(memory=args.memory, backend=args.backend, method=args.method, oversamples=args.oversamples,
                          power_iterations=args.power_iterations, seed=args.seed, attributes=args.attributes,
-                         scheduler=args.scheduler, base_model=args.base_model, state=state)
+                         scheduler=args.scheduler, workers=args.workers, base_model=args.base_model, state=state)
     space = build_space(dataset, k=args.components, config=config, log=_progress)
     save_space(space, args.out)
     remove_state(state)
@@ -660,8 +660,9 @@ def add_dataset_parsers(commands) -> None:
                             f"(subspace iteration); auto: exact when it fits --memory and costs at most "
                             f"{EXACT_PREFERENCE}x the randomized route (default: %(default)s)")
     build.add_argument("--memory", default=DEFAULT_MEMORY,
-                       help="memory budget of the torch backend, the interpreter included (per worker for a dask "
-                            "LocalCluster), e.g. 4GB, 16GiB (default: %(default)s)")
+                       help="memory budget, e.g. 4GB, 16GiB: of this process with the torch backend, the interpreter "
+                            "included; of each worker with --backend dask, which sizes its blocks by it and refuses "
+                            "workers of a --scheduler with less than its plan needs (default: %(default)s)")
     build.add_argument("--oversamples", type=NON_NEGATIVE, default=DEFAULT_OVERSAMPLES,
                        help="randomized: extra trial vectors beyond K (default: %(default)s)")
     build.add_argument("--power-iterations", type=NON_NEGATIVE, default=DEFAULT_POWER_ITERATIONS,
@@ -673,11 +674,15 @@ def add_dataset_parsers(commands) -> None:
                        help="attribute table: CSV, first column the model names, one row per dataset model")
     build.add_argument("--scheduler", metavar="ADDRESS",
                        help="dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); "
-                            "its workers must see DATASET at the same path")
+                            "its workers must see DATASET and the --state folder at the same paths")
+    build.add_argument("--workers", type=COUNT,
+                       help="dask backend without --scheduler: worker processes of the LocalCluster, one thread and "
+                            "--memory each (default: one per core)")
     build.add_argument("--base-model", metavar="ID", help="base model id to record (default: the dataset's)")
     build.add_argument("--state", metavar="DIR",
-                       help="folder where the torch backend keeps its finished passes, so that a killed build "
-                            "resumes from them when run again (default: OUT.build-state; removed once OUT is written)")
+                       help="folder where the build keeps its finished passes, so that a killed build resumes from "
+                            "them when run again, and where dask workers write the result (default: OUT.build-state; "
+                            "removed once OUT is written)")
     build.set_defaults(run=cmd_build)
 
 

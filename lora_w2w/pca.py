@@ -596,7 +596,8 @@ class BuildConfig:
         if self.workers is not None:
             check_int(self.workers, "workers", minimum=1)
             if self.scheduler:
-                raise W2WError(f"workers ({self.workers}) sizes a LocalCluster; a scheduler's cluster has its own")
+                raise W2WError(f"--workers {self.workers} sizes a LocalCluster; with --scheduler the cluster has "
+                               f"its own workers")
 
 
 def _build_torch(dataset: WeightsDataset, k: int, memory: int, config: BuildConfig, log: Callable[[str], None]
@@ -639,7 +640,7 @@ def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildC
     table = read_attributes(config.attributes, dataset.names) if config.attributes is not None else None
     if config.backend == "torch":
         if config.scheduler or config.workers is not None:
-            raise W2WError("a scheduler and workers go with the dask backend (--backend dask)")
+            raise W2WError("--scheduler and --workers go with --backend dask")
         mean, std, components, coefficients, variance = _build_torch(dataset, k, memory, config, log)
     elif config.backend == "dask":
         if config.method == "exact":

@@ -367,9 +367,9 @@ class Graph:
         for step in (1, 2):
             matrix = Block(self._key("S", t, step), (width, width))
             replaced = Block(self._key("replaced", t, step), (width,), 8)
-            phase = self._phase(f"orthonormalize {t}.{step}", step="orthonormalizer" if step == 1 else "last_orthonormalizer",
-                                needs=[self.phases[-1].gather[-1]], given=[matrix, replaced], iteration=t,
-                                client_flops=4 / 3 * width ** 3)
+            phase = self._phase(f"orthonormalize {t}.{step}", needs=[self.phases[-1].gather[-1]],
+                                step="orthonormalizer" if step == 1 else "last_orthonormalizer",
+                                given=[matrix, replaced], iteration=t, client_flops=4 / 3 * width ** 3)
             parts = [self._add(phase, Task(Block(self._key("Q", t, step, j), part.shape), blocks.transform,
                                            ((self.seed, t, step, j), self.p.n), (matrix, replaced, part),
                                            flops=2 * width * math.prod(part.shape), scratch=part.nbytes,

@@ -39,3 +39,16 @@ def test_bench_pca(tmp_path):
                                                                        "torch"}
     assert result["results"]["project"]["variance_max_relative_error"] == 0  # the reference
     assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
+
+
+@pytest.mark.slow
+def test_bench_pca_dask(tmp_path):
+    result = last_json("bench_pca.py", "--dask", "--models", "60", "--components", "8", "--work", str(tmp_path))
+    assert set(result["results"]) == {"project", "dask-1", "dask-2"} and result["dask_speedup"] > 0
+    assert result["dask_time_ratio"] == pytest.approx(result["results"]["dask-2"]["seconds"]
+                                                      / result["results"]["project"]["seconds"])
+    assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
+    plan = last_json("bench_pca.py", "--dask-plan", "--memory", "8GB")["shapes"]
+    assert plan["SD1.5 (the paper)"]["largest_task_io_bytes"] == 3 * 8 * 10_010**2     # two L x L Grams and their sum
+    hours = plan["SDXL"]["predicted_hours"]
+    assert hours["1"] > hours["4"] > hours["16"]
