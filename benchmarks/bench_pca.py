@@ -21,7 +21,8 @@ mix:
 - dask-1, dask-2:     `build_space` with backend="dask" on a LocalCluster of 1 or 2 worker processes of one
                       thread and --memory each (`--dask` runs these and `project`; the peak memory is the
                       client's, the workers' is not counted).
-Every time includes reading the data and computing mean and std. Accuracy is measured against the
+Every time includes reading the data and computing mean and std (and starting the Dask cluster); "cores"
+is the CPU time of the child and of its finished children (the Dask workers) over the wall time. Accuracy is measured against the
 project's exact route (itself checked against torch.linalg.svd in tests/test_pca.py): relative error
 of each explained variance, the fraction of the exact top-K subspace captured (mean cos² of the
 principal angles) and the largest principal angle among the top K/2 components.
@@ -157,7 +158,9 @@ def run_child(method: str, data: Path, k: int, memory: str, out: Path) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
     high_water = [int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
-    result = {"method": method, "seconds": seconds, "peak_bytes": peak, "vm_hwm_bytes": (high_water or [None])[0]}
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]  # children: workers
+    result = {"method": method, "seconds": seconds, "peak_bytes": peak, "vm_hwm_bytes": (high_water or [None])[0],
+              "cpu_seconds": sum(u.ru_utime + u.ru_stime for u in used)}
     if not method.startswith(("project", "dask")):
         result["fit_seconds"] = seconds - (fit_start - started)   # without reading and standardizing
     (out / f"{method}.json").write_text(json.dumps(result))
@@ -242,11 +245,12 @@ def main(args) -> dict:
     reference = load_file(work / f"{REFERENCE}.safetensors")
     print(f"\nM = {args.models:,}, N = {n:,}, K = {args.components:,}, {args.threads} threads, project --memory "
           f"{args.memory}; data {args.models * n * 4 / 1e9:.2f} GB float32")
-    print(f"{'method':20s} {'time s':>8s} {'peak GB':>8s} {'EV max rel err':>15s} {'EV err at K':>12s} "
+    print(f"{'method':20s} {'time s':>8s} {'cores':>6s} {'peak GB':>8s} {'EV max rel err':>15s} {'EV err at K':>12s} "
           f"{'captured':>9s} {'angle top K/2':>14s}")
     for method, result in results.items():
         result |= accuracy(load_file(work / f"{method}.safetensors"), reference)
-        print(f"{method:20s} {result['seconds']:8.1f} {result['peak_bytes'] / 1e9:8.2f} "
+        print(f"{method:20s} {result['seconds']:8.1f} {result['cpu_seconds'] / result['seconds']:6.2f} "
+              f"{result['peak_bytes'] / 1e9:8.2f} "
               f"{result['variance_max_relative_error']:15.2e} {result['variance_relative_error_at_K']:12.2e} "
               f"{result['subspace_captured']:9.5f} {result['largest_angle_top_half_degrees']:13.3f}°")
     summary = {"benchmark": "pca", "models": args.models, "weights": n, "components": args.components,

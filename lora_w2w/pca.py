@@ -593,6 +593,7 @@ class BuildConfig:
                 "none kept; the dask backend then works in a temporary folder, and needs one with a scheduler)"})
 
     def __post_init__(self):
+        parse_memory(self.memory)
         if self.workers is not None:
             check_int(self.workers, "workers", minimum=1)
             if self.scheduler:
