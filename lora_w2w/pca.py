@@ -335,13 +335,12 @@ class BuildState:
         with atomic_output(self.path(name)) as tmp:
             write_tensors(tmp, {str(i): t for i, t in enumerate(tensors)}, self._metadata(passes))
 
-    def begin(self, name: str, shapes: dict[str, tuple[int, ...]], passes: int) -> Path:
+    def begin(self, name: str, shapes: dict[str, tuple[int, ...]], passes: int) -> None:
         """Create `name`, float32 tensors of `shapes` computed by `passes` passes, under its `partial` name:
         the header, and zeros for others (the Dask route's workers) to fill; `commit` puts it in place."""
         self.directory.mkdir(parents=True, exist_ok=True)
         check_output(self.path(name))  # removes what killed builds left half-written
         SafetensorsWriter(self.partial(name), shapes, self._metadata(passes)).close()
-        return self.partial(name)
 
     def commit(self, name: str) -> None:
         """Put the filled file that `begin` created in place."""

@@ -22,7 +22,7 @@ sign is that of its largest-|.| entry, as in the torch route), then write the si
 coefficients Y_i W into the state folder's result file, which the returned space maps from disk.
 
 No task holds more than one row or column block of Z, Y, P, G or the components, besides L x L matrices
-(a Gram, S) and W (L x K); the client holds L x L matrices only. `plan` picks the largest blocks with
+(a Gram, S) and W (L x K); the client holds L x L matrices, W and the column moments (N,). `plan` picks the largest blocks with
 which the largest task fits WORKER_FRACTION of `memory` (per worker) less a worker's own memory, and
 refuses a budget under what the L x L Gram sums need. `Graph` lists every task of a build with the
 bytes it holds, reads and computes, without data, for any shape; `predict_seconds` turns it into a time.
@@ -55,7 +55,8 @@ from .pca import EIGH_N2K, EIGH_N3, BuildState, build_key, check_rank, top_eigen
 from .storage import mmap_tensor
 
 WORKER_FRACTION = 0.8        # distributed pauses a worker above 80% of its memory limit (and kills it at 95%)
-WORKER_OVERHEAD_BYTES = 400 * 2**20   # a worker process's own memory: interpreter, distributed, numpy, buffers
+WORKER_OVERHEAD_BYTES = 400 * 2**20   # a worker's own memory: 300 MiB measured (interpreter, distributed,
+                                      # numpy), and room for transfer buffers
 BLOCK_ROWS = (2048, 1024, 512, 256, 128, 64)            # tried largest first
 BLOCK_COLUMNS = (8192, 4096, 2048, 1024, 512, 256)
 FAN_IN = 4                   # blocks added by one task of a sum over blocks
@@ -462,35 +463,40 @@ class _Run:
     """A Graph run on a dask.distributed client: tasks submitted phase by phase, the client's steps between
     them; the finished passes kept in `state`."""
 
-    def __init__(self, client, dataset: WeightsDataset, p: DaskPlan, state: BuildState, seed: int,
+    def __init__(self, client, dataset: WeightsDataset, p: DaskPlan, state: BuildState,
                  moments: list[torch.Tensor] | None, log: Callable[[str], None]):
-        self.client, self.dataset, self.p, self.state, self.seed, self.log = client, dataset, p, state, seed, log
+        self.client, self.dataset, self.p, self.state, self.log = client, dataset, p, state, log
         self.moments = moments                  # mean and std (N,) float32, when the state held them
+        self.variance: torch.Tensor | None = None   # (K,), from Rayleigh-Ritz
         self.values: dict[str, object] = {}     # gathered results, by key
         self.futures: dict = {}                 # blocks on the cluster, by key
 
     def run(self, graph: Graph) -> None:
+        from concurrent.futures import CancelledError
+
         from distributed import KilledWorker
 
         last_use = {}
         for index, phase in enumerate(graph.phases):
             for block in [b for task in phase.tasks for b in task.inputs] + phase.gather:
                 last_use[block.key] = index
+        kept = f"the finished passes are kept in {self.state.directory}: run again to resume"
         try:
             for index, phase in enumerate(graph.phases):
                 self._phase(phase)
                 self.futures = {key: f for key, f in self.futures.items() if last_use.get(key, -1) > index}
         except KilledWorker as error:
             raise W2WError(f"dask: workers died running task {error.task!r} {error.allowed_failures + 1} times (out of "
-                           f"memory? this plan needs {self.p.worker_bytes / 1e9:.2f} GB per worker); the finished "
-                           f"passes are kept in {self.state.directory}: run again to resume") from None
+                           f"memory? this plan needs {self.p.worker_bytes / 1e9:.2f} GB per worker); {kept}") from None
+        except CancelledError as error:  # the scheduler dropped the tasks: it restarted, or lost every worker
+            raise W2WError(f"dask: the cluster cancelled the build's tasks ({error}); {kept}") from None
 
     def _phase(self, phase: Phase) -> None:
         started = time.perf_counter()
         if phase.step:
             arrays = getattr(self, phase.step)(phase, [self.values.pop(block.key) for block in phase.needs])
             with warnings.catch_warnings():  # dask advises scattering large arguments; see `pca_blocks.given`
-                warnings.filterwarnings("ignore", "Large object of size", UserWarning)
+                warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
                 for block, array in zip(phase.given, arrays):
                     self.futures[block.key] = self.client.submit(blocks.given, array, key=block.key, pure=False)
         for task in phase.tasks:
@@ -640,7 +646,7 @@ def build(dataset: WeightsDataset, k: int, memory: int, config, log: Callable[[s
             sources = [(dataset.row_files(r0, r1), n, str(dataset.dtype)) for r0, r1 in p.row_blocks()]
             files = {"basis": str(state.path(BASIS)), "next basis": str(state.partial(BASIS)),
                      "result": str(state.partial(RESULT))}
-            _Run(client, dataset, p, state, config.seed, saved and saved[0], log).run(
+            _Run(client, dataset, p, state, saved and saved[0], log).run(
                 Graph(p, sources, files, config.seed, uuid.uuid4().hex[:8], start))
             saved = state.load("moments")
         path, header, start, _ = state.find(RESULT)
