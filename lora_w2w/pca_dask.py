@@ -263,9 +263,9 @@ class Graph:
                 basis = None
         for t in range(done + 1, p.power_iterations + 1):
             phase = self._phase(f"sketch {t}")
-            sketched = self._sketch(phase, self._load_basis(phase) if basis is None else basis, t)
+            sketched = self._products(phase, "sketch", t, self._load_basis(phase) if basis is None else basis)
             phase = self._phase(f"power {t}")
-            self._orthonormalize(t, self._gram(phase, self._power(phase, sketched, t), f"gram-{t}"))
+            self._orthonormalize(t, self._gram(phase, self._products(phase, "power", t, sketched), f"gram-{t}"))
             basis = None
         self._final(basis)
 
@@ -321,28 +321,21 @@ class Graph:
         phase.tasks.append(task)
         return task.output
 
-    def _sketch(self, phase: Phase, basis: list[Block], t) -> list[Block]:
-        """Y_i = Σ_j Z_ij P_jᵀ (r, L), summed over j."""
+    def _products(self, phase: Phase, kind: str, t, operands: list[Block]) -> list[Block]:
+        """kind "sketch": Y_i = Σ_j Z_ij P_jᵀ (r, L) for operands P_j; "power": G_j = Σ_i Y_iᵀ Z_ij (L, c) for
+        operands Y_i; each summed over the other index."""
+        sketch = kind == "sketch"
+        outer, inner = (self.rows, self.columns) if sketch else (self.columns, self.rows)
         out = []
-        for i, (r0, r1) in enumerate(self.rows):
-            parts = [self._add(phase, self._data_task(Block(self._key("sketch", t, i, j), (r1 - r0, self.p.width)),
-                                                      blocks.sketch, i, j, (self.scale[j], basis[j]), "sketch",
-                                                      2 * (r1 - r0) * (c1 - c0) * self.p.width))
-                     for j, (c0, c1) in enumerate(self.columns)]
-            tasks, total = _tree(self._key("sketch-sum", t, i), parts, FAN_IN, _adder("sum"))
-            phase.tasks += tasks
-            out.append(total)
-        return out
-
-    def _power(self, phase: Phase, sketched: list[Block], t) -> list[Block]:
-        """G_j = Σ_i Y_iᵀ Z_ij (L, c), summed over i."""
-        out = []
-        for j, (c0, c1) in enumerate(self.columns):
-            parts = [self._add(phase, self._data_task(Block(self._key("power", t, i, j), (self.p.width, c1 - c0)),
-                                                      blocks.power, i, j, (self.scale[j], sketched[i]), "power",
-                                                      2 * (r1 - r0) * (c1 - c0) * self.p.width))
-                     for i, (r0, r1) in enumerate(self.rows)]
-            tasks, total = _tree(self._key("power-sum", t, j), parts, FAN_IN, _adder("sum"))
+        for a, (a0, a1) in enumerate(outer):
+            parts = []
+            for b, (b0, b1) in enumerate(inner):
+                i, j = (a, b) if sketch else (b, a)
+                shape = (a1 - a0, self.p.width) if sketch else (self.p.width, a1 - a0)
+                parts.append(self._add(phase, self._data_task(
+                    Block(self._key(kind, t, i, j), shape), getattr(blocks, kind), i, j, (self.scale[j], operands[b]),
+                    kind, 2 * (a1 - a0) * (b1 - b0) * self.p.width)))
+            tasks, total = _tree(self._key(kind, "sum", t, a), parts, FAN_IN, _adder("sum"))
             phase.tasks += tasks
             out.append(total)
         return out
@@ -388,7 +381,7 @@ class Graph:
         p = self.p
         phase = self._phase("sketch")
         basis = self._load_basis(phase) if basis is None else basis
-        sketched = self._sketch(phase, basis, "last")
+        sketched = self._products(phase, "sketch", "last", basis)
         self._gram(phase, sketched, "gram-sketch", blocks.gram_of_columns, "gram of sketch")
         rotation = Block(self._key("W"), (p.width, p.k))
         phase = self._phase("rotate", step="rayleigh_ritz", needs=[phase.gather[-1]], given=[rotation],
