@@ -83,14 +83,22 @@ def first_bad_row(source: tuple, c0: int, c1: int) -> int:
 
 # ----------------------------------------------------------------------------- products
 
+def operand(block: np.ndarray) -> np.ndarray:
+    """`block` C-ordered and aligned (copied if it is not). numpy's matmul calls BLAS for aligned operands
+    only and otherwise sums in its own order, and distributed may hand a task a block that sits at an
+    unaligned offset of a message from another worker: without this a product's bits would depend on
+    which worker made its inputs, and a rerun or resumed build would not repeat a build bit for bit."""
+    return np.require(block, requirements="CA")
+
+
 def sketch(source: tuple, c0: int, c1: int, scale: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Z_ij P_jᵀ (r, L), block (i, j)'s share of Y_i = Z_i Pᵀ, for P_j (L, c)."""
-    return standardized(source, c0, c1, scale) @ basis.T
+    return standardized(source, c0, c1, scale) @ operand(basis).T
 
 
 def power(source: tuple, c0: int, c1: int, scale: np.ndarray, sketched: np.ndarray) -> np.ndarray:
     """Y_iᵀ Z_ij (L, c), block (i, j)'s share of G_j = Yᵀ Z_j, for Y_i (r, L)."""
-    return sketched.T @ standardized(source, c0, c1, scale)
+    return operand(sketched).T @ standardized(source, c0, c1, scale)
 
 
 def add(*parts: np.ndarray) -> np.ndarray:
@@ -123,7 +131,7 @@ def transform(seed: tuple[int, ...], n: int, matrix: np.ndarray, replaced: np.nd
     """matrix block (L, c) for matrix (L, L) and a column block (L, c); the rows listed in `replaced`
     (L',) are instead fresh Gaussian rows of norm ~1 over all N columns, from `seed` (which names the
     block) alone."""
-    out = matrix @ block                                                  # (L, c)
+    out = operand(matrix) @ operand(block)                                # (L, c)
     if len(replaced):
         rows = np.random.default_rng(list(seed)).standard_normal((len(replaced), block.shape[1]), dtype=np.float32)
         out[replaced] = rows / np.float32(np.sqrt(n))                     # (L', c)
@@ -132,7 +140,7 @@ def transform(seed: tuple[int, ...], n: int, matrix: np.ndarray, replaced: np.nd
 
 def rotate(rotation: np.ndarray, block: np.ndarray) -> np.ndarray:
     """rotationᵀ block (K, c): column block j of the components Wᵀ P, for W (L, K) and P_j (L, c)."""
-    return rotation.T @ block
+    return operand(rotation).T @ operand(block)
 
 
 def row_maxima(block: np.ndarray) -> np.ndarray:
@@ -191,4 +199,4 @@ def write_rotated_rows(path: str, name: str, r0: int, rotation: np.ndarray, sign
     """Rows r0 .. r0 + r of matrix `name` (M, K) in `path` := (Y_i W) * signs, for Y_i (r, L), W (L, K): the
     block's coefficients."""
     offset, (_, columns) = _tensor_at(path, name)
-    _write(path, [(offset + 4 * r0 * columns, (sketched @ rotation) * signs)])
+    _write(path, [(offset + 4 * r0 * columns, (operand(sketched) @ operand(rotation)) * signs)])

@@ -94,6 +94,21 @@ def test_the_orthonormalizer_takes_cholesky_or_replaces_what_it_cannot_resolve()
     assert len(replaced) == 0 and np.abs(q @ q.T - np.eye(20)).max() < 1e-5
 
 
+def test_a_product_of_an_unaligned_block_has_the_bits_of_an_aligned_one():
+    """distributed may hand a task a block at an unaligned offset of a message; numpy's matmul then sums in
+    another order than BLAS: `operand` copies such a block, so a build's bits do not depend on its workers."""
+    from lora_w2w import pca_blocks
+
+    g = np.random.default_rng(0)
+    z, basis = g.standard_normal((16, 32), dtype=np.float32), g.standard_normal((16, 32), dtype=np.float32)
+    message = np.zeros(basis.nbytes + 1, np.uint8)
+    unaligned = message[1:].view(np.float32).reshape(basis.shape)
+    unaligned[...] = basis
+    assert not unaligned.flags.aligned
+    assert not np.array_equal(z @ unaligned.T, z @ basis.T)                 # what the build met
+    assert np.array_equal(z @ pca_blocks.operand(unaligned).T, z @ basis.T)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GB",
@@ -101,18 +116,27 @@ def cluster():
         yield cluster
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16 rows x 32 columns: a 45 x 140 matrix makes 3 x 5 blocks, and sums over 5 blocks two
+    levels deep."""
+    monkeypatch.setattr(pca_dask, "BLOCK_ROWS", (16,))
+    monkeypatch.setattr(pca_dask, "BLOCK_COLUMNS", (32,))
+
+
 def dask_config(cluster, state, **options) -> BuildConfig:
     return BuildConfig(memory="2GB", backend="dask", scheduler=cluster.scheduler_address, state=state, **options)
 
 
-def test_a_dask_build_killed_in_a_pass_resumes_after_the_last_finished_one(tmp_path, cluster):
+def test_a_dask_build_killed_in_a_pass_resumes_after_the_last_finished_one(tmp_path, cluster, small_blocks):
     """Interrupted in power iteration 3 of 4: the rerun reads mean, std and P from the state and runs
     iterations 3 and 4 only, to the space an uninterrupted build gives, bit for bit; a rerun once the
     result is written computes nothing. The components match the exact SVD's."""
     weights = low_rank_weights(45, WIDE.numel, seed=5)
     dataset = make_dataset(tmp_path / "data", weights, WIDE, shard_size=8)
-    reference = build_space(dataset, 6, config=dask_config(cluster, tmp_path / "reference"))
     messages = []
+    reference = build_space(dataset, 6, config=dask_config(cluster, tmp_path / "reference"), log=messages.append)
+    assert "blocks of 16 rows x 32 columns (3 x 5)" in messages[0]
 
     def interrupt_in_third(message):
         messages.append(message)
@@ -136,7 +160,7 @@ def test_a_dask_build_killed_in_a_pass_resumes_after_the_last_finished_one(tmp_p
     assert torch.linalg.svdvals(space.components.double() @ components.T).min() > 1 - 1e-5
 
 
-def test_a_dask_build_survives_a_killed_worker(tmp_path, cluster):
+def test_a_dask_build_survives_a_killed_worker(tmp_path, cluster, small_blocks):
     """A worker killed (SIGKILL) while it holds blocks of G = P Zᵀ Z of iteration 2: the scheduler remakes
     them from the basis file and the data, and the space is the one an undisturbed build gives, bit for bit."""
     dataset = make_dataset(tmp_path / "data", low_rank_weights(45, WIDE.numel, seed=6), WIDE, shard_size=8)
