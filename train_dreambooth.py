@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lora_w2w.dreambooth import add_dreambooth_arguments, check_dreambooth_arguments, train_one
-from lora_w2w.errors import W2WError
-from lora_w2w.flags import OneSpellingFormatter
+from lora_w2w.dreambooth import DreamboothConfig, add_dreambooth_arguments, train_one
+from lora_w2w.errors import W2WError, exit_code
+from lora_w2w.flags import OneSpellingFormatter, config_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dreambooth_arguments(parser, kebab=False)
     args = parser.parse_args(argv)
     try:
-        check_dreambooth_arguments(args, kebab=False)
+        config_from_args(DreamboothConfig, args, kebab=False)  # the recipe's checks, naming the flags
     except W2WError as error:
         parser.error(str(error))
     return args
@@ -34,12 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        train_one(args)
-    except W2WError as error:
-        print(f"train_dreambooth.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("train_dreambooth.py", lambda: train_one(args))
 
 
 if __name__ == "__main__":

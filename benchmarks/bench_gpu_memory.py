@@ -6,11 +6,11 @@ the bytes of the tensor storages alive after every op.
     python benchmarks/bench_gpu_memory.py [--steps 25] [--images 1 4] [--identities 8 16]  # make bench-gpu-memory
 
 The jobs, in the dtypes our code picks on CUDA and with its default flags:
-- generate (float16, `pipeline.resolve_dtype`): a w2w model fused into the UNet (`FusedLora`), the
+- generate (float16, `workbench.job_dtype`): a w2w model fused into the UNet (`FusedLora`), the
   prompt and the empty negative prompt encoded, `--steps` denoising steps (UNet at batch 2 for
   classifier-free guidance, 64 x 64 latents, DDIM step), the VAE decoding one 512 x 512 image; and
   the same for 4 images at once (`w2w generate`'s default: 4 seeds, so the UNet at batch 8);
-- invert (bfloat16, `inversion.default_dtype`): the preset "real" (K = 10,000 components, whose
+- invert (bfloat16, `workbench.job_dtype`): the preset "real" (K = 10,000 components, whose
   basis is held in float32), `encode_target`, then `invert`'s loop body (`inversion_loss`, backward to
   the coefficients, Adam);
 - train (float32, `dreambooth.load_base`, `--mixed_precision no`): `train_dreambooth.py`'s step (PEFT
@@ -62,16 +62,18 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, encode_prompt, image_sizes
-from lora_w2w.dreambooth import (IdentityData, SharedData, add_dreambooth_arguments, add_identity_lora,
+from lora_w2w.bases import family_of
+from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, image_sizes, latent_factors
+from lora_w2w.dreambooth import (Base, DreamboothConfig, IdentityData, SharedData, add_identity_lora,
                                  class_image_batch_size, identities_loss, initial_lora_weights, load_base, lora_layout)
-from lora_w2w.inversion import PRESETS, differentiable_unet, default_dtype, encode_target, inversion_loss
+from lora_w2w.inversion import PRESETS, differentiable_unet, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
-from lora_w2w.pipeline import generate_from_weights, resolve_dtype
+from lora_w2w.pipeline import generate_from_weights
 from lora_w2w.space import TRIGGER_PROMPT
 from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, build_tokenizer
 from lora_w2w.train_identities import identity_banks
+from lora_w2w.workbench import job_dtype
 
 GIB = 2 ** 30
 CUDA = torch.device("cuda")
@@ -95,14 +97,7 @@ def default_of(function, parameter: str):
     return inspect.signature(function).parameters[parameter].default
 
 
-def dreambooth_defaults() -> argparse.Namespace:
-    """The defaults of the flags of train_dreambooth.py and w2w train-identities (the paper's recipe)."""
-    parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser)
-    return parser.parse_args([])
-
-
-DREAMBOOTH = dreambooth_defaults()
+DREAMBOOTH = DreamboothConfig()  # the defaults of train_dreambooth.py and w2w train-identities: the paper's recipe
 TRAINING_DTYPE = default_of(load_base, "dtype")  # float32 (with --mixed_precision no, the default)
 NUM_INSTANCE_IMAGES = 10  # an identity's images (their cached latents are tiny)
 
@@ -245,7 +240,7 @@ def denoise_and_decode(pipe, prompts: list[str], steps: int, tracker: LiveTensor
 def generate_job(build, tracker: LiveTensorBytes, steps: int, images: int) -> dict[str, int]:
     """`pipeline.generate` of `images` images (one per seed) with a w2w model fused into the UNet."""
     peaks: dict[str, int] = {}
-    pipe = build(resolve_dtype(None, CUDA))
+    pipe = build(job_dtype("generate", CUDA))
     layout = LoraLayout.from_unet(pipe.unet)
     resident(tracker, peaks)
     with tracker.phase("fuse", peaks), unset_fake_temporarily():  # FusedLora checks the weights' values
@@ -259,7 +254,7 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
     """`inversion.invert` with K components: the basis and the pipeline held, `encode_target`, two steps."""
     peaks: dict[str, int] = {}
     config = PRESETS["real"]
-    pipe = build(default_dtype(CUDA))
+    pipe = build(job_dtype("invert", CUDA))
     layout = LoraLayout.from_unet(pipe.unet)
     basis = (torch.zeros(layout.numel), torch.ones(layout.numel), torch.randn(k, layout.numel))  # (N,) (N,) (K, N)
     resolution, _ = image_sizes(pipe)
@@ -283,25 +278,30 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
     return peaks
 
 
-def training_base(build):
-    """`load_base`: the pipeline in its dtype, frozen."""
-    pipe = build(TRAINING_DTYPE)
+def frozen_base(pipe) -> Base:
+    """`load_base` of a pipeline built here: frozen, with its family and training scheduler."""
     for module in (pipe.text_encoder, pipe.vae, pipe.unet):
         module.requires_grad_(False).eval()
-    return pipe
+    family = family_of(pipe)
+    return Base(pipe, family, family.training_scheduler(pipe))
 
 
-def training_inputs(pipe, identities: int) -> tuple[list[IdentityData], SharedData]:
+def training_base(build) -> Base:
+    """`load_base`: the pipeline in its dtype, frozen."""
+    return frozen_base(build(TRAINING_DTYPE))
+
+
+def training_inputs(base: Base, identities: int) -> tuple[list[IdentityData], SharedData]:
     """What `prepare_shared` and `prepare_identity` cache on the GPU (the values do not matter): the
-    class and instance latent distributions (I, C, h, w), the two prompts' embeddings (1, L, D)."""
-    _, latent_size = image_sizes(pipe)
-    latent = (pipe.unet.config.in_channels, latent_size, latent_size)
+    class and instance latent distributions (I, C, h, w), the two prompts' conditioning (1, L, D)."""
+    resolution, latent_size = base.family.image_sizes(base.pipe)
+    latent = (base.network.config.in_channels, latent_size, latent_size)
     classes, instances = DREAMBOOTH.num_class_images, NUM_INSTANCE_IMAGES
-    embeddings = [encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt)
-                  for prompt in (DREAMBOOTH.instance_prompt, DREAMBOOTH.class_prompt)]
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    shared = SharedData(torch.randn(classes, *latent), torch.rand(classes, *latent), *embeddings,
-                        pipe.vae.config.scaling_factor, scheduler)
+    conditionings = [base.family.encode_prompt(base.pipe, prompt, resolution)
+                     for prompt in (DREAMBOOTH.instance_prompt, DREAMBOOTH.class_prompt)]
+    scheduler = base.scheduler
+    shared = SharedData(torch.randn(classes, *latent), torch.rand(classes, *latent), *conditionings,
+                        latent_factors(base.vae), scheduler, base.family)
     data = [IdentityData(f"{i:06d}", torch.randn(instances, *latent), torch.rand(instances, *latent),
                          StepSampler(DREAMBOOTH.seed, num_instance=instances, num_class=classes,
                                      batch_size=DREAMBOOTH.train_batch_size, latent_shape=latent,
@@ -315,20 +315,20 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     run (class images missing), then two training steps."""
     peaks: dict[str, int] = {}
     args = DREAMBOOTH
-    pipe = training_base(build)
-    layout = lora_layout(pipe, args)
-    resolution, _ = image_sizes(pipe)
+    base = training_base(build)
+    layout = lora_layout(base, args)
+    resolution = base.resolution
     resident(tracker, peaks)
     with tracker.phase("class_images_load", peaks):  # ensure_class_images: a second pipeline
-        generator = build(resolve_dtype(None, CUDA))  # load_base_pipeline's dtype
+        generator = build(job_dtype("generate", CUDA))  # load_base_pipeline's dtype
     denoise_and_decode(generator, [args.class_prompt] * class_image_batch_size(resolution), args.class_inference_steps, tracker,
                        peaks, prefix="class_images_")
     del generator
     with tracker.phase("encode_latents", peaks):  # encode_images, one full batch
         batch = encode_batch_size(resolution)
-        encode_images(pipe.vae, torch.rand(batch, 3, resolution, resolution) * 2 - 1)  # (B, 3, R, R)
-    (identity,), shared = training_inputs(pipe, 1)
-    unet = pipe.unet
+        encode_images(base.vae, torch.rand(batch, 3, resolution, resolution) * 2 - 1)  # (B, 3, R, R)
+    (identity,), shared = training_inputs(base, 1)
+    unet = base.network
     optimizer = add_identity_lora(unet, layout, args)
     for _ in range(2):
         with tracker.phase("step", peaks):  # train_one's loop body
@@ -343,17 +343,17 @@ def train_identities_job(build, tracker: LiveTensorBytes, identities: int) -> di
     preparation is train_job's)."""
     peaks: dict[str, int] = {}
     args = DREAMBOOTH
-    pipe = training_base(build)
-    layout = lora_layout(pipe, args)
-    data, shared = training_inputs(pipe, identities)
+    base = training_base(build)
+    layout = lora_layout(base, args)
+    data, shared = training_inputs(base, identities)
     resident(tracker, peaks)
     initial = initial_lora_weights(layout, args.seed).expand(identities, -1)  # (K, N)
-    with identity_banks(pipe.unet, layout, initial) as banks:
+    with identity_banks(base.network, layout, initial) as banks:
         params = [p for bank in banks.values() for p in (bank.lora_A, bank.lora_B)]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         for _ in range(2):
             with tracker.phase("step", peaks):  # train_group's loop body
-                (identities_loss(pipe.unet, data, shared, args) / args.gradient_accumulation_steps).backward()
+                (identities_loss(base.network, data, shared, args) / args.gradient_accumulation_steps).backward()
                 optimizer.step()
                 optimizer.zero_grad()
     return peaks
@@ -450,7 +450,7 @@ def main() -> None:
         "train_encode_latents_gib": gib(train["encode_latents"]),
         "phases_gib": {job: {phase: gib(v) for phase, v in peaks.items()} for job, peaks in sd15.items()},
         "cpu_allocator_over_tracked": {job: round(ratio, 3) for job, ratio in over_tracked.items()},
-        "dtypes": {"generate": str(resolve_dtype(None, CUDA)), "invert": str(default_dtype(CUDA)),
+        "dtypes": {"generate": str(job_dtype("generate", CUDA)), "invert": str(job_dtype("invert", CUDA)),
                    "train": str(TRAINING_DTYPE)},
         "steps": args.steps, "components": PRESETS["real"].components,
     }))

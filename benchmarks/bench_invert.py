@@ -45,11 +45,11 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from lora_w2w.diffusion import StepSampler, encode_images, encode_prompt, image_sizes, prepare_image
-from lora_w2w.inversion import (InversionConfig, default_dtype, differentiable_unet, encode_target, inversion_loss,
-                                invert, load_target)
+from lora_w2w.inversion import InversionConfig, differentiable_unet, encode_target, inversion_loss, invert, load_target
 from lora_w2w.layout import LoraLayout
 from lora_w2w.pipeline import generate, load_base_pipeline
 from lora_w2w.space import Space, W2WModel
+from lora_w2w.workbench import job_dtype
 from lora_w2w.storage import read_space_description
 
 TINY_BASE = Path("files/tiny/base")
@@ -214,7 +214,7 @@ def main_sd15(args: argparse.Namespace) -> None:
     from bench_gpu_memory import sd15_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_dtype(device)  # bfloat16 on CUDA, as `w2w invert` and the original run there
+    dtype = job_dtype("invert", device)  # bfloat16 on CUDA, as `w2w invert` and the original run there
     pipe = sd15_pipeline(dtype).to(device)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.requires_grad_(False)

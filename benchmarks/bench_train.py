@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-from lora_w2w.tiny.build import LORA_RECIPE, recipe_flags
+from lora_w2w.dreambooth import DreamboothConfig
+from lora_w2w.flags import config_argv
+from lora_w2w.tiny.build import LORA_RECIPE
 from lora_w2w.tiny.synthetic import write_dataset
 
 TINY_BASE = Path("files/tiny/base")
@@ -69,17 +71,16 @@ def step_seconds(base: str, faces: Path, class_dir: Path, k: int, steps: int, re
     from lora_w2w import train_identities as ti
     from lora_w2w.dreambooth import load_base, load_image_folder, lora_layout, prepare_identity, prepare_shared
 
-    args = ti.parse_args(["--instance_root", str(faces), "--output_root", "unused", "--class_data_dir",
-                          str(class_dir), "--pretrained_model_name_or_path", base, *recipe])
+    args = ti.parse_args(["--instance_root", str(faces), "--output_root", "unused", *recipe])
     model = load_base(base, torch.device("cpu"))
     layout = lora_layout(model, args)
     shared = prepare_shared(model, args, model.resolution, class_dir)
     identities = [prepare_identity(f.name, load_image_folder(f, model.resolution), model, shared, args)
                   for f in ti.identity_folders(faces)[:k]]
 
-    solo, multi = (seconds_per_identity_step(model.unet, layout, group, shared, args, steps)
+    solo, multi = (seconds_per_identity_step(model.network, layout, group, shared, args, steps)
                    for group in (identities[:1], identities))
-    return solo, multi, flops_per_sample(model.unet, layout, identities[:1], shared, args)
+    return solo, multi, flops_per_sample(model.network, layout, identities[:1], shared, args)
 
 
 def seconds_per_identity_step(unet, layout, group, shared, args, steps: int, autocast=nullcontext) -> float:
@@ -129,7 +130,7 @@ def main_sd15(args: argparse.Namespace) -> None:
     """Steps/s of the training step on a randomly initialised SD1.5 (CUDA when present, bf16 autocast
     there, as --mixed_precision bf16), solo and K identities at once, and the fraction of the chip's
     bf16 peak they reach."""
-    from bench_gpu_memory import dreambooth_defaults, sd15_pipeline, training_inputs
+    from bench_gpu_memory import DREAMBOOTH, frozen_base, sd15_pipeline, training_inputs
 
     from lora_w2w.layout import LoraLayout
 
@@ -137,15 +138,13 @@ def main_sd15(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     pipe = sd15_pipeline(torch.float32)  # float32 weights, as load_base loads them
     pipe.unet.register_to_config(sample_size=args.resolution // 8)  # the latents training_inputs makes
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-    identities, shared = training_inputs(pipe, args.identities)  # random cached latents and embeddings
+    identities, shared = training_inputs(frozen_base(pipe), args.identities)  # random cached latents, embeddings
     pipe.unet.to(device)
     shared = dataclasses.replace(shared, class_mean=shared.class_mean.to(device), class_std=shared.class_std.to(device),
-                                 instance_embedding=shared.instance_embedding.to(device),
-                                 class_embedding=shared.class_embedding.to(device))
+                                 instance_conditioning=shared.instance_conditioning.to(device),
+                                 class_conditioning=shared.class_conditioning.to(device))
     identities = [dataclasses.replace(i, mean=i.mean.to(device), std=i.std.to(device)) for i in identities]
-    recipe = dreambooth_defaults()
+    recipe = DREAMBOOTH
     layout = LoraLayout.from_unet(pipe.unet, recipe.lora_target_modules, recipe.lora_r, recipe.lora_alpha)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     flops = flops_per_sample(pipe.unet, layout, identities, shared, recipe)
@@ -205,15 +204,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.sd15:
         return main_sd15(args)
-    recipe = recipe_flags(dict(LORA_RECIPE, max_train_steps=args.steps, num_class_images=args.class_images))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = base_model(work)
+        recipe = config_argv(DreamboothConfig(**dict(LORA_RECIPE, max_train_steps=args.steps,
+                                                     num_class_images=args.class_images),
+                                              pretrained_model_name_or_path=base, class_data_dir=str(work / "class")),
+                             kebab=False)  # train_dreambooth.py's flags
         write_dataset(work / "faces", args.identities, first_seed=500_000, progress=False)
         faces = work / "faces" / "celeba_generated"
         folders = sorted(faces.iterdir())
-        common = ["--pretrained_model_name_or_path", base, "--class_data_dir", str(work / "class"), *recipe]
-        solo = [sys.executable, str(TRAIN_DREAMBOOTH), *common]
+        solo = [sys.executable, str(TRAIN_DREAMBOOTH), *recipe]
         run([*solo, "--instance_data_dir", str(folders[0]), "--output_dir", str(work / "warm"),
              "--max_train_steps", "1"], args.threads)  # the shared class images, generated once
 
@@ -222,7 +223,7 @@ def main() -> None:
                                args.threads) for f in solo_folders)
         multi_seconds = run([sys.executable, "-m", "lora_w2w.train_identities", "--instance_root", str(faces),
                              "--output_root", str(work / "multi"), "--identities_per_batch", str(args.identities),
-                             *common], args.threads)
+                             *recipe], args.threads)
         trained = [f.name for f in folders if (work / "multi" / f.name / "unet" / "adapter_model.safetensors").is_file()]
         assert len(trained) == args.identities, trained
         solo_step, multi_step, flops = step_seconds(base, faces, work / "class", args.identities, 10, recipe)

@@ -26,14 +26,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_w2w.errors import W2WError
-from lora_w2w.formats import save_peft
+from lora_w2w.defaults import DEFAULT_BASE, DEFAULT_SPACE
+from lora_w2w.errors import W2WError, exit_code
+from lora_w2w.faces import DETECTORS
+from lora_w2w.formats import PEFT_FOLDER
 from lora_w2w.images import IMAGE_SUFFIXES
-from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS, invert_file, masks_in_folder, preset
+from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS
 from lora_w2w.layout import LoraLayout, sd15_layout
-from lora_w2w.official import OFFICIAL_BASE_MODEL
+from lora_w2w.official import OFFICIAL_BASE_MODEL, released_tensor
 from lora_w2w.space import Space
-from lora_w2w.storage import load_space, save_model, torch_load
+from lora_w2w.storage import FILE, MODEL_FILE, check_outputs, torch_load
+from lora_w2w.workbench import Workbench
+
+FACE = Path(__file__).resolve().parent / "images" / "face.png"  # the default image, wherever this is run from
 
 
 def preset_defaults(setting: str, format_spec: str = "") -> str:
@@ -45,8 +50,8 @@ def preset_defaults(setting: str, format_spec: str = "") -> str:
 def released_space(args: argparse.Namespace) -> Space:
     """The space of the released mean.pt, std.pt, V.pt (N x K, memory-mapped: only its first --dim columns
     are read) and weight_dimensions.pt, in memory; its id is the one `w2w import-official` gives."""
-    mean, std, basis = (torch_load(Path(p), args.trust_pickle, mmap=True)
-                        for p in (args.mean_path, args.std_path, args.v_path))
+    mean, std, basis = (released_tensor(Path(p), hint, args.trust_pickle, mmap=True)
+                        for p, hint in ((args.mean_path, "(N,)"), (args.std_path, "(N,)"), (args.v_path, "(N, K)")))
     if args.dim_path:
         layout = LoraLayout.from_weight_dimensions(torch_load(Path(args.dim_path), args.trust_pickle),
                                                    source=args.dim_path)
@@ -68,15 +73,13 @@ def folder_images(folder: Path) -> list[Path]:
 
 
 def image_masks(args: argparse.Namespace, images: list[Path]) -> list | None:
-    """--mask_path (one image, or `auto` for all) or --mask_dir -> a mask per image, or None."""
-    if args.mask_dir:
-        return masks_in_folder(images, args.mask_dir)
-    if args.mask_path is None:
+    """--mask_path: the one image's mask; None for none, or for `auto` (every image's automatic mask)."""
+    if args.mask_path is None or args.mask_path == AUTO_MASK:
         return None
-    if len(images) > 1 and args.mask_path != AUTO_MASK:
+    if len(images) > 1:
         raise W2WError(f"--mask_path {args.mask_path}: one mask for {len(images)} images; give --mask_dir with a mask "
                        f"per image (same file names), or --mask_path {AUTO_MASK}")
-    return [args.mask_path] * len(images)
+    return [args.mask_path]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,13 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--image", default=None, help="the image to invert (default: inversion/images/face.png)")
     masks = parser.add_mutually_exclusive_group()
     masks.add_argument("--mask_path", default=None,
-                       help=f"binary mask, white where the image is fitted; or {AUTO_MASK}: a soft ellipse over each "
-                            f"image's detected face and hair")
+                       help=f"binary mask, white where the image is fitted; or {AUTO_MASK}: a mask over each image's face, "
+                            f"forehead and hair from its landmarks")
     masks.add_argument("--mask_dir", default=None,
                        help="folder of masks paired with --imfolder's images by file name (NAME.png for NAME.jpg)")
     parser.add_argument("--crop", choices=CROPS, default="center",
-                        help="center: resize and centre-crop; face: the square around the largest detected face "
+                        help="center: resize and centre-crop; face: FFHQ's alignment of the largest face "
                              "(default: %(default)s)")
+    parser.add_argument("--detector", choices=DETECTORS, default="hog",
+                        help="dlib's face detector for --crop face and --mask_path auto: hog (fast, frontal faces) "
+                             "or cnn (MMOD, slower, more poses) (default: %(default)s)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="the settings --epochs, --lr, --weight_decay and --dim default to; real: photographs "
                              "of faces (the original's), ood: paintings and other out-of-distribution images "
@@ -124,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write SAVE_NAME/unet/, a PEFT/diffusers LoRA folder")
     parser.add_argument("--save_name", default="outputs/inversion1",
                         help="output folder: SAVE_NAME/w2wmodel.safetensors (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="file to save the run's state in every few steps; a run that finds it resumes from it, "
+                             "so an interrupted inversion (Ctrl-C) goes on where it stopped")
+    parser.add_argument("--checkpoint_every", type=int, default=None,
+                        help="steps between the checkpoint's saves (default: 50)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ... (default: %(default)s)")
     args = parser.parse_args(argv)
     released = [args.mean_path, args.std_path, args.v_path]
@@ -135,27 +146,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.mean_path:
-        space, base = released_space(args), args.base or OFFICIAL_BASE_MODEL
-    else:
-        space, base = load_space(args.space or "files/tiny/space"), args.base or "files/tiny/base"  # memory-mapped
-    # the flags given, the others as the space records them for the preset (else the paper's)
-    config = preset(args.preset, space, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
-                    steps=args.epochs)
-    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or "inversion/images/face.png")]
-    model, _ = invert_file(base, space, images, image_masks(args, images), config, args.seed, args.device,
-                           crop=args.crop)
     out = Path(args.save_name)
-    save_model(model, out / "w2wmodel.safetensors")
-    print(f"wrote {out / 'w2wmodel.safetensors'}")
+    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or FACE)]
+    space_path = None if args.mean_path else args.space or DEFAULT_SPACE
+    mask = None if args.mask_path == AUTO_MASK else args.mask_path
+    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE), (args.checkpoint, FILE),
+               (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
+    check_outputs(outputs, [*images, mask, args.mask_dir, space_path, args.mean_path, args.std_path, args.v_path,
+                            args.dim_path])  # before any work: not inside an input's space, not over a device
+    if args.mean_path:
+        bench = Workbench(args.base or OFFICIAL_BASE_MODEL, released_space(args), args.device)
+    else:
+        bench = Workbench(args.base or DEFAULT_BASE, space_path, args.device)  # memory-mapped
+    # the flags given, the others as the space records them for the preset (else the paper's)
+    config = bench.inversion_config(args.preset, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
+                                    steps=args.epochs, checkpoint_every=args.checkpoint_every)
+    model, _ = bench.invert(images, image_masks(args, images), config, mask_dir=args.mask_dir,
+                            auto_mask=args.mask_path == AUTO_MASK, crop=args.crop, detector=args.detector,
+                            seed=args.seed, checkpoint=args.checkpoint)
+    print(f"wrote {bench.export(model, 'w2w', out / 'w2wmodel.safetensors')}")
     if args.diffusers_format:
-        save_peft(space.layout, model.weights(space), out / "unet", space.base_model)
-        print(f"wrote {out / 'unet'}")
+        print(f"wrote {bench.export(model, 'peft', out / 'unet')}")
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except W2WError as error:  # bad input: one line, exit code 2, like `w2w`
-        print(f"invert.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_code("invert.py", lambda: main(parse_args())))  # bad input: one line, exit code 2, like `w2w`

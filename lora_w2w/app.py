@@ -3,8 +3,8 @@
     w2w app                                    # http://127.0.0.1:7860: files/tiny/base + files/tiny/space
     w2w app --base stablediffusionapi/realistic-vision-v51 --space files/official --device cuda
 
-One page: sample a new identity, invert uploaded photos of one person (cut around the face, inside an
-automatic face ellipse or a mask drawn with a brush), edit
+One page: sample a new identity, invert uploaded photos of one person (FFHQ's face alignment, inside an
+automatic mask from the face's landmarks or a mask drawn with a brush), edit
 the current model with a slider per attribute (debiased, with delayed injection, before/after),
 generate with any prompt, download it as a w2w model, a kohya/ComfyUI/A1111 LoRA or a PEFT folder
 (zipped), or upload a model. The current model lives in each browser session's `gr.State`; the
@@ -18,6 +18,7 @@ Gradio's queue. Every action is also an API endpoint for `gradio_client` (`w2w a
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import html
 import json
@@ -25,12 +26,14 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
-import threading
+import textwrap
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app never phones home unless asked to
 
@@ -38,43 +41,87 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .cli import DEFAULT_MAX_UPLOAD, DEFAULT_SPACE  # noqa: E402
-from .diffusion import image_sizes  # noqa: E402
-from .editing import apply_edits, attribute_directions  # noqa: E402
-from .errors import NoFaceError, W2WError  # noqa: E402
-from .formats import save_lora  # noqa: E402
-from .inversion import (AUTO_MASK, CROPS, PRESETS, Photo, invert, open_image, photo_targets, preset,  # noqa: E402
-                        read_photos)
-from .network import check_layout  # noqa: E402
-from .pipeline import DEFAULT_BASE, generate, image_grid, load_base_pipeline  # noqa: E402
-from .sampling import sample_models  # noqa: E402
+from . import workbench  # noqa: E402
+from .checks import COUNT, DEVICE, FINITE, SEED  # noqa: E402
+from .defaults import DEFAULT_BASE, DEFAULT_SPACE  # noqa: E402
+from .editing import DEFAULT_DEBIAS, binary_attributes, resolve_attribute  # noqa: E402
+from .errors import NoFaceError, W2WError, exit_code  # noqa: E402
+from .flags import OneLineParser, add_config_flags, config_from_args  # noqa: E402
+from .inversion import CROPS, PRESETS, Photo, open_image  # noqa: E402
+from .pipeline import image_grid  # noqa: E402
 from .space import W2WModel  # noqa: E402
-from .storage import load_model, load_space, save_model  # noqa: E402
+from .workbench import Workbench  # noqa: E402
 
 EXPORT_FORMATS = ("w2w", "kohya", "peft")  # a w2w model file, a kohya .safetensors, a zipped PEFT folder
+DEFAULT_MAX_UPLOAD = "20mb"  # photos and SD1.5 models fit
 STRENGTH_RANGE = 4.0  # edit sliders span -4 ... +4 standard deviations of the dataset along the direction
 STRENGTH_STEP = 0.25
-DEBIAS_DEFAULT = ("Male", "Young")
+DEBIAS_DEFAULT = tuple(resolve_attribute(name)[0] for name in DEFAULT_DEBIAS)  # `w2w edit`'s, as the table names them
 DISPLAY_SIZE = 512  # an uploaded image smaller than this (short side) is shown enlarged, to draw the mask on
 BRUSH_COLOR = "rgb(255, 64, 160)"  # the mask brush: any stroke (alpha > 0) is inside the mask
 OUTSIDE_MASK = 0.3  # brightness of what lies outside the mask in the page's picture of what was fitted
 SYSTEM_FONTS, SYSTEM_MONO_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "monospace"]
+DEVICE_JOB = dict(concurrency_limit=1, concurrency_id="device")  # one job at a time on the device
+PRIVATE = dict(api_visibility="private")  # the page's own events, not endpoints
 
 
 @dataclass(frozen=True)
 class AppConfig:
-    """What `w2w app` serves and its limits."""
+    """What `w2w app` serves, where, and its per-request limits; its fields are the command's flags."""
 
-    space: str = field(default=DEFAULT_SPACE, metadata={"help": "space directory"})
-    base: str = field(default=DEFAULT_BASE, metadata={"help": "base pipeline folder or hub id"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:1 ..."})
-    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata={"help": "seeds of the images every action shows"})
-    steps: int = field(default=20, metadata={"help": "denoising steps of those images"})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
-    max_steps: int = field(default=200, metadata={"help": "most denoising steps a request may ask for"})
-    max_seeds: int = field(default=16, metadata={"help": "most images (seeds) a request may ask for"})
-    max_inversion_steps: int = field(default=2000, metadata={"help": "most inversion steps a request may ask for"})
-    max_upload: str = field(default=DEFAULT_MAX_UPLOAD, metadata={"help": "largest upload, e.g. 20mb (Gradio refuses larger)"})
+    space: str = field(default=DEFAULT_SPACE, metadata={
+        "help": "space directory (default: the tiny world, %(default)s; SD1.5: files/official)"})
+    base: str = field(default=DEFAULT_BASE, metadata={
+        "help": "base diffusers pipeline the space was built for: folder or hub id (default: %(default)s; SD1.5: "
+                "stablediffusionapi/realistic-vision-v51)"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:1, mps ...",
+                                                  "type": DEVICE})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on (default: %(default)s, this machine only; 0.0.0.0: the network)"})
+    port: int = field(default=7860, metadata={"help": "port"})
+    share: bool = field(default=False, metadata={"help": "also open a public gradio.live link (goes online)"})
+    max_upload: str = field(default=DEFAULT_MAX_UPLOAD, metadata={
+        "help": "largest file a browser or client may upload, e.g. 20mb, 1gb"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata={"help": "seeds of the images every action shows",
+                                                                    "type": SEED})
+    steps: int = field(default=20, metadata={"help": "denoising steps of those images", "type": COUNT})
+    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale", "type": FINITE})
+    max_steps: int = field(default=200, metadata={"help": "most denoising steps a request may ask for",
+                                                  "type": COUNT})
+    max_seeds: int = field(default=16, metadata={"help": "most images (seeds) a request may ask for", "type": COUNT})
+    max_inversion_steps: int = field(default=2000, metadata={"help": "most inversion steps a request may ask for",
+                                                             "type": COUNT})
+
+
+APP_DESCRIPTION = (
+    "Serve a Gradio page on HOST:PORT: sample a new identity; upload an image, draw its mask with a brush and "
+    "invert it (preset, steps, the loss in a progress bar); edit the model with a slider per attribute (standard "
+    "deviations of the dataset, -4 to +4), debiased against the ticked attributes, with an injection timestep and "
+    "a before/after comparison; generate with any prompt; download the model as a w2w model, a "
+    "kohya/ComfyUI/A1111 .safetensors or a diffusers/PEFT folder (zip); upload any model `w2w export --model` "
+    "reads. Each browser has its own current model; the pipeline and space are loaded once; device jobs run one "
+    "at a time. Defaults: the tiny world on the CPU; for Stable Diffusion 1.5: --base "
+    "stablediffusionapi/realistic-vision-v51 --space files/official.")
+
+APP_API = """\
+API (gradio_client; every model travels as a w2w model file, every image list is a gallery):
+  /sample(seed)                              -> (model file, images)
+  /edit(model file, edits, debias)           -> (model file, images)
+        edits: {"ATTRIBUTE": STRENGTH, ...} as JSON, strengths in standard deviations of the dataset;
+        debias: a list of attributes whose directions are removed (default: Male and Young, as `w2w edit`)
+  /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
+        preset: real or ood; the mask is white where the image is fitted; crop: center (default) or face;
+        auto mask: True fits the images without a mask file over the face, forehead and hair their landmarks outline;
+        more image files: a list of further photos of the same person, inverted together with the first
+  /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
+  /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)
+Example:
+  from gradio_client import Client, handle_file
+  client = Client("http://127.0.0.1:7860/")
+  model, images = client.predict(0, api_name="/sample")
+  edited, images = client.predict(handle_file(model), '{"Eyeglasses": 3}', ["Male", "Young"], api_name="/edit")
+  kohya = client.predict(handle_file(edited), "kohya", api_name="/export")
+Bad input gets the one line `w2w: error: ...` the other commands print, as a Gradio error."""
 
 
 def error_line(error: Exception) -> str:
@@ -83,14 +130,6 @@ def error_line(error: Exception) -> str:
     upload_folder = re.escape(str(Path(gr.utils.get_upload_folder()).resolve()))
     message = re.sub(upload_folder + r"/[^/\s]+/", "", str(error))
     return f"w2w: error: {message}"
-
-
-def binary_attributes(space) -> list[str]:
-    """The ±1 columns of the space's attribute table: the attributes an edit slider moves."""
-    if space.attributes is None:
-        return []
-    return [str(name) for name in space.attributes.columns if np.isin(space.attributes[name].to_numpy(), (-1, 1)).all()
-            and len(np.unique(space.attributes[name].to_numpy())) == 2]
 
 
 def parse_seeds(text: str | list | tuple, limit: int) -> list[int]:
@@ -164,113 +203,87 @@ def fitted_caption(photo: Photo) -> str:
 @contextmanager
 def warnings_shown():
     """The library's warnings to the user (a learning rate too high, no face for an automatic mask) become
-    toasts on the page: they are raised with stacklevel=2, so they name this file; others go to the log."""
+    toasts on the page: they are raised with stacklevel=2, so they name the workbench, which called the
+    library; others go to the log."""
     with warnings.catch_warnings(record=True) as caught:
         yield
     for warning in caught:
-        if warning.filename == __file__:
+        if warning.filename == workbench.__file__:
             gr.Warning(html.escape(str(warning.message), quote=False))
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-# ----------------------------------------------------------------------------- the engine (one per process)
+# ----------------------------------------------------------------------------- the actions (one workbench per process)
 
-class Engine:
-    """The pipeline and space, loaded once; every device job holds `lock` (the UNet's weights are fused in place)."""
+class Actions:
+    """What the page and the API endpoints do, each action once for both, on one Workbench (the pipeline
+    and the space, loaded once) within the app's per-request limits; files handed to Gradio go to a
+    temporary folder that goes at exit."""
 
     def __init__(self, config: AppConfig):
         self.config = config
-        self.space = load_space(config.space)
-        self.pipe = load_base_pipeline(config.base, config.device, progress=False)
-        check_layout(self.pipe.unet, self.space.layout)  # a space of another base fails before any request
-        self.attributes = binary_attributes(self.space)
-        self.lock = threading.Lock()
-        self._outputs = tempfile.TemporaryDirectory(prefix="w2w-app-")  # files handed to Gradio; gone at exit
-        self._directions: dict[tuple, dict] = {}
-
-    # ------------------------------------------------------------------------- models
+        self.bench = Workbench(config.base, config.space, config.device, progress=False)
+        self.bench.check()  # a space of another base fails before any request
+        self.attributes = binary_attributes(self.bench.space)
+        self._outputs = tempfile.TemporaryDirectory(prefix="w2w-app-")
 
     def sample(self, seed) -> W2WModel:
         if seed is None or not float(seed).is_integer():
             raise W2WError(f"seed {seed}: expected a whole number")
-        return sample_models(self.space, num=1, seed=int(seed))[0]
-
-    def load(self, path: str) -> W2WModel:
-        """A model file (the project's .safetensors or the original w2wmodel.pt) of this space."""
-        model = load_model(path)
-        model.check_space(self.space)
+        model, = self.bench.sample(1, int(seed))
         return model
 
+    def load(self, path: str | None) -> W2WModel:
+        """A model file (the project's .safetensors or the original w2wmodel.pt) of this space."""
+        if path is None:
+            raise W2WError("no model file given")
+        return self.bench.load(path)
+
     def edit(self, model: W2WModel, strengths: dict[str, float], debias: list[str]) -> W2WModel:
-        """`model` moved by strength standard deviations along each attribute's direction, debiased
-        against `debias` (each direction against the others, not itself)."""
+        """`model` moved by strength standard deviations along each attribute's direction (0: not moved),
+        debiased against `debias` (each direction against the others, not itself)."""
         unknown = sorted(set(debias) - set(self.attributes))
         if unknown:
             raise W2WError(f"debias: no attribute {', '.join(map(repr, unknown))}; the space has: "
                            f"{', '.join(self.attributes)}")
         strengths = {name: value for name, value in strengths.items() if value != 0}
-        if not strengths:
-            return model
-        key = (tuple(sorted(strengths)), tuple(sorted(debias)))
-        if key not in self._directions:
-            self._directions[key] = attribute_directions(self.space, list(key[0]), debias_against=list(key[1]))
-        return apply_edits(model, strengths, self._directions[key])
+        return self.bench.edit(model, strengths, debias) if strengths else model
 
     def invert(self, images, masks, preset_name: str, steps, on_step=None, crop: str = "center",
                auto_mask: bool = False) -> tuple[W2WModel, list[Photo]]:
-        """The model of the space that reproduces `images` (an image or a list: photos of one person, files
-        or PIL images) inside `masks` (one per image: a file, an image or None; or one for a single image),
-        with the preset's settings for this space, `steps` optimiser steps and seed 0: what `w2w invert
-        --image ... --crop CROP` computes. `auto_mask` gives every image without a mask the ellipse over
-        its detected face and hair (`--mask auto`). Returns the model and the photos as fitted."""
+        """The model that reproduces `images` (photos of one person: files or PIL images) inside `masks`
+        (one per image: a file, an image or None; or one for a single image), with the preset's settings for
+        this space, `steps` optimiser steps and seed 0: what `w2w invert --image ... --crop CROP` computes.
+        `auto_mask` gives every image without a mask the mask of its face's landmarks over face, forehead and
+        hair (`--mask auto`). Returns the model and the photos as fitted."""
         if preset_name not in PRESETS:
             raise W2WError(f"unknown inversion preset {preset_name!r}; expected one of {', '.join(PRESETS)}")
-        steps = check_steps(steps, self.config.max_inversion_steps, "inversion steps")
-        config = preset(preset_name, self.space, steps=steps)
-        single = (str, os.PathLike, Image.Image)
-        images = [images] if isinstance(images, single) else list(images)
+        config = self.bench.inversion_config(preset_name, steps=check_steps(steps, self.config.max_inversion_steps,
+                                                                            "inversion steps"))
         if not images:
             raise W2WError("no image to invert: upload one first")
-        masks = [None] * len(images) if masks is None else [masks] if isinstance(masks, single) else list(masks)
-        if auto_mask:
-            masks = [AUTO_MASK if mask is None else mask for mask in masks]  # a mask given wins over the automatic one
-        photos = read_photos(images, masks, crop)
-        targets, target_masks = photo_targets(photos, *image_sizes(self.pipe))
-        with self.lock:
-            model = invert(self.pipe, self.space, targets, target_masks, config, seed=0, progress=False,
-                           on_step=on_step)
-        return model, photos
-
-    # ------------------------------------------------------------------------- images
+        return self.bench.invert(images, masks, config, auto_mask=auto_mask, crop=crop, on_step=on_step)
 
     def images(self, model: W2WModel, prompt: str | None = None, negative_prompt: str = "", seeds=None,
                steps=None, guidance: float | None = None, edited: W2WModel | None = None,
                injection_timestep: int | None = None) -> list[Image.Image]:
         """One image per seed of `model` (with `edited` for t <= injection_timestep when given)."""
-        seeds = parse_seeds(self.config.seeds if seeds is None else seeds, self.config.max_seeds)
-        steps = check_steps(self.config.steps if steps is None else steps, self.config.max_steps)
-        with self.lock:
-            return generate(self.pipe, self.space, model, prompt or None, negative_prompt=negative_prompt or "",
-                            seeds=seeds, num_inference_steps=steps,
-                            guidance_scale=self.config.guidance if guidance is None else float(guidance),
-                            edited=edited, injection_timestep=None if edited is None else int(injection_timestep))
-
-    # ------------------------------------------------------------------------- files
+        config = self.config
+        return self.bench.images(model, prompt or None, negative_prompt=negative_prompt or "",
+                                 seeds=parse_seeds(config.seeds if seeds is None else seeds, config.max_seeds),
+                                 steps=check_steps(config.steps if steps is None else steps, config.max_steps),
+                                 guidance=config.guidance if guidance is None else float(guidance), edited=edited,
+                                 injection_timestep=None if edited is None else int(injection_timestep))
 
     def export(self, model: W2WModel, fmt: str, name: str = "w2w_model") -> str:
         """`model` written as a w2w model file, a kohya .safetensors or a zipped PEFT folder; its path."""
         if fmt not in EXPORT_FORMATS:
             raise W2WError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         folder = Path(tempfile.mkdtemp(dir=self._outputs.name))  # a folder per file: names never collide
-        if fmt == "w2w":
-            return str(save_model(model, folder / f"{name}.safetensors"))
-        weights = model.weights(self.space)
-        if fmt == "kohya":
-            return str(save_lora(self.space.layout, weights, folder / f"{name}_kohya.safetensors", "kohya",
-                                 self.space.base_model))
-        peft = save_lora(self.space.layout, weights, folder / f"{name}_peft", "peft", self.space.base_model)
-        return shutil.make_archive(str(peft), "zip", root_dir=peft)
+        names = {"w2w": f"{name}.safetensors", "kohya": f"{name}_kohya.safetensors", "peft": f"{name}_peft"}
+        path = self.bench.export(model, fmt, folder / names[fmt])
+        return shutil.make_archive(str(path), "zip", root_dir=path) if fmt == "peft" else str(path)
 
 
 # ----------------------------------------------------------------------------- per-session state
@@ -289,6 +302,11 @@ class Session:
         if self.current is None:
             raise W2WError("no model yet: sample, invert or upload one first")
         return self.current
+
+
+def progress_bar(progress: gr.Progress):
+    """An inversion's on_step that moves a Gradio progress bar, the loss as its text."""
+    return lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}")
 
 
 def reporting(fn):
@@ -311,291 +329,360 @@ Every point of this space is a model: **sample** a new identity, **invert** phot
 Space `{space}` (K = {k:,}, M = {m:,} models), base `{base}`."""
 
 
-def build_app(engine: Engine) -> gr.Blocks:
-    """The Blocks page and its API endpoints over one engine."""
-    config, attributes = engine.config, engine.attributes
-    device = dict(concurrency_limit=1, concurrency_id="device")  # one job at a time on the device
-
-    def shown(images: list[Image.Image]) -> list[tuple[Image.Image, str]]:
-        return [(image, f"seed {seed}") for seed, image in zip(config.seeds, images)]
-
-    def describe(session: Session, what: str) -> str:
-        model = session.current
-        return f"**Current model:** {what} · {len(model.coefficients):,} coefficients · space `{model.space_id}`"
-
+def build_app(actions: Actions) -> gr.Blocks:
+    """The Blocks page and its API endpoints over one set of actions."""
+    bench, config = actions.bench, actions.config
     with gr.Blocks(title="weights2weights", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        state = gr.State(Session())
-        gr.Markdown(ABOUT.format(space=config.space, k=engine.space.num_components, m=engine.space.num_models, base=config.base))
+        gr.Markdown(ABOUT.format(space=config.space, k=bench.space.num_components, m=bench.space.num_models,
+                                 base=config.base))
         with gr.Row():
             with gr.Column(scale=1):
-                with gr.Tab("Sample"):
-                    seed = gr.Number(0, precision=0, label="Seed", elem_id="sample-seed")
-                    sample_button = gr.Button("Sample a new model", variant="primary", elem_id="sample-button")
-                with gr.Tab("Invert"):
-                    invert_file = gr.File(label="Photos of one person to invert (one or several)", type="filepath",
-                                          file_count="multiple", elem_id="invert-file")
-                    invert_shown = gr.Dropdown([], label="Image in the editor (the mask drawn applies to it)",
-                                               interactive=True, elem_id="invert-shown")
-                    editor = gr.ImageEditor(label="Mask: draw the region to fit",
-                                            type="pil", image_mode="RGBA", format="png", layers=False,
-                                            transforms=(), brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed"),
-                                            elem_id="invert-editor", height=420)
-                    with gr.Row():
-                        crop_box = gr.Checkbox(False, label="Crop to face", elem_id="invert-crop",
-                                               info="the square around the largest face, framed as the paper's crops")
-                        auto_box = gr.Checkbox(False, label="Auto mask (face ellipse)", elem_id="invert-auto-mask",
-                                               info="images without a drawn mask: fitted inside an ellipse over the "
-                                                    "face and hair")
-                    with gr.Row():
-                        preset_radio = gr.Radio(list(PRESETS), value="real", label="Preset",
-                                                info="real: photos of faces; ood: paintings, drawings")
-                        invert_steps = gr.Number(PRESETS["real"].steps, precision=0, label="Steps",
-                                                 elem_id="invert-steps")
-                    invert_button = gr.Button("Invert", variant="primary", elem_id="invert-button")
-                    fitted = gr.Gallery(label="Fitted: the crop, dimmed outside the mask", columns=4,
-                                        height=200, format="png", elem_id="invert-fitted")
-                with gr.Tab("Upload a model"):
-                    model_file = gr.File(label="w2w model (.safetensors, or the original w2wmodel.pt)",
-                                         type="filepath", elem_id="model-file")
+                ui = input_tabs()
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Current model", columns=4, height=260, format="png",
-                                     elem_id="current-gallery")
-                status = gr.Markdown("**Current model:** none yet", elem_id="status")
-                with gr.Row():
-                    download_w2w = gr.DownloadButton("w2w model", interactive=False, elem_id="download-w2w")
-                    download_kohya = gr.DownloadButton("kohya / ComfyUI / A1111", interactive=False,
-                                                       elem_id="download-kohya")
-                    download_peft = gr.DownloadButton("diffusers / PEFT (zip)", interactive=False,
-                                                      elem_id="download-peft")
-        with gr.Accordion("Edit", open=True):
-            gr.Markdown("Strengths in standard deviations of the dataset along each direction (0: unchanged).")
-            with gr.Row():
-                with gr.Column(scale=2):
-                    with gr.Row():
-                        sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0, step=STRENGTH_STEP,
-                                             label=name, min_width=180, elem_id=f"edit-{name}")
-                                   for name in attributes]
-                    debias = gr.CheckboxGroup(attributes, value=[a for a in DEBIAS_DEFAULT if a in attributes],
-                                              label="Debias against (keep these attributes)", elem_id="debias")
-                    injection = gr.Slider(0, engine.pipe.scheduler.config.num_train_timesteps,
-                                          value=engine.pipe.scheduler.config.num_train_timesteps, step=10,
-                                          label="Injection timestep T: the edit acts for t <= T "
-                                                "(1000: all steps; 700-1000 global edits, 400-700 fine ones)",
-                                          elem_id="injection")
-                comparison = gr.ImageSlider(label="Before / after", type="pil", elem_id="comparison", scale=1)
-        with gr.Accordion("Generate", open=False):
-            with gr.Row():
-                prompt = gr.Textbox(engine.space.prompt, label="Prompt ('sks person' is the identity)", scale=3)
-                negative = gr.Textbox("", label="Negative prompt", scale=2)
-            with gr.Row():
-                seeds = gr.Textbox(" ".join(map(str, config.seeds)), label="Seeds")
-                steps = gr.Slider(1, config.max_steps, value=config.steps, step=1, label="Steps")
-                guidance = gr.Slider(1, 15, value=config.guidance, step=0.5, label="Guidance")
-            generate_button = gr.Button("Generate", variant="primary")
-            generated = gr.Gallery(label="Generated", columns=4, format="png")
-
-        # ------------------------------------------------------------------------- browser handlers
-
-        def new_model(session: Session, model: W2WModel, name: str, what: str):
-            images = engine.images(model)
-            session = replace(session, original=model, current=model, name=name, before=images)
-            resets = [gr.update(value=0) for _ in sliders]
-            return (session, shown(images), describe(session, what), (image_grid(images), image_grid(images)),
-                    *resets)
-
-        new_outputs = [state, gallery, status, comparison, *sliders]
-
-        @reporting
-        def on_sample(session, seed_value):
-            model = engine.sample(seed_value)
-            return new_model(session, model, f"sample_seed{int(seed_value)}", f"sampled with seed {int(seed_value)}")
-
-        @reporting
-        def on_upload_model(session, path):
-            if path is None:
-                return (session, gr.skip(), gr.skip(), gr.skip(), *[gr.skip() for _ in sliders])
-            model = engine.load(path)
-            return new_model(session, model, Path(path).stem, f"uploaded {Path(path).name}")
-
-        def editor_picture(path):
-            image = display_copy(open_image(path).convert("RGB"))
-            return {"background": image, "layers": [], "composite": image}
-
-        @reporting
-        def on_invert_file(paths):
-            if not paths:
-                return None, gr.update(choices=[], value=None)
-            for path in paths:  # a file that is not an image is named now, not at the Invert click
-                open_image(path)
-            return editor_picture(paths[0]), gr.update(choices=[(Path(path).name, i) for i, path in enumerate(paths)],
-                                                     value=0)
-
-        @reporting
-        def on_invert_shown(paths, index):
-            return editor_picture(paths[index]) if paths and index is not None else gr.skip()
-
-        @reporting
-        def on_invert(session, paths, editor_value, shown_index, crop, auto, preset_name, steps_value,
-                      progress=gr.Progress()):
-            """The uploaded files as `w2w invert` fits them; without files, the image put into the editor."""
-            layers = (editor_value or {}).get("layers") or []
-            if paths:
-                images, drawn_on = list(paths), shown_index or 0
-                drawn = mask_from_layers(layers, open_image(images[drawn_on]).size)
-            else:
-                background = (editor_value or {}).get("background")
-                if background is None:
-                    raise W2WError("no image to invert: upload one first")
-                images, drawn_on = [background.convert("RGB")], 0
-                drawn = mask_from_layers(layers, background.size)
-            masks = [drawn if i == drawn_on else None for i in range(len(images))]
-            try:
-                with warnings_shown():
-                    model, photos = engine.invert(
-                        images, masks, preset_name, steps_value, crop="face" if crop else "center",
-                        auto_mask=bool(auto),
-                        on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
-            except NoFaceError as error:
-                raise NoFaceError(f"{error} (here: untick Crop to face)") from None
-            what = [preset_name, f"{int(steps_value)} steps"] + [f"{len(images)} images"] * (len(images) > 1)
-            what += ["face crop"] * bool(crop)
-            auto_used = sum(photo.auto for photo in photos)  # a drawn mask wins over the automatic one
-            how = [text for text, used in (("the mask drawn", drawn is not None),
-                                           ("auto masks" if auto_used > 1 else "the auto mask", auto_used)) if used]
-            what += ["with " + " and ".join(how) if how else "without a mask"]
-            return (*new_model(session, model, "inverted", f"inverted ({', '.join(what)})"),
-                    [(fitted_view(photo), fitted_caption(photo)) for photo in photos])
-
-        @reporting
-        def on_edit(session, timestep, debias_against, *strengths):
-            original = session.original
-            if original is None:
-                raise W2WError("no model to edit yet: sample, invert or upload one first")
-            edited = engine.edit(original, dict(zip(attributes, strengths)), list(debias_against or []))
-            images = engine.images(original, edited=edited, injection_timestep=timestep)
-            moved = ", ".join(f"{a} {s:+g}" for a, s in zip(attributes, strengths) if s)
-            session = replace(session, current=edited, name=session.name.removesuffix("_edited") +
-                              ("_edited" if moved else ""))
-            before = image_grid(session.before) if session.before else None
-            return (session, shown(images), describe(session, f"edited: {moved}" if moved else "unedited"),
-                    (before, image_grid(images)))
-
-        @reporting
-        def on_generate(session, prompt_text, negative_text, seeds_text, steps_value, guidance_value):
-            seed_list = parse_seeds(seeds_text, config.max_seeds)
-            images = engine.images(session.require(), prompt_text, negative_text, seed_list, steps_value,
-                                   guidance_value)
-            return [(image, f"seed {s}") for s, image in zip(seed_list, images)]
-
-        @reporting
-        def on_downloads(session):
-            if session.current is None:
-                return [gr.update(value=None, interactive=False)] * 3
-            return [gr.update(value=engine.export(session.current, fmt, session.name), interactive=True)
-                    for fmt in EXPORT_FORMATS]
-
-        downloads = [download_w2w, download_kohya, download_peft]
-        private = dict(api_visibility="private")
-        sample_button.click(on_sample, [state, seed], new_outputs, **device, **private
-                            ).then(on_downloads, state, downloads, **private)
-        model_file.upload(on_upload_model, [state, model_file], new_outputs, **device, **private
-                          ).then(on_downloads, state, downloads, **private)
-        invert_file.upload(on_invert_file, invert_file, [editor, invert_shown], **private)
-        invert_shown.input(on_invert_shown, [invert_file, invert_shown], editor, **private)
-        invert_button.click(on_invert, [state, invert_file, editor, invert_shown, crop_box, auto_box, preset_radio,
-                                        invert_steps], [*new_outputs, fitted], **device, **private
-                            ).then(on_downloads, state, downloads, **private)
-        preset_radio.change(lambda name: PRESETS[name].steps, preset_radio, invert_steps, **private)
-        gr.on([slider.release for slider in sliders] + [debias.input, injection.release], on_edit,
-              [state, injection, debias, *sliders], [state, gallery, status, comparison], trigger_mode="always_last",
-              **device, **private).then(on_downloads, state, downloads, **private)
-        generate_button.click(on_generate, [state, prompt, negative, seeds, steps, guidance], generated, **device,
-                              **private)
-
-        # ------------------------------------------------------------------------- API endpoints (gradio_client)
-
-        with gr.Column(visible=False):
-            api_seed = gr.Number(0, precision=0, label="seed")
-            api_model = gr.File(label="model file", type="filepath")
-            api_out = gr.File(label="model file")
-            api_images = gr.Gallery(label="images", format="png")
-            api_edits = gr.Textbox("{}", label="edits: {attribute: strength in std} as JSON")
-            api_debias = gr.CheckboxGroup(attributes, value=[a for a in DEBIAS_DEFAULT if a in attributes],
-                                          label="debias against")
-            api_image = gr.File(label="image file", type="filepath")
-            api_mask = gr.File(label="mask file (white: fitted) or None", type="filepath")
-            api_preset = gr.Radio(list(PRESETS), value="real", label="preset")
-            api_steps = gr.Number(PRESETS["real"].steps, precision=0, label="steps")
-            api_crop = gr.Radio(list(CROPS), value="center", label="crop: center or face")
-            api_auto = gr.Checkbox(False, label="auto mask (face ellipse) for images without a mask file")
-            api_more = gr.File(label="more image files of the same person (no mask file)", type="filepath",
-                               file_count="multiple")
-            api_prompt = gr.Textbox(engine.space.prompt, label="prompt")
-            api_seeds = gr.Textbox(" ".join(map(str, config.seeds)), label="seeds")
-            api_gen_steps = gr.Number(config.steps, precision=0, label="steps")
-            api_format = gr.Radio(list(EXPORT_FORMATS), value="kohya", label="format")
-            api_file = gr.File(label="file")
-            api_buttons = [gr.Button(visible=False) for _ in range(5)]
-
-        def model_argument(path) -> W2WModel:
-            if path is None:
-                raise W2WError("no model file given")
-            return engine.load(path)
-
-        @reporting
-        def api_sample_fn(seed_value):
-            """A new model sampled with `seed`: (model file, images of it)."""
-            model = engine.sample(seed_value)
-            return engine.export(model, "w2w", f"sample_seed{int(seed_value)}"), engine.images(model)
-
-        @reporting
-        def api_edit_fn(path, edits, debias_against):
-            """The model moved along attribute directions: (edited model file, images of it)."""
-            edited = engine.edit(model_argument(path), parse_strengths(edits, attributes), list(debias_against or []))
-            return engine.export(edited, "w2w", "edited"), engine.images(edited)
-
-        @reporting
-        def api_invert_fn(image_path, mask_path, preset_name, steps_value, crop="center", auto=False, more=None,
-                          progress=gr.Progress()):
-            """The model that reproduces the image (inside the mask) and any more images of the person, cut by
-            `crop`, with the auto mask on those without a mask: (model file, images of it)."""
-            if image_path is None:
-                raise W2WError("no image file given")
-            images = [image_path, *(more or [])]
-            with warnings_shown():
-                model, _ = engine.invert(
-                    images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value, crop=crop,
-                    auto_mask=bool(auto),
-                    on_step=lambda done, total, loss: progress((done, total), desc=f"loss {loss:.4f}"))
-            return engine.export(model, "w2w", "inverted"), engine.images(model)
-
-        @reporting
-        def api_generate_fn(path, prompt_text, seeds_text, steps_value):
-            """Images of the model for a prompt, one per seed."""
-            return engine.images(model_argument(path), prompt_text, seeds=parse_seeds(seeds_text, config.max_seeds),
-                                 steps=steps_value)
-
-        @reporting
-        def api_export_fn(path, fmt):
-            """The model as a file: w2w (model), kohya (.safetensors) or peft (zipped folder)."""
-            return engine.export(model_argument(path), fmt, Path(path).stem)
-
-        sample_b, edit_b, invert_b, generate_b, export_b = api_buttons
-        sample_b.click(api_sample_fn, api_seed, [api_out, api_images], api_name="sample", **device)
-        edit_b.click(api_edit_fn, [api_model, api_edits, api_debias], [api_out, api_images], api_name="edit", **device)
-        invert_b.click(api_invert_fn, [api_image, api_mask, api_preset, api_steps, api_crop, api_auto, api_more],
-                       [api_out, api_images], api_name="invert", **device)
-        generate_b.click(api_generate_fn, [api_model, api_prompt, api_seeds, api_gen_steps], api_images,
-                         api_name="generate", **device)
-        export_b.click(api_export_fn, [api_model, api_format], api_file, api_name="export")
+                ui |= model_column()
+        ui |= edit_section(actions) | generate_section(actions)
+        ui = SimpleNamespace(state=gr.State(Session()), **ui)
+        wire_models(actions, ui)
+        wire_edit_and_generate(actions, ui)
+        add_api(actions)
     app.queue(default_concurrency_limit=1)
     return app
 
 
-def launch(config: AppConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    """Load the engine once, build the page and serve it until interrupted."""
-    engine = Engine(config)
-    app = build_app(engine)
-    print(f"w2w app: serving {config.space} on {config.base} at http://{host}:{port}/ (Ctrl+C stops)", flush=True)
-    app.launch(server_name=host, server_port=port, share=share, max_file_size=config.max_upload, quiet=True,
-               theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS), footer_links=["api"])
+def input_tabs() -> dict:
+    """The tabs that make a model: sample, invert uploaded photos (with a mask drawn on one), upload a model."""
+    with gr.Tab("Sample"):
+        seed = gr.Number(0, precision=0, label="Seed", elem_id="sample-seed")
+        sample_button = gr.Button("Sample a new model", variant="primary", elem_id="sample-button")
+    with gr.Tab("Invert"):
+        invert_file = gr.File(label="Photos of one person to invert (one or several)", type="filepath",
+                              file_count="multiple", elem_id="invert-file")
+        invert_shown = gr.Dropdown([], label="Image in the editor (the mask drawn applies to it)",
+                                   interactive=True, elem_id="invert-shown")
+        editor = gr.ImageEditor(label="Mask: draw the region to fit",
+                                type="pil", image_mode="RGBA", format="png", layers=False,
+                                transforms=(), brush=gr.Brush(colors=[BRUSH_COLOR], color_mode="fixed"),
+                                elem_id="invert-editor", height=420)
+        with gr.Row():
+            crop_box = gr.Checkbox(False, label="Crop to face", elem_id="invert-crop",
+                                   info="FFHQ's alignment of the largest face")
+            auto_box = gr.Checkbox(False, label="Auto mask (from the face)", elem_id="invert-auto-mask",
+                                   info="images without a drawn mask: fitted over the face, forehead "
+                                        "and hair its landmarks outline")
+        with gr.Row():
+            preset_radio = gr.Radio(list(PRESETS), value="real", label="Preset",
+                                    info="real: photos of faces; ood: paintings, drawings")
+            invert_steps = gr.Number(PRESETS["real"].steps, precision=0, label="Steps", elem_id="invert-steps")
+        invert_button = gr.Button("Invert", variant="primary", elem_id="invert-button")
+        fitted = gr.Gallery(label="Fitted: the crop, dimmed outside the mask", columns=4,
+                            height=200, format="png", elem_id="invert-fitted")
+    with gr.Tab("Upload a model"):
+        model_file = gr.File(label="w2w model (.safetensors, or the original w2wmodel.pt)",
+                             type="filepath", elem_id="model-file")
+    return dict(seed=seed, sample_button=sample_button, invert_file=invert_file, invert_shown=invert_shown,
+                editor=editor, crop_box=crop_box, auto_box=auto_box, preset_radio=preset_radio,
+                invert_steps=invert_steps, invert_button=invert_button, fitted=fitted, model_file=model_file)
+
+
+def model_column() -> dict:
+    """The current model: its images, what it is, and its downloads."""
+    gallery = gr.Gallery(label="Current model", columns=4, height=260, format="png", elem_id="current-gallery")
+    status = gr.Markdown("**Current model:** none yet", elem_id="status")
+    with gr.Row():
+        downloads = [gr.DownloadButton("w2w model", interactive=False, elem_id="download-w2w"),
+                     gr.DownloadButton("kohya / ComfyUI / A1111", interactive=False, elem_id="download-kohya"),
+                     gr.DownloadButton("diffusers / PEFT (zip)", interactive=False, elem_id="download-peft")]
+    return dict(gallery=gallery, status=status, downloads=downloads)  # the downloads in EXPORT_FORMATS' order
+
+
+def edit_section(actions: Actions) -> dict:
+    """A slider per attribute, the attributes to debias against, the injection timestep, before / after."""
+    attributes, timesteps = actions.attributes, actions.bench.pipeline().scheduler.config.num_train_timesteps
+    with gr.Accordion("Edit", open=True):
+        gr.Markdown("Strengths in standard deviations of the dataset along each direction (0: unchanged).")
+        with gr.Row():
+            with gr.Column(scale=2):
+                with gr.Row():
+                    sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0, step=STRENGTH_STEP,
+                                         label=name, min_width=180, elem_id=f"edit-{name}") for name in attributes]
+                debias = gr.CheckboxGroup(attributes, value=[a for a in DEBIAS_DEFAULT if a in attributes],
+                                          label="Debias against (keep these attributes)", elem_id="debias")
+                injection = gr.Slider(0, timesteps, value=timesteps, step=10,
+                                      label="Injection timestep T: the edit acts for t <= T "
+                                            "(1000: all steps; 700-1000 global edits, 400-700 fine ones)",
+                                      elem_id="injection")
+            comparison = gr.ImageSlider(label="Before / after", type="pil", elem_id="comparison", scale=1)
+    return dict(sliders=sliders, debias=debias, injection=injection, comparison=comparison)
+
+
+def generate_section(actions: Actions) -> dict:
+    """Images of the current model for any prompt and seeds."""
+    config = actions.config
+    with gr.Accordion("Generate", open=False):
+        with gr.Row():
+            prompt = gr.Textbox(actions.bench.space.prompt, label="Prompt ('sks person' is the identity)", scale=3)
+            negative = gr.Textbox("", label="Negative prompt", scale=2)
+        with gr.Row():
+            seeds = gr.Textbox(" ".join(map(str, config.seeds)), label="Seeds")
+            steps = gr.Slider(1, config.max_steps, value=config.steps, step=1, label="Steps")
+            guidance = gr.Slider(1, 15, value=config.guidance, step=0.5, label="Guidance")
+        generate_button = gr.Button("Generate", variant="primary")
+        generated = gr.Gallery(label="Generated", columns=4, format="png")
+    return dict(prompt=prompt, negative=negative, seeds=seeds, steps=steps, guidance=guidance,
+                generate_button=generate_button, generated=generated)
+
+
+# ----------------------------------------------------------------------------- the page's handlers
+
+def shown(images: list[Image.Image], seeds) -> list[tuple[Image.Image, str]]:
+    """Images captioned with their seeds, for a gallery."""
+    return [(image, f"seed {seed}") for seed, image in zip(seeds, images)]
+
+
+def describe(session: Session, what: str) -> str:
+    model = session.current
+    return f"**Current model:** {what} · {len(model.coefficients):,} coefficients · space `{model.space_id}`"
+
+
+def editor_picture(path) -> dict:
+    image = display_copy(open_image(path).convert("RGB"))
+    return {"background": image, "layers": [], "composite": image}
+
+
+def invert_inputs(paths, editor_value, shown_index) -> tuple[list, list]:
+    """The uploaded files as `w2w invert` fits them, the mask drawn on the one in the editor; without
+    files, the image put into the editor."""
+    layers = (editor_value or {}).get("layers") or []
+    if paths:
+        images, drawn_on = list(paths), shown_index or 0
+        drawn = mask_from_layers(layers, open_image(images[drawn_on]).size)
+    else:
+        background = (editor_value or {}).get("background")
+        if background is None:
+            raise W2WError("no image to invert: upload one first")
+        images, drawn_on = [background.convert("RGB")], 0
+        drawn = mask_from_layers(layers, background.size)
+    return images, [drawn if i == drawn_on else None for i in range(len(images))]
+
+
+def inverted_what(preset_name: str, steps, images: list, crop: bool, drawn: bool, photos: list[Photo]) -> str:
+    """What the status line says of an inversion: its preset, steps, images, crop and masks."""
+    what = [preset_name, f"{int(steps)} steps"] + [f"{len(images)} images"] * (len(images) > 1)
+    what += ["face crop"] * bool(crop)
+    auto_used = sum(photo.auto for photo in photos)  # a drawn mask wins over the automatic one
+    how = [text for text, used in (("the mask drawn", drawn),
+                                   ("auto masks" if auto_used > 1 else "the auto mask", auto_used)) if used]
+    return f"inverted ({', '.join(what + ['with ' + ' and '.join(how) if how else 'without a mask'])})"
+
+
+def wire_models(actions: Actions, ui: SimpleNamespace) -> None:
+    """The page's sample, upload and invert, each making the session's model, then its downloads."""
+    seeds = actions.config.seeds
+
+    def new_model(session: Session, model: W2WModel, name: str, what: str):
+        images = actions.images(model)
+        session = replace(session, original=model, current=model, name=name, before=images)
+        return (session, shown(images, seeds), describe(session, what), (image_grid(images), image_grid(images)),
+                *[gr.update(value=0) for _ in ui.sliders])
+
+    @reporting
+    def on_sample(session, seed_value):
+        return new_model(session, actions.sample(seed_value), f"sample_seed{int(seed_value)}",
+                         f"sampled with seed {int(seed_value)}")
+
+    @reporting
+    def on_upload_model(session, path):
+        if path is None:
+            return (session, gr.skip(), gr.skip(), gr.skip(), *[gr.skip() for _ in ui.sliders])
+        return new_model(session, actions.load(path), Path(path).stem, f"uploaded {Path(path).name}")
+
+    @reporting
+    def on_invert_file(paths):
+        if not paths:
+            return None, gr.update(choices=[], value=None)
+        for path in paths:  # a file that is not an image is named now, not at the Invert click
+            open_image(path)
+        return editor_picture(paths[0]), gr.update(choices=[(Path(path).name, i) for i, path in enumerate(paths)],
+                                                   value=0)
+
+    @reporting
+    def on_invert(session, paths, editor_value, shown_index, crop, auto, preset_name, steps_value,
+                  progress=gr.Progress()):
+        images, masks = invert_inputs(paths, editor_value, shown_index)
+        try:
+            with warnings_shown():
+                model, photos = actions.invert(images, masks, preset_name, steps_value,
+                                               crop="face" if crop else "center", auto_mask=bool(auto),
+                                               on_step=progress_bar(progress))
+        except NoFaceError as error:
+            raise NoFaceError(f"{error} (here: untick Crop to face)") from None
+        what = inverted_what(preset_name, steps_value, images, crop, any(m is not None for m in masks), photos)
+        return (*new_model(session, model, "inverted", what),
+                [(fitted_view(photo), fitted_caption(photo)) for photo in photos])
+
+    new_outputs = [ui.state, ui.gallery, ui.status, ui.comparison, *ui.sliders]
+    downloads = dict(fn=on_downloads(actions), inputs=ui.state, outputs=ui.downloads, **PRIVATE)
+    ui.sample_button.click(on_sample, [ui.state, ui.seed], new_outputs, **DEVICE_JOB, **PRIVATE).then(**downloads)
+    ui.model_file.upload(on_upload_model, [ui.state, ui.model_file], new_outputs, **DEVICE_JOB, **PRIVATE
+                         ).then(**downloads)
+    ui.invert_file.upload(on_invert_file, ui.invert_file, [ui.editor, ui.invert_shown], **PRIVATE)
+    ui.invert_shown.input(reporting(lambda paths, index: editor_picture(paths[index]) if paths and index is not None
+                                    else gr.skip()), [ui.invert_file, ui.invert_shown], ui.editor, **PRIVATE)
+    ui.invert_button.click(on_invert, [ui.state, ui.invert_file, ui.editor, ui.invert_shown, ui.crop_box, ui.auto_box,
+                                       ui.preset_radio, ui.invert_steps], [*new_outputs, ui.fitted], **DEVICE_JOB,
+                           **PRIVATE).then(**downloads)
+    ui.preset_radio.change(lambda name: PRESETS[name].steps, ui.preset_radio, ui.invert_steps, **PRIVATE)
+
+
+def on_downloads(actions: Actions):
+    """The handler that offers the session's current model in every export format (none: buttons off)."""
+    @reporting
+    def handler(session):
+        if session.current is None:
+            return [gr.update(value=None, interactive=False)] * len(EXPORT_FORMATS)
+        return [gr.update(value=actions.export(session.current, fmt, session.name), interactive=True)
+                for fmt in EXPORT_FORMATS]
+    return handler
+
+
+def wire_edit_and_generate(actions: Actions, ui: SimpleNamespace) -> None:
+    """The page's edit (on a slider's release, the debias ticks, the injection timestep) and generate."""
+    attributes = actions.attributes
+
+    @reporting
+    def on_edit(session, timestep, debias_against, *strengths):
+        original = session.original
+        if original is None:
+            raise W2WError("no model to edit yet: sample, invert or upload one first")
+        edited = actions.edit(original, dict(zip(attributes, strengths)), list(debias_against or []))
+        images = actions.images(original, edited=edited, injection_timestep=timestep)
+        moved = ", ".join(f"{a} {s:+g}" for a, s in zip(attributes, strengths) if s)
+        session = replace(session, current=edited, name=session.name.removesuffix("_edited") +
+                          ("_edited" if moved else ""))
+        before = image_grid(session.before) if session.before else None
+        return (session, shown(images, actions.config.seeds),
+                describe(session, f"edited: {moved}" if moved else "unedited"), (before, image_grid(images)))
+
+    @reporting
+    def on_generate(session, prompt_text, negative_text, seeds_text, steps_value, guidance_value):
+        seed_list = parse_seeds(seeds_text, actions.config.max_seeds)
+        images = actions.images(session.require(), prompt_text, negative_text, seed_list, steps_value, guidance_value)
+        return shown(images, seed_list)
+
+    gr.on([slider.release for slider in ui.sliders] + [ui.debias.input, ui.injection.release], on_edit,
+          [ui.state, ui.injection, ui.debias, *ui.sliders], [ui.state, ui.gallery, ui.status, ui.comparison],
+          trigger_mode="always_last", **DEVICE_JOB, **PRIVATE
+          ).then(on_downloads(actions), ui.state, ui.downloads, **PRIVATE)
+    ui.generate_button.click(on_generate, [ui.state, ui.prompt, ui.negative, ui.seeds, ui.steps, ui.guidance],
+                             ui.generated, **DEVICE_JOB, **PRIVATE)
+
+
+# ----------------------------------------------------------------------------- the API endpoints (gradio_client)
+
+def api_components(actions: Actions) -> SimpleNamespace:
+    """The hidden inputs and outputs of the endpoints, which say their types and defaults to the clients."""
+    attributes, config = actions.attributes, actions.config
+    with gr.Column(visible=False):
+        return SimpleNamespace(
+            seed=gr.Number(0, precision=0, label="seed"),
+            model=gr.File(label="model file", type="filepath"),
+            out=gr.File(label="model file"),
+            images=gr.Gallery(label="images", format="png"),
+            edits=gr.Textbox("{}", label="edits: {attribute: strength in std} as JSON"),
+            debias=gr.CheckboxGroup(attributes, value=[a for a in DEBIAS_DEFAULT if a in attributes],
+                                    label="debias against"),
+            image=gr.File(label="image file", type="filepath"),
+            mask=gr.File(label="mask file (white: fitted) or None", type="filepath"),
+            preset=gr.Radio(list(PRESETS), value="real", label="preset"),
+            steps=gr.Number(PRESETS["real"].steps, precision=0, label="steps"),
+            crop=gr.Radio(list(CROPS), value="center", label="crop: center or face"),
+            auto=gr.Checkbox(False, label="auto mask (from the face's landmarks) for images without a mask file"),
+            more=gr.File(label="more image files of the same person (no mask file)", type="filepath",
+                         file_count="multiple"),
+            prompt=gr.Textbox(actions.bench.space.prompt, label="prompt"),
+            seeds=gr.Textbox(" ".join(map(str, config.seeds)), label="seeds"),
+            gen_steps=gr.Number(config.steps, precision=0, label="steps"),
+            format=gr.Radio(list(EXPORT_FORMATS), value="kohya", label="format"),
+            file=gr.File(label="file"),
+            buttons=[gr.Button(visible=False) for _ in range(5)])
+
+
+def add_api(actions: Actions) -> None:
+    """The endpoints of APP_API: every model travels as a w2w model file, every image list as a gallery."""
+    api = api_components(actions)
+
+    @reporting
+    def sample(seed_value):
+        """A new model sampled with `seed`: (model file, images of it)."""
+        model = actions.sample(seed_value)
+        return actions.export(model, "w2w", f"sample_seed{int(seed_value)}"), actions.images(model)
+
+    @reporting
+    def edit(path, edits, debias_against):
+        """The model moved along attribute directions: (edited model file, images of it)."""
+        strengths = parse_strengths(edits, actions.attributes)
+        edited = actions.edit(actions.load(path), strengths, list(debias_against or []))
+        return actions.export(edited, "w2w", "edited"), actions.images(edited)
+
+    @reporting
+    def invert(image_path, mask_path, preset_name, steps_value, crop="center", auto=False, more=None,
+               progress=gr.Progress()):
+        """The model that reproduces the image (inside the mask) and any more images of the person, cut by
+        `crop`, with the auto mask on those without a mask: (model file, images of it)."""
+        if image_path is None:
+            raise W2WError("no image file given")
+        images = [image_path, *(more or [])]
+        with warnings_shown():
+            model, _ = actions.invert(images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value,
+                                      crop=crop, auto_mask=bool(auto), on_step=progress_bar(progress))
+        return actions.export(model, "w2w", "inverted"), actions.images(model)
+
+    @reporting
+    def generate(path, prompt_text, seeds_text, steps_value):
+        """Images of the model for a prompt, one per seed."""
+        return actions.images(actions.load(path), prompt_text,
+                              seeds=parse_seeds(seeds_text, actions.config.max_seeds), steps=steps_value)
+
+    @reporting
+    def export(path, fmt):
+        """The model as a file: w2w (model), kohya (.safetensors) or peft (zipped folder)."""
+        return actions.export(actions.load(path), fmt, Path(path).stem)
+
+    sample_b, edit_b, invert_b, generate_b, export_b = api.buttons
+    sample_b.click(sample, api.seed, [api.out, api.images], api_name="sample", **DEVICE_JOB)
+    edit_b.click(edit, [api.model, api.edits, api.debias], [api.out, api.images], api_name="edit", **DEVICE_JOB)
+    invert_b.click(invert, [api.image, api.mask, api.preset, api.steps, api.crop, api.auto, api.more],
+                   [api.out, api.images], api_name="invert", **DEVICE_JOB)
+    generate_b.click(generate, [api.model, api.prompt, api.seeds, api.gen_steps], api.images, api_name="generate",
+                     **DEVICE_JOB)
+    export_b.click(export, [api.model, api.format], api.file, api_name="export")
+
+
+# ----------------------------------------------------------------------------- the command
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog="w2w app", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(APP_DESCRIPTION, 100) + "\n\n" + APP_API)
+    add_config_flags(parser, AppConfig)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`w2w app ARGS`: serve until interrupted; bad flags or files: one line, exit 2."""
+    args = parse_args(argv)
+    return exit_code("w2w app", lambda: launch(config_from_args(AppConfig, args)))
+
+
+def launch(config: AppConfig) -> None:
+    """Load the workbench once, build the page and serve it until interrupted."""
+    app = build_app(Actions(config))
+    print(f"w2w app: serving {config.space} on {config.base} at http://{config.host}:{config.port}/ (Ctrl+C stops)",
+          flush=True)
+    app.launch(server_name=config.host, server_port=config.port, share=config.share, max_file_size=config.max_upload,
+               quiet=True, theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS),
+               footer_links=["api"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

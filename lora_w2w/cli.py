@@ -6,17 +6,17 @@ prints one line `w2w: error: ...` and exits with code 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
-from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, SEED, SIZE
-from .errors import W2WError
+from . import __version__
+from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, POSITIVE, SEED, SIZE
+from .defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE
+from .errors import W2WError, exit_code
+from .flags import OneLineParser, add_config_flags, config_from_args, named_as_flags
 
-DEFAULT_SPACE = "files/tiny/space"
-DEFAULT_BASE = "files/tiny/base"
-DEFAULT_MAX_UPLOAD = "20mb"  # `w2w app`: photos and SD1.5 models fit
 TRUST_LORA_PICKLE = ("allow reading a PEFT folder's adapter_model.bin, a pickle (runs code from the file: only for "
                      "files from a source you trust)")
 
@@ -39,35 +39,49 @@ def _parse_edit(text: str) -> tuple[str, float]:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_info(args) -> None:
-    from .info import describe
+    from .info import describe, describe_reference
 
-    print(describe(Path(args.path), args.trust_pickle))
+    if (args.path is None) == (args.layout is None):
+        raise W2WError("info needs either PATH (a file or folder) or --layout NAME (a full-size network)")
+    if args.layout is None and (args.target_modules or args.rank):
+        raise W2WError("--target-modules and --rank go with --layout")
+    if args.layout:
+        from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES
+
+        print(describe_reference(args.layout, tuple(args.target_modules or DEFAULT_TARGET_MODULES),
+                                 args.rank or DEFAULT_RANK))
+    else:
+        print(describe(Path(args.path), args.trust_pickle))
 
 
 def cmd_export(args) -> None:
+    from .bases import lora_naming_of_base
     from .formats import LORA_OUTPUTS, save_lora
-    from .storage import check_output, load_model, load_space
+    from .storage import check_output
 
     if (args.model is None) == (args.dataset is None):
         raise W2WError("export needs either --model (a w2w model) or --dataset with --dataset-model")
     if (args.dataset is None) != (args.dataset_model is None):
         raise W2WError("--dataset and --dataset-model go together")
     check_output(args.out, LORA_OUTPUTS[args.format], [args.model, args.dataset, args.space if args.model else None])
-    if args.dataset:
-        from .dataset import WeightsDataset
+    if args.model:
+        from .workbench import Workbench
 
-        dataset = WeightsDataset(args.dataset)
-        key = args.dataset_model
-        row = dataset.row(int(key) if key not in dataset.names and key.lstrip("-").isdigit() else key)
-        layout, weights, base_model = dataset.layout, dataset[row], dataset.base_model
-        what = f"dataset model {dataset.names[row]!r}"
-    else:
-        model = load_model(args.model)
-        space = load_space(args.space, k=len(model.coefficients))
-        layout, weights, base_model = space.layout, model.weights(space), space.base_model
-        what = "w2w model"
-    out = save_lora(layout, weights, args.out, args.format, base_model)
-    print(f"wrote {what} as {args.format} LoRA {out}")
+        bench = Workbench(args.base, args.space)  # the base's config files name the LoRA's keys
+        out = bench.export(bench.load(args.model), args.format, args.out)
+        print(f"wrote w2w model as {args.format} LoRA {out}")
+        return
+    from .dataset import WeightsDataset
+    from .provenance import LoraAbout
+
+    dataset = WeightsDataset(args.dataset)
+    key = args.dataset_model
+    row = dataset.row(int(key) if key not in dataset.names and key.lstrip("-").isdigit() else key)
+    about = LoraAbout(f"dataset model {dataset.names[row]}", provenance=({"made": "dataset",
+                                                                         "model": dataset.names[row]},))
+    out = save_lora(dataset.layout, dataset[row], args.out, args.format, dataset.base_model,
+                    lora_naming_of_base(args.base, dataset.layout), about)
+    print(f"wrote dataset model {dataset.names[row]!r} as {args.format} LoRA {out}")
 
 
 def cmd_collect(args) -> None:
@@ -96,6 +110,7 @@ def cmd_collect(args) -> None:
 
 
 def cmd_build(args) -> None:
+    import dataclasses
     import time
 
     from .dataset import WeightsDataset
@@ -108,9 +123,7 @@ def cmd_build(args) -> None:
     state = Path(args.state or f"{str(args.out).rstrip('/')}.build-state")
     check_outputs([(args.out, SPACE_FOLDER), (state, BUILD_STATE)], [args.dataset, args.attributes])
     dataset = WeightsDataset(args.dataset)
-    config = BuildConfig(memory=args.memory, backend=args.backend, method=args.method, oversamples=args.oversamples,
-                         power_iterations=args.power_iterations, seed=args.seed, attributes=args.attributes,
-                         scheduler=args.scheduler, workers=args.workers, base_model=args.base_model, state=state)
+    config = dataclasses.replace(config_from_args(BuildConfig, args), state=state)
     space = build_space(dataset, k=args.components, config=config, log=_progress)
     save_space(space, args.out)
     remove_state(state)
@@ -126,56 +139,64 @@ def cmd_import_official(args) -> None:
     from .storage import MODEL_FILE, check_output, load_model, save_model
 
     if args.model:
+        from .provenance import imported
+
         check_output(args.dst, MODEL_FILE, [args.src])
-        model = load_model(args.src)
-        save_model(W2WModel(model.coefficients, args.space_id), args.dst)
+        model = load_model(args.src, args.trust_pickle)
+        save_model(W2WModel(model.coefficients, args.space_id, (*model.provenance, imported(args.src))), args.dst)
         print(f"wrote model {args.dst} ({len(model.coefficients)} coefficients)")
         return
     space = import_official(args.src, args.dst, trust_pickle=args.trust_pickle)
     print(f"wrote space {args.dst}: N = {space.num_weights}, K = {space.num_components}, M = {space.num_models}")
 
 
-def cmd_project(args) -> None:
-    from .formats import load_lora
-    from .space import W2WModel, check_finite
-    from .storage import load_space, save_model
+def cmd_download(args) -> None:
+    from .download import download_base, download_release
 
-    space = load_space(args.space, k=args.components)  # memory-mapped: only the first K components are read
-    weights = load_lora(space.layout, args.lora, args.trust_pickle)
-    check_finite(weights, f"the weights of {args.lora}")
-    coefficients = space.project(weights)
-    residual = float(space.residual(weights, coefficients))
-    save_model(W2WModel(coefficients, space.id), args.out)
-    print(f"wrote model {args.out} ({space.num_components:,} coefficients); standardized residual |z - cV| / |z| = "
-          f"{residual:.4f} (0: the LoRA lies in the span of the space's first {space.num_components:,} components, "
-          f"1: wholly outside it)")
+    if args.what == "base":
+        folder = download_base(args.id, args.revision)
+        print(f"cached {args.id} in {folder}; commands load it from there with --base {args.id}")
+        return
+    name = args.dataset if args.what == "weights" else "files"
+    paths = download_release(name, args.out, args.repo, args.revision)
+    if name == "files":
+        print(f"wrote {len(paths)} files to {paths[0].parent}; convert them: w2w import-official {args.out} "
+              f"files/official --trust-pickle")
+    else:
+        print(f"wrote {paths[0]}; make a weights dataset of it: w2w collect --from-all-weights {paths[0]} "
+              f"data/{name}_weights")
+
+
+def cmd_project(args) -> None:
+    from .workbench import Workbench
+
+    bench = Workbench(args.base, args.space)  # memory-mapped: only the first K components are read
+    model, residual = bench.project(args.lora, args.components, args.trust_pickle)
+    bench.export(model, "w2w", args.out)
+    k = len(model.coefficients)
+    print(f"wrote model {args.out} ({k:,} coefficients); standardized residual |z - cV| / |z| = {residual:.4f} (0: "
+          f"the LoRA lies in the span of the space's first {k:,} components, 1: wholly outside it)")
 
 
 def cmd_generate(args) -> None:
     from .checks import check_int
-    from .pipeline import generate, generate_from_weights, image_grid, load_base_pipeline, num_train_timesteps
-    from .storage import FILES_FOLDER, IMAGE_FILE, check_outputs, load_model, load_space, output_lock, save_png
+    from .pipeline import image_grid, num_train_timesteps
+    from .storage import FILES_FOLDER, IMAGE_FILE, check_outputs, output_lock, save_png
+    from .workbench import Workbench
 
     out = Path(args.out)
     files = [out / f"seed_{seed:04d}.png" for seed in args.seeds] + [out / "grid.png"]
     check_outputs([(out, FILES_FOLDER)] + [(file, IMAGE_FILE) for file in files],
                   [args.model, args.edited, args.space, args.base])
+    timesteps = num_train_timesteps(args.base)
+    check_int(args.steps, "--steps", 1, timesteps)  # the scheduler takes at most its training timesteps
     if args.injection_timestep is not None:
-        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
-    model = load_model(args.model) if args.model else None
-    edited = load_model(args.edited) if args.edited else None
-    # the base model alone with a --prompt needs no space; otherwise the space gives the layout and the prompt
-    space = None
-    if model or edited or args.prompt is None:
-        space = load_space(args.space, k=max((len(m.coefficients) for m in (model, edited) if m), default=None))
-    pipe = load_base_pipeline(args.base, args.device)
-    settings = dict(negative_prompt=args.negative_prompt, seeds=args.seeds, num_inference_steps=args.steps,
-                    guidance_scale=args.guidance, height=args.size, width=args.size,
-                    injection_timestep=args.injection_timestep)
-    if space is None:
-        images = generate_from_weights(pipe, None, None, args.prompt, **settings)
-    else:
-        images = generate(pipe, space, model, args.prompt, edited=edited, **settings)
+        check_int(args.injection_timestep, "--injection-timestep", 0, timesteps)
+    bench = Workbench(args.base, args.space, args.device)  # the base alone with a --prompt reads no space
+    model, edited = (bench.load(path) if path else None for path in (args.model, args.edited))
+    images = bench.images(model, args.prompt, edited=edited, injection_timestep=args.injection_timestep,
+                          negative_prompt=args.negative_prompt, seeds=args.seeds, steps=args.steps,
+                          guidance=args.guidance, size=args.size, log=_progress)
     with output_lock(out, _progress):  # a second run into the same folder writes after this one
         grid = image_grid(images, columns=len(images), column_labels=[f"seed {seed}" for seed in args.seeds])
         for file, image in zip(files, images + [grid]):
@@ -184,84 +205,66 @@ def cmd_generate(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .formats import save_lora
-    from .sampling import iter_sample_models
-    from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, load_space, output_lock, save_model
+    from .estimate import LARGE_SAMPLING, JobClock
+    from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, output_lock
+    from .workbench import Workbench, export_path
 
     out = check_output(args.out, FILES_FOLDER, [args.space])
-    space = load_space(args.space)
-    models = iter_sample_models(space, args.num, args.seed, args.components, args.factor)  # one at a time
-    k = min(args.components or space.coefficients.shape[1], space.coefficients.shape[1])
+    bench = Workbench(args.base, args.space)  # the base's config files name the exported LoRAs' keys
+    if args.export:
+        bench.lora_naming()  # a base of another family is refused before any file
+    models = bench.sample(args.num, args.seed, args.components, args.factor)  # one at a time
+    k = min(args.components or bench.space.coefficients.shape[1], bench.space.coefficients.shape[1])
     lora_files = {None: 0, "kohya": 1, "peft": 2}[args.export]  # a PEFT folder holds the weights twice
-    check_disk(out, args.num, FILE_BLOCK_BYTES + 4 * k + lora_files * (FILE_BLOCK_BYTES + 4 * space.num_weights),
+    check_disk(out, args.num, FILE_BLOCK_BYTES + 4 * k + lora_files * (FILE_BLOCK_BYTES + 4 * bench.space.num_weights),
                "models")
     with output_lock(out, _progress):  # a second run into the same folder waits for this one
+        clock = JobClock(args.num, "models", LARGE_SAMPLING, _progress)
         for i, model in enumerate(models):
-            weights = model.weights(space) if args.export else None  # NaN/inf in the components: refused before writing
             model_file = out / f"sample_{i:03d}.safetensors"
-            save_model(model, model_file)
-            if args.export:
-                save_lora(space.layout, weights, export_path(model_file, args.export), args.export, space.base_model)
+            if args.export:  # first: a LoRA with NaN/inf (components holding them) is refused before any file
+                bench.export(model, args.export, export_path(model_file, args.export))
+            bench.export(model, "w2w", model_file)
+            clock.tick()
     print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
 def cmd_edit(args) -> None:
-    from .editing import apply_edits, attribute_directions
-    from .storage import MODEL_FILE, check_output, load_model, load_space, save_model
+    from .editing import default_debias, resolve_attribute
+    from .storage import MODEL_FILE, check_output
+    from .workbench import Workbench
 
     check_output(args.out, MODEL_FILE, [args.model, args.space])
-    space = load_space(args.space)
-    model = load_model(args.model)
-    model.check_space(space)
+    bench = Workbench(space=args.space)
+    model = bench.load(args.model)
     strengths = dict(args.edit)
-    debias_against = [name for name in (args.debias or "").split(",") if name]
-    directions = attribute_directions(space, list(strengths), args.components, args.method, debias_against,
-                                      args.debias_mode)
-    edited = apply_edits(model, strengths, directions)
-    save_model(edited, args.out)
+    debias = (default_debias(bench.space) if args.debias is None else
+              [name for name in args.debias.split(",") if name and name != "none"])
+    fit = dict(debias=debias, components=args.components, method=args.method, debias_mode=args.debias_mode)
+    bench.export(bench.edit(model, strengths, **fit), "w2w", args.out)
+    directions = bench.directions(list(strengths), **fit)  # fitted once, for the edit
     for name, strength in strengths.items():
-        d = directions[name]
+        d = directions[resolve_attribute(name)[0]]
         print(f"{name}: {strength:+g} std = {strength * d.std:+.3f} along the direction "
               f"(dataset std {d.std:.3f}, largest projection {d.largest:.3f} = {d.largest / d.std:.1f} std)")
+    print(f"debiased against: {', '.join(debias) or 'nothing'}")
     print(f"wrote {args.out}")
 
 
 def cmd_directions(args) -> None:
     from .editing import direction_report
-    from .storage import load_space
+    from .workbench import Workbench
 
-    report = direction_report(load_space(args.space), args.components, args.method)
+    report = direction_report(Workbench(space=args.space).space, args.components, args.method)
     print(report.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
-def beside_model(out: Path, tail: str) -> Path:
-    """OUT + tail for the model file OUT.safetensors (or OUT): the name of a file written beside it."""
-    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
-    return stem.with_name(stem.name + tail)
-
-
-def export_path(out: Path, fmt: str) -> Path:
-    """Where `--export` (`w2w invert`, `w2w sample`) writes the LoRA beside the model OUT.safetensors:
-    OUT_lora/ (peft) or OUT_lora.safetensors (kohya)."""
-    return beside_model(out, "_lora" + (".safetensors" if fmt == "kohya" else ""))
-
-
-def fitted_path(out: Path, what: str, index: int, count: int) -> Path:
-    """Where `w2w invert` shows what it fitted beside the model OUT.safetensors: OUT.mask.png, OUT.crop.png,
-    or OUT.mask.1.png ... with several images (numbered in --image order)."""
-    return beside_model(out, f".{what}" + (f".{index + 1}" if count > 1 else "") + ".png")
-
-
 def invert_masks(args) -> list | None:
-    """--mask (one per --image, or one `auto` for all) or --mask-dir -> a mask (file, AUTO_MASK or None) per image."""
-    from .inversion import AUTO_MASK, masks_in_folder
+    """--mask: one per --image in order (a file or `auto` each); None for none, or for one `auto` for all."""
+    from .inversion import AUTO_MASK
 
-    if args.mask_dir:
-        return masks_in_folder(args.image, args.mask_dir)
-    if args.mask is None:
+    if args.mask is None or args.mask == [AUTO_MASK]:
         return None
-    if args.mask == [AUTO_MASK]:
-        return args.mask * len(args.image)
     if len(args.mask) != len(args.image):
         raise W2WError(f"--mask given {len(args.mask)} times for {len(args.image)} --image; expected one --mask per "
                        f"--image, in the same order (or one --mask {AUTO_MASK} for all)")
@@ -270,70 +273,76 @@ def invert_masks(args) -> list | None:
 
 def cmd_invert(args) -> None:
     import torch
-    from PIL import Image
 
-    from .formats import LORA_OUTPUTS, save_lora
-    from .inversion import invert_file, preset
-    from .storage import FILE, MODEL_FILE, check_outputs, load_space, save_model, save_png
+    from .formats import LORA_OUTPUTS
+    from .inversion import AUTO_MASK, InversionConfig
+    from .storage import FILE, MODEL_FILE, check_outputs
+    from .workbench import Workbench, export_path, save_fitted
 
     check_outputs([(args.out, MODEL_FILE), (args.checkpoint, FILE),
-                   (export_path(Path(args.out), args.export) if args.export else None, LORA_OUTPUTS.get(args.export))],
+                   (export_path(args.out, args.export) if args.export else None, LORA_OUTPUTS.get(args.export))],
                   [*args.image, *(args.mask or []), args.mask_dir, args.space, args.base])
     masks = invert_masks(args)
-    space = load_space(args.space)  # memory-mapped: invert reads only the first K components
-    config = preset(args.preset, space, components=args.components, steps=args.steps, lr=args.lr,
-                    weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                    images_per_step=args.images_per_step)
-    if config.components > space.num_components:
-        raise W2WError(f"--components {config.components}: the space {args.space} has K = {space.num_components}; "
-                       f"pass {space.num_components} or fewer")
+    bench = Workbench(args.base, args.space, args.device, None if args.dtype == "auto" else getattr(torch, args.dtype))
+    with named_as_flags():
+        config = bench.inversion_config(args.preset, **{name: getattr(args, name) for name in vars(InversionConfig())})
     print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
           f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
           f"this space, and the flags given)")
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, photos = invert_file(args.base, space, args.image, masks, config, args.seed, args.device, dtype,
-                                args.checkpoint, crop=args.crop)
-    save_model(model, args.out)
+    model, photos = bench.invert(args.image, masks, config, preset=args.preset, mask_dir=args.mask_dir,
+                                 auto_mask=args.mask == [AUTO_MASK], crop=args.crop, detector=args.detector,
+                                 seed=args.seed, checkpoint=args.checkpoint)
+    bench.export(model, "w2w", args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
-    for index, photo in enumerate(photos):  # what was fitted: the face crop and the automatic mask
-        shown = [("crop", photo.picture)] if args.crop == "face" else []
-        shown += [("mask", Image.fromarray(photo.mask))] if photo.auto else []
-        for what, picture in shown:
-            path = fitted_path(Path(args.out), what, index, len(photos))
-            save_png(picture, path)
-            print(f"wrote {what} of {photo.name}: {path}")
+    for what, name, path in save_fitted(args.out, photos, args.crop):  # the face crops and automatic masks
+        print(f"wrote {what} of {name}: {path}")
     if args.export:
-        path = save_lora(space.layout, model.weights(space), export_path(Path(args.out), args.export), args.export,
-                         space.base_model)
-        print(f"wrote {args.export} LoRA {path}")
+        print(f"wrote {args.export} LoRA {bench.export(model, args.export, export_path(args.out, args.export))}")
+    if args.score:  # the photos' person, by dlib's descriptor, on the same bench
+        from .scoring import DEFAULT_SEEDS
+
+        print_score(argparse.Namespace(**{**vars(args), "images": args.image, "embedder": "dlib", "evaluator": None,
+                                          "prompts": None, "seeds": DEFAULT_SEEDS, "steps": None, "guidance": None,
+                                          "json": False}), bench, model)
 
 
-def cmd_app(args) -> None:
-    from .app import AppConfig, launch
+def print_score(args, bench, model) -> None:
+    """`w2w score` and `w2w invert --score`: the model's identity score against args.images, a table or JSON."""
+    import json
 
-    launch(AppConfig(space=args.space, base=args.base, device=args.device, max_upload=args.max_upload),
-           host=args.host, port=args.port, share=args.share)
+    from .scoring import embed_photos, format_report, make_embedder, score_model
+
+    embedder = make_embedder(args.embedder, args.detector, args.evaluator)
+    photos = embed_photos(embedder, args.images)  # (R, D): a photo without a face fails before the pipeline loads
+    settings = {key: value for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance))
+                if value is not None}
+    report = score_model(bench.pipeline("generate"), bench.space, model, photos, embedder, args.prompts, args.seeds,
+                         **settings)
+    report["photos"] = [str(photo) for photo in args.images]
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
+def cmd_score(args) -> None:
+    from .workbench import Workbench
+
+    bench = Workbench(args.base, args.space, args.device)
+    print_score(args, bench, bench.load(args.model))
 
 
 # ----------------------------------------------------------------------------- parser
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line (`w2w COMMAND: error: ...`, exit code 2), like every
-    other error of w2w; `w2w COMMAND --help` shows the usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def build_parser() -> argparse.ArgumentParser:
     """`w2w` and its subcommands, in the order `w2w --help` lists them."""
     parser = OneLineParser(
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
+    parser.add_argument("--version", action="version", version=f"w2w (lora_w2w) {__version__}",
+                        help="print the version of lora_w2w and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_project_parser,
+    for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_download_parser,
+                       add_project_parser,
                        add_generate_parser, add_sample_parser, add_edit_parsers, add_invert_parser,
-                       add_dataset_parsers, add_app_parser, add_handed_over_parsers):
+                       add_score_parser, add_dataset_parsers, add_handed_over_parsers):
         add_parser(commands)
     return parser
 
@@ -342,6 +351,15 @@ def add_space(parser) -> None:
     """--space: the space a command reads."""
     parser.add_argument("--space", default=DEFAULT_SPACE,
                         help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
+
+
+def add_naming_base(parser) -> None:
+    """--base for the commands that write or read LoRA files but run no model: the key names of its family."""
+    parser.add_argument("--base", default=None,
+                        help="the base pipeline the space was built for, a folder or hub id of which only the config "
+                             "files are read: its family names the LoRA's keys (SDXL: kohya's input_blocks names) "
+                             "and its network must have the space's layout (default: Stable Diffusion 1 and 2's "
+                             "names, those of the tiny world and of the released files)")
 
 
 def add_base(parser) -> None:
@@ -354,12 +372,27 @@ def add_base(parser) -> None:
 
 
 def add_info_parser(commands) -> None:
-    info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
+    from .layout import REFERENCE_NETWORKS
+
+    info = commands.add_parser("info", help="describe a space, a weights dataset, a model, a LoRA or an image, "
+                                            "and how it was made",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
                                            "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
-                                           "id) or a LoRA (format, layers, rank).")
-    info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
-                                   "folder or a kohya file")
+                                           "id, how it was made: sampled, edited, inverted, projected), a LoRA "
+                                           "(format, layers, rank; a kohya file's ModelSpec keys, a PEFT folder's "
+                                           "model card, the model it was made from) or a generated image (prompt, "
+                                           "seed, steps, guidance, models). With --layout NAME instead: the "
+                                           "LoRA layout of a full-size base network, built on the meta device from "
+                                           "its config shipped with w2w (no download): N and every layer.")
+    info.add_argument("path", nargs="?", help="a space directory, a weights dataset directory, a model "
+                                              ".safetensors/.pt, a PEFT folder, a kohya file or a PNG from "
+                                              "`w2w generate`")
+    info.add_argument("--layout", choices=tuple(REFERENCE_NETWORKS), default=None,
+                      help="instead of PATH: " + "; ".join(f"{name}: {what}" for name, (what, _) in
+                                                           REFERENCE_NETWORKS.items()))
+    info.add_argument("--target-modules", nargs="+", default=None,
+                      help="with --layout: the Linear layers that get a LoRA (default: to_q to_v, as the paper)")
+    info.add_argument("--rank", type=COUNT, default=None, help="with --layout: the LoRA rank (default: 1)")
     info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
@@ -377,6 +410,7 @@ def add_export_parser(commands) -> None:
                         help="peft: a folder for pipe.load_lora_weights / PeftModel.from_pretrained; "
                              "kohya: one .safetensors for A1111, ComfyUI and diffusers (default: %(default)s)")
     export.add_argument("--out", required=True, help="output folder (peft) or .safetensors file (kohya)")
+    add_naming_base(export)
     export.set_defaults(run=cmd_export)
 
 
@@ -387,7 +421,8 @@ def add_import_official_parser(commands) -> None:
                     "(PEFT key -> [numel, shape] in flat order, numel a 1-element torch.Size as the original "
                     "reads it, weight_dimensions[key][0][0]), identity_df.pt and adapter_config.json from SRC "
                     "and write a space to DST. With --model, convert one saved w2wmodel.pt instead.")
-    official.add_argument("src", help="folder with the released files (or, with --model, a w2wmodel.pt)")
+    official.add_argument("src", help="folder with the released files, or the folder above their files/ (or, with "
+                                      "--model, a w2wmodel.pt)")
     official.add_argument("dst", help="space directory to write (or, with --model, a .safetensors model file)")
     official.add_argument("--trust-pickle", action="store_true",
                           help="allow unpickling identity_df.pt (and weight_dimensions.pt if it needs it); "
@@ -396,6 +431,37 @@ def add_import_official_parser(commands) -> None:
     official.add_argument("--space-id", default=None,
                           help="with --model: id of the imported space the model belongs to (see `w2w info`)")
     official.set_defaults(run=cmd_import_official)
+
+
+def add_download_parser(commands) -> None:
+    from .download import DEFAULT_OUT, RELEASES, W2W_REPO, WEIGHTS_DATASETS
+
+    download = commands.add_parser(
+        "download", help="fetch the released w2w files, a weights dataset or a base model from the Hugging Face Hub",
+        description="Fetch through huggingface_hub's cache (HF_HOME): progress bars, a killed download resumes, a "
+                    "finished one is not fetched again, and a cached one is found offline (HF_HUB_OFFLINE=1). files "
+                    "and weights are then put under --out at their paths in the repository (hard links into the "
+                    "cache where the filesystem allows, copies otherwise).")
+    what = download.add_subparsers(dest="what", required=True, metavar="WHAT")
+    files = what.add_parser("files", help=f"the released files ({RELEASES['files'][0]}: mean, std, components, "
+                                          f"coefficients, attributes), for `w2w import-official OUT DST`",
+                            description=f"Fetch {RELEASES['files'][0]} of the repository into OUT/files/.")
+    weights = what.add_parser("weights", help="a released weights dataset (M x N) for `w2w collect --from-all-weights`",
+                              description="Fetch a released weights dataset into OUT at its path in the repository: "
+                                          + "; ".join(f"{name}: {RELEASES[name][0]}" for name in WEIGHTS_DATASETS))
+    weights.add_argument("dataset", choices=WEIGHTS_DATASETS,
+                         help="identities: the paper's 64,974 identity LoRAs (26 GB); dogs: 120 dog-breed LoRAs")
+    for parser in (files, weights):
+        parser.add_argument("--out", default=DEFAULT_OUT, help="folder to put the files in (default: %(default)s)")
+        parser.add_argument("--repo", default=W2W_REPO,
+                            help="Hugging Face model repository of the release (default: %(default)s)")
+    base = what.add_parser("base", help="a base diffusers pipeline, into the cache that `--base ID` loads from",
+                           description="Fetch the files of the diffusers pipeline ID that loading it reads into "
+                                       "huggingface_hub's cache, so that `--base ID` works offline afterwards.")
+    base.add_argument("id", metavar="ID", help="hub id of the pipeline, e.g. stablediffusionapi/realistic-vision-v51")
+    for parser in (files, weights, base):
+        parser.add_argument("--revision", help="branch, tag or commit of the repository (default: main)")
+    download.set_defaults(run=cmd_download)
 
 
 def add_project_parser(commands) -> None:
@@ -413,6 +479,7 @@ def add_project_parser(commands) -> None:
                          help="K, components projected on (default: all of the space's)")
     project.add_argument("--out", required=True, help="model file to write (.safetensors)")
     project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
+    add_naming_base(project)
     project.set_defaults(run=cmd_project)
 
 
@@ -453,13 +520,15 @@ def add_sample_parser(commands) -> None:
     sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
+    add_naming_base(sample)
     sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
     sample.set_defaults(run=cmd_sample)
 
 
 def add_edit_parsers(commands) -> None:
     """`w2w edit` and `w2w directions`: the attribute directions of a space."""
-    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_DIRECTION_METHOD, DIRECTION_METHODS, MODELS_PER_COMPONENT
+    from .editing import (ALIASES, DEFAULT_DEBIAS, DEFAULT_DIRECTION_METHOD, DEFAULT_EDIT_COMPONENTS, DIRECTION_METHODS,
+                          MODELS_PER_COMPONENT)
 
     components = (f"(default: {DEFAULT_EDIT_COMPONENTS:,} as in the paper; for least squares and logistic at most "
                   f"M/{MODELS_PER_COMPONENT} of the space's M dataset models)")
@@ -469,9 +538,14 @@ def add_edit_parsers(commands) -> None:
                                            "along each direction. Edits compose.")
     add_space(edit)
     edit.add_argument("--model", required=True, help="w2w model file to edit")
+    aliases = ", ".join(f"{name} = {'-' if sign < 0 else ''}{column}" for name, (column, sign) in ALIASES.items())
     edit.add_argument("--edit", type=_parse_edit, action="append", required=True, metavar="ATTRIBUTE=STRENGTH",
-                      help="e.g. --edit Bald=-2 --edit Chubby=+1.5 (repeatable)")
-    edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
+                      help=f"e.g. --edit Beard=2 --edit Chubby=-1.5 (repeatable); friendly names have the sign folded "
+                           f"in ({aliases}), the attribute table's own names work too (`w2w directions` lists them)")
+    edit.add_argument("--debias", default=None,
+                      help=f"comma-separated attributes to keep: their directions are removed from each edit's "
+                           f"(default: {','.join(DEFAULT_DEBIAS)}, those the space has, as in `w2w app`; none: "
+                           f"--debias none)")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
     edit.add_argument("--method", choices=DIRECTION_METHODS, default=DEFAULT_DIRECTION_METHOD,
@@ -495,17 +569,20 @@ def add_edit_parsers(commands) -> None:
 
 
 def add_handed_over_parsers(commands) -> None:
-    """`w2w train-identities` and `w2w evaluate`: listed here, parsed by their modules (see `run`)."""
+    """`w2w train-identities`, `w2w evaluate` and `w2w app`: listed here, parsed by their modules (see `run`)."""
     # its own parser (shared with `accelerate launch -m lora_w2w.train_identities`): main() hands over
     commands.add_parser("train-identities", add_help=False,
                         help="train many identity LoRAs in one pass (see `w2w train-identities --help`)")
     commands.add_parser("evaluate", add_help=False,
                         help="score sampling, editing, inversion, the paper's tables and its scaling curves on the "
-                             "tiny world (see `w2w evaluate --help`)")
+                             "tiny world, or Table 2 on photographs with --faces (see `w2w evaluate --help`)")
+    commands.add_parser("app", add_help=False,
+                        help="the weights2weights app in the browser: sample, invert, edit, generate, download (see "
+                             "`w2w app --help`)")
 
 
 def add_invert_parser(commands) -> None:
-    from .faces import FACE_FRACTION
+    from .faces import DETECTORS
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
@@ -523,27 +600,25 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--image", required=True, action="append",
                         help="an image to invert: any size and mode; repeat it for several photographs of one person")
     invert.add_argument("--crop", choices=CROPS, default="center",
-                        help="center: resize and centre-crop each image as it is; face: cut the square around its "
-                             f"largest detected face, the face about {FACE_FRACTION:.0%}% of its width (FFHQ-like "
-                             "framing), written to OUT.crop.png (default: %(default)s)")
+                        help="center: resize and centre-crop each image as it is; face: FFHQ's alignment of its "
+                             "largest face (68 landmarks; eyes level, the square about 4x the eye distance) at the "
+                             "pipeline's resolution, written to OUT.crop.png (default: %(default)s)")
+    invert.add_argument("--detector", choices=DETECTORS, default="hog",
+                        help="dlib's face detector for --crop face and --mask auto: hog (fast, frontal faces) or "
+                             "cnn (MMOD: finds turned faces, 40-70x slower on the CPU) (default: %(default)s)")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
-                            f"or {AUTO_MASK}: a soft ellipse over the detected face and hair, written to OUT.mask.png; "
+                            f"or {AUTO_MASK}: the face's landmarks' hull raised over forehead and hair, feathered, "
+                            f"written to OUT.mask.png; "
                             f"one per --image in order, or one {AUTO_MASK} for all")
     masks.add_argument("--mask-dir", default=None,
                        help="folder of masks paired with the images by file name (DIR/NAME.png for NAME.jpg)")
     invert.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="real: photographs of faces; ood: paintings and other out-of-distribution images "
                              "(default: %(default)s)")
-    invert.add_argument("--components", "-k", type=COUNT, default=None,
-                        help="K, coefficients optimised; at most the space's K (default: the preset's, at most the "
-                             "space's)")
-    invert.add_argument("--steps", type=COUNT, default=None, help="optimiser steps (default: the preset's)")
-    invert.add_argument("--lr", type=POSITIVE, default=None,
-                        help="Adam learning rate (default: the preset's, or the one the space records for it)")
-    invert.add_argument("--weight-decay", type=NON_NEGATIVE_NUMBER, default=None,
-                        help="Adam weight decay (default: the preset's)")
+    settings = invert.add_argument_group("inversion settings: the preset's unless given")
+    add_config_flags(settings, InversionConfig, defaults=dict.fromkeys(vars(InversionConfig()), None))
     invert.add_argument("--seed", type=SEED, default=0, help="seed of the timesteps and noise (default: %(default)s)")
     add_space(invert)
     add_base(invert)
@@ -556,64 +631,50 @@ def add_invert_parser(commands) -> None:
     invert.add_argument("--checkpoint", default=None,
                         help="file to save the run's state in every --checkpoint-every steps; a run that finds "
                              "it resumes from it")
-    invert.add_argument("--checkpoint-every", type=COUNT, default=None,
-                        help=f"steps between checkpoints (default: {InversionConfig.checkpoint_every})")
-    invert.add_argument("--images-per-step", type=COUNT, default=None,
-                        help=f"images of the person each step draws and averages (default: "
-                             f"{InversionConfig.images_per_step}; more cost more per step)")
+    invert.add_argument("--score", action="store_true",
+                        help="then generate with the model (seeds 0-3, the space's prompt) and print its identity "
+                             "similarity to the images (dlib's face descriptor; see `w2w score`)")
     invert.set_defaults(run=cmd_invert)
 
 
-APP_API = """\
-API (gradio_client; every model travels as a w2w model file, every image list is a gallery):
-  /sample(seed)                              -> (model file, images)
-  /edit(model file, edits, debias)           -> (model file, images)
-        edits: {"ATTRIBUTE": STRENGTH, ...} as JSON, strengths in standard deviations of the dataset;
-        debias: a list of attributes whose directions are removed (default: Male and Young)
-  /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
-        preset: real or ood; the mask is white where the image is fitted; crop: center (default) or face;
-        auto mask: True fits the images without a mask file inside an ellipse over the detected face and hair;
-        more image files: a list of further photos of the same person, inverted together with the first
-  /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
-  /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)
-Example:
-  from gradio_client import Client, handle_file
-  client = Client("http://127.0.0.1:7860/")
-  model, images = client.predict(0, api_name="/sample")
-  edited, images = client.predict(handle_file(model), '{"Eyeglasses": 3}', ["Male", "Young"], api_name="/edit")
-  kohya = client.predict(handle_file(edited), "kohya", api_name="/export")
-Bad input gets the one line `w2w: error: ...` the other commands print, as a Gradio error."""
+def add_score_parser(commands) -> None:
+    from .faces import DETECTORS
+    from .scoring import DEFAULT_SEEDS, EMBEDDERS
 
-
-def add_app_parser(commands) -> None:
-    app = commands.add_parser(
-        "app", help="the weights2weights app in the browser: sample, invert, edit, generate, download",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=textwrap.fill("Serve a Gradio page on HOST:PORT: sample a new identity; upload an image, draw its mask with "
-                    "a brush and invert it (preset, steps, the loss in a progress bar); edit the model with a slider "
-                    "per attribute (standard deviations of the dataset, -4 to +4), debiased against the ticked "
-                    "attributes, with an injection timestep and a before/after comparison; generate with any "
-                    "prompt; download the model as a w2w model, a kohya/ComfyUI/A1111 .safetensors or a "
-                    "diffusers/PEFT folder (zip); upload any model `w2w export --model` reads. Each browser has its "
-                    "own current model; the pipeline and space are loaded once; device jobs run one at a time. "
-                    "Defaults: the tiny world on the CPU; for Stable Diffusion 1.5: --base "
-                    "stablediffusionapi/realistic-vision-v51 --space files/official.", 100) + "\n\n" + APP_API)
-    add_space(app)
-    add_base(app)
-    app.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: the network)")
-    app.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    app.add_argument("--share", action="store_true", help="also open a public gradio.live link (goes online)")
-    app.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD,
-                     help="largest file a browser or client may upload, e.g. 20mb, 1gb (default: %(default)s)")
-    app.set_defaults(run=cmd_app)
+    score = commands.add_parser(
+        "score", help="how like the person of some photographs a model draws (identity similarity)",
+        description="Generate one image per prompt and seed with MODEL and compare the faces in them with the "
+                    "faces of the photographs: the mean cosine similarity of their embeddings over all (image, "
+                    "photo) pairs, the share of pairs dlib calls the same person (descriptor distance under 0.6) "
+                    "and the count of images without a face, per prompt and over all. dlib's descriptor is not "
+                    "the paper's FaceNet: the numbers are not the paper's ID scores.")
+    add_space(score)
+    add_base(score)
+    score.add_argument("--model", required=True, help="w2w model file (.safetensors or the original w2wmodel.pt)")
+    score.add_argument("--images", required=True, nargs="+", help="photographs of the person to compare with")
+    score.add_argument("--prompts", nargs="+", default=None,
+                       help="prompts to generate, each with every seed (default: the space's, 'sks person')")
+    score.add_argument("--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS),
+                       help=f"one image per prompt and seed (default: {' '.join(map(str, DEFAULT_SEEDS))})")
+    score.add_argument("--steps", type=COUNT, default=None, help="denoising steps (default: generate's, 50)")
+    score.add_argument("--guidance", type=FINITE, default=None,
+                       help="classifier-free guidance scale (default: generate's, 7.5)")
+    score.add_argument("--embedder", choices=EMBEDDERS, default="dlib",
+                       help="dlib: dlib's face descriptor, for photographs; tiny: the tiny world's evaluator, for "
+                            "its renders (default: %(default)s)")
+    score.add_argument("--detector", choices=DETECTORS, default="hog",
+                       help="dlib's face detector: hog (fast, frontal faces) or cnn (MMOD, slower) "
+                            "(default: %(default)s)")
+    score.add_argument("--evaluator", default=DEFAULT_EVALUATOR,
+                       help="the tiny world's evaluator file, for --embedder tiny (default: %(default)s)")
+    score.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    score.set_defaults(run=cmd_score)
 
 
 def add_dataset_parsers(commands) -> None:
     """`w2w collect` and `w2w build`: making a weights dataset and a space from it."""
     from .dataset import DEFAULT_SHARD_SIZE
-    from .pca import (BACKENDS, DEFAULT_MEMORY, DEFAULT_OVERSAMPLES, DEFAULT_POWER_ITERATIONS, EXACT_PREFERENCE,
-                      PCA_METHODS)
+    from .pca import BuildConfig
 
     collect = commands.add_parser(
         "collect", help="gather LoRAs (or the released all_weights.pt) into a weights dataset on disk",
@@ -652,37 +713,7 @@ def add_dataset_parsers(commands) -> None:
     build.add_argument("dataset", metavar="DATASET", help="weights dataset directory (made by `w2w collect`)")
     build.add_argument("out", metavar="OUT", help="space directory to write (replaced only once complete)")
     build.add_argument("--components", "-k", type=COUNT, required=True, help="K, the number of principal components")
-    build.add_argument("--backend", choices=BACKENDS, default="torch",
-                       help="torch: streamed on this machine; dask: dask.array on a dask.distributed cluster "
-                            "(default: %(default)s)")
-    build.add_argument("--method", choices=PCA_METHODS, default="auto",
-                       help="torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized "
-                            f"(subspace iteration); auto: exact when it fits --memory and costs at most "
-                            f"{EXACT_PREFERENCE}x the randomized route (default: %(default)s)")
-    build.add_argument("--memory", default=DEFAULT_MEMORY,
-                       help="memory budget, e.g. 4GB, 16GiB: of this process with the torch backend, the interpreter "
-                            "included; of each worker with --backend dask, which sizes its blocks by it and refuses "
-                            "workers of a --scheduler with less than its plan needs (default: %(default)s)")
-    build.add_argument("--oversamples", type=NON_NEGATIVE, default=DEFAULT_OVERSAMPLES,
-                       help="randomized: extra trial vectors beyond K (default: %(default)s)")
-    build.add_argument("--power-iterations", type=NON_NEGATIVE, default=DEFAULT_POWER_ITERATIONS,
-                       help="randomized: passes of subspace iteration; more are more accurate when the spectrum "
-                            "decays slowly (default: %(default)s)")
-    build.add_argument("--seed", type=SEED, default=0,
-                       help="randomized: seed of the trial vectors (default: %(default)s)")
-    build.add_argument("--attributes", metavar="TABLE_CSV",
-                       help="attribute table: CSV, first column the model names, one row per dataset model")
-    build.add_argument("--scheduler", metavar="ADDRESS",
-                       help="dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); "
-                            "its workers must see DATASET and the --state folder at the same paths")
-    build.add_argument("--workers", type=COUNT,
-                       help="dask backend without --scheduler: worker processes of the LocalCluster, one thread and "
-                            "--memory each (default: one per core)")
-    build.add_argument("--base-model", metavar="ID", help="base model id to record (default: the dataset's)")
-    build.add_argument("--state", metavar="DIR",
-                       help="folder where the build keeps its finished passes, so that a killed build resumes from "
-                            "them when run again, and where dask workers write the result (default: OUT.build-state; "
-                            "removed once OUT is written)")
+    add_config_flags(build, BuildConfig)
     build.set_defaults(run=cmd_build)
 
 
@@ -694,13 +725,20 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    with warnings.catch_warnings():  # every subcommand's warnings, one line each
-        warnings.showwarning = one_line_warning
-        return run(sys.argv[1:] if argv is None else argv)
+    try:
+        with warnings.catch_warnings():  # every subcommand's warnings, one line each
+            warnings.showwarning = one_line_warning
+            return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # in any phase, the parser's imports included; outputs are whole or absent
+        print("w2w: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # the `w2w` command: its work is over, and a Ctrl-C in the seconds the interpreter
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # takes to shut down would kill it without a word
 
 
 def run(argv: list[str]) -> int:
-    """The subcommand of `argv`; its exit code."""
+    """The subcommand of `argv`; its exit code (bad input: SystemExit(2) after one line)."""
     if argv[:1] == ["train-identities"]:
         from .train_identities import main as train_main
 
@@ -708,23 +746,18 @@ def run(argv: list[str]) -> int:
     if argv[:1] == ["evaluate"]:
         from .tiny import tables
 
-        try:
-            tables.main(tables.parse_args(argv[1:]))
-        except W2WError as error:
-            print(f"w2w evaluate: error: {error}", file=sys.stderr)
-            return 2
-        return 0
+        return exit_code("w2w evaluate", lambda: tables.main(tables.parse_args(argv[1:])))
+    if argv[:1] == ["app"]:
+        from .app import main as app_main  # imports Gradio: only for `w2w app`
+
+        return app_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except W2WError as error:
-        parser.exit(2, f"w2w: error: {error}\n")
-    except OSError as error:
-        parser.exit(2, f"w2w: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "w2w: interrupted\n")
+    code = exit_code("w2w", lambda: args.run(args))
+    if code:
+        raise SystemExit(code)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

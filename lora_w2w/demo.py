@@ -19,37 +19,25 @@ from pathlib import Path
 
 from PIL import Image
 
-from .pipeline import DEFAULT_BASE, generate, generate_from_weights, image_grid, load_base_pipeline
+from .defaults import DEFAULT_BASE, DEFAULT_EVALUATION, DEFAULT_EVALUATOR, DEFAULT_SPACE, EXAMPLES
+from .images import read_image
+from .pipeline import image_grid
 from .storage import save_png
+from .workbench import Workbench
 
 FACE_SEEDS = range(3_000_000, 3_000_008)  # identities of no training set
-EXAMPLES = Path(__file__).resolve().parents[1] / "inversion" / "images"
 SEED_LABELS = [f"seed {s}" for s in range(4)]  # the columns of the pictures: images(..., seeds=range(4))
 TEASER_SIZE = 96  # px of each image in teaser.png, up from the tiny world's 64 so that it reads at a glance
 
 
 class Demo:
-    """The demo's shared state: the pipeline, the space and the evaluator, loaded once."""
+    """The demo's shared state: a Workbench (the pipeline and the space, loaded once) and the evaluator."""
 
     def __init__(self, args: argparse.Namespace):
         self.out, self.args = Path(args.out), args
-        self._pipe = self._space = self._evaluator = None
+        self.bench = Workbench(args.base, args.space, args.device)
+        self._evaluator = None
         self.teaser_parts: dict[str, tuple[list[Image.Image], list[str]]] = {}  # panel -> (images, their labels)
-
-    @property
-    def pipe(self):
-        if self._pipe is None:
-            self._pipe = load_base_pipeline(self.args.base, self.args.device)
-            self._pipe.set_progress_bar_config(desc="denoising", leave=False)  # one bar per batch of seeds
-        return self._pipe
-
-    @property
-    def space(self):
-        if self._space is None:
-            from .storage import load_space
-
-            self._space = load_space(self.args.space)
-        return self._space
 
     @property
     def evaluator(self):
@@ -62,10 +50,7 @@ class Demo:
     def images(self, model, prompt: str | None = None, seeds=range(4)):
         """A w2w model's images of `prompt` (default: the space's); model None: the base model's, which needs
         no space."""
-        settings = dict(seeds=seeds, num_inference_steps=self.args.steps, guidance_scale=self.args.guidance)
-        if model is None:
-            return generate_from_weights(self.pipe, None, None, prompt, **settings)
-        return generate(self.pipe, self.space, model, prompt, **settings)
+        return self.bench.images(model, prompt, seeds=seeds, steps=self.args.steps, guidance=self.args.guidance)
 
     # ------------------------------------------------------------------------- stages
 
@@ -92,12 +77,9 @@ class Demo:
 
     def sampling(self) -> dict:
         """New identities sampled from the space: a row per identity, a column per seed."""
-        from .sampling import sample_models
-        from .storage import save_model
-
-        models = sample_models(self.space, num=6, seed=0)
+        models = list(self.bench.sample(6, seed=0))
         for i, model in enumerate(models):
-            save_model(model, self.out / "models" / f"sample_{i}.safetensors")
+            self.bench.export(model, "w2w", self.out / "models" / f"sample_{i}.safetensors")
         images = [im for m in models for im in self.images(m)]
         save_png(image_grid(images, columns=4, row_labels=[f"sample {i}" for i in range(len(models))],
                             column_labels=SEED_LABELS), self.out / "sampling.png")
@@ -105,15 +87,12 @@ class Demo:
         return {"images": "sampling.png", "models": len(models)}
 
     def editing(self) -> dict:
-        """One sampled identity edited along several attributes (+-3 dataset standard deviations)."""
-        from .editing import apply_edits, attribute_directions
-        from .sampling import sample_models
-
-        model = sample_models(self.space, num=1, seed=3)[0]
-        edits = {"Eyeglasses": 3.0, "No_Beard": -3.0, "Blond_Hair": 3.0, "Young": -3.0}
-        directions = attribute_directions(self.space, list(edits), debias_against=["Male"])
-        rows = [model] + [apply_edits(model, {a: s}, directions) for a, s in edits.items()]
-        rows.append(apply_edits(model, edits, directions))  # all at once: edits compose
+        """One sampled identity edited along several attributes (+3 dataset standard deviations; friendly names:
+        Beard is -No_Beard, Age is -Young)."""
+        model, = self.bench.sample(1, seed=3)
+        edits = {"Eyeglasses": 3.0, "Beard": 3.0, "Blond_Hair": 3.0, "Age": 3.0}
+        rows = [model] + [self.bench.edit(model, {a: s}, debias=["Male"]) for a, s in edits.items()]
+        rows.append(self.bench.edit(model, edits, debias=["Male"]))  # all at once: edits compose
         images = [im for m in rows for im in self.images(m, seeds=range(3))]
         save_png(image_grid(images, columns=3, row_labels=["original", *(f"{a} {s:+g} std" for a, s in edits.items()),
                                                          "all four"], column_labels=SEED_LABELS[:3]),
@@ -126,25 +105,19 @@ class Demo:
     def inversion(self) -> dict:
         """A held-out face (with its mask) and a drawing inverted into the space, then generated."""
         from .diffusion import image_sizes
-        from .formats import save_lora
-        from .inversion import invert, load_target, preset
-        from .storage import save_model
 
         results, images = {}, []
         for name, kind in (("face", "real"), ("drawing", "ood")):
-            image, mask = load_target(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", *image_sizes(self.pipe))
-            config = preset(kind, self.space, steps=self.args.inversion_steps)  # the tiny space records ood's lr
+            config = self.bench.inversion_config(kind, steps=self.args.inversion_steps)  # the tiny space's lr for ood
             start = time.perf_counter()
-            model = invert(self.pipe, self.space, image, mask, config, seed=0)  # its bar: "inversion"
+            model, _ = self.bench.invert(EXAMPLES / f"{name}.png", EXAMPLES / f"{name}_mask.png", config)  # "inversion"
             results[name] = {"preset": kind, "components": config.components, "steps": config.steps, "lr": config.lr,
                              "seconds": round(time.perf_counter() - start, 1)}
-            save_model(model, self.out / "models" / f"inverted_{name}.safetensors")
-            save_lora(self.space.layout, model.weights(self.space), self.out / "loras" / f"inverted_{name}", "peft",
-                      self.space.base_model)
-            save_lora(self.space.layout, model.weights(self.space),
-                      self.out / "loras" / f"inverted_{name}_kohya.safetensors", "kohya", self.space.base_model)
-            resolution = image_sizes(self.pipe)[0]
-            images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
+            self.bench.export(model, "w2w", self.out / "models" / f"inverted_{name}.safetensors")
+            self.bench.export(model, "peft", self.out / "loras" / f"inverted_{name}")
+            self.bench.export(model, "kohya", self.out / "loras" / f"inverted_{name}_kohya.safetensors")
+            resolution = image_sizes(self.bench.pipeline())[0]
+            images += [read_image(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model, seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
                             column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")
@@ -159,13 +132,13 @@ class Demo:
         from .tiny.tables import Context, Settings, evaluate_editing, evaluate_sampling
 
         settings = Settings(samples=4, seeds=3, steps=self.args.steps, guidance=self.args.guidance)
-        context = Context(self.pipe, self.space, self.evaluator)
+        context = Context(self.bench, self.evaluator)
         result = {"sampling": evaluate_sampling(context, settings), "editing": evaluate_editing(context, settings)}
         # inversion against Dreambooth baselines trains LoRAs: too slow for the demo, read from w2w evaluate's report
         evaluation = Path(self.args.evaluation)
         if evaluation.is_file():
             report = json.loads(evaluation.read_text())
-            if report.get("space_id") == self.space.id:
+            if report.get("space_id") == self.bench.space.id:
                 result |= {f"{key}_report": report[key] for key in ("editing", "table2") if key in report}
                 result["report_source"] = str(evaluation)
         return result
@@ -198,11 +171,24 @@ def write_report(out: Path, stages: dict) -> None:
         elif "images" in result:
             lines += [f"![{name}]({result['images']})", ""]
         if name == "evaluation" and "skipped" not in result:
-            lines += _evaluation_table(result)
+            lines += [_target_sentence(result), "", *_evaluation_table(result)]
         if "seconds" in result:
             lines.append(f"{result['seconds']:.1f} s")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _target_sentence(result: dict) -> str:
+    """What "target met" means, and why this run's editing rows may differ from those of w2w evaluate's report."""
+    run = sum(result["editing"]["models_by_sex"].values())
+    sentence = ("\"Target met\" says whether the tiny world's figure reaches the target in brackets, which this "
+                "project sets for each of the paper's claims (most are qualitative)")
+    if "editing_report" not in result:
+        return sentence + "."
+    quoted = sum(result["editing_report"]["models_by_sex"].values())
+    return (sentence + f"; this run edits {run} sampled models, so one model moves an editing row by "
+            f"{1 / run:.0%} and its rows may differ from the {quoted}-model rows quoted from "
+            f"{result['report_source']}, which `w2w evaluate` measured with more models.")
 
 
 def _met(ok: bool, target: str) -> str:
@@ -211,6 +197,7 @@ def _met(ok: bool, target: str) -> str:
 
 def _evaluation_table(result: dict) -> list[str]:
     """The evaluator's figures next to the paper's claims, each with its target and whether it is met."""
+    from .editing import friendly_name
     from .tiny.tables import EDITED, PAPER
 
     sampling, editing = result["sampling"], result["editing"]
@@ -234,8 +221,8 @@ def _evaluation_table(result: dict) -> list[str]:
         for attribute in EDITED:
             e = scores[attribute]
             met = e["changed"] >= targets["changed"] and e["others_kept"] >= targets["others_kept"]
-            rows.append(f"| editing {attribute} ({label}): changed / others kept / identity similarity | "
-                        f"qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
+            rows.append(f"| editing {friendly_name(attribute)} ({label}): changed / others kept / identity "
+                        f"similarity | qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
                         f"{e['identity_similarity']:.2f} | {_met(met, edit_target)} |")
     if "table2_report" in result:
         kinds = ("w2w", "dreambooth_1", "dreambooth_multi")
@@ -255,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the tiny world end to end and write a report.")
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline (default: %(default)s)")
-    parser.add_argument("--space", default="files/tiny/space", help="space (default: %(default)s)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
-    parser.add_argument("--evaluation", default="files/tiny/evaluation.json",
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="space (default: %(default)s)")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights")
+    parser.add_argument("--evaluation", default=DEFAULT_EVALUATION,
                         help="w2w evaluate's report of the space, whose inversion figures the report quotes "
                              "(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")

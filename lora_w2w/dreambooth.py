@@ -1,6 +1,7 @@
 """Dreambooth LoRA training of identities (Ruiz et al. 2023) with the w2w paper's Sec. 3.1 recipe, the
 defaults of `add_dreambooth_arguments`: "sks person" on an identity's images, prior preservation with
-"person" images of the base model, a LoRA on to_q/to_v.
+"person" images of the base model, a LoRA on to_q/to_v. The base may be of any family `bases` knows
+(Stable Diffusion 1, 2 or XL): its family conditions, calls and sets the target of the network.
 
 The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
 (many identities in one pass): reading an instance folder, generating class images once, caching
@@ -14,97 +15,106 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
-from .errors import W2WError
-from .flags import add_flag, flag, spellings
-from .images import IMAGE_SUFFIXES, eight_bit
+from .bases import Conditioning, Family, family_of
+from .checks import LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_number, check_weight_decay
+from .defaults import DEFAULT_BASE
+from .diffusion import StepBatch, StepSampler, encode_images, latent_factors, prepare_image
+from .errors import ArgumentError, SettingError, W2WError
+from .flags import add_config_flags, spellings
+from .images import IMAGE_SUFFIXES, read_image
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import save_png
 
 
 # ----------------------------------------------------------------------------- arguments
 
+@dataclass(frozen=True)
+class DreamboothConfig:
+    """The Dreambooth recipe of an identity LoRA, as the original train_dreambooth.py's flags name it, with
+    the paper's values as defaults; its fields are the flags of train_dreambooth.py and `w2w
+    train-identities` (`add_dreambooth_arguments`)."""
+
+    pretrained_model_name_or_path: str = field(default=DEFAULT_BASE, metadata={
+        "help": "base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)"})
+    instance_prompt: str = field(default="sks person", metadata={"help": "prompt of the identity's images"})
+    class_prompt: str = field(default="person", metadata={"help": "prompt of the prior images"})
+    with_prior_preservation: bool = field(default=True, metadata={
+        "help": "add the prior-preservation loss on class images (default: on)"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior loss"})
+    class_data_dir: str | None = field(default=None, metadata={
+        "help": "folder of class images; missing ones are generated once with the base model "
+                "(default: <output_dir>/class_images)"})
+    num_class_images: int = field(default=200, metadata={"help": "class images used"})
+    class_inference_steps: int = field(default=50, metadata={"help": "denoising steps when generating class images"})
+    resolution: int | None = field(default=None, metadata={
+        "help": "training resolution in pixels (default: the base model's, 512 for SD1.5)"})
+    train_batch_size: int = field(default=1, metadata={"help": "instance images per step, plus as many class images"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate", "type": LEARNING_RATE})
+    lr_scheduler: str = field(default="constant", metadata={"help": "learning-rate schedule",
+                                                            "choices": ("constant", "cosine", "linear")})
+    max_train_steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches averaged per optimizer step"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay", "type": WEIGHT_DECAY})
+    use_lora: bool = field(default=True, metadata={
+        "help": "train a LoRA (the only mode; kept for the original's command lines)"})
+    lora_r: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "LoRA alpha; scaling = alpha / r"})
+    lora_target_modules: tuple[str, ...] = field(default=("to_q", "to_v"), metadata={
+        "help": "Linear layers that get a LoRA"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    mixed_precision: str = field(default="no", metadata={"help": "autocast of the frozen model's forward on GPUs",
+                                                         "choices": ("no", "fp16", "bf16")})
+
+    def __post_init__(self):
+        for name, ok, expected in [("max_train_steps", self.max_train_steps >= 1, ">= 1"),
+                                   ("train_batch_size", self.train_batch_size >= 1, ">= 1"),
+                                   ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+                                   ("lora_r", self.lora_r >= 1, ">= 1")]:
+            if not ok:
+                raise SettingError(name, f"must be {expected}, got {getattr(self, name)}")
+        checks = [("learning_rate", check_learning_rate), ("adam_weight_decay", check_weight_decay),
+                  ("prior_loss_weight", lambda value, what: check_number(value, what, minimum=0.0)),
+                  ("lora_alpha", lambda value, what: check_number(value, what, above=0.0))]
+        for name, check in checks:
+            try:
+                check(getattr(self, name), "")
+            except ArgumentError as error:
+                raise SettingError(name, str(error)) from None
+        if not self.use_lora:
+            raise SettingError("use_lora", "off: only LoRA training is supported")
+        if self.with_prior_preservation and self.num_class_images < 1:
+            raise SettingError("num_class_images", f"must be >= 1 with prior preservation, got {self.num_class_images}")
+
+
 def add_dreambooth_arguments(parser: argparse.ArgumentParser, kebab: bool) -> None:
-    """The hyper-parameter flags of the original train_dreambooth.py, with the paper's values as defaults;
-    kebab-case first for a `w2w` subcommand (`flags.spellings`)."""
+    """DreamboothConfig's flags, in both spellings, kebab-case first for a `w2w` subcommand
+    (`flags.spellings`); the base also as --base."""
     group = parser.add_argument_group("Dreambooth")
-    add = functools.partial(add_flag, group, kebab=kebab)
     base = spellings("pretrained_model_name_or_path", kebab=False)
     group.add_argument(*(["--base", *base] if kebab else [*base, "--base"]), dest="pretrained_model_name_or_path",
-                       metavar="BASE" if kebab else None, default="files/tiny/base",
-                       help="base diffusers pipeline: a folder or a hub id (default: the tiny world, %(default)s)")
-    add("instance_prompt", default="sks person", help="prompt of the identity's images (default: %(default)r)")
-    add("class_prompt", default="person", help="prompt of the prior images (default: %(default)r)")
-    add("with_prior_preservation", action=argparse.BooleanOptionalAction, default=True,
-        help="add the prior-preservation loss on class images (default: on)")
-    add("prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (default: %(default)s)")
-    add("class_data_dir", default=None,
-        help="folder of class images; missing ones are generated once with the base model "
-             "(default: <output_dir>/class_images)")
-    add("num_class_images", type=int, default=200, help="class images used (default: %(default)s)")
-    add("class_inference_steps", type=int, default=50,
-        help="denoising steps when generating class images (default: %(default)s)")
-    add("resolution", type=int, default=None,
-        help="training resolution in pixels (default: the base model's, 512 for SD1.5)")
-    add("train_batch_size", type=int, default=1,
-        help="instance images per step, plus as many class images (default: %(default)s)")
-    add("learning_rate", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    add("lr_scheduler", choices=("constant", "cosine", "linear"), default="constant",
-        help="learning-rate schedule (default: %(default)s)")
-    add("max_train_steps", type=int, default=800, help="optimizer steps (default: %(default)s)")
-    add("gradient_accumulation_steps", type=int, default=1,
-        help="batches averaged per optimizer step (default: %(default)s)")
-    add("adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)")
-    add("use_lora", action=argparse.BooleanOptionalAction, default=True,
-        help="train a LoRA (the only mode; kept for the original's command lines)")
-    add("lora_r", type=int, default=DEFAULT_RANK, help="LoRA rank (default: %(default)s)")
-    add("lora_alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
-    add("lora_target_modules", nargs="+", default=["to_q", "to_v"],
-        help="Linear layers that get a LoRA (default: %(default)s)")
-    add("seed", type=int, default=0, help="random seed (default: %(default)s)")
-    add("mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-        help="autocast of the frozen model's forward on GPUs (default: %(default)s)")
+                       metavar="BASE" if kebab else None, default=DEFAULT_BASE,
+                       help=DreamboothConfig.__dataclass_fields__["pretrained_model_name_or_path"].metadata["help"])
+    add_config_flags(group, DreamboothConfig, kebab, both=True, skip=("pretrained_model_name_or_path",))
 
 
 # flags that do not change the weights a run trains: where files go, and a flag with one value
 NOT_TRAINING_SETTINGS = ("class_data_dir", "use_lora")
 
 
-def training_settings(args: argparse.Namespace) -> dict:
-    """The Dreambooth flags that decide a LoRA's weights, as recorded with each trained adapter."""
-    parser = argparse.ArgumentParser()
-    add_dreambooth_arguments(parser, kebab=False)
-    return {key: getattr(args, key) for key in vars(parser.parse_args([])) if key not in NOT_TRAINING_SETTINGS}
-
-
-def check_dreambooth_arguments(args: argparse.Namespace, kebab: bool) -> None:
-    """Reject impossible values right after parsing, naming the flags as the command spells them."""
-    checks = [
-        ("max_train_steps", args.max_train_steps >= 1, ">= 1"),
-        ("train_batch_size", args.train_batch_size >= 1, ">= 1"),
-        ("gradient_accumulation_steps", args.gradient_accumulation_steps >= 1, ">= 1"),
-        ("learning_rate", args.learning_rate > 0, "> 0"),
-        ("lora_r", args.lora_r >= 1, ">= 1"),
-    ]
-    for name, ok, expected in checks:
-        if not ok:
-            raise W2WError(f"{flag(name, kebab)} must be {expected}, got {getattr(args, name)}")
-    if not args.use_lora:
-        raise W2WError(f"only LoRA training is supported: drop --no-{flag('use_lora', kebab)[2:]}")
-    if args.with_prior_preservation and args.num_class_images < 1:
-        raise W2WError(f"{flag('with_prior_preservation', kebab)} needs {flag('num_class_images', kebab)} >= 1")
+def training_settings(recipe: DreamboothConfig | argparse.Namespace) -> dict:
+    """The settings of a recipe (or of parsed flags) that decide a LoRA's weights, as recorded with each
+    trained adapter."""
+    return {f.name: getattr(recipe, f.name) for f in fields(DreamboothConfig) if f.name not in NOT_TRAINING_SETTINGS}
 
 
 # ----------------------------------------------------------------------------- images
@@ -122,12 +132,7 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append(path.name)
             continue
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise W2WError(f"{path}: not a readable image ({error})") from None
-        images.append(prepare_image(eight_bit(image, str(path)), resolution))
+        images.append(prepare_image(read_image(path), resolution))
     if skipped:
         warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)
@@ -153,12 +158,14 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
     from .pipeline import load_base_pipeline
 
     pipe = load_base_pipeline(base, device, progress=False)
+    check_int(steps, "class inference steps", 1, pipe.scheduler.config.num_train_timesteps)
+    family = family_of(pipe)
     batch_size = class_image_batch_size(resolution)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"class images of {prompt!r}", unit="batch"):
         indices = missing[start:start + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(seed * 100_003 + i) for i in indices]
-        images = pipe([prompt] * len(indices), num_inference_steps=steps, generator=generators,
-                      height=resolution, width=resolution).images
+        images = family.generate(pipe, [prompt] * len(indices), num_inference_steps=steps, generator=generators,
+                                 height=resolution, width=resolution)
         for i, image in zip(indices, images):
             save_png(image, class_dir / f"{i:05d}.png")
     del pipe
@@ -178,26 +185,27 @@ class IdentityData:
 
 @dataclass
 class SharedData:
-    """What all identities share: class latent distributions, text embeddings, the noise schedule."""
+    """What all identities share: class latent distributions, both prompts' conditioning, the base's family,
+    its VAE's latent factors and its training noise schedule."""
 
     class_mean: torch.Tensor     # (I_c, C, h, w)
     class_std: torch.Tensor      # (I_c, C, h, w)
-    instance_embedding: torch.Tensor  # (1, L, D)
-    class_embedding: torch.Tensor     # (1, L, D)
-    scaling_factor: float
-    scheduler: object            # a diffusers DDPMScheduler
+    instance_conditioning: Conditioning  # (1, ...): (1, L, D) text embeddings, and what else the family adds
+    class_conditioning: Conditioning     # (1, ...)
+    latent_factors: tuple[float, float | None]  # the VAE's (scaling, shift): diffusion.latent_factors
+    scheduler: object            # the family's training scheduler (a DDPMScheduler for Stable Diffusion)
+    family: Family
 
 
 def noisy_inputs(identity: IdentityData, shared: SharedData, batch: StepBatch):
-    """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w)), on
-    the device of the cached latents."""
+    """(noisy latents (n, C, h, w), timesteps (n,), conditioning (n rows), target (n, C, h, w)), on the
+    device of the cached latents."""
     mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])  # (n, C, h, w)
     std = torch.cat([identity.std[batch.instance], shared.class_std[batch.prior]])     # (n, C, h, w)
-    noisy, timesteps, target = noisy_latents(mean, std, batch, scaling_factor=shared.scaling_factor,
-                                             scheduler=shared.scheduler)
+    noisy, timesteps, target = shared.family.noisy_latents(mean, std, batch, shared.latent_factors, shared.scheduler)
     b, n = len(batch.instance), len(timesteps)
-    text = torch.cat([shared.instance_embedding.expand(b, -1, -1), shared.class_embedding.expand(n - b, -1, -1)])
-    return noisy, timesteps, text, target
+    conditioning = Conditioning.cat([shared.instance_conditioning.repeat(b), shared.class_conditioning.repeat(n - b)])
+    return noisy, timesteps, conditioning, target
 
 
 def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> torch.Tensor:
@@ -214,8 +222,8 @@ def add_identity_lora(unet, layout: LoraLayout, args: argparse.Namespace) -> tor
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
-    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
-                                init_lora_weights=True))
+    unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                target_modules=list(args.lora_target_modules), init_lora_weights=True))
     set_peft_model_state_dict(unet, layout.to_peft_state_dict(initial_lora_weights(layout, args.seed), prefix=""))
     params = [p for p in unet.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -226,10 +234,11 @@ def identities_loss(unet, identities: list[IdentityData], shared: SharedData, ar
     """One step's loss of K identities in one UNet call: each identity's samples (its instance and class
     latents, noise and timesteps from its own sampler) pass through the UNet together, and the loss is
     the sum of each identity's Dreambooth loss, so each identity's gradient is that of a solo run."""
-    inputs = [noisy_inputs(identity, shared, identity.sampler.next()) for identity in identities]
-    noisy, timesteps, text, target = (torch.cat(parts) for parts in zip(*inputs))  # (K n, C, h, w), (K n,) ...
+    noisy, timesteps, conditioning, target = zip(*(noisy_inputs(identity, shared, identity.sampler.next())
+                                                   for identity in identities))
+    noisy, timesteps, target = torch.cat(noisy), torch.cat(timesteps), torch.cat(target)  # (K n, C, h, w), (K n,) ...
     with autocast():
-        prediction = unet(noisy, timesteps, text).sample                           # (K n, C, h, w)
+        prediction = shared.family.predict(unet, noisy, timesteps, Conditioning.cat(conditioning))  # (K n, C, h, w)
     n = len(prediction) // len(identities)
     return sum(dreambooth_loss(prediction[i * n:(i + 1) * n], target[i * n:(i + 1) * n], args.train_batch_size,
                                args.prior_loss_weight) for i in range(len(identities)))
@@ -272,43 +281,45 @@ def lr_lambda(kind: str, total_steps: int):
 
 @dataclass
 class Base:
-    """The frozen parts of the base pipeline used for training."""
+    """The frozen base pipeline used for training, its family and its training noise schedule."""
 
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: object  # DDPMScheduler
+    pipe: object
+    family: Family
+    scheduler: object  # the family's training scheduler (a DDPMScheduler for Stable Diffusion)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The network that carries the LoRA (the UNet of Stable Diffusion 1, 2 and XL)."""
+        return self.family.network(self.pipe)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
 
     @property
     def resolution(self) -> int:
-        """The base model's native image size (512 for SD1.5)."""
-        return image_sizes(self)[0]
+        """The base model's native image size (512 for SD1.5, 1024 for SDXL)."""
+        return self.family.image_sizes(self.pipe)[0]
 
 
 def load_base(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Base:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from a diffusers pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    """The base pipeline of a folder or hub id (of a family `bases` knows), frozen on `device`, with its
+    family's training scheduler."""
+    from .pipeline import load_base_pipeline
 
     if not Path(path).is_dir() and Path(path).exists():
         raise W2WError(f"{path}: expected a diffusers pipeline folder or a hub id")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError) as error:
-        raise W2WError(f"{path}: cannot load the base pipeline ({str(error).splitlines()[0]})") from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False).eval().to(device)
-    return Base(tokenizer, text_encoder, vae, unet, scheduler)
+    pipe = load_base_pipeline(path, device, dtype, progress=False)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    family = family_of(pipe)
+    return Base(pipe, family, family.training_scheduler(pipe))
 
 
 def prepare_shared(base: Base, args: argparse.Namespace, resolution: int, class_dir: Path) -> SharedData:
-    """Generate missing class images, then cache their latent distributions and both prompts' embeddings."""
-    device = base.unet.device
+    """Generate missing class images, then cache their latent distributions and both prompts' conditioning."""
+    device = base.network.device
     if args.with_prior_preservation:
         ensure_class_images(args.pretrained_model_name_or_path, class_dir, args.class_prompt, args.num_class_images,
                             resolution, args.class_inference_steps, args.seed, device)
@@ -317,9 +328,9 @@ def prepare_shared(base: Base, args: argparse.Namespace, resolution: int, class_
     else:
         class_mean = class_std = torch.zeros(0)
     return SharedData(class_mean.to(device), class_std.to(device),
-                      encode_prompt(base.tokenizer, base.text_encoder, args.instance_prompt),
-                      encode_prompt(base.tokenizer, base.text_encoder, args.class_prompt),
-                      float(base.vae.config.scaling_factor), base.scheduler)
+                      base.family.encode_prompt(base.pipe, args.instance_prompt, resolution),
+                      base.family.encode_prompt(base.pipe, args.class_prompt, resolution),
+                      latent_factors(base.vae), base.scheduler, base.family)
 
 
 def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: SharedData, args: argparse.Namespace
@@ -330,16 +341,16 @@ def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: Shared
     sampler = StepSampler(args.seed, num_instance=len(mean), num_class=len(shared.class_mean),
                           batch_size=args.train_batch_size, latent_shape=tuple(mean.shape[1:]),
                           num_train_timesteps=shared.scheduler.config.num_train_timesteps)
-    return IdentityData(name, mean.to(base.unet.device), std.to(base.unet.device), sampler)
+    return IdentityData(name, mean.to(base.network.device), std.to(base.network.device), sampler)
 
 
 def lora_layout(base: Base, args: argparse.Namespace) -> LoraLayout:
-    """The LoRA layout for the flags; an error before training when the UNet lacks the target modules."""
+    """The LoRA layout for the flags; an error before training when the network lacks the target modules."""
     try:
-        return LoraLayout.from_unet(base.unet, args.lora_target_modules, args.lora_r, args.lora_alpha)
+        return LoraLayout.from_unet(base.network, args.lora_target_modules, args.lora_r, args.lora_alpha)
     except W2WError:
-        raise W2WError(f"{args.pretrained_model_name_or_path}: the UNet has no Linear layer named "
-                       f"{args.lora_target_modules} to put a LoRA on") from None
+        raise W2WError(f"{args.pretrained_model_name_or_path}: the {type(base.network).__name__} has no Linear layer "
+                       f"named {args.lora_target_modules} to put a LoRA on") from None
 
 
 # ----------------------------------------------------------------------------- one identity (train_dreambooth.py)
@@ -361,7 +372,7 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     shared = prepare_shared(base, args, resolution, class_dir)
     identity = prepare_identity(output_dir.name, images, base, shared, args)
 
-    unet = base.unet
+    unet = base.network
     optimizer = add_identity_lora(unet, layout, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.max_train_steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -376,5 +387,6 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
     weights = layout.from_peft_state_dict(state)
     if accelerator.is_main_process:
-        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path, training_settings(args))
+        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path, training_settings(args),
+                  base.family.lora_naming())
     return weights

@@ -1,4 +1,9 @@
-"""The errors the library raises for bad input; the CLI prints them as one line and exits with 2."""
+"""The errors the library raises for bad input; every command prints them as one line and exits with 2
+(`exit_code`)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class W2WError(ValueError):
@@ -25,6 +30,15 @@ class ArgumentError(W2WError):
     """A number or choice given to a command or function is outside what it accepts."""
 
 
+class SettingError(ArgumentError):
+    """A config refuses the value of one of its fields: `setting` names the field (a command names its flag
+    instead), `problem` says what was expected."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+
 class OutputError(W2WError):
     """An output cannot be written where asked: it would replace an input, a directory or a folder
     that is not an earlier output of its kind, or the disk refuses the write."""
@@ -32,3 +46,22 @@ class OutputError(W2WError):
 
 class NoFaceError(W2WError):
     """A photograph in which the face detector finds no face."""
+
+
+class FamilyError(W2WError):
+    """A base pipeline of no family w2w knows (bases.FAMILIES)."""
+
+
+def exit_code(prog: str, job: Callable[[], object]) -> int:
+    """Run `job`, the work of the command `prog`: 0 when it ends; bad input (a W2WError, or an OSError such
+    as a full disk) prints the one line `PROG: error: ...` and gives 2; Ctrl-C prints `PROG: interrupted`
+    and gives 130; never a traceback. Shared by `w2w`, inversion/invert.py and train_dreambooth.py."""
+    try:
+        job()
+    except (W2WError, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -5,16 +5,18 @@ weights w = unproject(c) on the images: mean |m * (eps_theta(x_t, t, "sks person
 random timesteps t and noise eps, with x_0 drawn from an image's VAE latent distribution and m its
 optional mask at latent resolution. The latent distributions and the prompt's embedding are computed
 once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
-so that the loss is averaged over the photographs. With one image this is the paper's inversion.
+so that the loss is averaged over the photographs. With one image this is the paper's inversion. The
+base's family (`bases`) conditions and calls its network and sets the target (the noise eps above, or the
+velocity of a v-prediction scheduler).
 
-    pipe = load_base_pipeline("files/tiny/base")
-    space = load_space("files/tiny/space")
-    image, mask = load_target("inversion/images/drawing.png", "inversion/images/drawing_mask.png", *image_sizes(pipe))
+    pipe = load_base_pipeline(DEFAULT_BASE)  # lora_w2w.defaults: the tiny world
+    space = load_space(DEFAULT_SPACE)
+    image, mask = load_target(EXAMPLES / "drawing.png", EXAMPLES / "drawing_mask.png", *image_sizes(pipe))
     model = invert(pipe, space, image, mask, preset("ood", space), seed=0, checkpoint="drawing.ckpt")
     save_model(model, "drawing.safetensors")
 
-    # photographs: cut around the face, an automatic mask over face and hair, several images of one person
-    photos = read_photos(["me1.jpg", "me2.jpg"], [AUTO_MASK, AUTO_MASK], crop="face")
+    # photographs: FFHQ's aligned face crop, a mask from the face's landmarks, several images of one person
+    photos = read_photos(["me1.jpg", "me2.jpg"], [AUTO_MASK, AUTO_MASK], crop="face", size=image_sizes(pipe)[0])
     model = invert(pipe, space, *photo_targets(photos, *image_sizes(pipe)), preset("real", space))
 
 Presets (the paper's): "real" photographs, K 10,000, lr 0.1, weight decay 1e-10, 400 steps; "ood"
@@ -25,7 +27,7 @@ about lr a step, so the right lr depends on the scale of the space's coefficient
 far outside the dataset's spread (a learning rate too high for the space) draws a warning.
 
 Masks are binary images, white where the image is fitted; `check_mask` states the rule for "binary".
-The automatic mask (AUTO_MASK) is a soft ellipse over the face and hair that `faces` detects.
+The automatic mask (AUTO_MASK) covers the face, forehead and hair, from the landmarks `faces` finds.
 A checkpoint (coefficients, Adam state, step, random state) is written every `checkpoint_every`
 steps; a run given an existing checkpoint resumes from it and ends exactly where an uninterrupted
 run ends.
@@ -36,25 +38,27 @@ C latent channels, h x w latent size, R image size, L tokens, D text width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import check_int, check_number, check_seed
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
+from .bases import Conditioning, Family, family_of
+from .checks import (COUNT, LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_seed,
+                     check_weight_decay)
+from .diffusion import StepBatch, StepSampler, encode_images, latent_factors, prepare_image
 from .errors import SpaceError, W2WError
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, check_picture, eight_bit, read_image
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
@@ -73,27 +77,37 @@ ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios under which a ma
 # space: files/tiny/README.md, "Inversion learning rates and distance from the dataset").
 FAR_FROM_DATASET = 3.0
 CROPS = ("center", "face")  # how a photograph becomes the square the model sees (see read_photos)
-AUTO_MASK = "auto"          # the mask value asking for a soft ellipse over the detected face and hair
+AUTO_MASK = "auto"          # the mask value asking for a mask over the face, forehead and hair from its landmarks
+ALIGNED_SIZE = 512          # px of a face crop where the pipeline's resolution is not given: SD1.5's
 
 
 # ----------------------------------------------------------------------------- configuration
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """Hyper-parameters of one inversion."""
+    """Hyper-parameters of one inversion (the real preset's by default); its fields are `w2w invert`'s flags,
+    which default to the preset's."""
 
-    components: int = 10_000     # K: the first K coefficients are optimised; must be <= the space's K
-    lr: float = 0.1              # Adam learning rate
-    weight_decay: float = 1e-10  # Adam's L2 penalty on the coefficients
-    steps: int = 400             # optimiser steps (the original's "epochs" over its one image)
-    checkpoint_every: int = 50   # steps between checkpoints, when a checkpoint path is given
-    images_per_step: int = 1     # B: images of the person each step draws (with replacement) and averages
+    components: int = field(default=10_000, metadata={
+        "help": "K, the first K coefficients are optimised: at most the space's K (default: the preset's, at most "
+                "the space's)", "type": COUNT, "flags": ("-k",)})
+    lr: float = field(default=0.1, metadata={
+        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": LEARNING_RATE})
+    weight_decay: float = field(default=1e-10, metadata={
+        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": WEIGHT_DECAY})
+    steps: int = field(default=400, metadata={"help": "optimiser steps, the original's epochs (default: the preset's)",
+                                              "type": COUNT})
+    checkpoint_every: int = field(default=50, metadata={
+        "help": "steps between checkpoints, when a checkpoint file is given (default: 50)", "type": COUNT})
+    images_per_step: int = field(default=1, metadata={
+        "help": "B, images of the person each step draws (with replacement) and averages; more cost more per step "
+                "(default: 1)", "type": COUNT})
 
     def __post_init__(self):
         for name in ("components", "steps", "checkpoint_every", "images_per_step"):
             check_int(getattr(self, name), f"inversion {name}", minimum=1)
-        check_number(self.lr, "inversion lr", above=0.0)
-        check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
+        check_learning_rate(self.lr, "inversion lr")
+        check_weight_decay(self.weight_decay, "inversion weight_decay")
 
 
 PRESETS = {
@@ -120,26 +134,15 @@ def preset(name: str, space: Space | None = None, **overrides) -> InversionConfi
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, as the original (float16 gradients can underflow), float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 # ----------------------------------------------------------------------------- target image and mask
 
 
 def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
-    """A PIL image from a path (loaded now) or as given; W2WError naming the file when it does not open."""
+    """A PIL image from a path (`images.read_image`: loaded now, upright, 8 bits) or as given, within the
+    reader's bounds; W2WError naming the file when it does not open."""
     if isinstance(source, Image.Image):
-        return source
-    try:
-        with Image.open(source) as image:
-            image.load()
-    except FileNotFoundError:
-        raise W2WError(f"{source}: no such {what} file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise W2WError(f"{source}: not a readable {what} ({error})") from None
-    return eight_bit(image, str(source))
+        return check_picture(source, what)
+    return read_image(source, what)
 
 
 def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask") -> np.ndarray:
@@ -199,16 +202,18 @@ class Photo:
 
 def read_photos(images: Sequence[str | os.PathLike | Image.Image],
                 masks: Sequence[str | os.PathLike | Image.Image | None] | None = None,
-                crop: str = "center") -> list[Photo]:
+                crop: str = "center", size: int = ALIGNED_SIZE, detector: str = "hog") -> list[Photo]:
     """I images and their masks (a file or image, AUTO_MASK or None each) -> the photos to fit, checked.
-    crop "center" keeps the image (the model's resize and centre crop follow); "face" cuts the square
-    around its largest face (`faces.face_crop`) and a mask file with it. AUTO_MASK draws a soft ellipse
-    over the detected face and hair; where no face is found, with a warning, over where a face framed as
-    the paper's crops sits."""
+    crop "center" keeps the image (the model's resize and centre crop follow); "face" cuts FFHQ's aligned
+    square of its largest face at `size` px (`faces.align_face`; the pipeline's resolution) and a mask file
+    with it. AUTO_MASK draws the mask of the face's landmarks over face, forehead and hair
+    (`faces.landmark_mask`); where dlib's `detector` finds no face, with a warning, an ellipse over where
+    FFHQ's alignment puts a face (`faces.template_mask`)."""
     from . import faces
 
     if crop not in CROPS:
         raise W2WError(f"unknown crop {crop!r}; expected one of {', '.join(CROPS)}")
+    faces.check_detector(detector)
     masks = [None] * len(images) if masks is None else list(masks)
     if len(masks) != len(images):
         raise W2WError(f"{len(masks)} masks for {len(images)} images; expected one mask per image, in the images' "
@@ -217,23 +222,26 @@ def read_photos(images: Sequence[str | os.PathLike | Image.Image],
     for source, mask in zip(images, masks):
         name = "image" if isinstance(source, Image.Image) else str(source)
         picture = open_image(source, "image")
-        size, box, square = picture.size, None, None
+        original_size, alignment = picture.size, None
         if crop == "face":
-            box = faces.largest_face(picture, name)
-            square = faces.face_square(picture.size, box)
-            picture, box = faces.face_crop(picture, box)
+            alignment = faces.align_face(picture, faces.find_face(picture, name, detector).landmarks, size)
+            picture = alignment.image
         values, auto = None, isinstance(mask, str) and mask == AUTO_MASK
         if auto:
-            found = box or next(iter(faces.detect_faces(picture)), None)
+            found = alignment.landmarks if alignment else next(
+                (face.landmarks for face in faces.detect_faces(picture, detector)), None)
             if found is None:
                 warnings.warn(f"{name}: no face found for the automatic mask; fitting an ellipse over the centre of "
-                              f"the image, where a face framed as the paper's crops sits (draw one and pass "
-                              f"--mask FILE otherwise)", stacklevel=2)
-            values = np.asarray(faces.face_mask(picture.size, found or faces.centred_box(picture.size)))
+                              f"the image, where a face aligned as FFHQ's sits (draw one and pass --mask FILE "
+                              f"otherwise)", stacklevel=2)
+            values = np.asarray(faces.template_mask(picture.size) if found is None
+                                else faces.landmark_mask(picture.size, found))
         elif mask is not None:
-            values = check_mask(open_image(mask, "mask"), size, "mask" if isinstance(mask, Image.Image) else str(mask))
-            if square:  # the mask, at the original image's size, cut like the image
-                values = np.asarray(Image.fromarray(values).resize(size, Image.Resampling.NEAREST).crop(square))
+            values = check_mask(open_image(mask, "mask"), original_size,
+                                "mask" if isinstance(mask, Image.Image) else str(mask))
+            if alignment:  # the mask, at the original image's size, cut like the image
+                values = np.asarray(alignment.warp(Image.fromarray(values).resize(original_size,
+                                                                                   Image.Resampling.NEAREST)))
         photos.append(Photo(name, picture, values, auto))
     return photos
 
@@ -276,21 +284,24 @@ class Target:
     latent_mean: torch.Tensor    # (I, C, h, w), unscaled, one row per image
     latent_std: torch.Tensor     # (I, C, h, w)
     mask: torch.Tensor | None    # (I, 1, h, w) in [0, 1]
-    text: torch.Tensor           # (1, L, D) embedding of the prompt, in the UNet's dtype
-    scaling_factor: float        # vae.config.scaling_factor
-    dtype: torch.dtype           # the UNet's (reading unet.dtype walks all its parameters)
+    conditioning: Conditioning   # (1, ...) of the prompt, in the network's dtype: (1, L, D) text embeddings ...
+    latent_factors: tuple[float, float | None]  # the VAE's (scaling, shift)
+    dtype: torch.dtype           # the network's (reading unet.dtype walks all its parameters)
+    family: Family               # the base's
 
 
 def encode_target(pipe, images: torch.Tensor, masks: torch.Tensor | None, prompt: str) -> Target:
-    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder, once."""
+    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder(s), once."""
+    family = family_of(pipe)
     mean, std = encode_images(pipe.vae, images)  # (I, C, h, w) each
     if masks is not None and masks.shape != (len(mean), 1, *mean.shape[2:]):
         raise W2WError(f"masks {tuple(masks.shape)} do not fit the latents {tuple(mean.shape)}: expected "
                        f"({len(mean)}, 1, {mean.shape[2]}, {mean.shape[3]}); load them with photo_targets")
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device),
-                  encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt).to(device, dtype),
-                  float(pipe.vae.config.scaling_factor), dtype)
+    network = family.network(pipe)
+    device, dtype = network.device, network.dtype
+    conditioning = family.encode_prompt(pipe, prompt, images.shape[-1]).to(device, dtype)
+    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device), conditioning,
+                  latent_factors(pipe.vae), dtype, family)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -304,12 +315,13 @@ def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coeffic
     """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw:
     on the B images of the target that `batch.instance` picks."""
     picked = batch.instance.to(target.latent_mean.device)                                       # (B,)
-    noisy, timesteps, expected = noisy_latents(target.latent_mean[picked], target.latent_std[picked], batch,
-                                               scaling_factor=target.scaling_factor,
-                                               scheduler=scheduler)                             # (B, C, h, w) each
+    noisy, timesteps, expected = target.family.noisy_latents(target.latent_mean[picked], target.latent_std[picked],
+                                                             batch, target.latent_factors,
+                                                             scheduler)                         # (B, C, h, w) each
     weights = unproject(coefficients, *basis)                                                   # (N,)
-    text = target.text.expand(len(picked), -1, -1)                                              # (B, L, D)
-    prediction = lora_unet(weights, noisy.to(target.dtype), timesteps, text).sample             # (B, C, h, w)
+    conditioning = target.conditioning.repeat(len(picked))                                      # (B, L, D) ...
+    prediction = target.family.predict(functools.partial(lora_unet, weights), noisy.to(target.dtype), timesteps,
+                                       conditioning)                                            # (B, C, h, w)
     return masked_mse(prediction, expected, None if target.mask is None else target.mask[picked])
 
 
@@ -366,21 +378,27 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
            masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
            checkpoint: str | os.PathLike | None = None,
-           on_step: Callable[[int, int, float], None] | None = None) -> W2WModel:
+           on_step: Callable[[int, int, float], None] | None = None, record: dict | None = None) -> W2WModel:
     """The model (K coefficients) of `space` that best reproduces `images`, I photographs of one person,
     (I, 3, R, R) in [-1, 1] or a list of (1, 3, R, R), inside `masks` (I, 1, h, w) or a list of (1, 1, h, w)
     or None (an image fitted everywhere) when given. Every step draws one of the images (seeded), so the
     loss is averaged over them; with one image this is the paper's single-image inversion. With
     `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps and at the end, and
     a run finding it there resumes from it. `on_step(done, total, loss)` is called after every step (the
-    app's progress bar)."""
+    app's progress bar). The model records its settings and seed, and `record`, what the caller knows of the
+    images (their sha256, the preset's name: `provenance.inverted`)."""
+    from .provenance import inverted
+
     images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
-    device = pipe.unet.device
+    family = family_of(pipe)
+    network = family.network(pipe)
+    family.check_layout(network, space.layout)
+    device = network.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
     target = encode_target(pipe, images, masks, space.prompt or TRIGGER_PROMPT)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    scheduler = family.training_scheduler(pipe)
     sampler = StepSampler(seed, num_instance=len(images), num_class=0, batch_size=config.images_per_step,
                           latent_shape=tuple(target.latent_mean.shape[1:]),
                           num_train_timesteps=scheduler.config.num_train_timesteps)
@@ -393,7 +411,7 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
         if start > config.steps:
             raise W2WError(f"{checkpoint}: the checkpoint is at step {start}, past the {config.steps} steps asked for")
 
-    with differentiable_unet(pipe.unet, space.layout) as lora_unet:
+    with differentiable_unet(network, space.layout) as lora_unet:
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="inversion",
                    disable=not progress)
         for step in bar:
@@ -407,7 +425,7 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
                 on_step(done, config.steps, loss.item())
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 save_checkpoint(checkpoint, fingerprint, done, coefficients, optimizer, sampler)
-    model = W2WModel(coefficients.detach().cpu(), space.id)
+    model = W2WModel(coefficients.detach().cpu(), space.id, (inverted(config, seed, len(images), record),), space)
     far = norm_over_dataset(space, model.coefficients)
     if far is not None and far > FAR_FROM_DATASET:
         warnings.warn(f"the inverted model lies far outside the space's dataset (its coefficients' norm is {far:.1f}x "
@@ -442,25 +460,3 @@ def norm_over_dataset(space: Space, coefficients: torch.Tensor) -> float | None:
         return None
     k = min(len(coefficients), space.coefficients.shape[1])
     return float(coefficients[:k].float().norm() / space.coefficients[:, :k].float().norm(dim=1).max())
-
-
-def invert_file(base: str, space: Space, images: str | os.PathLike | Sequence[str | os.PathLike],
-                masks: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
-                config: InversionConfig = PRESETS["real"], seed: int = 0, device: str | torch.device = "auto",
-                dtype: torch.dtype | None = None, checkpoint: str | os.PathLike | None = None,
-                progress: bool = True, crop: str = "center") -> tuple[W2WModel, list[Photo]]:
-    """Load the base pipeline (a folder or hub id), check that the space fits its UNet, load the image
-    files with their masks (a file, AUTO_MASK or None each; see `read_photos`) and invert (for the CLI
-    and inversion/invert.py); returns the model and the photos as fitted."""
-    from .network import check_layout
-    from .pipeline import load_base_pipeline, resolve_device
-
-    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    masks = [masks] if isinstance(masks, (str, os.PathLike)) else masks
-    space.check_k(config.components)
-    photos = read_photos(images, masks, crop)  # bad files, masks and faceless photos fail before the pipeline loads
-    device = resolve_device(device)
-    pipe = load_base_pipeline(base, device, dtype or default_dtype(device), progress=False)
-    check_layout(pipe.unet, space.layout)
-    targets, target_masks = photo_targets(photos, *image_sizes(pipe))
-    return invert(pipe, space, targets, target_masks, config, seed, progress, checkpoint), photos

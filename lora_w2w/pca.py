@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,8 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import check_int, check_seed
+from .checks import (COUNT, MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED, check_int,
+                     check_power_iterations, check_seed, parse_memory)
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
@@ -160,21 +160,6 @@ def check_rank(values: torch.Tensor, k: int) -> None:
 
 
 # ----------------------------------------------------------------------------- planning
-
-def parse_memory(text: str | int) -> int:
-    """'4GB', '512MB', '8GiB', '2e9' or a number of bytes -> bytes (GB = 10⁹, GiB = 2³⁰), at most MAX_MEMORY."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
-    try:
-        unit = (match.group(2) or "").lower()
-        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** " kmgt".index(unit[:1] or " "))
-    except (AttributeError, ValueError, KeyError):
-        raise W2WError(f"memory {text!r}: expected a size such as 4GB, 512MB or 8GiB") from None
-    if not value <= MAX_MEMORY:  # inf from '1e400' too
-        raise W2WError(f"memory {text!r}: expected a size of at most {MAX_MEMORY / 1e18:.0f} EB, such as 4GB")
-    return int(value)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -563,33 +548,42 @@ def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataF
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How `build_space` computes the PCA and what the space records (a field left None: what its help says)."""
+    """How `build_space` computes the PCA and what the space records; its fields are `w2w build`'s flags
+    (a field left None: what its help says)."""
 
     memory: int | str = field(default=DEFAULT_MEMORY, metadata={
-        "help": "memory budget: of this process with the torch backend, the interpreter included; of each worker "
-                "with the dask backend (the LocalCluster's, or the scheduler's, whose limits are checked): bytes, or "
-                "text such as 4GB, 16GiB"})
+        "help": "memory budget, e.g. 4GB, 16GiB: of this process with the torch backend, the interpreter included; "
+                "of each worker with the dask backend (the LocalCluster's, or the --scheduler's, whose limits are "
+                "checked before work), which sizes its blocks", "type": MEMORY})
     backend: str = field(default="torch", metadata={
-        "help": f"one of {', '.join(BACKENDS)}: streamed on this machine, or in blocks on a dask.distributed cluster"})
+        "help": "torch: streamed on this machine; dask: in blocks on a dask.distributed cluster",
+        "choices": BACKENDS})
     method: str = field(default="auto", metadata={
-        "help": f"torch backend, one of {', '.join(PCA_METHODS)}: auto takes the exact route when it fits `memory` and "
-                f"costs at most {EXACT_PREFERENCE}x the randomized one"})
-    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={"help": "randomized: extra trial vectors beyond K"})
-    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS,
-                                  metadata={"help": "randomized: passes of subspace iteration"})
-    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors"})
+        "help": f"torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized (subspace "
+                f"iteration); auto: exact when it fits --memory and costs at most {EXACT_PREFERENCE}x the randomized "
+                f"route", "choices": PCA_METHODS})
+    oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={
+        "help": "randomized: extra trial vectors beyond K", "type": NON_NEGATIVE})
+    power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS, metadata={
+        "help": f"randomized: passes of subspace iteration; more are more accurate when the spectrum decays slowly, "
+                f"up to {POWER_ITERATIONS_MAX} (each reads the whole dataset; at {POWER_ITERATIONS_MAX} even a 10%% "
+                f"spectral gap converges below float32's rounding)", "type": POWER_ITERATIONS})
+    seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors", "type": SEED})
     attributes: str | os.PathLike | None = field(default=None, metadata={
-        "help": "attribute table, a CSV whose first column names the dataset's models (None: no attributes)"})
+        "help": "attribute table: CSV, first column the model names, one row per dataset model (default: none)",
+        "metavar": "TABLE_CSV"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "dask backend: address of a dask.distributed scheduler, whose workers see the dataset and `state` at "
-                "the same paths (None: a LocalCluster of `workers` processes here)"})
+        "help": "dask backend: address of a dask.distributed scheduler, whose workers see the dataset and --state at "
+                "the same paths (default: a LocalCluster of --workers processes here)", "metavar": "ADDRESS"})
     workers: int | None = field(default=None, metadata={
-        "help": "dask backend without a scheduler: worker processes of the LocalCluster, one thread and `memory` each "
-                "(None: one per core)"})
-    base_model: str | None = field(default=None, metadata={"help": "base model id to record (None: the dataset's)"})
+        "help": "dask backend without a scheduler: worker processes of the LocalCluster, one thread and --memory each "
+                "(default: one per core)", "type": COUNT})
+    base_model: str | None = field(default=None, metadata={"help": "base model id to record (default: the dataset's)",
+                                                           "metavar": "ID"})
     state: str | os.PathLike | None = field(default=None, metadata={
-        "help": "directory that keeps the finished passes, to resume from, and the dask backend's result (None: "
-                "none kept; the dask backend then works in a temporary folder, and needs one with a scheduler)"})
+        "help": "directory that keeps the finished passes, to resume from, and the dask backend's result (default: "
+                "none kept; the dask backend then works in a temporary folder, and needs one with --scheduler; w2w "
+                "build: OUT.build-state, removed once OUT is written)", "metavar": "DIR"})
 
     def __post_init__(self):
         parse_memory(self.memory)
@@ -635,6 +629,7 @@ def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildC
     caller removes the directory once the space is saved (the dask backend's space maps files there)."""
     log = log or (lambda message: None)
     check_seed(config.seed)
+    check_power_iterations(config.power_iterations)
     memory = parse_memory(config.memory)
     check_components(len(dataset), dataset.layout.numel, k)
     table = read_attributes(config.attributes, dataset.names) if config.attributes is not None else None

@@ -1,7 +1,6 @@
 """Train many identity LoRAs in one pass over the frozen base model.
 
     w2w train-identities --instance-root data/faces/celeba_generated --output-root loras --identities-per-batch 16
-    accelerate launch --num_processes 8 -m lora_w2w.train_identities --instance-root ... --output-root ...
 
 Each sub-folder of --instance-root is one identity. K identities share every forward pass: each
 LoRA layer holds K rank-r LoRAs (`LoraBank`, lora_A (K, r, in), lora_B (K, out, r)) and sample k of
@@ -16,20 +15,29 @@ a restart with other settings is refused (one weights dataset must not mix recip
 --skip-collected DATASET the identities a weights dataset holds count as finished too, so that folders
 may be deleted once `w2w collect` has them. The K identities in flight save their state every
 --checkpointing-steps steps, and a restart resumes them from it, so a killed job loses at most those steps.
-Under `accelerate launch --num_processes P`, process r trains identities r, r + P, r + 2P, ...; on
-one machine without accelerate (single-thread processes on a CPU), `--shard r/P` does the same.
+
+P processes split the identities: process r trains identities r, r + P, r + 2P, ...
+
+    torchrun --standalone --nproc_per_node P -m lora_w2w.train_identities ...          # P processes on a CPU
+    accelerate launch --multi_gpu --num_processes P -m lora_w2w.train_identities ...   # P GPUs
+    for r in 0 1 2 3; do w2w train-identities ... --shard $r/4 & done; wait            # no launcher
+
+Each identity is locked while it trains (<output-root>/.locks/), so runs into one output root never train
+the same identity: a second run takes the identities the first has not reached. A process whose launcher
+died finishes its group in flight and stops (`w2w train-identities` started without a launcher goes on).
 The flags are kebab-case; their underscore spellings (`--identities_per_batch`, the original
 train_dreambooth.py's `--learning_rate` ...) are taken too.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -39,14 +47,14 @@ from diffusers.models.activations import GEGLU
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dreambooth import (IdentityData, SharedData, accumulated_step, add_dreambooth_arguments,
-                         check_dreambooth_arguments, ensure_class_images, identities_loss, initial_lora_weights,
-                         load_base, load_image_folder, lora_layout, lr_lambda, prepare_identity, prepare_shared,
-                         training_settings)
+from .dreambooth import (DreamboothConfig, IdentityData, SharedData, accumulated_step, add_dreambooth_arguments,
+                         ensure_class_images, identities_loss, initial_lora_weights, load_base, load_image_folder,
+                         lora_layout, lr_lambda, prepare_identity, prepare_shared, training_settings)
 from .dataset import WeightsDataset
 from .errors import LayoutError, W2WError
-from .flags import OneSpellingFormatter, add_flag
+from .flags import OneLineParser, OneSpellingFormatter, add_flag, config_from_args
 from .formats import PEFT_WEIGHTS, recorded_training, save_peft
+from .launch import IdentityLocks, LauncherWatch, uses_cpu_backend, world_warning
 from .layout import LoraLayout
 from .storage import load_state, save_state
 
@@ -238,9 +246,23 @@ def collected(dataset: Path, layout: LoraLayout) -> set[str]:
     return set(held.names)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
-                                     formatter_class=OneSpellingFormatter)
+def run_args(recipe: DreamboothConfig, instance_root: str | Path, output_root: str | Path,
+             **settings) -> argparse.Namespace:
+    """What `train_identities` takes, for a library caller: the Dreambooth `recipe`, the two folders, and any
+    other setting of `w2w train-identities` by its name (identities_per_batch=16 ...; the rest its defaults)."""
+    defaults = {action.dest: action.default for action in build_parser()._actions if action.dest != "help"}
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise W2WError(f"no setting {', '.join(unknown)} in w2w train-identities; expected some of "
+                       f"{', '.join(defaults)}")
+    folders = dict(instance_root=str(instance_root), output_root=str(output_root))
+    return argparse.Namespace(**defaults | dataclasses.asdict(recipe) | settings | folders)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    launching = __doc__[__doc__.index("P processes split"):__doc__.index("The flags are kebab-case")]
+    parser = OneLineParser(prog="w2w train-identities", description=__doc__.split("\n\n")[0],
+                           epilog=launching.strip(), formatter_class=OneSpellingFormatter)
     add = functools.partial(add_flag, parser, kebab=True)
     add("instance_root", required=True, help="folder with one sub-folder of images per identity")
     add("output_root", required=True, help="<output-root>/<identity>/unet/ is written per identity")
@@ -248,8 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="K, identities trained together in one pass (default: %(default)s)")
     add("limit", type=int, default=None, help="train only the first LIMIT identities")
     add("shard", default=None, metavar="R/P",
-        help="train only share R of P (identities R, R + P, ...; R from 0), for P processes on one machine without "
-             "accelerate (default: accelerate's process index and count)")
+        help="train only share R of P (identities R, R + P, ...; R from 0), for P processes started without a "
+             "launcher (default: the launcher's process index and count)")
     add("skip_collected", metavar="DATASET",
         help="a weights dataset (made by `w2w collect` from earlier runs): the identities it holds count as "
              "finished, so their folders may be deleted once collected")
@@ -257,9 +279,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="save the state of the identities in flight every N steps (0: never), in "
              "<output-root>/.checkpoint-<first identity>.pt; a restart resumes from it (default: %(default)s)")
     add_dreambooth_arguments(parser, kebab=True)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_dreambooth_arguments(args, kebab=True)
+        config_from_args(DreamboothConfig, args)  # the recipe's checks, naming the flags
         if args.identities_per_batch < 1:
             raise W2WError(f"--identities-per-batch must be >= 1, got {args.identities_per_batch}")
         if args.checkpointing_steps < 0:
@@ -280,30 +307,58 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """Train every unfinished identity of this process's share; returns the names trained and the names
-    of the identities whose folders were refused (no images, a corrupt image), which are skipped."""
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    """Train every unfinished identity of this process's share that no other process holds; returns the
+    names trained and the names of the identities whose folders were refused (no images, a corrupt image),
+    which are skipped."""
+    launcher = LauncherWatch()  # first: a launcher that dies while the base loads is noticed too
+    accelerator = make_accelerator(args)
     share, (index, count) = process_share(args, accelerator)
     settings = training_settings(args)
-    done = finished(Path(args.output_root), share, settings)  # before the base loads: a wrong restart fails fast
+    output_root = Path(args.output_root)
+    done = finished(output_root, share, settings)  # before the base loads: a wrong restart fails fast
     base = load_base(args.pretrained_model_name_or_path, accelerator.device)
     layout = lora_layout(base, args)
     if args.skip_collected:
         done |= collected(Path(args.skip_collected), layout)
     todo = [f for f in share if f.name not in done]
     resolution = args.resolution or base.resolution
-    with accelerator.main_process_first():  # the main process generates the shared class images once
+    with accelerator.main_process_first(), class_images_lock(args):  # class images are generated once
         shared = prepare_shared(base, args, resolution, class_folder(args))
-    trained, refused = [], []
-    groups = range(0, len(todo), args.identities_per_batch)
-    for start in tqdm(groups, desc=f"identity groups (share {index} of {count})", unit="group",
-                      disable=not accelerator.is_local_main_process):
-        identities = prepare_group(todo[start:start + args.identities_per_batch], base, shared, args, resolution,
-                                   refused)
-        if identities:
-            train_and_save_group(base.unet, layout, identities, shared, args, accelerator, settings, len(trained))
-            trained += [identity.name for identity in identities]
+    locks, pending, trained, refused = IdentityLocks(output_root), iter(todo), [], []
+
+    def written(name: str) -> bool:  # by another process since `todo` was made
+        return (output_root / name / "unet" / PEFT_WEIGHTS).is_file()
+
+    with tqdm(total=len(todo), desc=f"identities (share {index} of {count})", unit="identity",
+              disable=not accelerator.is_local_main_process) as progress:
+        while not launcher.gone:
+            group, passed = locks.claim_group(pending, args.identities_per_batch, written)
+            if not group:
+                break
+            try:
+                identities = prepare_group(group, base, shared, args, resolution, refused)
+                if identities:
+                    train_and_save_group(base.network, layout, identities, shared, args, accelerator, settings,
+                                         len(trained))
+                    trained += [identity.name for identity in identities]
+            finally:
+                locks.release([folder.name for folder in group])
+            progress.update(passed + len(group))
+    if launcher.gone:
+        warnings.warn(f"the launcher (process {launcher.pid}) is gone: stopped after {len(trained)} identities; "
+                      f"launch again to train the rest", stacklevel=2)
     return trained, refused
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """accelerate's state for this process: its CPU backend when a launcher started several processes and
+    there is no CUDA; a warning when the world is 1 although the launcher was asked for more."""
+    cpu = uses_cpu_backend(cuda=torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu)
+    warning = world_warning(accelerator.num_processes)
+    if warning:
+        warnings.warn(warning, stacklevel=3)
+    return accelerator
 
 
 def process_share(args: argparse.Namespace, accelerator: Accelerator) -> tuple[list[Path], tuple[int, int]]:
@@ -319,6 +374,18 @@ def class_folder(args: argparse.Namespace) -> Path:
     return Path(args.class_data_dir or Path(args.output_root) / "class_images")
 
 
+def class_images_lock(args: argparse.Namespace):
+    """The lock of the run's class folder (`.<folder>.lock` beside it) when it trains with class images: a
+    process generating them holds it, and other runs sharing the folder wait, then find them made."""
+    from filelock import FileLock
+
+    if not args.with_prior_preservation:
+        return nullcontext()
+    folder = class_folder(args)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder.parent / f".{folder.name}.lock")
+
+
 def generate_class_images(args: argparse.Namespace) -> None:
     """Generate the class images that training with `args` needs and its class folder lacks, as training
     does first: processes started afterwards over shares of the identities find them made."""
@@ -326,9 +393,10 @@ def generate_class_images(args: argparse.Namespace) -> None:
         return
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     base = load_base(args.pretrained_model_name_or_path, accelerator.device)
-    ensure_class_images(args.pretrained_model_name_or_path, class_folder(args), args.class_prompt,
-                        args.num_class_images, args.resolution or base.resolution, args.class_inference_steps,
-                        args.seed, accelerator.device)
+    with class_images_lock(args):
+        ensure_class_images(args.pretrained_model_name_or_path, class_folder(args), args.class_prompt,
+                            args.num_class_images, args.resolution or base.resolution, args.class_inference_steps,
+                            args.seed, accelerator.device)
 
 
 def prepare_group(folders: list[Path], base, shared: SharedData, args: argparse.Namespace, resolution: int,
@@ -362,7 +430,8 @@ def train_and_save_group(unet: nn.Module, layout: LoraLayout, identities: list[I
                        f"4.0 + 3.1 K GiB in float32); the {finished_before} identities finished are kept and a "
                        f"restart goes on from there") from None
     for identity, w in zip(identities, weights):
-        save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
+        save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings,
+                  shared.family.lora_naming())
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
 
@@ -374,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     except W2WError as error:
         print(f"w2w train-identities: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished identities and the last checkpoint are kept: a rerun goes on from them
+        print("w2w train-identities: interrupted", file=sys.stderr)
+        return 130
     print(f"trained {len(trained)} identities into {args.output_root}")
     if refused:
         print(f"w2w train-identities: error: {len(refused)} identity folders refused: {', '.join(refused)}",

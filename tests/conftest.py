@@ -71,6 +71,27 @@ def space(layout):
     return make_space(layout, k=6)
 
 
+# ----------------------------------------------------------------------------- photographs that ship in packages
+
+@pytest.fixture(scope="session")
+def astronaut():
+    """Eileen Collins (NASA, public domain), shipped in the scikit-image wheel: skimage/data/astronaut.png."""
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def grace_hopper():
+    """Grace Hopper (US Navy, public domain), shipped in the matplotlib wheel: mpl-data/sample_data/grace_hopper.jpg."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as image:
+        return image.convert("RGB")
+
+
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """A randomly initialised tiny pipeline (32 px, the tiny world's architecture at toy width) saved as a

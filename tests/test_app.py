@@ -31,11 +31,12 @@ from skimage import data
 from lora_w2w.diffusion import image_sizes
 from lora_w2w.editing import attribute_directions
 from lora_w2w.errors import NoFaceError
-from lora_w2w.faces import face_crop, largest_face
+from lora_w2w.faces import align_face, find_face
 from lora_w2w.formats import load_kohya, load_peft
-from lora_w2w.inversion import AUTO_MASK, invert, invert_file, photo_targets, preset, read_photos
+from lora_w2w.inversion import AUTO_MASK, invert, photo_targets, preset, read_photos
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import load_model, load_space, save_model
+from lora_w2w.workbench import Workbench
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "files" / "tiny" / "space"
@@ -185,6 +186,7 @@ def replace_invert_files(page, paths: list[Path]) -> None:
                            f".some(row => row.getAttribute('aria-label') === name))", timeout=JOB_TIMEOUT)
 
 
+@pytest.mark.slow
 def test_browser_sample_edit_invert_download_and_errors(server, server_process, browser, space, tmp_path):
     page = browser.new_page()
     requests = []
@@ -317,6 +319,7 @@ def check_loads_in_diffusers(kohya_path: Path, weights: torch.Tensor, space) -> 
     torch.testing.assert_close(loaded, fused, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_api_endpoints(client, space, tmp_path):
     model_path, images = client.predict(3, api_name="/sample")
     sampled = load_model(model_path)
@@ -347,12 +350,13 @@ def test_api_endpoints(client, space, tmp_path):
     # the optional crop, auto mask and more images: what `w2w invert` computes for the same photos
     both_path, images = client.predict(_file(FACE), _file(FACE_MASK), "real", 3, "face", True, [_file(FACE_256)],
                                        api_name="/invert")
-    expected, _ = invert_file(str(BASE), space, [FACE, FACE_256], [FACE_MASK, AUTO_MASK],
-                              preset("real", space, steps=3), seed=0, device="cpu", progress=False, crop="face")
+    expected, _ = Workbench(BASE, space, "cpu", progress=False).invert(
+        [FACE, FACE_256], [FACE_MASK, AUTO_MASK], preset("real", space, steps=3), crop="face")  # w2w invert's
     torch.testing.assert_close(load_model(both_path).coefficients, expected.coefficients, rtol=1e-4, atol=1e-5)
     assert len(images) == 4
 
 
+@pytest.mark.slow
 def test_api_errors_are_the_cli_line(client, space, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -397,17 +401,19 @@ def _file(path):
     return handle_file(str(path))
 
 
-def test_help_documents_every_endpoint():
-    from lora_w2w.cli import build_parser
+def test_help_documents_every_endpoint(capsys):
+    from lora_w2w.cli import main
 
-    commands = next(a for a in build_parser()._actions if a.dest == "command")
-    text = commands.choices["app"].format_help()
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    text = capsys.readouterr().out
     for endpoint in ("/sample(seed)", "/edit(model file, edits, debias)", "/invert(image file, mask file or None, "
                      "preset, steps[, crop, auto mask, more image files])",
                      "/generate(model file, prompt, seeds, steps)", "/export(model file, format)"):
         assert endpoint in text
 
 
+@pytest.mark.slow
 def test_the_mask_is_the_brush_strokes_at_the_image_size():
     from lora_w2w.app import mask_from_layers
 
@@ -440,9 +446,9 @@ def test_seeds_steps_and_edits_are_checked():
 
 @pytest.fixture(scope="module")
 def engine():
-    from lora_w2w.app import AppConfig, Engine
+    from lora_w2w.app import Actions, AppConfig
 
-    return Engine(AppConfig(space=str(SPACE), base=str(BASE), device="cpu"))
+    return Actions(AppConfig(space=str(SPACE), base=str(BASE), device="cpu"))
 
 
 def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
@@ -450,31 +456,34 @@ def test_crop_to_face_and_the_auto_mask_frame_the_astronaut(engine):
 
     astronaut = Image.fromarray(data.astronaut())
     _, (photo,) = engine.invert(astronaut, None, "real", 1, crop="face", auto_mask=True)
-    crop, box = face_crop(astronaut, largest_face(astronaut))  # box: the detected face in the crop's pixels
-    assert photo.auto and photo.picture.size == crop.size == (220, 220)
+    aligned = align_face(astronaut, find_face(astronaut).landmarks, 64)  # at the tiny world's resolution
+    assert photo.auto and photo.picture.size == aligned.image.size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(photo.picture), np.asarray(aligned.image))
     mask = photo.mask.astype(float)  # (H, W) 0..255
     rows, columns = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
-    centroid = (rows * mask).sum() / mask.sum(), (columns * mask).sum() / mask.sum()
-    assert box.contains(*centroid), (centroid, box)
+    centroid = np.array([(columns * mask).sum(), (rows * mask).sum()]) / mask.sum()  # (x, y)
+    eyes, nose_tip = aligned.landmarks[36:48].mean(0), aligned.landmarks[30]  # the head's middle, as test_photos
+    assert abs(centroid[0] - eyes[0]) < 3.2 and 6.4 < centroid[1] < nose_tip[1], centroid
     shown = np.asarray(fitted_view(photo), dtype=float)  # what the page shows: dimmed outside the mask
-    np.testing.assert_allclose(shown[0, 0], OUTSIDE_MASK * np.asarray(crop)[0, 0], atol=0.5)
-    np.testing.assert_array_equal(shown[110, 110], np.asarray(crop)[110, 110])
+    np.testing.assert_allclose(shown[-1, 0], OUTSIDE_MASK * np.asarray(aligned.image)[-1, 0], atol=0.5)
+    np.testing.assert_array_equal(shown[32, 32], np.asarray(aligned.image)[32, 32])
     assert fitted_caption(photo) == "image: auto mask"
 
 
+@pytest.mark.slow
 def test_several_images_are_the_cli_and_api_inversion(engine, space):
     """Two photos, a mask file on the first (it wins over the auto mask) and the auto mask on the second:
-    the engine computes what `w2w invert` (invert_file) and the Python API compute, run after run."""
+    the engine computes what `w2w invert` (its Workbench) and the Python API compute, run after run."""
     model, photos = engine.invert([FACE, FACE_256], [FACE_MASK, None], "real", 3, auto_mask=True)
     assert [photo.auto for photo in photos] == [False, True]
     again, _ = engine.invert([FACE, FACE_256], [FACE_MASK, None], "real", 3, auto_mask=True)
     assert torch.equal(model.coefficients, again.coefficients)
     config = preset("real", space, steps=3)
-    cli, _ = invert_file(str(BASE), space, [FACE, FACE_256], [FACE_MASK, AUTO_MASK], config, seed=0, device="cpu",
-                         progress=False)
+    cli, _ = Workbench(BASE, space, "cpu", progress=False).invert([FACE, FACE_256], [FACE_MASK, AUTO_MASK], config)
     assert torch.equal(model.coefficients, cli.coefficients)
-    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(engine.pipe))
-    api = invert(engine.pipe, space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
+    pipe = engine.bench.pipeline()
+    images, masks = photo_targets(read_photos([FACE, FACE_256], [FACE_MASK, AUTO_MASK]), *image_sizes(pipe))
+    api = invert(pipe, space, list(images.split(1)), list(masks.split(1)), config, seed=0, progress=False)
     assert torch.equal(model.coefficients, api.coefficients)
     alone, _ = engine.invert(FACE, FACE_MASK, "real", 3)
     assert not torch.allclose(alone.coefficients, model.coefficients, atol=1e-3)  # the second photo counts
@@ -482,7 +491,7 @@ def test_several_images_are_the_cli_and_api_inversion(engine, space):
 
 def test_no_face_under_crop_to_face_is_the_clis_error(engine, tmp_path):
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
-    with pytest.raises(NoFaceError, match=r"coffee\.jpg: no face found \(the detector finds frontal faces\)"):
+    with pytest.raises(NoFaceError, match=r"coffee\.jpg: no face found \(dlib's HOG detector"):
         engine.invert([FACE, tmp_path / "coffee.jpg"], None, "real", 1, crop="face")
 
 

@@ -156,6 +156,7 @@ def test_the_cli_offers_every_editing_method():
             assert build_parser().parse_args([*command, "--method", method]).method == method
 
 
+@pytest.mark.slow
 def test_generation_fuses_the_model_and_delays_injection(toy_world):
     from lora_w2w.layout import LoraLayout
     from lora_w2w.pipeline import generate_from_weights, load_base_pipeline
@@ -186,6 +187,7 @@ def test_generation_fuses_the_model_and_delays_injection(toy_world):
         generate_from_weights(pipe, layout, weights, "x", edited=edited)
 
 
+@pytest.mark.slow
 def test_generate_takes_the_space_and_a_model():
     """generate(pipe, space, model) is generate_from_weights with the model's weights and the space's prompt,
     bit for bit, on the tiny world."""

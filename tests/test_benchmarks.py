@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +54,26 @@ def test_bench_pca_dask(tmp_path):
     assert plan["SD1.5 (the paper)"]["largest_task_io_bytes"] == 3 * 8 * 10_010**2     # two L x L Grams and their sum
     hours = plan["SDXL"]["predicted_hours"]
     assert hours["1"] > hours["4"] > hours["16"]
+
+
+@pytest.mark.slow
+def test_bench_faces():
+    result = last_json("bench_faces.py", "--renders", "2", "--cnn-renders", "1", "--repeats", "1")
+    assert result["benchmark"] == "faces" and result["renders"] == {"lbp_cascade": 2, "dlib_hog": 2, "dlib_cnn": 1}
+    per_render = result["seconds_per_render"]
+    assert result["ratio"] == pytest.approx(per_render["dlib_hog"] / per_render["lbp_cascade"])
+    assert all(0 <= rate <= 1 for rate in result["detection_rate"].values())
+    assert set(result["seconds_per_image"]) == {"astronaut", "grace_hopper"}
+
+
+def test_bench_outputs():
+    result = last_json("bench_outputs.py", "--seeds", "40", "--baseline-seeds", "10", "--pairwise-seeds", "20",
+                       "--repeats", "1")
+    assert result["benchmark"] == "outputs" and (result["seeds"], result["baseline_seeds"]) == (40, 10)
+    assert result["ratio"] > 0 and result["pairwise_ratio"] > 0
+
+
+def test_bench_import():
+    result = last_json("bench_import.py", "--repeats", "1")
+    assert result["benchmark"] == "import" and result["repeats"] == 1
+    assert result["ratio"] == pytest.approx(result["lazy_s"] / result["eager_s"], abs=1e-3) and result["ratio"] < 1

@@ -60,6 +60,7 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "lora_w2w.cli", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(saved, capsys):
     tmp_path, space, model = saved
     save_model(W2WModel(torch.randn(9), space.id), tmp_path / "big.safetensors")
@@ -91,7 +92,7 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     for command in ("info", "export", "import-official", "sample", "edit", "directions", "generate", "invert",
-                    "collect", "build", "train-identities"):
+                    "score", "collect", "build", "train-identities"):
         assert command in out, command
     with pytest.raises(SystemExit):
         main(["import-official", "--help"])
@@ -105,11 +106,12 @@ def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys)
                  "--export", "kohya"]) == 0
     assert (tmp_path / "s" / "sample_001_lora.safetensors").is_file()
     assert main(["edit", "--space", str(toy_space), "--model", str(tmp_path / "s" / "sample_000.safetensors"),
-                 "--edit", "Eyeglasses=2", "--edit", "Young=-1", "--debias", "Male", "--out",
+                 "--edit", "Eyeglasses=2", "--edit", "Age=1", "--debias", "Male", "--out",
                  str(tmp_path / "edited.safetensors")]) == 0
     assert "Eyeglasses: +2 std" in capsys.readouterr().out
     before, after = (load_model(tmp_path / p) for p in ("s/sample_000.safetensors", "edited.safetensors"))
     assert not torch.equal(before.coefficients, after.coefficients) and after.space_id == before.space_id
+    assert after.made_by == "sample seed 1; edit Age +1, Eyeglasses +2 (debias Male)"
     assert main(["generate", "--base", str(toy_world / "base"), "--space", str(toy_space), "--model",
                  str(tmp_path / "edited.safetensors"), "--seeds", "0", "1", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "g")]) == 0
@@ -120,10 +122,11 @@ def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys)
         main(["edit", "--space", str(toy_space), "--model", str(tmp_path / "edited.safetensors"),
               "--edit", "Wings=1", "--out", str(tmp_path / "x.safetensors")])
     assert exit_info.value.code == 2
-    assert "no attribute 'Wings'; the space has: Male, Young" in capsys.readouterr().err
+    assert "no attribute 'Wings'; the space has: Male, Age, Eyeglasses, Beard, " in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["lora_w2w", None])
 def test_the_no_torchvision_notice_of_transformers_is_silenced(first):
     """Loading diffusers' pipeline module makes transformers say twice that it falls back to PIL image

@@ -35,6 +35,8 @@ from lora_w2w.layout import sd15_layout
 from lora_w2w.space import W2WModel
 from lora_w2w.storage import load_space, save_model
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 FACE = ROOT / "inversion" / "images" / "face.png"
 FACE_MASK = ROOT / "inversion" / "images" / "face_mask.png"

@@ -380,6 +380,7 @@ def test_invert_script_reads_the_released_files(toy_world, toy_space, tmp_path):
     assert model.space_id == toy_space.id and model.coefficients.shape == (K,)
 
 
+@pytest.mark.slow
 def test_run_inversion_sh_inverts_both_examples_on_the_tiny_world(tmp_path):
     """The script's flags work against the shipped tiny space (one step each here)."""
     env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), REAL_EPOCHS="1", OOD_EPOCHS="1")

@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.relative_to(ROOT) for p in ROOT.glob("*/*.ipynb"))
 TINY = ROOT / "files" / "tiny"
@@ -43,3 +45,5 @@ def test_notebook_runs(path, world, tmp_path):
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str((ROOT / path).parent)}})
     client.execute()  # raises CellExecutionError naming the failing cell
+    texts = [output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [text for text in texts if "it/s]" in text or "s/it]" in text], path  # no progress bars kept

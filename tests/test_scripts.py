@@ -1,3 +1,4 @@
+import pytest
 """train.sh and inversion/run_inversion.sh run from a shell where the project's .venv is not activated:
 they put the .venv beside them first on PATH. Here the .venv is a stand-in whose `python` runs this
 environment's interpreter and logs each call, and whose `accelerate` only logs."""
@@ -6,6 +7,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
 
 ROOT = Path(__file__).resolve().parents[1]
 BARE_PATH = "/usr/bin:/bin"  # a shell without the venv: no `python` with pandas, no `accelerate`

@@ -4,7 +4,8 @@ shapes saved as a diffusers folder, and the released files of its layout importe
 Every command runs at 64 px (the UNet's sample_size is 8 latents; the architecture is SD1.5's) with 2 steps.
 
 The file takes 47 s of CPU time (user + sys) and peaks at 6.7 GB of RSS (a float32 pipeline loaded from its float16
-folder); 2 min 50 s of wall time on a 2-core machine shared at load average 13.
+folder); 2 min 50 s of wall time on a 2-core machine shared at load average 13. `w2w evaluate --faces` (a Dreambooth
+LoRA trained on SD1.5's UNet) with the fixture alone: 2 min 41 s of CPU, 6 min of wall time at load average 6-8.
 """
 import importlib.util
 import json
@@ -133,3 +134,30 @@ def test_invert_script_reads_the_released_files_as_they_are(sd15, tmp_path):
     model = load_model(tmp_path / "out" / "w2wmodel.safetensors")
     assert model.space_id == space.id and model.coefficients.shape == (K,)
     torch.testing.assert_close(load_peft(space.layout, tmp_path / "out" / "unet"), model.weights(space))
+
+
+def test_evaluate_runs_table2_on_a_photograph(sd15, astronaut, tmp_path):
+    """`w2w evaluate --faces`: the astronaut aligned and inverted, a 1-image Dreambooth-LoRA trained on her, each
+    model's images of a prompt scored by dlib (random weights: the scores mean nothing; the path runs and the
+    report is complete)."""
+    root, _ = sd15
+    (tmp_path / "faces").mkdir()
+    astronaut.save(tmp_path / "faces" / "astronaut.png")
+    prompts = ["a photo of sks person"]  # one: each prompt costs a generation per model on SD1.5's UNet
+    run("evaluate", "--base", root / "base", "--space", root / "official", "--faces", tmp_path / "faces",
+        "--prompts", *prompts, "--steps", STEPS, "--seeds", 1, "--inversion-steps", STEPS, "--dreambooth-steps", STEPS,
+        "--class-images", 1, "--out", tmp_path / "report.json", "--work", tmp_path / "work")
+    report = json.loads((tmp_path / "report.json").read_text())
+    table2 = report["table2"]
+    assert report["space_id"] == load_space(root / "official").id and report["runs"]["table2"]["wall_s"] > 0
+    assert set(table2) >= {"w2w", "dreambooth_1", "photographs", "prompts", "identities", "steps", "config"}
+    assert "dreambooth_multi" not in table2  # one photograph of the person: no multi-image baseline
+    assert table2["photographs"] == {"astronaut": [str(tmp_path / "faces" / "astronaut.png")]}
+    assert table2["steps"] == {"w2w": STEPS, "dreambooth_1": STEPS} and table2["embedder"] == "dlib"
+    for name in ("w2w", "dreambooth_1"):
+        row = table2[name]
+        assert row["images"] == len(prompts) and 0 <= row["no_face"] <= len(prompts)
+        assert list(row["per_prompt"]) == prompts and len(row["per_identity"]) == 1
+        assert row["paper_id_score"] in (0.64, 0.43)
+        similarity = row["identity_similarity"]
+        assert similarity is None if row["no_face"] == len(prompts) else -1 <= similarity <= 1

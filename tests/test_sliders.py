@@ -27,6 +27,7 @@ def test_targets_and_negation(layout):
         SliderConfig(steps=0)
 
 
+@pytest.mark.slow
 def test_a_trained_slider_moves_along_the_prompt_pair(toy_world):
     pipe = load_pipeline(toy_world / "base")
     layout = LoraLayout.from_unet(pipe.unet, rank=4, alpha=4)

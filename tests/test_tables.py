@@ -36,6 +36,7 @@ def _args(toy_world, toy_space, toy_weights, tmp_path, *only):
                                 str(tmp_path / "work"), *TOY, *(["--only", *only] if only else [])])
 
 
+@pytest.mark.slow
 def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
     report = tables.main(_args(toy_world, toy_space, toy_weights, tmp_path))
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
@@ -103,6 +104,7 @@ def test_every_section(toy_world, toy_space, toy_weights, tmp_path):
     assert all(p.stat().st_size > 10_000 for p in pictures)
 
 
+@pytest.mark.slow
 def test_one_section_updates_a_report_and_reruns_alike(toy_world, toy_space, toy_weights, tmp_path):
     out = tmp_path / "report.json"
     space_id = load_space(toy_space).id

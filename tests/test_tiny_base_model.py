@@ -66,6 +66,7 @@ def test_tokenizer_pads_to_max_length_and_fits_every_caption(tokenizer):
 # architecture, saving, loading, speed
 
 
+@pytest.mark.slow
 def test_unet_has_sd15_lora_targets_at_16x16(saved):
     unet, text_encoder = saved[1].unet, saved[1].text_encoder
     side = {}  # Transformer2DModel name -> side of the latent grid it attends over
@@ -134,6 +135,7 @@ def toy_run(tmp_path_factory):
     return argv, main(parse_args(argv))
 
 
+@pytest.mark.slow
 def test_toy_training_decreases_losses_and_writes_a_loadable_folder(toy_run):
     argv, report = toy_run
     out = parse_args(argv).out
@@ -148,6 +150,7 @@ def test_toy_training_decreases_losses_and_writes_a_loadable_folder(toy_run):
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_toy_training_resumes_from_its_checkpoints(toy_run):
     argv, report = toy_run
     first = load_pipeline(parse_args(argv).out).unet.state_dict()
@@ -168,6 +171,7 @@ def test_bad_flags_are_rejected(flags):
         parse_args(["--out", "unused", *flags])
 
 
+@pytest.mark.slow
 def test_committed_base_loads_offline_and_generates_faces_fast():
     """files/tiny/base loads like realistic-vision would, and its samples are faces the evaluator reads."""
     import time

@@ -14,6 +14,8 @@ from lora_w2w.pca import build_space
 from lora_w2w.storage import load_space
 from lora_w2w.tiny import build
 
+pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
+
 TINY_SPACE = Path(__file__).resolve().parents[1] / "files" / "tiny" / "space"
 
 
@@ -25,8 +27,11 @@ def toy_recipe(monkeypatch):
 
 def test_recipe_flags_are_the_training_flags():
     from lora_w2w import train_identities
+    from lora_w2w.dreambooth import DreamboothConfig
+    from lora_w2w.flags import config_argv
 
-    args = train_identities.parse_args(["--instance_root", "i", "--output_root", "o", *build.recipe_flags(build.LORA_RECIPE)])
+    recipe = config_argv(DreamboothConfig(**build.LORA_RECIPE), kebab=False)
+    args = train_identities.parse_args(["--instance_root", "i", "--output_root", "o", *recipe])
     for key, value in build.LORA_RECIPE.items():
         assert getattr(args, key) == value
 
@@ -77,7 +82,8 @@ def test_build_trains_collects_and_builds_the_space(toy_world, toy_recipe, tmp_p
     args.identities = 4
     shutil.rmtree(out / "space")
     assert build.main(args) == 0
-    assert WeightsDataset(out / "weights").names[-1] == "000003" and [p.name for p in (work / "loras").iterdir()] == ["000003"]
+    trained = [p.name for p in (work / "loras").iterdir() if not p.name.startswith(".")]  # not .locks
+    assert WeightsDataset(out / "weights").names[-1] == "000003" and trained == ["000003"]
     with pytest.raises(W2WError, match="holds 4 identities, the space is of 3"):
         build.stage_space(out, work, 3, 1, tmp_path / "variance.png")
 

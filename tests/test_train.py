@@ -31,6 +31,7 @@ def _common(world, steps=4):
             "--train_batch_size", "2", "--learning_rate", "1e-2"]
 
 
+@pytest.mark.slow
 def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
     solo = {}
@@ -56,6 +57,7 @@ def test_many_identities_equal_their_solo_runs(toy_world, tmp_path):
     assert any(not torch.allclose(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_restart_skips_finished_identities_and_shards_by_process(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
     argv = ["--instance_root", str(faces), "--output_root", str(tmp_path), "--identities_per_batch", "2",
@@ -99,6 +101,7 @@ def killed_in_call(n: int):
     return loss
 
 
+@pytest.mark.slow
 def test_a_group_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_uninterrupted(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
 
@@ -219,16 +222,18 @@ def test_noisy_inputs_follow_the_cached_latents_device():
     latents are (CUDA in practice; the meta device stands in for it here)."""
     from diffusers import DDPMScheduler
 
+    from lora_w2w.bases import Conditioning, StableDiffusion1
     from lora_w2w.diffusion import StepSampler
     from lora_w2w.dreambooth import IdentityData, SharedData, noisy_inputs
 
     latents = torch.zeros(3, 4, 8, 8, device="meta")
-    text = torch.zeros(1, 7, 16, device="meta")
-    shared = SharedData(latents, latents, text, text, 0.18215, DDPMScheduler())
+    text = Conditioning({"encoder_hidden_states": torch.zeros(1, 7, 16, device="meta")})
+    shared = SharedData(latents, latents, text, text, (0.18215, None), DDPMScheduler(), StableDiffusion1({}, {}))
     sampler = StepSampler(0, num_instance=3, num_class=3, batch_size=1, latent_shape=(4, 8, 8),
                           num_train_timesteps=1000)
-    noisy, timesteps, embeddings, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
-                                                        sampler.next())
+    noisy, timesteps, conditioning, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
+                                                          sampler.next())
+    embeddings = conditioning.batched["encoder_hidden_states"]
     assert {t.device.type for t in (noisy, timesteps, embeddings, target)} == {"meta"}
     assert noisy.shape == target.shape == (2, 4, 8, 8) and embeddings.shape == (2, 7, 16)
 
@@ -267,6 +272,7 @@ def test_identity_banks_compute_as_the_plain_unet_and_put_it_back(toy_world):
     assert dict(unet.named_modules()) == before  # the same module objects (nn.Module compares by identity)
 
 
+@pytest.mark.slow
 def test_train_sh_trains_a_tiny_world_identity_through_accelerate(tmp_path):
     """train.sh's tiny example, as a user runs it (accelerate launch, the committed tiny base), cut to 2 steps
     and 2 class images: a LoRA folder in the released format, trained with the tiny recipe's settings."""
@@ -301,6 +307,12 @@ def test_train_identities_flags_are_kebab_case_and_take_the_original_spellings(c
     with pytest.raises(SystemExit):
         train_identities.parse_args(["--instance-root", "i", "--output-root", "o", "--max_train_steps", "0"])
     assert "--max-train-steps must be >= 1, got 0" in capsys.readouterr().err  # named as --help names it
+    for flag, value, message in (("--learning_rate", "1e300", "--learning-rate: expected a number <= 10000, got "
+                                                              "1e+300: Adam moves each parameter"),
+                                 ("--adam_weight_decay", "nan", "--adam-weight-decay: expected a finite number")):
+        with pytest.raises(SystemExit):  # a number torch cannot use, refused before any model loads
+            train_identities.parse_args(["--instance-root", "i", "--output-root", "o", flag, value])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     shown = capsys.readouterr().out  # the original's script keeps the original's spellings
@@ -330,6 +342,7 @@ def test_an_accumulated_step_is_one_step_on_the_batches_mean_gradient():
     assert not torch.equal(trained(accumulate=True), torch.full((1, 2), 0.5))
 
 
+@pytest.mark.slow
 def test_class_images_are_generated_before_the_shares_as_training_makes_them(toy_world, tmp_path):
     faces = toy_world / "faces" / "celeba_generated"
     argv = ["--instance-root", str(faces), "--output-root", str(tmp_path / "out"), *_common(toy_world, steps=1)]

@@ -1,4 +1,6 @@
-"""Make the example images of inversion/images/ (committed; rerun to rebuild them exactly).
+"""Make the example images of inversion/images/ and the package's copies of the demo's four
+(lora_w2w/data/examples/, `defaults.EXAMPLES`, which an install that is not editable ships); committed,
+rerun to rebuild them exactly.
 
     python inversion/images/make_examples.py
 
@@ -11,11 +13,13 @@ Masks are drawn at 4x and downsampled, so only their edges are grey (antialiasin
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lora_w2w.defaults import EXAMPLES
 from lora_w2w.tiny import synthetic
 
 HERE = Path(__file__).parent
@@ -23,6 +27,7 @@ FACE_SEED = 3_000_123
 FACE_VIEW_SEED = 7
 DRAWING_SEED = 11
 SUPERSAMPLE = 4
+PACKAGED = ("face.png", "face_mask.png", "drawing.png", "drawing_mask.png")  # the demo's, shipped in the package
 
 
 def face_mask(identity: synthetic.Identity, view_seed: int, size: int) -> Image.Image:
@@ -91,7 +96,11 @@ def main() -> None:
     painted, mask = drawing()
     painted.save(HERE / "drawing.png", optimize=True)
     mask.save(HERE / "drawing_mask.png", optimize=True)
-    print(f"wrote {HERE}/face.png face_256.png face_mask.png drawing.png drawing_mask.png")
+    EXAMPLES.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGED:
+        shutil.copyfile(HERE / name, EXAMPLES / name)
+    print(f"wrote {HERE}/face.png face_256.png face_mask.png drawing.png drawing_mask.png and copied {len(PACKAGED)} "
+          f"to {EXAMPLES}")
 
 
 if __name__ == "__main__":

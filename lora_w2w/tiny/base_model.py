@@ -3,8 +3,8 @@ KL autoencoder, UNet with cross-attention transformer blocks, DDIM scheduler) at
 64 x 64 faces with 4 x 16 x 16 latents.
 
     pipe = build_pipeline(TinyPipelineConfig(), seed=0)   # random weights; train_base.py trains them
-    save_pipeline(pipe, "files/tiny/base")
-    pipe = load_pipeline("files/tiny/base")               # exactly as realistic-vision is loaded
+    save_pipeline(pipe, DEFAULT_BASE)                      # defaults.DEFAULT_BASE: files/tiny/base
+    pipe = load_pipeline(DEFAULT_BASE)                    # exactly as realistic-vision is loaded
     image = pipe("a photo of a young man with glasses", num_inference_steps=25).images[0]
 """
 

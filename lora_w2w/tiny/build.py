@@ -32,26 +32,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..dataset import INDEX_JSON, WeightsDataset, collect_folders
+from ..defaults import TINY
 from ..errors import W2WError
-from ..flags import OneSpellingFormatter, add_flag
+from ..dreambooth import DreamboothConfig
+from ..flags import OneSpellingFormatter, add_flag, config_argv
 from ..space import Space
 from ..storage import atomic_output, save_space
 
-# The LoRA recipe of the tiny world's space (its ablation: files/tiny/README.md, "The LoRA recipe").
+# The LoRA recipe of the tiny world's space, DreamboothConfig's values that differ from the paper's (its
+# ablation: files/tiny/README.md, "The LoRA recipe").
 LORA_RECIPE = {"lora_r": 4, "lora_alpha": 108, "lora_target_modules": ["to_q", "to_v"], "max_train_steps": 800,
                "learning_rate": 3e-3, "train_batch_size": 1, "num_class_images": 200, "class_inference_steps": 25}
 # The inversion learning rates that suit the tiny space's coefficient scale, recorded in it (measured in
 # files/tiny/README.md, "space/").
 INVERSION_PRESETS = {"real": {"lr": 0.3}, "ood": {"lr": 0.1}}
 WEIGHTS_SHARD_SIZE = 128  # models per shard file of weights/: files of a few MB
-
-
-def recipe_flags(recipe: dict) -> list[str]:
-    """The recipe as flags in the original's spelling, which train_dreambooth.py and w2w train-identities take."""
-    flags = []
-    for key, value in recipe.items():
-        flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
-    return flags
 
 
 def stage_base(out: Path, work: Path) -> None:
@@ -88,9 +83,10 @@ def stage_loras(out: Path, work: Path, identities: int, identities_per_batch: in
         print(f"identity LoRAs: all {identities} in {out / 'weights'}, skipped")
         return
     write_dataset(work / "faces", identities, first_seed=0)
-    argv = ["--base", str(out / "base"), "--instance-root", str(work / "faces" / "celeba_generated"),
-            "--output-root", str(work / "loras"), "--class-data-dir", str(work / "class_images"),
-            "--identities-per-batch", str(identities_per_batch), *recipe_flags(LORA_RECIPE)]
+    recipe = DreamboothConfig(**LORA_RECIPE, pretrained_model_name_or_path=str(out / "base"),
+                              class_data_dir=str(work / "class_images"))
+    argv = ["--instance-root", str(work / "faces" / "celeba_generated"), "--output-root", str(work / "loras"),
+            "--identities-per-batch", str(identities_per_batch), *config_argv(recipe)]  # for each process too
     if collected(out / "weights"):
         argv += ["--skip-collected", str(out / "weights")]
     if processes == 1:
@@ -193,12 +189,12 @@ def plot_explained_variance(space: Space, kept: int, picture: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=OneSpellingFormatter)
-    parser.add_argument("--out", default="files/tiny", help="where the committed artifacts go (default: %(default)s)")
+    parser.add_argument("--out", default=str(TINY), help="where the committed artifacts go (default: %(default)s)")
     parser.add_argument("--work", default="data/tiny", help="intermediate files, not committed (default: %(default)s)")
     parser.add_argument("--identities", type=int, default=1000, help="M, identities of the space (default: %(default)s)")
     parser.add_argument("--components", type=int, default=250,
                         help="K kept in the space, at most M - 1 (default: %(default)s, chosen in "
-                             "files/tiny/README.md)")
+                             "the tiny world's README.md)")
     parser.add_argument("--plot", default="assets/tiny_explained_variance.png",
                         help="the explained-variance plot of the space (default: %(default)s)")
     add_flag(parser, "identities_per_batch", kebab=True, type=int, default=32,

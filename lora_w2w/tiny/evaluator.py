@@ -40,13 +40,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from lora_w2w.defaults import DEFAULT_EVALUATOR
 from lora_w2w.images import eight_bit
 from lora_w2w.errors import FileFormatError
 from lora_w2w.storage import atomic_output
 from lora_w2w.tiny import synthetic
 from lora_w2w.tiny.synthetic import ATTRIBUTES, IMAGE_ATTRIBUTES, TRAITS
 
-DEFAULT_PATH = "files/tiny/evaluator.safetensors"
+DEFAULT_PATH = DEFAULT_EVALUATOR
 FORMAT = "lora_w2w.tiny.evaluator/1"
 LABELS: tuple[str, ...] = ATTRIBUTES + IMAGE_ATTRIBUTES   # the binary outputs
 CIRCULAR_TRAITS: tuple[str, ...] = ("clothes_hue",)       # hue 0 == hue 1: predicted as (cos, sin)
@@ -263,11 +264,9 @@ def identity_embedding(pred: Prediction) -> np.ndarray:
 def identity_similarity(a: Prediction, b: Prediction) -> np.ndarray:
     """(B,) cosine similarity of the identity embeddings of a's and b's rows, pair by pair (one
     side may have a single row): the tiny world's analogue of the paper's FaceNet ID score."""
-    ea, eb = identity_embedding(a), identity_embedding(b)  # (B, D), (B, D) or (1, D)
-    assert len(ea) == len(eb) or 1 in (len(ea), len(eb)), f"rows: {len(ea)} vs {len(eb)}"
-    ea = ea / np.linalg.norm(ea, axis=1, keepdims=True)
-    eb = eb / np.linalg.norm(eb, axis=1, keepdims=True)
-    return (ea * eb).sum(axis=1)
+    from ..identity import pair_similarities
+
+    return pair_similarities(identity_embedding(a), identity_embedding(b))  # (B, D), (B, D) or (1, D)
 
 
 def feature_distance(evaluator: Evaluator, a, b) -> np.ndarray:

@@ -14,6 +14,7 @@ The last line printed is one JSON object with the configuration and the scores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,12 +23,15 @@ import numpy as np
 import torch
 
 from .. import train_identities
+from ..defaults import DEFAULT_EVALUATOR
+from ..dreambooth import DreamboothConfig, add_dreambooth_arguments
 from ..errors import W2WError
-from ..flags import OneSpellingFormatter, add_flag
+from ..flags import OneSpellingFormatter, add_flag, config_from_args
 from ..formats import load_peft
 from ..layout import LoraLayout
-from ..pipeline import generate_from_weights, image_grid, load_base_pipeline
+from ..pipeline import generate_from_weights, image_grid
 from ..storage import save_png
+from ..workbench import Workbench
 from .evaluator import Evaluator, attribute_agreement, identity_similarity
 from .synthetic import ATTRIBUTES, dataset_view_seed, render, sample_identity, write_dataset
 
@@ -83,21 +87,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(parser, "inference_steps", kebab=True, type=int, default=25,
              help="denoising steps of the samples (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the samples (default: %(default)s)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator file")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator file")
     parser.add_argument("--out", required=True, help="work folder: faces, LoRAs, a picture, the JSON row")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--having", nargs="+", default=[], metavar="ATTRIBUTE=±1",
                         help="study only identities with these attribute values, an equal share each "
                              "(e.g. Blond_Hair=1 No_Beard=-1: blond identities and bearded ones)")
-    args, rest = parser.parse_known_args(argv)
+    add_dreambooth_arguments(parser, kebab=True)  # the configuration studied: the recipe's flags
+    args = parser.parse_args(argv)
     try:
         args.having = parse_having(args.having)
+        recipe = config_from_args(DreamboothConfig, args)
     except W2WError as error:
         parser.error(str(error))
     out = Path(args.out)
-    args.train = train_identities.parse_args([
-        "--instance-root", str(out / "faces" / "celeba_generated"), "--output-root", str(out / "loras"),
-        "--identities-per-batch", str(args.identities), "--class-data-dir", str(out.parent / "class_images"), *rest])
+    recipe = dataclasses.replace(recipe, class_data_dir=recipe.class_data_dir or str(out.parent / "class_images"))
+    args.train = train_identities.run_args(recipe, out / "faces" / "celeba_generated", out / "loras",
+                                           identities_per_batch=args.identities)
     return args
 
 
@@ -111,7 +117,7 @@ def main(args: argparse.Namespace) -> dict:
     train_identities.train_identities(train)
     train_seconds = time.perf_counter() - start
 
-    pipe = load_base_pipeline(train.pretrained_model_name_or_path, "cpu", progress=False)
+    pipe = Workbench(train.pretrained_model_name_or_path, None, "cpu", progress=False).pipeline()
     layout = LoraLayout.from_unet(pipe.unet, train.lora_target_modules, train.lora_r, train.lora_alpha)
     evaluator = Evaluator.load(args.evaluator)
     seeds = range(args.samples)

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..defaults import DEFAULT_EVALUATION
 from ..errors import W2WError
 from ..storage import atomic_output
 
@@ -67,7 +68,7 @@ def plot_components(rows: list[dict], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lora_w2w.tiny.scaling_plots", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--report", default="files/tiny/evaluation.json", help="w2w evaluate's JSON report")
+    parser.add_argument("--report", default=DEFAULT_EVALUATION, help="w2w evaluate's JSON report")
     parser.add_argument("--out", default="assets", help=f"folder of {MODELS_PNG} and {COMPONENTS_PNG}")
     return parser.parse_args(argv)
 

@@ -20,8 +20,15 @@
 - multi_image_inversion: held-out identities inverted from 1, 3 and 5 of their views with the same
   steps, scored against views none of them saw (and how often the photo face detector finds the faces).
 
+`--faces DIR` runs Table 2's protocol on photographs instead, on any base and space (SD1.5 with the
+released files): each person's photograph inverted against 1-image and multi-image Dreambooth-LoRA, every
+model's images of several prompts scored by dlib's face descriptor (`identity.py`; not FaceNet, so not
+the paper's numbers), into the report's table2 section.
+
     python -m lora_w2w.tiny.tables --out outputs/evaluation.json      # w2w evaluate does the same
     w2w evaluate --only table1 --out files/tiny/evaluation.json         # refresh one section of a report
+    w2w evaluate --base stablediffusionapi/realistic-vision-v51 --space files/official --faces photos/ \
+        --dreambooth-steps 800 --class-images 200 --out outputs/table2_photos.json   # Table 2 on photographs
 """
 from __future__ import annotations
 
@@ -39,15 +46,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..dataset import WeightsDataset, add_models, matrix_source
+from ..defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE, DEFAULT_WEIGHTS
 from ..editing import DIRECTION_METHODS, apply_edits, attribute_directions, attribute_labels, edit_components
-from ..errors import W2WError
+from ..errors import SettingError, W2WError
+from ..flags import OneLineParser, add_config_flags, config_from_args
+from ..identity import TinyIdentity, mean_similarity, pair_similarities
 from ..network import FusedLora
-from ..pipeline import generate, generate_from_weights, load_base_pipeline
+from ..pipeline import generate_from_weights
 from ..sampling import nearest_models, sample_models
 from ..space import Space, W2WModel
-from ..storage import atomic_output, load_space
+from ..storage import atomic_output
+from ..workbench import Workbench
 from .build import LORA_RECIPE
-from .evaluator import (Evaluator, Prediction, attribute_agreement, feature_distance, identity_similarity)
+from .evaluator import Evaluator, Prediction, attribute_agreement, feature_distance
 from .synthetic import ATTRIBUTES, Identity, dataset_view_seed, render, sample_identity
 
 EDITED = ("Eyeglasses", "Bald", "No_Beard", "Blond_Hair")
@@ -133,12 +144,12 @@ class Settings:
     scaling_samples: int = field(default=4, metadata={"help": "sampled models edited per scaling space"})
 
     def __post_init__(self):
-        positive = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), int)
-                    and not isinstance(getattr(self, f.name), bool) and getattr(self, f.name) < 1]
-        if positive:
-            raise W2WError(f"evaluate settings {', '.join(positive)} must be >= 1")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise SettingError(f.name, f"must be >= 1, got {value}")
         if self.edit_method not in DIRECTION_METHODS:
-            raise W2WError(f"edit method {self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
+            raise SettingError("edit_method", f"{self.edit_method!r}: expected one of {', '.join(DIRECTION_METHODS)}")
 
 
 # Multi-image Dreambooth steps per view: over the default 5 views, the 1-image baseline's 800 steps
@@ -148,14 +159,25 @@ DREAMBOOTH_MULTI_STEPS_PER_VIEW = 160
 
 @dataclass
 class Context:
-    """What every section works on."""
+    """What every section works on: a Workbench (the base pipeline and the space) and the evaluator."""
 
-    pipe: object
-    space: Space
+    bench: Workbench
     evaluator: Evaluator
     work: Path = Path("outputs/evaluation")  # scratch folder: training images, Dreambooth LoRAs, scaling spaces
-    weights: Path = Path("files/tiny/weights")  # the weights dataset the scaling spaces are cut from
-    base: str = "files/tiny/base"  # the base pipeline's folder
+    weights: Path = Path(DEFAULT_WEIGHTS)  # the weights dataset the scaling spaces are cut from
+
+    @property
+    def space(self) -> Space:
+        return self.bench.space
+
+    @property
+    def pipe(self):
+        """The pipeline that generates (on CUDA float16; inversion takes the bench's own)."""
+        return self.bench.pipeline("generate")
+
+    @property
+    def base(self) -> str:
+        return self.bench.base
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -173,7 +195,8 @@ def _generate(ctx: Context, weights: torch.Tensor, settings: Settings) -> list[I
 def _images(ctx: Context, space: Space, model: W2WModel, settings: Settings, prompt: str | None = None,
             negative_prompt: str = "") -> list[Image.Image]:
     """Images of a model of `space` (of the space's prompt by default)."""
-    return generate(ctx.pipe, space, model, prompt, negative_prompt=negative_prompt, **_generation(settings))
+    return ctx.bench.using(space).images(model, prompt, negative_prompt=negative_prompt, seeds=range(settings.seeds),
+                                         steps=settings.steps, guidance=settings.guidance)
 
 
 def _majority(pred: Prediction) -> dict[str, bool]:
@@ -181,8 +204,13 @@ def _majority(pred: Prediction) -> dict[str, bool]:
 
 
 def _pairwise_similarity(a: Prediction, b: Prediction) -> float:
-    """Mean identity similarity over all pairs (image of a, image of b)."""
-    return float(np.mean([identity_similarity(a.select([i]), b).mean() for i in range(len(a))]))
+    """Mean identity similarity over all pairs (image of a, image of b), of the tiny IdentityEmbedder."""
+    return mean_similarity(TinyIdentity.embed_prediction(a), TinyIdentity.embed_prediction(b))
+
+
+def _paired_similarity(a: Prediction, b: Prediction) -> float:
+    """Mean identity similarity of a's and b's images pair by pair (the same seeds), of the tiny IdentityEmbedder."""
+    return float(pair_similarities(TinyIdentity.embed_prediction(a), TinyIdentity.embed_prediction(b)).mean())
 
 
 def _held_out(count: int, views: int) -> list[tuple[Identity, list[Image.Image]]]:
@@ -210,12 +238,8 @@ def _inversion_config(space: Space, settings: Settings, components: int | None =
 
 def _invert(ctx: Context, space: Space, images: list[Image.Image], config) -> torch.Tensor:
     """The LoRA weights (N,) of one person's `images` inverted together into `space` (seed 0)."""
-    from ..diffusion import image_sizes, prepare_image
-    from ..inversion import invert
-
-    resolution, _ = image_sizes(ctx.pipe)
-    targets = torch.stack([prepare_image(image, resolution) for image in images])  # (I, 3, R, R)
-    return invert(ctx.pipe, space, targets, None, config, progress=False).weights(space)
+    model, _ = ctx.bench.using(space).invert(images, None, config)
+    return model.weights(space)
 
 
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -223,8 +247,9 @@ def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
-def _write_views(root: Path, identities: list[tuple[Identity, list[Image.Image]]], views: int) -> None:
-    """<root>/<identity>/<k>.png for the first `views` renders of each identity: Dreambooth's instance folders."""
+def _write_views(root: Path, identities: list[tuple[Identity, list[Image.Image]]], views: int | None) -> None:
+    """<root>/<identity>/<k>.png for the first `views` renders of each identity (None: all), anything with a
+    name: Dreambooth's instance folders."""
     for identity, renders in identities:
         folder = root / identity.name
         shutil.rmtree(folder, ignore_errors=True)
@@ -237,17 +262,17 @@ def _dreambooth(ctx: Context, instances: Path, out: Path, steps: int, settings: 
     """Dreambooth-LoRAs of every identity folder of `instances`, trained together in one pass with the space's
     recipe (rank, alpha, targets) and `steps` steps, into <out>/<identity>/unet/."""
     from .. import train_identities
+    from ..dreambooth import DreamboothConfig
 
     layout = ctx.space.layout
     shutil.rmtree(out, ignore_errors=True)
-    train_identities.train_identities(train_identities.parse_args([
-        "--pretrained_model_name_or_path", ctx.base, "--instance_root", str(instances), "--output_root", str(out),
-        "--class_data_dir", str(ctx.work / "class_images"),
-        "--identities_per_batch", str(len(list(instances.iterdir()))),
-        "--max_train_steps", str(steps), "--learning_rate", str(settings.dreambooth_lr),
-        "--num_class_images", str(settings.class_images), "--class_inference_steps", str(settings.steps),
-        "--lora_r", str(layout.rank), "--lora_alpha", str(layout.alpha), "--lora_target_modules",
-        *layout.target_modules, "--checkpointing_steps", "0"]))
+    recipe = DreamboothConfig(pretrained_model_name_or_path=ctx.base, class_data_dir=str(ctx.work / "class_images"),
+                              max_train_steps=steps, learning_rate=settings.dreambooth_lr,
+                              num_class_images=settings.class_images, class_inference_steps=settings.steps,
+                              lora_r=layout.rank, lora_alpha=layout.alpha,
+                              lora_target_modules=tuple(layout.target_modules))
+    train_identities.train_identities(train_identities.run_args(
+        recipe, instances, out, identities_per_batch=len(list(instances.iterdir())), checkpointing_steps=0))
 
 
 def multi_steps(settings: Settings) -> int:
@@ -305,7 +330,7 @@ def _edit_scores(ctx: Context, space: Space, models: list[W2WModel], attributes:
             others = [a for a in ATTRIBUTES if a not in (attribute, "Male")]
             results[attribute]["changed"].append(now[attribute] != read[attribute])
             results[attribute]["kept"].append(np.mean([now[a] == read[a] for a in others]))
-            results[attribute]["similarity"].append(float(identity_similarity(before, after).mean()))
+            results[attribute]["similarity"].append(_paired_similarity(before, after))
     return befores, results
 
 
@@ -335,9 +360,10 @@ def _sliders(ctx: Context, settings: Settings) -> dict[str, torch.Tensor]:
     """A text slider (N,) per Table 1 attribute, trained on the base model from its prompt pair."""
     from ..sliders import SliderConfig, target_latents, train_slider
 
-    latents = target_latents(ctx.pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
+    pipe = ctx.bench.pipeline("train")  # the bench's dtype for training (bfloat16 on CUDA)
+    latents = target_latents(pipe, SLIDER_TARGET, settings.slider_latents, settings.steps, settings.guidance)
     config = SliderConfig(steps=settings.slider_steps, eta=settings.slider_eta)
-    return {a: train_slider(ctx.pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
+    return {a: train_slider(pipe, ctx.space.layout, *TABLE1[a]["slider"], SLIDER_TARGET, latents, config)
             for a in tqdm(TABLE1, desc="table1: sliders")}
 
 
@@ -375,7 +401,7 @@ def evaluate_table1(ctx: Context, settings: Settings) -> list[dict]:
                 row = scores[attribute, method]
                 row["changed"].append(now[attribute] != read[attribute])
                 row["kept"].append(np.mean([now[a] == read[a] for a in ATTRIBUTES if a != attribute]))
-                row["identity_similarity"].append(float(identity_similarity(before, after).mean()))
+                row["identity_similarity"].append(_paired_similarity(before, after))
                 row["image_distance"].append(float(feature_distance(evaluator, images, edited).mean()))
     rows = []
     for (attribute, method), row in scores.items():
@@ -459,6 +485,102 @@ def evaluate_timing(ctx: Context, settings: Settings) -> dict:
                       "steps": {"inversion": config.steps, "dreambooth_1": settings.dreambooth_steps,
                                 "dreambooth_multi": multi_steps(settings)},
                       "threads": torch.get_num_threads(), "paper_a100_s": PAPER["table4_a100_s"]}
+
+
+# ----------------------------------------------------------------------------- Table 2 on photographs
+
+# The prompts each model of Table 2 on photographs draws (every seed of each), scored against the photographs
+PHOTO_PROMPTS = ("sks person", "a photo of sks person", "a close-up photo of sks person smiling",
+                 "a photo of sks person outdoors")
+
+
+@dataclass
+class Person:
+    """A person of a --faces folder: a name and the photographs as fitted (FFHQ-aligned, automatic masks)."""
+
+    name: str
+    photos: list
+
+
+def read_people(faces: Path, resolution: int, detector: str = "hog") -> list[Person]:
+    """The people of a folder: an image file is a person with one photograph, a sub-folder a person with its
+    photographs (sorted by name; the first is the one inverted and the 1-image Dreambooth's)."""
+    from ..images import IMAGE_SUFFIXES
+    from ..inversion import AUTO_MASK, read_photos
+
+    if not faces.is_dir():
+        raise W2WError(f"{faces}: no such folder of photographs")
+    people = []
+    for entry in sorted(faces.iterdir()):
+        files = sorted(f for f in entry.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if entry.is_dir() else (
+            [entry] if entry.suffix.lower() in IMAGE_SUFFIXES else [])
+        if files:
+            people.append(Person(entry.stem, read_photos(files, [AUTO_MASK] * len(files), "face", resolution,
+                                                         detector)))
+    if not people:
+        raise W2WError(f"{faces}: no photographs; expected image files (a person each) or a folder of photographs "
+                       f"per person")
+    return people
+
+
+def _photo_scores(ctx: Context, embedder, weights: torch.Tensor, references: np.ndarray, prompts: tuple[str, ...],
+                  settings: Settings) -> dict:
+    """How a LoRA's images of each prompt (every seed) match a person's photographs (embeddings (R, D))."""
+    per_prompt, embeddings = {}, []
+    for prompt in prompts:
+        images = generate_from_weights(ctx.pipe, ctx.space.layout, weights, prompt, **_generation(settings))
+        embeddings.append(embedder.embed(images))  # (S, D)
+        per_prompt[prompt] = embedder.score(embeddings[-1], references).similarity
+    return embedder.score(np.concatenate(embeddings), references).as_dict() | {"per_prompt": per_prompt}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows if row[key] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_table2_photographs(ctx: Context, settings: Settings, faces: Path, prompts: tuple[str, ...] = PHOTO_PROMPTS,
+                                detector: str = "hog") -> dict:
+    """Table 2's protocol on photographs: each person's first photograph inverted (FFHQ-aligned, its landmark
+    mask), against a 1-image Dreambooth-LoRA on it and a multi-image one on all of the person's photographs
+    (when someone has several), each model's images of `prompts` scored against the person's photographs by
+    dlib's face descriptor (not FaceNet: not the paper's numbers)."""
+    from ..diffusion import image_sizes
+    from ..identity import DlibIdentity
+    from ..inversion import invert, photo_targets
+
+    pipe = ctx.bench.pipeline("invert")  # inversion's dtype (bfloat16 on CUDA), as every front end inverts
+    sizes = image_sizes(pipe)
+    people = read_people(faces, sizes[0], detector)  # faceless photographs fail before any work
+    config = _inversion_config(ctx.space, settings)
+    weights = {"w2w": {person.name: invert(pipe, ctx.space, *photo_targets(person.photos[:1], *sizes), config,
+                                           progress=False).weights(ctx.space)
+                       for person in tqdm(people, desc="table2 photographs: w2w")}}
+    runs = {"dreambooth_1": (1, settings.dreambooth_steps)}
+    if any(len(person.photos) > 1 for person in people):
+        runs["dreambooth_multi"] = (None, multi_steps(settings))
+    for name, (views, steps) in runs.items():
+        shutil.rmtree(ctx.work / f"photos_{name}", ignore_errors=True)  # the people of an earlier run
+        _write_views(ctx.work / f"photos_{name}", [(p, [photo.picture for photo in p.photos]) for p in people], views)
+        _dreambooth(ctx, ctx.work / f"photos_{name}", ctx.work / f"loras_photos_{name}", steps, settings)
+        weights[name] = {p.name: _load_lora(ctx, ctx.work / f"loras_photos_{name}" / p.name) for p in people}
+    embedder = DlibIdentity(detector)
+    references = {p.name: embedder.embed([photo.picture for photo in p.photos]) for p in people}  # (R, D) each
+    report = {}
+    for name, models in weights.items():
+        rows = [_photo_scores(ctx, embedder, models[p.name], references[p.name], prompts, settings)
+                for p in tqdm(people, desc=f"table2 photographs: scoring {name}")]
+        report[name] = {"identity_similarity": _mean_of(rows, "similarity"),
+                        "same_person_rate": _mean_of(rows, "same_person_rate"),
+                        "no_face": sum(row["no_face"] for row in rows), "images": sum(row["images"] for row in rows),
+                        "per_identity": [row["similarity"] for row in rows],
+                        "per_prompt": {prompt: _mean_of([row["per_prompt"] for row in rows], prompt)
+                                       for prompt in prompts},
+                        "paper_id_score": PAPER["table2_id_score"][name]}
+    return report | {"photographs": {p.name: [photo.name for photo in p.photos] for p in people},
+                     "prompts": list(prompts), "identities": len(people), "embedder": embedder.name,
+                     "steps": {name: steps for name, (_, steps) in runs.items()} | {"w2w": config.steps},
+                     "config": asdict(config)}
 
 
 # ----------------------------------------------------------------------------- Figs 9, 10 and 30: scaling
@@ -556,37 +678,40 @@ SECTIONS = {
 
 # ----------------------------------------------------------------------------- command line
 
-def _flag_type(hint: str):
-    """(argparse type, nargs) of a Settings field's annotation: int, float, str, X | None, tuple[X, ...]."""
-    base = hint.replace(" | None", "")
-    if base.startswith("tuple["):
-        return {"int": int, "float": float}[base[len("tuple["):].split(",")[0]], "+"
-    return {"int": int, "float": float, "str": str}[base], None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", default="files/tiny/base", help="base pipeline")
-    parser.add_argument("--space", default="files/tiny/space", help="space")
-    parser.add_argument("--weights", default="files/tiny/weights",
-                        help="weights dataset the scaling sections cut their spaces from (the space's models)")
-    parser.add_argument("--evaluator", default="files/tiny/evaluator.safetensors", help="evaluator weights")
+    """The flags of `w2w evaluate`; args.settings: the Settings they make."""
+    parser = OneLineParser(prog="w2w evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=DEFAULT_BASE, help="base pipeline (default: %(default)s)")
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="space (default: %(default)s)")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                        help="weights dataset the scaling sections cut their spaces from (the space's models; "
+                             "default: %(default)s)")
+    parser.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="evaluator weights (default: %(default)s)")
     parser.add_argument("--out", default="outputs/evaluation.json",
-                        help="JSON report; when it exists, the sections run replace theirs and the others are kept")
-    parser.add_argument("--work", default="outputs/evaluation", help="work folder")
+                        help="JSON report; when it exists, the sections run replace theirs and the others are kept "
+                             "(default: %(default)s)")
+    parser.add_argument("--work", default="outputs/evaluation", help="work folder (default: %(default)s)")
     parser.add_argument("--only", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS), metavar="NAME",
-                        help=f"sections to run, of {', '.join(SECTIONS)}")
+                        help=f"sections to run, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--faces", default=None, metavar="DIR",
+                        help="run Table 2's protocol on photographs instead of the tiny world's sections: DIR holds "
+                             "image files (a person each) or a folder of photographs per person (the first inverted; "
+                             "all train the multi-image Dreambooth); scored by dlib's face descriptor, not FaceNet; "
+                             "the report's table2 section (default: none)")
+    parser.add_argument("--prompts", nargs="+", default=list(PHOTO_PROMPTS),
+                        help="with --faces: the prompts each model draws, every seed of each (default: %(default)s)")
+    parser.add_argument("--detector", choices=("hog", "cnn"), default="hog",
+                        help="with --faces: dlib's face detector (cnn: turned faces, slower; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; on a shared CPU 1 runs the tiny models fastest)")
-    group = parser.add_argument_group("settings")
-    for f in dataclasses.fields(Settings):
-        kind, nargs = _flag_type(f.type)
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, nargs=nargs, default=f.default,
-                           choices=f.metadata.get("choices"), help=f.metadata["help"])
+    add_config_flags(parser.add_argument_group("settings"), Settings)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        args.settings = config_from_args(Settings, args)
+    except W2WError as error:
+        parser.error(str(error))
     return args
 
 
@@ -607,18 +732,21 @@ def _existing_report(path: Path, space: Space) -> dict:
 def main(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: (tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
-                                    else getattr(args, f.name)) for f in dataclasses.fields(Settings)})
-    pipe = load_base_pipeline(args.base, "auto", progress=False)
-    space = load_space(args.space)
-    ctx = Context(pipe, space, Evaluator.load(args.evaluator), Path(args.work), Path(args.weights), args.base)
+    settings = args.settings
+    evaluator = None if args.faces else Evaluator.load(args.evaluator)  # photographs are scored by dlib
+    ctx = Context(Workbench(args.base, args.space, progress=False), evaluator, Path(args.work), Path(args.weights))
+    space = ctx.space
     ctx.work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     _existing_report(out, space)  # a report of another space is refused before any work
-    for name in args.only:
+    sections = {name: SECTIONS[name] for name in args.only}
+    if args.faces:
+        sections = {"table2": lambda ctx, settings: evaluate_table2_photographs(ctx, settings, Path(args.faces),
+                                                                              tuple(args.prompts), args.detector)}
+    for name, section in sections.items():
         start = time.perf_counter()
         torch.manual_seed(0)
-        result = SECTIONS[name](ctx, settings)
+        result = section(ctx, settings)
         # read again just before writing, so that runs of other sections into the same report are kept
         report = _existing_report(out, space) | {"space_id": space.id, name: result}
         report["runs"] = report.get("runs", {}) | {name: {"settings": asdict(settings),
@@ -626,7 +754,7 @@ def main(args: argparse.Namespace) -> dict:
                                                           "wall_s": round(time.perf_counter() - start, 1)}}
         with atomic_output(out) as tmp:  # after each section, so that a long run keeps what it finished
             tmp.write_text(json.dumps(report, indent=1))
-    print(json.dumps({name: report[name] for name in args.only}, indent=1))
+    print(json.dumps({name: report[name] for name in sections}, indent=1))
     return report
 
 
