@@ -233,7 +233,7 @@ def main(args) -> dict:
     common = ["--models", str(args.models), "--components", str(args.components), "--memory", args.memory,
               "--work", str(work)]
     subprocess.run([sys.executable, __file__, "--make-data", *common], env=env, check=True)
-    results = {}
+    load_start, results = os.getloadavg()[0], {}
     for method in args.methods:
         print(f"running {method} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--child", method, *common], env=env, check=True)
@@ -241,6 +241,7 @@ def main(args) -> dict:
         print(f"  {method}: {results[method]['seconds']:.1f} s, peak {results[method]['peak_bytes'] / 1e9:.2f} GB",
               flush=True)
 
+    import torch
     from safetensors.torch import load_file
     reference = load_file(work / f"{REFERENCE}.safetensors")
     print(f"\nM = {args.models:,}, N = {n:,}, K = {args.components:,}, {args.threads} threads, project --memory "
@@ -254,16 +255,20 @@ def main(args) -> dict:
               f"{result['variance_max_relative_error']:15.2e} {result['variance_relative_error_at_K']:12.2e} "
               f"{result['subspace_captured']:9.5f} {result['largest_angle_top_half_degrees']:13.3f}°")
     summary = {"benchmark": "pca", "models": args.models, "weights": n, "components": args.components,
-               "threads": args.threads, "memory_budget": args.memory}
+               "threads": args.threads, "memory_budget": args.memory,
+               "load_average": [load_start, os.getloadavg()[0]]}   # 1-minute, at the start and the end
     if "sklearn" in results:
         summary["memory_ratio"] = results["project"]["peak_bytes"] / results["sklearn"]["peak_bytes"]
         summary["time_ratio"] = results["project"]["seconds"] / results["sklearn"]["seconds"]
     if "dask-1" in results and "dask-2" in results:
         summary["dask_speedup"] = results["dask-1"]["seconds"] / results["dask-2"]["seconds"]
         summary["dask_time_ratio"] = results["dask-2"]["seconds"] / results["project"]["seconds"]
+        one, two = (load_file(work / f"{method}.safetensors") for method in ("dask-1", "dask-2"))
+        summary["dask_bitwise_equal"] = all(torch.equal(one[name], two[name]) for name in one)
         print(f"dask: 2 workers {summary['dask_speedup']:.2f}x as fast as 1; 2 workers take "
-              f"{summary['dask_time_ratio']:.2f}x the default backend's time ({args.threads} threads); load average "
-              f"{os.getloadavg()[0]:.1f}")
+              f"{summary['dask_time_ratio']:.2f}x the default backend's time ({args.threads} threads); 1 and 2 "
+              f"workers' results {'' if summary['dask_bitwise_equal'] else 'not '}bit for bit equal; load average "
+              f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     summary["results"] = results
     print(json.dumps(summary))
     return summary

@@ -50,6 +50,7 @@ def test_bench_pca_dask(tmp_path):
     assert result["dask_time_ratio"] == pytest.approx(result["results"]["dask-2"]["seconds"]
                                                       / result["results"]["project"]["seconds"])
     assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
+    assert result["dask_bitwise_equal"] and len(result["load_average"]) == 2
     plan = last_json("bench_pca.py", "--dask-plan", "--memory", "8GB")["shapes"]
     assert plan["SD1.5 (the paper)"]["largest_task_io_bytes"] == 3 * 8 * 10_010**2     # two L x L Grams and their sum
     hours = plan["SDXL"]["predicted_hours"]

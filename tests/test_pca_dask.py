@@ -128,6 +128,7 @@ def dask_config(cluster, state, **options) -> BuildConfig:
     return BuildConfig(memory="2GB", backend="dask", scheduler=cluster.scheduler_address, state=state, **options)
 
 
+@pytest.mark.slow
 def test_a_dask_build_killed_in_a_pass_resumes_after_the_last_finished_one(tmp_path, cluster, small_blocks):
     """Interrupted in power iteration 3 of 4: the rerun reads mean, std and P from the state and runs
     iterations 3 and 4 only, to the space an uninterrupted build gives, bit for bit; a rerun once the
@@ -160,6 +161,7 @@ def test_a_dask_build_killed_in_a_pass_resumes_after_the_last_finished_one(tmp_p
     assert torch.linalg.svdvals(space.components.double() @ components.T).min() > 1 - 1e-5
 
 
+@pytest.mark.slow
 def test_a_dask_build_survives_a_killed_worker(tmp_path, cluster, small_blocks):
     """A worker killed (SIGKILL) while it holds blocks of G = P Zᵀ Z of iteration 2: the scheduler remakes
     them from the basis file and the data, and the space is the one an undisturbed build gives, bit for bit."""
