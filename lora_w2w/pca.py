@@ -63,7 +63,6 @@ DEFAULT_MEMORY = "4GB"
 DEFAULT_OVERSAMPLES = 10
 DEFAULT_POWER_ITERATIONS = 4
 OVERHEAD_BYTES = 600 * 2**20    # the interpreter with torch, scipy and pandas loaded, outside the budget
-MAX_MEMORY = 2**63 - 1         # bytes: larger sizes are typing mistakes (and overflow an int64)
 RANK_TOLERANCE = 1e-6           # a component whose variance is below this fraction of the first's is noise
 
 # Cost model, in float32 matmul flops (only ratios matter), measured on this project's machine (AMD
