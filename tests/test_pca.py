@@ -123,9 +123,6 @@ def test_the_route_follows_the_cost_model():
     assert [parse_memory(t) for t in ("4GB", "512MiB", "1.5e9", 100)] == [4 * 10**9, 512 * 2**20, 1_500_000_000, 100]
     with pytest.raises(W2WError, match="expected a size"):
         parse_memory("lots")
-    for text in ("1e400", "1e999GB"):                                    # inf, not OverflowError: one line too
-        with pytest.raises(W2WError, match=f"memory '{text}': expected a size from 1 byte up to 1 PiB"):
-            parse_memory(text)
 
 
 def test_moments_match_numpy_chunk_by_chunk():
