@@ -49,10 +49,10 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import (COUNT, MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED, check_int,
+from .checks import (COUNT, MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED,
                      check_power_iterations, check_seed, parse_memory)
 from .dataset import WeightsDataset
-from .errors import FileFormatError, SpaceError, W2WError
+from .errors import FileFormatError, SettingError, SpaceError, W2WError
 from .space import Space
 from .storage import (WRITE_BLOCK_BYTES, Output, SafetensorsWriter, atomic_output, check_output, mmap_tensor,
                       owns_only, read_attribute_table, read_safetensors_header, write_tensors)
@@ -587,10 +587,10 @@ class BuildConfig:
     def __post_init__(self):
         parse_memory(self.memory)
         if self.workers is not None:
-            check_int(self.workers, "workers", minimum=1)
+            if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+                raise SettingError("workers", f"must be an integer >= 1, got {self.workers!r}")
             if self.scheduler:
-                raise W2WError(f"--workers {self.workers} sizes a LocalCluster; with --scheduler the cluster has "
-                               f"its own workers")
+                raise SettingError("workers", "sizes a LocalCluster: a scheduler's cluster has its own workers")
 
 
 def _build_torch(dataset: WeightsDataset, k: int, memory: int, config: BuildConfig, log: Callable[[str], None]

@@ -76,6 +76,10 @@ def test_a_worker_under_one_task_is_refused_with_the_figure():
         check_workers({"tcp://b:1": {"memory_limit": 4 * GB, "nthreads": 2}}, p, "s")
     with pytest.raises(W2WError, match="has no workers"):
         check_workers({}, p, "tcp://s:1")
+    with pytest.raises(W2WError, match=r"^workers must be an integer >= 1, got 0$"):
+        BuildConfig(backend="dask", workers=0)
+    with pytest.raises(W2WError, match="^workers sizes a LocalCluster: a scheduler's cluster has its own workers$"):
+        BuildConfig(backend="dask", workers=2, scheduler="tcp://s:1")
 
 
 def test_the_orthonormalizer_takes_cholesky_or_replaces_what_it_cannot_resolve():
