@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory clean
+.PHONY: demo test test-fast assets notebooks tiny-world bench-train bench-pca bench-invert bench-gpu-memory bench-outputs bench-import clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ bench-train: $(STAMP)
 
 bench-invert: $(STAMP)
 	$(PY) benchmarks/bench_invert.py
+
+# The output check of `w2w generate` at 2,000 seeds against 100 (linear: a ratio near 1) and the pairwise
+# test it replaced.
+bench-outputs: $(STAMP)
+	$(PY) benchmarks/bench_outputs.py
+
+bench-import: $(STAMP)
+	$(PY) benchmarks/bench_import.py
 
 # Peak GPU memory of each job on SD1.5 at 512 px, estimated on the CPU on fake tensors (no GPU, no download;
 # ~2.5 minutes on one thread).

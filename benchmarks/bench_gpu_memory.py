@@ -62,8 +62,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, encode_prompt, image_sizes
-from lora_w2w.dreambooth import (DreamboothConfig, IdentityData, SharedData, add_identity_lora,
+from lora_w2w.bases import family_of
+from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, image_sizes, latent_factors
+from lora_w2w.dreambooth import (Base, DreamboothConfig, IdentityData, SharedData, add_identity_lora,
                                  class_image_batch_size, identities_loss, initial_lora_weights, load_base, lora_layout)
 from lora_w2w.inversion import PRESETS, differentiable_unet, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
@@ -277,25 +278,30 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
     return peaks
 
 
-def training_base(build):
-    """`load_base`: the pipeline in its dtype, frozen."""
-    pipe = build(TRAINING_DTYPE)
+def frozen_base(pipe) -> Base:
+    """`load_base` of a pipeline built here: frozen, with its family and training scheduler."""
     for module in (pipe.text_encoder, pipe.vae, pipe.unet):
         module.requires_grad_(False).eval()
-    return pipe
+    family = family_of(pipe)
+    return Base(pipe, family, family.training_scheduler(pipe))
 
 
-def training_inputs(pipe, identities: int) -> tuple[list[IdentityData], SharedData]:
+def training_base(build) -> Base:
+    """`load_base`: the pipeline in its dtype, frozen."""
+    return frozen_base(build(TRAINING_DTYPE))
+
+
+def training_inputs(base: Base, identities: int) -> tuple[list[IdentityData], SharedData]:
     """What `prepare_shared` and `prepare_identity` cache on the GPU (the values do not matter): the
-    class and instance latent distributions (I, C, h, w), the two prompts' embeddings (1, L, D)."""
-    _, latent_size = image_sizes(pipe)
-    latent = (pipe.unet.config.in_channels, latent_size, latent_size)
+    class and instance latent distributions (I, C, h, w), the two prompts' conditioning (1, L, D)."""
+    resolution, latent_size = base.family.image_sizes(base.pipe)
+    latent = (base.network.config.in_channels, latent_size, latent_size)
     classes, instances = DREAMBOOTH.num_class_images, NUM_INSTANCE_IMAGES
-    embeddings = [encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt)
-                  for prompt in (DREAMBOOTH.instance_prompt, DREAMBOOTH.class_prompt)]
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    shared = SharedData(torch.randn(classes, *latent), torch.rand(classes, *latent), *embeddings,
-                        pipe.vae.config.scaling_factor, scheduler)
+    conditionings = [base.family.encode_prompt(base.pipe, prompt, resolution)
+                     for prompt in (DREAMBOOTH.instance_prompt, DREAMBOOTH.class_prompt)]
+    scheduler = base.scheduler
+    shared = SharedData(torch.randn(classes, *latent), torch.rand(classes, *latent), *conditionings,
+                        latent_factors(base.vae), scheduler, base.family)
     data = [IdentityData(f"{i:06d}", torch.randn(instances, *latent), torch.rand(instances, *latent),
                          StepSampler(DREAMBOOTH.seed, num_instance=instances, num_class=classes,
                                      batch_size=DREAMBOOTH.train_batch_size, latent_shape=latent,
@@ -309,9 +315,9 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     run (class images missing), then two training steps."""
     peaks: dict[str, int] = {}
     args = DREAMBOOTH
-    pipe = training_base(build)
-    layout = lora_layout(pipe, args)
-    resolution, _ = image_sizes(pipe)
+    base = training_base(build)
+    layout = lora_layout(base, args)
+    resolution = base.resolution
     resident(tracker, peaks)
     with tracker.phase("class_images_load", peaks):  # ensure_class_images: a second pipeline
         generator = build(job_dtype("generate", CUDA))  # load_base_pipeline's dtype
@@ -320,9 +326,9 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     del generator
     with tracker.phase("encode_latents", peaks):  # encode_images, one full batch
         batch = encode_batch_size(resolution)
-        encode_images(pipe.vae, torch.rand(batch, 3, resolution, resolution) * 2 - 1)  # (B, 3, R, R)
-    (identity,), shared = training_inputs(pipe, 1)
-    unet = pipe.unet
+        encode_images(base.vae, torch.rand(batch, 3, resolution, resolution) * 2 - 1)  # (B, 3, R, R)
+    (identity,), shared = training_inputs(base, 1)
+    unet = base.network
     optimizer = add_identity_lora(unet, layout, args)
     for _ in range(2):
         with tracker.phase("step", peaks):  # train_one's loop body
@@ -337,17 +343,17 @@ def train_identities_job(build, tracker: LiveTensorBytes, identities: int) -> di
     preparation is train_job's)."""
     peaks: dict[str, int] = {}
     args = DREAMBOOTH
-    pipe = training_base(build)
-    layout = lora_layout(pipe, args)
-    data, shared = training_inputs(pipe, identities)
+    base = training_base(build)
+    layout = lora_layout(base, args)
+    data, shared = training_inputs(base, identities)
     resident(tracker, peaks)
     initial = initial_lora_weights(layout, args.seed).expand(identities, -1)  # (K, N)
-    with identity_banks(pipe.unet, layout, initial) as banks:
+    with identity_banks(base.network, layout, initial) as banks:
         params = [p for bank in banks.values() for p in (bank.lora_A, bank.lora_B)]
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         for _ in range(2):
             with tracker.phase("step", peaks):  # train_group's loop body
-                (identities_loss(pipe.unet, data, shared, args) / args.gradient_accumulation_steps).backward()
+                (identities_loss(base.network, data, shared, args) / args.gradient_accumulation_steps).backward()
                 optimizer.step()
                 optimizer.zero_grad()
     return peaks

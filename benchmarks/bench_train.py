@@ -78,9 +78,9 @@ def step_seconds(base: str, faces: Path, class_dir: Path, k: int, steps: int, re
     identities = [prepare_identity(f.name, load_image_folder(f, model.resolution), model, shared, args)
                   for f in ti.identity_folders(faces)[:k]]
 
-    solo, multi = (seconds_per_identity_step(model.unet, layout, group, shared, args, steps)
+    solo, multi = (seconds_per_identity_step(model.network, layout, group, shared, args, steps)
                    for group in (identities[:1], identities))
-    return solo, multi, flops_per_sample(model.unet, layout, identities[:1], shared, args)
+    return solo, multi, flops_per_sample(model.network, layout, identities[:1], shared, args)
 
 
 def seconds_per_identity_step(unet, layout, group, shared, args, steps: int, autocast=nullcontext) -> float:
@@ -130,7 +130,7 @@ def main_sd15(args: argparse.Namespace) -> None:
     """Steps/s of the training step on a randomly initialised SD1.5 (CUDA when present, bf16 autocast
     there, as --mixed_precision bf16), solo and K identities at once, and the fraction of the chip's
     bf16 peak they reach."""
-    from bench_gpu_memory import DREAMBOOTH, sd15_pipeline, training_inputs
+    from bench_gpu_memory import DREAMBOOTH, frozen_base, sd15_pipeline, training_inputs
 
     from lora_w2w.layout import LoraLayout
 
@@ -138,13 +138,11 @@ def main_sd15(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     pipe = sd15_pipeline(torch.float32)  # float32 weights, as load_base loads them
     pipe.unet.register_to_config(sample_size=args.resolution // 8)  # the latents training_inputs makes
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-    identities, shared = training_inputs(pipe, args.identities)  # random cached latents and embeddings
+    identities, shared = training_inputs(frozen_base(pipe), args.identities)  # random cached latents, embeddings
     pipe.unet.to(device)
     shared = dataclasses.replace(shared, class_mean=shared.class_mean.to(device), class_std=shared.class_std.to(device),
-                                 instance_embedding=shared.instance_embedding.to(device),
-                                 class_embedding=shared.class_embedding.to(device))
+                                 instance_conditioning=shared.instance_conditioning.to(device),
+                                 class_conditioning=shared.class_conditioning.to(device))
     identities = [dataclasses.replace(i, mean=i.mean.to(device), std=i.std.to(device)) for i in identities]
     recipe = DREAMBOOTH
     layout = LoraLayout.from_unet(pipe.unet, recipe.lora_target_modules, recipe.lora_r, recipe.lora_alpha)

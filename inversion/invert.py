@@ -28,12 +28,13 @@ from pathlib import Path
 
 from lora_w2w.defaults import DEFAULT_BASE, DEFAULT_SPACE
 from lora_w2w.errors import W2WError, exit_code
+from lora_w2w.formats import PEFT_FOLDER
 from lora_w2w.images import IMAGE_SUFFIXES
 from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS
 from lora_w2w.layout import LoraLayout, sd15_layout
-from lora_w2w.official import OFFICIAL_BASE_MODEL
+from lora_w2w.official import OFFICIAL_BASE_MODEL, released_tensor
 from lora_w2w.space import Space
-from lora_w2w.storage import torch_load
+from lora_w2w.storage import MODEL_FILE, check_outputs, torch_load
 from lora_w2w.workbench import Workbench
 
 FACE = Path(__file__).resolve().parent / "images" / "face.png"  # the default image, wherever this is run from
@@ -48,8 +49,8 @@ def preset_defaults(setting: str, format_spec: str = "") -> str:
 def released_space(args: argparse.Namespace) -> Space:
     """The space of the released mean.pt, std.pt, V.pt (N x K, memory-mapped: only its first --dim columns
     are read) and weight_dimensions.pt, in memory; its id is the one `w2w import-official` gives."""
-    mean, std, basis = (torch_load(Path(p), args.trust_pickle, mmap=True)
-                        for p in (args.mean_path, args.std_path, args.v_path))
+    mean, std, basis = (released_tensor(Path(p), hint, args.trust_pickle, mmap=True)
+                        for p, hint in ((args.mean_path, "(N,)"), (args.std_path, "(N,)"), (args.v_path, "(N, K)")))
     if args.dim_path:
         layout = LoraLayout.from_weight_dimensions(torch_load(Path(args.dim_path), args.trust_pickle),
                                                    source=args.dim_path)
@@ -136,17 +137,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
+    out = Path(args.save_name)
+    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or FACE)]
+    space_path = None if args.mean_path else args.space or DEFAULT_SPACE
+    mask = None if args.mask_path == AUTO_MASK else args.mask_path
+    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE),
+               (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
+    check_outputs(outputs, [*images, mask, args.mask_dir, space_path, args.mean_path, args.std_path, args.v_path,
+                            args.dim_path])  # before any work: not inside an input's space, not over a device
     if args.mean_path:
         bench = Workbench(args.base or OFFICIAL_BASE_MODEL, released_space(args), args.device)
     else:
-        bench = Workbench(args.base or DEFAULT_BASE, args.space or DEFAULT_SPACE, args.device)  # memory-mapped
+        bench = Workbench(args.base or DEFAULT_BASE, space_path, args.device)  # memory-mapped
     # the flags given, the others as the space records them for the preset (else the paper's)
     config = bench.inversion_config(args.preset, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
                                     steps=args.epochs)
-    images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or FACE)]
     model, _ = bench.invert(images, image_masks(args, images), config, mask_dir=args.mask_dir,
                             auto_mask=args.mask_path == AUTO_MASK, crop=args.crop, seed=args.seed)
-    out = Path(args.save_name)
     print(f"wrote {bench.export(model, 'w2w', out / 'w2wmodel.safetensors')}")
     if args.diffusers_format:
         print(f"wrote {bench.export(model, 'peft', out / 'unet')}")

@@ -16,7 +16,7 @@ warning holding the CLI's one line, the page left as it was. Every action is als
 
     client = Client("http://127.0.0.1:7860/")
     model, images = client.predict(0, api_name="/sample")
-    model, images = client.predict(handle_file(model), '{"Eyeglasses": 3}', ["Male", "Young"], api_name="/edit")
+    model, images = client.predict(handle_file(model), '{"Eyeglasses": 3}', ["Male", "Age"], api_name="/edit")
     kohya = client.predict(handle_file(model), "kohya", api_name="/export")
 
 Files the app writes (images, models, downloads, uploads) are removed after --keep-files seconds, a
@@ -53,6 +53,7 @@ from PIL import Image  # noqa: E402
 from . import workbench  # noqa: E402
 from .checks import COUNT, DEVICE, FINITE, SEED, argument, check_int, check_seed  # noqa: E402
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE  # noqa: E402
+from .editing import attribute_names, binary_attributes, default_debias  # noqa: E402
 from .errors import NoFaceError, W2WError, exit_code  # noqa: E402
 from .flags import OneLineParser, add_config_flags, config_from_args  # noqa: E402
 from .images import IMAGE_SUFFIXES  # noqa: E402
@@ -72,7 +73,6 @@ SWEEP_EVERY_MAX = 300  # seconds between two sweeps of Gradio's cache at most (f
 MAX_EDITS_TEXT = 100_000  # characters of an edit's JSON: far more than every attribute's name and strength
 STRENGTH_RANGE = 4.0  # edit sliders span -4 ... +4 standard deviations of the dataset along the direction
 STRENGTH_STEP = 0.25
-DEBIAS_DEFAULT = ("Male", "Young")
 DISPLAY_SIZE = 512  # an uploaded image smaller than this (short side) is shown enlarged, to draw the mask on
 BRUSH_COLOR = "rgb(255, 64, 160)"  # the mask brush: any stroke (alpha > 0) is inside the mask
 OUTSIDE_MASK = 0.3  # brightness of what lies outside the mask in the page's picture of what was fitted
@@ -150,7 +150,8 @@ API (gradio_client; every model travels as a w2w model file, every image list is
   /sample(seed)                              -> (model file, images)
   /edit(model file, edits, debias)           -> (model file, images)
         edits: {{"ATTRIBUTE": STRENGTH, ...}} as JSON, strengths in standard deviations of the dataset;
-        debias: a list of attributes whose directions are removed (default: Male and Young)
+        debias: a list of attributes whose directions are removed (default: Male and Age, as `w2w edit`);
+        attributes go by the sliders' names (Beard, Age) or the table's (No_Beard, Young)
   /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
         preset: real or ood; steps: default {PRESETS["real"].steps}; the mask is white where the image is fitted;
         crop: center (default) or face; auto mask: True fits the images without a mask file over the face,
@@ -163,7 +164,7 @@ Example:
   from gradio_client import Client, handle_file
   client = Client("http://127.0.0.1:7860/")
   model, images = client.predict(0, api_name="/sample")
-  edited, images = client.predict(handle_file(model), '{{"Eyeglasses": 3}}', ["Male", "Young"], api_name="/edit")
+  edited, images = client.predict(handle_file(model), '{{"Eyeglasses": 3}}', ["Male", "Age"], api_name="/edit")
   kohya = client.predict(handle_file(edited), "kohya", api_name="/export")
 Bad input gets the one line `w2w: error: ...` the other commands print, as the error of the call."""
 
@@ -174,15 +175,6 @@ def error_line(error: Exception) -> str:
     upload_folder = re.escape(str(Path(gr.utils.get_upload_folder()).resolve()))
     message = re.sub(upload_folder + r"/[^/\s]+/", "", str(error))
     return f"w2w: error: {message}"
-
-
-def binary_attributes(space) -> list[str]:
-    """The attributes an edit moves: the ±1 columns of the space's attribute table. The one function that
-    names the edit sliders, the debias choices and the keys an edit's JSON takes."""
-    if space.attributes is None:
-        return []
-    return [str(name) for name in space.attributes.columns if np.isin(space.attributes[name].to_numpy(), (-1, 1)).all()
-            and len(np.unique(space.attributes[name].to_numpy())) == 2]
 
 
 # ----------------------------------------------------------------------------- values from a page or a client
@@ -247,7 +239,7 @@ def check_steps(steps, limit: int, what: str = "steps") -> int:
 
 
 def parse_strengths(text, attributes: list[str]) -> dict[str, float]:
-    """'{"Eyeglasses": 3, "Young": -1}' -> {"Eyeglasses": 3.0, "Young": -1.0}."""
+    """'{"Eyeglasses": 3, "Age": 1}' -> {"Eyeglasses": 3.0, "Age": 1.0}."""
     shown = repr(text) if len(str(text)) <= 80 else f"{str(text)[:60]!r}... ({len(str(text)):,} characters)"
     if text is not None and not isinstance(text, str) or len(text or "") > MAX_EDITS_TEXT:
         raise W2WError(f"edits {shown}: expected a JSON object of at most {MAX_EDITS_TEXT:,} characters")
@@ -345,7 +337,8 @@ class Actions:
         self.config = config
         self.bench = Workbench(config.base, config.space, config.device, progress=False)
         self.bench.check()  # a space of another base fails before any request
-        self.attributes = binary_attributes(self.bench.space)
+        self.attributes = attribute_names(self.bench.space)  # the sliders' names: friendly (Beard, Age) via editing
+        self.names = [*self.attributes, *(c for c in binary_attributes(self.bench.space) if c not in self.attributes)]
         self._outputs = tempfile.TemporaryDirectory(prefix="w2w-app-")
 
     @property
@@ -365,7 +358,7 @@ class Actions:
     def edit(self, model: W2WModel, strengths: dict[str, float], debias) -> W2WModel:
         """`model` moved by strength standard deviations along each attribute's direction (0: not moved),
         debiased against `debias` (each direction against the others, not itself)."""
-        debias = attribute_list(debias, self.attributes)
+        debias = attribute_list(debias, self.names)
         strengths = {name: value for name, value in strengths.items() if value != 0}
         return self.bench.edit(model, strengths, debias) if strengths else model
 
@@ -481,8 +474,8 @@ def kept_session(actions: Actions, value) -> Session | None:
         models.append(model)
     injection = value.get("injection")
     return Session(*models, name=safe_name(value.get("name")), what=str(value.get("what") or "a model")[:200],
-                   strengths=check_strengths(value.get("strengths") or {}, actions.attributes),
-                   debias=tuple(attribute_list(value.get("debias"), actions.attributes)),
+                   strengths=check_strengths(value.get("strengths") or {}, actions.names),
+                   debias=tuple(attribute_list(value.get("debias"), actions.names)),
                    injection=None if injection is None else whole_number(injection, "injection timestep"))
 
 
@@ -633,7 +626,7 @@ def edit_section(actions: Actions) -> dict:
                     sliders = [gr.Slider(-STRENGTH_RANGE, STRENGTH_RANGE, value=0, step=STRENGTH_STEP, label=name,
                                          min_width=180, interactive=False, elem_id=f"edit-{name}")
                                for name in attributes]
-                debias = gr.CheckboxGroup(attributes, value=[a for a in DEBIAS_DEFAULT if a in attributes],
+                debias = gr.CheckboxGroup(attributes, value=default_debias(actions.bench.space),
                                           label="Debias against (keep these attributes)", elem_id="debias")
                 injection = gr.Slider(0, timesteps, value=timesteps, step=10, interactive=False,
                                       label="Injection timestep T: the edit acts for t <= T "
@@ -870,7 +863,7 @@ def api_components(actions: Actions) -> SimpleNamespace:
             out=gr.File(label="model file"),
             images=gr.Gallery(label="images", format="png"),
             edits=gr.Textbox("{}", label="edits: {attribute: strength in std} as JSON"),
-            debias=choices(attributes, [a for a in DEBIAS_DEFAULT if a in attributes], "debias against",
+            debias=choices(attributes, default_debias(actions.bench.space), "debias against",
                            multiselect=True),
             image=gr.File(label="image file", type="filepath"),
             mask=gr.File(label="mask file (white: fitted) or None", type="filepath"),
@@ -901,7 +894,7 @@ def add_api(actions: Actions) -> None:
     @reporting
     def edit(path, edits, debias_against):
         """The model moved along attribute directions: (edited model file, images of it)."""
-        strengths = parse_strengths(edits, actions.attributes)
+        strengths = parse_strengths(edits, actions.names)
         edited = actions.edit(actions.load(path), strengths, debias_against)
         return actions.export(edited, "w2w", "edited"), actions.images(edited)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import Callable
 
 from .errors import ArgumentError, W2WError
@@ -17,6 +18,19 @@ from .errors import ArgumentError, W2WError
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit number
 SIZE_STEP = 8         # the VAE scales images by 8: sizes are multiples of 8
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+# Adam and AdamW move each parameter by about the learning rate a step: at LEARNING_RATE_MAX one step carries
+# a coefficient past the typical norm of any space's models (at most sqrt(10^8), see space.COEFFICIENT_MAX)
+# and a LoRA weight (of order 0.01) a million times past its size; torch cannot use a rate beyond float32's
+# largest number (3.4e38) at all.
+LEARNING_RATE_MAX = 1e4
+# Weight decay pulls each parameter towards 0 by lr x decay of itself a step (AdamW), or adds decay x the
+# parameter to its gradient (Adam's L2 penalty); beyond WEIGHT_DECAY_MAX the pull swamps any loss.
+WEIGHT_DECAY_MAX = 1e4
+# Subspace iteration shrinks the error of the components by (sigma_(L+1) / sigma_K)^2 a pass: after
+# POWER_ITERATIONS_MAX passes even a spectral gap of 10% has shrunk it by 0.9^200 = 7e-10, below float32's
+# rounding; a flatter spectrum is the exact method's case (--method exact). Each pass reads the whole dataset.
+POWER_ITERATIONS_MAX = 100
+MEMORY_MAX = 2**50  # bytes: more than any machine or dask worker has (1 PiB); larger is a typo
 
 
 def _named(what: str, text: str) -> str:
@@ -50,11 +64,13 @@ def check_size(value, what: str = "size") -> int:
     return value
 
 
-def check_number(value, what: str = "", minimum: float | None = None, above: float | None = None) -> float:
-    """`value` as a finite float, >= `minimum` and > `above` when given."""
+def check_number(value, what: str = "", minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None, why: str = "") -> float:
+    """`value` as a finite float, >= `minimum`, > `above` and <= `maximum` when given; `why` says the
+    reason of the maximum in its message."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an int beyond float's range overflows
         raise ArgumentError(_named(what, f"expected a number, got {value!r}")) from None
     if not math.isfinite(number):
         raise ArgumentError(_named(what, f"expected a finite number, got {value!r}"))
@@ -62,7 +78,49 @@ def check_number(value, what: str = "", minimum: float | None = None, above: flo
         raise ArgumentError(_named(what, f"expected a number >= {minimum:g}, got {number:g}"))
     if above is not None and number <= above:
         raise ArgumentError(_named(what, f"expected a number > {above:g}, got {number:g}"))
+    if maximum is not None and number > maximum:
+        reason = f": {why}" if why else ""
+        raise ArgumentError(_named(what, f"expected a number <= {maximum:g}, got {number:g}{reason}"))
     return number
+
+
+def check_learning_rate(value, what: str = "learning rate") -> float:
+    """A learning rate: > 0 and at most LEARNING_RATE_MAX."""
+    return check_number(value, what, above=0.0, maximum=LEARNING_RATE_MAX,
+                        why="Adam moves each parameter by about the learning rate a step")
+
+
+def check_weight_decay(value, what: str = "weight decay") -> float:
+    """A weight decay: >= 0 and at most WEIGHT_DECAY_MAX."""
+    return check_number(value, what, minimum=0.0, maximum=WEIGHT_DECAY_MAX,
+                        why="the decay would swamp the loss")
+
+
+def check_power_iterations(value, what: str = "power iterations") -> int:
+    """Passes of subspace iteration: 0 .. POWER_ITERATIONS_MAX (the reason in the message)."""
+    value = check_int(value, what, minimum=0)
+    if value > POWER_ITERATIONS_MAX:
+        raise ArgumentError(_named(what, f"expected at most {POWER_ITERATIONS_MAX}, got {value}: each is a pass over "
+                                         f"the whole dataset, and {POWER_ITERATIONS_MAX} make even a 10% spectral "
+                                         f"gap converge below float32's rounding (a flatter spectrum: --method exact)"))
+    return value
+
+
+def parse_memory(text: str | int) -> int:
+    """'4GB', '512MB', '8GiB', '2e9' or a number of bytes -> bytes (GB = 10⁹, GiB = 2³⁰), from 1 to MEMORY_MAX."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(min(text, 2 * MEMORY_MAX))
+    else:
+        match = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
+        try:
+            unit = (match.group(2) or "").lower()
+            value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** " kmgt".index(unit[:1] or " "))
+        except (AttributeError, ValueError, KeyError):
+            raise ArgumentError(f"memory {text!r}: expected a size such as 4GB, 512MB or 8GiB") from None
+    if not 1 <= value <= MEMORY_MAX:  # 1e400 is inf
+        raise ArgumentError(f"memory {text!r}: expected a size from 1 byte up to {MEMORY_MAX / 2**50:g} PiB (no "
+                            f"machine has more)")
+    return int(value)
 
 
 def resolve_device(device="auto"):
@@ -133,11 +191,20 @@ def argument(check: Callable, parse: Callable = int, **limits) -> Callable[[str]
     return convert
 
 
+def check_memory_text(text: str) -> str:
+    """A memory size as typed ('4GB'), kept as typed once `parse_memory` reads it."""
+    parse_memory(text)
+    return text
+
+
 SEED = argument(check_seed, what="")
 COUNT = argument(check_int, minimum=1)         # steps, models, components, shard sizes ...
-NON_NEGATIVE = argument(check_int, minimum=0)  # oversamples, power iterations, timesteps
+NON_NEGATIVE = argument(check_int, minimum=0)  # oversamples, timesteps
+POWER_ITERATIONS = argument(check_power_iterations, what="")
+LEARNING_RATE = argument(check_learning_rate, parse=float, what="")
+WEIGHT_DECAY = argument(check_weight_decay, parse=float, what="")
 SIZE = argument(check_size, what="")
 FINITE = argument(check_number, parse=float)
 POSITIVE = argument(check_number, parse=float, above=0.0)
-NON_NEGATIVE_NUMBER = argument(check_number, parse=float, minimum=0.0)
 DEVICE = argument(resolve_device, parse=str)
+MEMORY = argument(check_memory_text, parse=str)

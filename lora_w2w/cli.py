@@ -6,10 +6,12 @@ prints one line `w2w: error: ...` and exits with code 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
 
+from . import __version__
 from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, POSITIVE, SEED, SIZE
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE
 from .errors import W2WError, exit_code
@@ -37,12 +39,23 @@ def _parse_edit(text: str) -> tuple[str, float]:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_info(args) -> None:
-    from .info import describe
+    from .info import describe, describe_reference
 
-    print(describe(Path(args.path), args.trust_pickle))
+    if (args.path is None) == (args.layout is None):
+        raise W2WError("info needs either PATH (a file or folder) or --layout NAME (a full-size network)")
+    if args.layout is None and (args.target_modules or args.rank):
+        raise W2WError("--target-modules and --rank go with --layout")
+    if args.layout:
+        from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES
+
+        print(describe_reference(args.layout, tuple(args.target_modules or DEFAULT_TARGET_MODULES),
+                                 args.rank or DEFAULT_RANK))
+    else:
+        print(describe(Path(args.path), args.trust_pickle))
 
 
 def cmd_export(args) -> None:
+    from .bases import lora_naming_of_base
     from .formats import LORA_OUTPUTS, save_lora
     from .storage import check_output
 
@@ -54,16 +67,20 @@ def cmd_export(args) -> None:
     if args.model:
         from .workbench import Workbench
 
-        bench = Workbench(space=args.space)
+        bench = Workbench(args.base, args.space)  # the base's config files name the LoRA's keys
         out = bench.export(bench.load(args.model), args.format, args.out)
         print(f"wrote w2w model as {args.format} LoRA {out}")
         return
     from .dataset import WeightsDataset
+    from .provenance import LoraAbout
 
     dataset = WeightsDataset(args.dataset)
     key = args.dataset_model
     row = dataset.row(int(key) if key not in dataset.names and key.lstrip("-").isdigit() else key)
-    out = save_lora(dataset.layout, dataset[row], args.out, args.format, dataset.base_model)
+    about = LoraAbout(f"dataset model {dataset.names[row]}", provenance=({"made": "dataset",
+                                                                         "model": dataset.names[row]},))
+    out = save_lora(dataset.layout, dataset[row], args.out, args.format, dataset.base_model,
+                    lora_naming_of_base(args.base, dataset.layout), about)
     print(f"wrote dataset model {dataset.names[row]!r} as {args.format} LoRA {out}")
 
 
@@ -122,9 +139,11 @@ def cmd_import_official(args) -> None:
     from .storage import MODEL_FILE, check_output, load_model, save_model
 
     if args.model:
+        from .provenance import imported
+
         check_output(args.dst, MODEL_FILE, [args.src])
-        model = load_model(args.src)
-        save_model(W2WModel(model.coefficients, args.space_id), args.dst)
+        model = load_model(args.src, args.trust_pickle)
+        save_model(W2WModel(model.coefficients, args.space_id, (*model.provenance, imported(args.src))), args.dst)
         print(f"wrote model {args.dst} ({len(model.coefficients)} coefficients)")
         return
     space = import_official(args.src, args.dst, trust_pickle=args.trust_pickle)
@@ -149,20 +168,14 @@ def cmd_download(args) -> None:
 
 
 def cmd_project(args) -> None:
-    from .formats import load_lora
-    from .space import W2WModel, check_finite
     from .workbench import Workbench
 
-    bench = Workbench(space=args.space)  # memory-mapped: only the first K components are read
-    space = bench.space if args.components is None else bench.space.truncate(args.components)
-    weights = load_lora(space.layout, args.lora, args.trust_pickle)
-    check_finite(weights, f"the weights of {args.lora}")
-    coefficients = space.project(weights)
-    residual = float(space.residual(weights, coefficients))
-    bench.export(W2WModel(coefficients, space.id), "w2w", args.out)
-    print(f"wrote model {args.out} ({space.num_components:,} coefficients); standardized residual |z - cV| / |z| = "
-          f"{residual:.4f} (0: the LoRA lies in the span of the space's first {space.num_components:,} components, "
-          f"1: wholly outside it)")
+    bench = Workbench(args.base, args.space)  # memory-mapped: only the first K components are read
+    model, residual = bench.project(args.lora, args.components, args.trust_pickle)
+    bench.export(model, "w2w", args.out)
+    k = len(model.coefficients)
+    print(f"wrote model {args.out} ({k:,} coefficients); standardized residual |z - cV| / |z| = {residual:.4f} (0: "
+          f"the LoRA lies in the span of the space's first {k:,} components, 1: wholly outside it)")
 
 
 def cmd_generate(args) -> None:
@@ -175,13 +188,15 @@ def cmd_generate(args) -> None:
     files = [out / f"seed_{seed:04d}.png" for seed in args.seeds] + [out / "grid.png"]
     check_outputs([(out, FILES_FOLDER)] + [(file, IMAGE_FILE) for file in files],
                   [args.model, args.edited, args.space, args.base])
+    timesteps = num_train_timesteps(args.base)
+    check_int(args.steps, "--steps", 1, timesteps)  # the scheduler takes at most its training timesteps
     if args.injection_timestep is not None:
-        check_int(args.injection_timestep, "--injection-timestep", 0, num_train_timesteps(args.base))
+        check_int(args.injection_timestep, "--injection-timestep", 0, timesteps)
     bench = Workbench(args.base, args.space, args.device)  # the base alone with a --prompt reads no space
     model, edited = (bench.load(path) if path else None for path in (args.model, args.edited))
     images = bench.images(model, args.prompt, edited=edited, injection_timestep=args.injection_timestep,
                           negative_prompt=args.negative_prompt, seeds=args.seeds, steps=args.steps,
-                          guidance=args.guidance, size=args.size)
+                          guidance=args.guidance, size=args.size, log=_progress)
     with output_lock(out, _progress):  # a second run into the same folder writes after this one
         grid = image_grid(images, columns=len(images), column_labels=[f"seed {seed}" for seed in args.seeds])
         for file, image in zip(files, images + [grid]):
@@ -190,26 +205,32 @@ def cmd_generate(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from .estimate import LARGE_SAMPLING, JobClock
     from .storage import FILE_BLOCK_BYTES, FILES_FOLDER, check_disk, check_output, output_lock
     from .workbench import Workbench, export_path
 
     out = check_output(args.out, FILES_FOLDER, [args.space])
-    bench = Workbench(space=args.space)
+    bench = Workbench(args.base, args.space)  # the base's config files name the exported LoRAs' keys
+    if args.export:
+        bench.lora_naming()  # a base of another family is refused before any file
     models = bench.sample(args.num, args.seed, args.components, args.factor)  # one at a time
     k = min(args.components or bench.space.coefficients.shape[1], bench.space.coefficients.shape[1])
     lora_files = {None: 0, "kohya": 1, "peft": 2}[args.export]  # a PEFT folder holds the weights twice
     check_disk(out, args.num, FILE_BLOCK_BYTES + 4 * k + lora_files * (FILE_BLOCK_BYTES + 4 * bench.space.num_weights),
                "models")
     with output_lock(out, _progress):  # a second run into the same folder waits for this one
+        clock = JobClock(args.num, "models", LARGE_SAMPLING, _progress)
         for i, model in enumerate(models):
             model_file = out / f"sample_{i:03d}.safetensors"
             if args.export:  # first: a LoRA with NaN/inf (components holding them) is refused before any file
                 bench.export(model, args.export, export_path(model_file, args.export))
             bench.export(model, "w2w", model_file)
+            clock.tick()
     print(f"wrote {args.num} models ({len(model.coefficients)} coefficients each) to {out}")
 
 
 def cmd_edit(args) -> None:
+    from .editing import default_debias, resolve_attribute
     from .storage import MODEL_FILE, check_output
     from .workbench import Workbench
 
@@ -217,14 +238,16 @@ def cmd_edit(args) -> None:
     bench = Workbench(space=args.space)
     model = bench.load(args.model)
     strengths = dict(args.edit)
-    fit = dict(debias=[name for name in (args.debias or "").split(",") if name], components=args.components,
-               method=args.method, debias_mode=args.debias_mode)
+    debias = (default_debias(bench.space) if args.debias is None else
+              [name for name in args.debias.split(",") if name and name != "none"])
+    fit = dict(debias=debias, components=args.components, method=args.method, debias_mode=args.debias_mode)
     bench.export(bench.edit(model, strengths, **fit), "w2w", args.out)
     directions = bench.directions(list(strengths), **fit)  # fitted once, for the edit
     for name, strength in strengths.items():
-        d = directions[name]
+        d = directions[resolve_attribute(name)[0]]
         print(f"{name}: {strength:+g} std = {strength * d.std:+.3f} along the direction "
               f"(dataset std {d.std:.3f}, largest projection {d.largest:.3f} = {d.largest / d.std:.1f} std)")
+    print(f"debiased against: {', '.join(debias) or 'nothing'}")
     print(f"wrote {args.out}")
 
 
@@ -266,8 +289,9 @@ def cmd_invert(args) -> None:
     print(f"inverting {len(args.image)} image{'s' * (len(args.image) > 1)} with K {config.components:,}, "
           f"lr {config.lr:g}, weight decay {config.weight_decay:g}, {config.steps} steps (preset {args.preset} on "
           f"this space, and the flags given)")
-    model, photos = bench.invert(args.image, masks, config, mask_dir=args.mask_dir, auto_mask=args.mask == [AUTO_MASK],
-                                 crop=args.crop, detector=args.detector, seed=args.seed, checkpoint=args.checkpoint)
+    model, photos = bench.invert(args.image, masks, config, preset=args.preset, mask_dir=args.mask_dir,
+                                 auto_mask=args.mask == [AUTO_MASK], crop=args.crop, detector=args.detector,
+                                 seed=args.seed, checkpoint=args.checkpoint)
     bench.export(model, "w2w", args.out)
     print(f"wrote model {args.out} ({config.components} coefficients, {config.steps} steps)")
     for what, name, path in save_fitted(args.out, photos, args.crop):  # the face crops and automatic masks
@@ -312,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="w2w", description="weights2weights: sample, edit and invert identity LoRAs in a w2w space, and build "
                                 "spaces. Runs on the bundled tiny world by default.")
+    parser.add_argument("--version", action="version", version=f"w2w (lora_w2w) {__version__}",
+                        help="print the version of lora_w2w and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_info_parser, add_export_parser, add_import_official_parser, add_download_parser,
                        add_project_parser,
@@ -327,6 +353,15 @@ def add_space(parser) -> None:
                         help="space directory (default: the tiny world, %(default)s; SD1.5: files/official)")
 
 
+def add_naming_base(parser) -> None:
+    """--base for the commands that write or read LoRA files but run no model: the key names of its family."""
+    parser.add_argument("--base", default=None,
+                        help="the base pipeline the space was built for, a folder or hub id of which only the config "
+                             "files are read: its family names the LoRA's keys (SDXL: kohya's input_blocks names) "
+                             "and its network must have the space's layout (default: Stable Diffusion 1 and 2's "
+                             "names, those of the tiny world and of the released files)")
+
+
 def add_base(parser) -> None:
     """--base and --device: the pipeline a command runs."""
     parser.add_argument("--base", default=DEFAULT_BASE,
@@ -337,12 +372,27 @@ def add_base(parser) -> None:
 
 
 def add_info_parser(commands) -> None:
-    info = commands.add_parser("info", help="describe a space, a weights dataset, a w2w model or a LoRA file",
+    from .layout import REFERENCE_NETWORKS
+
+    info = commands.add_parser("info", help="describe a space, a weights dataset, a model, a LoRA or an image, "
+                                            "and how it was made",
                                description="Print what PATH is: a w2w space (layout, N, K, M, base model, "
                                            "attributes), a weights dataset (layout, M, shards), a w2w model (K, space "
-                                           "id) or a LoRA (format, layers, rank).")
-    info.add_argument("path", help="a space directory, a weights dataset directory, a model .safetensors/.pt, a PEFT "
-                                   "folder or a kohya file")
+                                           "id, how it was made: sampled, edited, inverted, projected), a LoRA "
+                                           "(format, layers, rank; a kohya file's ModelSpec keys, a PEFT folder's "
+                                           "model card, the model it was made from) or a generated image (prompt, "
+                                           "seed, steps, guidance, models). With --layout NAME instead: the "
+                                           "LoRA layout of a full-size base network, built on the meta device from "
+                                           "its config shipped with w2w (no download): N and every layer.")
+    info.add_argument("path", nargs="?", help="a space directory, a weights dataset directory, a model "
+                                              ".safetensors/.pt, a PEFT folder, a kohya file or a PNG from "
+                                              "`w2w generate`")
+    info.add_argument("--layout", choices=tuple(REFERENCE_NETWORKS), default=None,
+                      help="instead of PATH: " + "; ".join(f"{name}: {what}" for name, (what, _) in
+                                                           REFERENCE_NETWORKS.items()))
+    info.add_argument("--target-modules", nargs="+", default=None,
+                      help="with --layout: the Linear layers that get a LoRA (default: to_q to_v, as the paper)")
+    info.add_argument("--rank", type=COUNT, default=None, help="with --layout: the LoRA rank (default: 1)")
     info.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
     info.set_defaults(run=cmd_info)
 
@@ -360,6 +410,7 @@ def add_export_parser(commands) -> None:
                         help="peft: a folder for pipe.load_lora_weights / PeftModel.from_pretrained; "
                              "kohya: one .safetensors for A1111, ComfyUI and diffusers (default: %(default)s)")
     export.add_argument("--out", required=True, help="output folder (peft) or .safetensors file (kohya)")
+    add_naming_base(export)
     export.set_defaults(run=cmd_export)
 
 
@@ -428,6 +479,7 @@ def add_project_parser(commands) -> None:
                          help="K, components projected on (default: all of the space's)")
     project.add_argument("--out", required=True, help="model file to write (.safetensors)")
     project.add_argument("--trust-pickle", action="store_true", help=TRUST_LORA_PICKLE)
+    add_naming_base(project)
     project.set_defaults(run=cmd_project)
 
 
@@ -468,13 +520,15 @@ def add_sample_parser(commands) -> None:
     sample.add_argument("--factor", type=POSITIVE, default=1.0,
                         help="scale of the Gaussians' std: < 1 typical, > 1 unusual identities (default: %(default)s)")
     sample.add_argument("--export", choices=("peft", "kohya"), default=None, help="also write each model as a LoRA")
+    add_naming_base(sample)
     sample.add_argument("--out", required=True, help="output folder for sample_XXX.safetensors")
     sample.set_defaults(run=cmd_sample)
 
 
 def add_edit_parsers(commands) -> None:
     """`w2w edit` and `w2w directions`: the attribute directions of a space."""
-    from .editing import DEFAULT_EDIT_COMPONENTS, DEFAULT_DIRECTION_METHOD, DIRECTION_METHODS, MODELS_PER_COMPONENT
+    from .editing import (ALIASES, DEFAULT_DEBIAS, DEFAULT_DIRECTION_METHOD, DEFAULT_EDIT_COMPONENTS, DIRECTION_METHODS,
+                          MODELS_PER_COMPONENT)
 
     components = (f"(default: {DEFAULT_EDIT_COMPONENTS:,} as in the paper; for least squares and logistic at most "
                   f"M/{MODELS_PER_COMPONENT} of the space's M dataset models)")
@@ -484,9 +538,14 @@ def add_edit_parsers(commands) -> None:
                                            "along each direction. Edits compose.")
     add_space(edit)
     edit.add_argument("--model", required=True, help="w2w model file to edit")
+    aliases = ", ".join(f"{name} = {'-' if sign < 0 else ''}{column}" for name, (column, sign) in ALIASES.items())
     edit.add_argument("--edit", type=_parse_edit, action="append", required=True, metavar="ATTRIBUTE=STRENGTH",
-                      help="e.g. --edit Bald=-2 --edit Chubby=+1.5 (repeatable)")
-    edit.add_argument("--debias", default="", help="comma-separated attributes to keep: their directions are removed")
+                      help=f"e.g. --edit Beard=2 --edit Chubby=-1.5 (repeatable); friendly names have the sign folded "
+                           f"in ({aliases}), the attribute table's own names work too (`w2w directions` lists them)")
+    edit.add_argument("--debias", default=None,
+                      help=f"comma-separated attributes to keep: their directions are removed from each edit's "
+                           f"(default: {','.join(DEFAULT_DEBIAS)}, those the space has, as in `w2w app`; none: "
+                           f"--debias none)")
     edit.add_argument("--debias-mode", choices=("project", "orthogonalize"), default="project",
                       help="project: the paper's one-by-one projection; orthogonalize: remove their whole span")
     edit.add_argument("--method", choices=DIRECTION_METHODS, default=DEFAULT_DIRECTION_METHOD,
@@ -666,9 +725,16 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    with warnings.catch_warnings():  # every subcommand's warnings, one line each
-        warnings.showwarning = one_line_warning
-        return run(sys.argv[1:] if argv is None else argv)
+    try:
+        with warnings.catch_warnings():  # every subcommand's warnings, one line each
+            warnings.showwarning = one_line_warning
+            return run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # in any phase, the parser's imports included; outputs are whole or absent
+        print("w2w: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if argv is None:  # the `w2w` command: its work is over, and a Ctrl-C in the seconds the interpreter
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # takes to shut down would kill it without a word
 
 
 def run(argv: list[str]) -> int:

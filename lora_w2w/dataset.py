@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import re
 import shutil
@@ -47,8 +48,8 @@ import numpy as np
 import torch
 
 from .errors import FileFormatError, LayoutError, W2WError
-from .formats import (PEFT_CONFIG, find_peft_weights, load_lora, peft_weights_file, read_adapter_config,
-                      read_peft_shapes)
+from .formats import (PEFT_CONFIG, find_peft_weights, layer_scalings, load_lora, peft_weights_file,
+                      read_adapter_config, read_peft_shapes)
 from .layout import LoraLayout
 from .schemas import dataset_index
 from .space import check_finite
@@ -283,7 +284,10 @@ def layout_of_lora(path: str | os.PathLike, trust_pickle: bool = False) -> tuple
     if not config_file.is_file():
         return layout, ""
     config = read_adapter_config(config_file)
+    layer_scalings(layout, config, config_file)  # its targets and ranks fit the weights
     alpha = float(config.get("lora_alpha", layout.alpha))
+    if config.get("use_rslora"):  # PEFT's scaling alpha / sqrt(r), as the layout's alpha / r
+        alpha *= math.sqrt(layout.rank)
     layout = LoraLayout(layout.layers, layout.rank, alpha, layout.target_modules)
     return layout, config.get("base_model_name_or_path") or ""
 

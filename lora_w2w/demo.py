@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from .defaults import DEFAULT_BASE, DEFAULT_EVALUATION, DEFAULT_EVALUATOR, DEFAULT_SPACE, EXAMPLES
+from .images import read_image
 from .pipeline import image_grid
 from .storage import save_png
 from .workbench import Workbench
@@ -86,9 +87,10 @@ class Demo:
         return {"images": "sampling.png", "models": len(models)}
 
     def editing(self) -> dict:
-        """One sampled identity edited along several attributes (+-3 dataset standard deviations)."""
+        """One sampled identity edited along several attributes (+3 dataset standard deviations; friendly names:
+        Beard is -No_Beard, Age is -Young)."""
         model, = self.bench.sample(1, seed=3)
-        edits = {"Eyeglasses": 3.0, "No_Beard": -3.0, "Blond_Hair": 3.0, "Young": -3.0}
+        edits = {"Eyeglasses": 3.0, "Beard": 3.0, "Blond_Hair": 3.0, "Age": 3.0}
         rows = [model] + [self.bench.edit(model, {a: s}, debias=["Male"]) for a, s in edits.items()]
         rows.append(self.bench.edit(model, edits, debias=["Male"]))  # all at once: edits compose
         images = [im for m in rows for im in self.images(m, seeds=range(3))]
@@ -115,7 +117,7 @@ class Demo:
             self.bench.export(model, "peft", self.out / "loras" / f"inverted_{name}")
             self.bench.export(model, "kohya", self.out / "loras" / f"inverted_{name}_kohya.safetensors")
             resolution = image_sizes(self.bench.pipeline())[0]
-            images += [Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
+            images += [read_image(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model, seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],
                             column_labels=["input", *SEED_LABELS[:3]]), self.out / "inversion.png")
@@ -169,11 +171,24 @@ def write_report(out: Path, stages: dict) -> None:
         elif "images" in result:
             lines += [f"![{name}]({result['images']})", ""]
         if name == "evaluation" and "skipped" not in result:
-            lines += _evaluation_table(result)
+            lines += [_target_sentence(result), "", *_evaluation_table(result)]
         if "seconds" in result:
             lines.append(f"{result['seconds']:.1f} s")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _target_sentence(result: dict) -> str:
+    """What "target met" means, and why this run's editing rows may differ from those of w2w evaluate's report."""
+    run = sum(result["editing"]["models_by_sex"].values())
+    sentence = ("\"Target met\" says whether the tiny world's figure reaches the target in brackets, which this "
+                "project sets for each of the paper's claims (most are qualitative)")
+    if "editing_report" not in result:
+        return sentence + "."
+    quoted = sum(result["editing_report"]["models_by_sex"].values())
+    return (sentence + f"; this run edits {run} sampled models, so one model moves an editing row by "
+            f"{1 / run:.0%} and its rows may differ from the {quoted}-model rows quoted from "
+            f"{result['report_source']}, which `w2w evaluate` measured with more models.")
 
 
 def _met(ok: bool, target: str) -> str:
@@ -182,6 +197,7 @@ def _met(ok: bool, target: str) -> str:
 
 def _evaluation_table(result: dict) -> list[str]:
     """The evaluator's figures next to the paper's claims, each with its target and whether it is met."""
+    from .editing import friendly_name
     from .tiny.tables import EDITED, PAPER
 
     sampling, editing = result["sampling"], result["editing"]
@@ -205,8 +221,8 @@ def _evaluation_table(result: dict) -> list[str]:
         for attribute in EDITED:
             e = scores[attribute]
             met = e["changed"] >= targets["changed"] and e["others_kept"] >= targets["others_kept"]
-            rows.append(f"| editing {attribute} ({label}): changed / others kept / identity similarity | "
-                        f"qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
+            rows.append(f"| editing {friendly_name(attribute)} ({label}): changed / others kept / identity "
+                        f"similarity | qualitative (Fig. 5) | {e['changed']:.0%} / {e['others_kept']:.0%} / "
                         f"{e['identity_similarity']:.2f} | {_met(met, edit_target)} |")
     if "table2_report" in result:
         kinds = ("w2w", "dreambooth_1", "dreambooth_multi")

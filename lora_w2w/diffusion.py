@@ -29,8 +29,9 @@ from .images import eight_bit
 # ----------------------------------------------------------------------------- images
 
 def image_sizes(pipe) -> tuple[int, int]:
-    """(image resolution R, latent size h) of anything with a `unet` and a `vae` (a pipeline, the frozen
-    training base): (512, 64) for SD1.5, (64, 16) for the tiny world. Each VAE stage but the last halves R."""
+    """(image resolution R, latent size h) of anything with a `unet` and a `vae` (a pipeline of a UNet family;
+    `bases.Family.image_sizes` for any family): (512, 64) for SD1.5, (64, 16) for the tiny world. Each VAE
+    stage but the last halves R."""
     latent_size = int(pipe.unet.config.sample_size)
     return latent_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1), latent_size
 
@@ -109,13 +110,22 @@ class StepSampler:
                      torch.randint(self.num_train_timesteps, (n,), generator=g))
 
 
+def latent_factors(vae) -> tuple[float, float | None]:
+    """(scaling factor, shift factor) of a VAE's config: x_0 = (z - shift) * scaling for a latent z of the
+    VAE (SD1.5 0.18215 and no shift; SDXL 0.13025; FLUX.1 0.3611 and 0.1159)."""
+    return float(vae.config.scaling_factor), vae.config.get("shift_factor")
+
+
 def noisy_latents(mean: torch.Tensor, std: torch.Tensor, batch: StepBatch, *, scaling_factor: float,
-                  scheduler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  scheduler, shift_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The latent distributions (n, C, h, w) of a batch's n samples -> (noisy latents x_t (n, C, h, w),
     timesteps (n,), the UNet's target (n, C, h, w): the noise, or the velocity for a v-prediction
-    scheduler), on the device of `mean`: x_0 = (mean + std * latent noise) * scaling_factor."""
+    scheduler), on the device of `mean`: x_0 = (mean + std * latent noise - shift_factor) * scaling_factor."""
     latent_noise, noise, timesteps = (t.to(mean.device) for t in (batch.latent_noise, batch.noise, batch.timesteps))
-    latents = (mean + std * latent_noise) * scaling_factor               # (n, C, h, w)
+    latents = mean + std * latent_noise                                  # (n, C, h, w)
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    latents = latents * scaling_factor                                   # (n, C, h, w)
     noisy = scheduler.add_noise(latents, noise, timesteps)              # (n, C, h, w)
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, timesteps, scheduler.get_velocity(latents, noise, timesteps)

@@ -4,6 +4,7 @@
     w2w download weights identities --out downloads/w2w # weights_datasets/identities/all_weights.pt (26 GB)
     w2w download weights dogs --out downloads/w2w       # weights_datasets/dogs/dog_weights.pt
     w2w download base stablediffusionapi/realistic-vision-v51
+    Space.from_pretrained("OWNER/NAME")                   # a w2w space at the top of a repository (download_space)
 
 Everything goes through huggingface_hub's cache (HF_HOME, by default ~/.cache/huggingface): a killed
 download resumes where it stopped, a finished one is not fetched again, and a cached one is found with
@@ -32,6 +33,7 @@ RELEASES = {
     "dogs": ("weights_datasets/dogs/dog_weights.pt",),               # 120 dog-breed models
 }
 WEIGHTS_DATASETS = ("identities", "dogs")
+SPACE_FILES = ("space.json", "space.safetensors", "attributes.csv")  # a space in the project's format (storage)
 
 
 def release_command(name: str, out: str | os.PathLike = DEFAULT_OUT, repo_id: str = W2W_REPO,
@@ -64,6 +66,23 @@ def download_release(name: str, out: str | os.PathLike = DEFAULT_OUT, repo_id: s
     for relative in found:
         place(snapshot / relative, out / relative)
     return [out / relative for relative in found]
+
+
+def download_space(repo_id: str, revision: str | None = None) -> Path:
+    """The cached folder of the w2w space at the top of the Hugging Face repository `repo_id` (SPACE_FILES),
+    fetched at `revision` into huggingface_hub's cache; W2WError when the repository holds none."""
+    from huggingface_hub import snapshot_download
+
+    command = f"python -c \"from lora_w2w import Space; Space.from_pretrained('{repo_id}')\""
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(SPACE_FILES)))
+    except (OSError, ValueError) as error:
+        raise hub_error(error, repo_id, revision, command) from None
+    if not (snapshot / SPACE_FILES[0]).is_file():
+        raise W2WError(f"{repo_id}{_at(revision)}: holds no w2w space ({SPACE_FILES[0]} at its top); the released "
+                       f"files of {W2W_REPO} are pickles: fetch them with `{release_command('files')}` and convert "
+                       f"them with `w2w import-official`")
+    return snapshot
 
 
 def download_base(repo_id: str, revision: str | None = None) -> Path:

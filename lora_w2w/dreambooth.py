@@ -1,6 +1,7 @@
 """Dreambooth LoRA training of identities (Ruiz et al. 2023) with the w2w paper's Sec. 3.1 recipe, the
 defaults of `add_dreambooth_arguments`: "sks person" on an identity's images, prior preservation with
-"person" images of the base model, a LoRA on to_q/to_v.
+"person" images of the base model, a LoRA on to_q/to_v. The base may be of any family `bases` knows
+(Stable Diffusion 1, 2 or XL): its family conditions, calls and sets the target of the network.
 
 The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
 (many identities in one pass): reading an instance folder, generating class images once, caching
@@ -22,14 +23,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .bases import Conditioning, Family, family_of
+from .checks import LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_number, check_weight_decay
 from .defaults import DEFAULT_BASE
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, image_sizes, noisy_latents, prepare_image
-from .errors import SettingError, W2WError
+from .diffusion import StepBatch, StepSampler, encode_images, latent_factors, prepare_image
+from .errors import ArgumentError, SettingError, W2WError
 from .flags import add_config_flags, spellings
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, read_image
 from .layout import DEFAULT_ALPHA, DEFAULT_RANK, LoraLayout
 from .storage import save_png
 
@@ -57,12 +59,12 @@ class DreamboothConfig:
     resolution: int | None = field(default=None, metadata={
         "help": "training resolution in pixels (default: the base model's, 512 for SD1.5)"})
     train_batch_size: int = field(default=1, metadata={"help": "instance images per step, plus as many class images"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate", "type": LEARNING_RATE})
     lr_scheduler: str = field(default="constant", metadata={"help": "learning-rate schedule",
                                                             "choices": ("constant", "cosine", "linear")})
     max_train_steps: int = field(default=800, metadata={"help": "optimizer steps"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches averaged per optimizer step"})
-    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay", "type": WEIGHT_DECAY})
     use_lora: bool = field(default=True, metadata={
         "help": "train a LoRA (the only mode; kept for the original's command lines)"})
     lora_r: int = field(default=DEFAULT_RANK, metadata={"help": "LoRA rank"})
@@ -77,10 +79,17 @@ class DreamboothConfig:
         for name, ok, expected in [("max_train_steps", self.max_train_steps >= 1, ">= 1"),
                                    ("train_batch_size", self.train_batch_size >= 1, ">= 1"),
                                    ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
-                                   ("learning_rate", self.learning_rate > 0, "> 0"),
                                    ("lora_r", self.lora_r >= 1, ">= 1")]:
             if not ok:
                 raise SettingError(name, f"must be {expected}, got {getattr(self, name)}")
+        checks = [("learning_rate", check_learning_rate), ("adam_weight_decay", check_weight_decay),
+                  ("prior_loss_weight", lambda value, what: check_number(value, what, minimum=0.0)),
+                  ("lora_alpha", lambda value, what: check_number(value, what, above=0.0))]
+        for name, check in checks:
+            try:
+                check(getattr(self, name), "")
+            except ArgumentError as error:
+                raise SettingError(name, str(error)) from None
         if not self.use_lora:
             raise SettingError("use_lora", "off: only LoRA training is supported")
         if self.with_prior_preservation and self.num_class_images < 1:
@@ -123,12 +132,7 @@ def load_image_folder(folder: str | Path, resolution: int) -> torch.Tensor:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append(path.name)
             continue
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise W2WError(f"{path}: not a readable image ({error})") from None
-        images.append(prepare_image(eight_bit(image, str(path)), resolution))
+        images.append(prepare_image(read_image(path), resolution))
     if skipped:
         warnings.warn(f"{folder}: skipped {len(skipped)} non-image files ({', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''})", stacklevel=2)
@@ -154,12 +158,14 @@ def ensure_class_images(base: str, class_dir: Path, prompt: str, count: int, res
     from .pipeline import load_base_pipeline
 
     pipe = load_base_pipeline(base, device, progress=False)
+    check_int(steps, "class inference steps", 1, pipe.scheduler.config.num_train_timesteps)
+    family = family_of(pipe)
     batch_size = class_image_batch_size(resolution)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"class images of {prompt!r}", unit="batch"):
         indices = missing[start:start + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(seed * 100_003 + i) for i in indices]
-        images = pipe([prompt] * len(indices), num_inference_steps=steps, generator=generators,
-                      height=resolution, width=resolution).images
+        images = family.generate(pipe, [prompt] * len(indices), num_inference_steps=steps, generator=generators,
+                                 height=resolution, width=resolution)
         for i, image in zip(indices, images):
             save_png(image, class_dir / f"{i:05d}.png")
     del pipe
@@ -179,26 +185,27 @@ class IdentityData:
 
 @dataclass
 class SharedData:
-    """What all identities share: class latent distributions, text embeddings, the noise schedule."""
+    """What all identities share: class latent distributions, both prompts' conditioning, the base's family,
+    its VAE's latent factors and its training noise schedule."""
 
     class_mean: torch.Tensor     # (I_c, C, h, w)
     class_std: torch.Tensor      # (I_c, C, h, w)
-    instance_embedding: torch.Tensor  # (1, L, D)
-    class_embedding: torch.Tensor     # (1, L, D)
-    scaling_factor: float
-    scheduler: object            # a diffusers DDPMScheduler
+    instance_conditioning: Conditioning  # (1, ...): (1, L, D) text embeddings, and what else the family adds
+    class_conditioning: Conditioning     # (1, ...)
+    latent_factors: tuple[float, float | None]  # the VAE's (scaling, shift): diffusion.latent_factors
+    scheduler: object            # the family's training scheduler (a DDPMScheduler for Stable Diffusion)
+    family: Family
 
 
 def noisy_inputs(identity: IdentityData, shared: SharedData, batch: StepBatch):
-    """(noisy latents (n, C, h, w), timesteps (n,), text embeddings (n, L, D), target (n, C, h, w)), on
-    the device of the cached latents."""
+    """(noisy latents (n, C, h, w), timesteps (n,), conditioning (n rows), target (n, C, h, w)), on the
+    device of the cached latents."""
     mean = torch.cat([identity.mean[batch.instance], shared.class_mean[batch.prior]])  # (n, C, h, w)
     std = torch.cat([identity.std[batch.instance], shared.class_std[batch.prior]])     # (n, C, h, w)
-    noisy, timesteps, target = noisy_latents(mean, std, batch, scaling_factor=shared.scaling_factor,
-                                             scheduler=shared.scheduler)
+    noisy, timesteps, target = shared.family.noisy_latents(mean, std, batch, shared.latent_factors, shared.scheduler)
     b, n = len(batch.instance), len(timesteps)
-    text = torch.cat([shared.instance_embedding.expand(b, -1, -1), shared.class_embedding.expand(n - b, -1, -1)])
-    return noisy, timesteps, text, target
+    conditioning = Conditioning.cat([shared.instance_conditioning.repeat(b), shared.class_conditioning.repeat(n - b)])
+    return noisy, timesteps, conditioning, target
 
 
 def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> torch.Tensor:
@@ -227,10 +234,11 @@ def identities_loss(unet, identities: list[IdentityData], shared: SharedData, ar
     """One step's loss of K identities in one UNet call: each identity's samples (its instance and class
     latents, noise and timesteps from its own sampler) pass through the UNet together, and the loss is
     the sum of each identity's Dreambooth loss, so each identity's gradient is that of a solo run."""
-    inputs = [noisy_inputs(identity, shared, identity.sampler.next()) for identity in identities]
-    noisy, timesteps, text, target = (torch.cat(parts) for parts in zip(*inputs))  # (K n, C, h, w), (K n,) ...
+    noisy, timesteps, conditioning, target = zip(*(noisy_inputs(identity, shared, identity.sampler.next())
+                                                   for identity in identities))
+    noisy, timesteps, target = torch.cat(noisy), torch.cat(timesteps), torch.cat(target)  # (K n, C, h, w), (K n,) ...
     with autocast():
-        prediction = unet(noisy, timesteps, text).sample                           # (K n, C, h, w)
+        prediction = shared.family.predict(unet, noisy, timesteps, Conditioning.cat(conditioning))  # (K n, C, h, w)
     n = len(prediction) // len(identities)
     return sum(dreambooth_loss(prediction[i * n:(i + 1) * n], target[i * n:(i + 1) * n], args.train_batch_size,
                                args.prior_loss_weight) for i in range(len(identities)))
@@ -273,43 +281,45 @@ def lr_lambda(kind: str, total_steps: int):
 
 @dataclass
 class Base:
-    """The frozen parts of the base pipeline used for training."""
+    """The frozen base pipeline used for training, its family and its training noise schedule."""
 
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: object  # DDPMScheduler
+    pipe: object
+    family: Family
+    scheduler: object  # the family's training scheduler (a DDPMScheduler for Stable Diffusion)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The network that carries the LoRA (the UNet of Stable Diffusion 1, 2 and XL)."""
+        return self.family.network(self.pipe)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
 
     @property
     def resolution(self) -> int:
-        """The base model's native image size (512 for SD1.5)."""
-        return image_sizes(self)[0]
+        """The base model's native image size (512 for SD1.5, 1024 for SDXL)."""
+        return self.family.image_sizes(self.pipe)[0]
 
 
 def load_base(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Base:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from a diffusers pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    """The base pipeline of a folder or hub id (of a family `bases` knows), frozen on `device`, with its
+    family's training scheduler."""
+    from .pipeline import load_base_pipeline
 
     if not Path(path).is_dir() and Path(path).exists():
         raise W2WError(f"{path}: expected a diffusers pipeline folder or a hub id")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError) as error:
-        raise W2WError(f"{path}: cannot load the base pipeline ({str(error).splitlines()[0]})") from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False).eval().to(device)
-    return Base(tokenizer, text_encoder, vae, unet, scheduler)
+    pipe = load_base_pipeline(path, device, dtype, progress=False)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    family = family_of(pipe)
+    return Base(pipe, family, family.training_scheduler(pipe))
 
 
 def prepare_shared(base: Base, args: argparse.Namespace, resolution: int, class_dir: Path) -> SharedData:
-    """Generate missing class images, then cache their latent distributions and both prompts' embeddings."""
-    device = base.unet.device
+    """Generate missing class images, then cache their latent distributions and both prompts' conditioning."""
+    device = base.network.device
     if args.with_prior_preservation:
         ensure_class_images(args.pretrained_model_name_or_path, class_dir, args.class_prompt, args.num_class_images,
                             resolution, args.class_inference_steps, args.seed, device)
@@ -318,9 +328,9 @@ def prepare_shared(base: Base, args: argparse.Namespace, resolution: int, class_
     else:
         class_mean = class_std = torch.zeros(0)
     return SharedData(class_mean.to(device), class_std.to(device),
-                      encode_prompt(base.tokenizer, base.text_encoder, args.instance_prompt),
-                      encode_prompt(base.tokenizer, base.text_encoder, args.class_prompt),
-                      float(base.vae.config.scaling_factor), base.scheduler)
+                      base.family.encode_prompt(base.pipe, args.instance_prompt, resolution),
+                      base.family.encode_prompt(base.pipe, args.class_prompt, resolution),
+                      latent_factors(base.vae), base.scheduler, base.family)
 
 
 def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: SharedData, args: argparse.Namespace
@@ -331,16 +341,16 @@ def prepare_identity(name: str, images: torch.Tensor, base: Base, shared: Shared
     sampler = StepSampler(args.seed, num_instance=len(mean), num_class=len(shared.class_mean),
                           batch_size=args.train_batch_size, latent_shape=tuple(mean.shape[1:]),
                           num_train_timesteps=shared.scheduler.config.num_train_timesteps)
-    return IdentityData(name, mean.to(base.unet.device), std.to(base.unet.device), sampler)
+    return IdentityData(name, mean.to(base.network.device), std.to(base.network.device), sampler)
 
 
 def lora_layout(base: Base, args: argparse.Namespace) -> LoraLayout:
-    """The LoRA layout for the flags; an error before training when the UNet lacks the target modules."""
+    """The LoRA layout for the flags; an error before training when the network lacks the target modules."""
     try:
-        return LoraLayout.from_unet(base.unet, args.lora_target_modules, args.lora_r, args.lora_alpha)
+        return LoraLayout.from_unet(base.network, args.lora_target_modules, args.lora_r, args.lora_alpha)
     except W2WError:
-        raise W2WError(f"{args.pretrained_model_name_or_path}: the UNet has no Linear layer named "
-                       f"{args.lora_target_modules} to put a LoRA on") from None
+        raise W2WError(f"{args.pretrained_model_name_or_path}: the {type(base.network).__name__} has no Linear layer "
+                       f"named {args.lora_target_modules} to put a LoRA on") from None
 
 
 # ----------------------------------------------------------------------------- one identity (train_dreambooth.py)
@@ -362,7 +372,7 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     shared = prepare_shared(base, args, resolution, class_dir)
     identity = prepare_identity(output_dir.name, images, base, shared, args)
 
-    unet = base.unet
+    unet = base.network
     optimizer = add_identity_lora(unet, layout, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.max_train_steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -377,5 +387,6 @@ def train_one(args: argparse.Namespace) -> torch.Tensor:
     state = get_peft_model_state_dict(accelerator.unwrap_model(unet))
     weights = layout.from_peft_state_dict(state)
     if accelerator.is_main_process:
-        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path, training_settings(args))
+        save_peft(layout, weights, output_dir / "unet", args.pretrained_model_name_or_path, training_settings(args),
+                  base.family.lora_naming())
     return weights

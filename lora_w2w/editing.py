@@ -18,27 +18,37 @@ attribute, by one of three methods:
 deviations of the dataset along the unit direction; the paper's reference strength is the largest
 projection of a dataset model on it.
 
-    directions = attribute_directions(space, ["Bald", "Young"], debias_against=["Male"])
-    edited = apply_edits(model, {"Bald": 2.0, "Young": -1.0}, directions)
+Attributes go by friendly names with the sign folded in (ALIASES: Beard is -No_Beard, Age is -Young),
+or by the attribute table's own: every function here takes either. `attribute_names(space)` lists the
+names an edit takes (a slider each), `resolve_attribute(name)` gives the table's column and sign.
+
+    directions = attribute_directions(space, ["Bald", "Age"], debias_against=["Male"])
+    edited = apply_edits(model, {"Bald": 2.0, "Age": 1.0}, directions)  # the edited model records the edit
 
 Letters: M dataset models, K components.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_number
 from .errors import SpaceError
-from .space import Space, W2WModel
+from .space import MODEL_SCALE_MAX, Space, W2WModel
 
 DEFAULT_EDIT_COMPONENTS = 1000  # the paper's, for 65k models
 MODELS_PER_COMPONENT = 10  # least squares overfits with fewer than ~10 models per unknown
 DEFAULT_DIRECTION_METHOD = "mean_difference"  # moves along what the attribute changes; least squares finds what tells it apart
 DEBIAS_MODES = ("project", "orthogonalize")
+# Friendly names of CelebA's attributes that read backwards on a slider (No_Beard -3 adds a beard): name ->
+# (column of the attribute table, sign). An edit of `name` by s moves `column` by sign * s.
+ALIASES = {"Beard": ("No_Beard", -1.0), "Age": ("Young", -1.0)}
+# What edits keep by default (the app's ticks, `w2w edit --debias`, model.edit): sex and age, those of them
+# the space has.
+DEFAULT_DEBIAS = ("Male", "Age")
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -91,8 +101,66 @@ def spread_along(direction: torch.Tensor, coefficients: torch.Tensor) -> tuple[f
 
 # ----------------------------------------------------------------------------- attributes of a space
 
+def resolve_attribute(name: str, space: Space | None = None) -> tuple[str, float]:
+    """(column of the attribute table, sign) of an attribute named friendly (ALIASES) or as the table does;
+    with `space`, SpaceError when its table has no such column, listing the names edits take."""
+    column, sign = ALIASES.get(name, (name, 1.0))
+    if space is not None and space.attributes is not None and column not in space.attributes.columns:
+        raise SpaceError(f"no attribute {name!r}; the space has: {', '.join(attribute_names(space))}")
+    return column, sign
+
+
+def friendly(column: str) -> tuple[str, float]:
+    """(the name an edit of the table's `column` goes by, the sign from the column to it): its alias when it has
+    one, else the column's own name and +1."""
+    return next(((alias, sign) for alias, (aliased, sign) in ALIASES.items() if aliased == column), (column, 1.0))
+
+
+def friendly_name(column: str) -> str:
+    """The name an edit of the table's `column` goes by (`friendly`)."""
+    return friendly(column)[0]
+
+
+def binary_attributes(space: Space) -> list[str]:
+    """The ±1 columns of the space's attribute table, with both values present: the attributes edits move."""
+    if space.attributes is None:
+        return []
+    return [str(name) for name in space.attributes.columns
+            if np.isin(space.attributes[name].to_numpy(), (-1, 1)).all()
+            and len(np.unique(space.attributes[name].to_numpy())) == 2]
+
+
+def attribute_names(space: Space) -> list[str]:
+    """The names of the attributes edits move, in the table's order, friendly (Beard, Age) where ALIASES has
+    one: what the app's sliders show and `w2w edit --edit NAME=S` takes."""
+    return [friendly_name(column) for column in binary_attributes(space)]
+
+
+def resolve_strengths(strengths: dict[str, float]) -> dict[str, float]:
+    """Strengths by friendly or table name -> strengths by column, signs folded in; SpaceError when two names
+    move one column (Beard and No_Beard)."""
+    resolved, given = {}, {}
+    for name, strength in strengths.items():
+        column, sign = resolve_attribute(name)
+        if column in resolved:
+            raise SpaceError(f"{given[column]!r} and {name!r} name one direction ({column}); give one of them")
+        resolved[column], given[column] = sign * float(strength), name
+    return resolved
+
+
+def default_debias(space: Space) -> list[str]:
+    """DEFAULT_DEBIAS: the attributes edits keep unless told otherwise, those the space has."""
+    names = set(attribute_names(space))
+    return [name for name in DEFAULT_DEBIAS if name in names]
+
+
+def debias_or_default(space: Space, debias) -> list[str]:
+    """`debias` as given (a list of names; empty: none), or `default_debias` when it is None."""
+    return default_debias(space) if debias is None else list(debias)
+
+
 def attribute_labels(space: Space, attribute: str) -> torch.Tensor:
-    """The ±1 labels (M,) of an attribute of the space's attribute table."""
+    """The ±1 labels (M,) of an attribute column of the space's attribute table."""
     if space.attributes is None:
         raise SpaceError("the space has no attribute table (attributes.csv): directions cannot be fitted")
     if attribute not in space.attributes.columns:
@@ -107,10 +175,12 @@ def attribute_labels(space: Space, attribute: str) -> torch.Tensor:
 class Direction:
     """A unit attribute direction in the first K coefficients, with the dataset's spread along it."""
 
-    attribute: str
+    attribute: str        # the attribute table's column
     vector: torch.Tensor  # (K,), unit norm
     std: float            # std of the dataset's projections: the unit of edit strength
     largest: float        # the paper's reference: the largest |projection| of a dataset model
+    debias: tuple[str, ...] = ()  # the columns whose directions were removed from it
+    method: str = DEFAULT_DIRECTION_METHOD
 
     def shift(self, strength: float) -> torch.Tensor:
         """The coefficient change (K,) of an edit of `strength` standard deviations."""
@@ -134,38 +204,56 @@ def fit_direction(space: Space, attribute: str, k: int | None = None, method: st
 def attribute_directions(space: Space, attributes: list[str], k: int | None = None,
                          method: str = DEFAULT_DIRECTION_METHOD, debias_against: list[str] | None = None,
                          debias_mode: str = "project") -> dict[str, Direction]:
-    """Unit directions of `attributes`, each debiased against `debias_against` (minus itself)."""
+    """Unit directions of `attributes` (friendly or table names), each debiased against `debias_against`
+    (minus itself), keyed by the table's columns; a friendly name's direction is its column's (the sign is
+    the edit's: `apply_edits`)."""
     coefficients = _coefficients(space, k, method)
     k = coefficients.shape[1]
-    raw = {name: fit_direction(space, name, k, method) for name in {*attributes, *(debias_against or [])}}
+    columns = list(dict.fromkeys(resolve_attribute(name, space)[0] for name in attributes))
+    against = list(dict.fromkeys(resolve_attribute(name, space)[0] for name in debias_against or []))
+    raw = {name: fit_direction(space, name, k, method) for name in {*columns, *against}}
     directions = {}
-    for name in attributes:
-        vector = debias(raw[name], [raw[o] for o in debias_against or [] if o != name], debias_mode)
+    for name in columns:
+        others = [o for o in against if o != name]
+        vector = debias(raw[name], [raw[o] for o in others], debias_mode)
         vector = vector / vector.norm()
         std, largest = spread_along(vector, coefficients)
-        directions[name] = Direction(name, vector, std, largest)
+        directions[name] = Direction(name, vector, std, largest, tuple(others), method)
     return directions
 
 
 def apply_edits(model: W2WModel, strengths: dict[str, float], directions: dict[str, Direction]) -> W2WModel:
-    """The model moved by strength_a standard deviations along each direction a (edits compose by addition)."""
-    unknown = sorted(set(strengths) - set(directions))
+    """The model moved by strength_a standard deviations along each direction a (friendly or table names; edits
+    compose by addition), its provenance extended by the edit."""
+    from .provenance import edited
+
+    resolved = resolve_strengths(strengths)
+    unknown = sorted(set(resolved) - set(directions))
     if unknown:
         raise SpaceError(f"no direction for {', '.join(unknown)}; fitted: {', '.join(directions)}")
     coefficients = model.coefficients.clone().float()
-    for name, strength in strengths.items():
+    for name, strength in resolved.items():
+        check_number(strength, f"strength of {name}", minimum=-MODEL_SCALE_MAX, maximum=MODEL_SCALE_MAX,
+                     why="an edit moves the model that many of the dataset's standard deviations")
         shift = directions[name].shift(strength)  # (K,)
         if len(coefficients) < len(shift):  # a model on fewer components gains the direction's
             coefficients = torch.cat([coefficients, coefficients.new_zeros(len(shift) - len(coefficients))])
         coefficients[: len(shift)] += shift
-    return W2WModel(coefficients, model.space_id)
+    used = [directions[name] for name in resolved]
+    step = edited({friendly(c)[0]: friendly(c)[1] * s for c, s in resolved.items()},  # as the user names them
+                  sorted({friendly_name(o) for d in used for o in d.debias}),
+                  ",".join(sorted({d.method for d in used})), max((len(d.vector) for d in used), default=0))
+    return replace(model, coefficients=coefficients, provenance=(*model.provenance, step))
 
 
 def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_DIRECTION_METHOD,
                      held_out: float = 0.2, seed: int = 0) -> pd.DataFrame:
-    """For each ±1 attribute: positives, and held-out accuracy / balanced accuracy of sign(C d + b)
-    with d fitted on the other models (least squares: b = the training labels' mean, the intercept of
-    a fit on centred coefficients; mean difference: the midpoint of the two training classes)."""
+    """For each ±1 attribute, by its friendly name: positives (the share of models having it: for Beard, those
+    with a beard), and held-out accuracy / balanced accuracy of sign(C d + b) with d fitted on the other
+    models (least squares: b = the training labels' mean, the intercept of a fit on centred coefficients;
+    mean difference: the midpoint of the two training classes)."""
+    if space.attributes is None:
+        raise SpaceError("the space has no attribute table (attributes.csv): there are no attributes to list")
     coefficients = _coefficients(space, k, method)
     m = coefficients.shape[0]
     order = np.random.default_rng(seed).permutation(m)
@@ -186,9 +274,15 @@ def direction_report(space: Space, k: int | None = None, method: str = DEFAULT_D
         predicted = torch.sign(coefficients[test] @ direction + intercept)
         truth = labels[test]
         recalls = [float((predicted[truth == v] == v).float().mean()) for v in (-1, 1) if (truth == v).any()]
-        rows.append({"attribute": attribute, "positives": float((labels > 0).float().mean()),
+        name, sign = friendly(attribute)
+        rows.append({"attribute": name, "positives": float((sign * labels > 0).float().mean()),
                      "accuracy": float((predicted == truth).float().mean()),
                      "balanced_accuracy": float(np.mean(recalls))})
+    if not rows:
+        names = [str(name) for name in space.attributes.columns]
+        columns = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "none"
+        raise SpaceError(f"the attribute table has no ±1 column with both values among the dataset models (its "
+                         f"columns: {columns}); expected CelebA-style attributes of +1 and -1")
     return pd.DataFrame(rows).set_index("attribute")
 
 

@@ -48,6 +48,10 @@ class NoFaceError(W2WError):
     """A photograph in which the face detector finds no face."""
 
 
+class FamilyError(W2WError):
+    """A base pipeline of no family w2w knows (bases.FAMILIES)."""
+
+
 def exit_code(prog: str, job: Callable[[], object]) -> int:
     """Run `job`, the work of the command `prog`: 0 when it ends; bad input (a W2WError, or an OSError such
     as a full disk) prints the one line `PROG: error: ...` and gives 2; Ctrl-C prints `PROG: interrupted`

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 import typing
 from contextlib import contextmanager
 
@@ -35,6 +36,8 @@ class OneLineParser(argparse.ArgumentParser):
     other error of w2w; `w2w COMMAND --help` shows the usage."""
 
     def error(self, message: str):
+        # argparse names a flag by all its spellings ("argument --lora-r/--lora_r: ..."): the first is the command's
+        message = re.sub(r"^argument (-[\w-]+)(?:/-[\w-]+)+:", r"argument \1:", message)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

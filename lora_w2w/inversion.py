@@ -5,7 +5,9 @@ weights w = unproject(c) on the images: mean |m * (eps_theta(x_t, t, "sks person
 random timesteps t and noise eps, with x_0 drawn from an image's VAE latent distribution and m its
 optional mask at latent resolution. The latent distributions and the prompt's embedding are computed
 once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
-so that the loss is averaged over the photographs. With one image this is the paper's inversion.
+so that the loss is averaged over the photographs. With one image this is the paper's inversion. The
+base's family (`bases`) conditions and calls its network and sets the target (the noise eps above, or the
+velocity of a v-prediction scheduler).
 
     pipe = load_base_pipeline(DEFAULT_BASE)  # lora_w2w.defaults: the tiny world
     space = load_space(DEFAULT_SPACE)
@@ -36,6 +38,7 @@ C latent channels, h x w latent size, R image size, L tokens, D text width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import warnings
@@ -47,14 +50,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import COUNT, NON_NEGATIVE_NUMBER, POSITIVE, check_int, check_number, check_seed
-from .diffusion import StepBatch, StepSampler, encode_images, encode_prompt, noisy_latents, prepare_image
+from .bases import Conditioning, Family, family_of
+from .checks import (COUNT, LEARNING_RATE, WEIGHT_DECAY, check_int, check_learning_rate, check_seed,
+                     check_weight_decay)
+from .diffusion import StepBatch, StepSampler, encode_images, latent_factors, prepare_image
 from .errors import SpaceError, W2WError
-from .images import IMAGE_SUFFIXES, eight_bit
+from .images import IMAGE_SUFFIXES, check_picture, eight_bit, read_image
 from .layout import LoraLayout
 from .network import LoraUNet
 from .space import TRIGGER_PROMPT, Space, W2WModel, unproject
@@ -88,9 +92,9 @@ class InversionConfig:
         "help": "K, the first K coefficients are optimised: at most the space's K (default: the preset's, at most "
                 "the space's)", "type": COUNT, "flags": ("-k",)})
     lr: float = field(default=0.1, metadata={
-        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": POSITIVE})
+        "help": "Adam learning rate (default: the preset's, or the one the space records for it)", "type": LEARNING_RATE})
     weight_decay: float = field(default=1e-10, metadata={
-        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": NON_NEGATIVE_NUMBER})
+        "help": "Adam's L2 penalty on the coefficients (default: the preset's)", "type": WEIGHT_DECAY})
     steps: int = field(default=400, metadata={"help": "optimiser steps, the original's epochs (default: the preset's)",
                                               "type": COUNT})
     checkpoint_every: int = field(default=50, metadata={
@@ -102,8 +106,8 @@ class InversionConfig:
     def __post_init__(self):
         for name in ("components", "steps", "checkpoint_every", "images_per_step"):
             check_int(getattr(self, name), f"inversion {name}", minimum=1)
-        check_number(self.lr, "inversion lr", above=0.0)
-        check_number(self.weight_decay, "inversion weight_decay", minimum=0.0)
+        check_learning_rate(self.lr, "inversion lr")
+        check_weight_decay(self.weight_decay, "inversion weight_decay")
 
 
 PRESETS = {
@@ -134,17 +138,11 @@ def preset(name: str, space: Space | None = None, **overrides) -> InversionConfi
 
 
 def open_image(source: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
-    """A PIL image from a path (loaded now) or as given; W2WError naming the file when it does not open."""
+    """A PIL image from a path (`images.read_image`: loaded now, upright, 8 bits) or as given, within the
+    reader's bounds; W2WError naming the file when it does not open."""
     if isinstance(source, Image.Image):
-        return source
-    try:
-        with Image.open(source) as image:
-            image.load()
-    except FileNotFoundError:
-        raise W2WError(f"{source}: no such {what} file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise W2WError(f"{source}: not a readable {what} ({error})") from None
-    return eight_bit(image, str(source))
+        return check_picture(source, what)
+    return read_image(source, what)
 
 
 def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "mask") -> np.ndarray:
@@ -286,21 +284,24 @@ class Target:
     latent_mean: torch.Tensor    # (I, C, h, w), unscaled, one row per image
     latent_std: torch.Tensor     # (I, C, h, w)
     mask: torch.Tensor | None    # (I, 1, h, w) in [0, 1]
-    text: torch.Tensor           # (1, L, D) embedding of the prompt, in the UNet's dtype
-    scaling_factor: float        # vae.config.scaling_factor
-    dtype: torch.dtype           # the UNet's (reading unet.dtype walks all its parameters)
+    conditioning: Conditioning   # (1, ...) of the prompt, in the network's dtype: (1, L, D) text embeddings ...
+    latent_factors: tuple[float, float | None]  # the VAE's (scaling, shift)
+    dtype: torch.dtype           # the network's (reading unet.dtype walks all its parameters)
+    family: Family               # the base's
 
 
 def encode_target(pipe, images: torch.Tensor, masks: torch.Tensor | None, prompt: str) -> Target:
-    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder, once."""
+    """Encode the images (I, 3, R, R) with the VAE and the prompt with the text encoder(s), once."""
+    family = family_of(pipe)
     mean, std = encode_images(pipe.vae, images)  # (I, C, h, w) each
     if masks is not None and masks.shape != (len(mean), 1, *mean.shape[2:]):
         raise W2WError(f"masks {tuple(masks.shape)} do not fit the latents {tuple(mean.shape)}: expected "
                        f"({len(mean)}, 1, {mean.shape[2]}, {mean.shape[3]}); load them with photo_targets")
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device),
-                  encode_prompt(pipe.tokenizer, pipe.text_encoder, prompt).to(device, dtype),
-                  float(pipe.vae.config.scaling_factor), dtype)
+    network = family.network(pipe)
+    device, dtype = network.device, network.dtype
+    conditioning = family.encode_prompt(pipe, prompt, images.shape[-1]).to(device, dtype)
+    return Target(mean.to(device), std.to(device), None if masks is None else masks.to(device), conditioning,
+                  latent_factors(pipe.vae), dtype, family)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -314,12 +315,13 @@ def inversion_loss(lora_unet: LoraUNet, basis: tuple[torch.Tensor, ...], coeffic
     """The diffusion loss of the model `coefficients` (K,) in `basis` (mean, std, components) for one draw:
     on the B images of the target that `batch.instance` picks."""
     picked = batch.instance.to(target.latent_mean.device)                                       # (B,)
-    noisy, timesteps, expected = noisy_latents(target.latent_mean[picked], target.latent_std[picked], batch,
-                                               scaling_factor=target.scaling_factor,
-                                               scheduler=scheduler)                             # (B, C, h, w) each
+    noisy, timesteps, expected = target.family.noisy_latents(target.latent_mean[picked], target.latent_std[picked],
+                                                             batch, target.latent_factors,
+                                                             scheduler)                         # (B, C, h, w) each
     weights = unproject(coefficients, *basis)                                                   # (N,)
-    text = target.text.expand(len(picked), -1, -1)                                              # (B, L, D)
-    prediction = lora_unet(weights, noisy.to(target.dtype), timesteps, text).sample             # (B, C, h, w)
+    conditioning = target.conditioning.repeat(len(picked))                                      # (B, L, D) ...
+    prediction = target.family.predict(functools.partial(lora_unet, weights), noisy.to(target.dtype), timesteps,
+                                       conditioning)                                            # (B, C, h, w)
     return masked_mse(prediction, expected, None if target.mask is None else target.mask[picked])
 
 
@@ -376,21 +378,27 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
            masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
            config: InversionConfig = PRESETS["real"], seed: int = 0, progress: bool = True,
            checkpoint: str | os.PathLike | None = None,
-           on_step: Callable[[int, int, float], None] | None = None) -> W2WModel:
+           on_step: Callable[[int, int, float], None] | None = None, record: dict | None = None) -> W2WModel:
     """The model (K coefficients) of `space` that best reproduces `images`, I photographs of one person,
     (I, 3, R, R) in [-1, 1] or a list of (1, 3, R, R), inside `masks` (I, 1, h, w) or a list of (1, 1, h, w)
     or None (an image fitted everywhere) when given. Every step draws one of the images (seeded), so the
     loss is averaged over them; with one image this is the paper's single-image inversion. With
     `checkpoint`, the run's state is saved there every `config.checkpoint_every` steps and at the end, and
     a run finding it there resumes from it. `on_step(done, total, loss)` is called after every step (the
-    app's progress bar)."""
+    app's progress bar). The model records its settings and seed, and `record`, what the caller knows of the
+    images (their sha256, the preset's name: `provenance.inverted`)."""
+    from .provenance import inverted
+
     images, masks = stack_targets(images, masks)
     k = space.check_k(config.components)
     check_seed(seed)
-    device = pipe.unet.device
+    family = family_of(pipe)
+    network = family.network(pipe)
+    family.check_layout(network, space.layout)
+    device = network.device
     basis = tuple(t.to(device, torch.float32) for t in (space.mean, space.std, space.components[:k]))  # (N,) (N,) (K, N)
     target = encode_target(pipe, images, masks, space.prompt or TRIGGER_PROMPT)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    scheduler = family.training_scheduler(pipe)
     sampler = StepSampler(seed, num_instance=len(images), num_class=0, batch_size=config.images_per_step,
                           latent_shape=tuple(target.latent_mean.shape[1:]),
                           num_train_timesteps=scheduler.config.num_train_timesteps)
@@ -403,7 +411,7 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
         if start > config.steps:
             raise W2WError(f"{checkpoint}: the checkpoint is at step {start}, past the {config.steps} steps asked for")
 
-    with differentiable_unet(pipe.unet, space.layout) as lora_unet:
+    with differentiable_unet(network, space.layout) as lora_unet:
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="inversion",
                    disable=not progress)
         for step in bar:
@@ -417,7 +425,7 @@ def invert(pipe, space: Space, images: torch.Tensor | Sequence[torch.Tensor],
                 on_step(done, config.steps, loss.item())
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 save_checkpoint(checkpoint, fingerprint, done, coefficients, optimizer, sampler)
-    model = W2WModel(coefficients.detach().cpu(), space.id)
+    model = W2WModel(coefficients.detach().cpu(), space.id, (inverted(config, seed, len(images), record),), space)
     far = norm_over_dataset(space, model.coefficients)
     if far is not None and far > FAR_FROM_DATASET:
         warnings.warn(f"the inverted model lies far outside the space's dataset (its coefficients' norm is {far:.1f}x "

@@ -311,17 +311,41 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
-def sd15_layout(target_modules: Iterable[str] = DEFAULT_TARGET_MODULES, rank: int = DEFAULT_RANK,
-                alpha: float = DEFAULT_ALPHA) -> LoraLayout:
-    """The layout of Stable Diffusion 1.5's UNet, built on the meta device from its shipped config
-    (no download): 64 layers and N = 99,648 for the defaults."""
+# The full-size networks whose layouts are known without a download: their configs ship in lora_w2w/data/,
+# each as the model's own config.json (SDXL: stabilityai/stable-diffusion-xl-base-1.0 unet/; FLUX.1-dev:
+# black-forest-labs/FLUX.1-dev transformer/), and `reference_layout` builds them on the meta device.
+REFERENCE_NETWORKS = {
+    "sd15": ("Stable Diffusion 1.5's UNet", "sd15_unet_config.json"),
+    "sdxl": ("Stable Diffusion XL base 1.0's UNet", "sdxl_unet_config.json"),
+    "flux": ("FLUX.1-dev's transformer", "flux1_dev_transformer_config.json"),
+}
+
+
+def reference_network(name: str) -> nn.Module:
+    """The full-size network REFERENCE_NETWORKS[name] on the meta device, from its shipped config (no weights,
+    no download): its class is the config's `_class_name` in diffusers."""
     import json
     from importlib.resources import files
 
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
-    config = json.loads(files("lora_w2w").joinpath("data/sd15_unet_config.json").read_text())
+    if name not in REFERENCE_NETWORKS:
+        raise LayoutError(f"unknown reference network {name!r}; expected one of {', '.join(REFERENCE_NETWORKS)}")
+    config = json.loads(files("lora_w2w").joinpath("data", REFERENCE_NETWORKS[name][1]).read_text())
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    return LoraLayout.from_unet(unet, target_modules, rank, alpha)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def reference_layout(name: str, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES, rank: int = DEFAULT_RANK,
+                     alpha: float = DEFAULT_ALPHA) -> LoraLayout:
+    """The layout of the full-size network REFERENCE_NETWORKS[name], built on the meta device: for the
+    defaults (rank 1 on to_q and to_v) SD1.5 has 64 layers and N = 99,648, SDXL 280 layers and N = 725,760,
+    FLUX.1-dev 114 layers and N = 700,416."""
+    return LoraLayout.from_unet(reference_network(name), target_modules, rank, alpha)
+
+
+def sd15_layout(target_modules: Iterable[str] = DEFAULT_TARGET_MODULES, rank: int = DEFAULT_RANK,
+                alpha: float = DEFAULT_ALPHA) -> LoraLayout:
+    """The layout of Stable Diffusion 1.5's UNet, the released files' (`reference_layout("sd15")`)."""
+    return reference_layout("sd15", target_modules, rank, alpha)

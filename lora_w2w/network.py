@@ -22,14 +22,16 @@ from .space import check_finite
 
 
 def check_layout(unet: nn.Module, layout: LoraLayout) -> None:
-    """Raise LayoutError when the UNet's LoRA layers differ from the layout's."""
+    """Raise LayoutError when the LoRA layers of the UNet (or any network: a base family's `network`)
+    differ from the layout's."""
+    network = type(unet).__name__
     try:
         actual = LoraLayout.from_unet(unet, layout.target_modules, layout.rank, layout.alpha)
     except LayoutError as error:
-        raise LayoutError(f"the UNet does not fit the LoRA layout: {error}") from None
+        raise LayoutError(f"the {network} does not fit the LoRA layout: {error}") from None
     mismatch = layout.describe_mismatch(actual)
     if mismatch:
-        raise LayoutError(f"the LoRA layout does not fit this UNet ({mismatch}): a space is tied to the base "
+        raise LayoutError(f"the LoRA layout does not fit this {network} ({mismatch}): a space is tied to the base "
                           f"model it was built for")
 
 

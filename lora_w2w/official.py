@@ -2,7 +2,9 @@
 
     import_official("downloads/w2w", "files/official", trust_pickle=True)   # downloads/w2w/files/ holds them
 
-Files read, where present (DESIGN.md, "Facts of the released format"):
+Files read, where present: `files/` of the Hugging Face repository snap-research/weights2weights (`w2w
+download files`), as the original code (github.com/snap-research/weights2weights, lora_w2w.py and
+utils.py) reads them; tests/conftest.py's `write_released_files` writes them that way:
     mean.pt (N), std.pt (N), V.pt (N x K), proj_1000pc.pt (M x 1000), weight_dimensions.pt
     (PEFT key -> [numel, shape], numel a 1-element torch.Size: the original reads
     `weight_dimensions[key][0][0]`), identity_df.pt (pandas DataFrame), adapter_config.json.
@@ -22,17 +24,23 @@ import torch
 from .errors import FileFormatError
 from .formats import read_adapter_config
 from .layout import DEFAULT_ALPHA, LoraLayout, sd15_layout
-from .space import Space, check_finite
+from .space import REAL_FLOAT_DTYPES, Space, check_finite
 from .storage import SPACE_FOLDER, check_output, load_space, save_space, torch_load
 
 OFFICIAL_BASE_MODEL = "stablediffusionapi/realistic-vision-v51"
 REQUIRED = ("mean.pt", "std.pt", "V.pt")
 
 
-def _tensor(path: Path, shape_hint: str, mmap: bool = False) -> torch.Tensor:
-    value = torch_load(path, mmap=mmap)
+def released_tensor(path: Path, shape_hint: str, trust_pickle: bool = False, mmap: bool = False) -> torch.Tensor:
+    """A released .pt file that holds one tensor of real floating point numbers (float16, bfloat16, float32
+    or float64; an integer, bool or complex one would be cast silently); FileFormatError naming the file
+    and `shape_hint` otherwise."""
+    value = torch_load(Path(path), trust_pickle, mmap=mmap)
     if not isinstance(value, torch.Tensor):
         raise FileFormatError(f"{path}: expected a tensor {shape_hint}, got {type(value).__name__}")
+    if value.dtype not in REAL_FLOAT_DTYPES:
+        raise FileFormatError(f"{path}: a tensor of {str(value.dtype).removeprefix('torch.')}; expected {shape_hint} "
+                              f"real floating point numbers")
     return value
 
 
@@ -80,14 +88,14 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle
             raise FileFormatError(f"{src / 'identity_df.pt'}: expected a pandas DataFrame, got {type(attributes).__name__}")
     layout = _layout(src, trust_pickle)
     n = layout.numel
-    mean = _tensor(src / "mean.pt", f"({n},)").float().reshape(-1)
-    std = _tensor(src / "std.pt", f"({n},)").float().reshape(-1)
-    basis = _tensor(src / "V.pt", f"({n}, K)", mmap=True)  # (N, K): columns are the components
+    mean = released_tensor(src / "mean.pt", f"({n},)").float().reshape(-1)
+    std = released_tensor(src / "std.pt", f"({n},)").float().reshape(-1)
+    basis = released_tensor(src / "V.pt", f"({n}, K)", mmap=True)  # (N, K): columns are the components
     if basis.ndim != 2 or basis.shape[0] != n or basis.dtype != torch.float32:
         raise FileFormatError(f"{src / 'V.pt'}: shape {tuple(basis.shape)} {basis.dtype}, expected ({n}, K) float32")
     coefficients = None
     if (src / "proj_1000pc.pt").is_file():
-        coefficients = _tensor(src / "proj_1000pc.pt", "(M, 1000)").float()
+        coefficients = released_tensor(src / "proj_1000pc.pt", "(M, 1000)").float()
         check_finite(coefficients, str(src / "proj_1000pc.pt"))
     for name, tensor in (("mean.pt", mean), ("std.pt", std)):
         if tensor.shape != (n,):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import NON_NEGATIVE, SEED, check_seed
+from .checks import (MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED, check_power_iterations,
+                     check_seed, parse_memory)
 from .dataset import WeightsDataset
 from .errors import FileFormatError, SpaceError, W2WError
 from .space import Space
@@ -160,19 +160,6 @@ def check_rank(values: torch.Tensor, k: int) -> None:
 
 
 # ----------------------------------------------------------------------------- planning
-
-def parse_memory(text: str | int) -> int:
-    """'4GB', '512MB', '8GiB', '2e9' or a number of bytes -> bytes (GB = 10⁹, GiB = 2³⁰)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
-    try:
-        unit = (match.group(2) or "").lower()
-        value = float(match.group(1)) * ((1024 if unit.endswith("i") else 1000) ** " kmgt".index(unit[:1] or " "))
-    except (AttributeError, ValueError, KeyError):
-        raise W2WError(f"memory {text!r}: expected a size such as 4GB, 512MB or 8GiB") from None
-    return int(value)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -598,7 +585,7 @@ class BuildConfig:
 
     memory: int | str = field(default=DEFAULT_MEMORY, metadata={
         "help": "memory budget of the torch backend, the interpreter included (per worker for a dask LocalCluster): "
-                "bytes, or text such as 4GB, 16GiB"})
+                "bytes, or text such as 4GB, 16GiB", "type": MEMORY})
     backend: str = field(default="torch", metadata={
         "help": "torch: streamed on this machine; dask: dask.array on a dask.distributed cluster",
         "choices": BACKENDS})
@@ -609,8 +596,9 @@ class BuildConfig:
     oversamples: int = field(default=DEFAULT_OVERSAMPLES, metadata={
         "help": "randomized: extra trial vectors beyond K", "type": NON_NEGATIVE})
     power_iterations: int = field(default=DEFAULT_POWER_ITERATIONS, metadata={
-        "help": "randomized: passes of subspace iteration; more are more accurate when the spectrum decays slowly",
-        "type": NON_NEGATIVE})
+        "help": f"randomized: passes of subspace iteration; more are more accurate when the spectrum decays slowly, "
+                f"up to {POWER_ITERATIONS_MAX} (each reads the whole dataset; at {POWER_ITERATIONS_MAX} even a 10%% "
+                f"spectral gap converges below float32's rounding)", "type": POWER_ITERATIONS})
     seed: int = field(default=0, metadata={"help": "randomized: seed of the trial vectors", "type": SEED})
     attributes: str | os.PathLike | None = field(default=None, metadata={
         "help": "attribute table: CSV, first column the model names, one row per dataset model (default: none)",
@@ -633,6 +621,7 @@ def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildC
     them; the caller removes the directory once the space is saved."""
     log = log or (lambda message: None)
     check_seed(config.seed)
+    check_power_iterations(config.power_iterations)
     memory = parse_memory(config.memory)
     m, n = len(dataset), dataset.layout.numel
     check_components(m, n, k)

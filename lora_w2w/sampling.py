@@ -14,7 +14,7 @@ import torch
 
 from .checks import available_memory, check_int, check_number, check_seed, gigabytes
 from .errors import ArgumentError, SpaceError
-from .space import Space, W2WModel
+from .space import MODEL_SCALE_MAX, Space, W2WModel
 
 DEFAULT_SAMPLE_COMPONENTS = 1000
 MODEL_OVERHEAD_BYTES = 512  # a W2WModel and its tensor in memory, besides the coefficients
@@ -48,13 +48,18 @@ def _components(space: Space, k: int | None) -> int:
 def iter_sample_models(space: Space, num: int, seed: int = 0, k: int | None = None,
                        factor: float = 1.0) -> Iterator[W2WModel]:
     """`num` new models of `space` on its first k coefficients (default: 1,000, or fewer when the
-    dataset coefficients have fewer), drawn one at a time: memory does not grow with `num`."""
+    dataset coefficients have fewer), drawn one at a time: memory does not grow with `num`. Each knows
+    its space and records its seed and draw (`provenance.sampled`)."""
+    from .provenance import sampled
+
     k = _components(space, k)
     check_int(num, "number of models", minimum=1)
-    check_number(factor, "factor", above=0.0)
+    check_number(factor, "factor", above=0.0, maximum=MODEL_SCALE_MAX,
+                 why="the models would lie further from the dataset than a model may")
     mean, std = fit_gaussian(space.coefficients[:, :k])
     generator = torch.Generator().manual_seed(check_seed(seed))
-    return (W2WModel(sample_coefficients(mean, std, 1, generator, factor)[0], space.id) for _ in range(num))
+    return (W2WModel(sample_coefficients(mean, std, 1, generator, factor)[0], space.id,
+                     (sampled(seed, index, k, factor),), space) for index in range(num))
 
 
 def sample_models(space: Space, num: int, seed: int = 0, k: int | None = None, factor: float = 1.0) -> list[W2WModel]:

@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
 from .errors import FileFormatError
+from .paths import check_input
 
 _short = reprlib.Repr()  # values in messages, cut to a line
 _short.maxstring = _short.maxother = 60
@@ -64,13 +65,26 @@ def check(value, schema: dict, path: str | Path) -> None:
         raise FileFormatError(f"{path}: {_message(error)}")
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's (key, value) pairs as a dict; ValueError when a key comes twice (json.loads would
+    keep the last silently, where another reader may take the first)."""
+    value = {}
+    for key, item in pairs:
+        if key in value:
+            raise ValueError(f"the key {key!r} comes twice in one object")
+        value[key] = item
+    return value
+
+
 def read_json(path: Path, schema: dict | None = None):
-    """The parsed JSON file `path`, checked against `schema`; FileFormatError naming it when it is not JSON."""
+    """The parsed JSON file `path`, checked against `schema`; FileFormatError naming it when it is not JSON,
+    names a key twice in an object, or is a FIFO, socket or device."""
+    check_input(path, "a JSON file")
     try:
-        value = json.loads(path.read_bytes())
+        value = json.loads(path.read_bytes(), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise FileFormatError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FileFormatError(f"{path}: invalid JSON ({error})") from None
     if schema is not None:
         check(value, schema, path)
@@ -160,6 +174,11 @@ ADAPTER_CONFIG = {
                                      {"type": "null"}],
                            "description": "a list of module names, a regular expression or null"},
         "base_model_name_or_path": {"type": ["string", "null"], "description": "a model id, a string or null"},
+        "use_rslora": {"type": "boolean", "description": "true or false"},
+        "alpha_pattern": {"type": "object", "additionalProperties": POSITIVE,
+                          "description": "an object: module name pattern -> alpha, a finite number > 0"},
+        "rank_pattern": {"type": "object", "additionalProperties": integer(1),
+                         "description": "an object: module name pattern -> rank, an integer >= 1"},
     },
 }
 

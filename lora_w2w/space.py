@@ -4,6 +4,9 @@ A model's weights w (N,) are standardized column-wise, z = (w - mean) / std, and
 first K principal components: coefficients c = z Vᵀ with V = components[:K] (K x N, orthonormal
 rows). Back: w = (c V) * std + mean. Pure tensor math; reading and writing lives in `storage`.
 
+The classes' methods that read, write, sample, edit or generate (`Space.from_pretrained`, `space.sample`,
+`model.edit`, `model.save_lora` ...) are a thin layer over the library functions, in `api`.
+
 Letters: M dataset models, N flattened LoRA numbers, K components, B batch.
 """
 from __future__ import annotations
@@ -15,10 +18,21 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from .api import ModelMethods, SpaceMethods
 from .errors import SpaceError
 from .layout import LoraLayout
 
 TRIGGER_PROMPT = "sks person"
+# A model whose coefficients' norm passes MODEL_SCALE_MAX times the dataset models' typical norm in the same
+# components (the root of the dataset's variance there) is refused where it is used: dataset models lie near
+# 1 times it, sampling at factor f near f times, an edit of a few standard deviations moves a model by a
+# fraction of it; a model a million standard deviations out draws noise or black images.
+MODEL_SCALE_MAX = 1000.0
+# The largest |coefficient| a model holds at all, whatever its space: MODEL_SCALE_MAX times the typical norm
+# of a space of 10^8 numbers per LoRA (each standardized number has variance 1, so at most sqrt(10^8));
+# SDXL's and Flux's rank-1 LoRAs have about 7 x 10^5 numbers.
+COEFFICIENT_MAX = MODEL_SCALE_MAX * 1e4
+REAL_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what coefficients may be
 
 
 def standardize(weights: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -45,8 +59,8 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         raise SpaceError(f"{what} holds {int(bad.sum())} NaN/inf values, first at index {index}")
 
 
-@dataclass
-class Space:
+@dataclass(repr=False)
+class Space(SpaceMethods):
     """A w2w space. `coefficients` (M, K_c <= K) are the dataset models' coordinates; `attributes`
     has one row per dataset model (CelebA columns, +1/-1)."""
 
@@ -118,6 +132,14 @@ class Space:
         norm = z.norm(dim=-1)
         return torch.where(norm > 0, rest.norm(dim=-1) / norm, torch.zeros_like(norm))
 
+    def typical_norm(self, k: int) -> float:
+        """The root mean square norm of the dataset models' first k coefficients: the root of the variance
+        they explain (explained_variance), or, for a space without it, the root of the number of weights
+        of nonzero std (the standardized dataset's whole variance, which bounds it)."""
+        if self.explained_variance is not None:
+            return float(self.explained_variance[:k].double().clamp(min=0).sum().sqrt())
+        return float((self.std > 0).sum()) ** 0.5
+
     def unproject(self, coefficients: torch.Tensor) -> torch.Tensor:
         """coefficients (..., k), k <= K -> weights (..., N); differentiable in the coefficients."""
         k = self.check_k(coefficients.shape[-1])
@@ -156,20 +178,45 @@ def space_id(mean: torch.Tensor, std: torch.Tensor, components: torch.Tensor) ->
     return digest.hexdigest()[:16]
 
 
-@dataclass
-class W2WModel:
+def model_id(coefficients: torch.Tensor) -> str:
+    """A short fingerprint of a model: hash of its coefficients (k,) as float32."""
+    values = coefficients.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(values.astype("<f4").tobytes()).hexdigest()[:16]
+
+
+@dataclass(repr=False)
+class W2WModel(ModelMethods):
     """A point in a w2w space: coefficients (k,) on the first k components of the space `space_id`
-    (None for a model without provenance, such as the original `w2wmodel.pt`)."""
+    (None for a model of unknown space, such as the original `w2wmodel.pt`). `provenance`: how it was
+    made, its steps oldest first (`provenance` module); `space`: the space the object layer's methods
+    use (`api`), when known."""
 
     coefficients: torch.Tensor  # (k,)
     space_id: str | None = None
+    provenance: tuple[dict, ...] = ()
+    space: Space | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.coefficients.ndim == 2 and self.coefficients.shape[0] == 1:
             self.coefficients = self.coefficients[0]  # the original saves (1, k)
         if self.coefficients.ndim != 1:
             raise SpaceError(f"model coefficients must be (k,) or (1, k), got {tuple(self.coefficients.shape)}")
+        if self.coefficients.dtype not in REAL_FLOAT_DTYPES:
+            raise SpaceError(f"model coefficients of dtype {str(self.coefficients.dtype).removeprefix('torch.')}; "
+                             f"expected real floating point numbers (float16, bfloat16, float32 or float64)")
         check_finite(self.coefficients, "model coefficients")
+        largest = float(self.coefficients.abs().max()) if len(self.coefficients) else 0.0
+        if largest > COEFFICIENT_MAX:
+            raise SpaceError(f"model coefficients reach |c| = {largest:.3g}; expected at most {COEFFICIENT_MAX:.0e}: "
+                             f"no space's model lies that far from its dataset")
+        self.provenance = tuple(self.provenance)
+        if self.space is not None:
+            self.check_space(self.space)
+
+    @property
+    def id(self) -> str:
+        """The model's fingerprint (`model_id`)."""
+        return model_id(self.coefficients)
 
     def weights(self, space: Space) -> torch.Tensor:
         """The model's flat LoRA weights (N,) in `space`; SpaceError when they hold NaN/inf (a space whose
@@ -180,6 +227,13 @@ class W2WModel:
         return weights
 
     def check_space(self, space: Space) -> None:
+        """SpaceError when the model belongs to another space, has more coefficients than the space has
+        components, or lies further than MODEL_SCALE_MAX times the dataset's typical norm from its mean."""
         if self.space_id is not None and self.space_id != space.id:
             raise SpaceError(f"the model belongs to space {self.space_id}, not to this space ({space.id})")
-        space.check_k(len(self.coefficients))
+        k = space.check_k(len(self.coefficients))
+        norm, typical = float(self.coefficients.double().norm()), space.typical_norm(k)
+        if norm > MODEL_SCALE_MAX * typical:
+            raise SpaceError(f"the model's coefficients have norm {norm:.3g}, {norm / max(typical, 1e-300):.3g} times "
+                             f"the typical norm of the space's dataset models ({typical:.3g}); expected at most "
+                             f"{MODEL_SCALE_MAX:g} times: a model that far from the dataset draws noise")

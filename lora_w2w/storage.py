@@ -7,11 +7,14 @@ A space is a directory:
     attributes.csv      optional, one row per dataset model
 The safetensors file is written block by block and read through memory maps, so a 4 GB components
 matrix never sits twice in memory and loading the first K' components reads only those K' rows.
-A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space.
+A model is a small safetensors file: coefficients (k,) and, in its metadata, the id of its space and how
+the model was made (`provenance`; a file without it, from before, loads with none).
 
-Every output is checked before any work begins (`check_output`: not an input, not a directory where
-a file goes, not a foreign folder where a space goes), written under a temporary name and renamed
-when complete; a write the disk refuses is one line (`cannot write DIR: permission denied`).
+Every output is checked before any work begins (`check_outputs`: not an input, not inside a space,
+dataset or PEFT folder an input belongs to, not a device, FIFO or socket, not a directory where a file
+goes, not a foreign folder where a space goes), written under a temporary name and renamed when
+complete; a write the disk refuses is one line (`cannot write DIR: permission denied`). Inputs are
+refused before they are opened when they are FIFOs, sockets or devices (`paths`).
 Safetensors files are written by this module with sorted metadata: the same output, the same bytes.
 Every file is checked once, where it is read: JSON against its schema (`schemas`), safetensors
 headers against the format and the file's size, spaces' tensors against space.json.
@@ -19,7 +22,6 @@ headers against the format and the file's size, spaces' tensors against space.js
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import io
 import json
@@ -28,6 +30,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -42,7 +45,8 @@ import torch
 from .checks import gigabytes
 from .errors import FileFormatError, OutputError, PickleRefusedError, W2WError
 from .layout import LoraLayout
-from .schemas import SAFETENSORS_HEADER, SAFETENSORS_ITEMSIZE, SPACE_DESCRIPTION, check, read_json
+from .paths import check_input, check_not_inside, member_folders, refuse_special_output
+from .schemas import SAFETENSORS_HEADER, SAFETENSORS_ITEMSIZE, SPACE_DESCRIPTION, check, read_json, unique_keys
 from .space import Space, W2WModel, check_finite
 
 SPACE_FORMAT = "w2w-space"
@@ -53,6 +57,9 @@ SPACE_JSON = "space.json"
 ATTRIBUTES_CSV = "attributes.csv"
 
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on the JSON header
+# A w2w model's header is about 200 bytes; this leaves room for metadata such as provenance, and refuses a
+# header that costs seconds to parse (300,000 empty tensors in 19 MB) before it is read.
+MODEL_HEADER_LIMIT = 2**20
 WRITE_BLOCK_BYTES = 64 * 2**20  # large matrices are written in blocks of about this size
 
 
@@ -80,7 +87,7 @@ IMAGE_FILE = Output("image file")
 SPACE_FOLDER = Output("space", folder=True, owns=holds(SPACE_JSON))
 FILES_FOLDER = Output("output folder", folder=True)
 FILE_BLOCK_BYTES = 4096  # the least disk space a file takes
-LOCKS_FOLDER = "w2w-locks"  # in the temporary folder: the lock files of `output_lock`
+LOCKS_FOLDER = "w2w-locks"  # in the temporary folder, with the user's id: the lock files of `output_lock`
 WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
                 errno.EISDIR, errno.EEXIST}
 
@@ -122,30 +129,9 @@ def check_writable(path: Path) -> None:
 
 def check_output(path: str | os.PathLike, output: Output = FILE,
                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """`path`, checked before any work begins: not one of `inputs` nor a folder holding one, not a
-    directory where a file goes, not a file where a folder goes, not a non-empty folder that is not
-    an earlier output of its kind, and creatable. Temporary files of killed runs writing it are removed."""
-    path = Path(path)
-    target = path.resolve()
-    for given in inputs:
-        if given is None:
-            continue
-        source = Path(given).resolve()
-        if source == target or target in source.parents:
-            raise OutputError(f"{path}: is {'' if source == target else 'a folder holding '}the input {given}; "
-                              f"writing there would destroy it: choose another output")
-    if path.is_symlink() or path.exists():
-        if output.folder and not path.is_dir():
-            raise OutputError(f"{path}: exists and is a file, but a {output.kind} is a folder: choose another path")
-        if not output.folder and path.is_dir():
-            raise OutputError(f"{path}: is a directory, expected the path of a {output.kind}: "
-                              f"name a file (nothing was written)")
-        if output.folder and output.owns and any(path.iterdir()) and not output.owns(path):
-            raise OutputError(f"{path}: a folder that is not a {output.kind} and not empty: choose another path "
-                              f"(nothing was written)")
-    check_writable(path)
-    _remove_stale(path)
-    return path
+    """`path`, checked before any work begins (see `check_outputs`)."""
+    check_outputs([(path, output)], inputs)
+    return Path(path)
 
 
 def check_disk(folder: str | os.PathLike, count: int, each: int, what: str) -> None:
@@ -160,14 +146,50 @@ def check_disk(folder: str | os.PathLike, count: int, each: int, what: str) -> N
 
 def check_outputs(outputs: Iterable[tuple[str | os.PathLike | None, Output]],
                   inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """`check_output` for each of `outputs` (None: not written), which must also differ from each other."""
-    outputs = [(Path(path), output) for path, output in outputs if path is not None]
-    inputs = list(inputs)
-    for i, (path, output) in enumerate(outputs):
-        for other, _ in outputs[:i]:
-            if path.resolve() == other.resolve():
-                raise OutputError(f"{path}: named for two outputs of one command: choose two paths")
-        check_output(path, output, inputs)
+    """Each of `outputs` (None: not written) checked before any work begins, in time linear in their
+    number: two outputs differ; none is one of `inputs`, a folder holding one, or inside a space, weights
+    dataset or PEFT folder that an input is or lies in; none is a device, FIFO or socket, a directory where
+    a file goes, a file where a folder goes, or a non-empty folder that is not an earlier output of its
+    kind; each is creatable. The inputs are checked not to be FIFOs, sockets or devices. Temporary files
+    of killed runs writing an output are removed."""
+    inputs = [given for given in inputs if given is not None]
+    for given in inputs:
+        check_input(given, "an input file or folder")
+    sources = {Path(given).resolve(): given for given in inputs}
+    folders = member_folders(inputs)
+    seen: dict[Path, Path] = {}
+    temporaries: dict[Path, dict[str, list[Path]]] = {}  # by folder: one listing each, however many outputs
+    for path, output in ((Path(p), o) for p, o in outputs if p is not None):
+        target = path.resolve()
+        if target in seen:
+            raise OutputError(f"{path}: named for two outputs of one command: choose two paths")
+        seen[target] = path
+        _check_one_output(path, target, output, sources, folders)
+        if path.parent not in temporaries:
+            temporaries[path.parent] = _stale_temporaries(path.parent)
+        for stale in temporaries[path.parent].get(path.name, []):
+            _remove(stale)
+
+
+def _check_one_output(path: Path, target: Path, output: Output, sources: dict[Path, str | os.PathLike],
+                      folders: dict[Path, tuple[str, str]]) -> None:
+    """The checks of `check_outputs` on one output `path` (resolved: `target`)."""
+    for source, given in sources.items():
+        if source == target or target in source.parents:
+            raise OutputError(f"{path}: is {'' if source == target else 'a folder holding '}the input {given}; "
+                              f"writing there would destroy it: choose another output")
+    check_not_inside(path, target, folders)
+    refuse_special_output(path)
+    if path.is_symlink() or path.exists():
+        if output.folder and not path.is_dir():
+            raise OutputError(f"{path}: exists and is a file, but a {output.kind} is a folder: choose another path")
+        if not output.folder and path.is_dir():
+            raise OutputError(f"{path}: is a directory, expected the path of a {output.kind}: "
+                              f"name a file (nothing was written)")
+        if output.folder and output.owns and any(path.iterdir()) and not output.owns(path):
+            raise OutputError(f"{path}: a folder that is not a {output.kind} and not empty: choose another path "
+                              f"(nothing was written)")
+    check_writable(path)
 
 
 # ----------------------------------------------------------------------------- atomic output
@@ -190,23 +212,35 @@ def _alive(pid: str) -> bool:
     return True
 
 
+def _stale_temporaries(folder: Path) -> dict[str, list[Path]]:
+    """The temporary files in `folder` that processes which were killed left, by the output they were
+    writing (`.NAME.partial-PID` and `.NAME.old-PID` under NAME)."""
+    stale: dict[str, list[Path]] = {}
+    if not folder.is_dir():
+        return stale
+    for entry in folder.iterdir():
+        name, sep, pid = entry.name.rpartition("-")
+        output, dot, kind = name[1:].rpartition(".")
+        if entry.name.startswith(".") and sep and dot and kind in ("partial", "old") and not _alive(pid):
+            stale.setdefault(output, []).append(entry)
+    return stale
+
+
 def _remove_stale(path: Path) -> None:
     """Delete temporary siblings of `path` left by processes that were killed."""
-    if not path.parent.is_dir():
-        return
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
-        kind, _, pid = stale.name[len(path.name) + 2:].rpartition("-")
-        if kind in ("partial", "old") and not _alive(pid):
-            _remove(stale)
+    for stale in _stale_temporaries(path.parent).get(path.name, []):
+        _remove(stale)
 
 
 @contextmanager
 def atomic_output(path: str | os.PathLike, output: Output = FILE) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (file or directory) to write; it replaces `path` only when
     the block ends without error, and is deleted otherwise. An existing directory at `path` is
-    replaced only when `output` is a folder that owns it; a refused or failed write raises OutputError."""
+    replaced only when `output` is a folder that owns it, a device, FIFO or socket never; a refused or
+    failed write raises OutputError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    refuse_special_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir() and not path.is_symlink():
@@ -241,25 +275,50 @@ def write_file(path: Path, data: bytes | str) -> None:
 
 
 def save_png(image, path: str | os.PathLike) -> Path:
-    """A PIL image as the PNG file `path` (same image, same bytes)."""
+    """A PIL image as the PNG file `path` (same image, same bytes), with the generation parameters `generate`
+    put in its info as A1111's `parameters` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .provenance import INFOTEXT_KEY
+
+    text = PngInfo()
+    if isinstance(image.info.get(INFOTEXT_KEY), str):
+        text.add_text(INFOTEXT_KEY, image.info[INFOTEXT_KEY])
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=text)
     with atomic_output(path, IMAGE_FILE) as tmp:
         write_file(tmp, buffer.getvalue())
     return Path(path)
+
+
+def lock_folder() -> Path:
+    """This user's folder of lock files, `w2w-locks-UID` in the temporary folder, made readable by the user
+    alone: every user has their own (a folder shared by all would be made by the first user and refused to
+    the others). OutputError when it is not a folder of this user's: another's could hold or swap the locks."""
+    uid = os.getuid()
+    locks = Path(tempfile.gettempdir()) / f"{LOCKS_FOLDER}-{uid}"
+    try:
+        locks.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(locks)
+    except OSError as error:
+        raise _cannot_write(locks, error) from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        what = f"a folder of user {info.st_uid}" if stat.S_ISDIR(info.st_mode) else "not a folder"
+        raise OutputError(f"{locks}: meant for your w2w locks (user {uid}), but {what}: remove it, or set TMPDIR to "
+                          f"a folder of yours")
+    return locks
 
 
 @contextmanager
 def output_lock(folder: str | os.PathLike, log: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the lock of the output `folder` while the block runs: a second process of this machine
     writing the same folder waits until the first is done, so their files never mix. The lock files
-    live in the temporary folder, named by a hash of the folder's path, and stay out of outputs."""
+    live in this user's `lock_folder`, named by a hash of the folder's path, and stay out of outputs."""
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
-    locks = Path(tempfile.gettempdir()) / LOCKS_FOLDER
+    locks = lock_folder()
     try:
-        locks.mkdir(exist_ok=True)
         lock = FileLock(locks / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".lock"))
         try:
             lock.acquire(timeout=0)
@@ -327,23 +386,55 @@ class SafetensorsWriter:
         self.close()
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header, data start) of a safetensors file, checked: the header's schema, each tensor's bytes against
-    its dtype and shape, byte ranges that tile the data without overlap or gap, and the file's size."""
+def read_safetensors_header(path: Path, limit: int = _HEADER_LIMIT, what: str = "") -> tuple[dict, int]:
+    """(header, data start) of a safetensors file, checked: a header of at most `limit` bytes (a file of
+    `what`, such as a w2w model, names its kind in the message), no key twice, the header's schema, each
+    tensor's bytes against its dtype and shape, byte ranges that tile the data without overlap or gap, and
+    the file's size."""
+    check_input(path, "a safetensors file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > limit and length <= size - 8:
+                raise FileFormatError(f"{path}: a safetensors header of {length:,} bytes; a {what or 'file'} has "
+                                      f"at most {limit:,}")
             if not 0 < length <= min(_HEADER_LIMIT, size - 8):
                 raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-            header = json.loads(f.read(length))
+            header = json.loads(f.read(length), object_pairs_hook=unique_keys)
+    except FileFormatError:
+        raise
     except FileNotFoundError:
         raise FileFormatError(f"{path}: no such file") from None
     except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as error:
         raise FileFormatError(f"{path}: not a valid safetensors file ({error})") from None
-    check(header, SAFETENSORS_HEADER, path)
+    if not _plain_header(header):
+        check(header, SAFETENSORS_HEADER, path)
     _check_byte_ranges(path, header, 8 + length, size)
     return header, 8 + length
+
+
+def _natural(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _plain_entry(info) -> bool:
+    """Whether a tensor entry of a safetensors header is {dtype, shape, data_offsets} as the schema says."""
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in SAFETENSORS_ITEMSIZE
+            and isinstance(info.get("shape"), list) and all(map(_natural, info["shape"]))
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and all(map(_natural, info["data_offsets"])))
+
+
+def _plain_header(header) -> bool:
+    """Whether `header` fits SAFETENSORS_HEADER, checked in plain Python, without the schema's cost per
+    tensor (a header listing 300,000 empty tensors took it half a minute); False sends it to the schema,
+    which names what is wrong."""
+    if not isinstance(header, dict):
+        return False
+    metadata = header.get("__metadata__", {})
+    return (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+            and all(_plain_entry(info) for name, info in header.items() if name != "__metadata__"))
 
 
 def _check_byte_ranges(path: Path, header: dict, start: int, size: int) -> None:
@@ -446,7 +537,7 @@ def save_space(space: Space, directory: str | os.PathLike) -> Path:
 def read_description(path: Path, expected_format: str, when_missing: str, schema: dict) -> dict:
     """The parsed JSON file `path` describing a folder in the project's format `expected_format`, checked
     for format, version and `schema`; `when_missing` is the error when there is no such file."""
-    if not path.is_file():
+    if not check_input(path, f"a {expected_format} description (JSON)").is_file():
         raise FileFormatError(when_missing)
     description = read_json(path)
     if isinstance(description, dict):
@@ -469,7 +560,8 @@ def read_space_description(directory: str | os.PathLike) -> dict:
 
 def read_attribute_table(path: Path) -> pd.DataFrame:
     """An attribute table (CSV, first column the model names, kept as strings); FileFormatError naming the
-    file when it is empty, not CSV, or names a model twice."""
+    file when it is empty, not CSV, names a model twice, or is a FIFO, socket or device."""
+    check_input(path, "an attribute table (a CSV file)")
     try:
         table = pd.read_csv(path, index_col=0, converters={0: str})
     except FileNotFoundError:
@@ -548,37 +640,56 @@ def load_space(directory: str | os.PathLike, k: int | None = None) -> Space:
 # ----------------------------------------------------------------------------- models
 
 def save_model(model: W2WModel, path: str | os.PathLike) -> Path:
-    """Write a model as `path` (a .safetensors file)."""
+    """Write a model as `path` (a .safetensors file), how it was made in its metadata."""
+    from .provenance import PROVENANCE_KEY, encode
+
     path = Path(path)
     metadata = {"format": MODEL_FORMAT, "version": str(FORMAT_VERSION)}
     if model.space_id:
         metadata["space_id"] = model.space_id
+    if model.provenance:
+        metadata[PROVENANCE_KEY] = encode(model.provenance)
     with atomic_output(path, MODEL_FILE) as tmp:
         write_tensors(tmp, {"coefficients": model.coefficients.detach()}, metadata)
     return path
 
 
-def load_model(path: str | os.PathLike) -> W2WModel:
-    """A model from the project's .safetensors file or from the original `w2wmodel.pt` (1 x k)."""
-    path = Path(path)
+def load_model(path: str | os.PathLike, trust_pickle: bool = False) -> W2WModel:
+    """A model from the project's .safetensors file, or from the original `w2wmodel.pt` (1 x k real floating
+    point numbers; a pickle that needs more than tensors only with `trust_pickle`). The project's file is
+    read strictly: a header of at most MODEL_HEADER_LIMIT bytes, this format version, one tensor."""
+    from .provenance import recorded
+
+    path = check_input(path, "a w2w model file")
     if not path.is_file():
         raise FileFormatError(f"{path}: no such model file")
     if path.suffix == ".pt":
-        coefficients = torch_load(path)
+        coefficients = torch_load(path, trust_pickle)
         if not isinstance(coefficients, torch.Tensor):
             raise FileFormatError(f"{path}: expected a tensor of coefficients (1 x k), got {type(coefficients).__name__}")
-        space_id = None
+        space_id, provenance = None, ()
     else:
-        header, start = read_safetensors_header(path)
+        header, start = read_safetensors_header(path, MODEL_HEADER_LIMIT, "w2w model")
         metadata = header.get("__metadata__", {})
         if metadata.get("format") != MODEL_FORMAT:
             raise FileFormatError(f"{path}: not a w2w model (format {metadata.get('format')!r}, expected "
                                   f"{MODEL_FORMAT!r})")
+        version = metadata.get("version")
+        if version != str(FORMAT_VERSION):
+            found = "without a format version" if version is None else f"format version {version!r}"
+            raise FileFormatError(f"{path}: w2w model {found}; this lora_w2w reads version {FORMAT_VERSION} (a newer "
+                                  f"file needs a newer lora_w2w)")
+        extra = sorted(name for name in header if name not in ("__metadata__", "coefficients"))
+        if extra:
+            raise FileFormatError(f"{path}: {len(extra):,} tensor{'s' * (len(extra) > 1)} besides 'coefficients' "
+                                  f"(first {extra[0]!r}); a w2w model holds that one tensor only")
         coefficients, space_id = mmap_tensor(path, header, start, "coefficients").clone(), metadata.get("space_id")
+        provenance = recorded(metadata, str(path))
     try:
-        return W2WModel(coefficients.float(), space_id)
+        model = W2WModel(coefficients, space_id, provenance)  # its dtype checked before the cast
     except W2WError as error:
         raise type(error)(f"{path}: {error}") from None
+    return W2WModel(model.coefficients.float(), space_id, provenance)
 
 
 def save_state(path: str | os.PathLike, kind: str, state: dict) -> None:
@@ -601,7 +712,7 @@ def load_state(path: str | os.PathLike, kind: str) -> dict:
 def torch_load(path: Path, trust_pickle: bool = False, mmap: bool = False):
     """torch.load with `weights_only=True` (tensors, dicts, tuples: no code runs). A file that needs
     full unpickling is refused unless `trust_pickle`."""
-    if not path.is_file():
+    if not check_input(path, "a torch file").is_file():
         raise FileFormatError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -338,7 +338,7 @@ def train_identities(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             try:
                 identities = prepare_group(group, base, shared, args, resolution, refused)
                 if identities:
-                    train_and_save_group(base.unet, layout, identities, shared, args, accelerator, settings,
+                    train_and_save_group(base.network, layout, identities, shared, args, accelerator, settings,
                                          len(trained))
                     trained += [identity.name for identity in identities]
             finally:
@@ -430,7 +430,8 @@ def train_and_save_group(unet: nn.Module, layout: LoraLayout, identities: list[I
                        f"4.0 + 3.1 K GiB in float32); the {finished_before} identities finished are kept and a "
                        f"restart goes on from there") from None
     for identity, w in zip(identities, weights):
-        save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings)
+        save_peft(layout, w, output_root / identity.name / "unet", args.pretrained_model_name_or_path, settings,
+                  shared.family.lora_naming())
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
 
@@ -442,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     except W2WError as error:
         print(f"w2w train-identities: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished identities and the last checkpoint are kept: a rerun goes on from them
+        print("w2w train-identities: interrupted", file=sys.stderr)
+        return 130
     print(f"trained {len(trained)} identities into {args.output_root}")
     if refused:
         print(f"w2w train-identities: error: {len(refused)} identity folders refused: {', '.join(refused)}",

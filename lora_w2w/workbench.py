@@ -4,16 +4,17 @@ Front ends parse and present; the jobs live here.
 
     bench = Workbench(DEFAULT_BASE, DEFAULT_SPACE, device="auto")          # nothing is loaded yet
     model, = bench.sample(1, seed=0)
-    edited = bench.edit(model, {"Eyeglasses": 3.0}, debias=["Male"])        # directions cached
+    edited = bench.edit(model, {"Beard": 3.0})          # friendly names; debias: editing.DEFAULT_DEBIAS
     images = bench.images(model, edited=edited, injection_timestep=700, seeds=range(4))
-    model, photos = bench.invert(["me1.jpg", "me2.jpg"], auto_mask=True, config=bench.inversion_config("real"),
-                                 crop="face")
+    model, photos = bench.invert(["me1.jpg", "me2.jpg"], auto_mask=True, preset="real", crop="face")
     bench.export(model, "kohya", "me_kohya.safetensors")
 
 The dtype of each job (`job_dtype`): on CUDA, generation runs in float16 and inversion and training in
 bfloat16 (float16 gradients underflow); float32 elsewhere. The pipeline is loaded once per dtype the jobs
 ask for: once on the CPU, and on CUDA once for generating and once for inverting when both are asked.
-Device jobs hold `lock` (a model is fused into the UNet's weights in place), so threads may share a bench.
+Device jobs hold `lock` (a model is fused into the network's weights in place), so threads may share a bench.
+The base may be of any family `bases` knows (Stable Diffusion 1, 2, XL): its family conditions and calls the
+network that carries the LoRA, and names the layers in the LoRA files `export` writes.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ import torch
 from PIL import Image
 
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE, require
-from .editing import DEFAULT_DIRECTION_METHOD, Direction, apply_edits, attribute_directions
+from .editing import DEFAULT_DIRECTION_METHOD, Direction, apply_edits, attribute_directions, debias_or_default
 from .errors import SettingError, SpaceError, W2WError
+from .formats import SD_NAMING, LoraNaming
 from .space import Space, W2WModel
 
 JOBS = ("generate", "invert", "train")
@@ -107,15 +109,18 @@ def pair_masks(images: Sequence, masks: Sequence | None = None, mask_dir: str | 
 class Workbench:
     """A base pipeline (a diffusers folder or hub id) and a space (a directory, or a Space), each loaded on
     first use, once, on `device` ('auto': CUDA when present); `dtype` None follows `job_dtype`, a dtype
-    replaces it for every job. `progress`: progress bars (denoising, inversion)."""
+    replaces it for every job. `progress`: progress bars (denoising, inversion). A bench without a base
+    (base None) runs no model and writes LoRA files under Stable Diffusion 1's names."""
 
-    def __init__(self, base: str | os.PathLike = DEFAULT_BASE, space: str | os.PathLike | Space | None = DEFAULT_SPACE,
-                 device: str | torch.device = "auto", dtype: torch.dtype | None = None, progress: bool = True):
-        self.base, self.source, self.progress = str(base), space, progress
+    def __init__(self, base: str | os.PathLike | None = DEFAULT_BASE,
+                 space: str | os.PathLike | Space | None = DEFAULT_SPACE, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None, progress: bool = True):
+        self.base, self.source, self.progress = None if base is None else str(base), space, progress
         self._device, self.dtype = device, dtype
         self._space = space if isinstance(space, Space) else None
         self._pipes: dict[torch.dtype, object] = {}  # shared with the benches of `using`
         self._directions: dict[tuple, dict[str, Direction]] = {}
+        self._naming: LoraNaming | None = None
         self.lock = threading.RLock()
 
     @property
@@ -145,13 +150,19 @@ class Workbench:
     def resolution(self) -> int:
         """R, the base pipeline's image size: from a pipeline loaded already, else from its config files alone
         (a face crop is cut at it before the pipeline loads)."""
-        from .diffusion import image_sizes
+        from .bases import family_of
         from .pipeline import base_resolution
 
         if self._pipes:
-            return image_sizes(next(iter(self._pipes.values())))[0]
-        require(self.base)
+            pipe = next(iter(self._pipes.values()))
+            return family_of(pipe).image_sizes(pipe)[0]
+        self._require_base()
         return base_resolution(self.base)
+
+    def _require_base(self) -> None:
+        if self.base is None:
+            raise W2WError("no base pipeline given: pass --base (a folder or hub id)")
+        require(self.base)
 
     def pipeline(self, job: str = "generate"):
         """The base pipeline in the job's dtype, loaded on first use."""
@@ -160,17 +171,47 @@ class Workbench:
             if dtype not in self._pipes:
                 from .pipeline import load_base_pipeline
 
-                require(self.base)
+                self._require_base()
                 pipe = load_base_pipeline(self.base, self.device, dtype, progress=self.progress)
                 pipe.set_progress_bar_config(desc="denoising", leave=False, disable=not self.progress)
                 self._pipes[dtype] = pipe
             return self._pipes[dtype]
 
     def check(self, job: str = "generate") -> None:
-        """Load the job's pipeline and the space; LayoutError when the space's LoRAs do not fit its UNet."""
-        from .network import check_layout
+        """Load the job's pipeline and the space; LayoutError when the space's LoRAs do not fit the network of
+        the base's family (the UNet of Stable Diffusion)."""
+        from .bases import family_of
 
-        check_layout(self.pipeline(job).unet, self.space.layout)
+        pipe = self.pipeline(job)
+        family = family_of(pipe)
+        family.check_layout(family.network(pipe), self.space.layout)
+
+    def lora_naming(self) -> LoraNaming:
+        """How LoRA files of this space name its layers: as the base's family names them, once the space's layout
+        is checked against the base's network (a pipeline loaded already, else one built on the meta device
+        from the base's config files alone); Stable Diffusion 1's names on a bench without a base."""
+        if self._naming is None:
+            from .bases import family_of, lora_naming_of_base
+
+            if self.base is None:
+                self._naming = SD_NAMING
+            elif self._pipes:
+                pipe = next(iter(self._pipes.values()))
+                family = family_of(pipe)
+                family.check_layout(family.network(pipe), self.space.layout)
+                self._naming = family.lora_naming()
+            else:
+                require(self.base)
+                self._naming = lora_naming_of_base(self.base, self.space.layout)
+        return self._naming
+
+    @classmethod
+    def around(cls, pipe, space: str | os.PathLike | Space | None, progress: bool = True) -> "Workbench":
+        """A bench over a pipeline loaded already, on its device: the jobs that run in its dtype use it, any
+        other loads its own from the pipeline's folder or hub id (inversion on CUDA in bfloat16, say)."""
+        bench = cls(pipe.name_or_path, space, pipe.device, progress=progress)
+        bench._pipes[pipe.unet.dtype] = pipe
+        return bench
 
     def using(self, space: Space) -> "Workbench":
         """A bench of another space (a space cut from the same dataset, say) over this bench's pipelines."""
@@ -197,18 +238,22 @@ class Workbench:
 
     def directions(self, attributes: Sequence[str], debias: Sequence[str] = (), components: int | None = None,
                    method: str = DEFAULT_DIRECTION_METHOD, debias_mode: str = "project") -> dict[str, Direction]:
-        """The attributes' directions, each debiased against `debias` (but itself); fitted once per request."""
+        """The attributes' directions (friendly or table names; keyed by the table's columns), each debiased
+        against `debias` (but itself); fitted once per request."""
         key = (tuple(sorted(attributes)), tuple(sorted(debias)), components, method, debias_mode)
         if key not in self._directions:
             self._directions[key] = attribute_directions(self.space, list(key[0]), components, method, list(key[1]),
                                                          debias_mode)
         return self._directions[key]
 
-    def edit(self, model: W2WModel, strengths: dict[str, float], debias: Sequence[str] = (),
+    def edit(self, model: W2WModel, strengths: dict[str, float], debias: Sequence[str] | None = None,
              components: int | None = None, method: str = DEFAULT_DIRECTION_METHOD,
              debias_mode: str = "project") -> W2WModel:
-        """`model` moved by `strengths[a]` standard deviations of the dataset along each attribute a's direction."""
+        """`model` moved by `strengths[a]` standard deviations of the dataset along each attribute a's direction
+        (friendly names, `editing.attribute_names`, or the table's), debiased against `debias` (None:
+        `editing.default_debias`, what the CLI and the app keep by default)."""
         model.check_space(self.space)
+        debias = debias_or_default(self.space, debias)
         return apply_edits(model, strengths, self.directions(list(strengths), debias, components, method,
                                                              debias_mode))
 
@@ -216,14 +261,16 @@ class Workbench:
 
     def images(self, model: W2WModel | None = None, prompt: str | None = None, *, edited: W2WModel | None = None,
                injection_timestep: int | None = None, negative_prompt: str = "", seeds: Sequence[int] = (0,),
-               steps: int = 50, guidance: float = 7.5, size: int | None = None) -> list[Image.Image]:
-        """One image per seed of `prompt` (default: the space's) with `model` fused into the UNet, or the base
+               steps: int = 50, guidance: float = 7.5, size: int | None = None,
+               log: Callable[[str], None] | None = None) -> list[Image.Image]:
+        """One image per seed of `prompt` (default: the space's) with `model` fused into the network, or the base
         model alone (model None; with a prompt it needs no space). Delayed injection: `edited` for the
-        timesteps t <= `injection_timestep`."""
+        timesteps t <= `injection_timestep`. `log` hears the estimated time of a job of many seeds."""
         from .pipeline import generate, generate_from_weights
 
         settings = dict(negative_prompt=negative_prompt, seeds=list(seeds), num_inference_steps=steps,
-                        guidance_scale=guidance, height=size, width=size, injection_timestep=injection_timestep)
+                        guidance_scale=guidance, height=size, width=size, injection_timestep=injection_timestep,
+                        log=log)
         with self.lock:
             pipe = self.pipeline("generate")
             if model is None and edited is None and prompt is not None:
@@ -243,47 +290,85 @@ class Workbench:
                                f"{self.space.num_components}; pass {self.space.num_components} or fewer")
         return config
 
-    def invert(self, images, masks=None, config=None, *, mask_dir: str | os.PathLike | None = None,
-               auto_mask: bool = False, crop: str = "center", detector: str = "hog", seed: int = 0,
-               checkpoint: str | os.PathLike | None = None,
+    def invert(self, images, masks=None, config=None, *, preset: str | None = None,
+               mask_dir: str | os.PathLike | None = None, auto_mask: bool = False, crop: str = "center",
+               detector: str = "hog", seed: int = 0, checkpoint: str | os.PathLike | None = None,
                on_step: Callable[[int, int, float], None] | None = None) -> tuple[W2WModel, list]:
         """The model of the space that reproduces `images` (photographs of one person: files or PIL images,
         or one of them) inside their masks (`pair_masks`: one per image, or one for a single image), each
         image cut by `crop` ("center", or "face": FFHQ's alignment at the pipeline's resolution, the face
-        found by dlib's `detector`), with `config` (an InversionConfig; default: the real preset on this
-        space). With `checkpoint`, the run saves its state there and resumes from it; `on_step(done, total,
-        loss)` after each step. Returns the model and the photos as fitted. Bad files, masks and faceless
-        photos fail before the pipeline loads."""
-        from .diffusion import image_sizes
+        found by dlib's `detector`), with `config` (an InversionConfig; default: the settings of `preset`,
+        "real" unless named, on this space). With `checkpoint`, the run saves its state there and resumes
+        from it; `on_step(done, total, loss)` after each step. The model records the images' sha256, the
+        preset's name and the settings. Returns the model and the photos as fitted. Bad files, masks and
+        faceless photos fail before the pipeline loads."""
+        from .bases import family_of
         from .inversion import ALIGNED_SIZE, invert, photo_targets, read_photos
+        from .provenance import image_sha256
 
         single = (str, os.PathLike, Image.Image)
         images = [images] if isinstance(images, single) else list(images)
         if not images:
             raise W2WError("no image to invert: give one at least")
         masks = [masks] if isinstance(masks, single) else masks
-        config = config or self.inversion_config("real")
+        config = config or self.inversion_config(preset or "real")
         self.space.check_k(config.components)
         size = self.resolution() if crop == "face" else ALIGNED_SIZE
         photos = read_photos(images, pair_masks(images, masks, mask_dir, auto_mask), crop, size, detector)
+        record = {"images_sha256": [image_sha256(image) for image in images], "crop": crop,  # read_photos opened them
+                  **({"preset": preset} if preset else {})}
         with self.lock:
             self.check("invert")
             pipe = self.pipeline("invert")
-            targets, target_masks = photo_targets(photos, *image_sizes(pipe))
-            model = invert(pipe, self.space, targets, target_masks, config, seed, self.progress, checkpoint, on_step)
+            targets, target_masks = photo_targets(photos, *family_of(pipe).image_sizes(pipe))
+            model = invert(pipe, self.space, targets, target_masks, config, seed, self.progress, checkpoint, on_step,
+                           record)
         return model, photos
+
+    def project(self, lora: str | os.PathLike, components: int | None = None,
+                trust_pickle: bool = False) -> tuple[W2WModel, float]:
+        """The model of the LoRA file or folder `lora` (of the space's layout) on the first `components`
+        components (default: all), and the standardized residual |z - cV| / |z| of what the space cannot
+        express; the model records the file's name and sha256."""
+        from .formats import load_lora, peft_weights_file
+        from .provenance import file_sha256, projected
+        from .space import check_finite
+
+        space = self.space if components is None else self.space.truncate(components)
+        weights = load_lora(space.layout, lora, trust_pickle, self.lora_naming())
+        check_finite(weights, f"the weights of {lora}")
+        coefficients = space.project(weights)  # (K,)
+        residual = float(space.residual(weights, coefficients))
+        step = projected(lora, file_sha256(peft_weights_file(Path(lora))), space.num_components, residual)
+        return W2WModel(coefficients, space.id, (step,), self.space), residual
 
     # ------------------------------------------------------------------------- files
 
     def export(self, model: W2WModel, fmt: str, path: str | os.PathLike) -> Path:
-        """`model` written to `path` as a w2w model file, a PEFT/diffusers folder or a kohya .safetensors;
-        the path written."""
+        """`model` written to `path` as a w2w model file, a PEFT/diffusers folder or a kohya .safetensors (its
+        keys named as the base's family names them: `lora_naming`), each saying how the model was made
+        (`provenance`); the path written."""
         from .formats import save_lora
+        from .provenance import LoraAbout
         from .storage import save_model
 
         if fmt not in EXPORT_FORMATS:
             raise W2WError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         if fmt == "w2w":
             return Path(save_model(model, path))
-        return Path(save_lora(self.space.layout, model.weights(self.space), path, fmt, self.space.base_model))
+        about = LoraAbout.of(model, self.space, self.known_resolution())
+        return Path(save_lora(self.space.layout, model.weights(self.space), path, fmt, self.space.base_model,
+                              self.lora_naming(), about))
+
+    def known_resolution(self) -> int | None:
+        """R (`resolution`) of the space's base model when it is this bench's base and its config files can be
+        read here, else None: an export records it, and needs no base model."""
+        from .provenance import hub_id
+
+        if self.base is None or hub_id(self.base) != hub_id(self.space.base_model or self.base):
+            return None
+        try:
+            return self.resolution()
+        except W2WError:
+            return None
 

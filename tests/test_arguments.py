@@ -2,9 +2,12 @@
 and the library functions refuse the same values (ArgumentError). Under 5 s on 2 cores (3.5 s with
 test_outputs.py)."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lora_w2w import pipeline, sampling
 from lora_w2w.checks import SEED_MAX, check_int, check_number, check_seed, check_size, resolve_device
@@ -32,7 +35,7 @@ CASES = [
     (["generate", "--device", "cuda:x", "--out", "o"], "expected auto, cpu, cuda, cuda:N or mps"),
     (["invert", "--image", "i.png", "--device", "meta", "--out", "o"], "expected auto, cpu, cuda, cuda:N or mps"),
     (["edit", "--model", "m", "--edit", "Bald=1", "--out", "o", "--components", "0"], "expected an integer >= 1"),
-    (["directions", "-k", "-5"], "--components/-k: expected an integer >= 1, got -5"),
+    (["directions", "-k", "-5"], "--components: expected an integer >= 1, got -5"),
     (["sample", "--num", "0", "--out", "o"], "--num: expected an integer >= 1, got 0"),
     (["sample", "--factor", "-1", "--out", "o"], "--factor: expected a number > 0, got -1"),
     (["sample", "--components", "2.5", "--out", "o"], "expected an integer, got '2.5'"),
@@ -41,8 +44,14 @@ CASES = [
     (["invert", "--image", "i.png", "--weight-decay", "-1", "--out", "o"], "--weight-decay: expected a number >= 0"),
     (["invert", "--image", "i.png", "--checkpoint-every", "0", "--out", "o"], "--checkpoint-every: expected an"),
     (["collect", "r", "o", "--shard-size", "0"], "--shard-size: expected an integer >= 1"),
-    (["build", "d", "o", "-k", "0"], "--components/-k: expected an integer >= 1, got 0"),
+    (["build", "d", "o", "-k", "0"], "--components: expected an integer >= 1, got 0"),
     (["build", "d", "o", "-k", "2", "--power-iterations", "-1"], "--power-iterations: expected an integer >= 0"),
+    # numbers that overflow once converted, and unbounded work (issue 37)
+    (["invert", "--image", "i.png", "--lr", "1e300", "--out", "o"],
+     "--lr: expected a number <= 10000, got 1e+300: Adam moves each parameter by about the learning rate a step"),
+    (["invert", "--image", "i.png", "--weight-decay", "1e39", "--out", "o"], "--weight-decay: expected a number <="),
+    (["build", "d", "o", "-k", "2", "--power-iterations", "1000000000"],
+     "--power-iterations: expected at most 100, got 1000000000: each is a pass over the whole dataset"),
 ]
 
 
@@ -98,6 +107,15 @@ def test_the_library_refuses_the_same_values(toy_space):
         InversionConfig(lr=math.inf)
     with pytest.raises(ArgumentError, match="seed: expected an integer from 0"):
         build_space(None, 2, config=BuildConfig(seed=-1))
+    for memory in ("1e400", "1e999GB", 10**400, "0"):  # not OverflowError
+        with pytest.raises(ArgumentError, match="memory .*: expected a size from 1 byte up to 1 PiB"):
+            build_space(None, 2, config=BuildConfig(memory=memory))
+    with pytest.raises(ArgumentError, match="power iterations: expected at most 100, got 101: each is a pass"):
+        build_space(None, 2, config=BuildConfig(power_iterations=101))
+    with pytest.raises(ArgumentError, match="inversion lr: expected a number <= 10000"):
+        InversionConfig(lr=1e300)
+    with pytest.raises(ArgumentError, match="factor: expected a number <= 1000"):
+        sample_models(space, 1, factor=1e6)
     from lora_w2w.editing import attribute_directions
 
     with pytest.raises(ArgumentError, match=f"components: expected an integer from 1 to {k}, got {k + 1}"):
@@ -142,6 +160,35 @@ def test_huge_counts_and_sizes_are_refused_with_what_fits(toy_world, toy_space, 
         capsys.readouterr().err
     with pytest.raises(ArgumentError, match="injection timestep: expected an integer from 0 to 1000"):
         pipeline.generate_from_weights(pipe, None, None, "sks person", edited=torch.zeros(1), injection_timestep=1001)
-    with pytest.raises(ArgumentError, match="steps: expected an integer >= 1"):
-        pipeline.generate_from_weights(pipe, None, None, "sks person", num_inference_steps=0)
+    with pytest.raises(SystemExit) as exit_info:  # the scheduler's training timesteps bound the steps
+        main(["generate", "--base", str(toy_world / "base"), "--steps", "1001", "--out", str(tmp_path / "g")])
+    assert exit_info.value.code == 2 and "--steps: expected an integer from 1 to 1000, got 1001" in \
+        capsys.readouterr().err
+    for steps in (0, 1001):
+        with pytest.raises(ArgumentError, match="steps: expected an integer from 1 to 1000"):
+            pipeline.generate_from_weights(pipe, None, None, "sks person", num_inference_steps=steps)
     assert not (tmp_path / "g").exists()
+
+
+def test_a_job_far_beyond_the_usual_size_says_its_time_before_the_rest(toy_world, toy_space, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Thousands of seeds or models, here past a threshold lowered to 2: the first unit, timed, then the
+    estimate of the rest in one line; the images are those of one batch."""
+    from lora_w2w import estimate
+
+    generate = ["generate", "--base", toy_world / "base", "--space", toy_space, "--seeds", "0", "1", "2", "--steps",
+                "1", "--device", "cpu", "--out"]
+    assert main([str(a) for a in generate + [tmp_path / "usual"]]) == 0
+    assert "take about" not in capsys.readouterr().err
+    monkeypatch.setattr(pipeline, "LARGE_GENERATION", 2)
+    assert main([str(a) for a in generate + [tmp_path / "large"]]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "take about" in line]
+    assert len(said) == 1 and re.fullmatch(r"3 images: the first took [\d.]+ s; the other 2 take about [\d.]+ s",
+                                           said[0]), said
+    for seed in range(3):
+        usual, large = (np.asarray(Image.open(tmp_path / run / f"seed_{seed:04d}.png"), np.int16)
+                        for run in ("usual", "large"))
+        assert np.abs(usual - large).max() <= 1  # one batch or two: the same images (here bit for bit)
+    monkeypatch.setattr(estimate, "LARGE_SAMPLING", 2)
+    assert main(["sample", "--space", str(toy_space), "--num", "3", "--out", str(tmp_path / "samples")]) == 0
+    assert re.search(r"^3 models: the first took [\d.]+ s; the other 2 take about", capsys.readouterr().err, re.M)

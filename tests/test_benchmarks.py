@@ -51,3 +51,16 @@ def test_bench_faces():
     assert result["ratio"] == pytest.approx(per_render["dlib_hog"] / per_render["lbp_cascade"])
     assert all(0 <= rate <= 1 for rate in result["detection_rate"].values())
     assert set(result["seconds_per_image"]) == {"astronaut", "grace_hopper"}
+
+
+def test_bench_outputs():
+    result = last_json("bench_outputs.py", "--seeds", "40", "--baseline-seeds", "10", "--pairwise-seeds", "20",
+                       "--repeats", "1")
+    assert result["benchmark"] == "outputs" and (result["seeds"], result["baseline_seeds"]) == (40, 10)
+    assert result["ratio"] > 0 and result["pairwise_ratio"] > 0
+
+
+def test_bench_import():
+    result = last_json("bench_import.py", "--repeats", "1")
+    assert result["benchmark"] == "import" and result["repeats"] == 1
+    assert result["ratio"] == pytest.approx(result["lazy_s"] / result["eager_s"], abs=1e-3) and result["ratio"] < 1

@@ -106,11 +106,12 @@ def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys)
                  "--export", "kohya"]) == 0
     assert (tmp_path / "s" / "sample_001_lora.safetensors").is_file()
     assert main(["edit", "--space", str(toy_space), "--model", str(tmp_path / "s" / "sample_000.safetensors"),
-                 "--edit", "Eyeglasses=2", "--edit", "Young=-1", "--debias", "Male", "--out",
+                 "--edit", "Eyeglasses=2", "--edit", "Age=1", "--debias", "Male", "--out",
                  str(tmp_path / "edited.safetensors")]) == 0
     assert "Eyeglasses: +2 std" in capsys.readouterr().out
     before, after = (load_model(tmp_path / p) for p in ("s/sample_000.safetensors", "edited.safetensors"))
     assert not torch.equal(before.coefficients, after.coefficients) and after.space_id == before.space_id
+    assert after.made_by == "sample seed 1; edit Age +1, Eyeglasses +2 (debias Male)"
     assert main(["generate", "--base", str(toy_world / "base"), "--space", str(toy_space), "--model",
                  str(tmp_path / "edited.safetensors"), "--seeds", "0", "1", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "g")]) == 0
@@ -121,7 +122,7 @@ def test_sample_edit_generate_directions(toy_world, toy_space, tmp_path, capsys)
         main(["edit", "--space", str(toy_space), "--model", str(tmp_path / "edited.safetensors"),
               "--edit", "Wings=1", "--out", str(tmp_path / "x.safetensors")])
     assert exit_info.value.code == 2
-    assert "no attribute 'Wings'; the space has: Male, Young" in capsys.readouterr().err
+    assert "no attribute 'Wings'; the space has: Male, Age, Eyeglasses, Beard, " in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 

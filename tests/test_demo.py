@@ -40,6 +40,11 @@ def test_demo_writes_every_stage_and_the_report(toy_world, toy_space, tmp_path, 
     markdown = (out / "report.md").read_text()
     assert "| a sampled identity keeps its attributes across seeds |" in markdown
     assert "target met" in markdown
+    said = next(line for line in markdown.splitlines() if line.startswith('"Target met" says'))
+    assert f"this run edits 4 sampled models, so one model moves an editing row by 25% and its rows may differ from " \
+           f"the 32-model rows quoted from {evaluation}" in said
+    assert markdown.index(said) < markdown.index("| claim | paper | tiny world | target met |")
+    assert "| editing Beard (this run, 4 models)" in markdown  # friendly names: No_Beard's edit adds a beard
     # the demo's own 4 models, then w2w evaluate's 32 from its report
     assert "| editing Eyeglasses (this run, 4 models): changed" in markdown
     quoted = next(line for line in markdown.splitlines() if line.startswith("| editing Bald (from"))

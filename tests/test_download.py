@@ -16,6 +16,7 @@ from huggingface_hub import constants
 from lora_w2w.cli import main as w2w
 from lora_w2w.dataset import WeightsDataset
 from lora_w2w.download import W2W_REPO, download_release
+from lora_w2w.errors import W2WError
 from lora_w2w.layout import sd15_layout
 from lora_w2w.official import import_official
 
@@ -177,3 +178,19 @@ def test_a_repository_or_revision_that_does_not_exist_is_one_line(stand_in_hub, 
     out = ["--out", str(tmp_path / "w2w")] if argv[0] == "files" else []
     assert one_line_error(capsys, ["download", *argv, *out]).startswith(f"w2w: error: {message}")
     assert not (tmp_path / "w2w").exists()
+
+
+def test_a_space_from_the_hub_cache(space, offline_hub, tmp_path):
+    from lora_w2w import Space
+    from lora_w2w.storage import save_space
+
+    folder = save_space(space, tmp_path / "space")
+    write_hub_cache(offline_hub, "someone/tiny-space", {p.name: p for p in folder.iterdir()})
+    loaded = Space.from_pretrained("someone/tiny-space", k=4)
+    assert loaded.id == space.id and loaded.num_components == 4 and list(loaded.attributes) == ["Male", "Bald"]
+    write_hub_cache(offline_hub, "someone/released", {"files/mean.pt": folder / "space.json"})
+    with pytest.raises(W2WError, match="someone/released: holds no w2w space .*`w2w download files --out "
+                                       "downloads/w2w` and convert them with `w2w import-official`"):
+        Space.from_pretrained("someone/released")
+    with pytest.raises(W2WError, match=r"someone/nothing: not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
+        Space.from_pretrained("someone/nothing")

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_w2w.errors import FileFormatError, LayoutError, PickleRefusedError
 from lora_w2w.dataset import WeightsDataset
-from lora_w2w.formats import (DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, kohya_name, load_kohya, load_lora,
+from lora_w2w.formats import (DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, SD_NAMING, load_kohya, load_lora,
                               load_peft, save_kohya, save_lora, save_peft)
 
 
@@ -28,7 +28,7 @@ def test_kohya_round_trip_is_exact(layout, tmp_path):
     assert torch.equal(load_kohya(layout, path), weights)
     assert torch.equal(load_lora(layout, path), weights)  # recognised by its keys
     state = load_file(path)
-    key = kohya_name(layout.layers[0].name)
+    key = SD_NAMING.kohya_name(layout.layers[0].name)
     assert key == "lora_unet_" + layout.layers[0].name.replace(".", "_")
     assert float(state[f"{key}.alpha"]) == 27.0 and state[f"{key}.lora_down.weight"].shape[0] == 1
 

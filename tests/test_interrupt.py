@@ -1,13 +1,18 @@
-"""kill -9 and concurrency: `w2w collect`, `w2w build` and `w2w invert` (with a checkpoint), killed at
+"""kill -9, Ctrl-C and concurrency: `w2w collect`, `w2w build` and `w2w invert` (with a checkpoint), killed at
 seeded random moments several times, then run again, give the uninterrupted result bit for bit and
 leave no temporary file, and the folder a killed first collect left is taken up; two collects into
-one dataset, or two samples into one folder, at once give what one after the other gives. The
+one dataset, or two samples into one folder, at once give what one after the other gives. Ctrl-C
+(SIGINT) at seeded moments of `w2w build`, `w2w train-identities`, inversion/invert.py and
+train_dreambooth.py prints one line and exits with 130, and a rerun ends as an uninterrupted run. The
 commands run in forked children of this process (the modules are loaded once), each killed with
-SIGKILL. About 65 s on 2 cores shared with other jobs (load average 9)."""
+SIGKILL or interrupted with SIGINT. About 65 s on 2 cores shared with other jobs (load average 9), and
+the Ctrl-C tests about 40 s more (load average 8; one of them starts `w2w` as a process of its own)."""
 import hashlib
 import os
 import random
+import runpy
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,11 +27,13 @@ from lora_w2w.storage import save_space
 pytestmark = pytest.mark.slow  # the fast tier (make test-fast) leaves these out
 
 KILLS = 3  # kills before the run that finishes
-FACE = Path(__file__).resolve().parents[1] / "inversion" / "images" / "face.png"
+ROOT = Path(__file__).resolve().parents[1]
+FACE = ROOT / "inversion" / "images" / "face.png"
 
 
-def start(argv, log: Path | None = None) -> int:
-    """The pid of a forked child running `w2w argv`, its output written to `log` (default: dropped)."""
+def start(argv, log: Path | None = None, script: Path | None = None) -> int:
+    """The pid of a forked child running `w2w argv` (or the `script` with argv, as `python script argv`
+    does), its output written to `log` (default: dropped)."""
     pid = os.fork()
     if pid == 0:  # the child: never back into pytest
         code = 1
@@ -35,7 +42,12 @@ def start(argv, log: Path | None = None) -> int:
             os.dup2(output, 1)
             os.dup2(output, 2)
             sys.stdout = sys.stderr = open(output, "w", buffering=1, closefd=False)  # pytest swapped them
-            code = main([str(a) for a in argv])
+            if script is None:
+                code = main([str(a) for a in argv])
+            else:
+                sys.argv = [str(script), *map(str, argv)]
+                runpy.run_path(str(script), run_name="__main__")
+                code = 0
         except SystemExit as exit_info:
             code = exit_info.code if isinstance(exit_info.code, int) else 1
         finally:
@@ -47,10 +59,10 @@ def wait(pid) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def run(argv) -> float:
-    """Run `w2w argv` to its end in a child; its time in seconds."""
+def run(argv, script: Path | None = None) -> float:
+    """Run `w2w argv` (or `script`) to its end in a child; its time in seconds."""
     began = time.perf_counter()
-    assert wait(start(argv)) == 0, argv
+    assert wait(start(argv, script=script)) == 0, argv
     return time.perf_counter() - began
 
 
@@ -65,6 +77,26 @@ def killed_then_finished(argv, seconds: float, seed: int) -> list[int]:
         os.kill(pid, signal.SIGKILL)
         codes.append(wait(pid))
     run(argv)
+    return codes
+
+
+def interrupted_then_finished(argv, seconds: float, seed: int, logs: Path, times: int = KILLS,
+                              script: Path | None = None) -> list[int]:
+    """Press Ctrl-C (SIGINT) in `w2w argv` (or `script`) `times` times, each after a seeded random part of
+    `seconds`, then let it finish; the exit codes of the interrupted runs, each checked to end, when it is
+    130, in the one line `PROGRAM: interrupted` and no traceback."""
+    rng = random.Random(seed)
+    codes = []
+    for i in range(times):
+        log = logs / f"interrupted-{seed}-{i}.log"
+        pid = start(argv, log, script)
+        time.sleep(rng.uniform(0.1, 0.9) * seconds)
+        os.kill(pid, signal.SIGINT)
+        codes.append(wait(pid))
+        err = log.read_text()
+        assert codes[-1] in (0, 130) and "Traceback" not in err, err  # 0: it finished before the signal
+        assert codes[-1] == 0 or err.splitlines()[-1].endswith(": interrupted"), err
+    run(argv, script)
     return codes
 
 
@@ -158,3 +190,62 @@ def test_the_folder_a_killed_first_collect_left_is_taken_up(space, tmp_path):
     (tmp_path / "data" / f".weights-00001.safetensors.partial-{dead}").write_bytes(b"half a shard")
     add_models(tmp_path / "data", matrix_source(source, names), space.layout, shard_size=8)
     assert files(tmp_path / "data") == files(tmp_path / "reference") and temporaries(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+@pytest.mark.slow
+def test_ctrl_c_in_any_phase_of_build_is_one_line_and_the_build_resumes(matrix):
+    """SIGINT at seeded moments of `w2w build` (reading, power iterations, the last pass, writing): each
+    interrupted run prints `w2w: interrupted` and exits 130, and the last run ends as an uninterrupted one."""
+    t, _ = matrix
+    (t / "logs").mkdir()
+    run(["collect", "--from-all-weights", t / "all_weights.pt", "--space", t / "space", "--shard-size", "64",
+         t / "data"])
+    build = ["build", t / "data", "--method", "randomized", "-k", "6", "--power-iterations", "12"]
+    seconds = run(build + [t / "reference"])
+    codes = interrupted_then_finished(build + [t / "built", "--state", t / "state"], seconds, seed=3, logs=t / "logs")
+    assert files(t / "built") == files(t / "reference")
+    assert temporaries(t) == [] and not (t / "state").exists() and 130 in codes
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_scripts_and_train_identities_is_one_line_and_a_rerun_ends_as_uninterrupted(toy_world, toy_space,
+                                                                                                 tmp_path):
+    (tmp_path / "logs").mkdir()
+    invert = ROOT / "inversion" / "invert.py"  # nothing half-written: a rerun starts again
+    argv = ["--space", toy_space, "--base", toy_world / "base", "--image", FACE, "--preset", "ood", "--dim", "8",
+            "--epochs", "24", "--device", "cpu", "--save_name"]
+    seconds = run(argv + [tmp_path / "inverted-reference"], invert)
+    codes = interrupted_then_finished(argv + [tmp_path / "inverted"], seconds, 4, tmp_path / "logs", 2, invert)
+    assert files(tmp_path / "inverted") == files(tmp_path / "inverted-reference")
+    training = ["--pretrained_model_name_or_path", toy_world / "base", "--max_train_steps", "6", "--num_class_images",
+                "4", "--class_inference_steps", "2", "--class_data_dir", toy_world / "class", "--train_batch_size", "2",
+                "--learning_rate", "1e-2"]
+    train = ["train-identities", "--instance_root", toy_world / "faces" / "celeba_generated", "--limit", "2",
+             "--identities_per_batch", "2", "--checkpointing_steps", "2", *training, "--output_root"]
+    seconds = run(train + [tmp_path / "trained-reference"])  # a rerun goes on from the last checkpoint
+    codes += interrupted_then_finished(train + [tmp_path / "trained"], seconds, 5, tmp_path / "logs", 2)
+    for name in ("000000", "000001"):
+        assert files(tmp_path / "trained" / name) == files(tmp_path / "trained-reference" / name)
+    dreambooth = ROOT / "train_dreambooth.py"  # the adapter is written whole at the end, or not at all
+    argv = ["--instance_data_dir", toy_world / "faces" / "celeba_generated" / "000000", *training, "--output_dir"]
+    seconds = run(argv + [tmp_path / "solo-reference"], dreambooth)
+    codes += interrupted_then_finished(argv + [tmp_path / "solo"], seconds, 6, tmp_path / "logs", 2, dreambooth)
+    assert files(tmp_path / "solo" / "unet") == files(tmp_path / "solo-reference" / "unet")
+    assert temporaries(tmp_path) == [] and codes.count(130) >= 3, codes
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_w2w_shuts_down_is_no_traceback(toy_space):
+    """The `w2w` command (a process of its own) has printed its answer and is finishing: a Ctrl-C then, or
+    in the second the interpreter takes to unload torch, ends it in one line or not at all, where it used
+    to print a traceback from a library's clean-up or be killed by the signal (exit -2) without a word."""
+    process = subprocess.Popen([sys.executable, "-u", "-m", "lora_w2w.cli", "info", str(toy_space)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("w2w space")
+    time.sleep(0.3)  # its last lines printed, the interpreter unloading
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate()
+    assert process.returncode in (0, 130) and "Traceback" not in err, (process.returncode, err)
+    assert process.returncode == 0 or err == "w2w: interrupted\n", err

@@ -45,3 +45,5 @@ def test_notebook_runs(path, world, tmp_path):
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str((ROOT / path).parent)}})
     client.execute()  # raises CellExecutionError naming the failing cell
+    texts = [output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [text for text in texts if "it/s]" in text or "s/it]" in text], path  # no progress bars kept

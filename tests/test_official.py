@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from conftest import write_original_lora, write_released_files
 
 from lora_w2w.errors import PickleRefusedError
-from lora_w2w.formats import kohya_name, load_peft, save_kohya, save_peft
+from lora_w2w.formats import SD_NAMING, load_peft, save_kohya, save_peft
 from lora_w2w.layout import parse_peft_key, sd15_layout
 from lora_w2w.official import import_official
 from lora_w2w.storage import load_model, load_space
@@ -163,7 +163,7 @@ def test_project_refuses_a_lora_of_another_layout_naming_the_first_difference(of
     save_peft(sd15_layout(target_modules=("to_q",)), torch.zeros(sd15_layout(("to_q",)).numel), tmp_path / "q_only")
     save_peft(sd15_layout(rank=2), torch.zeros(sd15_layout(rank=2).numel), tmp_path / "rank2")
     state = load_file(save_kohya(sd15_layout(), torch.zeros(99_648), tmp_path / "k.safetensors"))
-    state[f"{kohya_name(first)}.lora_down.weight"] = torch.zeros(1, 640)
+    state[f"{SD_NAMING.kohya_name(first)}.lora_down.weight"] = torch.zeros(1, 640)
     save_file(state, tmp_path / "wide.safetensors")
     for lora, message in (("q_only", f"layer {first.replace('to_q', 'to_v')} (320->320) is missing"),
                           ("rank2", "rank 2, expected 1"),

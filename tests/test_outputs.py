@@ -1,9 +1,15 @@
-"""Writing rules: no output replaces an input, a directory or a foreign folder; a refused write is one
-line and leaves no temporary file; the same output written twice gives the same bytes. Under 5 s on
-2 cores."""
+"""Writing rules: no output replaces an input, a directory, a foreign folder or a device, FIFO or socket,
+nor lies inside a space, dataset or PEFT folder an input belongs to; a refused write is one line and
+leaves no temporary file; the same output written twice gives the same bytes; every user has a lock
+folder of their own. About 6 s on 2 cores (load average 11)."""
 import errno
 import hashlib
 import io
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +44,9 @@ def world(space, tmp_path):
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"not mine")
     (tmp_path / "official").mkdir()
     (tmp_path / "official" / "mean.pt").write_bytes(b"released")
+    (tmp_path / "mine" / "photos").mkdir(parents=True)  # a user's folder that happens to hold a PEFT config
+    (tmp_path / "mine" / "adapter_config.json").write_text("{}")
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
     return tmp_path
 
 
@@ -85,6 +94,17 @@ def test_no_command_writes_over_an_input_a_directory_or_a_foreign_folder(world, 
          "face.png is a file, not a folder"),
         (["invert", "--image", t / "face.png", "--checkpoint", t / "face.png" / "c", "--out", t / "m.safetensors"],
          "cannot write"),
+        # issue 37: never inside a space, dataset or PEFT folder that an input is or lies in
+        (["invert", "--image", t / "face.png", *space, "--out", t / "space" / "space.json"],
+         f"inside the space {t / 'space'}, which is the input {t / 'space'}"),
+        (["export", *space, "--model", model, "--format", "kohya", "--out", t / "space" / "space.safetensors"],
+         "inside the space"),
+        (["edit", *space, "--model", model, "--edit", "Bald=1", "--out", t / "space" / "new.safetensors"],
+         "inside the space"),
+        (["export", "--dataset", t / "dataset", "--dataset-model", "a", "--format", "kohya", "--out",
+          t / "dataset" / "weights-00000.safetensors"], f"inside the weights dataset {t / 'dataset'}"),
+        (["sample", *space, "--out", t / "space" / "samples"], "inside the space"),
+        (["export", *space, "--model", model, "--out", t / "mine"], "a folder that is not a PEFT LoRA folder"),
     ]
     for argv, message in cases:
         err = refused(argv, capsys)
@@ -155,3 +175,83 @@ def test_the_same_output_twice_gives_the_same_bytes(world, space):
         assert len(hashes) == 1, name
     header, _ = storage.read_safetensors_header(t / "k.safetensors")
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_devices_fifos_and_sockets_are_never_outputs(world, space, capsys):
+    """As root, a file renamed over a device node replaces it (`--out /dev/null` would destroy the machine's
+    /dev/null): a copy of /dev/null made with mknod here, a FIFO and a socket are refused before any work."""
+    import os
+    import socket
+    import stat
+
+    t = world
+    os.mknod(t / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mkfifo(t / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(t / "sock"))
+    space_flag, model = ["--space", t / "space"], t / "model.safetensors"
+    for name, kind in (("null", "a character device"), ("fifo", "a FIFO (named pipe)"), ("sock", "a socket")):
+        for argv in (["edit", *space_flag, "--model", model, "--edit", "Bald=1", "--out", t / name],
+                     ["export", *space_flag, "--model", model, "--format", "kohya", "--out", t / name],
+                     ["export", *space_flag, "--model", model, "--out", t / name],
+                     ["sample", *space_flag, "--out", t / name],
+                     ["import-official", "--model", model, t / name]):
+            err = refused(argv, capsys)
+            assert f"{t / name}: is {kind}; outputs are written as regular files and folders" in err, (argv, err)
+        with pytest.raises(OutputError, match=f"is {re.escape(kind)}"):
+            save_model(W2WModel(torch.randn(4), space.id), t / name)
+    assert stat.S_ISCHR(os.lstat(t / "null").st_mode) and os.lstat(t / "null").st_rdev == os.makedev(1, 3)
+    assert stat.S_ISFIFO(os.lstat(t / "fifo").st_mode) and stat.S_ISSOCK(os.lstat(t / "sock").st_mode)
+
+
+def test_a_peft_export_replaces_only_an_earlier_export(world, capsys):
+    t = world
+    export = ["export", "--space", t / "space", "--model", t / "model.safetensors", "--out", t / "lora"]
+    for _ in range(2):  # a new folder, then the earlier export
+        assert main([str(a) for a in export]) == 0
+    (t / "lora" / "README.md").write_text("my notes")
+    err = refused(export, capsys)
+    assert "lora: a folder that is not a PEFT LoRA folder and not empty" in err
+    assert (t / "lora" / "README.md").read_text() == "my notes"
+
+
+OTHER_USER = 4242  # a uid with no account: a second user of the machine
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_every_user_has_a_lock_folder_of_their_own(space, monkeypatch, capsys):
+    """Root runs `sample` first, then another user (a forked child that drops to OTHER_USER): each gets a
+    lock folder of their own, where the second used to be refused a folder the first had made. A lock
+    folder of root's name made by another user is refused in one line."""
+    from lora_w2w import estimate, formats, sampling  # noqa: F401  imported before the fork, as root
+
+    shared = Path(tempfile.mkdtemp(prefix="w2w-users-"))  # in the system's temporary folder: every user reaches it
+    try:
+        shared.chmod(0o1777)  # as /tmp: everyone writes, no one removes another's files
+        monkeypatch.setattr(tempfile, "tempdir", str(shared))
+        (shared / "w2w-locks").mkdir(mode=0o755)  # what earlier versions made, shared by every user
+        save_space(space, shared / "space")
+        sample = ["sample", "--space", str(shared / "space"), "--num", "1", "--out"]
+        assert main(sample + [str(shared / "root")]) == 0
+        assert (shared / "w2w-locks-0").stat().st_mode & 0o777 == 0o700
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 1
+            try:
+                os.setgid(OTHER_USER)
+                os.setuid(OTHER_USER)
+                code = main(sample + [str(shared / "other")])
+            except SystemExit as exit_info:
+                code = exit_info.code if isinstance(exit_info.code, int) else 1
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert (shared / "other" / "sample_000.safetensors").stat().st_uid == OTHER_USER
+        assert (shared / f"w2w-locks-{OTHER_USER}").stat().st_uid == OTHER_USER
+        shutil.rmtree(shared / "w2w-locks-0")
+        (shared / "w2w-locks-0").mkdir()
+        os.chown(shared / "w2w-locks-0", OTHER_USER, OTHER_USER)  # another user's folder, under root's name
+        err = refused(sample + [str(shared / "again")], capsys)
+        assert f"w2w-locks-0: meant for your w2w locks (user 0), but a folder of user {OTHER_USER}" in err, err
+    finally:
+        shutil.rmtree(shared)

@@ -222,16 +222,18 @@ def test_noisy_inputs_follow_the_cached_latents_device():
     latents are (CUDA in practice; the meta device stands in for it here)."""
     from diffusers import DDPMScheduler
 
+    from lora_w2w.bases import Conditioning, StableDiffusion1
     from lora_w2w.diffusion import StepSampler
     from lora_w2w.dreambooth import IdentityData, SharedData, noisy_inputs
 
     latents = torch.zeros(3, 4, 8, 8, device="meta")
-    text = torch.zeros(1, 7, 16, device="meta")
-    shared = SharedData(latents, latents, text, text, 0.18215, DDPMScheduler())
+    text = Conditioning({"encoder_hidden_states": torch.zeros(1, 7, 16, device="meta")})
+    shared = SharedData(latents, latents, text, text, (0.18215, None), DDPMScheduler(), StableDiffusion1({}, {}))
     sampler = StepSampler(0, num_instance=3, num_class=3, batch_size=1, latent_shape=(4, 8, 8),
                           num_train_timesteps=1000)
-    noisy, timesteps, embeddings, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
-                                                        sampler.next())
+    noisy, timesteps, conditioning, target = noisy_inputs(IdentityData("a", latents, latents, sampler), shared,
+                                                          sampler.next())
+    embeddings = conditioning.batched["encoder_hidden_states"]
     assert {t.device.type for t in (noisy, timesteps, embeddings, target)} == {"meta"}
     assert noisy.shape == target.shape == (2, 4, 8, 8) and embeddings.shape == (2, 7, 16)
 
@@ -305,6 +307,12 @@ def test_train_identities_flags_are_kebab_case_and_take_the_original_spellings(c
     with pytest.raises(SystemExit):
         train_identities.parse_args(["--instance-root", "i", "--output-root", "o", "--max_train_steps", "0"])
     assert "--max-train-steps must be >= 1, got 0" in capsys.readouterr().err  # named as --help names it
+    for flag, value, message in (("--learning_rate", "1e300", "--learning-rate: expected a number <= 10000, got "
+                                                              "1e+300: Adam moves each parameter"),
+                                 ("--adam_weight_decay", "nan", "--adam-weight-decay: expected a finite number")):
+        with pytest.raises(SystemExit):  # a number torch cannot use, refused before any model loads
+            train_identities.parse_args(["--instance-root", "i", "--output-root", "o", flag, value])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     shown = capsys.readouterr().out  # the original's script keeps the original's spellings
