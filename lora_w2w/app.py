@@ -742,7 +742,6 @@ def wire_models(actions: Actions, ui: SimpleNamespace) -> None:
         if not photos:
             raise W2WError("no photo to invert: upload one first")
         index = shown_index if isinstance(shown_index, int) and 0 <= shown_index < len(photos) else 0
-        print("DEBUG editor", {k: (type(v).__name__, getattr(v, "size", None)) for k, v in (editor_value or {}).items()}, [(l.size, l.mode, int((__import__("numpy").asarray(l.convert("RGBA"))[..., 3] > 0).sum())) for l in (editor_value or {}).get("layers") or []], flush=True)
         drawn = mask_from_layers((editor_value or {}).get("layers") or [], open_image(photos[index]).size)
         masks = [drawn if i == index else None for i in range(len(photos))]
         try:

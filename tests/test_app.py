@@ -258,6 +258,35 @@ def upload_photos(page, paths: list[Path], expected: list[str]) -> None:
     page.wait_for_timeout(500)  # the photo drawn into the editor's canvas
 
 
+def brush_pixels(page) -> int:
+    """The pixels of the editor's canvas in the brush's colour, as the user sees them (a screenshot)."""
+    from lora_w2w.app import BRUSH_COLOR
+
+    shot = np.asarray(Image.open(io.BytesIO(page.locator("#invert-editor canvas").first.screenshot())).convert("RGB"))
+    brush = np.array([int(v) for v in re.findall(r"\d+", BRUSH_COLOR)])  # (3,)
+    return int((np.abs(shot.astype(int) - brush).max(-1) < 40).sum())
+
+
+def draw_stroke(page, tries: int = 3) -> None:
+    """Draw a stroke across the middle of the editor's picture, as a user does, and see it drawn: the editor
+    takes a new picture a moment after the server's answer (fetching it), which clears a stroke drawn
+    before, so a stroke that is not seen is drawn again, as a user would."""
+    for _ in range(tries):
+        settled(page)
+        before = brush_pixels(page)  # the photo's own pixels of that colour
+        canvas = page.locator("#invert-editor canvas").first.bounding_box()
+        cx, cy = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+        page.mouse.move(cx - 60, cy - 40, steps=4)
+        page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+        page.mouse.down()  # the editor draws only once it has seen its brush over the picture, a frame later
+        page.mouse.move(cx + 60, cy + 40, steps=12)
+        page.mouse.up()
+        page.wait_for_timeout(1000)  # long enough for a picture still on its way to replace the stroke
+        if brush_pixels(page) > before + 1000:  # of the stroke's ~5,000
+            return
+    pytest.fail(f"the stroke is not drawn on the editor after {tries} tries")
+
+
 def settled(page) -> None:
     """Wait until no event of the page is in flight (no component shows Gradio's progress)."""
     page.wait_for_function("![...document.querySelectorAll('.progress-text, .eta-bar')]"
@@ -388,10 +417,6 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
 
     page = open_page(browser, server)
     timed = timer(page, server_process)
-    T0 = time.time()
-    LOG = []
-    page.on("request", lambda r: LOG.append((round(time.time() - T0, 2), "join", re.sub(r'"path".*?\}', "F", r.post_data or "")[-90:])) if "queue/join" in r.url else None)
-    page.on("response", lambda r: LOG.append((round(time.time() - T0, 2), "resp", r.url[-50:])) if "file=" in r.url else None)
     page.get_by_role("tab", name="Invert").click()
     assert disabled(page, "#invert-button")  # no photo yet
     assert page.input_value("#invert-steps input") == str(QUICK_INVERSION_STEPS)
@@ -421,19 +446,9 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
 
     # one photo, a mask stroke on it, inverted: the progress is shown once, in the gallery the model's
     # images will fill, with its steps and the time left
-    LOG.append((round(time.time() - T0, 2), "final upload", ""))
     upload_photos(page, [FACE], ["face.png"])
-    LOG.append((round(time.time() - T0, 2), "uploaded", page.input_value("#invert-shown input")))
     page.get_by_role("button", name="Brush", exact=True).click()
-    canvas = page.locator("#invert-editor canvas").first.bounding_box()
-    cx, cy = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
-    page.mouse.move(cx - 60, cy - 40, steps=4)
-    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
-    page.mouse.down()  # the editor draws only once it has seen its brush over the picture, a frame later
-    page.mouse.move(cx + 60, cy + 40, steps=12)
-    page.mouse.up()
-    LOG.append((round(time.time() - T0, 2), "drawn", ""))
-    page.screenshot(path=f"/tmp/shots/dbg_{time.time():.0f}.png", clip={"x": 0, "y": 0, "width": 600, "height": 1000})
+    draw_stroke(page)
     steps = QUICK_INVERSION_STEPS if BENCH else 20
     page.fill("#invert-steps input", str(steps))
     shown = []
@@ -446,7 +461,6 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
     assert {owner for owner, _ in shown} == {"current-gallery"}, shown
     texts = " ".join(text for _, text in shown)
     assert re.search(rf"\d+/{steps} steps", texts) and re.search(r"loss \d+\.\d{4}, about \d+ s left", texts), texts
-    print("\n".join(map(str, LOG)))
     assert f"inverted (real, {steps} steps, with the mask drawn)" in page.inner_text("#status")
     if BENCH:  # the preset's own count, one click away, for the ratio of the two
         page.click("#invert-full")
@@ -468,7 +482,7 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
     assert fits == ["contain", "contain"]  # whole, not cut to fill its box
     (photo,) = read_photos([FACE_256], [AUTO_MASK], "face", 64)  # at the tiny world's resolution
     torch.testing.assert_close(fetch_image(image_sources(page, "#invert-fitted img")[1]),
-                               torch.from_numpy(np.asarray(fitted_view(photo))).float())  # dimmed outside the mask
+                               torch.from_numpy(np.array(fitted_view(photo))).float())  # dimmed outside the mask
 
     # a photo without a face under Crop to face: a warning saying so, before any inversion, and no change
     Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
@@ -520,9 +534,9 @@ def test_api_endpoints(client, space, tmp_path):
     sampled = load_model(model_path)
     assert sampled.space_id == space.id and len(images) == 4
 
-    edited_path, images = client.predict(_file(model_path), '{"Eyeglasses": 3}', ["Male", "Young"], api_name="/edit")
+    edited_path, images = client.predict(_file(model_path), '{"Eyeglasses": 3}', ["Male", "Age"], api_name="/edit")
     edited = load_model(edited_path)
-    direction = attribute_directions(space, ["Eyeglasses"], debias_against=["Male", "Young"])["Eyeglasses"]
+    direction = attribute_directions(space, ["Eyeglasses"], debias_against=["Male", "Young"])["Eyeglasses"]  # Age
     torch.testing.assert_close(edited.coefficients - sampled.coefficients, direction.shift(3.0), rtol=1e-4, atol=1e-5)
     assert len(images) == 4
 
@@ -857,6 +871,22 @@ def test_the_record_a_browser_keeps_comes_back_checked(engine, space):
         with pytest.raises(W2WError, match=expected):
             kept_session(engine, broken)
     assert kept_session(engine, {**kept, "name": "../../x"}).name == "w2w_model"  # names never make paths
+
+
+def test_the_sliders_and_debias_ticks_go_by_editings_names(engine, space):
+    """The page names its sliders and debias choices through editing.attribute_names (Beard = -No_Beard,
+    Age = -Young) and ticks editing's debias default, as `w2w edit` keeps."""
+    import gradio as gr
+
+    from lora_w2w.app import build_app
+    from lora_w2w.editing import attribute_names, default_debias
+
+    blocks = build_app(engine).blocks.values()
+    sliders = [block.label for block in blocks if isinstance(block, gr.Slider)
+               and (block.elem_id or "").startswith("edit-")]
+    assert sliders == attribute_names(space) and "Beard" in sliders and "No_Beard" not in sliders
+    debias, = [block for block in blocks if block.elem_id == "debias"]
+    assert debias.value == default_debias(space) == ["Male", "Age"] and debias.choices[1][0] == "Age"
 
 
 def test_exports_go_after_their_age_and_with_their_session(engine, space, monkeypatch):
