@@ -797,13 +797,13 @@ def wire_photos(actions: Actions, ui: SimpleNamespace) -> None:
         return photos_shown(ui, photos, photos.index(new[0]) if new else 0)
 
     tab = [ui.photos, ui.invert_file, ui.invert_button, ui.editor, ui.invert_shown]
-    ui.invert_file.upload(on_upload, [ui.photos, ui.invert_file, ui.add_box], tab, show_progress_on=ui.editor,
+    ui.invert_file.upload(on_upload, [ui.photos, ui.invert_file, ui.add_box], tab, show_progress="hidden",
                           **PRIVATE)
     gr.on([ui.invert_file.clear, ui.invert_file.delete], answered(lambda files: photos_shown(ui, list(files or []))),
-          ui.invert_file, tab, show_progress_on=ui.editor, **PRIVATE)
+          ui.invert_file, tab, show_progress="hidden", **PRIVATE)
     ui.invert_shown.input(answered(lambda photos, index: photos_shown(ui, photos, index)[ui.editor] if photos
                                    and index in range(len(photos)) else gr.skip()),
-                          [ui.photos, ui.invert_shown], ui.editor, show_progress_on=ui.editor, **PRIVATE)
+                          [ui.photos, ui.invert_shown], ui.editor, show_progress="hidden", **PRIVATE)
     full = {name: actions.bench.inversion_config(name).steps for name in PRESETS}
     ui.preset_radio.change(lambda name: gr.update(value=f"Full preset: {full[name]} steps"), ui.preset_radio,
                            ui.full_button, show_progress="hidden", **PRIVATE)

@@ -288,9 +288,12 @@ def draw_stroke(page, tries: int = 3) -> None:
 
 
 def settled(page) -> None:
-    """Wait until no event of the page is in flight (no component shows Gradio's progress)."""
+    """Wait until no event of the page is in flight (no component shows Gradio's progress). A tracker
+    hidden (`.hide`: the photo list's events, show_progress="hidden") does not count: Gradio 6.31 leaves
+    one of them at "processing" now and then after the event's outputs are shown."""
     page.wait_for_function("![...document.querySelectorAll('.progress-text, .eta-bar')]"
-                           ".some(element => element.offsetParent !== null)", timeout=JOB_TIMEOUT)
+                           ".some(element => element.offsetParent !== null && !element.closest('.hide'))",
+                           timeout=JOB_TIMEOUT)
 
 
 def timer(page, server_process):
@@ -405,7 +408,7 @@ def progress_shown(page, pattern: str) -> list[list[str]]:
     `pattern` (a JavaScript regular expression), read at that moment."""
     return page.wait_for_function("""pattern => {
         const shown = [...document.querySelectorAll('.progress-text, .progress-level-inner')]
-            .filter(element => element.offsetParent !== null)
+            .filter(element => element.offsetParent !== null && !element.closest('.hide'))  // as `settled`
             .map(element => [(element.closest('[id]') || {}).id, element.innerText]);
         return shown.some(([_, text]) => new RegExp(pattern).test(text)) ? shown : null;
     }""", arg=pattern, timeout=JOB_TIMEOUT).json_value()
