@@ -28,13 +28,14 @@ from pathlib import Path
 
 from lora_w2w.defaults import DEFAULT_BASE, DEFAULT_SPACE
 from lora_w2w.errors import W2WError, exit_code
+from lora_w2w.faces import DETECTORS
 from lora_w2w.formats import PEFT_FOLDER
 from lora_w2w.images import IMAGE_SUFFIXES
 from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS
 from lora_w2w.layout import LoraLayout, sd15_layout
 from lora_w2w.official import OFFICIAL_BASE_MODEL, released_tensor
 from lora_w2w.space import Space
-from lora_w2w.storage import MODEL_FILE, check_outputs, torch_load
+from lora_w2w.storage import FILE, MODEL_FILE, check_outputs, torch_load
 from lora_w2w.workbench import Workbench
 
 FACE = Path(__file__).resolve().parent / "images" / "face.png"  # the default image, wherever this is run from
@@ -110,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop", choices=CROPS, default="center",
                         help="center: resize and centre-crop; face: FFHQ's alignment of the largest face "
                              "(default: %(default)s)")
+    parser.add_argument("--detector", choices=DETECTORS, default="hog",
+                        help="dlib's face detector for --crop face and --mask_path auto: hog (fast, frontal faces) "
+                             "or cnn (MMOD, slower, more poses) (default: %(default)s)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="the settings --epochs, --lr, --weight_decay and --dim default to; real: photographs "
                              "of faces (the original's), ood: paintings and other out-of-distribution images "
@@ -126,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write SAVE_NAME/unet/, a PEFT/diffusers LoRA folder")
     parser.add_argument("--save_name", default="outputs/inversion1",
                         help="output folder: SAVE_NAME/w2wmodel.safetensors (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="file to save the run's state in every few steps; a run that finds it resumes from it, "
+                             "so an interrupted inversion (Ctrl-C) goes on where it stopped")
+    parser.add_argument("--checkpoint_every", type=int, default=None,
+                        help="steps between the checkpoint's saves (default: 50)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 ... (default: %(default)s)")
     args = parser.parse_args(argv)
     released = [args.mean_path, args.std_path, args.v_path]
@@ -141,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
     images = folder_images(Path(args.imfolder)) if args.imfolder else [Path(args.image or FACE)]
     space_path = None if args.mean_path else args.space or DEFAULT_SPACE
     mask = None if args.mask_path == AUTO_MASK else args.mask_path
-    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE),
+    outputs = [(out / "w2wmodel.safetensors", MODEL_FILE), (args.checkpoint, FILE),
                (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
     check_outputs(outputs, [*images, mask, args.mask_dir, space_path, args.mean_path, args.std_path, args.v_path,
                             args.dim_path])  # before any work: not inside an input's space, not over a device
@@ -151,9 +160,10 @@ def main(args: argparse.Namespace) -> None:
         bench = Workbench(args.base or DEFAULT_BASE, space_path, args.device)  # memory-mapped
     # the flags given, the others as the space records them for the preset (else the paper's)
     config = bench.inversion_config(args.preset, components=args.dim, lr=args.lr, weight_decay=args.weight_decay,
-                                    steps=args.epochs)
+                                    steps=args.epochs, checkpoint_every=args.checkpoint_every)
     model, _ = bench.invert(images, image_masks(args, images), config, mask_dir=args.mask_dir,
-                            auto_mask=args.mask_path == AUTO_MASK, crop=args.crop, seed=args.seed)
+                            auto_mask=args.mask_path == AUTO_MASK, crop=args.crop, detector=args.detector,
+                            seed=args.seed, checkpoint=args.checkpoint)
     print(f"wrote {bench.export(model, 'w2w', out / 'w2wmodel.safetensors')}")
     if args.diffusers_format:
         print(f"wrote {bench.export(model, 'peft', out / 'unet')}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .checks import COUNT, DEVICE, FINITE, NON_NEGATIVE, POSITIVE, SEED, SIZE
-from .defaults import DEFAULT_BASE, DEFAULT_SPACE
+from .defaults import DEFAULT_BASE, DEFAULT_EVALUATOR, DEFAULT_SPACE
 from .errors import W2WError, exit_code
 from .flags import OneLineParser, add_config_flags, config_from_args, named_as_flags
 
@@ -639,7 +639,7 @@ def add_invert_parser(commands) -> None:
 
 def add_score_parser(commands) -> None:
     from .faces import DETECTORS
-    from .scoring import DEFAULT_EVALUATOR, DEFAULT_SEEDS, EMBEDDERS
+    from .scoring import DEFAULT_SEEDS, EMBEDDERS
 
     score = commands.add_parser(
         "score", help="how like the person of some photographs a model draws (identity similarity)",

@@ -19,12 +19,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .defaults import DEFAULT_EVALUATOR
 from .errors import ArgumentError, NoFaceError
 from .identity import DlibIdentity, IdentityEmbedder, TinyIdentity
 
 EMBEDDERS = ("dlib", "tiny")
 DEFAULT_SEEDS = (0, 1, 2, 3)
-DEFAULT_EVALUATOR = "files/tiny/evaluator.safetensors"
 
 
 def make_embedder(name: str, detector: str = "hog", evaluator: str | os.PathLike = DEFAULT_EVALUATOR

@@ -213,11 +213,12 @@ def test_ctrl_c_in_any_phase_of_build_is_one_line_and_the_build_resumes(matrix):
 def test_ctrl_c_in_the_scripts_and_train_identities_is_one_line_and_a_rerun_ends_as_uninterrupted(toy_world, toy_space,
                                                                                                  tmp_path):
     (tmp_path / "logs").mkdir()
-    invert = ROOT / "inversion" / "invert.py"  # nothing half-written: a rerun starts again
+    invert = ROOT / "inversion" / "invert.py"  # a rerun goes on from the last checkpoint
     argv = ["--space", toy_space, "--base", toy_world / "base", "--image", FACE, "--preset", "ood", "--dim", "8",
-            "--epochs", "24", "--device", "cpu", "--save_name"]
-    seconds = run(argv + [tmp_path / "inverted-reference"], invert)
-    codes = interrupted_then_finished(argv + [tmp_path / "inverted"], seconds, 4, tmp_path / "logs", 2, invert)
+            "--epochs", "24", "--checkpoint_every", "4", "--device", "cpu", "--save_name"]
+    seconds = run(argv + [tmp_path / "inverted-reference", "--checkpoint", tmp_path / "reference.ckpt"], invert)
+    codes = interrupted_then_finished(argv + [tmp_path / "inverted", "--checkpoint", tmp_path / "inverted.ckpt"],
+                                      seconds, 4, tmp_path / "logs", 2, invert)
     assert files(tmp_path / "inverted") == files(tmp_path / "inverted-reference")
     training = ["--pretrained_model_name_or_path", toy_world / "base", "--max_train_steps", "6", "--num_class_images",
                 "4", "--class_inference_steps", "2", "--class_data_dir", toy_world / "class", "--train_batch_size", "2",
