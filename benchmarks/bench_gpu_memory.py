@@ -1,9 +1,10 @@
-"""Peak GPU memory of each job on Stable Diffusion 1.5 at 512 px, estimated on the CPU with no GPU and
-no download: the real code paths run on fake tensors (`FakeTensorMode`: shapes, dtypes and lifetimes,
-no data, no compute) over SD1.5-sized models built from their configs, while a dispatch mode adds up
-the bytes of the tensor storages alive after every op.
+"""Peak GPU memory of each job on Stable Diffusion 1.5 at 512 px, and on Stable Diffusion XL and FLUX.1-dev at
+their native 1,024 px, estimated on the CPU with no GPU and no download: the real code paths run on fake
+tensors (`FakeTensorMode`: shapes, dtypes and lifetimes, no data, no compute) over full-size models built
+from their configs, while a dispatch mode adds up the bytes of the tensor storages alive after every op.
 
     python benchmarks/bench_gpu_memory.py [--steps 25] [--images 1 4] [--identities 8 16]  # make bench-gpu-memory
+    python benchmarks/bench_gpu_memory.py --families-only --families sdxl flux            # the other families alone
 
 The jobs, in the dtypes our code picks on CUDA and with its default flags:
 - generate (float16, `workbench.job_dtype`): a w2w model fused into the UNet (`FusedLora`), the
@@ -19,6 +20,12 @@ The jobs, in the dtypes our code picks on CUDA and with its default flags:
   while the base is held, `class_image_batch_size` images at once) and caching latents (`encode_images`,
   `encode_batch_size` images at once);
 - train_identities_kK: `train_identities.train_group`'s step for K identities at once (`LoraBank`s).
+The generation runs the network as its family calls it (`bases.Family.predict`): the UNet at batch 2n for
+classifier-free guidance, FLUX's transformer at batch n (its guidance is embedded) over 4,096 image and 512
+text tokens; SDXL's VAE decodes in float32, as its pipeline upcasts it (force_upcast). SDXL (2 CLIP
+encoders, the UNet of lora_w2w/data/sdxl_unet_config.json) and FLUX.1-dev (CLIP-L, T5-XXL, the transformer
+of lora_w2w/data/flux1_dev_transformer_config.json) run the same jobs with one image and K =
+--family-identities; the script checks their published parameter counts.
 Training and inversion steps are taken twice: the second, with the optimizer's state, is the steady
 state. Every job holds the whole pipeline (text encoder, VAE, UNet) on the GPU, as the code does.
 
@@ -54,24 +61,25 @@ from functools import partial
 from importlib.resources import files
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from lora_w2w.bases import family_of
-from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, image_sizes, latent_factors
+from lora_w2w.bases import Conditioning, Flux, StableDiffusion1, StableDiffusionXL, family_of
+from lora_w2w.diffusion import StepSampler, encode_batch_size, encode_images, latent_factors
 from lora_w2w.dreambooth import (Base, DreamboothConfig, IdentityData, SharedData, add_identity_lora,
                                  class_image_batch_size, identities_loss, initial_lora_weights, load_base, lora_layout)
 from lora_w2w.inversion import PRESETS, differentiable_unet, encode_target, inversion_loss
 from lora_w2w.layout import LoraLayout
 from lora_w2w.network import FusedLora
-from lora_w2w.pipeline import generate_from_weights
 from lora_w2w.space import TRIGGER_PROMPT
-from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, build_tokenizer
+from lora_w2w.tiny.base_model import TinyPipelineConfig, build_pipeline, build_t5_tokenizer, build_tokenizer
 from lora_w2w.train_identities import identity_banks
 from lora_w2w.workbench import job_dtype
 
@@ -90,6 +98,27 @@ SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 SD15_PARAMETERS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}  # SD1.5's: checks the configs
+
+# Stable Diffusion XL base 1.0: CLIP ViT-L/14's text encoder (as SD1.5's, its penultimate layer used), OpenCLIP
+# ViT-bigG/14's with its projection, SD1.5's VAE architecture at 1,024 px; the UNet's config ships in lora_w2w/data.
+SDXL_TEXT_ENCODER_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+                           num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      steps_offset=1, timestep_spacing="leading")
+SDXL_PARAMETERS = {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                   "vae": 83_653_863}
+# FLUX.1-dev: CLIP-L (pooled), T5 v1.1 XXL's encoder (512 tokens), its 16-channel VAE, FlowMatchEuler with dynamic
+# shifting; the transformer's config ships in lora_w2w/data.
+FLUX_TEXT_ENCODER_2 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                           relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                           feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
+FLUX_VAE = dict(SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_PARAMETERS = {"transformer": 11_901_408_320, "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,
+                   "vae": 83_819_683}
 
 
 def default_of(function, parameter: str):
@@ -185,10 +214,19 @@ def built_in(dtype: torch.dtype):
 
 # ----------------------------------------------------------------------------- the models
 
+def shipped_config(name: str) -> dict:
+    return json.loads(files("lora_w2w").joinpath("data", name).read_text())
+
+
+def check_parameters(pipe, expected: dict[str, int], what: str) -> None:
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in expected}
+    assert counts == expected, f"the configs do not give {what}'s parameter counts: {counts}"
+
+
 def sd15_pipeline(dtype: torch.dtype) -> StableDiffusionPipeline:
     """Stable Diffusion 1.5 from its configs, randomly initialised, in `dtype` (a BPE tokenizer over a
     few words stands in for CLIP's: the ids do not matter, the 77 tokens do)."""
-    unet_config = json.loads(files("lora_w2w").joinpath("data/sd15_unet_config.json").read_text())
+    unet_config = shipped_config("sd15_unet_config.json")
     with built_in(dtype), tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(["sks", "person"], tmp, max_length=SD15_TEXT_ENCODER["max_position_embeddings"])
         pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE),
@@ -196,8 +234,52 @@ def sd15_pipeline(dtype: torch.dtype) -> StableDiffusionPipeline:
                                        tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(unet_config),
                                        scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in SD15_PARAMETERS}
-    assert counts == SD15_PARAMETERS, f"the configs do not give SD1.5's parameter counts: {counts}"
+    check_parameters(pipe, SD15_PARAMETERS, "SD1.5")
+    return pipe
+
+
+def sdxl_pipeline(dtype: torch.dtype, divisor: int = 1) -> StableDiffusionXLPipeline:
+    """Stable Diffusion XL base 1.0 from its configs, randomly initialised, in `dtype` (one BPE tokenizer over a
+    few words for both encoders: 77 tokens each). `divisor` > 1 divides every width (channels, the encoders'
+    widths and so the cross-attention's, norm groups) and keeps the depths: SDXL's architecture, small."""
+    unet = shipped_config("sdxl_unet_config.json")
+    unet |= {"block_out_channels": [c // divisor for c in unet["block_out_channels"]],
+             "cross_attention_dim": unet["cross_attention_dim"] // divisor,
+             "projection_class_embeddings_input_dim": 6 * unet["addition_time_embed_dim"]  # 6 time ids + pooled
+             + SDXL_TEXT_ENCODER_2["projection_dim"] // divisor, "norm_num_groups": 32 // divisor}
+    encoders = [{**config, **{key: config[key] // divisor for key in ("hidden_size", "intermediate_size",
+                                                                      "projection_dim")}}
+                for config in (SD15_TEXT_ENCODER, SDXL_TEXT_ENCODER_2)]
+    vae = dict(SDXL_VAE, block_out_channels=tuple(c // divisor for c in SDXL_VAE["block_out_channels"]),
+               norm_num_groups=32 // divisor)
+    with unset_fake_temporarily():  # the scheduler's tables are real tensors (its constructor reads values)
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    with built_in(dtype), tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(["sks", "person"], tmp, max_length=SD15_TEXT_ENCODER["max_position_embeddings"])
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**vae), text_encoder=CLIPTextModel(CLIPTextConfig(**encoders[0])),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**encoders[1])), tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=UNet2DConditionModel.from_config(unet), scheduler=scheduler)
+    if divisor == 1:
+        check_parameters(pipe, SDXL_PARAMETERS, "SDXL")
+    return pipe
+
+
+def flux_pipeline(dtype: torch.dtype) -> FluxPipeline:
+    """FLUX.1-dev from its configs, randomly initialised, in `dtype` (tokenizers over a few words: CLIP's 77 tokens,
+    T5's 512; T5's embedding tied as from_pretrained ties it)."""
+    with unset_fake_temporarily():  # the scheduler's tables are real tensors (its constructor reads values)
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    with built_in(dtype), tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(["sks", "person"], tmp, max_length=SD15_TEXT_ENCODER["max_position_embeddings"])
+        text_encoder_2 = T5EncoderModel(T5Config(**FLUX_TEXT_ENCODER_2))
+        text_encoder_2.tie_weights()
+        pipe = FluxPipeline(
+            vae=AutoencoderKL(**FLUX_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)),
+            text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=build_t5_tokenizer(["sks", "person"]),
+            transformer=FluxTransformer2DModel.from_config(shipped_config("flux1_dev_transformer_config.json")),
+            scheduler=scheduler)
+    check_parameters(pipe, FLUX_PARAMETERS, "FLUX.1-dev")
     return pipe
 
 
@@ -217,34 +299,48 @@ def resident(tracker: LiveTensorBytes, peaks: dict[str, int]) -> None:
 @torch.no_grad()
 def denoise_and_decode(pipe, prompts: list[str], steps: int, tracker: LiveTensorBytes, peaks: dict[str, int],
                        prefix: str = "") -> None:
-    """What StableDiffusionPipeline.__call__ does for `prompts` with classifier-free guidance: encode the
-    prompts and the empty negative prompts, `steps` denoising steps, decode the latents."""
-    n, device, dtype = len(prompts), pipe.unet.device, pipe.unet.dtype
-    _, latent_size = image_sizes(pipe)
-    guidance_scale = default_of(generate_from_weights, "guidance_scale")
+    """What the pipeline's call does for n copies of a prompt: encode it and, for classifier-free guidance (the
+    UNet families), the empty negative prompt; `steps` denoising steps of the network as its family calls it
+    (`Family.predict`: the UNet at batch 2n, FLUX's transformer at batch n, its guidance embedded), each ending in
+    a latent-sized update as a scheduler's step; decode the latents (SDXL's VAE upcast to float32, as its
+    pipeline does for force_upcast)."""
+    family = family_of(pipe)
+    network = family.network(pipe)
+    n, device, dtype = len(prompts), network.device, network.dtype
+    resolution, latent_size = family.image_sizes(pipe)
+    guided = not isinstance(family, Flux)
     with tracker.phase(prefix + "text", peaks):
-        positive, negative = pipe.encode_prompt(prompts, device, 1, True)  # (n, L, D) each
-        text = torch.cat([negative, positive])                              # (2n, L, D)
+        parts = [family.encode_prompt(pipe, prompt, resolution) for prompt in [""] * guided + prompts[:1]]
+        conditioning = Conditioning.cat([part.repeat(n) for part in parts]).to(device, dtype)  # (2n or n, ...)
     with tracker.phase(prefix + "denoise", peaks):
-        latents = torch.randn(n, pipe.unet.config.in_channels, latent_size, latent_size, dtype=dtype)  # (n, C, h, w)
-        with unset_fake_temporarily():  # the schedule's values are needed: a real tensor
-            pipe.scheduler.set_timesteps(steps)
-        for t in pipe.scheduler.timesteps.tolist():
-            both = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)              # (2n, C, h, w)
-            uncond, cond = pipe.unet(both, t, encoder_hidden_states=text).sample.chunk(2)  # (n, C, h, w) each
-            latents = pipe.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents).prev_sample
+        latents = torch.randn(n, pipe.vae.config.latent_channels, latent_size, latent_size, dtype=dtype)  # (n, C, h, w)
+        for t in (999 * (1 - i / steps) for i in range(steps)):  # the values do not matter, the calls do
+            both = torch.cat([latents] * 2) if guided else latents                       # (2n or n, C, h, w)
+            prediction = family.predict(network, both, torch.full((len(both),), t, dtype=dtype), conditioning)
+            if guided:
+                uncond, cond = prediction.chunk(2)                                       # (n, C, h, w) each
+                prediction = uncond + family.guidance * (cond - uncond)
+            latents = latents - prediction / steps                                       # (n, C, h, w)
     with tracker.phase(prefix + "decode", peaks):
-        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)  # images (n, 3, R, R)
+        scaling, shift = latent_factors(pipe.vae)
+        upcast = (isinstance(family, StableDiffusionXL) and pipe.vae.dtype == torch.float16
+                  and pipe.vae.config.force_upcast)
+        if upcast:
+            pipe.vae.to(torch.float32)
+        pipe.vae.decode((latents / scaling + (shift or 0)).to(pipe.vae.dtype))  # images (n, 3, R, R)
+        if upcast:
+            pipe.vae.to(torch.float16)
 
 
-def generate_job(build, tracker: LiveTensorBytes, steps: int, images: int) -> dict[str, int]:
-    """`pipeline.generate` of `images` images (one per seed) with a w2w model fused into the UNet."""
+def generate_job(build, tracker: LiveTensorBytes, steps: int, images: int, family=StableDiffusion1) -> dict[str, int]:
+    """`pipeline.generate` of `images` images (one per seed) with a w2w model fused into the network."""
     peaks: dict[str, int] = {}
-    pipe = build(job_dtype("generate", CUDA))
-    layout = LoraLayout.from_unet(pipe.unet)
+    pipe = build(job_dtype("generate", CUDA, family))
+    network = family_of(pipe).network(pipe)
+    layout = LoraLayout.from_unet(network)
     resident(tracker, peaks)
     with tracker.phase("fuse", peaks), unset_fake_temporarily():  # FusedLora checks the weights' values
-        fused = FusedLora(pipe.unet, layout, 0.01 * torch.randn(layout.numel))  # keeps the original weights
+        fused = FusedLora(network, layout, 0.01 * torch.randn(layout.numel))  # keeps the original weights
     denoise_and_decode(pipe, ["sks person"] * images, steps, tracker, peaks)
     fused.remove()
     return peaks
@@ -255,20 +351,23 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
     peaks: dict[str, int] = {}
     config = PRESETS["real"]
     pipe = build(job_dtype("invert", CUDA))
-    layout = LoraLayout.from_unet(pipe.unet)
+    family = family_of(pipe)
+    network = family.network(pipe)
+    layout = LoraLayout.from_unet(network)
     basis = (torch.zeros(layout.numel), torch.ones(layout.numel), torch.randn(k, layout.numel))  # (N,) (N,) (K, N)
-    resolution, _ = image_sizes(pipe)
+    resolution, _ = family.image_sizes(pipe)
     image = torch.rand(1, 3, resolution, resolution) * 2 - 1  # (1, 3, R, R)
     resident(tracker, peaks)
     with tracker.phase("encode", peaks):
         target = encode_target(pipe, image, None, TRIGGER_PROMPT)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with unset_fake_temporarily():  # the schedule's tables are real tensors (FLUX's constructor reads values)
+        scheduler = family.training_scheduler(pipe)
     sampler = StepSampler(0, num_instance=1, num_class=0, batch_size=1,
                           latent_shape=tuple(target.latent_mean.shape[1:]),
                           num_train_timesteps=scheduler.config.num_train_timesteps)
     coefficients = torch.zeros(k, requires_grad=True)  # (K,)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr, weight_decay=config.weight_decay)
-    with differentiable_unet(pipe.unet, layout) as lora_unet:
+    with differentiable_unet(network, layout) as lora_unet:
         for _ in range(2):
             with tracker.phase("step", peaks):  # invert()'s loop body
                 loss = inversion_loss(lora_unet, basis, coefficients, target, scheduler, sampler.next())
@@ -280,10 +379,12 @@ def invert_job(build, tracker: LiveTensorBytes, k: int) -> dict[str, int]:
 
 def frozen_base(pipe) -> Base:
     """`load_base` of a pipeline built here: frozen, with its family and training scheduler."""
-    for module in (pipe.text_encoder, pipe.vae, pipe.unet):
-        module.requires_grad_(False).eval()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
     family = family_of(pipe)
-    return Base(pipe, family, family.training_scheduler(pipe))
+    with unset_fake_temporarily():  # the schedule's tables are real tensors (FLUX's constructor reads values)
+        return Base(pipe, family, family.training_scheduler(pipe))
 
 
 def training_base(build) -> Base:
@@ -295,7 +396,7 @@ def training_inputs(base: Base, identities: int) -> tuple[list[IdentityData], Sh
     """What `prepare_shared` and `prepare_identity` cache on the GPU (the values do not matter): the
     class and instance latent distributions (I, C, h, w), the two prompts' conditioning (1, L, D)."""
     resolution, latent_size = base.family.image_sizes(base.pipe)
-    latent = (base.network.config.in_channels, latent_size, latent_size)
+    latent = (base.vae.config.latent_channels, latent_size, latent_size)
     classes, instances = DREAMBOOTH.num_class_images, NUM_INSTANCE_IMAGES
     conditionings = [base.family.encode_prompt(base.pipe, prompt, resolution)
                      for prompt in (DREAMBOOTH.instance_prompt, DREAMBOOTH.class_prompt)]
@@ -310,7 +411,7 @@ def training_inputs(base: Base, identities: int) -> tuple[list[IdentityData], Sh
     return data, shared
 
 
-def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
+def train_job(build, tracker: LiveTensorBytes, family=StableDiffusion1) -> dict[str, int]:
     """`train_dreambooth.py` (`dreambooth.train_one`) with the default flags: the preparation of a first
     run (class images missing), then two training steps."""
     peaks: dict[str, int] = {}
@@ -320,7 +421,7 @@ def train_job(build, tracker: LiveTensorBytes) -> dict[str, int]:
     resolution = base.resolution
     resident(tracker, peaks)
     with tracker.phase("class_images_load", peaks):  # ensure_class_images: a second pipeline
-        generator = build(job_dtype("generate", CUDA))  # load_base_pipeline's dtype
+        generator = build(job_dtype("generate", CUDA, family))  # load_base_pipeline's dtype
     denoise_and_decode(generator, [args.class_prompt] * class_image_batch_size(resolution), args.class_inference_steps, tracker,
                        peaks, prefix="class_images_")
     del generator
@@ -372,13 +473,16 @@ def allocator_peak(prof: profile) -> int:
     return peak
 
 
-def run_jobs(build, fake: bool, args: argparse.Namespace, components: int) -> tuple[dict, dict, set[str]]:
-    """Every job, each in its own tracker: {job: {phase: peak bytes}}; with real tensors {job: the CPU
-    allocator's peak bytes} (from the profiler: kernels' scratch buffers included); the ops that ran."""
-    jobs = {**{"generate" if n == 1 else f"generate_{n}_images": partial(generate_job, steps=args.steps, images=n)
-               for n in args.images},
-            "invert": partial(invert_job, k=components), "train": train_job,
-            **{f"train_identities_k{k}": partial(train_identities_job, identities=k) for k in args.identities}}
+def run_jobs(build, fake: bool, args: argparse.Namespace, components: int, family=StableDiffusion1,
+             images: list[int] | None = None, identities: list[int] | None = None) -> tuple[dict, dict, set[str]]:
+    """Every job on the pipelines `build` makes (of `family`), each in its own tracker: {job: {phase: peak
+    bytes}}; with real tensors {job: the CPU allocator's peak bytes} (from the profiler: kernels' scratch
+    buffers included); the ops that ran. `images` and `identities` default to the flags'."""
+    jobs = {**{"generate" if n == 1 else f"generate_{n}_images":
+               partial(generate_job, steps=args.steps, images=n, family=family) for n in images or args.images},
+            "invert": partial(invert_job, k=components), "train": partial(train_job, family=family),
+            **{f"train_identities_k{k}": partial(train_identities_job, identities=k)
+               for k in identities or args.identities}}
     peaks, allocator, ops = {}, {}, set()
     for name, job in jobs.items():
         start = time.perf_counter()
@@ -397,6 +501,9 @@ def gib(nbytes: int) -> float:
     return round(nbytes / GIB, 3)
 
 
+FAMILY_BUILDS = {"sdxl": (sdxl_pipeline, StableDiffusionXL), "flux": (flux_pipeline, Flux)}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=25,
@@ -406,13 +513,52 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--identities", type=int, nargs="+", default=[8, 16],
                         help="K, identities trained together by train_identities; 16 is its default "
                              "--identities_per_batch (default: %(default)s)")
+    parser.add_argument("--families", nargs="*", choices=tuple(FAMILY_BUILDS), default=list(FAMILY_BUILDS),
+                        help="the other families to estimate at their native size, after SD1.5 (default: all)")
+    parser.add_argument("--families-only", action="store_true",
+                        help="only those families: no validation, no SD1.5 (the last line is then "
+                             '{"benchmark": "gpu_memory_families", "families": ...})')
+    parser.add_argument("--family-identities", type=int, nargs="+", default=[2],
+                        help="K of train_identities for those families (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     return parser.parse_args()
+
+
+def job_figures(peaks: dict[str, dict[str, int]]) -> dict:
+    """The JSON figures of a family's jobs: each job's peak (a training job's: its step's), and every phase."""
+    return {**{f"{job}_gib": gib(phases["step"] if job.startswith("train") else max(phases.values()))
+               for job, phases in peaks.items()},
+            "phases_gib": {job: {phase: gib(v) for phase, v in phases.items()} for job, phases in peaks.items()}}
+
+
+def print_phases(title: str, peaks: dict[str, dict[str, int]]) -> None:
+    print(f"{title + ': job, phase':40s} {'GiB':>7s}")
+    for job, phases in peaks.items():
+        for phase, nbytes in phases.items():
+            print(f"{job + ', ' + phase:40s} {nbytes / GIB:7.2f}")
+
+
+def other_families(args: argparse.Namespace) -> dict:
+    """SDXL and FLUX.1-dev at 1,024 px on fake tensors: {family: its figures (`job_figures`) and dtypes}."""
+    results = {}
+    for name in args.families:
+        build, family = FAMILY_BUILDS[name]
+        print(f"{name}, 1,024 px, fake tensors", flush=True)
+        peaks, _, _ = run_jobs(build, True, args, PRESETS["real"].components, family, [1], args.family_identities)
+        print_phases(name, peaks)
+        results[name] = {**job_figures(peaks),
+                         "dtypes": {"generate": str(job_dtype("generate", CUDA, family)),
+                                    "invert": str(job_dtype("invert", CUDA)), "train": str(TRAINING_DTYPE)}}
+    return results
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.families_only:
+        print(json.dumps({"benchmark": "gpu_memory_families", "steps": args.steps,
+                          "components": PRESETS["real"].components, "families": other_families(args)}))
+        return
 
     print("validation: the tiny world's pipeline, real tensors then fake ones", flush=True)
     small = PRESETS["ood"].components  # K = 1,000: the tiny layout's N is a few thousand
@@ -433,10 +579,8 @@ def main() -> None:
     sd15, _, ops = run_jobs(sd15_pipeline, True, args, PRESETS["real"].components)
     assert "_scaled_dot_product_flash_attention_for_cpu" in ops and "_softmax" not in ops, (
         "attention did not run through the flash kernel: the estimate would count L x L attention matrices")
-    print(f"{'SD1.5: job, phase':40s} {'GiB':>7s}")
-    for job, peaks in sd15.items():
-        for phase, nbytes in peaks.items():
-            print(f"{job + ', ' + phase:40s} {nbytes / GIB:7.2f}")
+    print_phases("SD1.5", sd15)
+    families = other_families(args)
 
     train = sd15["train"]
     print(json.dumps({
@@ -453,6 +597,7 @@ def main() -> None:
         "dtypes": {"generate": str(job_dtype("generate", CUDA)), "invert": str(job_dtype("invert", CUDA)),
                    "train": str(TRAINING_DTYPE)},
         "steps": args.steps, "components": PRESETS["real"].components,
+        "families": families,
     }))
 
 

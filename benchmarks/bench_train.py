@@ -4,6 +4,7 @@ tiny world's recipe, `LORA_RECIPE`), on the tiny world, measured in the same run
 
     python benchmarks/bench_train.py [--identities 32] [--solo-identities 8] [--steps S] [--threads N]
     python benchmarks/bench_train.py --sd15 --identities 8 --steps 5       # SD1.5 on a GPU
+    python benchmarks/bench_train.py --sdxl --identities 4 --steps 2       # SDXL's architecture, small, on a CPU
 
 Each run is a process, as a user runs it: interpreter start and imports, loading the base, caching
 latents and embeddings, training, writing the adapters (plain `python`, not `accelerate launch`,
@@ -18,7 +19,11 @@ much faster than a solo step any step can be (`step_ratio_ceiling`). The last li
 
 `--sd15` times only the step, on a randomly initialised SD1.5 at 512 px (no download), on CUDA when
 present with bf16 autocast (`--mixed_precision bf16`): identity-steps/s solo and at K, their TFLOP/s
-and the fraction of the chip's dense bf16 peak.
+and the fraction of the chip's dense bf16 peak. `--sdxl` does the same on Stable Diffusion XL's
+architecture at a size a CPU trains (lora_w2w/data/sdxl_unet_config.json's blocks and depths: 70
+transformer blocks, 280 LoRA layers, the text-time embedding and two text encoders, every width divided by
+--width-divisor, 4; 256 px): its `step_ratio` (solo seconds per identity-step over K's) is the batched
+trainer's gain on SDXL's layer structure, measured against solo in the same run.
 """
 from __future__ import annotations
 
@@ -126,17 +131,19 @@ def synchronize() -> None:
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
 
 
-def main_sd15(args: argparse.Namespace) -> None:
-    """Steps/s of the training step on a randomly initialised SD1.5 (CUDA when present, bf16 autocast
-    there, as --mixed_precision bf16), solo and K identities at once, and the fraction of the chip's
+def main_architecture(args: argparse.Namespace) -> None:
+    """Steps/s of the training step on a randomly initialised SD1.5 or (small) SDXL (CUDA when present, bf16
+    autocast there, as --mixed_precision bf16), solo and K identities at once, and the fraction of the chip's
     bf16 peak they reach."""
-    from bench_gpu_memory import DREAMBOOTH, frozen_base, sd15_pipeline, training_inputs
+    from bench_gpu_memory import DREAMBOOTH, frozen_base, sd15_pipeline, sdxl_pipeline, training_inputs
 
     from lora_w2w.layout import LoraLayout
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    pipe = sd15_pipeline(torch.float32)  # float32 weights, as load_base loads them
+    # float32 weights, as load_base loads them
+    pipe = sdxl_pipeline(torch.float32, args.width_divisor) if args.sdxl else sd15_pipeline(torch.float32)
+    architecture = f"SDXL (widths / {args.width_divisor})" if args.sdxl else "SD1.5"
     pipe.unet.register_to_config(sample_size=args.resolution // 8)  # the latents training_inputs makes
     identities, shared = training_inputs(frozen_base(pipe), args.identities)  # random cached latents, embeddings
     pipe.unet.to(device)
@@ -156,17 +163,19 @@ def main_sd15(args: argparse.Namespace) -> None:
     def rate(seconds: float) -> float:  # TFLOP/s of a step taking `seconds` per identity (2 samples each)
         return 2 * flops / seconds / 1e12
 
-    print(f"SD1.5 UNet at {args.resolution} px on {name}: {flops / 1e12:.2f} TFLOP per sample (forward and backward)")
+    print(f"{architecture} UNet at {args.resolution} px on {name}: {flops / 1e12:.3f} TFLOP per sample (forward and "
+          f"backward), {len(layout)} LoRA layers")
     for label, seconds in (("solo", solo), (f"K={args.identities}", multi)):
         print(f"  {label}: {1 / seconds:.2f} identity-steps/s, {rate(seconds):.2f} TFLOP/s"
               + (f" = {rate(seconds) / peak:.1%} of the bf16 peak ({peak:g})" if peak else ""))
-    print(json.dumps({"benchmark": "train_sd15", "step_ratio": round(solo / multi, 2),
+    print(json.dumps({"benchmark": "train_sdxl" if args.sdxl else "train_sd15", "step_ratio": round(solo / multi, 2),
                       "identity_steps_per_s": round(1 / multi, 3), "solo_steps_per_s": round(1 / solo, 3),
                       "tflops_per_sample": round(flops / 1e12, 3), "tflops_per_s": round(rate(multi), 2),
                       "peak_fraction": round(rate(multi) / peak, 3) if peak else None,
                       "solo_peak_fraction": round(rate(solo) / peak, 3) if peak else None,
                       "identities": args.identities, "resolution": args.resolution, "steps": args.steps,
-                      "device": name, "autocast": "bf16" if cuda else "no"}))
+                      "device": name, "autocast": "bf16" if cuda else "no",
+                      **({"width_divisor": args.width_divisor} if args.sdxl else {})}))
 
 
 def matmul_flops_per_second(n: int = 1024, repeats: int = 20) -> float:
@@ -195,15 +204,27 @@ def main() -> None:
                         help="instead: the training step on a randomly initialised SD1.5 (CUDA when present), "
                              "solo and --identities at once (use e.g. --identities 8 --steps 5): steps/s and the "
                              "fraction of the chip's bf16 peak")
-    parser.add_argument("--resolution", type=int, default=512, help="with --sd15: image size (default: %(default)s)")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="instead: the same on SDXL's architecture, every width divided by --width-divisor (use "
+                             "e.g. --identities 4 --steps 2 on a CPU)")
+    parser.add_argument("--width-divisor", type=int, default=4,
+                        help="with --sdxl: what SDXL's widths are divided by (1: full size) (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="with --sd15 or --sdxl: image size (default: 512 for SD1.5, 256 for SDXL)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="with --sd15: the chip's dense bf16 peak in TFLOP/s (default: known for H100, H200, A100)")
+                        help="with --sd15 or --sdxl: the chip's dense bf16 peak in TFLOP/s (default: known for H100, "
+                             "H200, A100)")
     args = parser.parse_args()
-    if min(args.identities, args.solo_identities, args.steps, args.class_images) < 1:
-        parser.error("--identities, --solo-identities, --steps and --class-images must be at least 1")
+    if min(args.identities, args.solo_identities, args.steps, args.class_images, args.width_divisor) < 1:
+        parser.error("--identities, --solo-identities, --steps, --class-images and --width-divisor must be at least 1")
+    if args.sd15 and args.sdxl:
+        parser.error("--sd15 and --sdxl: one or the other")
+    if 32 % args.width_divisor:
+        parser.error(f"--width-divisor {args.width_divisor}: expected a divisor of 32 (SDXL's norm groups)")
     torch.set_num_threads(args.threads)
-    if args.sd15:
-        return main_sd15(args)
+    if args.sd15 or args.sdxl:
+        args.resolution = args.resolution or (256 if args.sdxl else 512)
+        return main_architecture(args)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = base_model(work)

@@ -126,7 +126,9 @@ class AppConfig:
     seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata={"help": "seeds of the images every action shows",
                                                                     "type": SEED})
     steps: int = field(default=20, metadata={"help": "denoising steps of those images", "type": COUNT})
-    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale", "type": FINITE})
+    guidance: float | None = field(default=None, metadata={
+        "help": "guidance scale (default: the base's: 7.5 for Stable Diffusion, 3.5 for FLUX.1, its embedded "
+                "guidance)", "type": FINITE})
     max_steps: int = field(default=200, metadata={"help": "most denoising steps a request may ask for",
                                                   "type": COUNT})
     max_seeds: int = field(default=16, metadata={"help": "most images (seeds) a request may ask for", "type": COUNT})
@@ -646,7 +648,8 @@ def generate_section(actions: Actions) -> dict:
         with gr.Row():
             seeds = gr.Textbox(" ".join(map(str, config.seeds)), label="Seeds", elem_id="generate-seeds")
             steps = gr.Slider(1, config.max_steps, value=config.steps, step=1, label="Steps")
-            guidance = gr.Slider(1, 15, value=config.guidance, step=0.5, label="Guidance")
+            default = actions.bench.family().guidance if config.guidance is None else config.guidance
+            guidance = gr.Slider(1, 15, value=default, step=0.5, label="Guidance")
         generate_button = gr.Button("Generate", variant="primary", interactive=False, elem_id="generate-button")
         generated = gr.Gallery(label="Generated", columns=4, format="png", elem_id="generated")
     return dict(prompt=prompt, negative=negative, seeds=seeds, steps=steps, guidance=guidance,

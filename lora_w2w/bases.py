@@ -10,16 +10,19 @@ before any weights load. A family says
   paper; the --lora-target-modules flag changes them);
 - the training and inversion target (`training_scheduler`, `noisy_latents`: the noise or the velocity,
   from the scheduler's `prediction_type`) and how the network is called on noisy latents (`predict`);
-- the generation call (`generate`) and how latents are encoded (`diffusion.latent_factors`: the VAE's
-  scaling and shift factors, from its config);
+- the generation call (`generate`: its default guidance, its dtype on CUDA, its timesteps, the memory its
+  network's activations take) and how latents are encoded (`diffusion.latent_factors`: the VAE's scaling
+  and shift factors, from its config);
 - the names its LoRA files give the layers (`lora_naming`).
 
-| family | pipeline                  | its UNet                          | conditioning                           |
-| ------ | ------------------------- | --------------------------------- | -------------------------------------- |
-| sd1    | StableDiffusionPipeline   | 1x1-convolution projections       | CLIP's hidden states                   |
-| sd2    | StableDiffusionPipeline   | Linear projections                | OpenCLIP's hidden states               |
-| sdxl   | StableDiffusionXLPipeline | added text-time embedding         | two CLIPs' hidden states, the second's |
-|        |                           |                                   | pooled embedding, the add_time_ids     |
+| family | pipeline                  | its network                         | conditioning                           |
+| ------ | ------------------------- | ----------------------------------- | -------------------------------------- |
+| sd1    | StableDiffusionPipeline   | UNet, 1x1-convolution projections   | CLIP's hidden states                   |
+| sd2    | StableDiffusionPipeline   | UNet, Linear projections            | OpenCLIP's hidden states               |
+| sdxl   | StableDiffusionXLPipeline | UNet, added text-time embedding     | two CLIPs' hidden states, the second's |
+|        |                           |                                     | pooled embedding, the add_time_ids     |
+| flux   | FluxPipeline              | flow-matching transformer over 2x2  | T5's hidden states, CLIP's pooled      |
+|        |                           | patches of the latents              | embedding, the guidance, text ids      |
 
 Everything else (layout, space, PCA, sampling, editing, file formats beyond key names) is family-blind.
 
@@ -45,8 +48,8 @@ import torch
 from torch import nn
 
 from .diffusion import StepBatch, encode_prompt, image_sizes, noisy_latents
-from .errors import FamilyError, LayoutError
-from .formats import SD_NAMING, LoraNaming
+from .errors import FamilyError, LayoutError, W2WError
+from .formats import KOHYA_TRANSFORMER_PREFIX, SD_NAMING, LoraNaming
 from .layout import LoraLayout
 
 
@@ -85,6 +88,8 @@ class Family(abc.ABC):
     told_apart: ClassVar[str] = ""   # what tells it from other families of the same pipeline class
     network_name: ClassVar[str]      # the pipeline attribute of the network that carries the LoRA
     loading_arguments: ClassVar[dict] = {}  # extra from_pretrained arguments
+    guidance: ClassVar[float] = 7.5  # the generation's guidance scale when none is given
+    cuda_dtype: ClassVar[torch.dtype] = torch.float16  # generation's on CUDA (`pipeline.resolve_dtype`)
 
     def __init__(self, network_config: Mapping, scheduler_config: Mapping):
         self.network_config = network_config
@@ -174,6 +179,16 @@ class Family(abc.ABC):
         """PIL images of `prompts` (one each) by the pipeline's own call; `settings`: num_inference_steps,
         guidance_scale, height, width, generator, callback_on_step_end."""
 
+    def first_timestep(self, pipe, num_inference_steps: int, height: int, width: int) -> int:
+        """The first timestep of a generation of `num_inference_steps` steps at height x width pixels."""
+        pipe.scheduler.set_timesteps(num_inference_steps)
+        return int(pipe.scheduler.timesteps[0])
+
+    @abc.abstractmethod
+    def activation_bytes(self, pipe, images: int, height: int, width: int) -> int:
+        """About the peak bytes of the network's activations while generating `images` images of height x
+        width pixels at once (`pipeline.generation_bytes`)."""
+
 
 # ----------------------------------------------------------------------------- Stable Diffusion 1, 2 and XL
 
@@ -217,6 +232,14 @@ class StableDiffusion1(Family):
     def generate(self, pipe, prompts, negative_prompt="", **settings):
         negative = [negative_prompt] * len(prompts) if negative_prompt else None
         return pipe(prompts, negative_prompt=negative, **settings).images
+
+    def activation_bytes(self, pipe, images, height, width):
+        """The UNet's activations at latent resolution: its skip connections, for both halves of
+        classifier-free guidance."""
+        network = self.network(pipe)
+        itemsize = torch.finfo(network.dtype).bits // 8
+        channels = network.config.block_out_channels
+        return 2 * 2 * len(channels) * channels[0] * height * width // pipe.vae_scale_factor**2 * itemsize * images
 
 
 class StableDiffusion2(StableDiffusion1):
@@ -270,7 +293,132 @@ class StableDiffusionXL(StableDiffusion1):
                        added_cond_kwargs=added).sample  # (n, C, h, w)
 
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion1, StableDiffusion2, StableDiffusionXL)
+# ----------------------------------------------------------------------------- FLUX.1
+
+class Flux(Family):
+    """FLUX.1 (Black Forest Labs): a flow-matching transformer (`pipe.transformer`: 19 double-stream and 38
+    single-stream blocks in FLUX.1-dev) over 2 x 2 patches of the VAE's latents, conditioned on T5's hidden
+    states, CLIP's pooled embedding and, in the guidance-distilled FLUX.1-dev, an embedded guidance scale.
+    Training draws sigma uniformly among the scheduler's training sigmas, x_t = (1 - sigma) x_0 + sigma eps,
+    and the network predicts the velocity eps - x_0 (diffusers' examples/dreambooth/
+    train_dreambooth_lora_flux.py with its default weighting_scheme "none")."""
+
+    name = "flux"
+    pipeline = "FluxPipeline"
+    network_name = "transformer"
+    guidance = 3.5  # FluxPipeline's default guidance_scale (the embedded guidance of FLUX.1-dev)
+    cuda_dtype = torch.bfloat16  # FLUX.1's weights are bfloat16; its activations overflow float16
+    # train_dreambooth_lora_flux.py's --guidance_scale default, "the FLUX.1 dev variant is a guidance distilled
+    # model": the guidance the transformer is conditioned on while training and inverting
+    training_guidance = 3.5
+    text_tokens = 512  # FluxPipeline's max_sequence_length default: T5's tokens, in training and generation alike
+    kohya_version = "flux1"  # kohya sd-scripts' library/flux_utils.py MODEL_VERSION_FLUX_V1
+
+    def lora_naming(self) -> LoraNaming:
+        # ComfyUI's comfy/lora.py model_lora_keys_unet reads Flux LoRAs under diffusers' module names:
+        # `key_map["lora_transformer_{}".format(k[:-len(".weight")].replace(".", "_"))] = to #onetrainer`, k the
+        # keys of comfy.utils.flux_to_diffusers ("transformer_blocks.{}.attn.to_q.weight", ...); diffusers'
+        # FluxLoraLoaderMixin reads the same prefix (lora_conversion_utils, _convert_mixture_state_dict_to_diffusers)
+        return LoraNaming(network="transformer", kohya_prefix=KOHYA_TRANSFORMER_PREFIX,
+                          kohya_metadata={"ss_base_model_version": self.kohya_version})
+
+    def image_sizes(self, pipe) -> tuple[int, int]:
+        """(R, h): R the VAE's sample_size (1,024 for FLUX.1, what FluxPipeline draws by default: its
+        default_sample_size 128 times the VAE's scale 8), h = R over the VAE's scale."""
+        vae = pipe.vae.config
+        resolution = int(vae.sample_size)
+        return resolution, resolution // 2 ** (len(vae.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompt(self, pipe, prompt: str, resolution: int) -> Conditioning:
+        """The pipeline's own encode_prompt (T5's hidden states (1, L, D), CLIP's pooled embedding (1, P), the
+        text ids (L, 3)) and, for a guidance-distilled transformer, the training guidance (1,)."""
+        patch = 2 * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        if resolution % patch:
+            raise W2WError(f"resolution {resolution}: FLUX packs 2 x 2 patches of latents, so images must be a "
+                           f"multiple of {patch} pixels a side")
+        text, pooled, text_ids = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=self.text_tokens)
+        batched = {"encoder_hidden_states": text.float(), "pooled_projections": pooled.float()}
+        if self.network_config.get("guidance_embeds"):
+            batched["guidance"] = torch.full((1,), self.training_guidance, device=text.device)
+        return Conditioning(batched, {"txt_ids": text_ids.float()})
+
+    def training_scheduler(self, pipe):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def noisy_latents(self, mean, std, batch, factors, scheduler):
+        """The draws' timestep indices pick sigma and t among the scheduler's training ones (uniformly, as
+        train_dreambooth_lora_flux.py's `indices = (u * num_train_timesteps).long()`)."""
+        scaling_factor, shift_factor = factors
+        latent_noise, noise, indices = (t.to(mean.device) for t in (batch.latent_noise, batch.noise, batch.timesteps))
+        latents = mean + std * latent_noise                                  # (n, C, h, w)
+        if shift_factor is not None:
+            latents = latents - shift_factor
+        latents = latents * scaling_factor                                   # (n, C, h, w)
+        sigmas = scheduler.sigmas.to(mean.device)[indices].view(-1, 1, 1, 1)  # (n, 1, 1, 1)
+        noisy = (1 - sigmas) * latents + sigmas * noise                      # (n, C, h, w)
+        return noisy, scheduler.timesteps.to(mean.device)[indices], noise - latents
+
+    def predict(self, network, noisy, timesteps, conditioning):
+        """The transformer on the latents packed into (n, h w / 4, 4 C) tokens with their image ids, at
+        timestep t / 1000, as FluxPipeline calls it; its output unpacked to (n, C, h, w)."""
+        from diffusers import FluxPipeline
+
+        n, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, n, channels, height, width)  # (n, h w / 4, 4 C)
+        image_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, noisy.device,
+                                                           noisy.dtype)  # (h w / 4, 3)
+        batched = conditioning.batched
+        output = network(hidden_states=packed, timestep=timesteps.to(noisy.dtype) / 1000,
+                         guidance=batched.get("guidance"), pooled_projections=batched["pooled_projections"],
+                         encoder_hidden_states=batched["encoder_hidden_states"], txt_ids=conditioning.shared["txt_ids"],
+                         img_ids=image_ids).sample                                          # (n, h w / 4, 4 C)
+        return FluxPipeline._unpack_latents(output, height, width, 1)                       # (n, C, h, w)
+
+    def generate(self, pipe, prompts, negative_prompt="", **settings):
+        """FluxPipeline's call at R x R by default; `guidance_scale` is FLUX.1-dev's embedded guidance, and a
+        negative prompt turns on the pipeline's true classifier-free guidance at the same scale."""
+        resolution, _ = self.image_sizes(pipe)
+        settings["height"] = settings.get("height") or resolution
+        settings["width"] = settings.get("width") or resolution
+        guidance = settings.pop("guidance_scale", None)
+        guidance = self.guidance if guidance is None else guidance
+        negative = (dict(negative_prompt=[negative_prompt] * len(prompts), true_cfg_scale=guidance)
+                    if negative_prompt else {})
+        return pipe(prompts, guidance_scale=guidance, max_sequence_length=self.text_tokens, **negative,
+                    **settings).images
+
+    def first_timestep(self, pipe, num_inference_steps, height, width):
+        """FluxPipeline's schedule: sigmas from 1 to 1 / steps, shifted by mu for the image's tokens."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = pipe.scheduler.config
+        patch = 2 * pipe.vae_scale_factor
+        mu = calculate_shift((height // patch) * (width // patch), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        if config.get("use_flow_sigmas"):
+            pipe.scheduler.set_timesteps(num_inference_steps, mu=mu)
+        else:
+            pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
+        return int(pipe.scheduler.timesteps[0])
+
+    def activation_bytes(self, pipe, images, height, width):
+        """The transformer's activations: about 12 tokens x width tensors alive in a block (q, k, v, the
+        attention's output, the 4x-wide MLP, the norms' outputs), over the text's and the image's tokens;
+        true guidance runs its two calls one after the other."""
+        network = self.network(pipe)
+        itemsize = torch.finfo(network.dtype).bits // 8
+        patch = 2 * pipe.vae_scale_factor
+        tokens = (height // patch) * (width // patch) + self.text_tokens
+        hidden = network.config.num_attention_heads * network.config.attention_head_dim
+        return 12 * tokens * hidden * itemsize * images
+
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion1, StableDiffusion2, StableDiffusionXL, Flux)
 
 
 def known_families() -> str:

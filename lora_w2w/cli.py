@@ -495,7 +495,9 @@ def add_generate_parser(commands) -> None:
     gen.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
     gen.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2, 3], help="one image per seed (default: 0 1 2 3)")
     gen.add_argument("--steps", type=COUNT, default=50, help="denoising steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=FINITE, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    gen.add_argument("--guidance", type=FINITE, default=None,
+                     help="guidance scale (default: the base's: 7.5 for Stable Diffusion; for FLUX.1 3.5, its embedded "
+                          "guidance, and with --negative-prompt its true classifier-free guidance too)")
     gen.add_argument("--size", type=SIZE, default=None,
                      help="image size in pixels, a multiple of 8 (default: the base model's)")
     gen.add_argument("--edited", help="delayed injection: edited model used for timesteps t <= --injection-timestep")
@@ -658,7 +660,8 @@ def add_score_parser(commands) -> None:
                        help=f"one image per prompt and seed (default: {' '.join(map(str, DEFAULT_SEEDS))})")
     score.add_argument("--steps", type=COUNT, default=None, help="denoising steps (default: generate's, 50)")
     score.add_argument("--guidance", type=FINITE, default=None,
-                       help="classifier-free guidance scale (default: generate's, 7.5)")
+                       help="guidance scale (default: generate's, the base's: 7.5 for Stable Diffusion, 3.5 for "
+                            "FLUX.1)")
     score.add_argument("--embedder", choices=EMBEDDERS, default="dlib",
                        help="dlib: dlib's face descriptor, for photographs; tiny: the tiny world's evaluator, for "
                             "its renders (default: %(default)s)")

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .errors import FileFormatError, LayoutError, W2WError
-from .formats import (PEFT_CONFIG, find_peft_weights, layer_scalings, load_lora, peft_weights_file,
+from .formats import (KOHYA_PREFIXES, PEFT_CONFIG, find_peft_weights, layer_scalings, load_lora, peft_weights_file,
                       read_adapter_config, read_peft_shapes)
 from .layout import LoraLayout
 from .schemas import dataset_index
@@ -273,7 +273,7 @@ def layout_of_lora(path: str | os.PathLike, trust_pickle: bool = False) -> tuple
     adapter_config.json. A kohya file does not name its modules unambiguously: use a space's layout."""
     path = peft_weights_file(Path(path))
     shapes = read_peft_shapes(path, trust_pickle)
-    if any(key.startswith("lora_unet_") for key in shapes):
+    if any(key.startswith(KOHYA_PREFIXES) for key in shapes):
         raise LayoutError(f"{path}: a kohya file does not say its module names; pass --space (a space with "
                           f"the layout) or --layout-from a PEFT LoRA folder")
     try:

@@ -104,8 +104,6 @@ class Demo:
 
     def inversion(self) -> dict:
         """A held-out face (with its mask) and a drawing inverted into the space, then generated."""
-        from .diffusion import image_sizes
-
         results, images = {}, []
         for name, kind in (("face", "real"), ("drawing", "ood")):
             config = self.bench.inversion_config(kind, steps=self.args.inversion_steps)  # the tiny space's lr for ood
@@ -116,7 +114,7 @@ class Demo:
             self.bench.export(model, "w2w", self.out / "models" / f"inverted_{name}.safetensors")
             self.bench.export(model, "peft", self.out / "loras" / f"inverted_{name}")
             self.bench.export(model, "kohya", self.out / "loras" / f"inverted_{name}_kohya.safetensors")
-            resolution = image_sizes(self.bench.pipeline())[0]
+            resolution = self.bench.resolution()
             images += [read_image(EXAMPLES / f"{name}.png").convert("RGB").resize((resolution, resolution))]
             images += self.images(model, seeds=range(3))
         save_png(image_grid(images, columns=4, row_labels=["face (real)", "drawing (ood)"],

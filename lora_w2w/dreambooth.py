@@ -1,7 +1,7 @@
 """Dreambooth LoRA training of identities (Ruiz et al. 2023) with the w2w paper's Sec. 3.1 recipe, the
 defaults of `add_dreambooth_arguments`: "sks person" on an identity's images, prior preservation with
 "person" images of the base model, a LoRA on to_q/to_v. The base may be of any family `bases` knows
-(Stable Diffusion 1, 2 or XL): its family conditions, calls and sets the target of the network.
+(Stable Diffusion 1, 2 or XL, FLUX.1): its family conditions, calls and sets the target of the network.
 
 The pieces shared by `train_dreambooth.py` (one identity, PEFT adapter) and `train_identities`
 (many identities in one pass): reading an instance folder, generating class images once, caching
@@ -289,7 +289,7 @@ class Base:
 
     @property
     def network(self) -> torch.nn.Module:
-        """The network that carries the LoRA (the UNet of Stable Diffusion 1, 2 and XL)."""
+        """The network that carries the LoRA (the UNet of Stable Diffusion 1, 2 and XL, FLUX's transformer)."""
         return self.family.network(self.pipe)
 
     @property

@@ -19,7 +19,8 @@ folder's adapter_config.json is read as PEFT reads it: use_rslora (scaling alpha
 and rank_pattern (per layer) change the scaling, and target_modules must cover the layers of the weights.
 Key names beyond PEFT's are a base family's (`LoraNaming`, given by `bases.Family.lora_naming`): the
 network diffusers loads a LoRA into (`unet.` keys), and the module names kohya-style files use (SD1/SD2:
-diffusers' own, `lora_unet_down_blocks_0_...`; SDXL: kohya sd-scripts' `lora_unet_input_blocks_4_1_...`).
+diffusers' own, `lora_unet_down_blocks_0_...`; SDXL: kohya sd-scripts' `lora_unet_input_blocks_4_1_...`;
+FLUX: the `transformer.` keys diffusers loads and `lora_transformer_transformer_blocks_0_attn_to_q...`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ PEFT_WEIGHT_FILES = (PEFT_WEIGHTS, f"unet/{PEFT_WEIGHTS}", PEFT_PICKLE_WEIGHTS, 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 MODEL_CARD = "README.md"  # a PEFT folder's model card, which the Hugging Face Hub shows
 TRAINING_METADATA_KEY = "w2w_training"  # the training settings of a trained adapter, as JSON
-KOHYA_PREFIX = "lora_unet_"
+KOHYA_PREFIX = "lora_unet_"  # kohya-style keys of a UNet (Stable Diffusion 1, 2 and XL)
+KOHYA_TRANSFORMER_PREFIX = "lora_transformer_"  # of FLUX's transformer, as ComfyUI and diffusers read them
+KOHYA_PREFIXES = (KOHYA_PREFIX, KOHYA_TRANSFORMER_PREFIX)
 FORMATS = ("peft", "kohya")
 _PEFT_FILES = owns_only("|".join(re.escape(name) for name in (PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS,
                                                                 MODEL_CARD)))

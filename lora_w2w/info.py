@@ -7,7 +7,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .dataset import INDEX_JSON, WeightsDataset, layout_of_lora
 from .errors import FileFormatError, LayoutError
-from .formats import KOHYA_PREFIX, MODEL_CARD, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
+from .formats import KOHYA_PREFIXES, MODEL_CARD, PEFT_WEIGHT_FILES, find_peft_weights, peft_weights_file
 from .layout import DEFAULT_RANK, DEFAULT_TARGET_MODULES, REFERENCE_NETWORKS, LoraLayout, reference_layout
 from .paths import check_input
 from .provenance import INFOTEXT_KEY, MODEL_ID_KEY, SPACE_ID_KEY, parse_infotext, recorded, step_details
@@ -165,7 +165,7 @@ def describe(path: Path, trust_pickle: bool = False) -> str:
                           f"  space id     {model.space_id or '(not recorded)'}", f"  model id     {model.id}",
                           *(_made_lines(model.provenance) or ["  made by      (not recorded)"])])
     shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-    if shapes and all(k.startswith(KOHYA_PREFIX) for k in shapes):
+    if shapes and all(k.startswith(KOHYA_PREFIXES) for k in shapes):
         return describe_kohya(path, header)
     try:
         return describe_peft(path)

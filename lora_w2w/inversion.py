@@ -7,7 +7,7 @@ optional mask at latent resolution. The latent distributions and the prompt's em
 once; every step draws an image (one of I photographs of the person, seeded) and a new latent from it,
 so that the loss is averaged over the photographs. With one image this is the paper's inversion. The
 base's family (`bases`) conditions and calls its network and sets the target (the noise eps above, or the
-velocity of a v-prediction scheduler).
+velocity of a v-prediction scheduler or of FLUX's flow matching).
 
     pipe = load_base_pipeline(DEFAULT_BASE)  # lora_w2w.defaults: the tiny world
     space = load_space(DEFAULT_SPACE)

@@ -253,13 +253,14 @@ _PEFT_KEY = re.compile(r"(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[
 
 def parse_peft_key(key: str) -> tuple[str, str, str]:
     """'base_model.model.X.lora_A.weight', 'unet.X.lora_B.default.weight', 'X.lora_A.identity1.weight'
-    -> ('X', 'lora_A', adapter name or '')."""
+    -> ('X', 'lora_A', adapter name or ''); diffusers' files name the network first, `unet.` or `transformer.`
+    (FLUX)."""
     match = _PEFT_KEY.fullmatch(key)
     if match is None:
         raise LayoutError(f"not a LoRA weight key: {key!r} (expected '<module>.lora_A.weight' or '.lora_B.weight', "
                           f"optionally with an adapter name before '.weight')")
     name = match["name"]
-    for prefix in (PEFT_PREFIX, "unet."):
+    for prefix in (PEFT_PREFIX, "unet.", "transformer."):
         name = name.removeprefix(prefix)
     return name, match["part"], match["adapter"] or ""
 

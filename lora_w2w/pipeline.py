@@ -1,6 +1,6 @@
 """The one way to generate images: a base diffusers pipeline + w2w LoRA weights, fused into the network
-that carries them (the UNet of Stable Diffusion 1, 2 and XL; `bases`), so that a step costs what the
-base model's step costs.
+that carries them (the UNet of Stable Diffusion 1, 2 and XL, FLUX's transformer; `bases`), so that a step
+costs what the base model's step costs.
 
     pipe = load_base_pipeline(DEFAULT_BASE, device="auto")  # or "stablediffusionapi/realistic-vision-v51"
     images = generate(pipe, space, model, seeds=[0, 1, 2, 3])     # prompt: the space's, "sks person"
@@ -38,10 +38,11 @@ from .space import Space, W2WModel
 TEXT_ENCODER_NOTICE = "No LoRA keys associated to CLIPTextModel"  # diffusers' warning for a LoRA of the UNet alone
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None/'auto' -> float16 on CUDA, float32 elsewhere."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family=None) -> torch.dtype:
+    """None/'auto' -> on CUDA the generation dtype of the base's `family` (float16; bfloat16 for FLUX.1),
+    float32 elsewhere."""
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return (torch.float16 if family is None else family.cuda_dtype) if device.type == "cuda" else torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
@@ -58,7 +59,7 @@ def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "a
     family = family_of_base(base)
     try:
         with loading_bars(progress):
-            pipe = family.load_pipeline(base, resolve_dtype(dtype, device), local_files_only=local)
+            pipe = family.load_pipeline(base, resolve_dtype(dtype, device, family), local_files_only=local)
     except (OSError, ValueError) as error:
         raise loading_error(base, local, error, "the pipeline") from None
     pipe.set_progress_bar_config(disable=not progress)
@@ -105,12 +106,13 @@ def generate(pipe, space: Space, model: W2WModel | torch.Tensor | None = None, p
 
 def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor | None, prompt: str, *,
                           negative_prompt: str = "", seeds=(0,), num_inference_steps: int = 50,
-                          guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                          guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                           scale: float = 1.0, edited: torch.Tensor | None = None,
                           injection_timestep: int | None = None, about: dict | None = None,
                           log: Callable[[str], None] | None = None) -> list[Image.Image]:
     """Images of `prompt`, one per seed, with LoRA `weights` (N,) fused into the base's network (None: the
     base model alone). With `edited` and `injection_timestep` T: `weights` for t > T, `edited` for t <= T.
+    `guidance_scale` None: the family's default (7.5 for Stable Diffusion, 3.5 for FLUX.1).
     More than LARGE_GENERATION seeds with a `log`: the first image alone, then the time the rest will take.
     Each image's info holds its generation parameters as A1111 writes them (`provenance.infotext`: prompt,
     seed, steps, guidance, size, the base model, and `about`'s fields), which `save_png` keeps."""
@@ -118,10 +120,10 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
         raise W2WError("delayed injection needs both the edited weights and the injection timestep")
     seeds = [check_seed(s) for s in seeds]
     check_int(num_inference_steps, "steps", 1, pipe.scheduler.config.num_train_timesteps)  # before diffusers refuses
-    check_number(guidance_scale, "guidance scale")
+    family = family_of(pipe)
+    guidance_scale = family.guidance if guidance_scale is None else check_number(guidance_scale, "guidance scale")
     if injection_timestep is not None:
         check_int(injection_timestep, "injection timestep", 0, pipe.scheduler.config.num_train_timesteps)
-    family = family_of(pipe)
     check_generation_memory(pipe, len(seeds), *(None if s is None else check_size(s) for s in (height, width)))
     network = family.network(pipe)
     if weights is not None or edited is not None:
@@ -142,8 +144,11 @@ def generate_from_weights(pipe, layout: LoraLayout | None, weights: torch.Tensor
 
     delayed = edited is not None
 
+    resolution, _ = family.image_sizes(pipe)
+
     def images_of(batch: list[torch.Generator]) -> list[Image.Image]:
-        use(weights if not delayed or injection_timestep < _first_timestep(pipe, num_inference_steps) else edited)
+        use(edited if delayed and injection_timestep >= family.first_timestep(
+            pipe, num_inference_steps, height or resolution, width or resolution) else weights)
         return family.generate(pipe, [prompt] * len(batch), negative_prompt, num_inference_steps=num_inference_steps,
                                guidance_scale=guidance_scale, height=height, width=width, generator=batch,
                                callback_on_step_end=swap_before_fine_steps if delayed else None)
@@ -242,15 +247,13 @@ def base_resolution(base: str) -> int:
 
 def generation_bytes(pipe, images: int, height: int, width: int) -> int:
     """About the peak memory of generating `images` images of height x width at once: the VAE decoder's
-    full-resolution activations (3 alive at a time, per image) and the UNet's at latent resolution
-    (its skip connections, for both halves of classifier-free guidance), and the grid image."""
-    network = family_of(pipe).network(pipe)
-    itemsize = torch.finfo(network.dtype).bits // 8
+    full-resolution activations (3 alive at a time, per image), the network's (`Family.activation_bytes`:
+    the UNet's at latent resolution, FLUX's transformer's over its tokens), and the grid image."""
+    family = family_of(pipe)
+    itemsize = torch.finfo(family.network(pipe).dtype).bits // 8
     pixels = height * width
     vae = 3 * pipe.vae.config.block_out_channels[0] * pixels * itemsize * images
-    unet_channels = network.config.block_out_channels
-    unet = 2 * 2 * len(unet_channels) * unet_channels[0] * pixels // pipe.vae_scale_factor**2 * itemsize * images
-    return vae + unet + 3 * pixels * images
+    return vae + family.activation_bytes(pipe, images, height, width) + 3 * pixels * images
 
 
 def check_generation_memory(pipe, images: int, height: int | None, width: int | None) -> None:
@@ -266,11 +269,6 @@ def check_generation_memory(pipe, images: int, height: int | None, width: int | 
     raise ArgumentError(f"{images} images of {width} x {height} pixels need about "
                         f"{gigabytes(generation_bytes(pipe, images, height, width))}, the {pipe.device.type} has "
                         f"{gigabytes(free)} free: at most --size {side} fits (or give fewer seeds)")
-
-
-def _first_timestep(pipe, num_inference_steps: int) -> int:
-    pipe.scheduler.set_timesteps(num_inference_steps)
-    return int(pipe.scheduler.timesteps[0])
 
 
 LABEL_FONT_SIZE = 12  # px: PIL's bundled default font, so nothing is downloaded

@@ -229,11 +229,13 @@ class LoraAbout:
 MODEL_CARD_MARK = "<!-- written by lora_w2w: a new export of the model replaces this file -->"
 MODELSPEC_VERSION = "1.0.0"  # github.com/Stability-AI/ModelSpec
 # ModelSpec's architecture of a LoRA by kohya's ss_base_model_version (the base family's, `bases`), as kohya's
-# library/sai_model_spec.py writes them: ARCH_SD_V1, ARCH_SD_V2_512, ARCH_SD_V2_768_V, ARCH_SD_XL_V1_BASE + "/lora"
+# library/sai_model_spec.py writes them: ARCH_SD_V1, ARCH_SD_V2_512, ARCH_SD_V2_768_V, ARCH_SD_XL_V1_BASE and, for
+# FLUX.1 (dev or schnell: the family does not tell them apart), ARCH_FLUX_1_UNKNOWN = "flux-1", + "/lora"
 MODELSPEC_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                           "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+                           "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+                           "flux1": "flux-1"}
 # the code whose names the keys follow: kohya's determine_implementation, IMPL_DIFFUSERS for SD1/SD2 LoRAs and
-# IMPL_STABILITY_AI for SDXL's (whose keys it names as sgm does)
+# IMPL_STABILITY_AI for SDXL's (whose keys it names as sgm does); FLUX.1's keys follow diffusers' names
 MODELSPEC_IMPLEMENTATIONS = {"sdxl_base_v1-0": "https://github.com/Stability-AI/generative-models"}
 
 

@@ -9,12 +9,13 @@ Front ends parse and present; the jobs live here.
     model, photos = bench.invert(["me1.jpg", "me2.jpg"], auto_mask=True, preset="real", crop="face")
     bench.export(model, "kohya", "me_kohya.safetensors")
 
-The dtype of each job (`job_dtype`): on CUDA, generation runs in float16 and inversion and training in
-bfloat16 (float16 gradients underflow); float32 elsewhere. The pipeline is loaded once per dtype the jobs
-ask for: once on the CPU, and on CUDA once for generating and once for inverting when both are asked.
+The dtype of each job (`job_dtype`): on CUDA, generation runs in float16 (bfloat16 for FLUX.1) and inversion
+and training in bfloat16 (float16 gradients underflow); float32 elsewhere. The pipeline is loaded once per
+dtype the jobs ask for: once on the CPU, and on CUDA once for generating and once for inverting when both are
+asked.
 Device jobs hold `lock` (a model is fused into the network's weights in place), so threads may share a bench.
-The base may be of any family `bases` knows (Stable Diffusion 1, 2, XL): its family conditions and calls the
-network that carries the LoRA, and names the layers in the LoRA files `export` writes.
+The base may be of any family `bases` knows (Stable Diffusion 1, 2, XL, FLUX.1): its family conditions and calls
+the network that carries the LoRA, and names the layers in the LoRA files `export` writes.
 """
 from __future__ import annotations
 
@@ -37,17 +38,18 @@ GRADIENT_DTYPE_ON_CUDA = torch.bfloat16  # inversion and training: float16 gradi
 EXPORT_FORMATS = ("w2w", "peft", "kohya")  # a w2w model file, a PEFT/diffusers folder, a kohya .safetensors
 
 
-def job_dtype(job: str, device: str | torch.device) -> torch.dtype:
-    """The dtype a job runs the base model in on `device`: on CUDA float16 to generate (`pipeline.resolve_dtype`),
-    bfloat16 to invert and to train on the bench (text sliders; as the original; float16 gradients underflow);
-    float32 elsewhere. Dreambooth training loads its own float32 base (`--mixed_precision`, the original's)."""
+def job_dtype(job: str, device: str | torch.device, family=None) -> torch.dtype:
+    """The dtype a job runs the base model in on `device`: on CUDA, to generate, the base `family`'s
+    (`pipeline.resolve_dtype`: float16, bfloat16 for FLUX.1), bfloat16 to invert and to train on the bench
+    (text sliders; as the original; float16 gradients underflow); float32 elsewhere. Dreambooth training
+    loads its own float32 base (`--mixed_precision`, the original's)."""
     from .pipeline import resolve_dtype
 
     if job not in JOBS:
         raise W2WError(f"unknown job {job!r}; expected one of {', '.join(JOBS)}")
     device = torch.device(device)
     if job == "generate":
-        return resolve_dtype(None, device)
+        return resolve_dtype(None, device, family)
     return GRADIENT_DTYPE_ON_CUDA if device.type == "cuda" else torch.float32
 
 
@@ -121,6 +123,7 @@ class Workbench:
         self._pipes: dict[torch.dtype, object] = {}  # shared with the benches of `using`
         self._directions: dict[tuple, dict[str, Direction]] = {}
         self._naming: LoraNaming | None = None
+        self._family = None
         self.lock = threading.RLock()
 
     @property
@@ -145,7 +148,21 @@ class Workbench:
         return self._space
 
     def job_dtype(self, job: str) -> torch.dtype:
-        return job_dtype(job, self.device) if self.dtype is None else self.dtype
+        if self.dtype is not None:
+            return self.dtype
+        return job_dtype(job, self.device, self.family() if self.device.type == "cuda" else None)
+
+    def family(self):
+        """The base's family (`bases`): the loaded pipeline's, else read from the base's config files, once."""
+        if self._family is None:
+            from .bases import family_of, family_of_base
+
+            if self._pipes:
+                self._family = family_of(next(iter(self._pipes.values())))
+            else:
+                self._require_base()
+                self._family = family_of_base(self.base)
+        return self._family
 
     def resolution(self) -> int:
         """R, the base pipeline's image size: from a pipeline loaded already, else from its config files alone
@@ -261,11 +278,12 @@ class Workbench:
 
     def images(self, model: W2WModel | None = None, prompt: str | None = None, *, edited: W2WModel | None = None,
                injection_timestep: int | None = None, negative_prompt: str = "", seeds: Sequence[int] = (0,),
-               steps: int = 50, guidance: float = 7.5, size: int | None = None,
+               steps: int = 50, guidance: float | None = None, size: int | None = None,
                log: Callable[[str], None] | None = None) -> list[Image.Image]:
         """One image per seed of `prompt` (default: the space's) with `model` fused into the network, or the base
         model alone (model None; with a prompt it needs no space). Delayed injection: `edited` for the
-        timesteps t <= `injection_timestep`. `log` hears the estimated time of a job of many seeds."""
+        timesteps t <= `injection_timestep`. `guidance` None: the base family's (7.5 for Stable Diffusion, 3.5
+        for FLUX.1). `log` hears the estimated time of a job of many seeds."""
         from .pipeline import generate, generate_from_weights
 
         settings = dict(negative_prompt=negative_prompt, seeds=list(seeds), num_inference_steps=steps,

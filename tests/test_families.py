@@ -1,10 +1,11 @@
-"""Base families (`lora_w2w.bases`): Stable Diffusion 2 with v-prediction and Stable Diffusion XL end to end on
-random-weight pipelines built here (no download), the way diffusers' own pipeline tests build their dummy
-components; the full-size layouts of SD1.5, SDXL and FLUX.1-dev from the configs w2w ships; the families
+"""Base families (`lora_w2w.bases`): Stable Diffusion 2 with v-prediction, Stable Diffusion XL and FLUX.1 end to
+end on random-weight pipelines built here (no download), the way diffusers' own pipeline tests build their
+dummy components; the full-size layouts of SD1.5, SDXL and FLUX.1-dev from the configs w2w ships; the families
 chosen from the pipelines' classes and configs, and what a pipeline of no known family or a space of
 another family gets.
 
-Each end-to-end test takes about 10 s on 2 cores shared at load average 7 (the file: under a minute).
+Each end-to-end test takes 2-6 s on 2 cores shared at load average 4.6 (SD2 1.7 s, SDXL 2.5 s, FLUX 5.6 s; the
+file 20 s), 17-21 s at load average 9-10 (the file 70 s).
 """
 import importlib.util
 import json
@@ -15,21 +16,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
-from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+from diffusers.loaders.lora_conversion_utils import (_convert_kohya_flux_lora_to_diffusers,
+                                                     _convert_non_diffusers_lora_to_diffusers,
                                                      _maybe_map_sgm_blocks_to_diffusers)
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from lora_w2w.bases import StableDiffusion1, StableDiffusion2, StableDiffusionXL, family_of, family_of_base, sgm_module
+from lora_w2w.bases import (Flux, StableDiffusion1, StableDiffusion2, StableDiffusionXL, family_of, family_of_base,
+                            sgm_module)
 from lora_w2w.cli import main as w2w
 from lora_w2w.errors import FamilyError, LayoutError
 from lora_w2w.layout import REFERENCE_NETWORKS, reference_layout, reference_network
 from lora_w2w.pipeline import generate, load_base_pipeline
 from lora_w2w.storage import load_model, load_space
-from lora_w2w.tiny.base_model import build_tokenizer, save_pipeline
+from lora_w2w.tiny.base_model import build_t5_tokenizer, build_tokenizer, save_pipeline
 from lora_w2w.tiny.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +115,48 @@ def sdxl_pipeline(tokenizer_dir: Path) -> StableDiffusionXLPipeline:
                                      image_encoder=None, feature_extractor=None)
 
 
-BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline}
+def flux_pipeline(tokenizer_dir: Path) -> FluxPipeline:
+    """A random-weight FLUX.1 pipeline built as diffusers' tests/pipelines/flux/test_pipeline_flux.py
+    get_dummy_components builds its components (`FluxTransformer2DModel(patch_size=1, in_channels=4,
+    num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])`, `text_encoder =
+    CLIPTextModel(clip_text_encoder_config)` with `hidden_size=32, ..., projection_dim=32`, `text_encoder_2 =
+    T5EncoderModel(config)`, `AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+    layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    shift_factor=0.0609, scaling_factor=1.5035)`, `FlowMatchEulerDiscreteScheduler()`), with one double and one
+    single block, tokenizers built here (CLIP's BPE, T5's Unigram: `build_t5_tokenizer`) instead of the downloaded
+    hf-internal-testing ones, a T5 encoder 32 wide made from its config here (not hf-internal-testing/
+    tiny-random-t5's, downloaded), and FLUX.1-dev's guidance embedding and scheduler config (dynamic shifting),
+    so that the guidance-distilled path runs."""
+    tokenizer = build_tokenizer(WORDS, tokenizer_dir, max_length=MAX_TOKENS)
+    tokenizer_2 = build_t5_tokenizer(WORDS)  # T5's kind of tokenizer, made here
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+    torch.manual_seed(0)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                        image_encoder=None, feature_extractor=None)
+
+
+BUILDERS = {"sd2": sd2_pipeline, "sdxl": sdxl_pipeline, "flux": flux_pipeline}
+KOHYA_VERSIONS = {"sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}  # ss_base_model_version
+# modelspec.architecture as kohya's library/sai_model_spec.py names them (ARCH_SD_V2_768_V, ARCH_SD_XL_V1_BASE,
+# ARCH_FLUX_1_UNKNOWN) + "/lora"
+ARCHITECTURES = {"sd2": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+                 "flux": "flux-1/lora"}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -166,8 +212,10 @@ def test_every_job_runs_on_the_family_and_exports_load_in_its_own_pipeline(world
     for fmt, out in (("peft", tmp_path / "peft"), ("kohya", tmp_path / "kohya.safetensors")):
         run("export", "--base", base, "--space", space_dir, "--model", model_file, "--format", fmt, "--out", out)
     with safe_open(tmp_path / "kohya.safetensors", "pt") as kohya:
-        assert kohya.metadata()["ss_base_model_version"] == {"sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[name]
+        assert kohya.metadata()["ss_base_model_version"] == KOHYA_VERSIONS[name]
+        assert kohya.metadata()["modelspec.architecture"] == ARCHITECTURES[name]
         assert any(key.startswith("lora_unet_input_blocks_") for key in kohya.keys()) == (name == "sdxl")
+        assert all(key.startswith("lora_transformer_") for key in kohya.keys()) == (name == "flux")
     for fmt, out in (("peft", "peft"), ("kohya", "kohya.safetensors")):  # the kohya file read under the family's names
         run("project", tmp_path / out, "--base", base, "--space", space_dir,
             "--out", tmp_path / f"from_{fmt}.safetensors")
@@ -175,7 +223,8 @@ def test_every_job_runs_on_the_family_and_exports_load_in_its_own_pipeline(world
 
     pipe = load_base_pipeline(str(base), "cpu", progress=False)
     model = load_model(model_file)
-    settings = dict(num_inference_steps=STEPS, guidance_scale=7.5)
+    resolution, _ = family.image_sizes(pipe)  # the size w2w draws (FluxPipeline's own default is 128 px)
+    settings = dict(num_inference_steps=STEPS, guidance_scale=7.5, height=resolution, width=resolution)
     fused = images_array(generate(pipe, space, model, seeds=[0], **settings))
     assert not np.array_equal(fused, images_array(generate(pipe, space, None, "sks person", seeds=[0], **settings)))
     for out in (tmp_path / "peft", tmp_path / "kohya.safetensors"):
@@ -183,6 +232,23 @@ def test_every_job_runs_on_the_family_and_exports_load_in_its_own_pipeline(world
         loaded = pipe(["sks person"], generator=[torch.Generator().manual_seed(0)], **settings).images
         pipe.unload_lora_weights()
         assert np.abs(images_array(loaded) - fused).max() <= 1, out  # float rounding of W + BA against Wx + BAx
+    check_the_app(space_dir, base, resolution, family)
+
+
+def check_the_app(space_dir: Path, base: Path, resolution: int, family) -> None:
+    """The app's actions on the family's base: its images at the family's size and guidance, an inversion, a
+    kohya file in the family's names."""
+    from lora_w2w.app import Actions, AppConfig
+
+    actions = Actions(AppConfig(space=str(space_dir), base=str(base), device="cpu", seeds=(0,), steps=STEPS))
+    model = actions.sample(0)
+    image, = actions.images(model)
+    assert image.size == (resolution, resolution)
+    assert f"CFG scale: {family.guidance}" in image.info["parameters"]  # the family's default guidance
+    inverted, _ = actions.invert(Image.open(FACE), None, "ood", 1)  # fitted at the family's size
+    assert inverted.coefficients.abs().sum() > 0
+    with safe_open(actions.export(model, "kohya"), "pt") as kohya:
+        assert kohya.metadata()["ss_base_model_version"] == KOHYA_VERSIONS[family.name]
 
 
 def layout_of_base(base: Path):
@@ -302,6 +368,106 @@ def test_sdxl_kohya_names_are_kohyas_and_diffusers_maps_them_back():
         sgm_module("down_blocks.1.resnets.0.conv1", 2)
 
 
+def test_flux_conditioning_prediction_and_schedule_are_its_pipelines(tmp_path):
+    """T5's hidden states, CLIP's pooled embedding, the text ids and the guidance that FluxPipeline's own
+    transformer call gets (no true guidance, so one call a step, at the training guidance); the family's
+    `predict` on the unpacked latents gives that call's output, unpacked; its first timestep is the pipeline's."""
+    pipe = flux_pipeline(tmp_path / "tokenizer")
+    family = family_of(pipe)
+    assert isinstance(family, Flux) and family.lora_naming().network == "transformer"
+    resolution, latent_size = family.image_sizes(pipe)
+    assert (resolution, latent_size) == (32, 32)  # the VAE's sample_size, its scale 1
+    conditioning = family.encode_prompt(pipe, "sks person", resolution)
+    calls, outputs, schedules = [], [], []
+
+    def record(module, args, kwargs, output) -> None:
+        calls.append(kwargs)
+        outputs.append(output[0])
+
+    pipe.transformer.register_forward_hook(record, with_kwargs=True)
+
+    def schedule(pipeline, step, timestep, callback_kwargs):
+        schedules.append(pipeline.scheduler.timesteps.clone())
+        return callback_kwargs
+
+    pipe("sks person", num_inference_steps=2, guidance_scale=family.training_guidance, height=resolution,
+         width=resolution, output_type="latent", callback_on_step_end=schedule)
+    call = calls[0]
+    for name in ("encoder_hidden_states", "pooled_projections", "guidance"):
+        assert torch.equal(call[name], conditioning.batched[name]), name
+    assert call["encoder_hidden_states"].shape == (1, family.text_tokens, 32)
+    assert torch.equal(call["txt_ids"], conditioning.shared["txt_ids"])
+    packed = call["hidden_states"].shape[-1]  # (1, h w / 4, 4 C)
+    latents = FluxPipeline._unpack_latents(call["hidden_states"], latent_size, latent_size, 1)  # (1, C, h, w)
+    timesteps = call["timestep"] * 1000
+    prediction = family.predict(pipe.transformer, latents, timesteps, conditioning)
+    assert prediction.shape == (1, packed // 4, latent_size, latent_size)
+    torch.testing.assert_close(prediction, FluxPipeline._unpack_latents(outputs[0], latent_size, latent_size, 1))
+    assert family.first_timestep(pipe, 2, resolution, resolution) == int(schedules[0][0])
+
+
+def test_flux_generates_with_its_own_guidance_and_dtype(tmp_path):
+    """No guidance given: FLUX's 3.5 reaches the transformer (Stable Diffusion's default, 7.5, would be twice
+    FLUX.1-dev's); a negative prompt turns on the pipeline's true guidance at that scale; on CUDA FLUX generates
+    in bfloat16, the UNet families in float16."""
+    from lora_w2w.pipeline import generate_from_weights
+    from lora_w2w.workbench import job_dtype
+
+    pipe = flux_pipeline(tmp_path / "tokenizer")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    generate_from_weights(pipe, None, None, "sks person", num_inference_steps=1)
+    assert calls[0]["guidance"].tolist() == [Flux.guidance] and len(calls) == 1
+    calls.clear()
+    generate_from_weights(pipe, None, None, "sks person", negative_prompt="photo", num_inference_steps=1)
+    assert len(calls) == 2  # the prompt's and the negative prompt's calls: true classifier-free guidance
+    assert job_dtype("generate", "cuda", family_of(pipe)) == torch.bfloat16
+    assert job_dtype("generate", "cuda", StableDiffusionXL({}, {})) == job_dtype("generate", "cuda") == torch.float16
+
+
+def test_flux_trains_on_the_flow_matching_velocity():
+    """x_t = (1 - sigma) x_0 + sigma eps and the target eps - x_0, with x_0 the VAE's shifted and scaled latent and
+    (t, sigma) the scheduler's training pair at the draw's index, as diffusers' train_dreambooth_lora_flux.py
+    (`noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise`, `target = noise - model_input`)."""
+    from lora_w2w.diffusion import StepSampler
+
+    family = Flux({"guidance_embeds": True}, {})
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    batch = StepSampler(0, num_instance=1, num_class=0, batch_size=3, latent_shape=(4, 2, 2),
+                        num_train_timesteps=1000).next()
+    mean, std = torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2)
+    noisy, timesteps, target = family.noisy_latents(mean, std, batch, (1.5, 0.1), scheduler)
+    latents = (mean + std * batch.latent_noise - 0.1) * 1.5
+    sigmas = scheduler.sigmas[batch.timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - sigmas) * latents + sigmas * batch.noise)
+    torch.testing.assert_close(target, batch.noise - latents)
+    assert torch.equal(timesteps, scheduler.timesteps[batch.timesteps])
+    torch.testing.assert_close(timesteps / 1000, sigmas.flatten())
+
+
+def test_flux_kohya_names_are_comfyuis_and_diffusers_maps_them_back():
+    """FLUX's kohya-style keys are `lora_transformer_` + diffusers' module name, as ComfyUI's comfy/lora.py
+    model_lora_keys_unet reads them (`key_map["lora_transformer_{}".format(k[:-len(".weight")].replace(".", "_"))]
+    = to #onetrainer`, k from comfy.utils.flux_to_diffusers: `"{}to_q.{}".format(k, end)` with k =
+    "transformer_blocks.{}.attn." for the double blocks and "single_transformer_blocks.{}.attn." for the single
+    ones, `to_v` likewise); diffusers' FLUX loader (lora_state_dict's _convert_kohya_flux_lora_to_diffusers)
+    takes every layer of the full-size FLUX.1-dev transformer back to its own name."""
+    layout = reference_layout("flux")
+    naming = Flux(reference_network("flux").config, {}).lora_naming()
+    comfy = {f"{block}.{i}.attn.{projection}" for block, count in (("transformer_blocks", 19),
+                                                                   ("single_transformer_blocks", 38))
+             for i in range(count) for projection in ("to_q", "to_v")}
+    assert {layer.name for layer in layout.layers} == comfy
+    names = {layer.name: naming.kohya_name(layer.name) for layer in layout.layers}
+    assert names["single_transformer_blocks.37.attn.to_v"] == "lora_transformer_single_transformer_blocks_37_attn_to_v"
+    assert all(kohya == "lora_transformer_" + name.replace(".", "_") for name, kohya in names.items())
+    state = {f"{kohya}.{part}": torch.ones(1, 1) if part != "alpha" else torch.tensor(27.0)
+             for kohya in names.values() for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    converted = _convert_kohya_flux_lora_to_diffusers(state)
+    assert sorted(converted) == sorted(f"transformer.{name}.{part}.weight" for name in names
+                                       for part in ("lora_A", "lora_B"))
+
+
 @pytest.mark.parametrize("name, layers, numel, parameters", [
     ("sd15", 64, 99_648, 859_520_964),        # the released w2w files' N
     ("sdxl", 280, 725_760, 2_567_463_684),    # 70 transformer blocks, 140 attentions
@@ -334,7 +500,7 @@ def unknown_pipeline() -> DDPMPipeline:
 
 
 def test_a_pipeline_of_no_known_family_is_refused_naming_its_class_and_the_families(tmp_path, capsys):
-    known = r"sd1 \(StableDiffusionPipeline, .*\), sd2 .*, sdxl \(StableDiffusionXLPipeline\)"
+    known = r"sd1 \(StableDiffusionPipeline, .*\), sd2 .*, sdxl \(StableDiffusionXLPipeline\), flux \(FluxPipeline\)"
     with pytest.raises(FamilyError, match=f"a DDPMPipeline is of no base family w2w knows; expected one of: {known}"):
         family_of(unknown_pipeline())
     unknown_pipeline().save_pretrained(tmp_path / "ddpm")
@@ -351,10 +517,11 @@ def test_a_pipeline_of_no_known_family_is_refused_naming_its_class_and_the_famil
 
 
 def test_a_space_of_another_family_is_refused_before_any_model_work(world, toy_world, toy_space, tmp_path, capsys):
-    """A space of the SD1 toy world with an SD2 or SDXL base: invert and generate stop before the VAE or the
+    """A space of the SD1 toy world with an SD2, SDXL or FLUX base: invert and generate stop before the VAE or the
     network runs, export from the base's configs alone."""
     _, root = world
     base = root / "base"
+    network = type(family_of_base(str(base)).meta_network()).__name__  # UNet2DConditionModel, FluxTransformer2DModel
     assert w2w(["sample", "--space", str(toy_space), "--num", "1", "--out", str(tmp_path / "s")]) == 0
     model = tmp_path / "s" / "sample_000.safetensors"
     capsys.readouterr()
@@ -364,12 +531,13 @@ def test_a_space_of_another_family_is_refused_before_any_model_work(world, toy_w
             ["export", "--model", str(model), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]]
     with mock.patch.object(AutoencoderKL, "forward", side_effect=AssertionError("the VAE ran")), \
             mock.patch.object(AutoencoderKL, "encode", side_effect=AssertionError("the VAE ran")), \
-            mock.patch.object(UNet2DConditionModel, "forward", side_effect=AssertionError("the UNet ran")):
+            mock.patch.object(UNet2DConditionModel, "forward", side_effect=AssertionError("the UNet ran")), \
+            mock.patch.object(FluxTransformer2DModel, "forward", side_effect=AssertionError("the transformer ran")):
         for job in jobs:
             with pytest.raises(SystemExit) as exit_info:
                 w2w([*job, "--base", str(base), "--space", str(toy_space)])
             assert exit_info.value.code == 2, job
             error = capsys.readouterr().err.splitlines()[-1]  # after the pipeline's loading bars
-            assert error.startswith("w2w: error: the LoRA layout does not fit this UNet2DConditionModel (") and \
+            assert error.startswith(f"w2w: error: the LoRA layout does not fit this {network} (") and \
                 error.endswith(f"(the base is {family_of_base(str(base))!r})"), error
     assert not any((tmp_path / name).exists() for name in ("i.safetensors", "g", "k.safetensors"))

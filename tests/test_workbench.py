@@ -37,7 +37,8 @@ def test_each_job_loads_the_pipeline_in_its_dtype_once(toy_world, toy_space, mon
     invert in the dtype of the CLI's inversion, not in the generation's."""
     from lora_w2w.app import Actions, AppConfig
 
-    monkeypatch.setattr(workbench, "job_dtype", lambda job, device: torch.float64 if job == "invert" else torch.float32)
+    monkeypatch.setattr(workbench, "job_dtype",
+                        lambda job, device, family=None: torch.float64 if job == "invert" else torch.float32)
     loads = []
     load = pipeline.load_base_pipeline
     monkeypatch.setattr(pipeline, "load_base_pipeline", lambda *a, **k: loads.append(a[2]) or load(*a, **k))

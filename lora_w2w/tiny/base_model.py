@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
 from ..storage import Output, atomic_output, holds
 
@@ -93,6 +93,20 @@ def build_tokenizer(words, out_dir: str | os.PathLike, max_length: int = 32) -> 
     split = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
     assert not split, f"BPE failed to make these words single tokens: {split}"
     return tokenizer
+
+
+def build_t5_tokenizer(words) -> T5TokenizerFast:
+    """A T5 tokenizer over `words`, made as T5's own is (a SentencePiece Unigram model: `<pad>` 0, `</s>` 1,
+    `<unk>` 2, then one piece per word, after the `\u2581` that marks a word's start; `</s>` ends every text),
+    in memory: FLUX's second tokenizer without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{word}", -1.0) for word in sorted(set(words)))]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0)
 
 
 def _write_vocab_and_merges(out_dir: Path, vocab: dict[str, int], merges) -> None:
