@@ -182,6 +182,12 @@ class WeightsDataset:
             del rows  # unmap: the pages read stay in the page cache, not in this process
         return out
 
+    def row_files(self, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """Where rows start .. stop lie on disk, in row order: (shard file path, byte offset of its first row
+        there, rows), for a reader without this class (the Dask PCA's workers)."""
+        return [(str(self.path / piece.shard.file), piece.offset, piece.hi - piece.lo)
+                for piece in self._pieces(start, stop)]
+
     def read_columns(self, start: int, stop: int) -> torch.Tensor:
         """Columns start .. stop of every row, (M, c) float32."""
         return self.read_block(0, len(self), start, stop)

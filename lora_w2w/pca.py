@@ -22,13 +22,15 @@ Routes of the torch backend (`plan` takes the exact one while it fits `memory` a
   P <- orth(P Zᵀ Z) (one read: Σ over chunks of (Z_c Pᵀ)ᵀ Z_c); a last pass gives Y = Z Pᵀ (M, L), and
   Rayleigh-Ritz, YᵀY = W S² Wᵀ, gives components Wᵀ P and coefficients Y W. Memory ~ (2 N + M) L
   numbers, whatever M x N is.
-The `dask` backend runs `dask.array.linalg.svd_compressed` (same randomized algorithm, QR between
-iterations) on a dask.distributed cluster: a LocalCluster in this process, or `scheduler`'s cluster,
-whose workers must see the dataset's path.
+The `dask` backend (`pca_dask`) runs the randomized route on a dask.distributed cluster, a LocalCluster
+of `workers` processes or `scheduler`'s, in tasks that each hold one block of rows or columns; `memory`
+is then per worker, and the workers, which must see the dataset's and the state's paths, write the
+components and coefficients into the state folder.
 Each component's largest-|.| entry is made positive, so rebuilds give the same space.
 A build given a `state` directory (`w2w build` keeps one beside OUT) writes there the results of its
-finished passes, the column moments and P after each power iteration; a killed build, run again,
-resumes after the last finished pass and gives the space an uninterrupted build gives, bit for bit.
+finished passes, the column moments and P after each power iteration (and the Dask route's result);
+a killed build, run again, resumes after the last finished pass and gives the space an uninterrupted
+build gives, bit for bit.
 
 Letters: M models, N flattened LoRA numbers, K components, L = K + oversamples, r rows of a chunk,
 b columns of a slab.
@@ -39,24 +41,21 @@ import hashlib
 import json
 import os
 import warnings
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import pandas as pd
 import scipy.linalg
 import torch
 
-from .checks import (MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED, check_power_iterations,
-                     check_seed, parse_memory)
+from .checks import (COUNT, MEMORY, NON_NEGATIVE, POWER_ITERATIONS, POWER_ITERATIONS_MAX, SEED,
+                     check_power_iterations, check_seed, parse_memory)
 from .dataset import WeightsDataset
-from .errors import FileFormatError, SpaceError, W2WError
+from .errors import FileFormatError, SettingError, SpaceError, W2WError
 from .space import Space
-from .storage import (WRITE_BLOCK_BYTES, Output, atomic_output, mmap_tensor, owns_only, read_attribute_table,
-                      read_safetensors_header,
-                      write_tensors)
+from .storage import (WRITE_BLOCK_BYTES, Output, SafetensorsWriter, atomic_output, check_output, mmap_tensor,
+                      owns_only, read_attribute_table, read_safetensors_header, write_tensors)
 
 BACKENDS = ("torch", "dask")
 PCA_METHODS = ("auto", "exact", "randomized")
@@ -174,6 +173,10 @@ class Plan:
     peak_bytes: int         # the largest estimated working set, without the interpreter
     flops: float            # estimated cost in float32 matmul flops
 
+    def key(self) -> list:
+        """What makes two builds' passes the same (with the data, K and the seed)."""
+        return [self.method, self.side, self.rows, self.width, self.power_iterations]
+
     def describe(self) -> str:
         route = (f"exact ({'M x M Gram' if self.side == 'models' else 'N x N covariance'})" if self.method == "exact"
                  else f"randomized (L = {self.width}, {self.power_iterations} power iterations)")
@@ -290,26 +293,47 @@ def check_components(m: int, n: int, k: int) -> None:
 class BuildState:
     """What a build's finished passes computed, kept in `directory` so that a build killed at any moment
     resumes after its last finished pass: the column moments after the first pass, P after each power
-    iteration of the randomized route (L x N floats, written block by block). `key` says which build
-    (dataset files, K, plan, seed) a file belongs to; a file of another build is ignored with a warning.
-    Without a directory it keeps nothing."""
+    iteration of the randomized route (L x N floats, written block by block), and the Dask route's result.
+    `key` says which build (dataset files, K, plan, seed) a file belongs to; a file of another build is
+    ignored with a warning. Without a directory it keeps nothing."""
 
     def __init__(self, directory: str | os.PathLike | None, key: dict):
         self.directory = None if directory is None else Path(directory)
         self.key = json.loads(json.dumps(key))
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.safetensors"
+
+    def partial(self, name: str) -> Path:
+        """Where `begin` creates `name` for others to fill (a temporary name of this process)."""
+        return self.directory / f".{name}.safetensors.partial-{os.getpid()}"
+
+    def _metadata(self, passes: int) -> dict[str, str]:
+        return {"key": json.dumps(self.key), "passes": str(passes)}
 
     def save(self, name: str, tensors: list[torch.Tensor], passes: int) -> None:
         """Keep `tensors` as `name`, computed by `passes` passes (atomically)."""
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        metadata = {"key": json.dumps(self.key), "passes": str(passes)}
-        with atomic_output(self.directory / f"{name}.safetensors") as tmp:
-            write_tensors(tmp, {str(i): t for i, t in enumerate(tensors)}, metadata)
+        with atomic_output(self.path(name)) as tmp:
+            write_tensors(tmp, {str(i): t for i, t in enumerate(tensors)}, self._metadata(passes))
 
-    def load(self, name: str) -> tuple[list[torch.Tensor], int] | None:
-        """(tensors, passes) kept as `name` by this build, in memory; None when there are none."""
-        path = None if self.directory is None else self.directory / f"{name}.safetensors"
+    def begin(self, name: str, shapes: dict[str, tuple[int, ...]], passes: int) -> None:
+        """Create `name`, float32 tensors of `shapes` computed by `passes` passes, under its `partial` name:
+        the header, and zeros for others (the Dask route's workers) to fill; `commit` puts it in place."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        check_output(self.path(name))  # removes what killed builds left half-written
+        SafetensorsWriter(self.partial(name), shapes, self._metadata(passes)).close()
+
+    def commit(self, name: str) -> None:
+        """Put the filled file that `begin` created in place."""
+        os.replace(self.partial(name), self.path(name))
+
+    def find(self, name: str) -> tuple[Path, dict, int, int] | None:
+        """(path, safetensors header, data start, passes) of this build's file `name`; None when there is
+        none (another build's file, or an unreadable one, is ignored with a warning)."""
+        path = None if self.directory is None else self.path(name)
         if path is None or not path.is_file():
             return None
         try:
@@ -317,16 +341,23 @@ class BuildState:
             metadata = header.get("__metadata__", {})
             if json.loads(metadata.get("key", "null")) != self.key:
                 warnings.warn(f"{path}: the state of another build (other data, K, plan or seed), ignored",
-                              stacklevel=2)
+                              stacklevel=3)
                 return None
-            tensors = [mmap_tensor(path, header, start, str(i)).clone() for i in range(len(header) - 1)]
-            return tensors, int(metadata["passes"])
+            return path, header, start, int(metadata["passes"])
         except (FileFormatError, KeyError, ValueError) as error:
-            warnings.warn(f"{path}: unreadable build state ignored ({error})", stacklevel=2)
+            warnings.warn(f"{path}: unreadable build state ignored ({error})", stacklevel=3)
             return None
 
+    def load(self, name: str) -> tuple[list[torch.Tensor], int] | None:
+        """(tensors, passes) kept as `name` by this build, in memory; None when there are none."""
+        found = self.find(name)
+        if found is None:
+            return None
+        path, header, start, passes = found
+        return [mmap_tensor(path, header, start, str(i)).clone() for i in range(len(header) - 1)], passes
 
-BUILD_STATE = Output("build state folder", folder=True, owns=owns_only(r"(moments|basis)\.safetensors"))
+
+BUILD_STATE = Output("build state folder", folder=True, owns=owns_only(r"(moments|basis|result)\.safetensors"))
 
 
 def remove_state(directory: str | os.PathLike) -> None:
@@ -338,15 +369,14 @@ def remove_state(directory: str | os.PathLike) -> None:
         directory.rmdir()
 
 
-def build_key(dataset: WeightsDataset, k: int, p: Plan, seed: int) -> dict:
+def build_key(dataset: WeightsDataset, k: int, plan_key: list, seed: int) -> dict:
     """What makes a build's passes the same: the dataset's files (names, sizes, modification times), K,
     the plan and the seed."""
     files = hashlib.sha256("\n".join(dataset.names).encode())
     for shard in dataset.shards:
         stat = (dataset.path / shard.file).stat()
         files.update(f"{shard.file} {stat.st_size} {stat.st_mtime_ns}".encode())
-    return {"data": files.hexdigest()[:16], "k": k, "plan": [p.method, p.side, p.rows, p.width, p.power_iterations],
-            "seed": seed}
+    return {"data": files.hexdigest()[:16], "k": k, "plan": plan_key, "seed": seed}
 
 
 # ----------------------------------------------------------------------------- streamed passes (torch)
@@ -496,69 +526,6 @@ def _randomized(chunks: _Chunks, mean, scale, k, p: Plan, seed: int, state: Buil
     return basis[:k], coefficients, values                                          # (K, N), (M, K), (K,)
 
 
-# ----------------------------------------------------------------------------- dask backend
-
-class _ShardArray:
-    """The dataset matrix as an array-like for `dask.array.from_array`: picklable (it keeps the path),
-    reopening the dataset where a block is read."""
-
-    def __init__(self, dataset: WeightsDataset):
-        self.path = str(dataset.path)
-        self.shape = (len(dataset), dataset.layout.numel)
-        self.dtype = np.dtype(np.float32)
-        self.ndim = 2
-        self._dataset = dataset
-
-    def __getstate__(self):
-        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "ndim": self.ndim, "_dataset": None}
-
-    def __getitem__(self, key) -> np.ndarray:
-        if self._dataset is None:
-            self._dataset = WeightsDataset(self.path)
-        rows, columns = key
-        return self._dataset.read_block(*rows.indices(self.shape[0])[:2], *columns.indices(self.shape[1])[:2]).numpy()
-
-
-def _dask(dataset, k, memory: int, oversamples: int, power_iterations: int, seed: int, scheduler: str | None,
-          log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, std, components, coefficients, squared singular values) with dask.array."""
-    try:
-        import dask
-        import dask.array as da
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise W2WError("the dask backend needs dask[array] and distributed: pip install 'lora_w2w[dask]'") from None
-    n = dataset.layout.numel
-    row_chunks = tuple(s.rows for s in dataset.shards)
-    column_chunk = max(1, min(n, 32 * 2**20 // (4 * max(row_chunks))))  # blocks of ~32 MB at most
-    with ExitStack() as stack:
-        if scheduler:
-            stack.enter_context(Client(scheduler))
-        else:
-            cluster = stack.enter_context(LocalCluster(n_workers=1, threads_per_worker=os.cpu_count() or 1,
-                                                       processes=False, memory_limit=memory, dashboard_address=None))
-            stack.enter_context(Client(cluster))
-        weights = da.from_array(_ShardArray(dataset), chunks=(row_chunks, column_chunk), asarray=True, lock=False,
-                                fancy=False)
-        finite = da.isfinite(weights).all(axis=1)
-        mean, std, finite = dask.compute(weights.mean(axis=0, dtype=np.float64),
-                                         weights.std(axis=0, ddof=1, dtype=np.float64), finite)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite)[0])
-            raise SpaceError(f"{dataset.path}: model {dataset.names[row]!r} (row {row}) holds NaN/inf weights")
-        log("dask: mean and std done")
-        scale = np.where(std > 0, std, 1.0)
-        z = (weights - mean.astype(np.float32)) / scale.astype(np.float32)
-        u, s, v = da.linalg.svd_compressed(z, k, iterator="QR", n_power_iter=power_iterations,
-                                           n_oversamples=oversamples, seed=seed, compute=True, coerce_signs=False)
-        u, s, v = dask.compute(u, s, v)
-    values = torch.from_numpy(s.astype(np.float64)) ** 2
-    check_rank(values, k)
-    components = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))               # (K, N)
-    coefficients = torch.from_numpy(np.ascontiguousarray(u * s, dtype=np.float32))         # U S (M, K)
-    return torch.from_numpy(mean), torch.from_numpy(std), components, coefficients, values
-
-
 # ----------------------------------------------------------------------------- attributes and the space
 
 def read_attributes(path: str | os.PathLike, names: tuple[str, ...]) -> pd.DataFrame:
@@ -584,10 +551,11 @@ class BuildConfig:
     (a field left None: what its help says)."""
 
     memory: int | str = field(default=DEFAULT_MEMORY, metadata={
-        "help": "memory budget of the torch backend, the interpreter included (per worker for a dask LocalCluster): "
-                "bytes, or text such as 4GB, 16GiB", "type": MEMORY})
+        "help": "memory budget, e.g. 4GB, 16GiB: of this process with the torch backend, the interpreter included; "
+                "of each worker with the dask backend (the LocalCluster's, or the --scheduler's, whose limits are "
+                "checked before work), which sizes its blocks", "type": MEMORY})
     backend: str = field(default="torch", metadata={
-        "help": "torch: streamed on this machine; dask: dask.array on a dask.distributed cluster",
+        "help": "torch: streamed on this machine; dask: in blocks on a dask.distributed cluster",
         "choices": BACKENDS})
     method: str = field(default="auto", metadata={
         "help": f"torch backend: exact (eigendecomposition of the smaller Gram matrix) or randomized (subspace "
@@ -604,56 +572,77 @@ class BuildConfig:
         "help": "attribute table: CSV, first column the model names, one row per dataset model (default: none)",
         "metavar": "TABLE_CSV"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "dask backend: address of a dask.distributed scheduler (default: a LocalCluster here); its workers "
-                "must see the dataset at the same path", "metavar": "ADDRESS"})
+        "help": "dask backend: address of a dask.distributed scheduler, whose workers see the dataset and --state at "
+                "the same paths (default: a LocalCluster of --workers processes here)", "metavar": "ADDRESS"})
+    workers: int | None = field(default=None, metadata={
+        "help": "dask backend without a scheduler: worker processes of the LocalCluster, one thread and --memory each "
+                "(default: one per core)", "type": COUNT})
     base_model: str | None = field(default=None, metadata={"help": "base model id to record (default: the dataset's)",
                                                            "metavar": "ID"})
     state: str | os.PathLike | None = field(default=None, metadata={
-        "help": "folder where the torch backend keeps its finished passes, so that a killed build resumes from them "
-                "when run again (w2w build: default OUT.build-state, removed once OUT is written)", "metavar": "DIR"})
+        "help": "directory that keeps the finished passes, to resume from, and the dask backend's result (default: "
+                "none kept; the dask backend then works in a temporary folder, and needs one with --scheduler; w2w "
+                "build: OUT.build-state, removed once OUT is written)", "metavar": "DIR"})
+
+    def __post_init__(self):
+        parse_memory(self.memory)
+        if self.workers is not None:
+            if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+                raise SettingError("workers", f"must be an integer >= 1, got {self.workers!r}")
+            if self.scheduler:
+                raise SettingError("workers", "sizes a LocalCluster: a scheduler's cluster has its own workers")
+
+
+def _build_torch(dataset: WeightsDataset, k: int, memory: int, config: BuildConfig, log: Callable[[str], None]
+                 ) -> tuple[torch.Tensor, ...]:
+    """(mean, std, components, coefficients, explained variance) by the torch backend's plan."""
+    m, n = len(dataset), dataset.layout.numel
+    p = plan(m, n, k, memory, config.method, config.oversamples, config.power_iterations)
+    log(f"plan: {p.describe()}")
+    chunks = _Chunks(dataset, p.rows)
+    kept = BuildState(config.state, build_key(dataset, k, p.key(), config.seed))
+    saved = kept.load("moments")
+    if saved is not None:
+        (mean, std), _ = saved
+        log(f"mean and std read from {kept.directory}")
+    else:
+        mean, std = (t.float() for t in _column_moments(chunks))  # float32, as everything after uses them
+        kept.save("moments", [mean, std], 1)
+        log("mean and std done")
+    args = (chunks, mean, safe_scale(std), k, p)
+    if p.method == "randomized":
+        components, coefficients, values = _randomized(*args, config.seed, kept, log)
+    elif p.side == "models":
+        components, coefficients, values = _exact_models(*args, log)
+    else:
+        components, coefficients, values = _exact_weights(*args, log)
+    fix_signs(components, coefficients)
+    return mean, std, components, coefficients, (values / (m - 1)).float()
 
 
 def build_space(dataset: WeightsDataset, k: int, *, config: BuildConfig = BuildConfig(),
                 log: Callable[[str], None] | None = None) -> Space:
     """The w2w space of the top `k` components of `dataset`, with every model's coefficients (M, K)
     and explained variance (K,). See the module docstring for backends and methods. With `config.state`
-    (a directory), the torch backend keeps its finished passes there (`BuildState`) and resumes from
-    them; the caller removes the directory once the space is saved."""
+    (a directory), the build keeps its finished passes there (`BuildState`) and resumes from them; the
+    caller removes the directory once the space is saved (the dask backend's space maps files there)."""
     log = log or (lambda message: None)
     check_seed(config.seed)
     check_power_iterations(config.power_iterations)
     memory = parse_memory(config.memory)
-    m, n = len(dataset), dataset.layout.numel
-    check_components(m, n, k)
+    check_components(len(dataset), dataset.layout.numel, k)
     table = read_attributes(config.attributes, dataset.names) if config.attributes is not None else None
     if config.backend == "torch":
-        p = plan(m, n, k, memory, config.method, config.oversamples, config.power_iterations)
-        log(f"plan: {p.describe()}")
-        chunks = _Chunks(dataset, p.rows)
-        kept = BuildState(config.state, build_key(dataset, k, p, config.seed))
-        saved = kept.load("moments")
-        if saved is not None:
-            (mean, std), _ = saved
-            log(f"mean and std read from {kept.directory}")
-        else:
-            mean, std = (t.float() for t in _column_moments(chunks))  # float32, as everything after uses them
-            kept.save("moments", [mean, std], 1)
-            log("mean and std done")
-        args = (chunks, mean, safe_scale(std), k, p)
-        if p.method == "randomized":
-            components, coefficients, values = _randomized(*args, config.seed, kept, log)
-        elif p.side == "models":
-            components, coefficients, values = _exact_models(*args, log)
-        else:
-            components, coefficients, values = _exact_weights(*args, log)
+        if config.scheduler or config.workers is not None:
+            raise W2WError("--scheduler and --workers go with --backend dask")
+        mean, std, components, coefficients, variance = _build_torch(dataset, k, memory, config, log)
     elif config.backend == "dask":
         if config.method == "exact":
             raise W2WError("the dask backend computes randomized PCA only; use --backend torch for --method exact")
-        mean, std, components, coefficients, values = _dask(dataset, k, memory, config.oversamples,
-                                                            config.power_iterations, config.seed,
-                                                            config.scheduler, log)
+        from . import pca_dask
+
+        mean, std, components, coefficients, variance = pca_dask.build(dataset, k, memory, config, log)
     else:
         raise W2WError(f"backend {config.backend!r}: expected one of {', '.join(BACKENDS)}")
-    fix_signs(components, coefficients)
-    return Space(mean.float(), std.float(), components, dataset.layout, coefficients, table,
-                 (values / (m - 1)).float(), config.base_model if config.base_model is not None else dataset.base_model)
+    return Space(mean.float(), std.float(), components, dataset.layout, coefficients, table, variance,
+                 config.base_model if config.base_model is not None else dataset.base_model)

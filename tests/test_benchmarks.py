@@ -44,6 +44,20 @@ def test_bench_pca(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_pca_dask(tmp_path):
+    result = last_json("bench_pca.py", "--dask", "--models", "60", "--components", "8", "--work", str(tmp_path))
+    assert set(result["results"]) == {"project", "dask-1", "dask-2"} and result["dask_speedup"] > 0
+    assert result["dask_time_ratio"] == pytest.approx(result["results"]["dask-2"]["seconds"]
+                                                      / result["results"]["project"]["seconds"])
+    assert all(r["subspace_captured"] > 0.99 for r in result["results"].values())
+    assert result["dask_bitwise_equal"] and len(result["load_average"]) == 2
+    plan = last_json("bench_pca.py", "--dask-plan", "--memory", "8GB")["shapes"]
+    assert plan["SD1.5 (the paper)"]["largest_task_io_bytes"] == 3 * 8 * 10_010**2     # two L x L Grams and their sum
+    hours = plan["SDXL"]["predicted_hours"]
+    assert hours["1"] > hours["4"] > hours["16"]
+
+
+@pytest.mark.slow
 def test_bench_faces():
     result = last_json("bench_faces.py", "--renders", "2", "--cnn-renders", "1", "--repeats", "1")
     assert result["benchmark"] == "faces" and result["renders"] == {"lbp_cascade": 2, "dlib_hog": 2, "dlib_cnn": 1}

@@ -231,6 +231,10 @@ def test_the_cli_keeps_the_build_state_beside_out_until_the_space_is_written(tmp
                  "--method", "randomized"]) == 0
     assert "unreadable build state ignored" in capsys.readouterr().err
     assert load_space(tmp_path / "space").num_components == K and not (tmp_path / "space.build-state").exists()
+    with pytest.raises(SystemExit, match="2"):                              # an overflowing size: one line
+        main(["build", str(tmp_path / "data"), str(tmp_path / "space"), "--components", str(K), "--memory", "1e999GB"])
+    assert capsys.readouterr().err == ("w2w build: error: argument --memory: memory '1e999GB': expected a size from 1 byte "
+                                       "up to 1 PiB (no machine has more)\n")
 
 
 def test_a_float16_dataset_builds_the_space_of_its_rounded_weights(tmp_path):
