@@ -210,7 +210,8 @@ def attribute_directions(space: Space, attributes: list[str], k: int | None = No
     coefficients = _coefficients(space, k, method)
     k = coefficients.shape[1]
     columns = list(dict.fromkeys(resolve_attribute(name, space)[0] for name in attributes))
-    against = list(dict.fromkeys(resolve_attribute(name, space)[0] for name in debias_against or []))
+    # the columns in one order, since 'project' removes them in turn: Age and Young, given in any order, agree
+    against = sorted({resolve_attribute(name, space)[0] for name in debias_against or []})
     raw = {name: fit_direction(space, name, k, method) for name in {*columns, *against}}
     directions = {}
     for name in columns:

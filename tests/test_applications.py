@@ -1,4 +1,6 @@
 """Sampling, editing and generation: the math on synthetic spaces, generation on the toy pipeline."""
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,6 +86,20 @@ def test_mean_difference_direction_is_the_gap_of_the_class_means(labelled_space)
     shifted = make_space(SMALL, k=8, m=2000, seed=3)
     shifted.coefficients, shifted.attributes = labelled_space.coefficients + 5.0, labelled_space.attributes
     assert direction_report(shifted, k=8, method="mean_difference").equals(report)
+
+
+def test_the_debiased_direction_is_the_same_for_any_order_and_spelling_of_the_attributes(labelled_space):
+    """'project' removes the others in turn, so their order counts: the columns go in one order, whatever
+    the order and names (friendly or the table's) the caller gave."""
+    space = copy.copy(labelled_space)
+    c = space.coefficients
+    space.attributes = labelled_space.attributes.assign(Young=np.where(c[:, 0] - c[:, 2] > 0, 1, -1))
+    given = [["Male", "Young"], ["Young", "Male"], ["Age", "Male"]]  # Age: the friendly name of -Young
+    vectors = [attribute_directions(space, ["Bald"], k=8, debias_against=g)["Bald"].vector for g in given]
+    assert all(torch.equal(vectors[0], v) for v in vectors[1:])
+    raw = attribute_directions(space, ["Bald", "Male", "Young"], k=8)
+    in_turn = [debias(raw["Bald"].vector, [raw[a].vector for a in g]) for g in given[:2]]
+    assert not torch.allclose(in_turn[0], in_turn[1], atol=1e-6)  # the order would matter without it
 
 
 def test_debiasing_removes_the_other_direction(labelled_space):
