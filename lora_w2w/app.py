@@ -28,6 +28,7 @@ import argparse
 import functools
 import hashlib
 import html
+import inspect
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from . import workbench  # noqa: E402
 from .checks import COUNT, DEVICE, FINITE, SEED, argument, check_int, check_seed  # noqa: E402
 from .defaults import DEFAULT_BASE, DEFAULT_SPACE  # noqa: E402
 from .editing import attribute_names, binary_attributes, default_debias  # noqa: E402
+from .encoder_files import default_encoder  # noqa: E402
 from .errors import NoFaceError, W2WError, exit_code  # noqa: E402
 from .flags import OneLineParser, add_config_flags, config_from_args  # noqa: E402
 from .images import IMAGE_SUFFIXES  # noqa: E402
@@ -62,6 +64,7 @@ from .pipeline import image_grid  # noqa: E402
 from .space import W2WModel  # noqa: E402
 from .workbench import Workbench  # noqa: E402
 
+INITS = ("encoder", "zero")  # where an inversion starts: the encoder's prediction, or the space's mean (zero)
 EXPORT_FORMATS = ("w2w", "kohya", "peft")  # a w2w model file, a kohya .safetensors, a zipped PEFT folder
 MODEL_SUFFIXES = (".safetensors", ".pt")  # the model files an upload takes: the project's, the original w2wmodel.pt
 DEFAULT_MAX_UPLOAD = "20mb"  # photos and SD1.5 models fit
@@ -134,6 +137,9 @@ class AppConfig:
     max_seeds: int = field(default=16, metadata={"help": "most images (seeds) a request may ask for", "type": COUNT})
     max_inversion_steps: int = field(default=2000, metadata={"help": "most inversion steps a request may ask for",
                                                              "type": COUNT})
+    encoder: str | None = field(default=None, metadata={
+        "help": "encoder file of the space (`w2w train-encoder`) the Invert tab starts from (default: the one the "
+                "space names in its space.json, if any)", "metavar": "PATH"})
 
 
 APP_DESCRIPTION = (
@@ -154,11 +160,13 @@ API (gradio_client; every model travels as a w2w model file, every image list is
         edits: {{"ATTRIBUTE": STRENGTH, ...}} as JSON, strengths in standard deviations of the dataset;
         debias: a list of attributes whose directions are removed (default: Male and Age, as `w2w edit`);
         attributes go by the sliders' names (Beard, Age) or the table's (No_Beard, Young)
-  /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files]) -> (model file, images)
+  /invert(image file, mask file or None, preset, steps[, crop, auto mask, more image files, init])
+                                             -> (model file, images)
         preset: real or ood; steps: default {PRESETS["real"].steps}; the mask is white where the image is fitted;
         crop: center (default) or face; auto mask: True fits the images without a mask file over the face,
         forehead and hair their landmarks outline; more image files: a list of further photos of the same
-        person, inverted together with the first
+        person, inverted together with the first; init: zero (default) or encoder (start from the encoder's
+        prediction, the mean over the images, as `w2w invert --init encoder`; steps 0: that prediction alone)
   /generate(model file, prompt, seeds, steps) -> images     seeds: "0 1 2 3"
   /export(model file, format)                -> file        format: w2w, kohya or peft (a zip)
 Numbers may come as numbers or as text ("3").
@@ -232,11 +240,11 @@ def parse_seeds(text: str | list | tuple, limit: int) -> list[int]:
         raise W2WError(f"seeds {text!r}: expected whole numbers from 0 to 2^63 - 1 such as 0 1 2 3") from None
 
 
-def check_steps(steps, limit: int, what: str = "steps") -> int:
-    """A whole number of steps in 1..limit, or W2WError naming the value."""
+def check_steps(steps, limit: int, what: str = "steps", minimum: int = 1) -> int:
+    """A whole number of steps in minimum..limit, or W2WError naming the value."""
     number = whole_number(steps, what) if steps is not None else None
-    if number is None or not 1 <= number <= limit:
-        raise W2WError(f"{what} {steps}: expected a whole number from 1 to {limit} (the app's limit)")
+    if number is None or not minimum <= number <= limit:
+        raise W2WError(f"{what} {steps}: expected a whole number from {minimum} to {limit} (the app's limit)")
     return number
 
 
@@ -341,6 +349,10 @@ class Actions:
         self.bench.check()  # a space of another base fails before any request
         self.attributes = attribute_names(self.bench.space)  # the sliders' names: friendly (Beard, Age) via editing
         self.names = [*self.attributes, *(c for c in binary_attributes(self.bench.space) if c not in self.attributes)]
+        # the encoder inversions may start from (--encoder, else the space's default; None: none), loaded now, so
+        # that another space's is refused at start
+        named = config.encoder or default_encoder(config.space)
+        self.encoder = None if named is None else self.bench.encoder(named)
         self._outputs = tempfile.TemporaryDirectory(prefix="w2w-app-")
 
     @property
@@ -364,20 +376,28 @@ class Actions:
         strengths = {name: value for name, value in strengths.items() if value != 0}
         return self.bench.edit(model, strengths, debias) if strengths else model
 
+    def inversion_steps(self, steps, init) -> int:
+        """The steps of an inversion from `init` (encoder: 0 is the encoder's prediction alone), checked."""
+        if one_of(init, INITS, "init") == "encoder" and self.encoder is None:
+            raise W2WError(f"init 'encoder': the space {self.config.space} names no encoder and `w2w app --encoder "
+                           f"PATH` was not given; expected zero")
+        return check_steps(steps, self.config.max_inversion_steps, "inversion steps", int(init == "zero"))
+
     def invert(self, images, masks, preset_name, steps, on_step=None, crop="center",
-               auto_mask=False) -> tuple[W2WModel, list[Photo]]:
+               auto_mask=False, init="zero") -> tuple[W2WModel, list[Photo]]:
         """The model that reproduces `images` (photos of one person: files or PIL images) inside `masks`
         (one per image: a file, an image or None; or one for a single image), with the preset's settings for
-        this space, `steps` optimiser steps and seed 0: what `w2w invert --image ... --crop CROP` computes.
+        this space, `steps` optimiser steps and seed 0, from `init` (zero, or encoder: the mean of the
+        encoder's predictions): what `w2w invert --image ... --crop CROP [--init encoder]` computes.
         `auto_mask` gives every image without a mask the mask of its face's landmarks over face, forehead and
         hair (`--mask auto`). Returns the model and the photos as fitted."""
-        config = self.bench.inversion_config(one_of(preset_name, PRESETS, "inversion preset"),
-                                             steps=check_steps(steps, self.config.max_inversion_steps,
-                                                               "inversion steps"))
+        steps = self.inversion_steps(steps, init)
+        config = self.bench.inversion_config(one_of(preset_name, PRESETS, "inversion preset"), steps=steps)
         if not images:
             raise W2WError("no image to invert: upload one first")
         return self.bench.invert(images, masks, config, auto_mask=yes_or_no(auto_mask, "auto mask"),
-                                 crop=one_of(crop, CROPS, "crop"), on_step=on_step)
+                                 crop=one_of(crop, CROPS, "crop"), on_step=on_step,
+                                 encoder=self.encoder if init == "encoder" else None)
 
     def images(self, model: W2WModel, prompt: str | None = None, negative_prompt: str = "", seeds=None,
                steps=None, guidance: float | None = None, edited: W2WModel | None = None,
@@ -517,7 +537,18 @@ def warn(error: Exception) -> None:
 
 def answered(fn):
     """A page handler: what cannot be done becomes a warning holding the CLI's one line, and no output
-    changes (gr.skip()): the page never shows an errored output."""
+    changes (gr.skip()): the page never shows an errored output. A generator's outputs yielded before
+    stay."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generating(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (W2WError, OSError) as error:
+                warn(error)
+                yield gr.skip()
+        return generating
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -590,9 +621,14 @@ def input_tabs(actions: Actions) -> dict:
         with gr.Row(equal_height=True):
             preset_radio = gr.Radio(list(PRESETS), value="real", label="Preset",
                                     info="real: photos of faces; ood: paintings, drawings")
-            invert_steps = gr.Number(QUICK_INVERSION_STEPS, precision=0, minimum=1, label="Steps",
+            invert_steps = gr.Number(QUICK_INVERSION_STEPS, precision=0, minimum=0, label="Steps",
                                      elem_id="invert-steps")
             full_button = gr.Button(f"Full preset: {full_steps} steps", size="sm", elem_id="invert-full")
+        has_encoder = actions.encoder is not None
+        init_radio = gr.Radio(list(INITS), value=INITS[not has_encoder], label="Start from", interactive=has_encoder,
+                              elem_id="invert-init",
+                              info="encoder: its model at once, then refined by the steps (0: the encoder's alone)"
+                              if has_encoder else "zero only: this space names no encoder (w2w app --encoder PATH)")
         invert_button = gr.Button("Invert", variant="primary", interactive=False, elem_id="invert-button")
         fitted = gr.Gallery(label="Fitted: each photo as fitted, dimmed outside its mask", columns=4,
                             height=240, object_fit="contain", format="png", elem_id="invert-fitted")
@@ -602,7 +638,7 @@ def input_tabs(actions: Actions) -> dict:
     return dict(seed=seed, sample_button=sample_button, invert_file=invert_file, add_box=add_box,
                 invert_shown=invert_shown, editor=editor, crop_box=crop_box, auto_box=auto_box,
                 preset_radio=preset_radio, invert_steps=invert_steps, full_button=full_button,
-                invert_button=invert_button, fitted=fitted, model_file=model_file)
+                init_radio=init_radio, invert_button=invert_button, fitted=fitted, model_file=model_file)
 
 
 def model_column() -> dict:
@@ -695,15 +731,21 @@ def shown_session(actions: Actions, ui: SimpleNamespace, session: Session, fitte
                for name, slider in zip(actions.attributes, ui.sliders)}}
 
 
+def offered(actions: Actions, ui: SimpleNamespace, session: Session, owner: str) -> dict:
+    """The session's current model offered in every export format, in `owner`'s folder."""
+    name = safe_name(session.name) + ("_edited" if session.strengths else "")
+    files = [actions.export(session.current, fmt, name, owner) for fmt in EXPORT_FORMATS]
+    return {ui.state: replace(session, offered=session.current),
+            **{button: gr.update(value=f, interactive=True) for button, f in zip(ui.downloads, files)}}
+
+
 def downloads_event(actions: Actions, ui: SimpleNamespace) -> dict:
     """The event that offers the session's current model in every export format, once per model."""
     @answered
     def offer(session: Session, request: gr.Request):
         if session.current is None or session.offered is session.current:
             return gr.skip()
-        name = safe_name(session.name) + ("_edited" if session.strengths else "")
-        files = [actions.export(session.current, fmt, name, request.session_hash) for fmt in EXPORT_FORMATS]
-        return [replace(session, offered=session.current)] + [gr.update(value=f, interactive=True) for f in files]
+        return offered(actions, ui, session, request.session_hash)
 
     return dict(fn=offer, inputs=ui.state, outputs=[ui.state, *ui.downloads], show_progress="hidden", **PRIVATE)
 
@@ -741,38 +783,51 @@ def wire_models(actions: Actions, ui: SimpleNamespace) -> None:
         return shown_session(actions, ui, Session(model, model, Path(path).stem, f"uploaded {Path(path).name}"))
 
     @answered
-    def on_invert(photos, editor_value, shown_index, crop, auto, preset_name, steps_value, progress=gr.Progress()):
+    def on_invert(photos, editor_value, shown_index, crop, auto, preset_name, steps_value, init,
+                  request: gr.Request, progress=gr.Progress()):
+        """With init encoder: the encoder's model at once (shown, offered), then the refined one."""
         if not photos:
             raise W2WError("no photo to invert: upload one first")
+        steps = actions.inversion_steps(steps_value, init)
         index = shown_index if isinstance(shown_index, int) and 0 <= shown_index < len(photos) else 0
         drawn = mask_from_layers((editor_value or {}).get("layers") or [], open_image(photos[index]).size)
         masks = [drawn if i == index else None for i in range(len(photos))]
-        try:
-            with warnings_shown():
-                model, fitted = actions.invert(photos, masks, preset_name, steps_value, progress_bar(progress),
-                                               crop="face" if crop else "center", auto_mask=bool(auto))
-        except NoFaceError as error:
-            raise NoFaceError(f"{error} (here: untick Crop to face)") from None
-        what = inverted_what(preset_name, steps_value, photos, crop, drawn is not None, fitted)
-        return shown_session(actions, ui, Session(model, model, "inverted", what),
-                             fitted=[(fitted_view(photo), fitted_caption(photo)) for photo in fitted])
+        how = dict(crop="face" if crop else "center", auto_mask=bool(auto), init=init)
+        for phase_steps in ([0] if init == "encoder" else []) + [steps] * (steps > 0):
+            try:
+                with warnings_shown():
+                    model, fitted = actions.invert(photos, masks, preset_name, phase_steps, progress_bar(progress),
+                                                   **how)
+            except NoFaceError as error:
+                raise NoFaceError(f"{error} (here: untick Crop to face)") from None
+            what = inverted_what(preset_name, phase_steps, photos, crop, drawn is not None, fitted, init)
+            page = shown_session(actions, ui, Session(model, model, "inverted", what),
+                                 fitted=[(fitted_view(photo), fitted_caption(photo)) for photo in fitted])
+            if phase_steps < steps:  # the encoder's model, usable while the steps refine it
+                session = page[ui.state]
+                page |= {ui.status: describe(session, "encoder's model, refining ...")}
+                page |= offered(actions, ui, session, request.session_hash)
+            yield page
 
     outputs, downloads = model_outputs(ui), downloads_event(actions, ui)
     job = dict(show_progress_on=ui.gallery, **DEVICE_JOB, **PRIVATE)
     ui.sample_button.click(on_sample, ui.seed, outputs, **job).then(**downloads)
     ui.model_file.upload(on_upload_model, ui.model_file, [*outputs, ui.model_file], **job).then(**downloads)
     ui.invert_button.click(on_invert, [ui.photos, ui.editor, ui.invert_shown, ui.crop_box, ui.auto_box,
-                                       ui.preset_radio, ui.invert_steps], outputs, **job).then(**downloads)
+                                       ui.preset_radio, ui.invert_steps, ui.init_radio], [*outputs, *ui.downloads],
+                           **job).then(**downloads)
 
 
-def inverted_what(preset_name: str, steps, images: list, crop: bool, drawn: bool, photos: list[Photo]) -> str:
-    """What the status line says of an inversion: its preset, steps, images, crop and masks."""
+def inverted_what(preset_name: str, steps, images: list, crop: bool, drawn: bool, photos: list[Photo],
+                  init: str = "zero") -> str:
+    """What the status line says of an inversion: its preset, steps, images, crop and masks, and its start."""
     what = [preset_name, f"{int(steps)} steps"] + [f"{len(images)} images"] * (len(images) > 1)
     what += ["face crop"] * bool(crop)
     auto_used = sum(photo.auto for photo in photos)  # a drawn mask wins over the automatic one
     how = [text for text, used in (("the mask drawn", drawn),
                                    ("auto masks" if auto_used > 1 else "the auto mask", auto_used)) if used]
-    return f"inverted ({', '.join(what + ['with ' + ' and '.join(how) if how else 'without a mask'])})"
+    start = ", from the encoder's model" if init == "encoder" else ""
+    return f"inverted ({', '.join(what + ['with ' + ' and '.join(how) if how else 'without a mask'])}){start}"
 
 
 def photos_shown(ui: SimpleNamespace, photos: list[str], index: int = 0) -> dict:
@@ -875,6 +930,7 @@ def api_components(actions: Actions) -> SimpleNamespace:
             auto=gr.Checkbox(False, label="auto mask (from the face's landmarks) for images without a mask file"),
             more=gr.File(label="more image files of the same person (no mask file)", type="filepath",
                          file_count="multiple"),
+            init=choices(INITS, "zero", "init: zero or encoder (the encoder's prediction, refined by the steps)"),
             prompt=gr.Textbox(actions.bench.space.prompt, label="prompt"),
             seeds=gr.Textbox(" ".join(map(str, config.seeds)), label="seeds"),
             gen_steps=gr.Textbox(str(config.steps), label="steps: a whole number"),
@@ -901,16 +957,16 @@ def add_api(actions: Actions) -> None:
         return actions.export(edited, "w2w", "edited"), actions.images(edited)
 
     @reporting
-    def invert(image_path, mask_path, preset_name, steps_value, crop="center", auto=False, more=None,
+    def invert(image_path, mask_path, preset_name, steps_value, crop="center", auto=False, more=None, init="zero",
                progress=gr.Progress()):
         """The model that reproduces the image (inside the mask) and any more images of the person, cut by
-        `crop`, with the auto mask on those without a mask: (model file, images of it)."""
+        `crop`, with the auto mask on those without a mask, from `init`: (model file, images of it)."""
         if image_path is None:
             raise W2WError("no image file given")
         images = [image_path, *(more or [])]
         with warnings_shown():
             model, _ = actions.invert(images, [mask_path] + [None] * (len(images) - 1), preset_name, steps_value,
-                                      progress_bar(progress), crop=crop, auto_mask=auto)
+                                      progress_bar(progress), crop=crop, auto_mask=auto, init=init)
         return actions.export(model, "w2w", "inverted"), actions.images(model)
 
     @reporting
@@ -927,7 +983,7 @@ def add_api(actions: Actions) -> None:
     sample_b, edit_b, invert_b, generate_b, export_b = api.buttons
     sample_b.click(sample, api.seed, [api.out, api.images], api_name="sample", **DEVICE_JOB)
     edit_b.click(edit, [api.model, api.edits, api.debias], [api.out, api.images], api_name="edit", **DEVICE_JOB)
-    invert_b.click(invert, [api.image, api.mask, api.preset, api.steps, api.crop, api.auto, api.more],
+    invert_b.click(invert, [api.image, api.mask, api.preset, api.steps, api.crop, api.auto, api.more, api.init],
                    [api.out, api.images], api_name="invert", **DEVICE_JOB)
     generate_b.click(generate, [api.model, api.prompt, api.seeds, api.gen_steps], api.images, api_name="generate",
                      **DEVICE_JOB)

@@ -454,6 +454,8 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
     draw_stroke(page)
     steps = QUICK_INVERSION_STEPS if BENCH else 20
     page.fill("#invert-steps input", str(steps))
+    assert page.locator("#invert-init").get_by_label("encoder", exact=True).is_checked()  # the space names one
+    page.locator("#invert-init").get_by_label("zero", exact=True).check()
     shown = []
 
     def invert_and_watch_the_progress():
@@ -468,6 +470,23 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
     if BENCH:  # the preset's own count, one click away, for the ratio of the two
         page.click("#invert-full")
         timed("invert_full_preset", lambda: page.click("#invert-button"), timeout=4 * JOB_TIMEOUT)  # 400 steps
+        page.fill("#invert-steps input", str(steps))
+
+    # from the encoder: its model at once, the status saying so while the steps refine it, then the refined one
+    page.locator("#invert-init").get_by_label("encoder", exact=True).check()
+    old, start = image_sources(page, "#current-gallery img"), time.perf_counter()
+    page.click("#invert-button")
+    first_status = page.wait_for_function("""old => {
+        const images = [...document.querySelectorAll('#current-gallery img')];
+        return images.length > 0 && JSON.stringify(images.map(image => image.src)) !== JSON.stringify(old)
+            && images.every(image => image.complete && image.naturalWidth > 0)
+            && document.querySelector('#status').innerText;
+    }""", arg=old, timeout=JOB_TIMEOUT).json_value()
+    timed.timings["encoder_model"] = round(time.perf_counter() - start, 2)
+    assert "encoder's model, refining" in first_status, first_status
+    timed(f"encoder_refined_{steps}_steps", lambda: None)  # from the encoder's images to the refined ones
+    assert (f"inverted (real, {steps} steps, with the mask drawn), from the encoder's model"
+            in page.inner_text("#status"))
 
     # two photos, cut around the face, inside the auto mask: each shown whole as fitted, the mask dimming
     page.check("#invert-add input[type=checkbox]")
@@ -559,12 +578,22 @@ def test_api_endpoints(client, space, tmp_path):
     inverted = load_model(inverted_path)
     assert len(inverted.coefficients) == space.num_components and inverted.coefficients.abs().sum() > 0
 
-    # the optional crop, auto mask and more images: what `w2w invert` computes for the same photos
+    # the optional crop, auto mask, more images and init zero: what `w2w invert` computes for the same photos
     both_path, images = client.predict(_file(FACE), _file(FACE_MASK), "real", "3", "face", True, [_file(FACE_256)],
-                                       api_name="/invert")
-    expected, _ = Workbench(BASE, space, "cpu", progress=False).invert(
-        [FACE, FACE_256], [FACE_MASK, AUTO_MASK], preset("real", space, steps=3), crop="face")  # w2w invert's
+                                       "zero", api_name="/invert")
+    bench = Workbench(BASE, space, "cpu", progress=False)
+    expected, _ = bench.invert([FACE, FACE_256], [FACE_MASK, AUTO_MASK], preset("real", space, steps=3),
+                               crop="face")  # w2w invert's
     torch.testing.assert_close(load_model(both_path).coefficients, expected.coefficients, rtol=1e-4, atol=1e-5)
+    assert len(images) == 4
+
+    # init encoder, 0 steps: exactly the encoder's prediction (the space's default encoder, its K padded to K)
+    encoded_path, images = client.predict(_file(FACE), None, "real", 0, "face", False, None, "encoder",
+                                          api_name="/invert")
+    (photo,) = read_photos([FACE], [None], "face", bench.resolution())
+    predicted = bench.encoder().predict(photo.picture).coefficients  # (K_encoder,)
+    encoded = load_model(encoded_path).coefficients  # (K,)
+    assert torch.equal(encoded[:len(predicted)], predicted) and not encoded[len(predicted):].any()
     assert len(images) == 4
 
 
@@ -631,6 +660,8 @@ def test_bad_input_to_every_endpoint_is_the_cli_line(lean, lean_client, space, t
         ([_file(FACE), None, "sharp", 3], "/invert", r"inversion preset 'sharp': expected one of real, ood"),
         ([_file(FACE), None, "real", 3, "square"], "/invert", r"crop 'square': expected one of center, face"),
         ([_file(FACE), None, "real", 3, "center", "yes"], "/invert", r"auto mask 'yes': expected true or false"),
+        ([_file(FACE), None, "real", 3, "center", False, None, "warm"], "/invert",
+         r"init 'warm': expected one of encoder, zero"),
         ([model, "sks person", "zero", 2], "/generate", r"seeds 'zero': expected whole numbers"),
         ([model, "sks person", "0", 100000], "/generate", r"steps 100000: expected a whole number from 1 to \d+"),
         ([None, "kohya"], "/export", "no model file given"),
@@ -766,7 +797,7 @@ def test_help_documents_every_endpoint(capsys):
         main(["app", "--help"])
     text = capsys.readouterr().out
     for endpoint in ("/sample(seed)", "/edit(model file, edits, debias)", "/invert(image file, mask file or None, "
-                     "preset, steps[, crop, auto mask, more image files])",
+                     "preset, steps[, crop, auto mask, more image files, init])",
                      "/generate(model file, prompt, seeds, steps)", "/export(model file, format)",
                      "--auth USER:PASSWORD", "--keep-files"):
         assert endpoint in text
@@ -786,6 +817,22 @@ def test_bad_flags_are_one_line_at_parse_time(flags, expected, capsys):
         main(["app", *flags])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.startswith(f"w2w app: error: {expected}") and error.count("\n") == 1
+
+
+def test_an_encoder_of_another_space_is_one_line_at_start(tmp_path, capsys):
+    from lora_w2w.encoder import CoefficientEncoder, EncoderConfig
+    from lora_w2w.encoder_files import save_encoder
+
+    from lora_w2w.cli import main
+
+    k = EncoderConfig().components
+    save_encoder(CoefficientEncoder(EncoderConfig(), "another", torch.zeros(k), torch.ones(k)),
+                 tmp_path / "enc.safetensors")
+    assert main(["app", "--space", str(SPACE), "--base", str(BASE), "--device", "cpu",
+                 "--encoder", str(tmp_path / "enc.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("w2w app: error: the encoder ") and "belongs to space another" in error
+    assert error.count("\n") == 1
 
 
 def test_the_network_without_auth_warns_and_auth_reaches_gradio(monkeypatch, capsys):
