@@ -803,31 +803,35 @@ def wire_models(actions: Actions, ui: SimpleNamespace) -> None:
             what = inverted_what(preset_name, phase_steps, photos, crop, drawn is not None, fitted, init)
             page = shown_session(actions, ui, Session(model, model, "inverted", what),
                                  fitted=[(fitted_view(photo), fitted_caption(photo)) for photo in fitted])
-            if phase_steps < steps:  # the encoder's model, usable while the steps refine it
-                session = page[ui.state]
-                page |= {ui.status: describe(session, "encoder's model, refining ...")}
-                page |= offered(actions, ui, session, request.session_hash)
-            yield page
+            if phase_steps == steps:
+                yield page
+                return
+            session = page[ui.state]  # the encoder's model: shown at once, then offered while the steps refine it
+            yield page | {ui.status: describe(replace(session, what=f"{what}, refining {steps} steps ..."))}
+            yield offered(actions, ui, session, request.session_hash)
 
     outputs, downloads = model_outputs(ui), downloads_event(actions, ui)
     job = dict(show_progress_on=ui.gallery, **DEVICE_JOB, **PRIVATE)
     ui.sample_button.click(on_sample, ui.seed, outputs, **job).then(**downloads)
     ui.model_file.upload(on_upload_model, ui.model_file, [*outputs, ui.model_file], **job).then(**downloads)
+    # minimal: the progress over the gallery lets the images beneath show (the encoder's, while the steps refine it)
     ui.invert_button.click(on_invert, [ui.photos, ui.editor, ui.invert_shown, ui.crop_box, ui.auto_box,
                                        ui.preset_radio, ui.invert_steps, ui.init_radio], [*outputs, *ui.downloads],
-                           **job).then(**downloads)
+                           **job, show_progress="minimal").then(**downloads)
 
 
 def inverted_what(preset_name: str, steps, images: list, crop: bool, drawn: bool, photos: list[Photo],
                   init: str = "zero") -> str:
     """What the status line says of an inversion: its preset, steps, images, crop and masks, and its start."""
-    what = [preset_name, f"{int(steps)} steps"] + [f"{len(images)} images"] * (len(images) > 1)
+    encoded = init == "encoder" and not steps  # the encoder's model alone
+    what = [preset_name] + [f"{int(steps)} steps"] * (not encoded) + [f"{len(images)} images"] * (len(images) > 1)
     what += ["face crop"] * bool(crop)
     auto_used = sum(photo.auto for photo in photos)  # a drawn mask wins over the automatic one
     how = [text for text, used in (("the mask drawn", drawn),
                                    ("auto masks" if auto_used > 1 else "the auto mask", auto_used)) if used]
-    start = ", from the encoder's model" if init == "encoder" else ""
-    return f"inverted ({', '.join(what + ['with ' + ' and '.join(how) if how else 'without a mask'])}){start}"
+    head = "the encoder's model" if encoded else "inverted"
+    start = ", from the encoder's model" if init == "encoder" and not encoded else ""
+    return f"{head} ({', '.join(what + ['with ' + ' and '.join(how) if how else 'without a mask'])}){start}"
 
 
 def photos_shown(ui: SimpleNamespace, photos: list[str], index: int = 0) -> dict:

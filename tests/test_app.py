@@ -483,10 +483,13 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
             && document.querySelector('#status').innerText;
     }""", arg=old, timeout=JOB_TIMEOUT).json_value()
     timed.timings["encoder_model"] = round(time.perf_counter() - start, 2)
-    assert "encoder's model, refining" in first_status, first_status
+    assert f"the encoder's model (real, with the mask drawn), refining {steps} steps" in first_status, first_status
+    page.wait_for_selector("#download-w2w:not([disabled])", timeout=JOB_TIMEOUT)  # offered while it refines
+    assert "refining" in page.inner_text("#status")
     timed(f"encoder_refined_{steps}_steps", lambda: None)  # from the encoder's images to the refined ones
     assert (f"inverted (real, {steps} steps, with the mask drawn), from the encoder's model"
             in page.inner_text("#status"))
+    page.locator("#invert-init").get_by_label("zero", exact=True).check()
 
     # two photos, cut around the face, inside the auto mask: each shown whole as fitted, the mask dimming
     page.check("#invert-add input[type=checkbox]")
@@ -581,7 +584,7 @@ def test_api_endpoints(client, space, tmp_path):
     # the optional crop, auto mask, more images and init zero: what `w2w invert` computes for the same photos
     both_path, images = client.predict(_file(FACE), _file(FACE_MASK), "real", "3", "face", True, [_file(FACE_256)],
                                        "zero", api_name="/invert")
-    bench = Workbench(BASE, space, "cpu", progress=False)
+    bench = Workbench(BASE, SPACE, "cpu", progress=False)  # the space's folder: it names its default encoder
     expected, _ = bench.invert([FACE, FACE_256], [FACE_MASK, AUTO_MASK], preset("real", space, steps=3),
                                crop="face")  # w2w invert's
     torch.testing.assert_close(load_model(both_path).coefficients, expected.coefficients, rtol=1e-4, atol=1e-5)
