@@ -474,7 +474,7 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
 
     # from the encoder: its model at once, the status saying so while the steps refine it, then the refined one
     page.locator("#invert-init").get_by_label("encoder", exact=True).check()
-    old, start = image_sources(page, "#current-gallery img"), time.perf_counter()
+    old, start, cpu = image_sources(page, "#current-gallery img"), time.perf_counter(), cpu_seconds(server_process.pid)
     page.click("#invert-button")
     first_status = page.wait_for_function("""old => {
         const images = [...document.querySelectorAll('#current-gallery img')];
@@ -483,6 +483,7 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
             && document.querySelector('#status').innerText;
     }""", arg=old, timeout=JOB_TIMEOUT).json_value()
     timed.timings["encoder_model"] = round(time.perf_counter() - start, 2)
+    timed.cpu["encoder_model"] = round(cpu_seconds(server_process.pid) - cpu, 2)
     assert f"the encoder's model (real, with the mask drawn), refining {steps} steps" in first_status, first_status
     page.wait_for_selector("#download-w2w:not([disabled])", timeout=JOB_TIMEOUT)  # offered while it refines
     assert "refining" in page.inner_text("#status")
@@ -524,7 +525,9 @@ def test_browser_photos_mask_inversion_and_its_progress(server, server_process, 
     assert not outside_requests(page, server), f"the page reached beyond the app: {outside_requests(page, server)}"
     print(f"click to image, seconds: {timed.timings}; the server's CPU seconds: {timed.cpu}")
     if BENCH:
+        ratio = timed.timings["encoder_model"] / timed.timings[f"invert_{steps}_steps"]  # the same run's zero-init
         Path(BENCH).write_text(json.dumps({"click_to_image_s": timed.timings, "server_cpu_s": timed.cpu,
+                                           "encoder_model_over_zero_init": round(ratio, 3),
                                            "load_average": os.getloadavg()}, indent=2))
     page.context.close()
 
