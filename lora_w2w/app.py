@@ -4,9 +4,9 @@
     w2w app --base stablediffusionapi/realistic-vision-v51 --space files/official --device cuda
 
 One page: sample a new identity, invert uploaded photos of one person (FFHQ's face alignment, inside an
-automatic mask from the face's landmarks or a mask drawn with a brush), edit
-the current model with a slider per attribute (debiased, with delayed injection, before/after),
-generate with any prompt, download it as a w2w model, a kohya/ComfyUI/A1111 LoRA or a PEFT folder
+automatic mask from the face's landmarks or a mask drawn with a brush; the encoder's model shown at once,
+then refined), edit the current model with a slider per attribute (debiased, with delayed injection,
+before/after), generate with any prompt, download it as a w2w model, a kohya/ComfyUI/A1111 LoRA or a PEFT folder
 (zipped), or upload a model. The current model lives in each browser session's `gr.State`, and in the
 browser's storage (`gr.BrowserState`), so that a reload keeps it; the pipeline and the space are loaded
 once per process (an `Actions`' Workbench), and device work runs one job at a time through Gradio's
@@ -145,7 +145,8 @@ class AppConfig:
 APP_DESCRIPTION = (
     "Serve a Gradio page on HOST:PORT: sample a new identity; upload photos of one person, draw a mask with a "
     f"brush or take the automatic one, and invert them ({QUICK_INVERSION_STEPS} steps by default, the preset's "
-    "own count one click away, the steps and the time left in a progress bar); edit the model with a slider per "
+    "own count one click away, the steps and the time left in a progress bar; from the encoder's model, shown at "
+    "once, when the space names an encoder or --encoder gives one); edit the model with a slider per "
     "attribute (standard deviations of the dataset, -4 to +4), debiased against the ticked attributes, with an "
     "injection timestep and a before/after comparison; generate with any prompt; download the model as a w2w "
     "model, a kohya/ComfyUI/A1111 .safetensors or a diffusers/PEFT folder (zip); upload any model `w2w export "
