@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lora_w2w.defaults import DEFAULT_BASE, DEFAULT_SPACE
 from lora_w2w.errors import W2WError, exit_code
-from lora_w2w.faces import DETECTORS
+from lora_w2w.faces import DETECTOR_HELP, DETECTORS
 from lora_w2w.formats import PEFT_FOLDER
 from lora_w2w.images import IMAGE_SUFFIXES
 from lora_w2w.inversion import AUTO_MASK, CROPS, PRESETS
@@ -112,8 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="center: resize and centre-crop; face: FFHQ's alignment of the largest face "
                              "(default: %(default)s)")
     parser.add_argument("--detector", choices=DETECTORS, default="hog",
-                        help="dlib's face detector for --crop face and --mask_path auto: hog (fast, frontal faces) "
-                             "or cnn (MMOD, slower, more poses) (default: %(default)s)")
+                        help=f"for --crop face and --mask_path auto, {DETECTOR_HELP}")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="real",
                         help="the settings --epochs, --lr, --weight_decay and --dim default to; real: photographs "
                              "of faces (the original's), ood: paintings and other out-of-distribution images "

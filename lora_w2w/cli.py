@@ -647,7 +647,7 @@ def add_handed_over_parsers(commands) -> None:
 
 
 def add_invert_parser(commands) -> None:
-    from .faces import DETECTORS
+    from .faces import DETECTOR_HELP, DETECTORS
     from .inversion import AUTO_MASK, CROPS, PRESETS, InversionConfig
 
     presets = "; ".join(f"{name}: K {c.components:,}, lr {c.lr:g}, weight decay {c.weight_decay:g}, {c.steps} steps"
@@ -670,8 +670,7 @@ def add_invert_parser(commands) -> None:
                              "largest face (68 landmarks; eyes level, the square about 4x the eye distance) at the "
                              "pipeline's resolution, written to OUT.crop.png (default: %(default)s)")
     invert.add_argument("--detector", choices=DETECTORS, default="hog",
-                        help="dlib's face detector for --crop face and --mask auto: hog (fast, frontal faces) or "
-                             "cnn (MMOD: finds turned faces, 40-70x slower on the CPU) (default: %(default)s)")
+                        help=f"for --crop face and --mask auto, {DETECTOR_HELP}")
     masks = invert.add_mutually_exclusive_group()
     masks.add_argument("--mask", action="append", default=None,
                        help=f"binary mask image, white where the image is fitted (the image's size or aspect ratio), "
@@ -749,7 +748,7 @@ def add_train_encoder_parser(commands) -> None:
 
 
 def add_score_parser(commands) -> None:
-    from .faces import DETECTORS
+    from .faces import DETECTOR_HELP, DETECTORS
     from .scoring import DEFAULT_SEEDS, EMBEDDERS
 
     score = commands.add_parser(
@@ -774,9 +773,7 @@ def add_score_parser(commands) -> None:
     score.add_argument("--embedder", choices=EMBEDDERS, default="dlib",
                        help="dlib: dlib's face descriptor, for photographs; tiny: the tiny world's evaluator, for "
                             "its renders (default: %(default)s)")
-    score.add_argument("--detector", choices=DETECTORS, default="hog",
-                       help="dlib's face detector: hog (fast, frontal faces) or cnn (MMOD, slower) "
-                            "(default: %(default)s)")
+    score.add_argument("--detector", choices=DETECTORS, default="hog", help=DETECTOR_HELP)
     score.add_argument("--evaluator", default=DEFAULT_EVALUATOR,
                        help="the tiny world's evaluator file, for --embedder tiny (default: %(default)s)")
     score.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

@@ -28,6 +28,8 @@ from .errors import NoFaceError, W2WError
 from .images import eight_bit
 
 DETECTORS = ("hog", "cnn")  # dlib's HOG + linear SVM frontal detector; its CNN (MMOD): slower, finds turned faces
+DETECTOR_HELP = ("dlib's face detector: hog (fast, frontal faces) or cnn (MMOD: finds turned faces, 40-70x slower on "
+                 "the CPU) (default: %(default)s)")  # the help of every front end's --detector
 DETECT_MIN, DETECT_MAX = 256, 1024  # px: the working copy's shorter side at least, longer side at most
 UPSAMPLING = (0, 1)  # dlib's upsampling steps tried in turn until a face is found (1: twice the size)
 # FFHQ's alignment reduces a large photograph by an integer factor while the face's square stays at least
