@@ -10,12 +10,20 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
+from tqdm.std import TqdmDefaultWriteLock, tqdm
 
 from lora_w2w.layout import LoraLayout
 from lora_w2w.space import Space
 
 # The toy models are so small that handing work between threads costs more than it saves.
 torch.set_num_threads(1)
+
+# test_interrupt and test_outputs fork children of this process. tqdm's default write lock is a process
+# lock (a semaphore the forks share) and its monitor thread takes the lock every 10 s: a child interrupted
+# while holding it, or a fork while the monitor held it, left every later bar of every child waiting
+# forever (a full run hung in test_interrupt). One thread lock per process and no monitor thread instead.
+TqdmDefaultWriteLock.mp_lock = None
+tqdm.monitor_interval = 0
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
