@@ -6,6 +6,10 @@
     # several photographs of one person, each cut around its face with an automatic mask
     python inversion/invert.py --imfolder photos/ --crop face --mask_path auto --save_name outputs/me
 
+    # from the tiny world's encoder's prediction (w2w train-encoder), refined 40 steps; --epochs 0: the prediction
+    python inversion/invert.py --image inversion/images/face.png --encoder files/tiny/encoder.safetensors \\
+        --epochs 40 --save_name outputs/face_fast
+
     # a painting: the out-of-distribution preset's settings
     python inversion/invert.py --image inversion/images/drawing.png --preset ood --save_name outputs/drawing
 
@@ -117,7 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the settings --epochs, --lr, --weight_decay and --dim default to; real: photographs "
                              "of faces (the original's), ood: paintings and other out-of-distribution images "
                              "(default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"optimiser steps ({preset_defaults('steps')})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"optimiser steps ({preset_defaults('steps')}); 0 with --encoder: its prediction alone")
+    parser.add_argument("--encoder", default=None,
+                        help="start from this encoder's prediction (`w2w train-encoder`) instead of zero")
     parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate ({preset_defaults('lr', 'g')})")
     parser.add_argument("--weight_decay", type=float, default=None,
                         help=f"Adam weight decay ({preset_defaults('weight_decay', 'g')})")
@@ -152,7 +159,7 @@ def main(args: argparse.Namespace) -> None:
     outputs = [(out / "w2wmodel.safetensors", MODEL_FILE), (args.checkpoint, FILE),
                (out / "unet" if args.diffusers_format else None, PEFT_FOLDER)]
     check_outputs(outputs, [*images, mask, args.mask_dir, space_path, args.mean_path, args.std_path, args.v_path,
-                            args.dim_path])  # before any work: not inside an input's space, not over a device
+                            args.dim_path, args.encoder])  # before any work: not inside an input's space, not over a device
     if args.mean_path:
         bench = Workbench(args.base or OFFICIAL_BASE_MODEL, released_space(args), args.device)
     else:
@@ -162,7 +169,8 @@ def main(args: argparse.Namespace) -> None:
                                     steps=args.epochs, checkpoint_every=args.checkpoint_every)
     model, _ = bench.invert(images, image_masks(args, images), config, mask_dir=args.mask_dir,
                             auto_mask=args.mask_path == AUTO_MASK, crop=args.crop, detector=args.detector,
-                            seed=args.seed, checkpoint=args.checkpoint)
+                            seed=args.seed, checkpoint=args.checkpoint,
+                            encoder=bench.encoder(args.encoder) if args.encoder else None)
     print(f"wrote {bench.export(model, 'w2w', out / 'w2wmodel.safetensors')}")
     if args.diffusers_format:
         print(f"wrote {bench.export(model, 'peft', out / 'unet')}")

@@ -2,6 +2,7 @@
 held-out fit must beat predicting the mean; `w2w train-encoder` and `w2w invert --encoder` with their bad
 input; `--steps 0` returns exactly the encoder's prediction; a refinement starts from it; a killed training
 resumes to the uninterrupted result; a space names its default encoder without changing its id."""
+import importlib.util
 import json
 import os
 import shutil
@@ -166,6 +167,23 @@ def test_steps_0_return_exactly_the_encoders_prediction(world, trained, toy_worl
         assert "times: reading the space" in stdout and "encoder" in stdout and "loading the base" not in stdout
     single = [encoder.predict(Image.open(p)).coefficients for p in photos]
     torch.testing.assert_close(expected.coefficients, torch.stack(single).mean(0))
+
+
+def test_the_invert_script_starts_from_an_encoder_too(world, trained, toy_world, tmp_path):
+    """inversion/invert.py (the original's flags) takes --encoder; --epochs 0 writes the prediction alone."""
+    spec = importlib.util.spec_from_file_location("invert_script", ROOT / "inversion" / "invert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    space_dir, images = world
+    photo = images / "000003" / "0.png"
+    script.main(script.parse_args(["--space", str(space_dir), "--base", str(toy_world / "base"), "--image", str(photo),
+                                   "--encoder", str(trained[0]), "--epochs", "0", "--save_name", str(tmp_path)]))
+    expected = load_encoder(trained[0]).predict([Image.open(photo)])
+    assert torch.equal(load_model(tmp_path / "w2wmodel.safetensors").coefficients, expected.coefficients)
+    with pytest.raises(W2WError):  # nothing to invert: no steps, no encoder
+        script.main(script.parse_args(["--space", str(space_dir), "--base", str(toy_world / "base"), "--image",
+                                       str(photo), "--epochs", "0", "--save_name", str(tmp_path / "zero")]))
+    assert not (tmp_path / "zero").exists()
 
 
 def test_a_refinement_starts_from_the_init(world, trained, pipe, tmp_path):
