@@ -70,3 +70,33 @@ def test_the_jobs_the_front_ends_share(toy_world, toy_space, tmp_path):
     assert [photo.auto for photo in photos] == [False, True]
     with pytest.raises(W2WError, match=f"components 99: the space {toy_space} has K = 16; pass 16 or fewer"):
         Workbench(toy_world / "base", toy_space).inversion_config("real", components=99)
+
+
+def test_ctrl_c_that_a_loader_turns_into_its_own_error_is_still_ctrl_c(toy_world, monkeypatch):
+    """diffusers' weight loader catches every Exception into "Unable to load weights from checkpoint file", and
+    a library may turn the signal's KeyboardInterrupt into one: the load is then Ctrl-C (exit 130), not a bad
+    pipeline (exit 2). A genuine loading error stays one."""
+    import os
+    import signal
+
+    from lora_w2w.bases import family_of_base
+
+    family = type(family_of_base(str(toy_world / "base")))
+
+    def interrupted(self, base, dtype, local_files_only):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Python's handler raises KeyboardInterrupt here
+        except KeyboardInterrupt as caught:
+            raise OSError(f"Unable to load weights from checkpoint file for '{base}'") from caught
+
+    monkeypatch.setattr(family, "load_pipeline", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+    def broken(self, base, dtype, local_files_only):
+        raise OSError("Unable to load weights from checkpoint file")
+
+    monkeypatch.setattr(family, "load_pipeline", broken)
+    with pytest.raises(W2WError, match="cannot load the pipeline"):
+        pipeline.load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
