@@ -2,7 +2,10 @@
 (`exit_code`)."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from typing import Callable
 
 
@@ -55,13 +58,41 @@ class FamilyError(W2WError):
 def exit_code(prog: str, job: Callable[[], object]) -> int:
     """Run `job`, the work of the command `prog`: 0 when it ends; bad input (a W2WError, or an OSError such
     as a full disk) prints the one line `PROG: error: ...` and gives 2; Ctrl-C prints `PROG: interrupted`
-    and gives 130; never a traceback. Shared by `w2w`, inversion/invert.py and train_dreambooth.py."""
+    and gives 130, also when a library caught the signal into an error of its own (diffusers' weight loader
+    wraps every Exception into "Unable to load weights ..."); never a traceback. Shared by `w2w`,
+    inversion/invert.py and train_dreambooth.py."""
     try:
-        job()
+        with ctrl_c_heard() as heard:
+            job()
     except (W2WError, OSError) as error:
+        if heard:  # the error is the Ctrl-C's doing
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+@contextmanager
+def ctrl_c_heard():
+    """A list that holds True once Ctrl-C (SIGINT) arrives in the block, which still raises KeyboardInterrupt
+    as before. Only Python's own handler is wrapped, in the main thread (signals reach no other); elsewhere
+    the list stays empty."""
+    heard = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield heard
+        return
+
+    def handler(signum, frame):
+        heard.append(True)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield heard
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -60,37 +58,12 @@ def load_base_pipeline(base: str = DEFAULT_BASE, device: str | torch.device = "a
         check_cached_offline(base)
     family = family_of_base(base)
     try:
-        with loading_bars(progress), ctrl_c_heard() as heard:
+        with loading_bars(progress):
             pipe = family.load_pipeline(base, resolve_dtype(dtype, device, family), local_files_only=local)
     except (OSError, ValueError) as error:
-        if heard:  # Ctrl-C, which a loader turned into an error of its own ("Unable to load weights ...")
-            raise KeyboardInterrupt from None
         raise loading_error(base, local, error, "the pipeline") from None
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
-
-
-@contextmanager
-def ctrl_c_heard():
-    """A list that holds True once Ctrl-C (SIGINT) arrives in the block, which still raises KeyboardInterrupt
-    as before: the signal can land inside a library's code that catches it into an error of its own (diffusers'
-    weight loader wraps every Exception), and the caller then knows it was Ctrl-C. Only Python's own handler
-    is wrapped, in the main thread (signals reach no other); elsewhere the list stays empty."""
-    heard = []
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield heard
-        return
-
-    def handler(signum, frame):
-        heard.append(True)
-        previous(signum, frame)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield heard
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

@@ -72,14 +72,15 @@ def test_the_jobs_the_front_ends_share(toy_world, toy_space, tmp_path):
         Workbench(toy_world / "base", toy_space).inversion_config("real", components=99)
 
 
-def test_ctrl_c_that_a_loader_turns_into_its_own_error_is_still_ctrl_c(toy_world, monkeypatch):
+def test_ctrl_c_that_a_loader_turns_into_its_own_error_is_still_ctrl_c(toy_world, monkeypatch, capsys):
     """diffusers' weight loader catches every Exception into "Unable to load weights from checkpoint file", and
-    a library may turn the signal's KeyboardInterrupt into one: the load is then Ctrl-C (exit 130), not a bad
-    pipeline (exit 2). A genuine loading error stays one."""
+    a library may turn the signal's KeyboardInterrupt into one: the command is then interrupted (exit 130),
+    not given a bad pipeline (exit 2). A genuine loading error stays one."""
     import os
     import signal
 
     from lora_w2w.bases import family_of_base
+    from lora_w2w.errors import exit_code
 
     family = type(family_of_base(str(toy_world / "base")))
 
@@ -89,14 +90,15 @@ def test_ctrl_c_that_a_loader_turns_into_its_own_error_is_still_ctrl_c(toy_world
         except KeyboardInterrupt as caught:
             raise OSError(f"Unable to load weights from checkpoint file for '{base}'") from caught
 
-    monkeypatch.setattr(family, "load_pipeline", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    def load():
         pipeline.load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
+
+    monkeypatch.setattr(family, "load_pipeline", interrupted)
+    assert exit_code("w2w", load) == 130 and capsys.readouterr().err == "w2w: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
     def broken(self, base, dtype, local_files_only):
         raise OSError("Unable to load weights from checkpoint file")
 
     monkeypatch.setattr(family, "load_pipeline", broken)
-    with pytest.raises(W2WError, match="cannot load the pipeline"):
-        pipeline.load_base_pipeline(str(toy_world / "base"), device="cpu", progress=False)
+    assert exit_code("w2w", load) == 2 and "cannot load the pipeline" in capsys.readouterr().err
